@@ -1,0 +1,46 @@
+# keysvc: `make run` serves a development instance, `make test` runs the whole suite.
+# Both install what is missing first and are safe to repeat.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STATE ?= .keysvc
+LISTEN ?= 127.0.0.1:50051
+PROTO := protos/keysvc/api/v1/keysvc.proto
+GEN := keysvc/api/v1/keysvc_pb2.py
+
+.PHONY: run test deps system venv proto bench clean
+
+run: deps
+	$(BIN)/keysvc serve --state-dir $(STATE) --listen $(LISTEN)
+
+test: deps
+	@url=$$(scripts/test-postgres start) && \
+	  KEYSVC_TEST_PG_URL=$$url $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	  scripts/test-postgres stop; \
+	  if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc
+
+bench: deps
+	$(BIN)/python bench/run.py
+
+deps: system venv proto
+
+system:
+	@scripts/ensure-system-packages
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+proto: $(GEN)
+
+$(GEN): $(PROTO) $(VENV)/.installed
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. \
+	  --pyi_out=. $(PROTO)
+
+clean:
+	rm -rf $(VENV) $(GEN) keysvc/api/v1/keysvc_pb2_grpc.py keysvc/api/v1/keysvc_pb2.pyi

@@ -1,0 +1,265 @@
+"""Key objects and the mechanisms keysvc uses, as plain functions over a pooled session.
+
+Every secret key made here is sensitive; persistent keys are also non-extractable. Session
+objects (store=False) die with the session or on `destroy`, which callers do in `finally`.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from pkcs11 import MGF, Attribute, GCMParams, KeyType, Mechanism, ObjectClass
+from pkcs11.util.rsa import encode_rsa_public_key
+
+from hsm.errors import HsmKeyNotFound, HsmOperationFailed, translate
+from hsm.token import Session
+
+import pkcs11.exceptions as px
+
+A = Attribute
+
+
+class Unwrap(enum.Enum):
+    """How a wrapped key is carried: the two key transports of the crypto profile."""
+
+    AES_KW = "kw"          # RFC 3394 under an AES-256 key
+    AES_KW_PAD = "kwp"     # RFC 5649
+    RSA_OAEP_SHA1 = "oaep"  # OAEP, SHA-1, MGF1-SHA-1, no label
+
+
+class Kcv(enum.Enum):
+    CMAC = "CMAC"
+    ECB = "ECB"
+
+
+def _fail(exc: Exception) -> Exception:
+    return translate(exc)
+
+
+# --------------------------------------------------------------------------- lookup
+def find_key(s: Session, label: str, cls: ObjectClass = ObjectClass.SECRET_KEY) -> Any:
+    """The persistent object with this label, cached per session."""
+    cache_key = (label, cls)
+    key = s.keys.get(cache_key)
+    if key is None:
+        try:
+            key = s.raw.get_key(object_class=cls, label=label)
+        except (px.NoSuchKey, px.MultipleObjectsReturned):
+            raise HsmKeyNotFound(f"no single key object labelled {label!r}") from None
+        s.keys[cache_key] = key
+    return key
+
+
+def find_private_key(s: Session, label: str) -> Any:
+    return find_key(s, label, ObjectClass.PRIVATE_KEY)
+
+
+def has_key(s: Session, label: str, cls: ObjectClass = ObjectClass.SECRET_KEY) -> bool:
+    try:
+        find_key(s, label, cls)
+        return True
+    except HsmKeyNotFound:
+        return False
+
+
+def forget(s: Session, label: str) -> None:
+    for k in [k for k in s.keys if k[0] == label]:
+        del s.keys[k]
+
+
+def destroy_objects(s: Session, label: str) -> int:
+    """Destroy every object (secret, private, public) with this label."""
+    n = 0
+    for obj in list(s.raw.get_objects({A.LABEL: label})):
+        obj.destroy()
+        n += 1
+    forget(s, label)
+    return n
+
+
+def key_attributes(s: Session, label: str) -> dict[str, bool]:
+    key = find_key(s, label)
+    return {"sensitive": bool(key[A.SENSITIVE]), "extractable": bool(key[A.EXTRACTABLE])}
+
+
+# --------------------------------------------------------------------------- templates
+def _secret_template(*, token: bool, label: str | None, usage: dict) -> dict:
+    t = {A.TOKEN: token, A.SENSITIVE: True, A.EXTRACTABLE: not token,
+         A.PRIVATE: True, **usage}
+    if label:
+        t[A.LABEL] = label
+    return t
+
+
+KEK_USAGE = {A.WRAP: True, A.UNWRAP: True, A.ENCRYPT: False, A.DECRYPT: False,
+             A.SIGN: False, A.VERIFY: False}
+STORAGE_USAGE = {A.WRAP: True, A.UNWRAP: True, A.ENCRYPT: True, A.DECRYPT: True}
+# A session copy of a key while its check value is computed; never persisted.
+KCV_USAGE = {A.SIGN: True, A.ENCRYPT: True, A.WRAP: False, A.UNWRAP: False}
+CONTENT_USAGE = {A.DECRYPT: True, A.ENCRYPT: False, A.WRAP: False, A.UNWRAP: False}
+DEVICE_USAGE = {A.SIGN: True, A.ENCRYPT: True, A.WRAP: False, A.UNWRAP: False}
+MAC_USAGE = {A.SIGN: True, A.VERIFY: True}
+
+
+# --------------------------------------------------------------------------- generation
+def generate_aes(s: Session, label: str, *, bits: int = 256, usage: dict | None = None) -> None:
+    """A persistent AES key made inside the token (storage keys)."""
+    s.raw.generate_key(KeyType.AES, bits, label=label, store=True,
+                       template=_secret_template(token=True, label=label,
+                                                 usage=usage or STORAGE_USAGE))
+
+
+def generate_hmac(s: Session, label: str) -> None:
+    s.raw.generate_key(KeyType.GENERIC_SECRET, 256, label=label, store=True,
+                       template=_secret_template(token=True, label=label, usage=MAC_USAGE))
+
+
+def generate_rsa(s: Session, label: str, bits: int = 3072) -> bytes:
+    """A persistent RSA pair whose private half can only unwrap/decrypt; returns SPKI DER."""
+    pub, _ = s.raw.generate_keypair(
+        KeyType.RSA, bits, label=label, store=True,
+        public_template={A.TOKEN: True, A.LABEL: label, A.WRAP: True, A.ENCRYPT: True,
+                         A.VERIFY: False},
+        private_template={A.TOKEN: True, A.LABEL: label, A.SENSITIVE: True,
+                          A.EXTRACTABLE: False, A.PRIVATE: True, A.UNWRAP: True,
+                          A.DECRYPT: True, A.SIGN: False})
+    return public_key_der(pub)
+
+
+def public_key_der(pub: Any) -> bytes:
+    """SubjectPublicKeyInfo DER for an RSA public key object."""
+    from cryptography.hazmat.primitives.serialization import (Encoding, PublicFormat,
+                                                              load_der_public_key)
+    pkcs1 = encode_rsa_public_key(pub)
+    from asn1crypto.keys import PublicKeyInfo, RSAPublicKey
+    info = PublicKeyInfo({"algorithm": {"algorithm": "rsa"},
+                          "public_key": RSAPublicKey.load(pkcs1)})
+    return load_der_public_key(info.dump()).public_bytes(Encoding.DER,
+                                                         PublicFormat.SubjectPublicKeyInfo)
+
+
+def rsa_public_der(s: Session, label: str) -> bytes:
+    return public_key_der(find_key(s, label, ObjectClass.PUBLIC_KEY))
+
+
+def import_rsa_private(s: Session, label: str, private_key: Any) -> None:
+    """Load an RSA private key (pyca object) as an unwrap-only token object (tests, migration
+    of recipient keys from another HSM's export)."""
+    n = private_key.private_numbers()
+    pn = n.public_numbers
+
+    def b(v: int) -> bytes:
+        return v.to_bytes((v.bit_length() + 7) // 8, "big")
+    s.raw.create_object({
+        A.CLASS: ObjectClass.PRIVATE_KEY, A.KEY_TYPE: KeyType.RSA, A.TOKEN: True,
+        A.LABEL: label, A.SENSITIVE: True, A.EXTRACTABLE: False, A.PRIVATE: True,
+        A.UNWRAP: True, A.DECRYPT: True, A.SIGN: False,
+        A.MODULUS: b(pn.n), A.PUBLIC_EXPONENT: b(pn.e), A.PRIVATE_EXPONENT: b(n.d),
+        A.PRIME_1: b(n.p), A.PRIME_2: b(n.q), A.EXPONENT_1: b(n.dmp1),
+        A.EXPONENT_2: b(n.dmq1), A.COEFFICIENT: b(n.iqmp)})
+    s.raw.create_object({
+        A.CLASS: ObjectClass.PUBLIC_KEY, A.KEY_TYPE: KeyType.RSA, A.TOKEN: True,
+        A.LABEL: label, A.WRAP: True, A.ENCRYPT: True, A.VERIFY: False,
+        A.MODULUS: b(pn.n), A.PUBLIC_EXPONENT: b(pn.e)})
+
+
+# --------------------------------------------------------------------------- import
+def create_aes(s: Session, value: bytes, *, token: bool = False, label: str | None = None,
+               usage: dict | None = None) -> Any:
+    """Turn clear key bytes into a key object; the caller drops its copy right after."""
+    try:
+        return s.raw.create_object({
+            A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: KeyType.AES, A.VALUE: value,
+            **_secret_template(token=token, label=label, usage=usage or DEVICE_USAGE)})
+    except px.PKCS11Error as exc:
+        raise _fail(exc) from None
+
+
+def unwrap(s: Session, unwrapping_key: Any, wrapped: bytes, how: Unwrap, *,
+           token: bool = False, label: str | None = None, usage: dict | None = None) -> Any:
+    """C_UnwrapKey into the token: the key bits never reach this process."""
+    mech, param = _unwrap_mechanism(how)
+    try:
+        return unwrapping_key.unwrap_key(
+            ObjectClass.SECRET_KEY, KeyType.AES, wrapped, mechanism=mech,
+            mechanism_param=param, label=label, store=token,
+            template=_secret_template(token=token, label=label,
+                                      usage=usage or CONTENT_USAGE))
+    except px.PKCS11Error as exc:
+        raise _fail(exc) from None
+
+
+def _unwrap_mechanism(how: Unwrap) -> tuple[Mechanism, Any]:
+    if how is Unwrap.AES_KW:
+        return Mechanism.AES_KEY_WRAP, None
+    if how is Unwrap.AES_KW_PAD:
+        return Mechanism.AES_KEY_WRAP_PAD, None
+    return Mechanism.RSA_PKCS_OAEP, (Mechanism.SHA_1, MGF.SHA1, None)
+
+
+def key_length(key: Any, probe: Any = None) -> int:
+    """Length in bytes of a secret key object.
+
+    CKA_VALUE_LEN, where the token sets it; SoftHSM2 leaves it 0 after an RSA-OAEP unwrap,
+    so then the key is wrapped (RFC 3394 adds 8 bytes) under `probe`, a key of the same
+    token, and the wrapping thrown away. Only session keys are extractable, so only they
+    can be measured that way.
+    """
+    n = int(key[A.VALUE_LEN] or 0)
+    if n or probe is None:
+        return n
+    try:
+        return len(wrap(probe, key)) - 8
+    except HsmOperationFailed:
+        return 0
+
+
+def wrap(wrapping_key: Any, key: Any, *, pad: bool = False) -> bytes:
+    try:
+        return wrapping_key.wrap_key(
+            key, mechanism=Mechanism.AES_KEY_WRAP_PAD if pad else Mechanism.AES_KEY_WRAP)
+    except px.PKCS11Error as exc:
+        raise _fail(exc) from None
+
+
+def destroy(key: Any) -> None:
+    try:
+        key.destroy()
+    except Exception:
+        pass
+
+
+# --------------------------------------------------------------------------- crypto
+def gcm_decrypt(key: Any, iv: bytes, ciphertext_and_tag: bytes, aad: bytes = b"") -> bytes:
+    try:
+        return key.decrypt(ciphertext_and_tag, mechanism=Mechanism.AES_GCM,
+                           mechanism_param=GCMParams(iv, aad, 128))
+    except px.PKCS11Error as exc:
+        raise HsmOperationFailed(f"GCM decryption failed ({type(exc).__name__})") from None
+
+
+def gcm_encrypt(key: Any, iv: bytes, plaintext: bytes, aad: bytes = b"") -> bytes:
+    return key.encrypt(plaintext, mechanism=Mechanism.AES_GCM,
+                       mechanism_param=GCMParams(iv, aad, 128))
+
+
+def check_value(key: Any, method: Kcv = Kcv.CMAC) -> str:
+    """The profile's KCV: CMAC -> leftmost 5 bytes, ECB -> leftmost 3, over 16 zero bytes."""
+    try:
+        if method is Kcv.CMAC:
+            return key.sign(bytes(16), mechanism=Mechanism.AES_CMAC)[:5].hex().upper()
+        return key.encrypt(bytes(16), mechanism=Mechanism.AES_ECB)[:3].hex().upper()
+    except px.PKCS11Error as exc:
+        raise _fail(exc) from None
+
+
+def cmac(key: Any, data: bytes) -> bytes:
+    return key.sign(data, mechanism=Mechanism.AES_CMAC)
+
+
+def hmac_sha256(key: Any, data: bytes) -> bytes:
+    return key.sign(data, mechanism=Mechanism.SHA256_HMAC)
+
+
+def random_bytes(s: Session, n: int) -> bytes:
+    return s.raw.generate_random(n * 8)

@@ -1,0 +1,114 @@
+"""Settings: built-in development defaults, then a TOML file, then KEYSVC_* variables.
+
+Every setting has one name, used as the TOML key and, upper-cased with a KEYSVC_ prefix,
+as the environment variable (`database_url` <-> KEYSVC_DATABASE_URL). PINs are read from a
+file or variable at start and never logged (the dataclass hides them from repr).
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+PARTITIONS = ("s1sp", "dco", "admin")
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path = Path(".keysvc")
+    listen: str = "127.0.0.1:50051"
+    dev: bool = True
+    pkcs11_module: str = SOFTHSM_MODULE
+    s1sp_token_label: str = "keysvc-s1sp"
+    dco_token_label: str = "keysvc-dco"
+    admin_token_label: str = "keysvc-admin"
+    s1sp_pin: str = field(default="", repr=False)
+    dco_pin: str = field(default="", repr=False)
+    admin_pin: str = field(default="", repr=False)
+    s1sp_pin_file: str = ""
+    dco_pin_file: str = ""
+    admin_pin_file: str = ""
+    database_url: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    trust_anchors_dir: str = ""
+    max_file_bytes: int = 64 * 1024 * 1024
+    max_xml_depth: int = 64
+    quorum: int = 2
+    hsm_pool_size: int = 8
+    hsm_acquire_timeout: float = 5.0
+    import_job_ttl_hours: int = 24
+    metrics_listen: str = ""
+    workers: int = 16
+    log_level: str = "INFO"
+
+    # ------------------------------------------------------------------ derived
+    def path(self, *parts: str) -> Path:
+        return self.state_dir.joinpath(*parts)
+
+    def token_label(self, partition: str) -> str:
+        return getattr(self, f"{partition}_token_label")
+
+    def pin(self, partition: str) -> str:
+        """The PIN from the setting, else its file, else the dev state's pin file."""
+        value = getattr(self, f"{partition}_pin")
+        if value:
+            return value
+        pin_file = getattr(self, f"{partition}_pin_file") or (
+            str(self.path("hsm", "pins", f"{partition}.pin")) if self.dev else "")
+        if not pin_file:
+            raise ValueError(f"no PIN configured for the {partition} token "
+                             f"(set KEYSVC_{partition.upper()}_PIN_FILE)")
+        return Path(pin_file).read_text().strip()
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.path('keysvc.db').resolve()}"
+
+    @property
+    def tls_files(self) -> tuple[Path, Path, Path]:
+        pki = self.path("pki")
+        return (Path(self.tls_cert or pki / "server.pem"),
+                Path(self.tls_key or pki / "server.key"),
+                Path(self.tls_client_ca or pki / "ca.pem"))
+
+    @property
+    def trust_anchors(self) -> Path:
+        return Path(self.trust_anchors_dir or self.path("trust-anchors"))
+
+
+def _coerce(kind: type | str, raw: object) -> object:
+    kind = str(kind)
+    if "Path" in kind:
+        return Path(str(raw))
+    if "bool" in kind:
+        return raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
+    if "int" in kind:
+        return int(raw)  # type: ignore[arg-type]
+    if "float" in kind:
+        return float(raw)  # type: ignore[arg-type]
+    return str(raw)
+
+
+def load(config_file: str | None = None, env: dict[str, str] | None = None,
+         **overrides: object) -> Settings:
+    env = os.environ if env is None else env
+    values: dict[str, object] = {}
+    config_file = config_file or env.get("KEYSVC_CONFIG")
+    if config_file:
+        with open(config_file, "rb") as f:
+            values.update(tomllib.load(f))
+        values.setdefault("dev", False)
+    for f in fields(Settings):
+        key = "KEYSVC_" + f.name.upper()
+        if key in env:
+            values[f.name] = env[key]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name: f.type for f in fields(Settings)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+    return replace(Settings(), **{k: _coerce(known[k], v) for k, v in values.items()})

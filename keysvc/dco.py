@@ -1,0 +1,148 @@
+"""DCO path (TMAD Clause 15.7): unwrap each EncryptedMasterKey inside the DCO token.
+
+The DCO reads only MigrationHeader and EncryptedMasterKey (see xmlfile's DCO view) and holds
+only the DCO token. A master key goes from C_UnwrapKey under the DCO transport key to
+C_WrapKey under the DCO storage key; its value is never read into this process.
+"""
+from __future__ import annotations
+
+import hmac
+from collections import Counter
+
+from sqlalchemy import select
+
+from hsm import HsmOperationFailed
+from hsm import keys as hk
+from keysvc import store as st
+from keysvc import transport
+from keysvc.app import App, Caller
+from keysvc.domain import InvalidEUI64, Problem, normalise_eui64
+from keysvc.errors import error
+from keysvc.partitions import STORAGE_KEY
+from keysvc.results import (MasterKeyResult, MasterKeysResult, master_keys_result_from_json,
+                            to_json)
+from keysvc.xmlfile import read_file
+
+SERVICE = "dco"
+MASTER_USAGE = hk.DEVICE_USAGE  # session copy: check value, then wrapped for storage
+
+
+def process_master_keys(app: App, caller: Caller, data: bytes, *,
+                        store: bool) -> MasterKeysResult:
+    """ValidateMasterKeys (store=False) and UnwrapMasterKeys (store=True)."""
+    s = app.settings
+    mf = read_file(data, max_bytes=s.max_file_bytes, max_depth=s.max_xml_depth, view=SERVICE)
+    h = mf.header
+    file_digest = transport.digest(data)
+    if store:
+        earlier = transport.stored_result(app, h.migration_file_id, SERVICE, file_digest,
+                                          master_keys_result_from_json)
+        if earlier is not None:
+            return earlier
+    transport.check_originator(h)
+    keys = {ek.key_name: transport.resolve_transport_key(app, ek, "DCO_TRANSPORT", h)
+            for ek in {e.encrypted_key.key_name: e.encrypted_key
+                       for e in mf.master_key_entries}.values()}
+
+    problems: list[list[Problem]] = []
+    ids: list[tuple[str, str]] = []
+    for e in mf.master_key_entries:
+        p: list[Problem] = []
+        ids.append((_eui(e.chf_identifier, "CHFIdentifier", p),
+                    _eui(e.device_id, "DeviceID", p)))
+        problems.append(p)
+    counts = Counter(x for pair in ids for x in pair)
+    for (chf, dev), p in zip(ids, problems):
+        for x in sorted({chf, dev}):
+            if counts[x] > 1:
+                p.append(Problem("DUPLICATE_IDENTIFIER", f"{x} appears in more than one "
+                                                         "MasterKeyEntry", x))
+    if store:
+        _reject_devices_already_stored(app, ids, problems)
+
+    entries, rows = [], []
+    with app.partitions.dco.session() as sess:
+        storage = hk.find_key(sess, STORAGE_KEY)
+        for e, (chf, dev), p in zip(mf.master_key_entries, ids, problems):
+            kcv = ""
+            if not p:
+                kcv, wrapped = _unwrap_one(sess, keys[e.encrypted_key.key_name], e,
+                                           storage, store, p)
+                if wrapped is not None:
+                    rows.append({"device_id": dev, "chf_identifier": chf, "wrapped": wrapped,
+                                 "kcv": kcv, "file_id": h.migration_file_id,
+                                 "created_at": app.clock()})
+            entries.append(MasterKeyResult(chf, dev, "REJECTED" if p else "ACCEPTED",
+                                           tuple(p), "" if p else kcv))
+    result = MasterKeysResult(h.migration_file_id, h.group_id, tuple(entries))
+    if not store:
+        return result
+
+    def write_rows(conn) -> None:
+        if rows:
+            conn.execute(st.master_keys.insert(), rows)
+    raced = transport.store_once(app, h.migration_file_id, SERVICE, file_digest,
+                                 to_json(result), write_rows, master_keys_result_from_json)
+    return raced or result
+
+
+def _eui(text: str, what: str, problems: list[Problem]) -> str:
+    try:
+        return normalise_eui64(text)
+    except InvalidEUI64:
+        problems.append(Problem("INVALID_EUI64", f"{what} is not a well-formed EUI-64", what))
+        return (text or "")[:32]
+
+
+def _unwrap_one(sess, key: transport.TransportKey, entry, storage, store: bool,
+                problems: list[Problem]) -> tuple[str, bytes | None]:
+    try:
+        obj = transport.unwrap(sess, key, entry.encrypted_key, MASTER_USAGE)
+    except HsmOperationFailed:
+        problems.append(Problem("KEY_UNWRAP_FAILED", "the EncryptedKey does not unwrap under "
+                                f"{key.name} (integrity check failed)", "EncryptedKey"))
+        return "", None
+    try:
+        if hk.key_length(obj, storage) not in (16, 32):
+            problems.append(Problem("KEY_UNWRAP_FAILED", "the master key is not 128 or 256 "
+                                                         "bits", "EncryptedKey"))
+            return "", None
+        kcv = hk.check_value(obj)
+        return kcv, (hk.wrap(storage, obj) if store else None)
+    finally:
+        hk.destroy(obj)
+
+
+def _reject_devices_already_stored(app: App, ids: list[tuple[str, str]],
+                                   problems: list[list[Problem]]) -> None:
+    devices = sorted({d for _, d in ids})
+    stored: dict[str, str] = {}
+    with app.store.engine.connect() as conn:
+        for i in range(0, len(devices), 500):
+            for row in conn.execute(select(st.master_keys.c.device_id, st.master_keys.c.file_id)
+                                    .where(st.master_keys.c.device_id.in_(devices[i:i + 500]))):
+                stored[row.device_id] = row.file_id
+    for (_, dev), p in zip(ids, problems):
+        if dev in stored:
+            p.append(Problem("DUPLICATE_IDENTIFIER", f"{dev} already has a master key from "
+                                                     f"MigrationFileID {stored[dev]}", dev))
+
+
+def verify_master_key(app: App, device_id: str, expected_kcv: str, method: str = "CMAC") -> bool:
+    try:
+        device_id = normalise_eui64(device_id)
+    except InvalidEUI64:
+        raise error("INVALID_EUI64", "device_id is not a well-formed EUI-64") from None
+    with app.store.engine.connect() as conn:
+        row = conn.execute(select(st.master_keys).where(
+            st.master_keys.c.device_id == device_id)).first()
+    if row is None:
+        raise error("DEVICE_KEY_NOT_FOUND", f"no master key for {device_id}")
+    with app.partitions.dco.session() as sess:
+        obj = hk.unwrap(sess, hk.find_key(sess, STORAGE_KEY), row.wrapped, hk.Unwrap.AES_KW,
+                        usage=hk.KCV_USAGE)
+        try:
+            kcv = hk.check_value(obj, hk.Kcv(method))
+        finally:
+            hk.destroy(obj)
+    return hmac.compare_digest(kcv, (expected_kcv or "").strip().upper())

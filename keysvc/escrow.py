@@ -1,0 +1,244 @@
+"""Rollback certificate escrow (TMAD Clauses 5.1(c) and 15.10.3).
+
+Before an FOC installation migrates, the SMSO deposits the certificates needed to restore
+communication if the migration is rolled back, with the inclusive dates of their use. The
+S1SP may release them only on those dates, as counted in Great Britain (Europe/London: a
+release at 23:30 UTC on 30 June in summer is already 1 July). Each record is sealed with an
+HMAC made in the HSM over every field, so an edit in the database is caught on release.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hmac
+import json
+import uuid
+from dataclasses import dataclass
+from zoneinfo import ZoneInfo
+
+from cryptography.hazmat.primitives.serialization import Encoding
+from sqlalchemy import select, update
+
+from hsm import keys as hk
+from keysvc import store as st
+from keysvc.app import App, Caller
+from keysvc.device_certificate import CertificateParseError, load_certificate
+from keysvc.domain import InvalidEUI64, normalise_eui64
+from keysvc.errors import error
+from keysvc.partitions import ESCROW_SEAL_KEY
+
+LONDON = ZoneInfo("Europe/London")
+
+
+@dataclass(frozen=True)
+class Escrow:
+    escrow_id: str
+    smso_id: str
+    group_id: str
+    chf_identifiers: tuple[str, ...]
+    certificates: tuple[bytes, ...]
+    valid_from: dt.date
+    valid_to: dt.date
+    max_releases: int      # 0: no limit
+    note: str
+    releases: int
+    revoked: bool
+    deposited_by: str
+    deposited_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Release:
+    escrow_id: str
+    certificates: tuple[bytes, ...]
+    valid_from: dt.date
+    valid_to: dt.date
+    releases_left: int     # -1: no limit
+
+
+def london_today(now: dt.datetime) -> dt.date:
+    return now.astimezone(LONDON).date()
+
+
+def end_of_day_london(day: dt.date) -> dt.datetime:
+    """The first instant after `day` in London: an inclusive window ends just before it."""
+    return dt.datetime.combine(day + dt.timedelta(days=1), dt.time(0), tzinfo=LONDON)
+
+
+def _canonical(row: dict) -> bytes:
+    fields = {k: row[k] for k in ("id", "smso_id", "group_id", "chf_identifiers",
+                                  "certificates", "valid_from", "valid_to", "max_releases",
+                                  "note", "releases", "revoked", "deposited_by")}
+    fields["revoked"] = bool(fields["revoked"])
+    t = row["deposited_at"]
+    t = t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+    fields["deposited_at"] = t.astimezone(dt.timezone.utc).isoformat()
+    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _seal(app: App, row: dict) -> bytes:
+    with app.partitions.admin.session() as s:
+        return hk.hmac_sha256(hk.find_key(s, ESCROW_SEAL_KEY), _canonical(row))
+
+
+def _sealed_ok(app: App, row: dict) -> bool:
+    return hmac.compare_digest(_seal(app, row), bytes(row["seal"]))
+
+
+def _escrow(row: dict) -> Escrow:
+    t = row["deposited_at"]
+    return Escrow(row["id"], row["smso_id"], row["group_id"],
+                  tuple(json.loads(row["chf_identifiers"])),
+                  tuple(base64.b64decode(c) for c in json.loads(row["certificates"])),
+                  dt.date.fromisoformat(row["valid_from"]), dt.date.fromisoformat(row["valid_to"]),
+                  row["max_releases"], row["note"], row["releases"], bool(row["revoked"]),
+                  row["deposited_by"], t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc))
+
+
+# --------------------------------------------------------------------------- deposit
+def deposit(app: App, caller: Caller, *, smso_id: str, group_id: str,
+            chf_identifiers: list[str], certificates: list[bytes],
+            valid_from: dt.date | None, valid_to: dt.date | None, max_releases: int = 0,
+            note: str = "") -> str:
+    if valid_from is None or valid_to is None:
+        raise error("INVALID_DATE_RANGE", "valid_from and valid_to are required dates")
+    if valid_to < valid_from:
+        raise error("INVALID_DATE_RANGE", f"valid_to {valid_to} is before valid_from "
+                                          f"{valid_from}")
+    if not smso_id or not chf_identifiers or not certificates:
+        raise error("INVALID_REQUEST", "smso_id, chf_identifiers and certificates are required")
+    if max_releases < 0:
+        raise error("INVALID_REQUEST", "max_releases cannot be negative")
+    try:
+        chfs = sorted({normalise_eui64(c) for c in chf_identifiers})
+    except InvalidEUI64:
+        raise error("INVALID_EUI64", "a CHF identifier is not a well-formed EUI-64") from None
+    window_end = end_of_day_london(valid_to)
+    ders = []
+    for i, raw in enumerate(certificates):
+        try:
+            cert = load_certificate(raw)
+        except CertificateParseError:
+            raise error("INVALID_CERTIFICATE", f"certificate {i} does not parse") from None
+        if cert.not_valid_after_utc < window_end:
+            raise error("INVALID_CERTIFICATE", f"certificate {i} expires "
+                        f"{cert.not_valid_after_utc:%Y-%m-%d}, before valid_to {valid_to}")
+        ders.append(base64.b64encode(cert.public_bytes(Encoding.DER)).decode())
+    row = {"id": "esc-" + uuid.uuid4().hex[:16], "smso_id": smso_id, "group_id": group_id,
+           "chf_identifiers": json.dumps(chfs), "certificates": json.dumps(ders),
+           "valid_from": valid_from.isoformat(), "valid_to": valid_to.isoformat(),
+           "max_releases": int(max_releases), "note": note, "releases": 0, "revoked": False,
+           "deposited_by": caller.identity, "deposited_at": app.clock()}
+    row["seal"] = _seal(app, row)
+    with app.store.tx() as conn:
+        conn.execute(st.escrows.insert().values(**row))
+        conn.execute(st.escrow_chfs.insert(), [{"escrow_id": row["id"], "chf_identifier": c}
+                                               for c in chfs])
+    return row["id"]
+
+
+# --------------------------------------------------------------------------- release
+class _Tampered(Exception):
+    def __init__(self, escrow_id: str) -> None:
+        self.escrow_id = escrow_id
+
+
+def release(app: App, caller: Caller, chf_identifier: str, reason: str) -> Release:
+    """Release the escrow for a CHF, if today (London) is in its window and it allows."""
+    try:
+        return _release(app, caller, chf_identifier, reason)
+    except _Tampered as t:  # audited after the transaction ends, so it cannot be rolled back
+        _refuse_tampered(app, caller, t.escrow_id)
+        raise AssertionError("unreachable") from None
+
+
+def _release(app: App, caller: Caller, chf_identifier: str, reason: str) -> Release:
+    try:
+        chf = normalise_eui64(chf_identifier)
+    except InvalidEUI64:
+        raise error("INVALID_EUI64", "chf_identifier is not a well-formed EUI-64") from None
+    if not reason.strip():
+        raise error("INVALID_REQUEST", "a release needs a reason")
+    now = app.clock()
+    today = london_today(now)
+    with app.store.tx() as conn:
+        ids = [r.escrow_id for r in conn.execute(
+            select(st.escrow_chfs.c.escrow_id).where(st.escrow_chfs.c.chf_identifier == chf))]
+        rows = [dict(r._mapping) for r in conn.execute(
+            select(st.escrows).where(st.escrows.c.id.in_(ids))
+            .order_by(st.escrows.c.deposited_at.desc()).with_for_update())] if ids else []
+        for r in rows:
+            if not _sealed_ok(app, r):
+                raise _Tampered(r["id"])
+        live = [r for r in rows if not r["revoked"]]
+        if not live:
+            raise error("ESCROW_NOT_FOUND", f"no active escrow for {chf}")
+        in_window = [r for r in live if dt.date.fromisoformat(r["valid_from"]) <= today
+                     <= dt.date.fromisoformat(r["valid_to"])]
+        if not in_window:
+            raise error("ESCROW_WINDOW_CLOSED", f"{today} (Europe/London) is outside every "
+                                                f"escrow window for {chf}")
+        usable = [r for r in in_window
+                  if not r["max_releases"] or r["releases"] < r["max_releases"]]
+        if not usable:
+            raise error("ESCROW_EXHAUSTED", f"the escrow for {chf} has no releases left")
+        r = usable[0]
+        r["releases"] += 1
+        r["seal"] = _seal(app, r)
+        changed = conn.execute(update(st.escrows).where(
+            st.escrows.c.id == r["id"], st.escrows.c.releases == r["releases"] - 1)
+            .values(releases=r["releases"], seal=r["seal"])).rowcount
+        if changed != 1:  # another writer got there first: never release twice
+            raise error("ESCROW_EXHAUSTED", f"the escrow for {chf} changed; retry")
+        conn.execute(st.escrow_releases.insert().values(
+            escrow_id=r["id"], actor=caller.identity, reason=reason[:1000], time=now))
+    e = _escrow(r)
+    left = -1 if not e.max_releases else e.max_releases - e.releases
+    return Release(e.escrow_id, e.certificates, e.valid_from, e.valid_to, left)
+
+
+def _refuse_tampered(app: App, caller: Caller, escrow_id: str) -> None:
+    app.audit.append(actor=caller.identity, role=caller.role, action="escrow.seal_invalid",
+                     target=escrow_id, outcome="ERROR", code="ESCROW_SEAL_INVALID")
+    raise error("ESCROW_SEAL_INVALID", f"escrow {escrow_id} fails its HSM seal: the record "
+                                       "was altered; nothing released", escrow_id=escrow_id)
+
+
+# --------------------------------------------------------------------------- admin
+def list_escrows(app: App, smso_id: str = "", chf_identifier: str = "") -> list[Escrow]:
+    q = select(st.escrows).order_by(st.escrows.c.deposited_at)
+    if smso_id:
+        q = q.where(st.escrows.c.smso_id == smso_id)
+    if chf_identifier:
+        try:
+            chf = normalise_eui64(chf_identifier)
+        except InvalidEUI64:
+            raise error("INVALID_EUI64", "chf_identifier is not a well-formed EUI-64") from None
+        q = q.where(st.escrows.c.id.in_(select(st.escrow_chfs.c.escrow_id).where(
+            st.escrow_chfs.c.chf_identifier == chf)))
+    with app.store.engine.connect() as conn:
+        return [_escrow(dict(r._mapping)) for r in conn.execute(q)]
+
+
+def revoke(app: App, caller: Caller, escrow_id: str, reason: str = "") -> Escrow:
+    try:
+        return _revoke(app, escrow_id)
+    except _Tampered as t:
+        _refuse_tampered(app, caller, t.escrow_id)
+        raise AssertionError("unreachable") from None
+
+
+def _revoke(app: App, escrow_id: str) -> Escrow:
+    with app.store.tx() as conn:
+        r = conn.execute(select(st.escrows).where(st.escrows.c.id == escrow_id)
+                         .with_for_update()).first()
+        if r is None:
+            raise error("ESCROW_NOT_FOUND", f"no escrow {escrow_id!r}")
+        row = dict(r._mapping)
+        if not _sealed_ok(app, row):
+            raise _Tampered(escrow_id)
+        row["revoked"] = True
+        row["seal"] = _seal(app, row)
+        conn.execute(update(st.escrows).where(st.escrows.c.id == escrow_id)
+                     .values(revoked=True, seal=row["seal"]))
+    return _escrow(row)

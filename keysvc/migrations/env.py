@@ -1,0 +1,10 @@
+"""Alembic environment: migrations run on the connection that Store.migrate passes in."""
+from alembic import context
+
+from keysvc.store import metadata
+
+connection = context.config.attributes["connection"]
+context.configure(connection=connection, target_metadata=metadata,
+                  render_as_batch=connection.dialect.name == "sqlite")
+with context.begin_transaction():
+    context.run_migrations()

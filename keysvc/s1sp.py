@@ -1,0 +1,353 @@
+"""S1SP path: decrypt group information in the S1SP token, validate, store keys wrapped.
+
+Where plaintext keys live: the decrypted group information (and the key hex inside it) is
+in process memory from the GCM decryption until this request returns; each key's bytes are
+turned into a session object at once, check-valued and wrapped under the S1SP storage key
+inside the token, and the object destroyed. Nothing logs, raises or returns a key's bits.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+from collections import Counter
+from dataclasses import dataclass, field
+
+from lxml import etree
+from sqlalchemy import select
+
+from hsm import HsmOperationFailed
+from hsm import keys as hk
+from keysvc import store as st
+from keysvc import transport
+from keysvc.app import App, Caller
+from keysvc.device_certificate import CertificateVerdict, verify_device_certificate
+from keysvc.domain import InvalidEUI64, Problem, normalise_eui64
+from keysvc.errors import error
+from keysvc.partitions import STORAGE_KEY
+from keysvc.results import (DeviceKey, GroupResult, InstallationResult,
+                            group_result_from_json, to_json)
+from keysvc.xmlfile import AES256_GCM, DP_GROUPS, NSMAP, parse_plaintext, read_file
+
+SERVICE = "s1sp"
+ROLE_OF = {"AuthenticationKey": "AUTHENTICATION", "EncryptionKey": "ENCRYPTION",
+           "PrepaymentKey": "PREPAYMENT"}
+
+
+@dataclass
+class _Installation:
+    """One Installation while it is being checked: problems pile up, keys wait to be wrapped."""
+
+    chf: str
+    esme: str = ""
+    gsme: str = ""
+    problems: list[Problem] = field(default_factory=list)
+    keys: list[tuple[str, str, str, bytes]] = field(default_factory=list)  # device, role, name, bits
+    verdict: CertificateVerdict | None = None
+    device_ids: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- entry point
+def process_group_information(app: App, caller: Caller, data: bytes) -> GroupResult:
+    s = app.settings
+    mf = read_file(data, max_bytes=s.max_file_bytes, max_depth=s.max_xml_depth, view=SERVICE)
+    h = mf.header
+    file_digest = transport.digest(data)
+    earlier = transport.stored_result(app, h.migration_file_id, SERVICE, file_digest,
+                                      group_result_from_json)
+    if earlier is not None:
+        return earlier
+    transport.check_originator(h)
+    ed = mf.group_information
+    if ed.algorithm != AES256_GCM:
+        raise error("UNSUPPORTED_ALGORITHM", f"content encryption {ed.algorithm!r} is not "
+                                             "supported")
+    key = transport.resolve_transport_key(app, ed.encrypted_key, "S1SP_TRANSPORT", h)
+    plaintext = _decrypt(app, key, ed)
+    root = parse_plaintext(plaintext, h.group_id, max_bytes=s.max_file_bytes,
+                           max_depth=s.max_xml_depth)
+    del plaintext
+    installations, orphans = _validate(app, root, h.group_id, mf.master_key_entries)
+    del root
+    _reject_devices_already_stored(app, installations)
+    wrapped = _wrap_accepted(app, installations)
+    result = GroupResult(h.migration_file_id, h.group_id, h.originator_id,
+                         tuple(_result(i) for i in installations) + tuple(orphans))
+    now = app.clock()
+
+    def write_rows(conn) -> None:
+        if wrapped:
+            conn.execute(st.device_keys.insert(), [
+                {"device_id": d, "role": r, "name": n, "chf_identifier": chf, "wrapped": w,
+                 "kcv": k, "file_id": h.migration_file_id, "created_at": now}
+                for (chf, d, r, n, w, k) in wrapped])
+    raced = transport.store_once(app, h.migration_file_id, SERVICE, file_digest,
+                                 to_json(result), write_rows, group_result_from_json)
+    return raced or result
+
+
+def _decrypt(app: App, key: transport.TransportKey, ed) -> bytes:
+    """Unwrap the content key and decrypt, both inside the S1SP token."""
+    if len(ed.cipher_value) < 12 + 16:
+        raise error("DECRYPTION_FAILED", "CipherValue is shorter than IV and tag")
+    with app.partitions.s1sp.session() as sess:
+        try:
+            content_key = transport.unwrap(sess, key, ed.encrypted_key, hk.CONTENT_USAGE)
+        except HsmOperationFailed:
+            raise error("KEY_UNWRAP_FAILED", "the content key does not unwrap under "
+                                             f"{key.name}") from None
+        try:
+            if hk.key_length(content_key, hk.find_key(sess, STORAGE_KEY)) != 32:
+                raise error("KEY_UNWRAP_FAILED", "the content key is not 256 bits")
+            try:
+                return hk.gcm_decrypt(content_key, ed.cipher_value[:12], ed.cipher_value[12:])
+            except HsmOperationFailed:
+                raise error("DECRYPTION_FAILED", "the GCM tag does not verify") from None
+        finally:
+            hk.destroy(content_key)
+
+
+# --------------------------------------------------------------------------- validation
+def _eui(text: str, what: str, inst: _Installation) -> str:
+    try:
+        return normalise_eui64(text)
+    except InvalidEUI64:
+        inst.problems.append(Problem("INVALID_EUI64", f"{what} is not a well-formed EUI-64",
+                                     what))
+        return (text or "")[:32]
+
+
+def _key_bits(text: str | None, name: str, device: str, inst: _Installation,
+              required: bool) -> bytes | None:
+    field_name = f"{device}/{name}"
+    if text is None or not text.strip():
+        if required:
+            inst.problems.append(Problem("MISSING_KEY", f"{name} is missing for {device}",
+                                         field_name))
+        return None
+    text = text.strip()
+    try:
+        if len(text) != 32:
+            raise ValueError
+        bits = binascii.unhexlify(text)
+    except (ValueError, binascii.Error):
+        inst.problems.append(Problem("INVALID_KEY", f"{name} for {device} is not 32 hex "
+                                                    "digits", field_name))
+        return None
+    if len(set(bits)) == 1:
+        inst.problems.append(Problem("INVALID_KEY", f"{name} for {device} has all bytes "
+                                                    "equal", field_name))
+        return None
+    return bits
+
+
+def _read_installation(el: etree._Element, group_id: str) -> _Installation:
+    inst = _Installation(chf="")
+    inst.chf = _eui(el.findtext("m:CHFIdentifier", "", NSMAP), "CHFIdentifier", inst)
+    esme = el.find("m:ESMEDetail", NSMAP)
+    inst.esme = _eui(esme.findtext("m:DeviceID", "", NSMAP), "ESMEDetail/DeviceID", inst)
+    inst.device_ids.append(inst.esme)
+    gsme = el.find("m:GSMEDetail", NSMAP)
+    if gsme is not None:
+        inst.gsme = _eui(gsme.findtext("m:DeviceID", "", NSMAP), "GSMEDetail/DeviceID", inst)
+        inst.device_ids.append(inst.gsme)
+    if group_id in DP_GROUPS:
+        hla = esme.find("m:HighLevelAssociation", NSMAP)
+        for name in ("AuthenticationKey", "EncryptionKey", "PrepaymentKey"):
+            required = name != "PrepaymentKey" or group_id == "EA"
+            bits = _key_bits(hla.findtext(f"m:{name}", None, NSMAP), name, inst.esme, inst,
+                             required)
+            if bits:
+                inst.keys.append((inst.esme, ROLE_OF[name], name, bits))
+        pre = gsme.find("m:PrePayDetails", NSMAP) if gsme is not None else None
+        if pre is not None:
+            bits = _key_bits(pre.findtext("m:PrepaymentKey", None, NSMAP), "PrepaymentKey",
+                             inst.gsme, inst, True)
+            if bits:
+                inst.keys.append((inst.gsme, "PREPAYMENT", "PrepaymentKey", bits))
+    else:
+        for device_el, device in ((esme, inst.esme), (gsme, inst.gsme)):
+            if device_el is None:
+                continue
+            names = Counter(k.get("Name", "") for k in device_el.iterfind("m:SecretKey", NSMAP))
+            for dup in (n for n, c in names.items() if c > 1):
+                inst.problems.append(Problem("DUPLICATE_IDENTIFIER", f"SecretKey Name {dup!r} "
+                                             f"repeats for {device}", f"{device}/SecretKey"))
+            for k in device_el.iterfind("m:SecretKey", NSMAP):
+                name = k.get("Name", "")
+                bits = _key_bits(k.text, name or "SecretKey", device, inst, True)
+                if bits and names[name] == 1:
+                    inst.keys.append((device, "SECRET", name, bits))
+    return inst
+
+
+def _certificate(app: App, el: etree._Element, inst: _Installation) -> None:
+    text = el.findtext("m:DeviceCertificate", None, NSMAP)
+    if text is None:
+        return
+    try:
+        der = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        der = b""
+    chf_ok = not any(p.field == "CHFIdentifier" for p in inst.problems)
+    inst.verdict = verify_device_certificate(der, inst.chf if chf_ok else None, app.trust,
+                                             at=app.clock())
+    if not inst.verdict.valid:
+        codes = ", ".join(p.code for p in inst.verdict.problems)
+        inst.problems.append(Problem("DEVICE_CERTIFICATE_INVALID", codes,
+                                     "DeviceCertificate"))
+
+
+def _validate(app: App, root: etree._Element, group_id: str, entries
+              ) -> tuple[list[_Installation], list[InstallationResult]]:
+    installations = []
+    for el in root.iterfind("m:Installation", NSMAP):
+        inst = _read_installation(el, group_id)
+        _certificate(app, el, inst)
+        installations.append(inst)
+    # Identifiers must be unique across the file: a repeated one rejects every holder.
+    seen = Counter(x for i in installations for x in {i.chf, *i.device_ids} if x)
+    for inst in installations:
+        for x in sorted({inst.chf, *inst.device_ids} & {k for k, c in seen.items() if c > 1}):
+            inst.problems.append(Problem("DUPLICATE_IDENTIFIER", f"{x} appears more than once "
+                                                                 "in the file", x))
+    # Each Installation needs exactly one MasterKeyEntry for its CHF and ESME, and the
+    # reverse (the S1SP sees the entries' identifiers, never their keys).
+    pairs = Counter()
+    for e in entries:
+        try:
+            pairs[(normalise_eui64(e.chf_identifier), normalise_eui64(e.device_id))] += 1
+        except InvalidEUI64:
+            pairs[(e.chf_identifier, e.device_id)] += 1
+    chfs = {i.chf for i in installations}
+    for inst in installations:
+        n = pairs.get((inst.chf, inst.esme), 0)
+        if n != 1:
+            inst.problems.append(Problem(
+                "MASTER_KEY_ENTRY_MISSING" if n == 0 else "DUPLICATE_IDENTIFIER",
+                "no MasterKeyEntry for this CHF and ESME" if n == 0
+                else "more than one MasterKeyEntry for this CHF and ESME", "MasterKeyEntry"))
+    orphans = [InstallationResult(chf, "REJECTED", (Problem(
+        "INSTALLATION_MISSING", "a MasterKeyEntry has no Installation", "MasterKeyEntry"),),
+        esme_device_id=device)
+        for (chf, device) in pairs if chf not in chfs]
+    return installations, orphans
+
+
+def _reject_devices_already_stored(app: App, installations: list[_Installation]) -> None:
+    """A device keeps the keys of the file that first brought it; a later file is refused."""
+    devices = sorted({d for i in installations if not i.problems for d in i.device_ids if d})
+    stored: dict[str, str] = {}
+    with app.store.engine.connect() as conn:
+        for i in range(0, len(devices), 500):
+            chunk = devices[i:i + 500]
+            for row in conn.execute(select(st.device_keys.c.device_id, st.device_keys.c.file_id)
+                                    .where(st.device_keys.c.device_id.in_(chunk))):
+                stored[row.device_id] = row.file_id
+    for inst in installations:
+        for d in inst.device_ids:
+            if d in stored:
+                inst.problems.append(Problem("DUPLICATE_IDENTIFIER", f"{d} already has keys "
+                                             f"from MigrationFileID {stored[d]}", d))
+
+
+# --------------------------------------------------------------------------- wrapping
+def _wrap_accepted(app: App, installations: list[_Installation]
+                   ) -> list[tuple[str, str, str, str, bytes, str]]:
+    """Each accepted key: into the token, check value, wrap under the storage key, destroy."""
+    rows = []
+    with app.partitions.s1sp.session() as sess:
+        storage = hk.find_key(sess, STORAGE_KEY)
+        for inst in installations:
+            if inst.problems:
+                inst.keys.clear()
+                continue
+            done = []
+            for device, role, name, bits in inst.keys:
+                obj = hk.create_aes(sess, bits, usage=hk.DEVICE_USAGE)
+                try:
+                    kcv = hk.check_value(obj)
+                    rows.append((inst.chf, device, role, name, hk.wrap(storage, obj), kcv))
+                finally:
+                    hk.destroy(obj)
+                done.append((device, role, name, kcv))
+            inst.keys = done  # type: ignore[assignment]  (bits dropped: only KCVs remain)
+    return rows
+
+
+def _result(inst: _Installation) -> InstallationResult:
+    ok = not inst.problems
+    return InstallationResult(
+        inst.chf, "ACCEPTED" if ok else "REJECTED", tuple(inst.problems), inst.esme, inst.gsme,
+        tuple(DeviceKey(d, r, n, k) for (d, r, n, k) in inst.keys) if ok else (),
+        inst.verdict)
+
+
+# --------------------------------------------------------------------------- queries
+def _stored_key(app: App, device_id: str, roles: tuple[str, ...]) -> list:
+    try:
+        device_id = normalise_eui64(device_id)
+    except InvalidEUI64:
+        raise error("INVALID_EUI64", "device_id is not a well-formed EUI-64") from None
+    q = select(st.device_keys).where(st.device_keys.c.device_id == device_id)
+    if roles:
+        q = q.where(st.device_keys.c.role.in_(roles))
+    with app.store.engine.connect() as conn:
+        rows = conn.execute(q.order_by(st.device_keys.c.role, st.device_keys.c.name)).all()
+    if not rows:
+        raise error("DEVICE_KEY_NOT_FOUND", f"no stored key for {device_id}")
+    return rows
+
+
+def verify_prepayment_key(app: App, device_id: str, expected_kcv: str,
+                          method: str = "CMAC") -> bool:
+    """TMAD 4.49: compare a check value computed in the HSM; the key never leaves it."""
+    row = _stored_key(app, device_id, ("PREPAYMENT",))[0]
+    return _matches(app.partitions.s1sp, row.wrapped, expected_kcv, method)
+
+
+def _matches(token, wrapped: bytes, expected_kcv: str, method: str) -> bool:
+    with token.session() as sess:
+        obj = hk.unwrap(sess, hk.find_key(sess, STORAGE_KEY), wrapped, hk.Unwrap.AES_KW,
+                        usage=hk.KCV_USAGE)
+        try:
+            kcv = hk.check_value(obj, hk.Kcv(method))
+        finally:
+            hk.destroy(obj)
+    return hmac.compare_digest(kcv, (expected_kcv or "").strip().upper())
+
+
+@dataclass(frozen=True)
+class ExportedKey:
+    role: str
+    name: str
+    kcv: str
+    wrapped: bytes
+
+
+def export_device_keys(app: App, device_id: str, roles: list[str],
+                       export_key_name: str) -> list[ExportedKey]:
+    """The only way device keys leave: RFC 5649 under an EXPORT key, never in the clear."""
+    with app.store.engine.connect() as conn:
+        k = conn.execute(select(st.keys).where(st.keys.c.name == export_key_name)).first()
+    if k is None or k.state == "DESTROYED":
+        raise error("UNKNOWN_TRANSPORT_KEY", f"no export key named {export_key_name!r}")
+    if k.purpose != "EXPORT":
+        raise error("WRONG_KEY_PURPOSE", f"{export_key_name!r} is not an EXPORT key")
+    if k.state != "ENABLED":
+        raise error("TRANSPORT_KEY_DISABLED", f"export key {export_key_name!r} is disabled")
+    rows = _stored_key(app, device_id, tuple(roles))
+    out = []
+    with app.partitions.s1sp.session() as sess:
+        storage, export = hk.find_key(sess, STORAGE_KEY), hk.find_key(sess, export_key_name)
+        for r in rows:
+            obj = hk.unwrap(sess, storage, r.wrapped, hk.Unwrap.AES_KW, usage=hk.DEVICE_USAGE)
+            try:
+                out.append(ExportedKey(r.role, r.name, r.kcv, hk.wrap(export, obj, pad=True)))
+            finally:
+                hk.destroy(obj)
+    return out
+
+
+__all__ = ["process_group_information", "verify_prepayment_key", "export_device_keys",
+           "ExportedKey"]

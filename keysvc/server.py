@@ -1,0 +1,223 @@
+"""The gRPC server: mTLS, one interceptor for roles, audit, errors and metrics; health.
+
+The interceptor is the only place that knows about callers and status codes: it reads the
+role from the verified client certificate, refuses roles the service does not list, turns
+`KeysvcError`/`HsmError` into a status with google.rpc.ErrorInfo (one table, in errors.py),
+and appends one audit event per call, allowed or denied.
+"""
+from __future__ import annotations
+
+import contextvars
+import logging
+import signal
+import threading
+import time
+import uuid
+from concurrent import futures
+from typing import Any, Callable
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from hsm import HsmError, HsmUnavailable
+from keysvc.api.v1 import keysvc_pb2, keysvc_pb2_grpc
+from keysvc.app import App, Caller
+from keysvc.errors import ERROR_DOMAIN, KeysvcError, error
+from keysvc.observability import (HSM_IDLE, HSM_IN_USE, HSM_UP, LATENCY, REQUESTS,
+                                  request_id)
+from keysvc.pki import role_and_identity
+
+log = logging.getLogger("keysvc.server")
+
+SERVICE_ROLES: dict[str, frozenset[str]] = {
+    "keysvc.v1.S1SPService": frozenset({"s1sp"}),
+    "keysvc.v1.DCOService": frozenset({"dco"}),
+    "keysvc.v1.KeyAdministrationService": frozenset({"security-officer"}),
+    "keysvc.v1.AuditService": frozenset({"auditor", "security-officer"}),
+}
+# Served to any authenticated caller and not audited: load balancers poll them constantly.
+UNAUDITED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                      "grpc.reflection.v1.ServerReflection")
+
+# What the servicer names as the call's target, for its audit event.
+audit_target: contextvars.ContextVar[str] = contextvars.ContextVar("audit_target", default="")
+current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("current_caller")
+
+
+def _caller(context: grpc.ServicerContext) -> Caller | None:
+    pem = (context.auth_context() or {}).get("x509_pem_cert")
+    if not pem:
+        return None
+    der = x509.load_pem_x509_certificate(pem[0]).public_bytes(Encoding.DER)
+    role, identity = role_and_identity(der)
+    return Caller(identity, role or "")
+
+
+def status_for(exc: KeysvcError) -> status_pb2.Status:
+    info = error_details_pb2.ErrorInfo(reason=exc.code, domain=ERROR_DOMAIN,
+                                       metadata=exc.metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return status_pb2.Status(code=exc.status.value[0], message=exc.message, details=[detail])
+
+
+class KeysvcInterceptor(grpc.ServerInterceptor):
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = details.method  # "/keysvc.v1.S1SPService/ProcessGroupInformation"
+        service = method.split("/")[1]
+        inner = handler.unary_unary
+
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            return self._call(service, method, inner, request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+    def _call(self, service: str, method: str, inner: Callable, request: Any,
+              context: grpc.ServicerContext) -> Any:
+        request_id.set(uuid.uuid4().hex[:16])
+        audit_target.set("")
+        started = time.perf_counter()
+        caller = _caller(context) or Caller("", "")
+        code, outcome, response, failure = "OK", "OK", None, None
+        try:
+            allowed = SERVICE_ROLES.get(service)
+            if allowed is not None and caller.role not in allowed:
+                raise error("ROLE_NOT_PERMITTED",
+                            f"role {caller.role or '(none)'} may not call {service}")
+            current_caller.set(caller)
+            response = inner(request, context)
+        except KeysvcError as exc:
+            failure, code = exc, exc.code
+        except HsmUnavailable:
+            failure = error("HSM_UNAVAILABLE", "the HSM is unavailable; retry later")
+            code = failure.code
+        except HsmError as exc:
+            log.error("HSM operation failed", extra={"method": method,
+                                                     "code": type(exc).__name__})
+            failure = KeysvcError("internal HSM error")
+            code = "INTERNAL"
+        except Exception as exc:  # never let a bug take the server down or leak data
+            log.error("unexpected error", extra={"method": method,
+                                                 "code": type(exc).__name__})
+            failure, code = KeysvcError("internal error"), "INTERNAL"
+        if failure is not None:
+            outcome = "DENIED" if code == "ROLE_NOT_PERMITTED" else "ERROR"
+        elapsed = time.perf_counter() - started
+        short = method.rsplit("/", 1)[-1]
+        REQUESTS.labels(short, code).inc()
+        LATENCY.labels(short, code).observe(elapsed)
+        log.info("call", extra={"method": short, "code": code, "actor": caller.identity,
+                                "role": caller.role, "duration_ms": round(elapsed * 1000, 2)})
+        if service not in UNAUDITED_SERVICES:
+            try:
+                self.app.audit.append(actor=caller.identity, role=caller.role,
+                                      action=method.lstrip("/"), target=audit_target.get(),
+                                      outcome=outcome, code=code)
+            except Exception as exc:
+                log.error("audit append failed", extra={"code": type(exc).__name__})
+                if failure is None:  # an unaudited success is not a success
+                    failure = error("HSM_UNAVAILABLE", "the audit log is unavailable")
+        if failure is not None:
+            context.abort_with_status(rpc_status.to_status(status_for(failure)))
+        return response
+
+
+# --------------------------------------------------------------------------- health
+class HealthWatch(threading.Thread):
+    """NOT_SERVING while any token is unusable; SERVING again once it answers."""
+
+    def __init__(self, app: App, servicer: health.HealthServicer, every: float = 1.0) -> None:
+        super().__init__(daemon=True, name="health-watch")
+        self.app, self.servicer, self.every = app, servicer, every
+        self.stopped = threading.Event()
+
+    def check(self) -> bool:
+        ok = True
+        for name, token in self.app.partitions.tokens.items():
+            up = token.available
+            HSM_UP.labels(name).set(1 if up else 0)
+            HSM_IN_USE.labels(name).set(token.in_use)
+            HSM_IDLE.labels(name).set(token.idle)
+            ok = ok and up
+        status = (health_pb2.HealthCheckResponse.SERVING if ok
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for svc in ("", *SERVICE_ROLES):
+            self.servicer.set(svc, status)
+        return ok
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            try:
+                self.check()
+            except Exception as exc:
+                log.error("health check failed", extra={"code": type(exc).__name__})
+
+
+# --------------------------------------------------------------------------- server
+def build_server(app: App, listen: str) -> tuple[grpc.Server, int, HealthWatch]:
+    from keysvc.servicers import register_all
+    s = app.settings
+    max_msg = s.max_file_bytes * 2 + (1 << 20)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=s.workers),
+                         interceptors=[KeysvcInterceptor(app)],
+                         options=[("grpc.max_receive_message_length", max_msg),
+                                  ("grpc.max_send_message_length", max_msg)])
+    register_all(server, app)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [keysvc_pb2.DESCRIPTOR.services_by_name[n].full_name
+             for n in keysvc_pb2.DESCRIPTOR.services_by_name]
+    reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME],
+                                        server)
+    cert, key, ca = s.tls_files
+    creds = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())],
+                                        root_certificates=ca.read_bytes(),
+                                        require_client_auth=True)
+    port = server.add_secure_port(listen, creds)
+    if port == 0:
+        raise SystemExit(f"cannot listen on {listen}")
+    watch = HealthWatch(app, health_servicer)
+    watch.check()
+    return server, port, watch
+
+
+def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None) -> int:
+    server, port, watch = build_server(app, listen)
+    server.start()
+    watch.start()
+    if app.settings.metrics_listen:
+        from prometheus_client import start_http_server
+        mhost, mport = app.settings.metrics_listen.rsplit(":", 1)
+        start_http_server(int(mport), addr=mhost)
+    host = listen.rsplit(":", 1)[0]
+    bound = f"{host}:{port}"
+    print(f"listening on {bound}", flush=True)
+    if on_ready:
+        on_ready(bound)
+    done = threading.Event()
+
+    def _stop(signum: int, _frame: Any) -> None:
+        log.info("signal received; draining in-flight calls", extra={"code": str(signum)})
+        done.set()
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    done.wait()
+    watch.stopped.set()
+    server.stop(grace=30).wait()
+    app.close()
+    log.info("stopped")
+    return 0

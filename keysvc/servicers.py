@@ -1,0 +1,291 @@
+"""Thin gRPC servicers: proto in, a domain function, proto out. No logic lives here."""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from keysvc import dco, escrow, keyadmin, s1sp
+from keysvc.api.v1 import keysvc_pb2 as pb
+from keysvc.api.v1 import keysvc_pb2_grpc as rpc
+from keysvc.app import App, Caller
+from keysvc.device_certificate import CertificateVerdict, verify_device_certificate
+from keysvc.domain import Problem
+from keysvc.results import GroupResult, MasterKeysResult
+from keysvc.server import audit_target, current_caller
+
+
+def _caller() -> Caller:
+    return current_caller.get()
+
+
+def ts(t: dt.datetime | None) -> Timestamp | None:
+    if t is None:
+        return None
+    out = Timestamp()
+    out.FromDatetime(t.astimezone(dt.timezone.utc).replace(tzinfo=None))
+    return out
+
+
+def from_ts(t: Timestamp) -> dt.datetime:
+    return t.ToDatetime(tzinfo=dt.timezone.utc)
+
+
+def date_pb(d: dt.date) -> pb.Date:
+    return pb.Date(year=d.year, month=d.month, day=d.day)
+
+
+def date_from(d: pb.Date) -> dt.date | None:
+    if not d.year:
+        return None
+    try:
+        return dt.date(d.year, d.month, d.day)
+    except ValueError:
+        return None
+
+
+def problems_pb(problems: tuple[Problem, ...]) -> list[pb.Problem]:
+    return [pb.Problem(code=p.code, message=p.message, field=p.field) for p in problems]
+
+
+def verdict_pb(v: CertificateVerdict | None) -> pb.CertificateVerdict | None:
+    if v is None:
+        return None
+    return pb.CertificateVerdict(
+        valid=v.valid, problems=problems_pb(v.problems), subject=v.subject, issuer=v.issuer,
+        serial_hex=v.serial_hex, not_before=ts(v.not_before), not_after=ts(v.not_after),
+        device_id=v.device_id, public_key_algorithm=v.public_key_algorithm)
+
+
+def group_result_pb(r: GroupResult) -> pb.ProcessGroupInformationResponse:
+    return pb.ProcessGroupInformationResponse(
+        migration_file_id=r.migration_file_id, group_id=r.group_id,
+        originator_id=r.originator_id, accepted_count=r.accepted_count,
+        rejected_count=r.rejected_count,
+        installations=[pb.InstallationResult(
+            chf_identifier=i.chf_identifier, status=pb.EntryStatus.Value(i.status),
+            problems=problems_pb(i.problems), esme_device_id=i.esme_device_id,
+            gsme_device_id=i.gsme_device_id,
+            keys=[pb.DeviceKey(device_id=k.device_id, role=pb.DeviceKeyRole.Value(k.role),
+                               name=k.name, kcv=k.kcv) for k in i.keys],
+            device_certificate=verdict_pb(i.device_certificate))
+            for i in r.installations])
+
+
+def master_keys_pb(r: MasterKeysResult) -> pb.MasterKeysResult:
+    return pb.MasterKeysResult(
+        migration_file_id=r.migration_file_id, group_id=r.group_id,
+        accepted_count=r.accepted_count, rejected_count=r.rejected_count,
+        entries=[pb.MasterKeyResult(chf_identifier=e.chf_identifier, device_id=e.device_id,
+                                    status=pb.EntryStatus.Value(e.status),
+                                    problems=problems_pb(e.problems), kcv=e.kcv)
+                 for e in r.entries])
+
+
+def _file_target(data: bytes) -> None:
+    """Name the MigrationFileID in the audit event, cheaply and without parsing secrets."""
+    start = data.find(b"<MigrationFileID>")
+    if start >= 0:
+        end = data.find(b"</MigrationFileID>", start, start + 200)
+        if end > 0:
+            audit_target.set(data[start + 17:end].decode("ascii", "replace")[:64])
+
+
+class S1SPServicer(rpc.S1SPServiceServicer):
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def ProcessGroupInformation(self, request: Any, context: grpc.ServicerContext) -> Any:
+        _file_target(request.file)
+        return group_result_pb(s1sp.process_group_information(self.app, _caller(),
+                                                              request.file))
+
+    def VerifyPrepaymentKey(self, request: Any, context: grpc.ServicerContext) -> Any:
+        audit_target.set(request.device_id)
+        return pb.VerifyPrepaymentKeyResponse(match=s1sp.verify_prepayment_key(
+            self.app, request.device_id, request.expected_kcv,
+            pb.KcvMethod.Name(request.kcv_method)))
+
+    def VerifyDeviceCertificate(self, request: Any, context: grpc.ServicerContext) -> Any:
+        audit_target.set(request.chf_identifier)
+        at = from_ts(request.at) if request.HasField("at") else self.app.clock()
+        return verdict_pb(verify_device_certificate(
+            request.certificate, request.chf_identifier or None, self.app.trust,
+            intermediates=list(request.intermediates), at=at))
+
+    def ExportDeviceKeys(self, request: Any, context: grpc.ServicerContext) -> Any:
+        audit_target.set(f"{request.device_id} -> {request.export_key_name}")
+        keys = s1sp.export_device_keys(self.app, request.device_id,
+                                       [pb.DeviceKeyRole.Name(r) for r in request.roles],
+                                       request.export_key_name)
+        return pb.ExportDeviceKeysResponse(keys=[
+            pb.ExportedKey(role=pb.DeviceKeyRole.Value(k.role), name=k.name, kcv=k.kcv,
+                           wrapped=k.wrapped) for k in keys])
+
+    def ReleaseRollbackCertificates(self, request: Any, context: grpc.ServicerContext) -> Any:
+        audit_target.set(request.chf_identifier)
+        r = escrow.release(self.app, _caller(), request.chf_identifier, request.reason)
+        return pb.ReleaseRollbackCertificatesResponse(
+            escrow_id=r.escrow_id, certificates=list(r.certificates),
+            valid_from=date_pb(r.valid_from), valid_to=date_pb(r.valid_to),
+            releases_left=r.releases_left)
+
+
+class DCOServicer(rpc.DCOServiceServicer):
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def ValidateMasterKeys(self, request: Any, context: grpc.ServicerContext) -> Any:
+        _file_target(request.file)
+        return master_keys_pb(dco.process_master_keys(self.app, _caller(), request.file,
+                                                      store=False))
+
+    def UnwrapMasterKeys(self, request: Any, context: grpc.ServicerContext) -> Any:
+        _file_target(request.file)
+        return master_keys_pb(dco.process_master_keys(self.app, _caller(), request.file,
+                                                      store=True))
+
+    def VerifyMasterKey(self, request: Any, context: grpc.ServicerContext) -> Any:
+        audit_target.set(request.device_id)
+        return pb.VerifyMasterKeyResponse(match=dco.verify_master_key(
+            self.app, request.device_id, request.expected_kcv,
+            pb.KcvMethod.Name(request.kcv_method)))
+
+
+def operation_pb(o: keyadmin.Operation) -> pb.Operation:
+    return pb.Operation(operation_id=o.operation_id, state=pb.Operation.State.Value(o.state),
+                        kind=o.kind, target=o.target, requested_by=o.requested_by,
+                        approved_by=list(o.approved_by), quorum=o.quorum, message=o.message,
+                        created_at=ts(o.created_at))
+
+
+def key_pb(k: keyadmin.KeyInfo) -> pb.KeyInfo:
+    return pb.KeyInfo(name=k.name, purpose=pb.KeyPurpose.Value(k.purpose),
+                      owner_id=k.owner_id,
+                      owner_type=pb.OwnerType.Value(k.owner_type) if k.owner_type else 0,
+                      algorithm=k.algorithm, kcv=k.kcv, state=pb.KeyInfo.State.Value(k.state),
+                      created_at=ts(k.created_at), public_key_pem=k.public_key_pem,
+                      allowed_originators=list(k.allowed_originators))
+
+
+def escrow_pb(e: escrow.Escrow) -> pb.Escrow:
+    return pb.Escrow(escrow_id=e.escrow_id, smso_id=e.smso_id, group_id=e.group_id,
+                     chf_identifiers=list(e.chf_identifiers),
+                     certificate_count=len(e.certificates),
+                     valid_from=date_pb(e.valid_from), valid_to=date_pb(e.valid_to),
+                     constraints=pb.EscrowConstraints(max_releases=e.max_releases, note=e.note),
+                     releases=e.releases, revoked=e.revoked, deposited_by=e.deposited_by,
+                     deposited_at=ts(e.deposited_at))
+
+
+def _purpose(value: int) -> str:
+    return "" if value == 0 else pb.KeyPurpose.Name(value)
+
+
+class KeyAdministrationServicer(rpc.KeyAdministrationServiceServicer):
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def CreateImportJob(self, request: Any, context: grpc.ServicerContext) -> Any:
+        audit_target.set(request.name)
+        job = keyadmin.create_import_job(self.app, _caller(), request.name,
+                                         _purpose(request.purpose))
+        return pb.CreateImportJobResponse(import_job_id=job.import_job_id,
+                                          public_key_pem=job.public_key_pem,
+                                          expires_at=ts(job.expires_at))
+
+    def ImportTransportKey(self, request: Any, context: grpc.ServicerContext) -> Any:
+        audit_target.set(request.name)
+        return operation_pb(keyadmin.import_transport_key(
+            self.app, _caller(), name=request.name, purpose=_purpose(request.purpose),
+            owner_id=request.owner_id,
+            owner_type=pb.OwnerType.Name(request.owner_type) if request.owner_type else "",
+            expected_kcv=request.expected_kcv, wrapped_key=request.wrapped_key,
+            import_job_id=request.import_job_id, component=request.component))
+
+    def GenerateRecipientKey(self, request: Any, context: grpc.ServicerContext) -> Any:
+        audit_target.set(request.name)
+        return operation_pb(keyadmin.generate_recipient_key(
+            self.app, _caller(), name=request.name, purpose=_purpose(request.purpose),
+            allowed_originators=list(request.allowed_originators)))
+
+    def ApproveOperation(self, request: Any, context: grpc.ServicerContext) -> Any:
+        audit_target.set(request.operation_id)
+        return operation_pb(keyadmin.approve(self.app, _caller(), request.operation_id,
+                                             request.component))
+
+    def ListOperations(self, request: Any, context: grpc.ServicerContext) -> Any:
+        state = "" if request.state == 0 else pb.Operation.State.Name(request.state)
+        return pb.ListOperationsResponse(operations=[
+            operation_pb(o) for o in keyadmin.list_operations(self.app, state)])
+
+    def ListKeys(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return pb.ListKeysResponse(keys=[key_pb(k) for k in keyadmin.list_keys(
+            self.app, _purpose(request.purpose))])
+
+    def GetKey(self, request: Any, context: grpc.ServicerContext) -> Any:
+        audit_target.set(request.name)
+        return key_pb(keyadmin.get_key(self.app, request.name))
+
+    def _state(self, request: Any, kind: str) -> Any:
+        audit_target.set(request.name)
+        return operation_pb(keyadmin.change_key_state(self.app, _caller(), request.name, kind))
+
+    def DisableKey(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._state(request, "DISABLE_KEY")
+
+    def EnableKey(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._state(request, "ENABLE_KEY")
+
+    def DestroyKey(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._state(request, "DESTROY_KEY")
+
+    def EscrowRollbackCertificates(self, request: Any, context: grpc.ServicerContext) -> Any:
+        audit_target.set(request.smso_id)
+        escrow_id = escrow.deposit(
+            self.app, _caller(), smso_id=request.smso_id, group_id=request.group_id,
+            chf_identifiers=list(request.chf_identifiers),
+            certificates=list(request.certificates),
+            valid_from=date_from(request.valid_from), valid_to=date_from(request.valid_to),
+            max_releases=request.constraints.max_releases, note=request.constraints.note)
+        audit_target.set(escrow_id)
+        return pb.EscrowRollbackCertificatesResponse(escrow_id=escrow_id)
+
+    def ListEscrows(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return pb.ListEscrowsResponse(escrows=[escrow_pb(e) for e in escrow.list_escrows(
+            self.app, request.smso_id, request.chf_identifier)])
+
+    def RevokeEscrow(self, request: Any, context: grpc.ServicerContext) -> Any:
+        audit_target.set(request.escrow_id)
+        return escrow_pb(escrow.revoke(self.app, _caller(), request.escrow_id, request.reason))
+
+
+class AuditServicer(rpc.AuditServiceServicer):
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def ListAuditEvents(self, request: Any, context: grpc.ServicerContext) -> Any:
+        after = int(request.page_token) if request.page_token.isdigit() else 0
+        events, last = self.app.audit.list(
+            since=from_ts(request.since) if request.HasField("since") else None,
+            actor=request.actor, action=request.action, page_size=request.page_size,
+            after_seq=after)
+        return pb.ListAuditEventsResponse(
+            events=[pb.AuditEvent(id=e.id, time=ts(e.time), actor=e.actor, role=e.role,
+                                  action=e.action, target=e.target, outcome=e.outcome,
+                                  code=e.code, sequence=e.sequence) for e in events],
+            next_page_token=str(last) if last else "")
+
+    def VerifyAuditLog(self, request: Any, context: grpc.ServicerContext) -> Any:
+        v = self.app.audit.verify()
+        return pb.VerifyAuditLogResponse(intact=v.intact, events_checked=v.events_checked,
+                                         first_bad_event_id=v.first_bad_event_id)
+
+
+def register_all(server: grpc.Server, app: App) -> None:
+    rpc.add_S1SPServiceServicer_to_server(S1SPServicer(app), server)
+    rpc.add_DCOServiceServicer_to_server(DCOServicer(app), server)
+    rpc.add_KeyAdministrationServiceServicer_to_server(KeyAdministrationServicer(app), server)
+    rpc.add_AuditServiceServicer_to_server(AuditServicer(app), server)

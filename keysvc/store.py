@@ -1,0 +1,215 @@
+"""Storage: SQLite (embedded default) or PostgreSQL, chosen by the database URL.
+
+SQLAlchemy Core gives both dialects one vocabulary; the schema is versioned with Alembic
+(keysvc/migrations) and upgraded on start. Writes run in one transaction per request:
+SQLite transactions begin IMMEDIATE so two writers queue instead of deadlocking on a lock
+upgrade; PostgreSQL serialises the few hot spots with row locks (audit head, escrow row).
+"""
+from __future__ import annotations
+
+import json
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from sqlalchemy import (Boolean, Column, DateTime, Integer, LargeBinary, MetaData, String,
+                        Table, Text, create_engine, event)
+from sqlalchemy.engine import Connection, Engine
+
+metadata = MetaData()
+
+keys = Table(
+    "keys", metadata,
+    Column("name", String(128), primary_key=True),
+    Column("partition", String(16), nullable=False),
+    Column("purpose", String(32), nullable=False),
+    Column("algorithm", String(32), nullable=False),
+    Column("owner_id", String(64), nullable=False, default=""),
+    Column("owner_type", String(32), nullable=False, default=""),
+    Column("kcv", String(16), nullable=False, default=""),
+    Column("state", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("public_key_pem", Text, nullable=False, default=""),
+    Column("allowed_originators", Text, nullable=False, default="[]"),
+)
+
+import_jobs = Table(
+    "import_jobs", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("partition", String(16), nullable=False),
+    Column("public_key_pem", Text, nullable=False),
+    Column("created_by", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
+operations = Table(
+    "operations", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("target", String(128), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("requested_by", String(128), nullable=False),
+    Column("approvals", Text, nullable=False, default="[]"),
+    Column("payload", Text, nullable=False, default="{}"),
+    Column("message", Text, nullable=False, default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+migration_files = Table(
+    "migration_files", metadata,
+    Column("file_id", String(64), primary_key=True),
+    Column("service", String(8), primary_key=True),
+    Column("digest", String(64), nullable=False),
+    Column("result", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+device_keys = Table(
+    "device_keys", metadata,
+    Column("device_id", String(23), primary_key=True),
+    Column("role", String(16), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Column("chf_identifier", String(23), nullable=False),
+    Column("wrapped", LargeBinary, nullable=False),
+    Column("kcv", String(16), nullable=False),
+    Column("file_id", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+master_keys = Table(
+    "master_keys", metadata,
+    Column("device_id", String(23), primary_key=True),
+    Column("chf_identifier", String(23), nullable=False),
+    Column("wrapped", LargeBinary, nullable=False),
+    Column("kcv", String(16), nullable=False),
+    Column("file_id", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+escrows = Table(
+    "escrows", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("smso_id", String(64), nullable=False),
+    Column("group_id", String(8), nullable=False),
+    Column("chf_identifiers", Text, nullable=False),
+    Column("certificates", Text, nullable=False),
+    Column("valid_from", String(10), nullable=False),
+    Column("valid_to", String(10), nullable=False),
+    Column("max_releases", Integer, nullable=False),
+    Column("note", Text, nullable=False, default=""),
+    Column("releases", Integer, nullable=False, default=0),
+    Column("revoked", Boolean, nullable=False, default=False),
+    Column("deposited_by", String(128), nullable=False),
+    Column("deposited_at", DateTime(timezone=True), nullable=False),
+    Column("seal", LargeBinary, nullable=False),
+)
+
+escrow_chfs = Table(
+    "escrow_chfs", metadata,
+    Column("escrow_id", String(64), primary_key=True),
+    Column("chf_identifier", String(23), primary_key=True, index=True),
+)
+
+escrow_releases = Table(
+    "escrow_releases", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("escrow_id", String(64), nullable=False, index=True),
+    Column("actor", String(128), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("time", DateTime(timezone=True), nullable=False),
+)
+
+audit_events = Table(
+    "audit_events", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("time", DateTime(timezone=True), nullable=False),
+    Column("actor", String(128), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("action", String(128), nullable=False),
+    Column("target", Text, nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("code", String(64), nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("mac", String(64), nullable=False),
+)
+
+audit_head = Table(
+    "audit_head", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("seq", Integer, nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
+
+def _normalise_url(url: str) -> str:
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = _normalise_url(url)
+        self.is_sqlite = self.url.startswith("sqlite")
+        if self.is_sqlite:
+            path = self.url.split("sqlite:///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(
+                self.url, connect_args={"check_same_thread": False, "timeout": 30},
+                pool_size=16, max_overflow=16)
+            _sqlite_immediate_transactions(self.engine)
+        else:
+            self.engine = create_engine(self.url, pool_size=16, max_overflow=16,
+                                        pool_pre_ping=True)
+        self._migrated = threading.Event()
+
+    def migrate(self) -> None:
+        from keysvc.migrations import upgrade
+        upgrade(self.engine)
+        self._migrated.set()
+
+    @contextmanager
+    def tx(self) -> Iterator[Connection]:
+        """One write transaction; commits on success, rolls back on any exception."""
+        with self.engine.connect() as conn:
+            conn.info["write"] = True
+            try:
+                with conn.begin():
+                    yield conn
+            finally:
+                conn.info.pop("write", None)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_immediate_transactions(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # Writers take the lock up front; readers use WAL snapshots and never block them.
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get("write") else "BEGIN")
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def loads(text: str) -> Any:
+    return json.loads(text)

@@ -1,0 +1,121 @@
+"""What the S1SP and DCO paths share: originator rules, transport keys, storing once.
+
+Both read the same header and the same kinds of xenc:EncryptedKey, and both must store a
+file's result exactly once per MigrationFileID, even when two replicas receive it at once.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from hsm import HsmOperationFailed
+from hsm import keys as hk
+from keysvc import store as st
+from keysvc.app import App
+from keysvc.errors import error
+from keysvc.xmlfile import KEY_TRANSPORTS, KW_AES256, EncryptedKey, MigrationHeader
+
+R = TypeVar("R")
+
+# TMAD Clause 11.1: the Requesting Party may itself populate the encrypted elements only
+# for EB and EC; every other group must come from the SMSO.
+ORIGINATORS_FOR_GROUP = {"EB": ("SMSO", "RequestingParty"), "EC": ("SMSO", "RequestingParty")}
+
+
+@dataclass(frozen=True)
+class TransportKey:
+    name: str
+    algorithm: str
+    partition: str
+
+
+def check_originator(header: MigrationHeader) -> None:
+    allowed = ORIGINATORS_FOR_GROUP.get(header.group_id, ("SMSO",))
+    if header.originator_type not in allowed:
+        raise error("ORIGINATOR_NOT_PERMITTED",
+                    f"GroupID {header.group_id} may not come from {header.originator_type}")
+
+
+def resolve_transport_key(app: App, ek: EncryptedKey, purpose: str,
+                          header: MigrationHeader) -> TransportKey:
+    """The named key, if it exists, is enabled, has this purpose and this originator."""
+    if ek.algorithm not in KEY_TRANSPORTS:
+        raise error("UNSUPPORTED_ALGORITHM", f"key transport {ek.algorithm!r} is not supported")
+    with app.store.engine.connect() as conn:
+        row = conn.execute(select(st.keys).where(st.keys.c.name == ek.key_name)).first()
+    if row is None or row.state == "DESTROYED":
+        raise error("UNKNOWN_TRANSPORT_KEY", f"no transport key named {ek.key_name!r}")
+    if row.state != "ENABLED":
+        raise error("TRANSPORT_KEY_DISABLED", f"transport key {ek.key_name!r} is disabled")
+    if row.purpose != purpose:
+        raise error("WRONG_KEY_PURPOSE", f"key {ek.key_name!r} is a {row.purpose} key, "
+                                         f"not {purpose}")
+    is_aes = row.algorithm == "AES"
+    if is_aes != (ek.algorithm == KW_AES256):
+        raise error("WRONG_KEY_PURPOSE", f"key {ek.key_name!r} ({row.algorithm}) cannot be "
+                                         f"used with {ek.algorithm}")
+    if is_aes and row.owner_id != header.originator_id:
+        raise error("ORIGINATOR_NOT_PERMITTED",
+                    f"transport key {ek.key_name!r} is not shared with {header.originator_id}")
+    if not is_aes and header.originator_id not in st.loads(row.allowed_originators):
+        raise error("ORIGINATOR_NOT_PERMITTED",
+                    f"{header.originator_id} is not registered to send to {ek.key_name!r}")
+    return TransportKey(row.name, row.algorithm, row.partition)
+
+
+def unwrap(s: Any, key: TransportKey, ek: EncryptedKey, usage: dict) -> Any:
+    """C_UnwrapKey under the transport key; HsmOperationFailed means the input is bad."""
+    if key.algorithm == "AES":
+        return hk.unwrap(s, hk.find_key(s, key.name), ek.cipher_value, hk.Unwrap.AES_KW,
+                         usage=usage)
+    return hk.unwrap(s, hk.find_private_key(s, key.name), ek.cipher_value,
+                     hk.Unwrap.RSA_OAEP_SHA1, usage=usage)
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def stored_result(app: App, file_id: str, service: str, file_digest: str,
+                  decode: Callable[[str], R]) -> R | None:
+    """The earlier result for this MigrationFileID, or None; other bytes are refused."""
+    with app.store.engine.connect() as conn:
+        row = conn.execute(select(st.migration_files).where(
+            st.migration_files.c.file_id == file_id,
+            st.migration_files.c.service == service)).first()
+    if row is None:
+        return None
+    if row.digest != file_digest:
+        raise error("FILE_ALREADY_PROCESSED",
+                    f"MigrationFileID {file_id} was processed with other content")
+    return decode(row.result)
+
+
+def store_once(app: App, file_id: str, service: str, file_digest: str, result_json: str,
+               write_rows: Callable[[Any], None], decode: Callable[[str], R]) -> R | None:
+    """Insert the file row and its key rows in one transaction.
+
+    The file row's primary key is the lock: a concurrent writer of the same MigrationFileID
+    (another thread or replica) fails the insert, rolls back all its rows, and returns the
+    winner's stored result instead. Returns None when this call stored the result.
+    """
+    try:
+        with app.store.tx() as conn:
+            conn.execute(st.migration_files.insert().values(
+                file_id=file_id, service=service, digest=file_digest, result=result_json,
+                created_at=app.clock()))
+            write_rows(conn)
+        return None
+    except IntegrityError:
+        found = stored_result(app, file_id, service, file_digest, decode)
+        if found is None:
+            raise
+        return found
+
+
+__all__ = ["TransportKey", "check_originator", "resolve_transport_key", "unwrap", "digest",
+           "stored_result", "store_once", "HsmOperationFailed"]

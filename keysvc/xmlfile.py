@@ -1,0 +1,243 @@
+"""Reading Migration Group Encrypted Files: hardened parsing, schema validation, the model.
+
+The parser refuses DTDs, entities and network access, bounds size and depth, and insists on
+UTF-8, before any element reaches the schema (lxml's XMLSchema, in C: files carry thousands
+of installations). Errors name the rule that failed and the element, never a value: the
+plaintext holds key bits and schema messages would otherwise echo them.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from lxml import etree
+
+from keysvc.errors import error
+from keysvc.schemas import GROUP_INFORMATION, MIGRATION_FILE, schema_path
+
+NS = "urn:keysvc:smets1:migration:1.2"
+XENC = "http://www.w3.org/2001/04/xmlenc#"
+DS = "http://www.w3.org/2000/09/xmldsig#"
+NSMAP = {"m": NS, "xenc": XENC, "ds": DS}
+
+KW_AES256 = "http://www.w3.org/2001/04/xmlenc#kw-aes256"
+RSA_OAEP_MGF1P = "http://www.w3.org/2001/04/xmlenc#rsa-oaep-mgf1p"
+AES256_GCM = "http://www.w3.org/2009/xmlenc11#aes256-gcm"
+KEY_TRANSPORTS = (KW_AES256, RSA_OAEP_MGF1P)
+
+DP_GROUPS = ("EA", "EB", "EC")
+ROOT_FOR_GROUP = {**{g: "DecryptedS1SPDPGroupInformation" for g in DP_GROUPS},
+                  **{g: "DecryptedS1SPGroupInformation" for g in ("AA", "BA", "CA", "CB")}}
+
+_FORBIDDEN = re.compile(rb"<!(DOCTYPE|ENTITY|ELEMENT|ATTLIST|NOTATION)")
+_DECL_ENCODING = re.compile(rb"^\s*<\?xml[^>]*encoding\s*=\s*[\"']([A-Za-z0-9._-]+)[\"']")
+
+
+@dataclass(frozen=True)
+class MigrationHeader:
+    migration_file_id: str
+    group_id: str
+    originator_type: str
+    originator_id: str
+    creation_date_time: str
+
+
+@dataclass(frozen=True)
+class EncryptedKey:
+    algorithm: str
+    key_name: str
+    cipher_value: bytes
+
+
+@dataclass(frozen=True)
+class EncryptedData:
+    algorithm: str
+    encrypted_key: EncryptedKey
+    cipher_value: bytes
+
+
+@dataclass(frozen=True)
+class MasterKeyEntry:
+    chf_identifier: str   # as written; the caller normalises and reports INVALID_EUI64
+    device_id: str
+    encrypted_key: EncryptedKey
+
+
+@dataclass(frozen=True)
+class MigrationFile:
+    header: MigrationHeader
+    master_key_entries: tuple[MasterKeyEntry, ...]
+    group_information: EncryptedData | None   # None in the DCO view
+
+
+# --------------------------------------------------------------------------- parsing
+def _parser() -> etree.XMLParser:
+    return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
+                           dtd_validation=False, huge_tree=False, remove_comments=True,
+                           remove_pis=True, collect_ids=False)
+
+
+def parse_hardened(data: bytes, *, max_bytes: int, max_depth: int,
+                   what: str = "file") -> etree._Element:
+    """Parse untrusted XML bytes, or raise the api.md code for why not."""
+    if len(data) > max_bytes:
+        raise error("FILE_TOO_LARGE", f"{what} is {len(data)} bytes; the limit is {max_bytes}")
+    if _FORBIDDEN.search(data):
+        raise error("FORBIDDEN_XML_CONSTRUCT", f"{what} carries a DTD or entity declaration")
+    m = _DECL_ENCODING.match(data)
+    if m and m.group(1).decode().upper().replace("_", "-") not in ("UTF-8", "UTF8"):
+        raise error("MALFORMED_XML", f"{what} must be UTF-8, not {m.group(1).decode()!r}")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error("MALFORMED_XML", f"{what} is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        root = etree.fromstring(data, _parser())
+    except etree.XMLSyntaxError as exc:
+        line = getattr(exc, "lineno", 0)
+        raise error("MALFORMED_XML", f"{what} is not well-formed XML (line {line})") from None
+    if root.getroottree().docinfo.doctype:
+        raise error("FORBIDDEN_XML_CONSTRUCT", f"{what} carries a DOCTYPE")
+    _check_depth(root, max_depth, what)
+    return root
+
+
+def _check_depth(root: etree._Element, max_depth: int, what: str) -> None:
+    stack = [(root, 1)]
+    while stack:
+        el, depth = stack.pop()
+        if depth > max_depth:
+            raise error("FORBIDDEN_XML_CONSTRUCT", f"{what} nests deeper than {max_depth}")
+        stack.extend((child, depth + 1) for child in el)
+
+
+@lru_cache(maxsize=None)
+def _schema(name: str) -> etree.XMLSchema:
+    return etree.XMLSchema(etree.parse(str(schema_path(name))))
+
+
+def validate(root: etree._Element, schema_name: str, what: str) -> None:
+    schema = _schema(schema_name)
+    if not schema.validate(root):
+        err = schema.error_log.last_error
+        where = f"line {err.line}" if err is not None else "?"
+        elem = _element_in_error(err.message if err is not None else "")
+        raise error("SCHEMA_INVALID", f"{what} does not match its schema at {where}"
+                                      + (f" (element {elem})" if elem else ""))
+
+
+_ELEMENT_IN_MESSAGE = re.compile(r"Element '(?:\{[^}]*\})?([A-Za-z0-9_:]+)'")
+
+
+def _element_in_error(message: str) -> str:
+    """Only the element's name from an lxml message: the rest may quote a key's value."""
+    m = _ELEMENT_IN_MESSAGE.search(message)
+    return m.group(1) if m else ""
+
+
+def strict_base64(text: str | None, what: str) -> bytes:
+    """Canonical base64 only: truncated or padded-oddly input is refused, not guessed at."""
+    compact = "".join((text or "").split())
+    try:
+        raw = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise error("SCHEMA_INVALID", f"{what} is not valid base64") from None
+    if not raw or base64.b64encode(raw).decode() != compact:
+        raise error("SCHEMA_INVALID", f"{what} is not canonical base64")
+    return raw
+
+
+# --------------------------------------------------------------------------- the model
+def _text(el: etree._Element, path: str) -> str:
+    found = el.find(path, NSMAP)
+    return (found.text or "").strip() if found is not None else ""
+
+
+def _encrypted_key(el: etree._Element, what: str) -> EncryptedKey:
+    method = el.find("xenc:EncryptionMethod", NSMAP)
+    return EncryptedKey(
+        algorithm=(method.get("Algorithm") or "") if method is not None else "",
+        key_name=_text(el, "ds:KeyInfo/ds:KeyName"),
+        cipher_value=strict_base64(_text(el, "xenc:CipherData/xenc:CipherValue"), what))
+
+
+def _header(root: etree._Element) -> MigrationHeader:
+    h = root.find("m:MigrationHeader", NSMAP)
+    return MigrationHeader(_text(h, "m:MigrationFileID"), _text(h, "m:GroupID"),
+                           _text(h, "m:OriginatorType"), _text(h, "m:OriginatorID"),
+                           _text(h, "m:CreationDateTime"))
+
+
+def _master_key_entries(root: etree._Element) -> tuple[MasterKeyEntry, ...]:
+    entries = []
+    for i, e in enumerate(root.iterfind("m:EncryptedMasterKey/m:MasterKeyEntry", NSMAP), 1):
+        entries.append(MasterKeyEntry(
+            _text(e, "m:CHFIdentifier"), _text(e, "m:DeviceID"),
+            _encrypted_key(e.find("xenc:EncryptedKey", NSMAP),
+                           f"MasterKeyEntry {i} CipherValue")))
+    return tuple(entries)
+
+
+_PLACEHOLDER = (
+    f'<EncryptedS1SPGroupInformation xmlns="{NS}" xmlns:xenc="{XENC}" xmlns:ds="{DS}">'
+    f'<xenc:EncryptedData Type="{XENC}Element"><xenc:EncryptionMethod Algorithm="{AES256_GCM}"/>'
+    f'<ds:KeyInfo><ds:KeyName>-</ds:KeyName></ds:KeyInfo><xenc:CipherData>'
+    f'<xenc:CipherValue>AA==</xenc:CipherValue></xenc:CipherData></xenc:EncryptedData>'
+    f'</EncryptedS1SPGroupInformation>')
+
+
+def read_file(data: bytes, *, max_bytes: int, max_depth: int, view: str) -> MigrationFile:
+    """The file as `view` ('s1sp' or 'dco') may see it.
+
+    The DCO view swaps EncryptedS1SPGroupInformation for a fixed placeholder before the
+    schema runs, so nothing of the group information, well-formed or garbage, reaches DCO
+    code or decides a DCO outcome.
+    """
+    root = parse_hardened(data, max_bytes=max_bytes, max_depth=max_depth)
+    if root.tag != f"{{{NS}}}MigrationGroupEncryptedFile":
+        raise error("SCHEMA_INVALID", "the root element is not MigrationGroupEncryptedFile")
+    if view == "dco":
+        info = root.find("m:EncryptedS1SPGroupInformation", NSMAP)
+        if info is not None:
+            root.replace(info, etree.fromstring(_PLACEHOLDER))
+    validate(root, MIGRATION_FILE, "the file")
+    header = _header(root)
+    entries = _master_key_entries(root)
+    group_info = None
+    if view == "s1sp":
+        ed = root.find("m:EncryptedS1SPGroupInformation/xenc:EncryptedData", NSMAP)
+        if ed.get("Type") != f"{XENC}Element":
+            raise error("SCHEMA_INVALID", "EncryptedData Type must be xmlenc#Element")
+        method = ed.find("xenc:EncryptionMethod", NSMAP)
+        ek = ed.find("ds:KeyInfo/xenc:EncryptedKey", NSMAP)
+        if ek is None:
+            raise error("SCHEMA_INVALID", "EncryptedData carries no EncryptedKey")
+        group_info = EncryptedData(
+            algorithm=(method.get("Algorithm") or "") if method is not None else "",
+            encrypted_key=_encrypted_key(ek, "EncryptedKey CipherValue"),
+            cipher_value=strict_base64(_text(ed, "xenc:CipherData/xenc:CipherValue"),
+                                       "EncryptedData CipherValue"))
+    return MigrationFile(header, entries, group_info)
+
+
+def parse_plaintext(data: bytes, group_id: str, *, max_bytes: int,
+                    max_depth: int) -> etree._Element:
+    """The decrypted group information: hardened again (it is still outside input)."""
+    root = parse_hardened(data, max_bytes=max_bytes, max_depth=max_depth,
+                          what="the decrypted group information")
+    expected = ROOT_FOR_GROUP[group_id]
+    local = etree.QName(root).localname
+    if etree.QName(root).namespace != NS or local not in ROOT_FOR_GROUP.values():
+        raise error("SCHEMA_INVALID", "the decrypted root is not group information")
+    if local != expected:
+        raise error("PLAINTEXT_ROOT_MISMATCH",
+                    f"GroupID {group_id} needs {expected}, the plaintext is {local}")
+    validate(root, GROUP_INFORMATION, "the decrypted group information")
+    inner = _text(root, "m:GroupID")
+    if inner != group_id:
+        raise error("GROUP_ID_MISMATCH",
+                    f"the plaintext's GroupID {inner!r} is not the header's {group_id!r}")
+    return root
