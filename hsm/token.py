@@ -3,6 +3,13 @@
 PKCS#11 login state belongs to the application, not the session: we log in once on an
 anchor session that stays open, and pool sessions opened without a PIN share that login.
 A session that reports a broken-session return code is closed and replaced, never reused.
+
+python-pkcs11 calls C_Initialize(NULL), which by the PKCS#11 standard promises the module
+that no two threads call it at once; SoftHSM2 then turns its own locking off, and
+concurrent calls corrupt it (measured here: CKR_GENERAL_ERROR, then a segfault). So every
+borrow of a session also holds the module's lock: the service stays multi-threaded for
+parsing, certificates and the database, and the HSM sees one caller at a time. The lock
+wait is bounded like the pool: past `acquire_timeout` the caller gets HsmUnavailable.
 If the token itself goes away, every call fails fast with HsmUnavailable and the next call
 after `retry_after` seconds tries to open the token again, so the service heals without a
 restart.
@@ -23,6 +30,12 @@ from hsm.errors import BROKEN_SESSION, HsmUnavailable, translate
 
 _LIBS: dict[str, Any] = {}
 _LIBS_LOCK = threading.Lock()
+_MODULE_LOCKS: dict[str, threading.RLock] = {}
+
+
+def module_lock(module: str) -> threading.RLock:
+    with _LIBS_LOCK:
+        return _MODULE_LOCKS.setdefault(module, threading.RLock())
 
 
 def _load(module: str) -> Any:
@@ -66,6 +79,7 @@ class Token:
         self._generation = 0
         self._down_since: float | None = None
         self.in_use = 0
+        self._module_lock = module_lock(config.module)
 
     # ------------------------------------------------------------------ lifecycle
     def _ensure_open(self) -> None:
@@ -115,11 +129,16 @@ class Token:
 
     @property
     def available(self) -> bool:
+        """For health checks: never queues behind a long request (busy means alive)."""
+        if not self._module_lock.acquire(blocking=False):
+            return self._anchor is not None
         try:
             with self.session():
                 return True
         except HsmUnavailable:
             return False
+        finally:
+            self._module_lock.release()
 
     @property
     def idle(self) -> int:
@@ -129,6 +148,16 @@ class Token:
     @contextmanager
     def session(self) -> Iterator[Session]:
         """Borrow a session; waits at most `acquire_timeout`, then HsmUnavailable."""
+        if not self._module_lock.acquire(timeout=self.config.acquire_timeout):
+            raise HsmUnavailable(f"token {self.config.label}: HSM busy")
+        try:
+            with self._borrow() as s:
+                yield s
+        finally:
+            self._module_lock.release()
+
+    @contextmanager
+    def _borrow(self) -> Iterator[Session]:
         self._ensure_open()
         if not self._slots.acquire(timeout=self.config.acquire_timeout):
             raise HsmUnavailable(f"token {self.config.label}: session pool exhausted")

@@ -103,12 +103,14 @@ def _unwrap_one(sess, key: transport.TransportKey, entry, storage, store: bool,
                                 f"{key.name} (integrity check failed)", "EncryptedKey"))
         return "", None
     try:
-        if hk.key_length(obj, storage) not in (16, 32):
+        # Wrapping under the storage key is both what we store and how we learn the length
+        # (RFC 3394 adds 8 bytes): SoftHSM2 leaves CKA_VALUE_LEN 0 on unwrapped keys.
+        wrapped = hk.wrap(storage, obj)
+        if len(wrapped) - 8 not in (16, 32):
             problems.append(Problem("KEY_UNWRAP_FAILED", "the master key is not 128 or 256 "
                                                          "bits", "EncryptedKey"))
             return "", None
-        kcv = hk.check_value(obj)
-        return kcv, (hk.wrap(storage, obj) if store else None)
+        return hk.check_value(obj), (wrapped if store else None)
     finally:
         hk.destroy(obj)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from keysvc.device_certificate import CertificateVerdict
 from keysvc.domain import Problem
@@ -79,8 +79,17 @@ def _default(o: object) -> object:
     raise TypeError(type(o).__name__)
 
 
+def _plain(value: object) -> object:
+    """dataclasses.asdict without its deep copies: results hold thousands of entries."""
+    if hasattr(value, "__dataclass_fields__"):
+        return {f: _plain(getattr(value, f)) for f in value.__dataclass_fields__}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def to_json(result: GroupResult | MasterKeysResult) -> str:
-    return json.dumps(asdict(result), default=_default, separators=(",", ":"))
+    return json.dumps(_plain(result), default=_default, separators=(",", ":"))
 
 
 def _problems(items: list[dict]) -> tuple[Problem, ...]:

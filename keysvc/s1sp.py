@@ -207,8 +207,9 @@ def _validate(app: App, root: etree._Element, group_id: str, entries
         installations.append(inst)
     # Identifiers must be unique across the file: a repeated one rejects every holder.
     seen = Counter(x for i in installations for x in {i.chf, *i.device_ids} if x)
+    repeated = {k for k, c in seen.items() if c > 1}
     for inst in installations:
-        for x in sorted({inst.chf, *inst.device_ids} & {k for k, c in seen.items() if c > 1}):
+        for x in sorted({inst.chf, *inst.device_ids} & repeated):
             inst.problems.append(Problem("DUPLICATE_IDENTIFIER", f"{x} appears more than once "
                                                                  "in the file", x))
     # Each Installation needs exactly one MasterKeyEntry for its CHF and ESME, and the

@@ -1,0 +1,81 @@
+"""UnwrapMasterKeys of 1,000 entries through the server vs C_UnwrapKey + C_WrapKey in-process.
+
+Baseline (same run, same kind of SoftHSM2 token): for each entry, unwrap the master key
+under the DCO transport key into a session object, wrap it under a storage key, destroy it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from common import ROOT, baseline_token, best_of
+
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap
+
+
+def run(n: int = 1000, repeats: int = 3) -> dict:
+    from hsm import keys as hk
+    from keysvc.api.v1 import keysvc_pb2 as pb
+    from tests.serverproc import start_server
+    from tests.support import encoder
+
+    work = Path(tempfile.mkdtemp(prefix="keysvc-bench-dco-"))
+    s1sp_kek, dco_kek = os.urandom(32), os.urandom(32)
+    server = start_server(work / "server")
+    try:
+        server.import_aes_key("BENCH-S1SP", s1sp_kek, purpose="S1SP_TRANSPORT",
+                              owner_id="SMSO-BENCH")
+        server.import_aes_key("BENCH-DCO", dco_kek, purpose="DCO_TRANSPORT",
+                              owner_id="SMSO-BENCH")
+        stub = server.as_("dco").dco
+        files, masters = [], []
+        for r in range(repeats):
+            installs = encoder.random_installations(n, group="EA", seed=7000 + r)
+            masters = [i.master_key for i in installs]
+            files.append(encoder.build_file(
+                installs, group_id="EA", file_id=f"BENCH-DCO-{r}", originator_id="SMSO-BENCH",
+                s1sp_key_name="BENCH-S1SP", s1sp_kek=s1sp_kek, dco_key_name="BENCH-DCO",
+                dco_kek=dco_kek))
+        wrapped = [aes_key_wrap(dco_kek, m) for m in masters]
+        token = baseline_token(work / "baseline")
+        with token.session() as s:
+            if not hk.has_key(s, "bench-storage"):
+                hk.generate_aes(s, "bench-storage")
+
+        def baseline() -> None:
+            with token.session() as s:
+                kek = hk.create_aes(s, dco_kek, usage=hk.KEK_USAGE)
+                storage = hk.find_key(s, "bench-storage")
+                for w in wrapped:
+                    obj = hk.unwrap(s, kek, w, hk.Unwrap.AES_KW, usage=hk.DEVICE_USAGE)
+                    hk.wrap(storage, obj)
+                    hk.destroy(obj)
+                hk.destroy(kek)
+
+        it = iter(files)
+
+        def through_server() -> None:
+            r = stub.UnwrapMasterKeys(pb.UnwrapMasterKeysRequest(file=next(it)))
+            assert r.accepted_count == n, r.entries[0].problems
+
+        t_base = best_of(repeats, baseline)
+        t_server = best_of(repeats, through_server)
+        return {"entries": n, "server_per_s": n / t_server, "baseline_per_s": n / t_base,
+                "ratio": t_server / t_base}
+    finally:
+        assert server.stop() == 0
+
+
+def main() -> None:
+    r = run()
+    print("DCO UnwrapMasterKeys, best of 3")
+    print(f"{'entries':>8} {'server entries/s':>17} {'baseline entries/s':>19} {'ratio':>6}")
+    print(f"{r['entries']:>8} {r['server_per_s']:>17.0f} {r['baseline_per_s']:>19.0f} "
+          f"{r['ratio']:>6.2f}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

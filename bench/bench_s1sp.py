@@ -1,0 +1,109 @@
+"""ProcessGroupInformation through the running server vs the bare HSM work in-process.
+
+Baseline (same run, same kind of SoftHSM2 token, python-pkcs11): unwrap the content key,
+AES-GCM decrypt, then for every device key create a session object, wrap it under a storage
+key and destroy it. The server does that plus parsing, schema validation, certificate
+verification, check values, the database transaction and mTLS.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from common import ROOT, baseline_token, best_of
+
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+
+def run(sizes=(1, 100, 1000), repeats: int = 3) -> list[dict]:
+    from hsm import keys as hk
+    from keysvc.api.v1 import keysvc_pb2 as pb
+    from tests.serverproc import start_server
+    from tests.support import encoder
+
+    work = Path(tempfile.mkdtemp(prefix="keysvc-bench-"))
+    factory = encoder.DeviceCertificateFactory()
+    ca = work / "device-ca.pem"
+    ca.write_bytes(factory.ca_pem)
+    s1sp_kek, dco_kek = os.urandom(32), os.urandom(32)
+    server = start_server(work / "server", trust_anchors=[ca])
+    try:
+        server.import_aes_key("BENCH-S1SP", s1sp_kek, purpose="S1SP_TRANSPORT",
+                              owner_id="SMSO-BENCH")
+        server.import_aes_key("BENCH-DCO", dco_kek, purpose="DCO_TRANSPORT",
+                              owner_id="SMSO-BENCH")
+        stub = server.as_("s1sp").s1sp
+        token = baseline_token(work / "baseline")
+        with token.session() as s:
+            hk.generate_aes(s, "bench-storage") if not hk.has_key(s, "bench-storage") else None
+            base_kek = hk.create_aes(s, s1sp_kek, token=False, label=None, usage=hk.KEK_USAGE)
+        results = []
+        counter = [0]
+        for n in sizes:
+            batches = [encoder.random_installations(n, group="EA", seed=n * 100 + r,
+                                                    cert_factory=factory)
+                       for r in range(repeats)]
+            installs = batches[0]
+            plaintext = encoder.plaintext_xml("EA", installs)
+            keys = [k for i in installs for k in (i.auth_key, i.enc_key, i.prepay_key,
+                                                   i.gsme_prepay_key) if k]
+
+            def make_file(installs) -> bytes:
+                counter[0] += 1
+                return encoder.build_file(installs, group_id="EA",
+                                          file_id=f"BENCH-{n}-{counter[0]}",
+                                          originator_id="SMSO-BENCH",
+                                          s1sp_key_name="BENCH-S1SP", s1sp_kek=s1sp_kek,
+                                          dco_key_name="BENCH-DCO", dco_kek=dco_kek)
+            files = [make_file(b) for b in batches]
+            it = iter(files)
+
+            def through_server() -> None:
+                r = stub.ProcessGroupInformation(pb.ProcessGroupInformationRequest(
+                    file=next(it)))
+                assert r.accepted_count == n, r.installations[0].problems
+
+            # The baseline: the same HSM work, no service around it.
+            content_key = os.urandom(32)
+            iv = os.urandom(12)
+            wrapped_ck = aes_key_wrap(s1sp_kek, content_key)
+            ct = AESGCM(content_key).encrypt(iv, plaintext, None)
+
+            def baseline() -> None:
+                with token.session() as s:
+                    kek = base_kek if False else hk.create_aes(s, s1sp_kek, usage=hk.KEK_USAGE)
+                    storage = hk.find_key(s, "bench-storage")
+                    ck = hk.unwrap(s, kek, wrapped_ck, hk.Unwrap.AES_KW, usage=hk.CONTENT_USAGE)
+                    hk.gcm_decrypt(ck, iv, ct)
+                    hk.destroy(ck)
+                    for k in keys:
+                        obj = hk.create_aes(s, k, usage=hk.DEVICE_USAGE)
+                        hk.wrap(storage, obj)
+                        hk.destroy(obj)
+                    hk.destroy(kek)
+
+            t_base = best_of(repeats, baseline)
+            t_server = best_of(repeats, through_server)
+            results.append({"installations": n, "server_s": t_server, "baseline_s": t_base,
+                            "server_per_s": n / t_server, "baseline_per_s": n / t_base,
+                            "ratio": t_server / t_base})
+        return results
+    finally:
+        rc = server.stop()
+        assert rc == 0, rc
+
+
+def main() -> None:
+    print("S1SP ProcessGroupInformation (EA files), best of 3")
+    print(f"{'installations':>13} {'server inst/s':>14} {'baseline inst/s':>16} {'ratio':>6}")
+    for r in run():
+        print(f"{r['installations']:>13} {r['server_per_s']:>14.0f} {r['baseline_per_s']:>16.0f}"
+              f" {r['ratio']:>6.2f}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

@@ -1,0 +1,44 @@
+"""Shared set-up for the benchmarks: a real server, a baseline token, generated files."""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from keysvc import config  # noqa: E402
+from keysvc.devstate import ensure_dev_state, point_softhsm_at  # noqa: E402
+
+
+def best_of(n: int, fn) -> float:
+    """Best wall time of n runs: the least noisy estimate on a shared machine."""
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def median_of(n: int, fn) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def baseline_token(state: Path):
+    """A SoftHSM2 token of the same kind as the server's, opened in this process."""
+    settings = config.load(env={}, state_dir=state)
+    ensure_dev_state(settings)
+    point_softhsm_at(settings)
+    from hsm import Token, TokenConfig
+    return Token(TokenConfig(settings.pkcs11_module, settings.token_label("s1sp"),
+                             settings.pin("s1sp"), pool_size=2))
