@@ -10,9 +10,11 @@ concurrent calls corrupt it (measured here: CKR_GENERAL_ERROR, then a segfault).
 borrow of a session also holds the module's lock: the service stays multi-threaded for
 parsing, certificates and the database, and the HSM sees one caller at a time. The lock
 wait is bounded like the pool: past `acquire_timeout` the caller gets HsmUnavailable.
-If the token itself goes away, every call fails fast with HsmUnavailable and the next call
-after `retry_after` seconds tries to open the token again, so the service heals without a
-restart.
+
+Faults: when the token stops answering (its objects vanish, sessions die), the token is
+marked down and every call fails fast with HsmUnavailable. After `retry_after` seconds the
+next call re-initialises the module (C_Finalize + C_Initialize: the only way SoftHSM2
+sees a token again) and logs in afresh, so the service heals without a restart.
 """
 from __future__ import annotations
 
@@ -26,23 +28,34 @@ from typing import Any, Iterator
 import pkcs11
 import pkcs11.exceptions as px
 
-from hsm.errors import BROKEN_SESSION, HsmUnavailable, translate
-
-_LIBS: dict[str, Any] = {}
-_LIBS_LOCK = threading.Lock()
-_MODULE_LOCKS: dict[str, threading.RLock] = {}
+from hsm.errors import BROKEN_SESSION, HsmKeyNotFound, HsmUnavailable, translate
 
 
-def module_lock(module: str) -> threading.RLock:
-    with _LIBS_LOCK:
-        return _MODULE_LOCKS.setdefault(module, threading.RLock())
+class _Module:
+    """A loaded PKCS#11 module: its lock, and a generation bumped by every re-initialise."""
+
+    def __init__(self, path: str) -> None:
+        self.lib = pkcs11.lib(path)
+        self.lock = threading.RLock()
+        self.generation = 0
+
+    def reinitialize(self) -> None:
+        with self.lock:
+            try:
+                self.lib.reinitialize()
+            finally:
+                self.generation += 1
 
 
-def _load(module: str) -> Any:
-    with _LIBS_LOCK:
-        if module not in _LIBS:
-            _LIBS[module] = pkcs11.lib(module)
-        return _LIBS[module]
+_MODULES: dict[str, _Module] = {}
+_MODULES_LOCK = threading.Lock()
+
+
+def _module(path: str) -> _Module:
+    with _MODULES_LOCK:
+        if path not in _MODULES:
+            _MODULES[path] = _Module(path)
+        return _MODULES[path]
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,8 @@ class TokenConfig:
     pool_size: int = 4
     acquire_timeout: float = 5.0
     retry_after: float = 1.0
+    # A key that always exists in this token: finding it proves the token is really there.
+    sentinel: str = ""
 
 
 class Session:
@@ -74,71 +89,88 @@ class Token:
         self._lock = threading.Lock()
         self._idle: queue.LifoQueue[Session] = queue.LifoQueue()
         self._slots = threading.BoundedSemaphore(config.pool_size)
+        self._module: _Module | None = None
         self._anchor: Any = None
         self._token: Any = None
-        self._generation = 0
+        self._generation = -1          # the module generation our handles belong to
         self._down_since: float | None = None
         self.in_use = 0
-        self._module_lock = module_lock(config.module)
 
     # ------------------------------------------------------------------ lifecycle
-    def _ensure_open(self) -> None:
-        with self._lock:
-            if self._anchor is not None:
-                return
-            if self._down_since is not None and \
-                    time.monotonic() - self._down_since < self.config.retry_after:
-                raise HsmUnavailable(f"token {self.config.label} unavailable")
+    def _mod(self) -> _Module:
+        if self._module is None:
             try:
-                lib = _load(self.config.module)
-                try:
-                    self._token = lib.get_token(token_label=self.config.label)
-                except (px.NoSuchToken, *BROKEN_SESSION):
-                    lib.reinitialize()
-                    self._token = lib.get_token(token_label=self.config.label)
+                self._module = _module(self.config.module)
+            except Exception as exc:
+                raise HsmUnavailable(f"cannot load PKCS#11 module ({type(exc).__name__})") \
+                    from None
+        return self._module
+
+    def _ensure_open(self) -> None:
+        mod = self._mod()
+        with self._lock:
+            if self._anchor is not None and self._generation == mod.generation:
+                return
+            if self._anchor is not None:       # the module was re-initialised under us
+                self._forget_sessions()
+            if self._down_since is not None:
+                if time.monotonic() - self._down_since < self.config.retry_after:
+                    raise HsmUnavailable(f"token {self.config.label} unavailable")
+                mod.reinitialize()             # SoftHSM2 re-reads its tokens only here
+            try:
+                self._token = mod.lib.get_token(token_label=self.config.label)
                 try:
                     self._anchor = self._token.open(rw=True, user_pin=self.config.pin)
                 except px.UserAlreadyLoggedIn:
                     self._anchor = self._token.open(rw=True)
-            except HsmUnavailable:
-                raise
-            except Exception as exc:  # any failure to reach the token is "unavailable"
+            except Exception as exc:
                 self._down_since = time.monotonic()
                 raise HsmUnavailable(
                     f"token {self.config.label} unavailable ({type(exc).__name__})") from None
+            self._generation = mod.generation
             self._down_since = None
 
-    def _mark_down(self) -> None:
+    def _forget_sessions(self) -> None:
+        while True:
+            try:
+                s = self._idle.get_nowait()
+            except queue.Empty:
+                break
+            _quiet_close(s.raw)
+        if self._anchor is not None:
+            _quiet_close(self._anchor)
+        self._anchor = None
+
+    def mark_down(self) -> None:
         """Forget every session: after a token fault none of them can be trusted."""
         with self._lock:
-            self._generation += 1
-            while True:
-                try:
-                    s = self._idle.get_nowait()
-                except queue.Empty:
-                    break
-                _quiet_close(s.raw)
-            if self._anchor is not None:
-                _quiet_close(self._anchor)
-            self._anchor = None
+            self._forget_sessions()
             self._down_since = time.monotonic()
 
     def close(self) -> None:
-        self._mark_down()
-        self._down_since = None
+        with self._lock:
+            self._forget_sessions()
+            self._down_since = None
 
-    @property
-    def available(self) -> bool:
-        """For health checks: never queues behind a long request (busy means alive)."""
-        if not self._module_lock.acquire(blocking=False):
+    def check(self) -> bool:
+        """For health checks: can we borrow a session and see the sentinel key?
+
+        Never queues behind a long request: a busy module is a live module.
+        """
+        mod = self._mod()
+        if not mod.lock.acquire(blocking=False):
             return self._anchor is not None
         try:
-            with self.session():
-                return True
-        except HsmUnavailable:
+            with self.session() as s:
+                if self.config.sentinel:
+                    s.raw.get_key(label=self.config.sentinel)
+            return True
+        except (HsmUnavailable, HsmKeyNotFound):
             return False
         finally:
-            self._module_lock.release()
+            mod.lock.release()
+
+    available = property(check)
 
     @property
     def idle(self) -> int:
@@ -148,13 +180,14 @@ class Token:
     @contextmanager
     def session(self) -> Iterator[Session]:
         """Borrow a session; waits at most `acquire_timeout`, then HsmUnavailable."""
-        if not self._module_lock.acquire(timeout=self.config.acquire_timeout):
+        mod = self._mod()
+        if not mod.lock.acquire(timeout=self.config.acquire_timeout):
             raise HsmUnavailable(f"token {self.config.label}: HSM busy")
         try:
             with self._borrow() as s:
                 yield s
         finally:
-            self._module_lock.release()
+            mod.lock.release()
 
     @contextmanager
     def _borrow(self) -> Iterator[Session]:
@@ -170,14 +203,22 @@ class Token:
                 try:
                     s = Session(self._token.open(rw=True))
                 except Exception as exc:
-                    self._mark_down()
+                    self.mark_down()
                     raise translate(exc) from None
             self.in_use += 1
             try:
                 yield s
             except BROKEN_SESSION as exc:
                 s.broken = True
-                self._mark_down()
+                self.mark_down()
+                raise translate(exc) from None
+            except (px.NoSuchKey, HsmKeyNotFound) as exc:
+                # A missing object may mean the token itself is gone: ask the sentinel.
+                if self.config.sentinel and not self._sentinel_present(s):
+                    s.broken = True
+                    self.mark_down()
+                    raise HsmUnavailable(f"token {self.config.label} lost its objects") \
+                        from None
                 raise translate(exc) from None
             except px.PKCS11Error as exc:
                 raise translate(exc) from None
@@ -185,11 +226,18 @@ class Token:
                 self.in_use -= 1
         finally:
             if s is not None:
-                if s.broken or generation != self._generation:
+                if s.broken or generation != self._generation or self._anchor is None:
                     _quiet_close(s.raw)
                 else:
                     self._idle.put(s)
             self._slots.release()
+
+    def _sentinel_present(self, s: Session) -> bool:
+        try:
+            s.raw.get_key(label=self.config.sentinel)
+            return True
+        except Exception:
+            return False
 
 
 def _quiet_close(raw: Any) -> None:

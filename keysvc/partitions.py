@@ -28,7 +28,8 @@ class Partitions:
             p: Token(TokenConfig(module=settings.pkcs11_module,
                                  label=settings.token_label(p), pin=settings.pin(p),
                                  pool_size=settings.hsm_pool_size,
-                                 acquire_timeout=settings.hsm_acquire_timeout))
+                                 acquire_timeout=settings.hsm_acquire_timeout,
+                                 sentinel=STORAGE_KEY if p != "admin" else AUDIT_MAC_KEY))
             for p in PARTITIONS}
 
     @property

@@ -1,0 +1,61 @@
+"""HSM faults: a token that stops answering fails calls fast, and heals without a restart."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from keysvc.api.v1 import keysvc_pb2 as pb
+from keysvc.client import error_reason
+from tests.serverproc import start_server
+
+
+def _health(server) -> int:
+    stub = health_pb2_grpc.HealthStub(server.as_("s1sp").channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service="")).status
+
+
+def _wait_for(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.fixture()
+def fault_server(tmp_path):
+    srv = start_server(tmp_path / "state")
+    yield srv
+    srv.stop()
+
+
+def test_unusable_token_fails_fast_with_hsm_unavailable_and_recovers_without_restart(
+        fault_server):
+    token_dirs = [d for d in (fault_server.state_dir / "hsm" / "tokens").iterdir()]
+    assert _health(fault_server) == health_pb2.HealthCheckResponse.SERVING
+    moved = [d.rename(d.with_name(d.name + ".away")) for d in token_dirs]
+    try:
+        # the first call may find out the hard way; the ones after it fail fast
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                fault_server.as_("auditor").audit.VerifyAuditLog(pb.VerifyAuditLogRequest(),
+                                                                  timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_reason(info.value) == "HSM_UNAVAILABLE"
+            assert time.monotonic() - started < 5
+        assert _wait_for(lambda: _health(fault_server)
+                         == health_pb2.HealthCheckResponse.NOT_SERVING)
+    finally:
+        for d in moved:
+            d.rename(d.with_name(d.name[:-len(".away")]))
+    assert _wait_for(lambda: _health(fault_server) == health_pb2.HealthCheckResponse.SERVING)
+    r = fault_server.as_("auditor").audit.VerifyAuditLog(pb.VerifyAuditLogRequest(),
+                                                         timeout=10)
+    assert r.intact
+    assert fault_server.proc.poll() is None
