@@ -62,18 +62,43 @@ def _partitions(state_dir):
     p.close()
 
 
-@pytest.fixture()
-def app(state_dir, _partitions, tmp_path, request) -> App:
+def make_app(settings_dir: Path, partitions, url: str) -> App:
     from keysvc.device_certificate import TrustStore
-    url = _database_url(tmp_path)
-    settings = config.load(env={}, state_dir=state_dir, database_url=url)
+    settings = config.load(env={}, state_dir=settings_dir, database_url=url)
     store = Store(url)
     if not store.is_sqlite:
         _reset_postgres(store)
     store.migrate()
-    a = App(settings, store, _partitions, TrustStore(anchors=()))
+    return App(settings, store, partitions, TrustStore(anchors=()))
+
+
+@pytest.fixture()
+def app(state_dir, _partitions, tmp_path) -> App:
+    a = make_app(state_dir, _partitions, _database_url(tmp_path))
     yield a
-    store.close()
+    a.store.close()
+
+
+def postgres_url() -> str | None:
+    """The test PostgreSQL (make test starts one); in CI its absence is a failure."""
+    url = os.environ.get("KEYSVC_TEST_PG_URL")
+    if not url and os.environ.get("CI"):
+        pytest.fail("KEYSVC_TEST_PG_URL is not set: run the suite with `make test`")
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_app(request, state_dir, _partitions, tmp_path) -> App:
+    """The same test against both stores."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'keysvc.db'}"
+    else:
+        url = postgres_url()
+        if not url:
+            pytest.skip("no test PostgreSQL (run `make test`)")
+    a = make_app(state_dir, _partitions, url)
+    yield a
+    a.store.close()
 
 
 def _reset_postgres(store: Store) -> None:
