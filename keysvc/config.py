@@ -39,7 +39,7 @@ class Settings:
     max_xml_depth: int = 64
     quorum: int = 2
     hsm_pool_size: int = 8
-    hsm_acquire_timeout: float = 5.0
+    hsm_acquire_timeout: float = 15.0
     import_job_ttl_hours: int = 24
     metrics_listen: str = ""
     workers: int = 16

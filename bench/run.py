@@ -1,0 +1,43 @@
+"""Run every benchmark and print the ratios against their in-run baselines.
+
+    make bench            # or: .venv/bin/python bench/run.py [--quick]
+
+Ratios, not absolute times, are the numbers to compare between machines and runs: each
+baseline is measured in the same run on the same kind of SoftHSM2 token.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_dco  # noqa: E402
+import bench_load  # noqa: E402
+import bench_s1sp  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller runs (a smoke check)")
+    args = ap.parse_args()
+    print("== S1SP ProcessGroupInformation, EA files (target: ratio <= 1.5 at 1,000; "
+          ">= 500 installations/s)")
+    print(f"{'installations':>13} {'server inst/s':>14} {'baseline inst/s':>16} {'ratio':>6}")
+    for r in bench_s1sp.run(sizes=(1, 100) if args.quick else (1, 100, 1000)):
+        print(f"{r['installations']:>13} {r['server_per_s']:>14.0f} "
+              f"{r['baseline_per_s']:>16.0f} {r['ratio']:>6.2f}")
+    print("== DCO UnwrapMasterKeys (target: ratio <= 1.5)")
+    r = bench_dco.run(n=100 if args.quick else 1000)
+    print(f"{r['entries']} entries: server {r['server_per_s']:.0f}/s, baseline "
+          f"{r['baseline_per_s']:.0f}/s, ratio {r['ratio']:.2f}")
+    print("== Load: 32 clients, mixed")
+    r = bench_load.run(seconds=5 if args.quick else 20)
+    print(f"{r['calls']} calls in {r['seconds']:.1f}s: {r['throughput']:.0f} calls/s, "
+          f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, errors {len(r['errors'])}, "
+          f"lost {r['lost']}")
+
+
+if __name__ == "__main__":
+    main()
