@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass, field
 
 from keysvc.audit import AuditLog
+from keysvc.certpool import CertificateChecker
 from keysvc.clock import Clock, utc_now
 from keysvc.config import Settings
 from keysvc.device_certificate import TrustStore
@@ -33,10 +34,22 @@ class App:
     partitions: Partitions
     trust: TrustStore
     clock: Clock = utc_now
+    cert_workers: int = 0
     audit: AuditLog = field(init=False)
+    _checker: CertificateChecker | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.audit = AuditLog(self.store, self.partitions, self.clock)
+        # Through `self`, so that a test (or faketime) replacing app.clock moves the audit too.
+        self.audit = AuditLog(self.store, self.partitions, lambda: self.clock())
+
+    @property
+    def certificates(self) -> CertificateChecker:
+        """Checks DeviceCertificates against the current trust store (tests may swap it)."""
+        if self._checker is None or self._checker.trust is not self.trust:
+            if self._checker is not None:
+                self._checker.close()
+            self._checker = CertificateChecker(self.trust, self.cert_workers)
+        return self._checker
 
     @classmethod
     def open(cls, settings: Settings, clock: Clock = utc_now) -> "App":
@@ -50,8 +63,11 @@ class App:
         partitions.bootstrap()
         trust = TrustStore.from_dir(settings.trust_anchors)
         log.info("trust anchors loaded: %d, CRLs: %d", len(trust.anchors), len(trust.crls))
-        return cls(settings, store, partitions, trust, clock)
+        return cls(settings, store, partitions, trust, clock,
+                   cert_workers=settings.certificate_workers)
 
     def close(self) -> None:
+        if self._checker is not None:
+            self._checker.close()
         self.partitions.close()
         self.store.close()

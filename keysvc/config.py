@@ -43,6 +43,8 @@ class Settings:
     import_job_ttl_hours: int = 24
     metrics_listen: str = ""
     workers: int = 16
+    # Worker processes that check DeviceCertificates while the HSM wraps keys (0: inline).
+    certificate_workers: int = 1
     log_level: str = "INFO"
 
     # ------------------------------------------------------------------ derived

@@ -12,6 +12,7 @@ import binascii
 import hmac
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 from lxml import etree
 from sqlalchemy import select
@@ -21,7 +22,7 @@ from hsm import keys as hk
 from keysvc import store as st
 from keysvc import transport
 from keysvc.app import App, Caller
-from keysvc.device_certificate import CertificateVerdict, verify_device_certificate
+from keysvc.device_certificate import CertificateVerdict
 from keysvc.domain import InvalidEUI64, Problem, normalise_eui64
 from keysvc.errors import error
 from keysvc.partitions import STORAGE_KEY
@@ -67,10 +68,13 @@ def process_group_information(app: App, caller: Caller, data: bytes) -> GroupRes
     root = parse_plaintext(plaintext, h.group_id, max_bytes=s.max_file_bytes,
                            max_depth=s.max_xml_depth)
     del plaintext
-    installations, orphans = _validate(app, root, h.group_id, mf.master_key_entries)
+    installations, orphans, apply_certificate_verdicts = _validate(
+        app, root, h.group_id, mf.master_key_entries)
     del root
     _reject_devices_already_stored(app, installations)
     wrapped = _wrap_accepted(app, installations)
+    apply_certificate_verdicts()
+    wrapped = _drop_rejected(installations, wrapped)
     result = GroupResult(h.migration_file_id, h.group_id, h.originator_id,
                          tuple(_result(i) for i in installations) + tuple(orphans))
     now = app.clock()
@@ -181,32 +185,50 @@ def _read_installation(el: etree._Element, group_id: str) -> _Installation:
     return inst
 
 
-def _certificate(app: App, el: etree._Element, inst: _Installation) -> None:
+def _certificate_input(el: etree._Element, inst: _Installation) -> tuple[bytes, str | None] | None:
+    """What the certificate check needs: the DER, and the CHF it must name (if readable)."""
     text = el.findtext("m:DeviceCertificate", None, NSMAP)
     if text is None:
-        return
+        return None
     try:
         der = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         der = b""
     chf_ok = not any(p.field == "CHFIdentifier" for p in inst.problems)
-    inst.verdict = verify_device_certificate(der, inst.chf if chf_ok else None, app.trust,
-                                             at=app.clock())
-    if not inst.verdict.valid:
-        codes = ", ".join(p.code for p in inst.verdict.problems)
-        inst.problems.append(Problem("DEVICE_CERTIFICATE_INVALID", codes,
-                                     "DeviceCertificate"))
+    return der, (inst.chf if chf_ok else None)
+
+
+def _apply_verdicts(installations: list[_Installation], indexes: list[int],
+                    verdicts: list[CertificateVerdict]) -> None:
+    for i, verdict in zip(indexes, verdicts):
+        inst = installations[i]
+        inst.verdict = verdict
+        if not verdict.valid:
+            codes = ", ".join(p.code for p in verdict.problems)
+            inst.problems.append(Problem("DEVICE_CERTIFICATE_INVALID", codes,
+                                         "DeviceCertificate"))
 
 
 def _validate(app: App, root: etree._Element, group_id: str, entries
-              ) -> tuple[list[_Installation], list[InstallationResult]]:
-    installations = []
+              ) -> tuple[list[_Installation], list[InstallationResult], Callable[[], None]]:
+    """Read and check every Installation; the certificate checks run in the background
+    (app.certificates) while the caller wraps keys, and the returned function waits for
+    them and applies their verdicts."""
+    installations, cert_indexes, cert_items = [], [], []
     for el in root.iterfind("m:Installation", NSMAP):
         inst = _read_installation(el, group_id)
-        _certificate(app, el, inst)
+        item = _certificate_input(el, inst)
+        if item is not None:
+            cert_indexes.append(len(installations))
+            cert_items.append(item)
         installations.append(inst)
-    # Identifiers must be unique across the file: a repeated one rejects every holder.
-    seen = Counter(x for i in installations for x in {i.chf, *i.device_ids} if x)
+    pending = app.certificates.submit(cert_items, app.clock())
+
+    def apply_certificate_verdicts() -> None:
+        _apply_verdicts(installations, cert_indexes, pending.result())
+    # Identifiers must be unique across the file: a repeated one rejects every holder. Each
+    # occurrence counts, also within one installation (a GSME with its own ESME's DeviceID).
+    seen = Counter(x for i in installations for x in (i.chf, *i.device_ids) if x)
     repeated = {k for k, c in seen.items() if c > 1}
     for inst in installations:
         for x in sorted({inst.chf, *inst.device_ids} & repeated):
@@ -232,7 +254,7 @@ def _validate(app: App, root: etree._Element, group_id: str, entries
         "INSTALLATION_MISSING", "a MasterKeyEntry has no Installation", "MasterKeyEntry"),),
         esme_device_id=device)
         for (chf, device) in pairs if chf not in chfs]
-    return installations, orphans
+    return installations, orphans, apply_certificate_verdicts
 
 
 def _reject_devices_already_stored(app: App, installations: list[_Installation]) -> None:
@@ -255,7 +277,9 @@ def _reject_devices_already_stored(app: App, installations: list[_Installation])
 # --------------------------------------------------------------------------- wrapping
 def _wrap_accepted(app: App, installations: list[_Installation]
                    ) -> list[tuple[str, str, str, str, bytes, str]]:
-    """Each accepted key: into the token, check value, wrap under the storage key, destroy."""
+    """Each key of a so-far valid installation: into the token, check value, wrap under the
+    storage key, destroy. Rows of installations whose certificate then fails are dropped
+    before anything is stored (`_drop_rejected`)."""
     rows = []
     with app.partitions.s1sp.session() as sess:
         storage = hk.find_key(sess, STORAGE_KEY)
@@ -274,6 +298,16 @@ def _wrap_accepted(app: App, installations: list[_Installation]
                 done.append((device, role, name, kcv))
             inst.keys = done  # type: ignore[assignment]  (bits dropped: only KCVs remain)
     return rows
+
+
+def _drop_rejected(installations: list[_Installation],
+                   rows: list[tuple[str, str, str, str, bytes, str]]
+                   ) -> list[tuple[str, str, str, str, bytes, str]]:
+    rejected = {i.chf for i in installations if i.problems}
+    for inst in installations:
+        if inst.problems:
+            inst.keys.clear()
+    return [r for r in rows if r[0] not in rejected]
 
 
 def _result(inst: _Installation) -> InstallationResult:

@@ -13,11 +13,43 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from sqlalchemy import (Boolean, Column, DateTime, Integer, LargeBinary, MetaData, String,
-                        Table, Text, create_engine, event)
+import datetime as dt
+
+from sqlalchemy import (Boolean, Column, Integer, LargeBinary, MetaData, String, Table, Text,
+                        create_engine, event)
+from sqlalchemy import DateTime as _DateTime
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.types import TypeDecorator
 
 metadata = MetaData()
+
+
+class DateTime(TypeDecorator):
+    """Instants stored in UTC and read back aware, whatever zone the clock used.
+
+    SQLite keeps only wall time; without this a London-time clock would be read back as
+    UTC, and every HMAC over a timestamp (audit chain, escrow seal) would fail to verify.
+    """
+
+    impl = _DateTime
+    cache_ok = True
+
+    def __init__(self, timezone: bool = True) -> None:
+        super().__init__(timezone=timezone)
+
+    def process_bind_param(self, value, dialect):  # type: ignore[override]
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc)
+        value = value.astimezone(dt.timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):  # type: ignore[override]
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None \
+            else value.astimezone(dt.timezone.utc)
 
 keys = Table(
     "keys", metadata,
