@@ -11,7 +11,7 @@ from typing import Any
 from pkcs11 import MGF, Attribute, GCMParams, KeyType, Mechanism, ObjectClass
 from pkcs11.util.rsa import encode_rsa_public_key
 
-from hsm.errors import HsmKeyNotFound, HsmOperationFailed, translate
+from hsm.errors import BROKEN_SESSION, HsmKeyNotFound, HsmOperationFailed, translate
 from hsm.token import Session
 
 import pkcs11.exceptions as px
@@ -33,6 +33,10 @@ class Kcv(enum.Enum):
 
 
 def _fail(exc: Exception) -> Exception:
+    """Translate a mechanism failure; a broken-session code is left as it is, so that
+    `Token.session` sees it, retires the session and reports HsmUnavailable."""
+    if isinstance(exc, BROKEN_SESSION):
+        return exc
     return translate(exc)
 
 
@@ -235,6 +239,8 @@ def gcm_decrypt(key: Any, iv: bytes, ciphertext_and_tag: bytes, aad: bytes = b""
         return key.decrypt(ciphertext_and_tag, mechanism=Mechanism.AES_GCM,
                            mechanism_param=GCMParams(iv, aad, 128))
     except px.PKCS11Error as exc:
+        if isinstance(exc, BROKEN_SESSION):
+            raise  # the session, not the data: Token.session retires it
         raise HsmOperationFailed(f"GCM decryption failed ({type(exc).__name__})") from None
 
 

@@ -23,12 +23,15 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import pkcs11
 import pkcs11.exceptions as px
 
 from hsm.errors import BROKEN_SESSION, HsmKeyNotFound, HsmUnavailable, translate
+
+
+T = TypeVar("T")
 
 
 class _Module:
@@ -231,6 +234,32 @@ class Token:
                 else:
                     self._idle.put(s)
             self._slots.release()
+
+    def run(self, work: Callable[[Session], T]) -> T:
+        """`work` in a session; if it misses a key object, re-read the token and retry once.
+
+        SoftHSM2's file store can miss objects that another process (a replica) wrote after
+        this process last wrote to the token; only C_Finalize + C_Initialize makes it look
+        again. Work must be side-effect free in the token until it succeeds (ours is:
+        session objects are destroyed with the session).
+        """
+        try:
+            with self.session() as s:
+                return work(s)
+        except HsmKeyNotFound:
+            self.refresh()
+            with self.session() as s:
+                return work(s)
+
+    def refresh(self) -> None:
+        """Re-initialise the module so that it re-reads every token from its store."""
+        mod = self._mod()
+        if not mod.lock.acquire(timeout=self.config.acquire_timeout):
+            raise HsmUnavailable(f"token {self.config.label}: HSM busy")
+        try:
+            mod.reinitialize()
+        finally:
+            mod.lock.release()
 
     def _sentinel_present(self, s: Session) -> bool:
         try:

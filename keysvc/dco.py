@@ -60,20 +60,26 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
     if store:
         _reject_devices_already_stored(app, ids, problems)
 
-    entries, rows = [], []
-    with app.partitions.dco.session() as sess:
+    def unwrap_all(sess) -> list[tuple[str, bytes | None, list[Problem]]]:
         storage = hk.find_key(sess, STORAGE_KEY)
-        for e, (chf, dev), p in zip(mf.master_key_entries, ids, problems):
-            kcv = ""
-            if not p:
-                kcv, wrapped = _unwrap_one(sess, keys[e.encrypted_key.key_name], e,
-                                           storage, store, p)
-                if wrapped is not None:
-                    rows.append({"device_id": dev, "chf_identifier": chf, "wrapped": wrapped,
-                                 "kcv": kcv, "file_id": h.migration_file_id,
-                                 "created_at": app.clock()})
-            entries.append(MasterKeyResult(chf, dev, "REJECTED" if p else "ACCEPTED",
-                                           tuple(p), "" if p else kcv))
+        out = []
+        for e, p in zip(mf.master_key_entries, problems):
+            found: list[Problem] = []
+            kcv, wrapped = ("", None) if p else _unwrap_one(
+                sess, keys[e.encrypted_key.key_name], e, storage, store, found)
+            out.append((kcv, wrapped, found))
+        return out
+
+    entries, rows = [], []
+    for e, (chf, dev), p, (kcv, wrapped, found) in zip(
+            mf.master_key_entries, ids, problems, app.partitions.dco.run(unwrap_all)):
+        p = p + found
+        if wrapped is not None and not p:
+            rows.append({"device_id": dev, "chf_identifier": chf, "wrapped": wrapped,
+                         "kcv": kcv, "file_id": h.migration_file_id,
+                         "created_at": app.clock()})
+        entries.append(MasterKeyResult(chf, dev, "REJECTED" if p else "ACCEPTED",
+                                       tuple(p), "" if p else kcv))
     result = MasterKeysResult(h.migration_file_id, h.group_id, tuple(entries))
     if not store:
         return result
@@ -105,12 +111,19 @@ def _unwrap_one(sess, key: transport.TransportKey, entry, storage, store: bool,
     try:
         # Wrapping under the storage key is both what we store and how we learn the length
         # (RFC 3394 adds 8 bytes): SoftHSM2 leaves CKA_VALUE_LEN 0 on unwrapped keys.
-        wrapped = hk.wrap(storage, obj)
+        # SoftHSM2 refuses to wrap a key under 16 bytes, zero-pads one that is not a whole
+        # number of 8-byte blocks (15 bytes measure as 16), and refuses AES-CMAC with a key
+        # that is not 16, 24 or 32 bytes: a failure of either is the wrong length too.
+        try:
+            wrapped = hk.wrap(storage, obj)
+            kcv = hk.check_value(obj)
+        except HsmOperationFailed:
+            wrapped, kcv = b"", ""
         if len(wrapped) - 8 not in (16, 32):
             problems.append(Problem("KEY_UNWRAP_FAILED", "the master key is not 128 or 256 "
                                                          "bits", "EncryptedKey"))
             return "", None
-        return hk.check_value(obj), (wrapped if store else None)
+        return kcv, (wrapped if store else None)
     finally:
         hk.destroy(obj)
 

@@ -105,6 +105,8 @@ def deposit(app: App, caller: Caller, *, smso_id: str, group_id: str,
     if valid_to < valid_from:
         raise error("INVALID_DATE_RANGE", f"valid_to {valid_to} is before valid_from "
                                           f"{valid_from}")
+    if valid_to >= dt.date.max:  # its end (midnight after) cannot be represented
+        raise error("INVALID_DATE_RANGE", f"valid_to {valid_to} is out of range")
     if not smso_id or not chf_identifiers or not certificates:
         raise error("INVALID_REQUEST", "smso_id, chf_identifiers and certificates are required")
     if max_releases < 0:
@@ -120,7 +122,8 @@ def deposit(app: App, caller: Caller, *, smso_id: str, group_id: str,
             cert = load_certificate(raw)
         except CertificateParseError:
             raise error("INVALID_CERTIFICATE", f"certificate {i} does not parse") from None
-        if cert.not_valid_after_utc < window_end:
+        # notAfter is inclusive (RFC 5280): 23:59:59 on valid_to covers that whole second
+        if cert.not_valid_after_utc < window_end - dt.timedelta(seconds=1):
             raise error("INVALID_CERTIFICATE", f"certificate {i} expires "
                         f"{cert.not_valid_after_utc:%Y-%m-%d}, before valid_to {valid_to}")
         ders.append(base64.b64encode(cert.public_bytes(Encoding.DER)).decode())
@@ -128,7 +131,9 @@ def deposit(app: App, caller: Caller, *, smso_id: str, group_id: str,
            "chf_identifiers": json.dumps(chfs), "certificates": json.dumps(ders),
            "valid_from": valid_from.isoformat(), "valid_to": valid_to.isoformat(),
            "max_releases": int(max_releases), "note": note, "releases": 0, "revoked": False,
-           "deposited_by": caller.identity, "deposited_at": app.clock()}
+           "deposited_by": caller.identity,
+           # UTC: SQLite keeps the wall time only, and deposited_at is sealed
+           "deposited_at": app.clock().astimezone(dt.timezone.utc)}
     row["seal"] = _seal(app, row)
     with app.store.tx() as conn:
         conn.execute(st.escrows.insert().values(**row))
@@ -159,7 +164,7 @@ def _release(app: App, caller: Caller, chf_identifier: str, reason: str) -> Rele
         raise error("INVALID_EUI64", "chf_identifier is not a well-formed EUI-64") from None
     if not reason.strip():
         raise error("INVALID_REQUEST", "a release needs a reason")
-    now = app.clock()
+    now = app.clock().astimezone(dt.timezone.utc)  # SQLite keeps the wall time only
     today = london_today(now)
     with app.store.tx() as conn:
         ids = [r.escrow_id for r in conn.execute(
@@ -168,7 +173,8 @@ def _release(app: App, caller: Caller, chf_identifier: str, reason: str) -> Rele
             select(st.escrows).where(st.escrows.c.id.in_(ids))
             .order_by(st.escrows.c.deposited_at.desc()).with_for_update())] if ids else []
         for r in rows:
-            if not _sealed_ok(app, r):
+            # escrow_chfs is an unsealed index: the CHF must be in the sealed record too
+            if not _sealed_ok(app, r) or chf not in json.loads(r["chf_identifiers"]):
                 raise _Tampered(r["id"])
         live = [r for r in rows if not r["revoked"]]
         if not live:

@@ -94,21 +94,24 @@ def _decrypt(app: App, key: transport.TransportKey, ed) -> bytes:
     """Unwrap the content key and decrypt, both inside the S1SP token."""
     if len(ed.cipher_value) < 12 + 16:
         raise error("DECRYPTION_FAILED", "CipherValue is shorter than IV and tag")
-    with app.partitions.s1sp.session() as sess:
+    return app.partitions.s1sp.run(lambda sess: _decrypt_in(sess, key, ed))
+
+
+def _decrypt_in(sess, key: transport.TransportKey, ed) -> bytes:
+    try:
+        content_key = transport.unwrap(sess, key, ed.encrypted_key, hk.CONTENT_USAGE)
+    except HsmOperationFailed:
+        raise error("KEY_UNWRAP_FAILED", "the content key does not unwrap under "
+                                         f"{key.name}") from None
+    try:
+        if hk.key_length(content_key, hk.find_key(sess, STORAGE_KEY)) != 32:
+            raise error("KEY_UNWRAP_FAILED", "the content key is not 256 bits")
         try:
-            content_key = transport.unwrap(sess, key, ed.encrypted_key, hk.CONTENT_USAGE)
+            return hk.gcm_decrypt(content_key, ed.cipher_value[:12], ed.cipher_value[12:])
         except HsmOperationFailed:
-            raise error("KEY_UNWRAP_FAILED", "the content key does not unwrap under "
-                                             f"{key.name}") from None
-        try:
-            if hk.key_length(content_key, hk.find_key(sess, STORAGE_KEY)) != 32:
-                raise error("KEY_UNWRAP_FAILED", "the content key is not 256 bits")
-            try:
-                return hk.gcm_decrypt(content_key, ed.cipher_value[:12], ed.cipher_value[12:])
-            except HsmOperationFailed:
-                raise error("DECRYPTION_FAILED", "the GCM tag does not verify") from None
-        finally:
-            hk.destroy(content_key)
+            raise error("DECRYPTION_FAILED", "the GCM tag does not verify") from None
+    finally:
+        hk.destroy(content_key)
 
 
 # --------------------------------------------------------------------------- validation
@@ -372,8 +375,9 @@ def export_device_keys(app: App, device_id: str, roles: list[str],
     if k.state != "ENABLED":
         raise error("TRANSPORT_KEY_DISABLED", f"export key {export_key_name!r} is disabled")
     rows = _stored_key(app, device_id, tuple(roles))
-    out = []
-    with app.partitions.s1sp.session() as sess:
+
+    def work(sess) -> list[ExportedKey]:
+        out = []
         storage, export = hk.find_key(sess, STORAGE_KEY), hk.find_key(sess, export_key_name)
         for r in rows:
             obj = hk.unwrap(sess, storage, r.wrapped, hk.Unwrap.AES_KW, usage=hk.DEVICE_USAGE)
@@ -381,7 +385,8 @@ def export_device_keys(app: App, device_id: str, roles: list[str],
                 out.append(ExportedKey(r.role, r.name, r.kcv, hk.wrap(export, obj, pad=True)))
             finally:
                 hk.destroy(obj)
-    return out
+        return out
+    return app.partitions.s1sp.run(work)
 
 
 __all__ = ["process_group_information", "verify_prepayment_key", "export_device_keys",

@@ -81,8 +81,12 @@ def test_same_file_sent_to_two_replicas_at_once_is_processed_once(replicas):
 
 
 def test_a_key_imported_on_one_replica_is_usable_on_the_other(replicas):
+    """Also after the other replica wrote to the token itself: SoftHSM2 then stops noticing
+    other processes' objects until the module is re-initialised, which keysvc does."""
     a, b, factory, _ = replicas
     data = _file(a, factory, n=1)
+    b.as_("security-officer-1").admin.CreateImportJob(pb.CreateImportJobRequest(
+        name="b writes to the token", purpose=pb.DCO_TRANSPORT))
     r = b.as_("dco").dco.UnwrapMasterKeys(pb.UnwrapMasterKeysRequest(file=data))
     assert r.accepted_count == 1
 
