@@ -84,6 +84,12 @@ class Session:
         self.raw = raw
         self.keys: dict[tuple, Any] = {}
         self.broken = False
+        self.retire = False
+
+    def retire_after_use(self) -> None:
+        """Close this session when it is given back: C_CloseSession destroys every session
+        object made in it at once, cheaper than one C_DestroyObject per device key."""
+        self.retire = True
 
 
 class Token:
@@ -229,7 +235,8 @@ class Token:
                 self.in_use -= 1
         finally:
             if s is not None:
-                if s.broken or generation != self._generation or self._anchor is None:
+                if s.broken or s.retire or generation != self._generation \
+                        or self._anchor is None:
                     _quiet_close(s.raw)
                 else:
                     self._idle.put(s)

@@ -61,6 +61,7 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
         _reject_devices_already_stored(app, ids, problems)
 
     def unwrap_all(sess) -> list[tuple[str, bytes | None, list[Problem]]]:
+        sess.retire_after_use()  # closing it destroys every master key object made here
         storage = hk.find_key(sess, STORAGE_KEY)
         out = []
         for e, p in zip(mf.master_key_entries, problems):
@@ -108,24 +109,22 @@ def _unwrap_one(sess, key: transport.TransportKey, entry, storage, store: bool,
         problems.append(Problem("KEY_UNWRAP_FAILED", "the EncryptedKey does not unwrap under "
                                 f"{key.name} (integrity check failed)", "EncryptedKey"))
         return "", None
+    # Wrapping under the storage key is both what we store and how we learn the length
+    # (RFC 3394 adds 8 bytes): SoftHSM2 leaves CKA_VALUE_LEN 0 on unwrapped keys.
+    # SoftHSM2 refuses to wrap a key under 16 bytes, zero-pads one that is not a whole
+    # number of 8-byte blocks (15 bytes measure as 16), and refuses AES-CMAC with a key
+    # that is not 16, 24 or 32 bytes: a failure of either is the wrong length too.
+    # The session object dies when the session is retired (see unwrap_all).
     try:
-        # Wrapping under the storage key is both what we store and how we learn the length
-        # (RFC 3394 adds 8 bytes): SoftHSM2 leaves CKA_VALUE_LEN 0 on unwrapped keys.
-        # SoftHSM2 refuses to wrap a key under 16 bytes, zero-pads one that is not a whole
-        # number of 8-byte blocks (15 bytes measure as 16), and refuses AES-CMAC with a key
-        # that is not 16, 24 or 32 bytes: a failure of either is the wrong length too.
-        try:
-            wrapped = hk.wrap(storage, obj)
-            kcv = hk.check_value(obj)
-        except HsmOperationFailed:
-            wrapped, kcv = b"", ""
-        if len(wrapped) - 8 not in (16, 32):
-            problems.append(Problem("KEY_UNWRAP_FAILED", "the master key is not 128 or 256 "
-                                                         "bits", "EncryptedKey"))
-            return "", None
-        return kcv, (wrapped if store else None)
-    finally:
-        hk.destroy(obj)
+        wrapped = hk.wrap(storage, obj)
+        kcv = hk.check_value(obj)
+    except HsmOperationFailed:
+        wrapped, kcv = b"", ""
+    if len(wrapped) - 8 not in (16, 32):
+        problems.append(Problem("KEY_UNWRAP_FAILED", "the master key is not 128 or 256 "
+                                                     "bits", "EncryptedKey"))
+        return "", None
+    return kcv, (wrapped if store else None)
 
 
 def _reject_devices_already_stored(app: App, ids: list[tuple[str, str]],

@@ -285,6 +285,7 @@ def _wrap_accepted(app: App, installations: list[_Installation]
     before anything is stored (`_drop_rejected`)."""
     rows = []
     with app.partitions.s1sp.session() as sess:
+        sess.retire_after_use()  # its close destroys every device key object made here
         storage = hk.find_key(sess, STORAGE_KEY)
         for inst in installations:
             if inst.problems:
@@ -293,11 +294,8 @@ def _wrap_accepted(app: App, installations: list[_Installation]
             done = []
             for device, role, name, bits in inst.keys:
                 obj = hk.create_aes(sess, bits, usage=hk.DEVICE_USAGE)
-                try:
-                    kcv = hk.check_value(obj)
-                    rows.append((inst.chf, device, role, name, hk.wrap(storage, obj), kcv))
-                finally:
-                    hk.destroy(obj)
+                kcv = hk.check_value(obj)
+                rows.append((inst.chf, device, role, name, hk.wrap(storage, obj), kcv))
                 done.append((device, role, name, kcv))
             inst.keys = done  # type: ignore[assignment]  (bits dropped: only KCVs remain)
     return rows
