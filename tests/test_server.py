@@ -1,0 +1,189 @@
+"""The real `keysvc serve` process over mTLS: roles, transport security, health, reflection,
+audit of every call, graceful shutdown, and the CLI as officers use it."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import \
+    ProtoReflectionDescriptorDatabase
+from grpc_status import rpc_status
+
+from keysvc.api.v1 import keysvc_pb2 as pb
+from keysvc.client import Stubs, channel
+from keysvc.pki import ensure_dev_pki
+from tests.conftest import unique
+from tests.serverproc import ROOT, server_env, start_server
+from tests.support.encoder import build_file, kcv, random_installations
+
+KEYSVC = str(ROOT / ".venv" / "bin" / "keysvc")
+
+
+# --------------------------------------------------------------------------- helpers
+def error_info(exc: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    status = rpc_status.from_call(exc)
+    assert status is not None, exc
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    raise AssertionError(f"no ErrorInfo in {exc}")
+
+
+def audit_events(server, after_seq: int = 0) -> list:
+    """Every audit event after `after_seq`, read page by page as the auditor."""
+    audit = server.as_("auditor").audit
+    events, token = [], str(after_seq)
+    while True:
+        r = audit.ListAuditEvents(pb.ListAuditEventsRequest(page_size=1000, page_token=token))
+        events += r.events
+        if not r.next_page_token:
+            return events
+        token = r.next_page_token
+
+
+def last_audit_seq(server) -> int:
+    """The newest sequence number; the listing call itself becomes the next event."""
+    events = audit_events(server)
+    return events[-1].sequence if events else 0
+
+
+def health_check(ch: grpc.Channel, service: str = "") -> int:
+    return health_pb2_grpc.HealthStub(ch).Check(
+        health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+# --------------------------------------------------------------------------- roles
+def test_a_dco_certificate_calling_key_administration_is_denied_and_audited(server):
+    before = last_audit_seq(server)
+    with pytest.raises(grpc.RpcError) as exc:
+        server.as_("dco").admin.ListKeys(pb.ListKeysRequest())
+
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    info = error_info(exc.value)
+    assert (info.reason, info.domain) == ("ROLE_NOT_PERMITTED", "keysvc")
+    denied = [e for e in audit_events(server, before) if e.actor == "dco"]
+    assert [(e.role, e.action, e.outcome, e.code) for e in denied] == [
+        ("dco", "keysvc.v1.KeyAdministrationService/ListKeys", "DENIED", "ROLE_NOT_PERMITTED")]
+
+
+# --------------------------------------------------------------------------- mTLS
+def test_a_client_without_a_certificate_cannot_connect(server):
+    ch = channel(server.target, server.state_dir / "pki", identity=None)
+    try:
+        with pytest.raises(grpc.RpcError) as exc:
+            Stubs(ch).s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
+                device_id="10-00-00-00-00-00-00-01", expected_kcv="00"), timeout=10)
+        assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        ch.close()
+
+
+def test_a_client_with_a_certificate_from_another_ca_cannot_connect(server, tmp_path):
+    other = tmp_path / "pki"
+    ensure_dev_pki(other)  # another CA, with its own security-officer-1 certificate
+    shutil.copy(server.state_dir / "pki" / "ca.pem", other / "ca.pem")  # trust the server
+    ch = channel(server.target, other, identity="security-officer-1")
+    try:
+        with pytest.raises(grpc.RpcError) as exc:
+            Stubs(ch).admin.ListKeys(pb.ListKeysRequest(), timeout=10)
+        assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        ch.close()
+
+
+# --------------------------------------------------------------------------- health, reflection
+def test_health_reports_serving(server):
+    ch = server.as_("s1sp").channel
+    assert health_check(ch) == health_pb2.HealthCheckResponse.SERVING
+    assert health_check(ch, "keysvc.v1.S1SPService") == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_s1sp_service(server):
+    services = ProtoReflectionDescriptorDatabase(server.as_("s1sp").channel).get_services()
+    assert "keysvc.v1.S1SPService" in services
+    assert "grpc.health.v1.Health" in services
+
+
+# --------------------------------------------------------------------------- audit
+def test_every_call_allowed_or_denied_appends_one_audit_event_and_the_log_verifies(server):
+    before = last_audit_seq(server)
+    server.as_("security-officer-1").admin.ListKeys(pb.ListKeysRequest())
+    with pytest.raises(grpc.RpcError):
+        server.as_("s1sp").admin.ListKeys(pb.ListKeysRequest())
+    with pytest.raises(grpc.RpcError):
+        server.as_("s1sp").s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
+            device_id="10-00-00-00-00-00-00-02", expected_kcv="0000000000"))
+    health_check(server.as_("s1sp").channel)  # health is not audited
+
+    events = audit_events(server, before)
+    assert [(e.actor, e.action.rsplit("/", 1)[1], e.outcome, e.code) for e in events] == [
+        ("auditor", "ListAuditEvents", "OK", "OK"),  # the listing that found `before`
+        ("security-officer-1", "ListKeys", "OK", "OK"),
+        ("s1sp", "ListKeys", "DENIED", "ROLE_NOT_PERMITTED"),
+        ("s1sp", "VerifyPrepaymentKey", "ERROR", "DEVICE_KEY_NOT_FOUND"),
+    ]
+    assert [e.sequence for e in events] == list(range(before + 1, before + 5))
+
+    verdict = server.as_("auditor").audit.VerifyAuditLog(pb.VerifyAuditLogRequest())
+    assert verdict.intact, verdict
+    assert verdict.events_checked >= before + 5
+
+
+# --------------------------------------------------------------------------- shutdown
+def test_sigterm_drains_the_call_in_flight_and_exits_zero(tmp_path):
+    srv = start_server(tmp_path / "state")
+    try:
+        name, kek = unique("S1SP-TK"), os.urandom(32)
+        srv.import_aes_key(name, kek, purpose="S1SP_TRANSPORT", owner_id="SMSO-LG-01")
+        big = build_file(random_installations(6000, group="AA"), group_id="AA",
+                         file_id=unique("MGEF"), s1sp_key_name=name, s1sp_kek=kek,
+                         dco_key_name="DCO-UNUSED", dco_kek=os.urandom(32))
+        call = srv.as_("s1sp").s1sp.ProcessGroupInformation.future(
+            pb.ProcessGroupInformationRequest(file=big), timeout=60)
+        time.sleep(0.8)  # the call is being processed (about 3 s of HSM work)
+        srv.proc.send_signal(signal.SIGTERM)
+
+        assert call.result().accepted_count == 6000
+        assert srv.proc.wait(30) == 0
+    finally:
+        assert srv.stop() == 0
+    log = srv.log()
+    assert log.index("draining in-flight calls") < log.index('"method":"ProcessGroupInformation"')
+    assert '"msg":"stopped"' in log
+
+
+# --------------------------------------------------------------------------- CLI
+def keysvc_cli(server, *args: str) -> str:
+    r = subprocess.run([KEYSVC, *args, "--state-dir", str(server.state_dir),
+                        "--server", server.target], env=server_env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_cli_imports_a_key_a_second_officer_approves_and_keys_lists_its_kcv(server, tmp_path):
+    name, key = unique("CLI-TK"), os.urandom(32)
+    key_file = tmp_path / "key.hex"
+    key_file.write_text(key.hex())
+
+    out = keysvc_cli(server, "admin", "import-key", "--name", name, "--purpose",
+                     "S1SP_TRANSPORT", "--owner-id", "SMSO-LG-01", "--kcv", kcv(key),
+                     "--key-file", str(key_file))
+    op_id = re.search(r"op-[0-9a-f]{16}", out).group(0)
+    assert "PENDING" in out
+
+    out = keysvc_cli(server, "admin", "approve", op_id, "--as", "security-officer-2")
+    assert "APPROVED" in out
+
+    rows = [line for line in keysvc_cli(server, "admin", "keys").splitlines() if name in line]
+    assert len(rows) == 1 and kcv(key) in rows[0] and "ENABLED" in rows[0]
