@@ -144,6 +144,14 @@ def _check_new_key_name(conn, name: str) -> None:
         raise error("KEY_EXISTS", f"operation {pending.id} already creates {name!r}")
 
 
+def _check_label_free(app: App, purpose: str, name: str) -> None:
+    """The token must not hold an object of that label either (a restored database, a key
+    made outside keysvc): two objects with one label would make both unusable."""
+    with app.partitions.for_purpose(purpose).session() as s:
+        if list(s.raw.get_objects({hk.A.LABEL: name})):
+            raise error("KEY_EXISTS", f"the token already holds an object labelled {name!r}")
+
+
 def _new_operation(app: App, conn, caller: Caller, kind: str, target: str,
                    payload: dict) -> Operation:
     now = app.clock()
@@ -191,6 +199,7 @@ def import_transport_key(app: App, caller: Caller, *, name: str, purpose: str, o
             raise error("INVALID_REQUEST", "a component is 16, 24 or 32 bytes")
         payload["components"] = [{"officer": caller.identity,
                                   "sealed": _seal_component(app, purpose, component)}]
+    _check_label_free(app, purpose, name)
     with app.store.tx() as conn:
         _check_new_key_name(conn, name)
         return _new_operation(app, conn, caller, "IMPORT_TRANSPORT_KEY", name, payload)
@@ -202,6 +211,7 @@ def generate_recipient_key(app: App, caller: Caller, *, name: str, purpose: str,
         raise error("WRONG_KEY_PURPOSE", "a recipient key is S1SP_TRANSPORT or DCO_TRANSPORT")
     if not allowed_originators:
         raise error("INVALID_REQUEST", "name at least one allowed originator")
+    _check_label_free(app, purpose, name)
     with app.store.tx() as conn:
         _check_new_key_name(conn, name)
         return _new_operation(app, conn, caller, "GENERATE_RECIPIENT_KEY", name,
@@ -389,6 +399,9 @@ def get_key(app: App, name: str) -> KeyInfo:
 def register_existing_rsa_key(app: App, *, name: str, purpose: str,
                               allowed_originators: list[str], private_key) -> None:
     """Load a recipient key pair made elsewhere (the examples' published test keys)."""
+    with app.store.engine.connect() as conn:
+        _check_new_key_name(conn, name)
+    _check_label_free(app, purpose, name)
     token = app.partitions.for_purpose(purpose)
     with token.session() as s:
         hk.import_rsa_private(s, name, private_key)

@@ -16,6 +16,7 @@ from typing import Callable
 
 from lxml import etree
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from hsm import HsmOperationFailed
 from hsm import keys as hk
@@ -85,8 +86,18 @@ def process_group_information(app: App, caller: Caller, data: bytes) -> GroupRes
                 {"device_id": d, "role": r, "name": n, "chf_identifier": chf, "wrapped": w,
                  "kcv": k, "file_id": h.migration_file_id, "created_at": now}
                 for (chf, d, r, n, w, k) in wrapped])
-    raced = transport.store_once(app, h.migration_file_id, SERVICE, file_digest,
-                                 to_json(result), write_rows, group_result_from_json)
+    try:
+        raced = transport.store_once(app, h.migration_file_id, SERVICE, file_digest,
+                                     to_json(result), write_rows, group_result_from_json)
+    except IntegrityError:
+        # Another file (another replica) stored keys for one of these devices after the
+        # check above: reject those installations as the check would have, and store again.
+        _reject_devices_already_stored(app, installations)
+        wrapped = _drop_rejected(installations, wrapped)
+        result = GroupResult(h.migration_file_id, h.group_id, h.originator_id,
+                             tuple(_result(i) for i in installations) + tuple(orphans))
+        raced = transport.store_once(app, h.migration_file_id, SERVICE, file_digest,
+                                     to_json(result), write_rows, group_result_from_json)
     return raced or result
 
 
@@ -245,7 +256,7 @@ def _validate(app: App, root: etree._Element, group_id: str, entries
             pairs[(normalise_eui64(e.chf_identifier), normalise_eui64(e.device_id))] += 1
         except InvalidEUI64:
             pairs[(e.chf_identifier, e.device_id)] += 1
-    chfs = {i.chf for i in installations}
+    matched = {(i.chf, i.esme) for i in installations}
     for inst in installations:
         n = pairs.get((inst.chf, inst.esme), 0)
         if n != 1:
@@ -256,7 +267,7 @@ def _validate(app: App, root: etree._Element, group_id: str, entries
     orphans = [InstallationResult(chf, "REJECTED", (Problem(
         "INSTALLATION_MISSING", "a MasterKeyEntry has no Installation", "MasterKeyEntry"),),
         esme_device_id=device)
-        for (chf, device) in pairs if chf not in chfs]
+        for (chf, device) in pairs if (chf, device) not in matched]
     return installations, orphans, apply_certificate_verdicts
 
 

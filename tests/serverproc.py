@@ -91,7 +91,19 @@ class Server:
                         str(pem_path), purpose, *originators],
                        env=server_env(), check=True, cwd=ROOT, capture_output=True)
 
+    def has_key(self, name: str) -> bool:
+        import grpc
+        try:
+            self.as_("security-officer-1").admin.GetKey(pb.GetKeyRequest(name=name))
+            return True
+        except grpc.RpcError:
+            return False
+
     def load_example_keys(self, example_dir: Path, expect: dict) -> None:
+        """Idempotent: modules sharing the session server may each ask for the same keys."""
+        if all(self.has_key(expect[f]["name"])
+               for f in ("s1sp_transport_key", "dco_transport_key")):
+            return
         if expect["transport"] == "kw":
             for f, purpose in (("s1sp_transport_key", "S1SP_TRANSPORT"),
                                ("dco_transport_key", "DCO_TRANSPORT")):
