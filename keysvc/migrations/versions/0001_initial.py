@@ -21,6 +21,9 @@ _TABLES = ["keys", "import_jobs", "operations", "migration_files", "device_keys"
 def upgrade() -> None:
     bind = op.get_bind()
     store.metadata.create_all(bind, tables=[store.metadata.tables[t] for t in _TABLES])
+    # The audit chain's head exists from the start, so that the first appenders of a new
+    # database (several replicas at once) queue on its row lock instead of racing to make it.
+    op.bulk_insert(store.audit_head, [{"id": 1, "seq": 0, "hash": "0" * 64}])
 
 
 def downgrade() -> None:
