@@ -6,6 +6,7 @@ certificates the server made.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -23,6 +24,20 @@ from keysvc.client import Stubs, connect
 
 ROOT = Path(__file__).resolve().parent.parent
 OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
+
+
+_STARTED: list[subprocess.Popen] = []
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    """A test that failed before stopping its server must not leave it running."""
+    for proc in _STARTED:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def free_port() -> int:
@@ -59,11 +74,12 @@ class Server:
         for s in self._stubs.values():
             s.channel.close()
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            # The whole process group: a wrapper (faketime) does not pass signals on.
+            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         return self.proc.returncode
 
@@ -130,7 +146,8 @@ def start_server(state_dir: Path, *, trust_anchors: list[Path] = (), env: dict |
     cmd = [*(argv_prefix or []), sys.executable, "-m", "keysvc.cli", "serve", "--state-dir",
            str(state_dir), "--listen", f"127.0.0.1:{port}"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                            env=server_env(env))
+                            env=server_env(env), start_new_session=True)
+    _STARTED.append(proc)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
