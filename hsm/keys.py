@@ -54,6 +54,25 @@ def find_key(s: Session, label: str, cls: ObjectClass = ObjectClass.SECRET_KEY) 
     return key
 
 
+def session_copy(s: Session, label: str, cls: ObjectClass = ObjectClass.SECRET_KEY) -> Any:
+    """A session copy (C_CopyObject) of a token key, for a loop of many operations.
+
+    SoftHSM2 decrypts a private token object's value on every use; a session copy skips
+    that (about a quarter of a wrap loop's time here). The copy stays sensitive and
+    non-extractable inside the token and dies with the session: use it only in a session
+    that is retired after the loop (`Session.retire_after_use`).
+    """
+    if not s.retire:
+        raise ValueError("session copies belong in a session retired after use")
+    cache_key = (label, cls, "copy")
+    if cache_key not in s.keys:
+        try:
+            s.keys[cache_key] = find_key(s, label, cls).copy({A.TOKEN: False})
+        except px.PKCS11Error as exc:
+            raise _fail(exc) from None
+    return s.keys[cache_key]
+
+
 def find_private_key(s: Session, label: str) -> Any:
     return find_key(s, label, ObjectClass.PRIVATE_KEY)
 
@@ -102,6 +121,11 @@ STORAGE_USAGE = {A.WRAP: True, A.UNWRAP: True, A.ENCRYPT: True, A.DECRYPT: True}
 KCV_USAGE = {A.SIGN: True, A.ENCRYPT: True, A.WRAP: False, A.UNWRAP: False}
 CONTENT_USAGE = {A.DECRYPT: True, A.ENCRYPT: False, A.WRAP: False, A.UNWRAP: False}
 DEVICE_USAGE = {A.SIGN: True, A.ENCRYPT: True, A.WRAP: False, A.UNWRAP: False}
+# Device keys read from decrypted group information: their bits are already in this
+# process (the plaintext), so the session object need not be CKA_PRIVATE; SoftHSM2 keeps
+# private objects encrypted in memory, which costs a fifth of the wrap loop and protects
+# nothing here. Master keys keep DEVICE_USAGE: they never enter this process.
+PLAINTEXT_KEY_USAGE = {**DEVICE_USAGE, A.PRIVATE: False}
 MAC_USAGE = {A.SIGN: True, A.VERIFY: True}
 
 

@@ -62,7 +62,7 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
 
     def unwrap_all(sess) -> list[tuple[str, bytes | None, list[Problem]]]:
         sess.retire_after_use()  # closing it destroys every master key object made here
-        storage = hk.find_key(sess, STORAGE_KEY)
+        storage = hk.session_copy(sess, STORAGE_KEY)
         out = []
         for e, p in zip(mf.master_key_entries, problems):
             found: list[Problem] = []

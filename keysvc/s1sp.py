@@ -297,14 +297,14 @@ def _wrap_accepted(app: App, installations: list[_Installation]
     rows = []
     with app.partitions.s1sp.session() as sess:
         sess.retire_after_use()  # its close destroys every device key object made here
-        storage = hk.find_key(sess, STORAGE_KEY)
+        storage = hk.session_copy(sess, STORAGE_KEY)
         for inst in installations:
             if inst.problems:
                 inst.keys.clear()
                 continue
             done = []
             for device, role, name, bits in inst.keys:
-                obj = hk.create_aes(sess, bits, usage=hk.DEVICE_USAGE)
+                obj = hk.create_aes(sess, bits, usage=hk.PLAINTEXT_KEY_USAGE)
                 kcv = hk.check_value(obj)
                 rows.append((inst.chf, device, role, name, hk.wrap(storage, obj), kcv))
                 done.append((device, role, name, kcv))

@@ -70,8 +70,8 @@ def resolve_transport_key(app: App, ek: EncryptedKey, purpose: str,
 def unwrap(s: Any, key: TransportKey, ek: EncryptedKey, usage: dict) -> Any:
     """C_UnwrapKey under the transport key; HsmOperationFailed means the input is bad."""
     if key.algorithm == "AES":
-        return hk.unwrap(s, hk.find_key(s, key.name), ek.cipher_value, hk.Unwrap.AES_KW,
-                         usage=usage)
+        kek = hk.session_copy(s, key.name) if s.retire else hk.find_key(s, key.name)
+        return hk.unwrap(s, kek, ek.cipher_value, hk.Unwrap.AES_KW, usage=usage)
     return hk.unwrap(s, hk.find_private_key(s, key.name), ek.cipher_value,
                      hk.Unwrap.RSA_OAEP_SHA1, usage=usage)
 

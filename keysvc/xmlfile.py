@@ -101,7 +101,6 @@ def parse_hardened(data: bytes, *, max_bytes: int, max_depth: int,
         raise error("MALFORMED_XML", f"{what} is not well-formed XML (line {line})") from None
     if root.getroottree().docinfo.doctype:
         raise error("FORBIDDEN_XML_CONSTRUCT", f"{what} carries a DOCTYPE")
-    _check_depth(root, max_depth, what)
     return root
 
 
@@ -119,9 +118,17 @@ def _schema(name: str) -> etree.XMLSchema:
     return etree.XMLSchema(etree.parse(str(schema_path(name))))
 
 
-def validate(root: etree._Element, schema_name: str, what: str) -> None:
+def validate(root: etree._Element, schema_name: str, what: str, max_depth: int) -> None:
+    """Schema validation; a document that fails is also checked against the depth limit.
+
+    libxml2 itself refuses nesting past 256 levels (huge_tree is off). Our lower limit is
+    only checked on documents that fail their schema: a schema-valid document is never
+    deeper than its schema allows, and walking every element of a large valid file in
+    Python would cost more than the validation itself.
+    """
     schema = _schema(schema_name)
     if not schema.validate(root):
+        _check_depth(root, max_depth, what)
         err = schema.error_log.last_error
         where = f"line {err.line}" if err is not None else "?"
         elem = _element_in_error(err.message if err is not None else "")
@@ -198,12 +205,13 @@ def read_file(data: bytes, *, max_bytes: int, max_depth: int, view: str) -> Migr
     """
     root = parse_hardened(data, max_bytes=max_bytes, max_depth=max_depth)
     if root.tag != f"{{{NS}}}MigrationGroupEncryptedFile":
+        _check_depth(root, max_depth, "the file")
         raise error("SCHEMA_INVALID", "the root element is not MigrationGroupEncryptedFile")
     if view == "dco":
         info = root.find("m:EncryptedS1SPGroupInformation", NSMAP)
         if info is not None:
             root.replace(info, etree.fromstring(_PLACEHOLDER))
-    validate(root, MIGRATION_FILE, "the file")
+    validate(root, MIGRATION_FILE, "the file", max_depth)
     header = _header(root)
     entries = _master_key_entries(root)
     group_info = None
@@ -231,11 +239,12 @@ def parse_plaintext(data: bytes, group_id: str, *, max_bytes: int,
     expected = ROOT_FOR_GROUP[group_id]
     local = etree.QName(root).localname
     if etree.QName(root).namespace != NS or local not in ROOT_FOR_GROUP.values():
+        _check_depth(root, max_depth, "the decrypted group information")
         raise error("SCHEMA_INVALID", "the decrypted root is not group information")
     if local != expected:
         raise error("PLAINTEXT_ROOT_MISMATCH",
                     f"GroupID {group_id} needs {expected}, the plaintext is {local}")
-    validate(root, GROUP_INFORMATION, "the decrypted group information")
+    validate(root, GROUP_INFORMATION, "the decrypted group information", max_depth)
     inner = _text(root, "m:GroupID")
     if inner != group_id:
         raise error("GROUP_ID_MISMATCH",
