@@ -6,7 +6,6 @@ C_WrapKey under the DCO storage key; its value is never read into this process.
 """
 from __future__ import annotations
 
-import hmac
 from collections import Counter
 
 from sqlalchemy import select
@@ -152,11 +151,4 @@ def verify_master_key(app: App, device_id: str, expected_kcv: str, method: str =
             st.master_keys.c.device_id == device_id)).first()
     if row is None:
         raise error("DEVICE_KEY_NOT_FOUND", f"no master key for {device_id}")
-    with app.partitions.dco.session() as sess:
-        obj = hk.unwrap(sess, hk.find_key(sess, STORAGE_KEY), row.wrapped, hk.Unwrap.AES_KW,
-                        usage=hk.KCV_USAGE)
-        try:
-            kcv = hk.check_value(obj, hk.Kcv(method))
-        finally:
-            hk.destroy(obj)
-    return hmac.compare_digest(kcv, (expected_kcv or "").strip().upper())
+    return transport.stored_key_matches(app.partitions.dco, row.wrapped, expected_kcv, method)

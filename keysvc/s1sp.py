@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -350,18 +349,7 @@ def verify_prepayment_key(app: App, device_id: str, expected_kcv: str,
                           method: str = "CMAC") -> bool:
     """TMAD 4.49: compare a check value computed in the HSM; the key never leaves it."""
     row = _stored_key(app, device_id, ("PREPAYMENT",))[0]
-    return _matches(app.partitions.s1sp, row.wrapped, expected_kcv, method)
-
-
-def _matches(token, wrapped: bytes, expected_kcv: str, method: str) -> bool:
-    with token.session() as sess:
-        obj = hk.unwrap(sess, hk.find_key(sess, STORAGE_KEY), wrapped, hk.Unwrap.AES_KW,
-                        usage=hk.KCV_USAGE)
-        try:
-            kcv = hk.check_value(obj, hk.Kcv(method))
-        finally:
-            hk.destroy(obj)
-    return hmac.compare_digest(kcv, (expected_kcv or "").strip().upper())
+    return transport.stored_key_matches(app.partitions.s1sp, row.wrapped, expected_kcv, method)
 
 
 @dataclass(frozen=True)

@@ -258,7 +258,8 @@ class KeyAdministrationServicer(rpc.KeyAdministrationServiceServicer):
             self.app, request.smso_id, request.chf_identifier)])
 
     def RevokeEscrow(self, request: Any, context: grpc.ServicerContext) -> Any:
-        audit_target.set(request.escrow_id)
+        # The reason lives in the audit log (the escrow row only records that it is revoked).
+        audit_target.set(f"{request.escrow_id}: {request.reason}"[:512])
         return escrow_pb(escrow.revoke(self.app, _caller(), request.escrow_id, request.reason))
 
 

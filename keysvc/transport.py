@@ -6,6 +6,7 @@ file's result exactly once per MigrationFileID, even when two replicas receive i
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -17,6 +18,7 @@ from hsm import keys as hk
 from keysvc import store as st
 from keysvc.app import App
 from keysvc.errors import error
+from keysvc.partitions import STORAGE_KEY
 from keysvc.xmlfile import KEY_TRANSPORTS, KW_AES256, EncryptedKey, MigrationHeader
 
 R = TypeVar("R")
@@ -74,6 +76,19 @@ def unwrap(s: Any, key: TransportKey, ek: EncryptedKey, usage: dict) -> Any:
         return hk.unwrap(s, kek, ek.cipher_value, hk.Unwrap.AES_KW, usage=usage)
     return hk.unwrap(s, hk.find_private_key(s, key.name), ek.cipher_value,
                      hk.Unwrap.RSA_OAEP_SHA1, usage=usage)
+
+
+def stored_key_matches(token: Any, wrapped: bytes, expected_kcv: str, method: str) -> bool:
+    """Compare a stored key's check value, computed in the HSM, with the caller's
+    (VerifyPrepaymentKey, VerifyMasterKey): the key is unwrapped only into the token."""
+    with token.session() as sess:
+        obj = hk.unwrap(sess, hk.find_key(sess, STORAGE_KEY), wrapped, hk.Unwrap.AES_KW,
+                        usage=hk.KCV_USAGE)
+        try:
+            kcv = hk.check_value(obj, hk.Kcv(method))
+        finally:
+            hk.destroy(obj)
+    return hmac.compare_digest(kcv, (expected_kcv or "").strip().upper())
 
 
 def digest(data: bytes) -> str:
