@@ -114,9 +114,19 @@ def _secret_template(*, token: bool, label: str | None, usage: dict) -> dict:
     return t
 
 
-KEK_USAGE = {A.WRAP: True, A.UNWRAP: True, A.ENCRYPT: False, A.DECRYPT: False,
+# Key usage is the policy. A key that may ENCRYPT/DECRYPT can run AES-ECB over a wrapped
+# blob and so undo RFC 3394 by hand; a key that may WRAP can carry any extractable session
+# object out to whoever knows it. So: transport keys only unwrap (their bits are known to
+# the originator), storage keys only wrap and unwrap, export keys only wrap, and the one
+# key that encrypts data (officers' pending components) does nothing else.
+KEK_USAGE = {A.WRAP: False, A.UNWRAP: True, A.ENCRYPT: False, A.DECRYPT: False,
              A.SIGN: False, A.VERIFY: False}
-STORAGE_USAGE = {A.WRAP: True, A.UNWRAP: True, A.ENCRYPT: True, A.DECRYPT: True}
+EXPORT_USAGE = {A.WRAP: True, A.UNWRAP: False, A.ENCRYPT: False, A.DECRYPT: False,
+                A.SIGN: False, A.VERIFY: False}
+STORAGE_USAGE = {A.WRAP: True, A.UNWRAP: True, A.ENCRYPT: False, A.DECRYPT: False,
+                 A.SIGN: False, A.VERIFY: False}
+SEAL_USAGE = {A.WRAP: False, A.UNWRAP: False, A.ENCRYPT: True, A.DECRYPT: True,
+              A.SIGN: False, A.VERIFY: False}
 # A session copy of a key while its check value is computed; never persisted.
 KCV_USAGE = {A.SIGN: True, A.ENCRYPT: True, A.WRAP: False, A.UNWRAP: False}
 CONTENT_USAGE = {A.DECRYPT: True, A.ENCRYPT: False, A.WRAP: False, A.UNWRAP: False}

@@ -121,7 +121,7 @@ class Token:
             if self._anchor is not None and self._generation == mod.generation:
                 return
             if self._anchor is not None:       # the module was re-initialised under us
-                self._forget_sessions()
+                self._drop_stale_handles()
             if self._down_since is not None:
                 if time.monotonic() - self._down_since < self.config.retry_after:
                     raise HsmUnavailable(f"token {self.config.label} unavailable")
@@ -139,6 +139,17 @@ class Token:
             self._generation = mod.generation
             self._down_since = None
 
+    def _drop_stale_handles(self) -> None:
+        """Forget sessions of a previous module generation WITHOUT closing them: after
+        C_Finalize the module numbers sessions afresh, so an old handle may now name another
+        token's new session, and closing it would close that one."""
+        while True:
+            try:
+                self._idle.get_nowait()
+            except queue.Empty:
+                break
+        self._anchor = None
+
     def _forget_sessions(self) -> None:
         while True:
             try:
@@ -153,7 +164,10 @@ class Token:
     def mark_down(self) -> None:
         """Forget every session: after a token fault none of them can be trusted."""
         with self._lock:
-            self._forget_sessions()
+            if self._generation == self._mod().generation:
+                self._forget_sessions()
+            else:
+                self._drop_stale_handles()
             self._down_since = time.monotonic()
 
     def close(self) -> None:
@@ -179,7 +193,6 @@ class Token:
         finally:
             mod.lock.release()
 
-    available = property(check)
 
     @property
     def idle(self) -> int:
@@ -235,12 +248,27 @@ class Token:
                 self.in_use -= 1
         finally:
             if s is not None:
-                if s.broken or s.retire or generation != self._generation \
+                if generation != self._mod().generation:
+                    pass  # a stale handle: drop it, never close it (see _drop_stale_handles)
+                elif s.broken or s.retire or generation != self._generation \
                         or self._anchor is None:
                     _quiet_close(s.raw)
                 else:
                     self._idle.put(s)
             self._slots.release()
+
+    def breathe(self) -> None:
+        """Let other threads reach the HSM between the steps of a long loop.
+
+        A 64 MiB file is minutes of HSM calls at worst; holding the module lock for all of
+        it would time other callers out. The loop's session and its objects stay ours.
+        """
+        lock = self._mod().lock
+        state = lock._release_save()  # type: ignore[attr-defined]  (RLock, as Condition uses)
+        try:
+            time.sleep(0)
+        finally:
+            lock._acquire_restore(state)  # type: ignore[attr-defined]
 
     def run(self, work: Callable[[Session], T]) -> T:
         """`work` in a session; if it misses a key object, re-read the token and retry once.

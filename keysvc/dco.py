@@ -39,8 +39,10 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
         if earlier is not None:
             return earlier
     transport.check_originator(h)
-    keys = {ek.key_name: transport.resolve_transport_key(app, ek, "DCO_TRANSPORT", h)
-            for ek in {e.encrypted_key.key_name: e.encrypted_key
+    # Every entry's algorithm and key are checked (each distinct pair once).
+    keys = {(ek.key_name, ek.algorithm): transport.resolve_transport_key(
+                app, ek, "DCO_TRANSPORT", h)
+            for ek in {(e.encrypted_key.key_name, e.encrypted_key.algorithm): e.encrypted_key
                        for e in mf.master_key_entries}.values()}
 
     problems: list[list[Problem]] = []
@@ -66,7 +68,8 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
         for e, p in zip(mf.master_key_entries, problems):
             found: list[Problem] = []
             kcv, wrapped = ("", None) if p else _unwrap_one(
-                sess, keys[e.encrypted_key.key_name], e, storage, store, found)
+                sess, keys[(e.encrypted_key.key_name, e.encrypted_key.algorithm)], e,
+                storage, store, found)
             out.append((kcv, wrapped, found))
         return out
 

@@ -27,7 +27,7 @@ from hsm import keys as hk
 from keysvc import store as st
 from keysvc.app import App, Caller
 from keysvc.errors import error
-from keysvc.partitions import PURPOSE_PARTITION, STORAGE_KEY
+from keysvc.partitions import COMPONENT_SEAL_KEY, PURPOSE_PARTITION, STORAGE_KEY
 
 PURPOSES = ("S1SP_TRANSPORT", "DCO_TRANSPORT", "EXPORT")
 OWNER_TYPES = ("SMSO", "REQUESTING_PARTY", "S1SP")
@@ -309,11 +309,16 @@ def _execute(app: App, conn, kind: str, p: dict, row) -> tuple[str, str]:
     return "APPROVED", ""
 
 
+def _usage(purpose: str) -> dict:
+    """Transport keys only unwrap what originators send; export keys only wrap."""
+    return hk.EXPORT_USAGE if purpose == "EXPORT" else hk.KEK_USAGE
+
+
 def _create_from_wrapped(app: App, p: dict) -> str:
     def work(s) -> None:
         job_key = hk.find_private_key(s, f"import-job:{p['import_job_id']}")
         hk.unwrap(s, job_key, _unb64(p["wrapped_key"]), hk.Unwrap.RSA_OAEP_SHA1,
-                  token=True, label=p["name"], usage=hk.KEK_USAGE)
+                  token=True, label=p["name"], usage=_usage(p["purpose"]))
     app.partitions.for_purpose(p["purpose"]).run(work)
     return p["expected_kcv"]
 
@@ -335,7 +340,7 @@ def _create_from_components(app: App, p: dict) -> str | None:
                 hk.destroy(probe)
             if not hmac.compare_digest(kcv, p["expected_kcv"]):
                 return None
-            hk.create_aes(s, bytes(key), token=True, label=p["name"], usage=hk.KEK_USAGE)
+            hk.create_aes(s, bytes(key), token=True, label=p["name"], usage=_usage(p["purpose"]))
         return kcv
     finally:
         for buf in (*parts, key):
@@ -346,7 +351,7 @@ def _seal_component(app: App, purpose: str, component: bytes) -> str:
     token = app.partitions.for_purpose(purpose)
     iv = os.urandom(12)
     with token.session() as s:
-        ct = hk.gcm_encrypt(hk.find_key(s, STORAGE_KEY), iv, component, b"component")
+        ct = hk.gcm_encrypt(hk.find_key(s, COMPONENT_SEAL_KEY), iv, component, b"component")
     return _b64(iv + ct)
 
 
@@ -354,7 +359,8 @@ def _unseal(app: App, purpose: str, sealed: str) -> bytes:
     raw = _unb64(sealed)
     token = app.partitions.for_purpose(purpose)
     with token.session() as s:
-        return hk.gcm_decrypt(hk.find_key(s, STORAGE_KEY), raw[:12], raw[12:], b"component")
+        return hk.gcm_decrypt(hk.find_key(s, COMPONENT_SEAL_KEY), raw[:12], raw[12:],
+                              b"component")
 
 
 # --------------------------------------------------------------------------- reads

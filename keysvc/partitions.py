@@ -15,6 +15,7 @@ from keysvc.config import PARTITIONS, Settings
 log = logging.getLogger(__name__)
 
 STORAGE_KEY = "storage-key"
+COMPONENT_SEAL_KEY = "component-seal"   # AES-GCM over officers' pending key components
 AUDIT_MAC_KEY = "audit-mac"
 ESCROW_SEAL_KEY = "escrow-seal"
 
@@ -51,13 +52,16 @@ class Partitions:
         """Make the per-token keys on first start, inside the token, non-extractable."""
         for name, token in self.tokens.items():
             with token.session() as s:
-                wanted = [STORAGE_KEY] if name != "admin" else [AUDIT_MAC_KEY, ESCROW_SEAL_KEY]
+                wanted = ([STORAGE_KEY, COMPONENT_SEAL_KEY] if name != "admin"
+                          else [AUDIT_MAC_KEY, ESCROW_SEAL_KEY])
                 for label in wanted:
                     if hk.has_key(s, label):
                         continue
                     log.info("generating %s in token %s", label, token.config.label)
                     if label == STORAGE_KEY:
-                        hk.generate_aes(s, label)
+                        hk.generate_aes(s, label, usage=hk.STORAGE_USAGE)
+                    elif label == COMPONENT_SEAL_KEY:
+                        hk.generate_aes(s, label, usage=hk.SEAL_USAGE)
                     else:
                         hk.generate_hmac(s, label)
 

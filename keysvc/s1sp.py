@@ -43,8 +43,12 @@ class _Installation:
     esme: str = ""
     gsme: str = ""
     problems: list[Problem] = field(default_factory=list)
-    keys: list[tuple[str, str, str, bytes]] = field(default_factory=list)  # device, role, name, bits
+    # (device, role, name, bits) until wrapped; then (device, role, name, kcv). Never shown.
+    keys: list[tuple[str, str, str, bytes]] = field(default_factory=list, repr=False)
     verdict: CertificateVerdict | None = None
+    # (CHF, ESME) as written, to pair with its MasterKeyEntry even when malformed; internal
+    # only, never returned (it comes from the decrypted plaintext).
+    pairing: tuple[str, str] = field(default=("", ""), repr=False)
     device_ids: list[str] = field(default_factory=list)
 
 
@@ -131,7 +135,8 @@ def _eui(text: str, what: str, inst: _Installation) -> str:
     except InvalidEUI64:
         inst.problems.append(Problem("INVALID_EUI64", f"{what} is not a well-formed EUI-64",
                                      what))
-        return (text or "")[:32]
+        # Never echo it: text from the decrypted plaintext may be anything, a key included.
+        return ""
 
 
 def _key_bits(text: str | None, name: str, device: str, inst: _Installation,
@@ -160,9 +165,12 @@ def _key_bits(text: str | None, name: str, device: str, inst: _Installation,
 
 def _read_installation(el: etree._Element, group_id: str) -> _Installation:
     inst = _Installation(chf="")
-    inst.chf = _eui(el.findtext("m:CHFIdentifier", "", NSMAP), "CHFIdentifier", inst)
+    chf_text = el.findtext("m:CHFIdentifier", "", NSMAP)
+    inst.chf = _eui(chf_text, "CHFIdentifier", inst)
     esme = el.find("m:ESMEDetail", NSMAP)
-    inst.esme = _eui(esme.findtext("m:DeviceID", "", NSMAP), "ESMEDetail/DeviceID", inst)
+    esme_text = esme.findtext("m:DeviceID", "", NSMAP)
+    inst.esme = _eui(esme_text, "ESMEDetail/DeviceID", inst)
+    inst.pairing = (inst.chf or chf_text.strip(), inst.esme or esme_text.strip())
     inst.device_ids.append(inst.esme)
     gsme = el.find("m:GSMEDetail", NSMAP)
     if gsme is not None:
@@ -255,9 +263,9 @@ def _validate(app: App, root: etree._Element, group_id: str, entries
             pairs[(normalise_eui64(e.chf_identifier), normalise_eui64(e.device_id))] += 1
         except InvalidEUI64:
             pairs[(e.chf_identifier, e.device_id)] += 1
-    matched = {(i.chf, i.esme) for i in installations}
+    matched = {i.pairing for i in installations}
     for inst in installations:
-        n = pairs.get((inst.chf, inst.esme), 0)
+        n = pairs.get(inst.pairing, 0)
         if n != 1:
             inst.problems.append(Problem(
                 "MASTER_KEY_ENTRY_MISSING" if n == 0 else "DUPLICATE_IDENTIFIER",

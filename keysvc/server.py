@@ -148,7 +148,7 @@ class HealthWatch(threading.Thread):
     def check(self) -> bool:
         ok = True
         for name, token in self.app.partitions.tokens.items():
-            up = token.available
+            up = token.check()
             HSM_UP.labels(name).set(1 if up else 0)
             HSM_IN_USE.labels(name).set(token.in_use)
             HSM_IDLE.labels(name).set(token.idle)

@@ -28,6 +28,9 @@ R = TypeVar("R")
 ORIGINATORS_FOR_GROUP = {"EB": ("SMSO", "RequestingParty"), "EC": ("SMSO", "RequestingParty")}
 
 
+OWNER_TYPE_OF = {"SMSO": "SMSO", "RequestingParty": "REQUESTING_PARTY"}
+
+
 @dataclass(frozen=True)
 class TransportKey:
     name: str
@@ -60,9 +63,13 @@ def resolve_transport_key(app: App, ek: EncryptedKey, purpose: str,
     if is_aes != (ek.algorithm == KW_AES256):
         raise error("WRONG_KEY_PURPOSE", f"key {ek.key_name!r} ({row.algorithm}) cannot be "
                                          f"used with {ek.algorithm}")
-    if is_aes and row.owner_id != header.originator_id:
+    if is_aes and (row.owner_id != header.originator_id
+                   or row.owner_type != OWNER_TYPE_OF.get(header.originator_type)):
+        # The header's OriginatorType is only a claim; the key's recorded owner is what the
+        # key ceremony established, so "EA: SMSO only" is checked against the key.
         raise error("ORIGINATOR_NOT_PERMITTED",
-                    f"transport key {ek.key_name!r} is not shared with {header.originator_id}")
+                    f"transport key {ek.key_name!r} is not shared with "
+                    f"{header.originator_type} {header.originator_id}")
     if not is_aes and header.originator_id not in st.loads(row.allowed_originators):
         raise error("ORIGINATOR_NOT_PERMITTED",
                     f"{header.originator_id} is not registered to send to {ek.key_name!r}")

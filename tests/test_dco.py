@@ -45,13 +45,13 @@ def _expect(name: str) -> dict:
 
 
 def load_aes(app, name: str, key: bytes, *, purpose: str = "DCO_TRANSPORT",
-             owner_id: str = ORIGINATOR) -> None:
+             owner_id: str = ORIGINATOR, owner_type: str = "SMSO") -> None:
     """A transport key by two officers' components (the ceremony, without an RSA-3072
     import job per test: that costs about a second of key generation each)."""
     c1 = os.urandom(len(key))
     c2 = bytes(a ^ b for a, b in zip(key, c1))
     op = keyadmin.import_transport_key(app, OFFICER_1, name=name, purpose=purpose,
-                                       owner_id=owner_id, owner_type="SMSO",
+                                       owner_id=owner_id, owner_type=owner_type,
                                        expected_kcv=enc.kcv(key), component=c1)
     assert keyadmin.approve(app, OFFICER_2, op.operation_id, component=c2).state == "APPROVED"
 
@@ -84,7 +84,9 @@ class Made:
             if rsa_kek:
                 load_rsa(app, self.key_name, self.kek)
             else:
-                load_aes(app, self.key_name, self.kek)
+                load_aes(app, self.key_name, self.kek,
+                         owner_type="REQUESTING_PARTY" if originator_type == "RequestingParty"
+                         else "SMSO")
         self.xml = enc.build_file(self.insts, group_id=group, file_id=self.file_id,
                                   originator_type=originator_type, originator_id=ORIGINATOR,
                                   s1sp_key_name="S1SP-NOT-LOADED", s1sp_kek=os.urandom(32),
@@ -553,6 +555,20 @@ def test_requesting_party_may_originate_eb_and_ec(app, group):
     m = Made(app, 2, group=group, originator_type="RequestingParty")
     assert_entries(run_both(app, m.xml),
                    [(i.esme, "ACCEPTED", k) for i, k in zip(m.insts, m.kcvs())])
+
+
+def test_an_ea_file_claiming_smso_under_a_requesting_partys_key_is_originator_not_permitted(app):
+    """The header's OriginatorType is a claim; the key's owner is what the ceremony set."""
+    m = Made(app, 2, load=False)
+    load_aes(app, m.key_name, m.kek, owner_type="REQUESTING_PARTY")
+    _expect_file_error(app, m.xml, "ORIGINATOR_NOT_PERMITTED")
+
+
+def test_every_entrys_algorithm_is_checked_not_only_the_first_per_key_name(app):
+    m = Made(app, 2)
+    bad = enc.set_attribute(m.xml, "//m:MasterKeyEntry/xenc:EncryptedKey/xenc:EncryptionMethod",
+                            "Algorithm", "urn:bogus", index=0)
+    _expect_file_error(app, bad, "UNSUPPORTED_ALGORITHM")
 
 
 def test_a_dco_key_not_shared_with_the_originator_is_originator_not_permitted(app):

@@ -138,7 +138,7 @@ def list_token(state: Path, partition: str) -> list[tuple[str, str]]:
 
 
 def _allowed(label: str, transport_keys: set[str]) -> bool:
-    return (label == "storage-key" or label in transport_keys
+    return (label in ("storage-key", "component-seal") or label in transport_keys
             or re.fullmatch(r"import-job:ij-[0-9a-f]+", label) is not None)
 
 
@@ -150,8 +150,9 @@ def _check_partition(objects, own: set[str], others: set[str], ids: set[str]) ->
     text = " ".join(labels).upper()
     for ident in ids:
         assert ident not in text and ident.replace("-", "") not in text, ident
-    # every secret key is the storage key or a transport key: no device or master key
-    assert all(label == "storage-key" or label in own
+    # every secret key is the storage key, the component-seal key or a transport key: no
+    # device or master key
+    assert all(label in ("storage-key", "component-seal") or label in own
                for t, label in objects if t == "Secret Key")
 
 

@@ -90,12 +90,17 @@ def token_objects(app, label: str, partition: str = "s1sp") -> list:
 
 
 def token_key_is(app, name: str, value: bytes) -> bool:
-    """The token's key `name` holds `value`: it wraps a known key exactly as pyca does."""
+    """The token's key `name` holds `value`: it unwraps what pyca wrapped under `value`
+    (transport keys may only unwrap) to a key with the probe's check value."""
     probe = os.urandom(16)
     with app.partitions.s1sp.session() as s:
-        obj = hk.create_aes(s, probe, usage=hk.KCV_USAGE)
         try:
-            return hk.wrap(hk.find_key(s, name), obj) == aes_key_wrap(value, probe)
+            obj = hk.unwrap(s, hk.find_key(s, name), aes_key_wrap(value, probe),
+                            hk.Unwrap.AES_KW, usage=hk.KCV_USAGE)
+        except hk.HsmOperationFailed:
+            return False
+        try:
+            return hk.check_value(obj) == kcv(probe)
         finally:
             hk.destroy(obj)
 
