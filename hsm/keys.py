@@ -253,6 +253,8 @@ def key_length(key: Any, probe: Any = None) -> int:
 
 
 def wrap(wrapping_key: Any, key: Any, *, pad: bool = False) -> bytes:
+    if not hasattr(wrapping_key, "wrap_key"):  # python-pkcs11: a key without CKA_WRAP
+        raise HsmOperationFailed("this key may not wrap")
     try:
         return wrapping_key.wrap_key(
             key, mechanism=Mechanism.AES_KEY_WRAP_PAD if pad else Mechanism.AES_KEY_WRAP)

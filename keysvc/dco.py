@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from hsm import HsmOperationFailed
 from hsm import keys as hk
@@ -23,6 +24,7 @@ from keysvc.results import (MasterKeyResult, MasterKeysResult, master_keys_resul
 from keysvc.xmlfile import read_file
 
 SERVICE = "dco"
+BREATHE_EVERY = 512  # entries between chances for other callers to use the HSM
 MASTER_USAGE = hk.DEVICE_USAGE  # session copy: check value, then wrapped for storage
 
 
@@ -58,40 +60,52 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
             if counts[x] > 1:
                 p.append(Problem("DUPLICATE_IDENTIFIER", f"{x} appears in more than one "
                                                          "MasterKeyEntry", x))
-    if store:
-        _reject_devices_already_stored(app, ids, problems)
+    stored_before = _devices_already_stored(app, ids) if store else [[] for _ in ids]
 
     def unwrap_all(sess) -> list[tuple[str, bytes | None, list[Problem]]]:
         sess.retire_after_use()  # closing it destroys every master key object made here
         storage = hk.session_copy(sess, STORAGE_KEY)
         out = []
-        for e, p in zip(mf.master_key_entries, problems):
+        for n, (e, p, q) in enumerate(zip(mf.master_key_entries, problems, stored_before), 1):
+            if n % BREATHE_EVERY == 0:
+                app.partitions.dco.breathe()
             found: list[Problem] = []
-            kcv, wrapped = ("", None) if p else _unwrap_one(
+            kcv, wrapped = ("", None) if p or q else _unwrap_one(
                 sess, keys[(e.encrypted_key.key_name, e.encrypted_key.algorithm)], e,
                 storage, store, found)
             out.append((kcv, wrapped, found))
         return out
+    unwrapped = app.partitions.dco.run(unwrap_all)
+    now = app.clock()
 
-    entries, rows = [], []
-    for e, (chf, dev), p, (kcv, wrapped, found) in zip(
-            mf.master_key_entries, ids, problems, app.partitions.dco.run(unwrap_all)):
-        p = p + found
-        if wrapped is not None and not p:
-            rows.append({"device_id": dev, "chf_identifier": chf, "wrapped": wrapped,
-                         "kcv": kcv, "file_id": h.migration_file_id,
-                         "created_at": app.clock()})
-        entries.append(MasterKeyResult(chf, dev, "REJECTED" if p else "ACCEPTED",
-                                       tuple(p), "" if p else kcv))
-    result = MasterKeysResult(h.migration_file_id, h.group_id, tuple(entries))
+    def assemble(stored: list[list[Problem]]) -> tuple[MasterKeysResult, list[dict]]:
+        entries, rows = [], []
+        for (chf, dev), p, q, (kcv, wrapped, found) in zip(ids, problems, stored, unwrapped):
+            p = p + q + found
+            if wrapped is not None and not p:
+                rows.append({"device_id": dev, "chf_identifier": chf, "wrapped": wrapped,
+                             "kcv": kcv, "file_id": h.migration_file_id, "created_at": now})
+            entries.append(MasterKeyResult(chf, dev, "REJECTED" if p else "ACCEPTED",
+                                           tuple(p), "" if p else kcv))
+        return MasterKeysResult(h.migration_file_id, h.group_id, tuple(entries)), rows
+
+    result, rows = assemble(stored_before)
     if not store:
         return result
 
-    def write_rows(conn) -> None:
-        if rows:
-            conn.execute(st.master_keys.insert(), rows)
-    raced = transport.store_once(app, h.migration_file_id, SERVICE, file_digest,
-                                 to_json(result), write_rows, master_keys_result_from_json)
+    def store_result() -> MasterKeysResult | None:
+        def write_rows(conn) -> None:
+            if rows:
+                conn.execute(st.master_keys.insert(), rows)
+        return transport.store_once(app, h.migration_file_id, SERVICE, file_digest,
+                                    to_json(result), write_rows, master_keys_result_from_json)
+    try:
+        raced = store_result()
+    except IntegrityError:
+        # Another file (another replica) stored a master key for one of these devices after
+        # the check above: reject those entries as the check would have, and store again.
+        result, rows = assemble(_devices_already_stored(app, ids))
+        raced = store_result()
     return raced or result
 
 
@@ -129,19 +143,18 @@ def _unwrap_one(sess, key: transport.TransportKey, entry, storage, store: bool,
     return kcv, (wrapped if store else None)
 
 
-def _reject_devices_already_stored(app: App, ids: list[tuple[str, str]],
-                                   problems: list[list[Problem]]) -> None:
-    devices = sorted({d for _, d in ids})
+def _devices_already_stored(app: App, ids: list[tuple[str, str]]) -> list[list[Problem]]:
+    """Per entry: DUPLICATE_IDENTIFIER if its device already has a stored master key."""
+    devices = sorted({d for _, d in ids if d})
     stored: dict[str, str] = {}
     with app.store.engine.connect() as conn:
         for i in range(0, len(devices), 500):
             for row in conn.execute(select(st.master_keys.c.device_id, st.master_keys.c.file_id)
                                     .where(st.master_keys.c.device_id.in_(devices[i:i + 500]))):
                 stored[row.device_id] = row.file_id
-    for (_, dev), p in zip(ids, problems):
-        if dev in stored:
-            p.append(Problem("DUPLICATE_IDENTIFIER", f"{dev} already has a master key from "
-                                                     f"MigrationFileID {stored[dev]}", dev))
+    return [[Problem("DUPLICATE_IDENTIFIER", f"{dev} already has a master key from "
+                                             f"MigrationFileID {stored[dev]}", dev)]
+            if dev in stored else [] for _, dev in ids]
 
 
 def verify_master_key(app: App, device_id: str, expected_kcv: str, method: str = "CMAC") -> bool:

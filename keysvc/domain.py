@@ -45,3 +45,17 @@ class Problem:
     code: str
     message: str = ""
     field: str = ""
+
+
+_KCV = re.compile(r"^[0-9A-F]{6,32}$")
+
+
+class InvalidKcv(ValueError):
+    """Not a check value: KCVs are upper-case hex, 3 (ECB) or 5 (CMAC) bytes and up."""
+
+
+def normalise_kcv(text: str) -> str:
+    kcv = (text or "").strip().upper()
+    if not _KCV.match(kcv):
+        raise InvalidKcv("a check value is hex digits (6 for ECB, 10 for CMAC)")
+    return kcv

@@ -26,7 +26,8 @@ from hsm import HsmKeyNotFound, HsmOperationFailed
 from hsm import keys as hk
 from keysvc import store as st
 from keysvc.app import App, Caller
-from keysvc.errors import error
+from keysvc.errors import KeysvcError, error
+from keysvc.transport import expected_kcv_of
 from keysvc.partitions import COMPONENT_SEAL_KEY, PURPOSE_PARTITION, STORAGE_KEY
 
 PURPOSES = ("S1SP_TRANSPORT", "DCO_TRANSPORT", "EXPORT")
@@ -107,7 +108,16 @@ def create_import_job(app: App, caller: Caller, name: str,
     return ImportJob(job_id, pem, expires)
 
 
-def _kcv_of_unwrapped(app: App, job, wrapped: bytes) -> str:
+def _check_length(purpose: str, length: int) -> None:
+    """kw-aes256 transport keys are 256 bits; an export key may be any AES size."""
+    allowed = (16, 24, 32) if purpose == "EXPORT" else (32,)
+    if length not in allowed:
+        raise error("KEY_UNWRAP_FAILED", f"a {purpose} key is "
+                    + ("128, 192 or 256" if purpose == "EXPORT" else "256") + " bits")
+
+
+def _kcv_of_unwrapped(app: App, job, wrapped: bytes, purpose: str) -> str:
+    """Unwrap into a session object just to read its check value and length."""
     def work(s) -> str:
         job_key = hk.find_private_key(s, f"import-job:{job.id}")
         try:
@@ -123,8 +133,7 @@ def _kcv_of_unwrapped(app: App, job, wrapped: bytes) -> str:
                 kcv = hk.check_value(k)
             except HsmOperationFailed:
                 length, kcv = 0, ""
-            if length not in (16, 24, 32):
-                raise error("KEY_UNWRAP_FAILED", "imported key must be 128, 192 or 256 bits")
+            _check_length(purpose, length)
             return kcv
         finally:
             hk.destroy(k)
@@ -171,9 +180,7 @@ def import_transport_key(app: App, caller: Caller, *, name: str, purpose: str, o
         raise error("WRONG_KEY_PURPOSE", f"unknown purpose {purpose!r}")
     if owner_type not in OWNER_TYPES or not owner_id:
         raise error("INVALID_REQUEST", "owner_id and owner_type are required")
-    expected_kcv = (expected_kcv or "").strip().upper()
-    if not expected_kcv:
-        raise error("INVALID_REQUEST", "expected_kcv is required")
+    expected_kcv = expected_kcv_of(expected_kcv)
     if bool(wrapped_key) == bool(component):
         raise error("INVALID_REQUEST", "give either wrapped_key with import_job_id, or component")
     payload = {"name": name, "purpose": purpose, "owner_id": owner_id,
@@ -189,14 +196,15 @@ def import_transport_key(app: App, caller: Caller, *, name: str, purpose: str, o
         if job.partition != PURPOSE_PARTITION[purpose]:
             raise error("WRONG_KEY_PURPOSE", "the import job's key is in another partition's "
                                              "token than the purpose needs")
-        kcv = _kcv_of_unwrapped(app, job, wrapped_key)
+        kcv = _kcv_of_unwrapped(app, job, wrapped_key, purpose)
         if not hmac.compare_digest(kcv, expected_kcv):
             raise error("KCV_MISMATCH", "the key's check value is not expected_kcv; "
                                         "nothing was stored")
         payload.update(import_job_id=import_job_id, wrapped_key=_b64(wrapped_key))
     else:
-        if len(component) not in (16, 24, 32):
-            raise error("INVALID_REQUEST", "a component is 16, 24 or 32 bytes")
+        if len(component) not in ((16, 24, 32) if purpose == "EXPORT" else (32,)):
+            raise error("INVALID_REQUEST", "a component is as long as the key: 32 bytes for a "
+                                           "transport key, 16, 24 or 32 for an export key")
         payload["components"] = [{"officer": caller.identity,
                                   "sealed": _seal_component(app, purpose, component)}]
     _check_label_free(app, purpose, name)
@@ -255,37 +263,36 @@ def approve(app: App, caller: Caller, operation_id: str, component: bytes = b"")
                                           "sealed": _seal_component(app, payload["purpose"],
                                                                     component)})
         approvals.append(caller.identity)
-        state, message = "PENDING", ""
+        state, message, refusal = "PENDING", "", ""
         if len(approvals) >= app.settings.quorum:
-            state, message = _execute(app, conn, row.kind, payload, row)
+            state, message, refusal = _execute(app, conn, row.kind, payload, row)
         conn.execute(update(st.operations).where(st.operations.c.id == row.id).values(
             approvals=st.dumps(approvals), payload=st.dumps(payload), state=state,
             message=message, updated_at=app.clock()))
         result = _operation(app, _with(row, approvals=st.dumps(approvals), state=state,
                                          message=message))
-    if state == "REJECTED":
-        raise error("KCV_MISMATCH", message, operation_id=operation_id)
+    if refusal:  # the operation is recorded REJECTED; the caller is told why
+        raise error(refusal, message, operation_id=operation_id)
     return result
 
 
-def _execute(app: App, conn, kind: str, p: dict, row) -> tuple[str, str]:
-    """Carry out an approved operation; returns (state, message)."""
+def _execute(app: App, conn, kind: str, p: dict, row) -> tuple[str, str, str]:
+    """Carry out an approved operation; returns (state, message, refusal code or "")."""
     now = app.clock()
     if kind == "IMPORT_TRANSPORT_KEY":
         if "components" in p:
             kcv = _create_from_components(app, p)
             del p["components"]  # used once, approved or not: not kept, even sealed
-            if kcv is None:
-                return "REJECTED", "the combined key's check value is not expected_kcv"
         else:
             kcv = _create_from_wrapped(app, p)
+            p.pop("wrapped_key", None)
+        if kcv is None:
+            return "REJECTED", "the key's check value is not expected_kcv", "KCV_MISMATCH"
         conn.execute(st.keys.insert().values(
             name=p["name"], partition=PURPOSE_PARTITION[p["purpose"]], purpose=p["purpose"],
             algorithm="AES", owner_id=p["owner_id"], owner_type=p["owner_type"], kcv=kcv,
             state="ENABLED", created_at=now, public_key_pem="", allowed_originators="[]"))
-        p.pop("components", None)
-        p.pop("wrapped_key", None)
-        return "APPROVED", ""
+        return "APPROVED", "", ""
     if kind == "GENERATE_RECIPIENT_KEY":
         token = app.partitions.for_purpose(p["purpose"])
         with token.session() as s:
@@ -297,16 +304,17 @@ def _execute(app: App, conn, kind: str, p: dict, row) -> tuple[str, str]:
             algorithm="RSA-3072", owner_id="", owner_type="", kcv="", state="ENABLED",
             created_at=now, public_key_pem=pem,
             allowed_originators=st.dumps(p["allowed_originators"])))
-        return "APPROVED", ""
+        return "APPROVED", "", ""
     key = conn.execute(select(st.keys).where(st.keys.c.name == p["name"])).first()
-    if key is None:
-        return "REJECTED", "the key no longer exists"
+    if key is None or key.state == "DESTROYED":
+        # Destruction is final: an enable or disable approved after it changes nothing.
+        return "REJECTED", f"key {p['name']!r} no longer exists", "KEY_NOT_FOUND"
     if kind == "DESTROY_KEY":
         with app.partitions.tokens[key.partition].session() as s:
             hk.destroy_objects(s, key.name)
     new_state = {"DISABLE_KEY": "DISABLED", "ENABLE_KEY": "ENABLED", "DESTROY_KEY": "DESTROYED"}[kind]
     conn.execute(update(st.keys).where(st.keys.c.name == key.name).values(state=new_state))
-    return "APPROVED", ""
+    return "APPROVED", "", ""
 
 
 def _usage(purpose: str) -> dict:
@@ -314,13 +322,29 @@ def _usage(purpose: str) -> dict:
     return hk.EXPORT_USAGE if purpose == "EXPORT" else hk.KEK_USAGE
 
 
-def _create_from_wrapped(app: App, p: dict) -> str:
+def _create_from_wrapped(app: App, p: dict) -> str | None:
+    """The key is checked again at approval: the pending row sat in the database, and the
+    import job's public key is public, so the wrapped bytes there prove nothing by
+    themselves. Returns the KCV, or None (nothing made) when it is not expected_kcv."""
+    with app.store.engine.connect() as conn:
+        job = conn.execute(select(st.import_jobs).where(
+            st.import_jobs.c.id == p["import_job_id"])).first()
+    if job is None:
+        return None
+    wrapped = _unb64(p["wrapped_key"])
+    try:
+        kcv = _kcv_of_unwrapped(app, job, wrapped, p["purpose"])
+    except KeysvcError:
+        return None
+    if not hmac.compare_digest(kcv, p["expected_kcv"]):
+        return None
+
     def work(s) -> None:
         job_key = hk.find_private_key(s, f"import-job:{p['import_job_id']}")
-        hk.unwrap(s, job_key, _unb64(p["wrapped_key"]), hk.Unwrap.RSA_OAEP_SHA1,
+        hk.unwrap(s, job_key, wrapped, hk.Unwrap.RSA_OAEP_SHA1,
                   token=True, label=p["name"], usage=_usage(p["purpose"]))
     app.partitions.for_purpose(p["purpose"]).run(work)
-    return p["expected_kcv"]
+    return kcv
 
 
 def _create_from_components(app: App, p: dict) -> str | None:

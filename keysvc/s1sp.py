@@ -31,6 +31,7 @@ from keysvc.results import (DeviceKey, GroupResult, InstallationResult,
 from keysvc.xmlfile import AES256_GCM, DP_GROUPS, NSMAP, parse_plaintext, read_file
 
 SERVICE = "s1sp"
+BREATHE_EVERY = 128  # installations between chances for other callers to use the HSM
 ROLE_OF = {"AuthenticationKey": "AUTHENTICATION", "EncryptionKey": "ENCRYPTION",
            "PrepaymentKey": "PREPAYMENT"}
 
@@ -302,10 +303,13 @@ def _wrap_accepted(app: App, installations: list[_Installation]
     storage key, destroy. Rows of installations whose certificate then fails are dropped
     before anything is stored (`_drop_rejected`)."""
     rows = []
-    with app.partitions.s1sp.session() as sess:
+    token = app.partitions.s1sp
+    with token.session() as sess:
         sess.retire_after_use()  # its close destroys every device key object made here
         storage = hk.session_copy(sess, STORAGE_KEY)
-        for inst in installations:
+        for n, inst in enumerate(installations, 1):
+            if n % BREATHE_EVERY == 0:
+                token.breathe()
             if inst.problems:
                 inst.keys.clear()
                 continue

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Any
 
 import grpc
@@ -13,6 +14,7 @@ from keysvc.api.v1 import keysvc_pb2_grpc as rpc
 from keysvc.app import App, Caller
 from keysvc.device_certificate import CertificateVerdict, verify_device_certificate
 from keysvc.domain import Problem
+from keysvc.errors import error
 from keysvc.results import GroupResult, MasterKeysResult
 from keysvc.server import audit_target, current_caller
 
@@ -85,12 +87,32 @@ def master_keys_pb(r: MasterKeysResult) -> pb.MasterKeysResult:
 
 
 def _file_target(data: bytes) -> None:
-    """Name the MigrationFileID in the audit event, cheaply and without parsing secrets."""
+    """Name the file in the audit event before it is parsed, so that a refused file has a
+    target too; marked "claimed" because nothing has checked it yet. A processed file's
+    event names the MigrationFileID read by the parser instead (`_parsed_target`)."""
     start = data.find(b"<MigrationFileID>")
     if start >= 0:
         end = data.find(b"</MigrationFileID>", start, start + 200)
         if end > 0:
-            audit_target.set(data[start + 17:end].decode("ascii", "replace")[:64])
+            audit_target.set("claimed " + data[start + 17:end].decode("ascii", "replace")[:64])
+
+
+def _parsed_target(result: GroupResult | MasterKeysResult) -> None:
+    audit_target.set(result.migration_file_id)
+
+
+def _enum_name(enum: Any, value: int, what: str) -> str:
+    try:
+        return enum.Name(value)
+    except ValueError:
+        raise error("INVALID_REQUEST", f"{what} {value} is not a known value") from None
+
+
+def _time(t: Timestamp, what: str) -> dt.datetime:
+    try:
+        return from_ts(t)
+    except (ValueError, OverflowError, OSError):
+        raise error("INVALID_REQUEST", f"{what} is not a representable time") from None
 
 
 class S1SPServicer(rpc.S1SPServiceServicer):
@@ -99,18 +121,19 @@ class S1SPServicer(rpc.S1SPServiceServicer):
 
     def ProcessGroupInformation(self, request: Any, context: grpc.ServicerContext) -> Any:
         _file_target(request.file)
-        return group_result_pb(s1sp.process_group_information(self.app, _caller(),
-                                                              request.file))
+        result = s1sp.process_group_information(self.app, _caller(), request.file)
+        _parsed_target(result)
+        return group_result_pb(result)
 
     def VerifyPrepaymentKey(self, request: Any, context: grpc.ServicerContext) -> Any:
         audit_target.set(request.device_id)
         return pb.VerifyPrepaymentKeyResponse(match=s1sp.verify_prepayment_key(
             self.app, request.device_id, request.expected_kcv,
-            pb.KcvMethod.Name(request.kcv_method)))
+            _enum_name(pb.KcvMethod, request.kcv_method, "kcv_method")))
 
     def VerifyDeviceCertificate(self, request: Any, context: grpc.ServicerContext) -> Any:
         audit_target.set(request.chf_identifier)
-        at = from_ts(request.at) if request.HasField("at") else self.app.clock()
+        at = _time(request.at, "at") if request.HasField("at") else self.app.clock()
         return verdict_pb(verify_device_certificate(
             request.certificate, request.chf_identifier or None, self.app.trust,
             intermediates=list(request.intermediates), at=at))
@@ -118,7 +141,8 @@ class S1SPServicer(rpc.S1SPServiceServicer):
     def ExportDeviceKeys(self, request: Any, context: grpc.ServicerContext) -> Any:
         audit_target.set(f"{request.device_id} -> {request.export_key_name}")
         keys = s1sp.export_device_keys(self.app, request.device_id,
-                                       [pb.DeviceKeyRole.Name(r) for r in request.roles],
+                                       [_enum_name(pb.DeviceKeyRole, r, "role")
+                                        for r in request.roles],
                                        request.export_key_name)
         return pb.ExportDeviceKeysResponse(keys=[
             pb.ExportedKey(role=pb.DeviceKeyRole.Value(k.role), name=k.name, kcv=k.kcv,
@@ -139,19 +163,21 @@ class DCOServicer(rpc.DCOServiceServicer):
 
     def ValidateMasterKeys(self, request: Any, context: grpc.ServicerContext) -> Any:
         _file_target(request.file)
-        return master_keys_pb(dco.process_master_keys(self.app, _caller(), request.file,
-                                                      store=False))
+        result = dco.process_master_keys(self.app, _caller(), request.file, store=False)
+        _parsed_target(result)
+        return master_keys_pb(result)
 
     def UnwrapMasterKeys(self, request: Any, context: grpc.ServicerContext) -> Any:
         _file_target(request.file)
-        return master_keys_pb(dco.process_master_keys(self.app, _caller(), request.file,
-                                                      store=True))
+        result = dco.process_master_keys(self.app, _caller(), request.file, store=True)
+        _parsed_target(result)
+        return master_keys_pb(result)
 
     def VerifyMasterKey(self, request: Any, context: grpc.ServicerContext) -> Any:
         audit_target.set(request.device_id)
         return pb.VerifyMasterKeyResponse(match=dco.verify_master_key(
             self.app, request.device_id, request.expected_kcv,
-            pb.KcvMethod.Name(request.kcv_method)))
+            _enum_name(pb.KcvMethod, request.kcv_method, "kcv_method")))
 
 
 def operation_pb(o: keyadmin.Operation) -> pb.Operation:
@@ -181,7 +207,7 @@ def escrow_pb(e: escrow.Escrow) -> pb.Escrow:
 
 
 def _purpose(value: int) -> str:
-    return "" if value == 0 else pb.KeyPurpose.Name(value)
+    return "" if value == 0 else _enum_name(pb.KeyPurpose, value, "purpose")
 
 
 class KeyAdministrationServicer(rpc.KeyAdministrationServiceServicer):
@@ -201,7 +227,8 @@ class KeyAdministrationServicer(rpc.KeyAdministrationServiceServicer):
         return operation_pb(keyadmin.import_transport_key(
             self.app, _caller(), name=request.name, purpose=_purpose(request.purpose),
             owner_id=request.owner_id,
-            owner_type=pb.OwnerType.Name(request.owner_type) if request.owner_type else "",
+            owner_type=_enum_name(pb.OwnerType, request.owner_type, "owner_type")
+            if request.owner_type else "",
             expected_kcv=request.expected_kcv, wrapped_key=request.wrapped_key,
             import_job_id=request.import_job_id, component=request.component))
 
@@ -217,7 +244,8 @@ class KeyAdministrationServicer(rpc.KeyAdministrationServiceServicer):
                                              request.component))
 
     def ListOperations(self, request: Any, context: grpc.ServicerContext) -> Any:
-        state = "" if request.state == 0 else pb.Operation.State.Name(request.state)
+        state = "" if request.state == 0 else _enum_name(pb.Operation.State, request.state,
+                                                         "state")
         return pb.ListOperationsResponse(operations=[
             operation_pb(o) for o in keyadmin.list_operations(self.app, state)])
 
@@ -268,9 +296,12 @@ class AuditServicer(rpc.AuditServiceServicer):
         self.app = app
 
     def ListAuditEvents(self, request: Any, context: grpc.ServicerContext) -> Any:
-        after = int(request.page_token) if request.page_token.isdigit() else 0
+        token = request.page_token
+        if token and not re.fullmatch(r"[0-9]{1,18}", token):
+            raise error("INVALID_REQUEST", "page_token is not one this service gave out")
+        after = int(token) if token else 0
         events, last = self.app.audit.list(
-            since=from_ts(request.since) if request.HasField("since") else None,
+            since=_time(request.since, "since") if request.HasField("since") else None,
             actor=request.actor, action=request.action, page_size=request.page_size,
             after_seq=after)
         return pb.ListAuditEventsResponse(

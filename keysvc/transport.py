@@ -17,6 +17,7 @@ from hsm import HsmOperationFailed
 from hsm import keys as hk
 from keysvc import store as st
 from keysvc.app import App
+from keysvc.domain import InvalidKcv, normalise_kcv
 from keysvc.errors import error
 from keysvc.partitions import STORAGE_KEY
 from keysvc.xmlfile import KEY_TRANSPORTS, KW_AES256, EncryptedKey, MigrationHeader
@@ -88,6 +89,7 @@ def unwrap(s: Any, key: TransportKey, ek: EncryptedKey, usage: dict) -> Any:
 def stored_key_matches(token: Any, wrapped: bytes, expected_kcv: str, method: str) -> bool:
     """Compare a stored key's check value, computed in the HSM, with the caller's
     (VerifyPrepaymentKey, VerifyMasterKey): the key is unwrapped only into the token."""
+    expected = expected_kcv_of(expected_kcv)
     with token.session() as sess:
         obj = hk.unwrap(sess, hk.find_key(sess, STORAGE_KEY), wrapped, hk.Unwrap.AES_KW,
                         usage=hk.KCV_USAGE)
@@ -95,7 +97,14 @@ def stored_key_matches(token: Any, wrapped: bytes, expected_kcv: str, method: st
             kcv = hk.check_value(obj, hk.Kcv(method))
         finally:
             hk.destroy(obj)
-    return hmac.compare_digest(kcv, (expected_kcv or "").strip().upper())
+    return hmac.compare_digest(kcv, expected)
+
+
+def expected_kcv_of(text: str) -> str:
+    try:
+        return normalise_kcv(text)
+    except InvalidKcv as exc:
+        raise error("INVALID_REQUEST", str(exc)) from None
 
 
 def digest(data: bytes) -> str:

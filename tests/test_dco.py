@@ -193,7 +193,10 @@ def test_examples_unwrap_to_master_keys_with_the_expected_kcvs_in_process(app, n
         assert not dco.verify_master_key(app, dev, mk["kcv_ecb"], "CMAC")
         assert not dco.verify_master_key(app, dev, mk["kcv_cmac"], "ECB")
         assert not dco.verify_master_key(app, dev, "0000000000", "CMAC")
-        assert not dco.verify_master_key(app, dev, "", "CMAC")
+        for not_a_kcv in ("", "ZZZZZZ", "ÄÖÜ123"):
+            with pytest.raises(KeysvcError) as info:
+                dco.verify_master_key(app, dev, not_a_kcv, "CMAC")
+            assert info.value.code == "INVALID_REQUEST"
 
 
 def test_verify_master_key_for_an_unknown_device_is_device_key_not_found(app):

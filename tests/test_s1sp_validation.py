@@ -939,7 +939,9 @@ def test_verify_prepayment_key_matches_cmac_and_ecb_and_refuses_others(kit):
         assert s1sp.verify_prepayment_key(kit.app, device, kcv(key).lower(), "CMAC")
         assert not s1sp.verify_prepayment_key(kit.app, device, kcv(key, "ECB"), "CMAC")
         assert not s1sp.verify_prepayment_key(kit.app, device, kcv(insts[0].auth_key))
-        assert not s1sp.verify_prepayment_key(kit.app, device, "")
+        with pytest.raises(KeysvcError) as ei:  # not a check value at all: a clear error
+            s1sp.verify_prepayment_key(kit.app, device, "")
+        assert ei.value.code == "INVALID_REQUEST"
     with pytest.raises(KeysvcError) as ei:
         s1sp.verify_prepayment_key(kit.app, "10-00-00-00-00-00-00-02", "0000000000")
     assert ei.value.code == "DEVICE_KEY_NOT_FOUND"
