@@ -200,19 +200,24 @@ class Token:
 
     # ------------------------------------------------------------------ sessions
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """Borrow a session; waits at most `acquire_timeout`, then HsmUnavailable."""
+    def session(self, *, missing_means_down: bool = True) -> Iterator[Session]:
+        """Borrow a session; waits at most `acquire_timeout`, then HsmUnavailable.
+
+        A key object that cannot be found makes the token suspect: if its sentinel is gone
+        too, the token is marked down (HsmUnavailable) - unless the caller will re-read
+        the token and retry first (`run`), since a stale view hides the sentinel as well.
+        """
         mod = self._mod()
         if not mod.lock.acquire(timeout=self.config.acquire_timeout):
             raise HsmUnavailable(f"token {self.config.label}: HSM busy")
         try:
-            with self._borrow() as s:
+            with self._borrow(missing_means_down) as s:
                 yield s
         finally:
             mod.lock.release()
 
     @contextmanager
-    def _borrow(self) -> Iterator[Session]:
+    def _borrow(self, missing_means_down: bool = True) -> Iterator[Session]:
         self._ensure_open()
         if not self._slots.acquire(timeout=self.config.acquire_timeout):
             raise HsmUnavailable(f"token {self.config.label}: session pool exhausted")
@@ -236,7 +241,8 @@ class Token:
                 raise translate(exc) from None
             except (px.NoSuchKey, HsmKeyNotFound) as exc:
                 # A missing object may mean the token itself is gone: ask the sentinel.
-                if self.config.sentinel and not self._sentinel_present(s):
+                if missing_means_down and self.config.sentinel \
+                        and not self._sentinel_present(s):
                     s.broken = True
                     self.mark_down()
                     raise HsmUnavailable(f"token {self.config.label} lost its objects") \
@@ -279,7 +285,7 @@ class Token:
         session objects are destroyed with the session).
         """
         try:
-            with self.session() as s:
+            with self.session(missing_means_down=False) as s:
                 return work(s)
         except HsmKeyNotFound:
             self.refresh()

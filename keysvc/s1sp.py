@@ -302,24 +302,29 @@ def _wrap_accepted(app: App, installations: list[_Installation]
     """Each key of a so-far valid installation: into the token, check value, wrap under the
     storage key, destroy. Rows of installations whose certificate then fails are dropped
     before anything is stored (`_drop_rejected`)."""
-    rows = []
     token = app.partitions.s1sp
-    with token.session() as sess:
+
+    def work(sess) -> tuple[list, list[list[tuple[str, str, str, str]]]]:
+        # Pure until it returns, so that Token.run may repeat it after re-reading the token.
         sess.retire_after_use()  # its close destroys every device key object made here
         storage = hk.session_copy(sess, STORAGE_KEY)
+        rows, done_all = [], []
         for n, inst in enumerate(installations, 1):
             if n % BREATHE_EVERY == 0:
                 token.breathe()
-            if inst.problems:
-                inst.keys.clear()
-                continue
-            done = []
-            for device, role, name, bits in inst.keys:
-                obj = hk.create_aes(sess, bits, usage=hk.PLAINTEXT_KEY_USAGE)
-                kcv = hk.check_value(obj)
-                rows.append((inst.chf, device, role, name, hk.wrap(storage, obj), kcv))
-                done.append((device, role, name, kcv))
-            inst.keys = done  # type: ignore[assignment]  (bits dropped: only KCVs remain)
+            done: list[tuple[str, str, str, str]] = []
+            if not inst.problems:
+                for device, role, name, bits in inst.keys:
+                    obj = hk.create_aes(sess, bits, usage=hk.PLAINTEXT_KEY_USAGE)
+                    kcv = hk.check_value(obj)
+                    rows.append((inst.chf, device, role, name, hk.wrap(storage, obj), kcv))
+                    done.append((device, role, name, kcv))
+            done_all.append(done)
+        return rows, done_all
+
+    rows, done_all = token.run(work)
+    for inst, done in zip(installations, done_all):
+        inst.keys = done  # type: ignore[assignment]  (bits dropped: only KCVs remain)
     return rows
 
 

@@ -102,7 +102,8 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
             response = inner(request, context)
         except KeysvcError as exc:
             failure, code = exc, exc.code
-        except HsmUnavailable:
+        except HsmUnavailable as exc:
+            log.warning("HSM unavailable", extra={"method": method, "code": str(exc)[:200]})
             failure = error("HSM_UNAVAILABLE", "the HSM is unavailable; retry later")
             code = failure.code
         except HsmError as exc:

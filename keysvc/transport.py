@@ -90,14 +90,15 @@ def stored_key_matches(token: Any, wrapped: bytes, expected_kcv: str, method: st
     """Compare a stored key's check value, computed in the HSM, with the caller's
     (VerifyPrepaymentKey, VerifyMasterKey): the key is unwrapped only into the token."""
     expected = expected_kcv_of(expected_kcv)
-    with token.session() as sess:
+
+    def work(sess) -> str:
         obj = hk.unwrap(sess, hk.find_key(sess, STORAGE_KEY), wrapped, hk.Unwrap.AES_KW,
                         usage=hk.KCV_USAGE)
         try:
-            kcv = hk.check_value(obj, hk.Kcv(method))
+            return hk.check_value(obj, hk.Kcv(method))
         finally:
             hk.destroy(obj)
-    return hmac.compare_digest(kcv, expected)
+    return hmac.compare_digest(token.run(work), expected)
 
 
 def expected_kcv_of(text: str) -> str:
