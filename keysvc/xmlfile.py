@@ -178,13 +178,25 @@ def _header(root: etree._Element) -> MigrationHeader:
                            _text(h, "m:CreationDateTime"))
 
 
+_KEY_NAME = f"{{{DS}}}KeyName"
+
+
 def _master_key_entries(root: etree._Element) -> tuple[MasterKeyEntry, ...]:
+    """Read by position, not by path: the schema has already fixed every child's place
+    (CHFIdentifier, DeviceID, EncryptedKey{EncryptionMethod, KeyInfo, CipherData}), and a
+    file carries thousands of entries."""
     entries = []
-    for i, e in enumerate(root.iterfind("m:EncryptedMasterKey/m:MasterKeyEntry", NSMAP), 1):
+    container = root.find("m:EncryptedMasterKey", NSMAP)
+    for i, e in enumerate(container, 1):
+        chf, device, ek = e[0], e[1], e[2]
+        method, key_info, cipher_data = ek[0], ek[1], ek[2]
+        name_el = key_info[0]
         entries.append(MasterKeyEntry(
-            _text(e, "m:CHFIdentifier"), _text(e, "m:DeviceID"),
-            _encrypted_key(e.find("xenc:EncryptedKey", NSMAP),
-                           f"MasterKeyEntry {i} CipherValue")))
+            (chf.text or "").strip(), (device.text or "").strip(),
+            EncryptedKey(method.get("Algorithm") or "",
+                         (name_el.text or "").strip() if name_el.tag == _KEY_NAME else "",
+                         strict_base64(cipher_data[0].text,
+                                       f"MasterKeyEntry {i} CipherValue"))))
     return tuple(entries)
 
 
