@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 
-def run(sizes=(1, 100, 1000), repeats: int = 3) -> list[dict]:
+def run(sizes=(1, 100, 1000), repeats: int = 5) -> list[dict]:
     from hsm import keys as hk
     from keysvc.api.v1 import keysvc_pb2 as pb
     from tests.serverproc import start_server
@@ -97,7 +97,7 @@ def run(sizes=(1, 100, 1000), repeats: int = 3) -> list[dict]:
 
 
 def main() -> None:
-    print("S1SP ProcessGroupInformation (EA files), best of 3")
+    print("S1SP ProcessGroupInformation (EA files), best of 5")
     print(f"{'installations':>13} {'server inst/s':>14} {'baseline inst/s':>16} {'ratio':>6}")
     for r in run():
         print(f"{r['installations']:>13} {r['server_per_s']:>14.0f} {r['baseline_per_s']:>16.0f}"
