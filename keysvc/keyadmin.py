@@ -283,11 +283,12 @@ def _execute(app: App, conn, kind: str, p: dict, row) -> tuple[str, str, str]:
         if "components" in p:
             kcv = _create_from_components(app, p)
             del p["components"]  # used once, approved or not: not kept, even sealed
+            message, refusal = "the key's check value is not expected_kcv", "KCV_MISMATCH"
         else:
-            kcv = _create_from_wrapped(app, p)
+            kcv, message, refusal = _create_from_wrapped(app, conn, p)
             p.pop("wrapped_key", None)
         if kcv is None:
-            return "REJECTED", "the key's check value is not expected_kcv", "KCV_MISMATCH"
+            return "REJECTED", message, refusal
         conn.execute(st.keys.insert().values(
             name=p["name"], partition=PURPOSE_PARTITION[p["purpose"]], purpose=p["purpose"],
             algorithm="AES", owner_id=p["owner_id"], owner_type=p["owner_type"], kcv=kcv,
@@ -322,29 +323,36 @@ def _usage(purpose: str) -> dict:
     return hk.EXPORT_USAGE if purpose == "EXPORT" else hk.KEK_USAGE
 
 
-def _create_from_wrapped(app: App, p: dict) -> str | None:
-    """The key is checked again at approval: the pending row sat in the database, and the
+def _create_from_wrapped(app: App, conn, p: dict) -> tuple[str | None, str, str]:
+    """Make the key from the import job; returns (kcv, "", "") or (None, message, code).
+
+    The key is checked again at approval: the pending row sat in the database, and the
     import job's public key is public, so the wrapped bytes there prove nothing by
-    themselves. Returns the KCV, or None (nothing made) when it is not expected_kcv."""
-    with app.store.engine.connect() as conn:
-        job = conn.execute(select(st.import_jobs).where(
-            st.import_jobs.c.id == p["import_job_id"])).first()
+    themselves. An import job serves one key: its pair is destroyed once the key exists.
+    """
+    job = conn.execute(select(st.import_jobs).where(
+        st.import_jobs.c.id == p["import_job_id"])).first()
     if job is None:
-        return None
+        return None, "the import job was used by another import or is gone", \
+            "IMPORT_JOB_NOT_FOUND"
     wrapped = _unb64(p["wrapped_key"])
     try:
         kcv = _kcv_of_unwrapped(app, job, wrapped, p["purpose"])
-    except KeysvcError:
-        return None
+    except KeysvcError as exc:
+        return None, exc.message, exc.code
     if not hmac.compare_digest(kcv, p["expected_kcv"]):
-        return None
+        return None, "the key's check value is not expected_kcv", "KCV_MISMATCH"
 
     def work(s) -> None:
         job_key = hk.find_private_key(s, f"import-job:{p['import_job_id']}")
         hk.unwrap(s, job_key, wrapped, hk.Unwrap.RSA_OAEP_SHA1,
                   token=True, label=p["name"], usage=_usage(p["purpose"]))
-    app.partitions.for_purpose(p["purpose"]).run(work)
-    return kcv
+    token = app.partitions.for_purpose(p["purpose"])
+    token.run(work)
+    with token.session() as s:
+        hk.destroy_objects(s, f"import-job:{job.id}")
+    conn.execute(st.import_jobs.delete().where(st.import_jobs.c.id == job.id))
+    return kcv, "", ""
 
 
 def _create_from_components(app: App, p: dict) -> str | None:

@@ -180,3 +180,21 @@ def test_malformed_requests_are_invalid_argument_not_internal(server, call):
         call(server)
     assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), \
         error_reason(info.value)
+
+
+def test_an_import_job_serves_one_key_and_its_pair_is_destroyed_after(app):
+    job = keyadmin.create_import_job(app, OFFICER_1, "once", "S1SP_TRANSPORT")
+    first, second = os.urandom(32), os.urandom(32)
+
+    def request(key):
+        return keyadmin.import_transport_key(
+            app, OFFICER_1, name=unique("ONCE"), purpose="S1SP_TRANSPORT", owner_id="SMSO-H",
+            owner_type="SMSO", expected_kcv=encoder.kcv(key),
+            wrapped_key=wrap_for_job(job.public_key_pem, key), import_job_id=job.import_job_id)
+    op = request(first)
+    keyadmin.approve(app, OFFICER_2, op.operation_id)
+    with app.partitions.s1sp.session() as s:
+        assert not list(s.raw.get_objects({Attribute.LABEL: f"import-job:{job.import_job_id}"}))
+    with pytest.raises(KeysvcError) as info:
+        request(second)
+    assert info.value.code == "IMPORT_JOB_NOT_FOUND"
