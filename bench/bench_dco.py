@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, baseline_token, best_of
+from common import ROOT, baseline_token, bench_server, best_of
 
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
@@ -18,17 +18,11 @@ from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 def run(n: int = 1000, repeats: int = 5) -> dict:
     from hsm import keys as hk
     from keysvc.api.v1 import keysvc_pb2 as pb
-    from tests.serverproc import start_server
     from tests.support import encoder
 
     work = Path(tempfile.mkdtemp(prefix="keysvc-bench-dco-"))
-    s1sp_kek, dco_kek = os.urandom(32), os.urandom(32)
-    server = start_server(work / "server")
+    server, s1sp_kek, dco_kek = bench_server(work)
     try:
-        server.import_aes_key("BENCH-S1SP", s1sp_kek, purpose="S1SP_TRANSPORT",
-                              owner_id="SMSO-BENCH")
-        server.import_aes_key("BENCH-DCO", dco_kek, purpose="DCO_TRANSPORT",
-                              owner_id="SMSO-BENCH")
         stub = server.as_("dco").dco
         files, masters = [], []
         for r in range(repeats):

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, baseline_token, best_of
+from common import ROOT, baseline_token, bench_server, best_of
 
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -21,20 +21,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 def run(sizes=(1, 100, 1000), repeats: int = 5) -> list[dict]:
     from hsm import keys as hk
     from keysvc.api.v1 import keysvc_pb2 as pb
-    from tests.serverproc import start_server
     from tests.support import encoder
 
     work = Path(tempfile.mkdtemp(prefix="keysvc-bench-"))
     factory = encoder.DeviceCertificateFactory()
     ca = work / "device-ca.pem"
     ca.write_bytes(factory.ca_pem)
-    s1sp_kek, dco_kek = os.urandom(32), os.urandom(32)
-    server = start_server(work / "server", trust_anchors=[ca])
+    server, s1sp_kek, dco_kek = bench_server(work, [ca])
     try:
-        server.import_aes_key("BENCH-S1SP", s1sp_kek, purpose="S1SP_TRANSPORT",
-                              owner_id="SMSO-BENCH")
-        server.import_aes_key("BENCH-DCO", dco_kek, purpose="DCO_TRANSPORT",
-                              owner_id="SMSO-BENCH")
         stub = server.as_("s1sp").s1sp
         token = baseline_token(work / "baseline")
         with token.session() as s:

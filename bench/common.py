@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,13 +23,15 @@ def best_of(n: int, fn) -> float:
     return min(times)
 
 
-def median_of(n: int, fn) -> float:
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def bench_server(work: Path, trust_anchors: list[Path] = ()):
+    """A real server with the two transport keys the benchmark files are made for."""
+    from tests.serverproc import start_server
+    s1sp_kek, dco_kek = os.urandom(32), os.urandom(32)
+    server = start_server(work / "server", trust_anchors=list(trust_anchors))
+    server.import_aes_key("BENCH-S1SP", s1sp_kek, purpose="S1SP_TRANSPORT",
+                          owner_id="SMSO-BENCH")
+    server.import_aes_key("BENCH-DCO", dco_kek, purpose="DCO_TRANSPORT", owner_id="SMSO-BENCH")
+    return server, s1sp_kek, dco_kek
 
 
 def baseline_token(state: Path):
