@@ -5,7 +5,6 @@ under the DCO transport key into a session object, wrap it under a storage key, 
 """
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 from pathlib import Path

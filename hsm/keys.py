@@ -176,10 +176,6 @@ def public_key_der(pub: Any) -> bytes:
                                                          PublicFormat.SubjectPublicKeyInfo)
 
 
-def rsa_public_der(s: Session, label: str) -> bytes:
-    return public_key_der(find_key(s, label, ObjectClass.PUBLIC_KEY))
-
-
 def import_rsa_private(s: Session, label: str, private_key: Any) -> None:
     """Load an RSA private key (pyca object) as an unwrap-only token object (tests, migration
     of recipient keys from another HSM's export)."""

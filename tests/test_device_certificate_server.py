@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime as dt
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp

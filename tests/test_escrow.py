@@ -7,10 +7,9 @@ own reference) is replaced per test; nothing sleeps.
 from __future__ import annotations
 
 import base64
-import json
 import secrets
 import threading
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 from zoneinfo import ZoneInfo
 
 import pytest

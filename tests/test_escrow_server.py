@@ -12,7 +12,6 @@ import sqlite3
 import subprocess
 import threading
 from datetime import date, datetime, timedelta, timezone
-from pathlib import Path
 
 import grpc
 import pytest

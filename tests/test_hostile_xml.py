@@ -10,6 +10,7 @@ import base64
 import dataclasses
 import re
 import socket
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -172,17 +173,23 @@ def test_server_still_answers_good_calls_after_hostile_ones(server):
                                                "UNKNOWN_TRANSPORT_KEY")
 
 
-def test_external_dtd_is_never_fetched(server):
+@contextmanager
+def loopback_listener():
+    """A port that must never see a connection: the parser fetches nothing."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
         listener.settimeout(0.5)
-        port = listener.getsockname()[1]
+        yield listener.getsockname()[1]
+        with pytest.raises(socket.timeout):
+            listener.accept()
+
+
+def test_external_dtd_is_never_fetched(server):
+    with loopback_listener() as port:
         exc = call(server, after_decl(b'<!DOCTYPE MigrationGroupEncryptedFile SYSTEM '
                                       b'"http://127.0.0.1:%d/evil.dtd">' % port))
         assert error_reason(exc) == "FORBIDDEN_XML_CONSTRUCT"
-        with pytest.raises(socket.timeout):
-            listener.accept()
 
 
 # =========================================================================== in process
@@ -257,11 +264,7 @@ def test_file_over_the_servers_size_limit_is_file_too_large_not_a_transport_erro
 
 
 def test_schema_location_hint_is_never_fetched_and_xinclude_is_not_processed(server):
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        listener.settimeout(0.5)
-        port = listener.getsockname()[1]
+    with loopback_listener() as port:
         hinted = GOOD.replace(ROOT_OPEN, ROOT_OPEN[:-1] + (
             b' xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:schemaLocation='
             b'"urn:keysvc:smets1:migration:1.2 http://127.0.0.1:%d/evil.xsd">' % port), 1)
@@ -272,5 +275,3 @@ def test_schema_location_hint_is_never_fetched_and_xinclude_is_not_processed(ser
                                 b"</MigrationHeader>" % port, 1)
         exc = call(server, xinclude)
         assert error_reason(exc) == "SCHEMA_INVALID"
-        with pytest.raises(socket.timeout):
-            listener.accept()

@@ -8,7 +8,6 @@ import urllib.request
 import pytest
 
 from keysvc.api.v1 import keysvc_pb2 as pb
-from keysvc.device_certificate import TrustStore  # noqa: F401
 from tests.serverproc import free_port, start_server
 from tests.support import encoder
 
