@@ -6,11 +6,13 @@ objects (store=False) die with the session or on `destroy`, which callers do in 
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Any
 
 from pkcs11 import MGF, Attribute, GCMParams, KeyType, Mechanism, ObjectClass
 from pkcs11.util.rsa import encode_rsa_public_key
 
+from hsm.direct import Template
 from hsm.errors import BROKEN_SESSION, HsmKeyNotFound, HsmOperationFailed, translate
 from hsm.token import Session
 
@@ -127,10 +129,12 @@ STORAGE_USAGE = {A.WRAP: True, A.UNWRAP: True, A.ENCRYPT: False, A.DECRYPT: Fals
                  A.SIGN: False, A.VERIFY: False}
 SEAL_USAGE = {A.WRAP: False, A.UNWRAP: False, A.ENCRYPT: True, A.DECRYPT: True,
               A.SIGN: False, A.VERIFY: False}
-# A session copy of a key while its check value is computed; never persisted.
-KCV_USAGE = {A.SIGN: True, A.ENCRYPT: True, A.WRAP: False, A.UNWRAP: False}
+# A session copy of a key while its check value is computed (CMAC signs, ECB encrypts);
+# never persisted. Nothing may decrypt with it, wrap or unwrap under it.
+KCV_USAGE = {A.SIGN: True, A.ENCRYPT: True, A.WRAP: False, A.UNWRAP: False,
+             A.DECRYPT: False, A.VERIFY: False}
 CONTENT_USAGE = {A.DECRYPT: True, A.ENCRYPT: False, A.WRAP: False, A.UNWRAP: False}
-DEVICE_USAGE = {A.SIGN: True, A.ENCRYPT: True, A.WRAP: False, A.UNWRAP: False}
+DEVICE_USAGE = KCV_USAGE  # a device or master key object is only check-valued and wrapped
 # Device keys read from decrypted group information: their bits are already in this
 # process (the plaintext), so the session object need not be CKA_PRIVATE; SoftHSM2 keeps
 # private objects encrypted in memory, which costs a fifth of the wrap loop and protects
@@ -197,6 +201,47 @@ def import_rsa_private(s: Session, label: str, private_key: Any) -> None:
         A.MODULUS: b(pn.n), A.PUBLIC_EXPONENT: b(pn.e)})
 
 
+# --------------------------------------------------------------------------- hot loops
+@dataclass(frozen=True)
+class SessionKey:
+    """A session key object known by its handle alone: what the per-key loops make, so
+    that no Python class is built around each key (hsm/direct.py says why). `wrap`,
+    `check_value` and `destroy` take it like any other key."""
+
+    session: Session
+    handle: int
+
+
+_TEMPLATES: dict[tuple[int, bool], tuple[dict, Template]] = {}
+
+
+def _template(usage: dict, with_value: bool) -> Template:
+    """One CK_ATTRIBUTE array per usage constant, built on first use."""
+    cached = _TEMPLATES.get((id(usage), with_value))
+    if cached is None or cached[0] is not usage:
+        attrs = {A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: KeyType.AES,
+                 **_secret_template(token=False, label=None, usage=usage)}
+        cached = _TEMPLATES[(id(usage), with_value)] = (
+            usage, Template(attrs, value_type=A.VALUE if with_value else None))
+    return cached[1]
+
+
+def create_session_key(s: Session, value: bytes, usage: dict) -> SessionKey:
+    """`create_aes` for a loop over many keys: a session object, by handle."""
+    return SessionKey(s, s.direct.create_object(s.raw.handle, _template(usage, True), value))
+
+
+def unwrap_session_key(s: Session, unwrapping_key: Any, wrapped: bytes, how: Unwrap,
+                       usage: dict) -> SessionKey:
+    """`unwrap` for a loop over many keys (AES key wrap only; an RSA unwrap costs far more
+    than python-pkcs11's wrapper around it)."""
+    if how is Unwrap.RSA_OAEP_SHA1:
+        raise ValueError("RSA-OAEP unwraps go through `unwrap`")
+    mech = Mechanism.AES_KEY_WRAP_PAD if how is Unwrap.AES_KW_PAD else Mechanism.AES_KEY_WRAP
+    return SessionKey(s, s.direct.unwrap_key(s.raw.handle, mech, unwrapping_key.handle,
+                                             wrapped, _template(usage, False)))
+
+
 # --------------------------------------------------------------------------- import
 def create_aes(s: Session, value: bytes, *, token: bool = False, label: str | None = None,
                usage: dict | None = None) -> Any:
@@ -251,16 +296,22 @@ def key_length(key: Any, probe: Any = None) -> int:
 def wrap(wrapping_key: Any, key: Any, *, pad: bool = False) -> bytes:
     if not hasattr(wrapping_key, "wrap_key"):  # python-pkcs11: a key without CKA_WRAP
         raise HsmOperationFailed("this key may not wrap")
+    mech = Mechanism.AES_KEY_WRAP_PAD if pad else Mechanism.AES_KEY_WRAP
+    if isinstance(key, SessionKey):
+        return key.session.direct.wrap_key(key.session.raw.handle, mech, wrapping_key.handle,
+                                           key.handle)
     try:
-        return wrapping_key.wrap_key(
-            key, mechanism=Mechanism.AES_KEY_WRAP_PAD if pad else Mechanism.AES_KEY_WRAP)
+        return wrapping_key.wrap_key(key, mechanism=mech)
     except px.PKCS11Error as exc:
         raise _fail(exc) from None
 
 
 def destroy(key: Any) -> None:
     try:
-        key.destroy()
+        if isinstance(key, SessionKey):
+            key.session.direct.destroy_object(key.session.raw.handle, key.handle)
+        else:
+            key.destroy()
     except Exception:
         pass
 
@@ -283,6 +334,11 @@ def gcm_encrypt(key: Any, iv: bytes, plaintext: bytes, aad: bytes = b"") -> byte
 
 def check_value(key: Any, method: Kcv = Kcv.CMAC) -> str:
     """The profile's KCV: CMAC -> leftmost 5 bytes, ECB -> leftmost 3, over 16 zero bytes."""
+    if isinstance(key, SessionKey) and method is Kcv.CMAC:
+        return key.session.direct.sign(key.session.raw.handle, Mechanism.AES_CMAC,
+                                       key.handle, bytes(16))[:5].hex().upper()
+    if isinstance(key, SessionKey):
+        raise ValueError("ECB check values are computed on python-pkcs11 key objects")
     try:
         if method is Kcv.CMAC:
             return key.sign(bytes(16), mechanism=Mechanism.AES_CMAC)[:5].hex().upper()

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import pkcs11
 import pkcs11.exceptions as px
 
+from hsm.direct import Calls
 from hsm.errors import BROKEN_SESSION, HsmKeyNotFound, HsmUnavailable, translate
 
 
@@ -39,6 +40,7 @@ class _Module:
 
     def __init__(self, path: str) -> None:
         self.lib = pkcs11.lib(path)
+        self.direct = Calls(path)  # after pkcs11.lib: the module is loaded and initialised
         self.lock = threading.RLock()
         self.generation = 0
 
@@ -80,8 +82,9 @@ class Session:
     lives here; it saves a C_FindObjects round trip on every device key wrap.
     """
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, direct: Calls) -> None:
         self.raw = raw
+        self.direct = direct  # the hot loops' calls on this session's handle (hsm/direct.py)
         self.keys: dict[tuple, Any] = {}
         self.broken = False
         self.retire = False
@@ -228,7 +231,7 @@ class Token:
                 s = self._idle.get_nowait()
             except queue.Empty:
                 try:
-                    s = Session(self._token.open(rw=True))
+                    s = Session(self._token.open(rw=True), self._mod().direct)
                 except Exception as exc:
                     self.mark_down()
                     raise translate(exc) from None

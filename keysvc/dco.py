@@ -120,7 +120,7 @@ def _eui(text: str, what: str, problems: list[Problem]) -> str:
 def _unwrap_one(sess, key: transport.TransportKey, entry, storage, store: bool,
                 problems: list[Problem]) -> tuple[str, bytes | None]:
     try:
-        obj = transport.unwrap(sess, key, entry.encrypted_key, MASTER_USAGE)
+        obj = transport.unwrap(sess, key, entry.encrypted_key, MASTER_USAGE, in_loop=True)
     except HsmOperationFailed:
         problems.append(Problem("KEY_UNWRAP_FAILED", "the EncryptedKey does not unwrap under "
                                 f"{key.name} (integrity check failed)", "EncryptedKey"))

@@ -2,8 +2,10 @@
 
 Where plaintext keys live: the decrypted group information (and the key hex inside it) is
 in process memory from the GCM decryption until this request returns; each key's bytes are
-turned into a session object at once, check-valued and wrapped under the S1SP storage key
-inside the token, and the object destroyed. Nothing logs, raises or returns a key's bits.
+turned into a session object (the C_CreateObject buffer is zeroed after the call),
+check-valued and wrapped under the S1SP storage key inside the token; the objects die when
+the loop's session is closed, at the end of the loop. Nothing logs, raises or returns a
+key's bits.
 """
 from __future__ import annotations
 
@@ -315,7 +317,7 @@ def _wrap_accepted(app: App, installations: list[_Installation]
             done: list[tuple[str, str, str, str]] = []
             if not inst.problems:
                 for device, role, name, bits in inst.keys:
-                    obj = hk.create_aes(sess, bits, usage=hk.PLAINTEXT_KEY_USAGE)
+                    obj = hk.create_session_key(sess, bits, hk.PLAINTEXT_KEY_USAGE)
                     kcv = hk.check_value(obj)
                     rows.append((inst.chf, device, role, name, hk.wrap(storage, obj), kcv))
                     done.append((device, role, name, kcv))

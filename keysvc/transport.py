@@ -77,10 +77,16 @@ def resolve_transport_key(app: App, ek: EncryptedKey, purpose: str,
     return TransportKey(row.name, row.algorithm, row.partition)
 
 
-def unwrap(s: Any, key: TransportKey, ek: EncryptedKey, usage: dict) -> Any:
-    """C_UnwrapKey under the transport key; HsmOperationFailed means the input is bad."""
+def unwrap(s: Any, key: TransportKey, ek: EncryptedKey, usage: dict, *,
+           in_loop: bool = False) -> Any:
+    """C_UnwrapKey under the transport key; HsmOperationFailed means the input is bad.
+
+    `in_loop`: one of many keys in a retired session; an AES unwrap then gives a bare
+    `hk.SessionKey`, which is all `hk.wrap` and `hk.check_value` need."""
     if key.algorithm == "AES":
         kek = hk.session_copy(s, key.name) if s.retire else hk.find_key(s, key.name)
+        if in_loop:
+            return hk.unwrap_session_key(s, kek, ek.cipher_value, hk.Unwrap.AES_KW, usage)
         return hk.unwrap(s, kek, ek.cipher_value, hk.Unwrap.AES_KW, usage=usage)
     return hk.unwrap(s, hk.find_private_key(s, key.name), ek.cipher_value,
                      hk.Unwrap.RSA_OAEP_SHA1, usage=usage)

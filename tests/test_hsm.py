@@ -176,11 +176,16 @@ def test_a_broken_session_is_not_returned_to_the_pool(app):
         token.close()
 
 
-MAC_AND_DECRYPT = {**hk.KCV_USAGE, Attribute.DECRYPT: True}
+MAC_AND_DECRYPT = {**hk.KCV_USAGE, Attribute.DECRYPT: True, Attribute.WRAP: True}
 HSM_CALLS = {
     "create_aes": lambda s, key: hk.create_aes(s, bytes(range(16)), usage=hk.KCV_USAGE),
     "check_value": lambda s, key: hk.check_value(key),
     "gcm_decrypt": lambda s, key: hk.gcm_decrypt(key, bytes(12), bytes(32)),
+    # The per-key loops' direct calls (hsm/direct.py) on the same object, by handle.
+    "create_session_key": lambda s, key: hk.create_session_key(s, bytes(range(16)),
+                                                              hk.KCV_USAGE),
+    "check_value of a SessionKey": lambda s, key: hk.check_value(hk.SessionKey(s, key.handle)),
+    "wrap of a SessionKey": lambda s, key: hk.wrap(key, hk.SessionKey(s, key.handle)),
 }
 
 
