@@ -14,10 +14,12 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hmac
+import logging
 import os
 import uuid
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select, update
@@ -33,6 +35,7 @@ from keysvc.partitions import COMPONENT_SEAL_KEY, PURPOSE_PARTITION, STORAGE_KEY
 PURPOSES = ("S1SP_TRANSPORT", "DCO_TRANSPORT", "EXPORT")
 OWNER_TYPES = ("SMSO", "REQUESTING_PARTY", "S1SP")
 OPERATION_TTL = dt.timedelta(hours=24)
+log = logging.getLogger("keysvc.keyadmin")
 
 
 @dataclass(frozen=True)
@@ -237,7 +240,51 @@ def change_key_state(app: App, caller: Caller, name: str, kind: str) -> Operatio
 
 
 # --------------------------------------------------------------------------- approval
+@dataclass
+class _TokenEffects:
+    """An approval's changes to token objects, ordered around its database transaction.
+
+    The token and the database cannot commit together. So a key is made before the commit
+    and destroyed again if the commit does not happen (else the orphan would hold its
+    label: KEY_EXISTS for ever), and what is destroyed is destroyed after the commit
+    (else a failed commit would leave a key recorded ENABLED whose object is gone).
+    """
+
+    made: list[tuple[Any, str]] = field(default_factory=list)
+    to_destroy: list[tuple[Any, str]] = field(default_factory=list)
+
+    def undo(self) -> None:
+        _destroy_labels(self.made, "made by an approval that did not commit")
+
+    def after_commit(self) -> None:
+        _destroy_labels(self.to_destroy, "destroyed by a committed approval")
+
+
+def _destroy_labels(objects: list[tuple[Any, str]], why: str) -> None:
+    for token, label in objects:
+        try:
+            with token.session() as s:
+                hk.destroy_objects(s, label)
+        except Exception as exc:  # the HSM is down: say which object is left behind
+            log.error("token object %r (%s) could not be destroyed: %s", label, why,
+                      type(exc).__name__)
+
+
 def approve(app: App, caller: Caller, operation_id: str, component: bytes = b"") -> Operation:
+    effects = _TokenEffects()
+    try:
+        result, refusal, message = _approve(app, caller, operation_id, component, effects)
+    except BaseException:
+        effects.undo()
+        raise
+    effects.after_commit()
+    if refusal:  # the operation is recorded REJECTED; the caller is told why
+        raise error(refusal, message, operation_id=operation_id)
+    return result
+
+
+def _approve(app: App, caller: Caller, operation_id: str, component: bytes,
+             effects: _TokenEffects) -> tuple[Operation, str, str]:
     with app.store.tx() as conn:
         row = conn.execute(select(st.operations).where(st.operations.c.id == operation_id)
                            .with_for_update()).first()
@@ -246,7 +293,7 @@ def approve(app: App, caller: Caller, operation_id: str, component: bytes = b"")
         if row.state == "PENDING" and _aware(row.created_at) + OPERATION_TTL < app.clock():
             conn.execute(update(st.operations).where(st.operations.c.id == row.id)
                          .values(state="EXPIRED", updated_at=app.clock()))
-            return _operation(app, _with(row, state="EXPIRED"))
+            return _operation(app, _with(row, state="EXPIRED")), "", ""
         if row.state != "PENDING":
             raise error("OPERATION_NOT_PENDING", f"operation {operation_id} is {row.state}")
         approvals: list[str] = st.loads(row.approvals)
@@ -265,27 +312,25 @@ def approve(app: App, caller: Caller, operation_id: str, component: bytes = b"")
         approvals.append(caller.identity)
         state, message, refusal = "PENDING", "", ""
         if len(approvals) >= app.settings.quorum:
-            state, message, refusal = _execute(app, conn, row.kind, payload, row)
+            state, message, refusal = _execute(app, conn, row.kind, payload, effects)
         conn.execute(update(st.operations).where(st.operations.c.id == row.id).values(
             approvals=st.dumps(approvals), payload=st.dumps(payload), state=state,
             message=message, updated_at=app.clock()))
-        result = _operation(app, _with(row, approvals=st.dumps(approvals), state=state,
-                                         message=message))
-    if refusal:  # the operation is recorded REJECTED; the caller is told why
-        raise error(refusal, message, operation_id=operation_id)
-    return result
+        return _operation(app, _with(row, approvals=st.dumps(approvals), state=state,
+                                     message=message)), refusal, message
 
 
-def _execute(app: App, conn, kind: str, p: dict, row) -> tuple[str, str, str]:
+def _execute(app: App, conn, kind: str, p: dict, effects: _TokenEffects
+             ) -> tuple[str, str, str]:
     """Carry out an approved operation; returns (state, message, refusal code or "")."""
     now = app.clock()
     if kind == "IMPORT_TRANSPORT_KEY":
         if "components" in p:
-            kcv = _create_from_components(app, p)
+            kcv = _create_from_components(app, p, effects)
             del p["components"]  # used once, approved or not: not kept, even sealed
             message, refusal = "the key's check value is not expected_kcv", "KCV_MISMATCH"
         else:
-            kcv, message, refusal = _create_from_wrapped(app, conn, p)
+            kcv, message, refusal = _create_from_wrapped(app, conn, p, effects)
             p.pop("wrapped_key", None)
         if kcv is None:
             return "REJECTED", message, refusal
@@ -298,6 +343,7 @@ def _execute(app: App, conn, kind: str, p: dict, row) -> tuple[str, str, str]:
         token = app.partitions.for_purpose(p["purpose"])
         with token.session() as s:
             der = hk.generate_rsa(s, p["name"])
+        effects.made.append((token, p["name"]))
         pem = serialization.load_der_public_key(der).public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
         conn.execute(st.keys.insert().values(
@@ -311,8 +357,7 @@ def _execute(app: App, conn, kind: str, p: dict, row) -> tuple[str, str, str]:
         # Destruction is final: an enable or disable approved after it changes nothing.
         return "REJECTED", f"key {p['name']!r} no longer exists", "KEY_NOT_FOUND"
     if kind == "DESTROY_KEY":
-        with app.partitions.tokens[key.partition].session() as s:
-            hk.destroy_objects(s, key.name)
+        effects.to_destroy.append((app.partitions.tokens[key.partition], key.name))
     new_state = {"DISABLE_KEY": "DISABLED", "ENABLE_KEY": "ENABLED", "DESTROY_KEY": "DESTROYED"}[kind]
     conn.execute(update(st.keys).where(st.keys.c.name == key.name).values(state=new_state))
     return "APPROVED", "", ""
@@ -323,7 +368,8 @@ def _usage(purpose: str) -> dict:
     return hk.EXPORT_USAGE if purpose == "EXPORT" else hk.KEK_USAGE
 
 
-def _create_from_wrapped(app: App, conn, p: dict) -> tuple[str | None, str, str]:
+def _create_from_wrapped(app: App, conn, p: dict, effects: _TokenEffects
+                         ) -> tuple[str | None, str, str]:
     """Make the key from the import job; returns (kcv, "", "") or (None, message, code).
 
     The key is checked again at approval: the pending row sat in the database, and the
@@ -349,13 +395,13 @@ def _create_from_wrapped(app: App, conn, p: dict) -> tuple[str | None, str, str]
                   token=True, label=p["name"], usage=_usage(p["purpose"]))
     token = app.partitions.for_purpose(p["purpose"])
     token.run(work)
-    with token.session() as s:
-        hk.destroy_objects(s, f"import-job:{job.id}")
+    effects.made.append((token, p["name"]))
+    effects.to_destroy.append((token, f"import-job:{job.id}"))
     conn.execute(st.import_jobs.delete().where(st.import_jobs.c.id == job.id))
     return kcv, "", ""
 
 
-def _create_from_components(app: App, p: dict) -> str | None:
+def _create_from_components(app: App, p: dict, effects: _TokenEffects) -> str | None:
     """XOR the officers' components; store the key only if its KCV is the expected one."""
     token = app.partitions.for_purpose(p["purpose"])
     parts = [bytearray(_unseal(app, p["purpose"], c["sealed"])) for c in p["components"]]
@@ -373,6 +419,7 @@ def _create_from_components(app: App, p: dict) -> str | None:
             if not hmac.compare_digest(kcv, p["expected_kcv"]):
                 return None
             hk.create_aes(s, bytes(key), token=True, label=p["name"], usage=_usage(p["purpose"]))
+        effects.made.append((token, p["name"]))
         return kcv
     finally:
         for buf in (*parts, key):

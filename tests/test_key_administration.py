@@ -282,6 +282,77 @@ def test_a_destroyed_key_is_unknown_and_its_token_object_is_gone(app, devices):
     assert reason(lambda: process(app, data)) == "UNKNOWN_TRANSPORT_KEY"
 
 
+# --------------------------------------------------------------------------- token and database
+class CommitFails(Exception):
+    pass
+
+
+@pytest.fixture
+def failing_commit(monkeypatch):
+    """Once armed, approvals fail after their token work, inside their transaction (as a
+    lost database connection would): `_operation` builds the reply just before the commit.
+    Calling it again disarms it."""
+    def fail(app, row):
+        raise CommitFails()
+
+    def toggle() -> None:
+        if keyadmin._operation is fail:
+            monkeypatch.undo()
+        else:
+            monkeypatch.setattr(keyadmin, "_operation", fail)
+    return toggle
+
+
+def _import_by_job(app, name):
+    key = os.urandom(32)
+    return request_import(app, OFFICER_1, name, key), b"", lambda: token_key_is(app, name, key)
+
+
+def _import_by_components(app, name):
+    c1, c2 = os.urandom(32), os.urandom(32)
+    op = request_components(app, OFFICER_1, name, c1, kcv(xor(c1, c2)))
+    return op, c2, lambda: token_key_is(app, name, xor(c1, c2))
+
+
+def _recipient_key(app, name):
+    op = keyadmin.generate_recipient_key(app, OFFICER_1, name=name, purpose="S1SP_TRANSPORT",
+                                         allowed_originators=[SUPPLIER])
+    return op, b"", lambda: len(token_objects(app, name)) == 2  # private and public
+
+
+@pytest.mark.parametrize("request_key", [_import_by_job, _import_by_components, _recipient_key],
+                         ids=["import-job", "components", "recipient-key"])
+def test_a_key_made_by_an_approval_that_does_not_commit_leaves_no_token_object(
+        app, failing_commit, request_key):
+    name = unique("S1SP-TK")
+    op, component, key_is_there = request_key(app, name)
+
+    failing_commit()
+    with pytest.raises(CommitFails):
+        keyadmin.approve(app, OFFICER_2, op.operation_id, component)
+    failing_commit()  # the database is back
+    assert token_objects(app, name) == []
+    assert operation(app, op.operation_id).state == "PENDING"
+    assert reason(lambda: keyadmin.get_key(app, name)) == "KEY_NOT_FOUND"
+
+    # Nothing blocks the name: the same approval, given again, makes the key.
+    assert keyadmin.approve(app, OFFICER_2, op.operation_id, component).state == "APPROVED"
+    assert key_is_there()
+
+
+def test_a_destroy_whose_approval_does_not_commit_leaves_the_key_whole(app, failing_commit):
+    name, key = unique("S1SP-TK"), os.urandom(32)
+    load_aes_key(app, name, key, purpose="S1SP_TRANSPORT", owner_id=SMSO)
+    op = keyadmin.change_key_state(app, OFFICER_1, name, "DESTROY_KEY")
+
+    failing_commit()
+    with pytest.raises(CommitFails):
+        keyadmin.approve(app, OFFICER_2, op.operation_id)
+    failing_commit()
+    assert keyadmin.get_key(app, name).state == "ENABLED"
+    assert token_key_is(app, name, key)
+
+
 # --------------------------------------------------------------------------- outside view
 def pkcs11_tool_objects(app, partition: str = "s1sp") -> dict[str, set[str]]:
     """label -> the Access flags OpenSC's pkcs11-tool prints for each secret key object."""
