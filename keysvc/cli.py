@@ -186,11 +186,12 @@ def _escrow_rows(escrows: Iterable[Any]) -> list[list[Any]]:
     return [[e.escrow_id, e.smso_id, e.group_id, ", ".join(e.chf_identifiers),
              e.certificate_count, _fmt_date(e.valid_from), _fmt_date(e.valid_to),
              f"{e.releases}/{e.constraints.max_releases or '∞'}",
-             "yes" if e.revoked else "no", e.constraints.note] for e in escrows]
+             "yes" if e.revoked else "no", "yes" if e.seal_intact else "NO: altered",
+             e.constraints.note] for e in escrows]
 
 
 ESCROW_COLUMNS = ["escrow", "SMSO", "group", "CHFs", "certs", "from", "to", "released",
-                  "revoked", "note"]
+                  "revoked", "sealed", "note"]
 
 
 def cmd_escrow_deposit(args: argparse.Namespace) -> int:

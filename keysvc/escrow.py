@@ -12,6 +12,7 @@ import base64
 import datetime as dt
 import hmac
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
@@ -26,6 +27,8 @@ from keysvc.device_certificate import CertificateParseError, load_certificate
 from keysvc.domain import InvalidEUI64, normalise_eui64
 from keysvc.errors import error
 from keysvc.partitions import ESCROW_SEAL_KEY
+
+log = logging.getLogger("keysvc.escrow")
 
 LONDON = ZoneInfo("Europe/London")
 
@@ -45,6 +48,9 @@ class Escrow:
     revoked: bool
     deposited_by: str
     deposited_at: dt.datetime
+    # False: the row no longer matches its HSM seal (altered in the database); it is listed
+    # so that officers see it, and never released.
+    seal_intact: bool = True
 
 
 @dataclass(frozen=True)
@@ -85,14 +91,15 @@ def _sealed_ok(app: App, row: dict) -> bool:
     return hmac.compare_digest(_seal(app, row), bytes(row["seal"]))
 
 
-def _escrow(row: dict) -> Escrow:
+def _escrow(row: dict, seal_intact: bool = True) -> Escrow:
     t = row["deposited_at"]
     return Escrow(row["id"], row["smso_id"], row["group_id"],
                   tuple(json.loads(row["chf_identifiers"])),
                   tuple(base64.b64decode(c) for c in json.loads(row["certificates"])),
                   dt.date.fromisoformat(row["valid_from"]), dt.date.fromisoformat(row["valid_to"]),
                   row["max_releases"], row["note"], row["releases"], bool(row["revoked"]),
-                  row["deposited_by"], t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc))
+                  row["deposited_by"], t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc),
+                  seal_intact)
 
 
 # --------------------------------------------------------------------------- deposit
@@ -212,6 +219,10 @@ def _refuse_tampered(app: App, caller: Caller, escrow_id: str) -> None:
 
 # --------------------------------------------------------------------------- admin
 def list_escrows(app: App, smso_id: str = "", chf_identifier: str = "") -> list[Escrow]:
+    """Every record, each checked against its seal (`seal_intact`). A CHF filter goes
+    through the unsealed index, so a record is listed for a CHF only if its sealed copy
+    names that CHF too, as for a release."""
+    chf = ""
     q = select(st.escrows).order_by(st.escrows.c.deposited_at)
     if smso_id:
         q = q.where(st.escrows.c.smso_id == smso_id)
@@ -223,7 +234,16 @@ def list_escrows(app: App, smso_id: str = "", chf_identifier: str = "") -> list[
         q = q.where(st.escrows.c.id.in_(select(st.escrow_chfs.c.escrow_id).where(
             st.escrow_chfs.c.chf_identifier == chf)))
     with app.store.engine.connect() as conn:
-        return [_escrow(dict(r._mapping)) for r in conn.execute(q)]
+        rows = [dict(r._mapping) for r in conn.execute(q)]
+    listed = []
+    for row in rows:
+        intact = _sealed_ok(app, row)
+        if not intact:
+            log.warning("escrow %s fails its HSM seal: the record was altered", row["id"])
+        if chf and intact and chf not in json.loads(row["chf_identifiers"]):
+            continue  # only the index names this CHF
+        listed.append(_escrow(row, intact))
+    return listed
 
 
 def revoke(app: App, caller: Caller, escrow_id: str, reason: str = "") -> Escrow:

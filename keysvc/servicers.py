@@ -203,7 +203,7 @@ def escrow_pb(e: escrow.Escrow) -> pb.Escrow:
                      valid_from=date_pb(e.valid_from), valid_to=date_pb(e.valid_to),
                      constraints=pb.EscrowConstraints(max_releases=e.max_releases, note=e.note),
                      releases=e.releases, revoked=e.revoked, deposited_by=e.deposited_by,
-                     deposited_at=ts(e.deposited_at))
+                     deposited_at=ts(e.deposited_at), seal_intact=e.seal_intact)
 
 
 def _purpose(value: int) -> str:

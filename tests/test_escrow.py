@@ -385,6 +385,24 @@ def test_a_record_edited_in_the_database_is_refused_on_release_and_audited(app, 
     _assert_refused_as_tampered(app, eid, chf, releases_before=1)
 
 
+@pytest.mark.parametrize("field", list(EDITS))
+def test_a_record_edited_in_the_database_is_listed_as_not_sealed(app, field):
+    eid, chf = _deposit_for_seal(app, max_releases=3)
+    untouched, _ = _deposit_for_seal(app, max_releases=3)
+    edit(app, EDITS[field], id=eid, zero=b"\x00" * 32)
+    assert {e.escrow_id: e.seal_intact for e in escrow.list_escrows(app)} == {
+        eid: False, untouched: True}
+
+
+def test_listing_by_a_chf_only_the_index_names_lists_nothing(app):
+    eid, chf = _deposit_for_seal(app)
+    intruder = new_chf()
+    edit(app, "INSERT INTO escrow_chfs (escrow_id, chf_identifier) VALUES (:id, :chf)",
+         id=eid, chf=intruder)
+    assert escrow.list_escrows(app, chf_identifier=intruder) == []
+    assert [e.escrow_id for e in escrow.list_escrows(app, chf_identifier=chf)] == [eid]
+
+
 def test_resetting_the_release_count_in_the_database_is_refused(app):
     eid, chf = _deposit_for_seal(app, max_releases=1)
     set_clock(app, utc(2026, 7, 3, 12))

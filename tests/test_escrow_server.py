@@ -94,6 +94,7 @@ def test_only_s1sp_releases_rollback_certificates(server, identity):
     assert listed(server, chf).releases == 0
     r = server.as_(S1SP).s1sp.ReleaseRollbackCertificates(release_request(chf))
     assert r.certificates and listed(server, chf).releases == 1
+    assert listed(server, chf).seal_intact  # checked against its HSM seal as it is listed
 
 
 @pytest.mark.parametrize("identity", [S1SP, "dco", "auditor"])
