@@ -96,6 +96,7 @@ def create_import_job(app: App, caller: Caller, name: str,
     purpose = purpose or "S1SP_TRANSPORT"
     if purpose not in PURPOSES:
         raise error("WRONG_KEY_PURPOSE", f"unknown purpose {purpose}")
+    purge_expired_import_jobs(app)
     job_id = "ij-" + uuid.uuid4().hex[:16]
     token = app.partitions.for_purpose(purpose)
     with token.session() as s:
@@ -109,6 +110,25 @@ def create_import_job(app: App, caller: Caller, name: str,
             id=job_id, name=name or job_id, partition=PURPOSE_PARTITION[purpose],
             public_key_pem=pem, created_by=caller.identity, created_at=now, expires_at=expires))
     return ImportJob(job_id, pem, expires)
+
+
+def purge_expired_import_jobs(app: App) -> int:
+    """Destroy the pairs of import jobs no request can use any more; returns how many.
+
+    A job's pair outlives its expiry by OPERATION_TTL: an import requested just before the
+    job expired may still be approved until the operation itself expires. Rows go first,
+    in one transaction, and the token objects after it commits (see _TokenEffects).
+    """
+    cutoff = app.clock() - OPERATION_TTL
+    with app.store.tx() as conn:
+        jobs = conn.execute(select(st.import_jobs.c.id, st.import_jobs.c.partition).where(
+            st.import_jobs.c.expires_at < cutoff)).all()
+        if jobs:
+            conn.execute(st.import_jobs.delete().where(
+                st.import_jobs.c.id.in_([j.id for j in jobs])))
+    _destroy_labels([(app.partitions.tokens[j.partition], f"import-job:{j.id}") for j in jobs],
+                    "an expired import job")
+    return len(jobs)
 
 
 def _check_length(purpose: str, length: int) -> None:

@@ -4,6 +4,7 @@ S1SP path, so "usable" means a file encrypted under the key is accepted."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import os
 import re
 import subprocess
@@ -280,6 +281,49 @@ def test_a_destroyed_key_is_unknown_and_its_token_object_is_gone(app, devices):
     assert token_objects(app, name) == []
     data = migration_file(devices, name, key)
     assert reason(lambda: process(app, data)) == "UNKNOWN_TRANSPORT_KEY"
+
+
+# --------------------------------------------------------------------------- import jobs
+def import_job_exists(app, job_id: str) -> tuple[bool, bool]:
+    """(the job's row exists, its pair is in the token)."""
+    with app.store.engine.connect() as conn:
+        row = conn.execute(select(st.import_jobs.c.id).where(st.import_jobs.c.id == job_id))
+        has_row = row.first() is not None
+    return has_row, bool(token_objects(app, f"import-job:{job_id}"))
+
+
+def test_an_import_job_a_day_past_its_expiry_is_purged_with_its_pair(app):
+    t0 = dt.datetime(2026, 11, 1, 9, tzinfo=dt.timezone.utc)
+    ttl = dt.timedelta(hours=app.settings.import_job_ttl_hours)
+    app.clock = lambda: t0
+    old = keyadmin.create_import_job(app, OFFICER_1, "old").import_job_id
+
+    # Expired, but an import requested just before the expiry may still be approved.
+    app.clock = lambda: t0 + ttl + dt.timedelta(hours=23)
+    keyadmin.create_import_job(app, OFFICER_1, "next")
+    assert import_job_exists(app, old) == (True, True)
+
+    app.clock = lambda: t0 + ttl + dt.timedelta(hours=25)
+    keyadmin.create_import_job(app, OFFICER_1, "later")
+    assert import_job_exists(app, old) == (False, False)
+
+
+def test_an_import_requested_before_its_job_expired_can_still_be_approved(app):
+    t0 = dt.datetime(2026, 11, 1, 9, tzinfo=dt.timezone.utc)
+    ttl = dt.timedelta(hours=app.settings.import_job_ttl_hours)
+    app.clock = lambda: t0
+    job = keyadmin.create_import_job(app, OFFICER_1, "job")
+    name, key = unique("S1SP-TK"), os.urandom(32)
+    app.clock = lambda: t0 + ttl - dt.timedelta(hours=1)
+    op = keyadmin.import_transport_key(
+        app, OFFICER_1, name=name, purpose="S1SP_TRANSPORT", owner_id=SMSO, owner_type="SMSO",
+        expected_kcv=kcv(key), wrapped_key=wrap_for_job(job.public_key_pem, key),
+        import_job_id=job.import_job_id)
+
+    app.clock = lambda: t0 + ttl + dt.timedelta(hours=22)
+    assert keyadmin.purge_expired_import_jobs(app) == 0
+    assert keyadmin.approve(app, OFFICER_2, op.operation_id).state == "APPROVED"
+    assert token_key_is(app, name, key)
 
 
 # --------------------------------------------------------------------------- token and database
