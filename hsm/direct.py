@@ -121,12 +121,27 @@ def _encode(value: Any) -> C._CData:
     raise TypeError(f"no PKCS#11 encoding for {type(value).__name__}")
 
 
+def _output(call, size: int = 128) -> bytes:
+    """A call with an output buffer. Told CKR_BUFFER_TOO_SMALL, it is called again with the
+    length the token asked for: the operation is still active, as PKCS#11 says."""
+    n = CK_ULONG(size)
+    out = C.create_string_buffer(size)
+    rv = call(out, C.byref(n))
+    if rv == CKR_BUFFER_TOO_SMALL:
+        out = C.create_string_buffer(n.value)
+        rv = call(out, C.byref(n))
+    _check(rv)
+    return out.raw[:n.value]
+
+
 class Calls:
     """The function list of one loaded module."""
 
     def __init__(self, module_path: str) -> None:
         # The same file python-pkcs11 has loaded: dlopen returns that same instance.
         lib = C.CDLL(module_path)
+        lib.C_GetFunctionList.restype = _RV
+        lib.C_GetFunctionList.argtypes = [_P(_P(_CK_FUNCTION_LIST))]
         fl = _P(_CK_FUNCTION_LIST)()
         _check(lib.C_GetFunctionList(C.byref(fl)))
         f = fl.contents
@@ -162,23 +177,14 @@ class Calls:
                             C.byref(handle)))
         return handle.value
 
-    def sign(self, session: int, mechanism: int, key: int, data: bytes,
-             max_len: int = 64) -> bytes:
+    def sign(self, session: int, mechanism: int, key: int, data: bytes) -> bytes:
         _check(self._sign_init(session, C.byref(CK_MECHANISM(mechanism, None, 0)), key))
-        out, n = C.create_string_buffer(max_len), CK_ULONG(max_len)
-        _check(self._sign(session, data, len(data), out, C.byref(n)))
-        return out.raw[:n.value]
+        return _output(lambda out, n: self._sign(session, data, len(data), out, n))
 
     def wrap_key(self, session: int, mechanism: int, wrapping_key: int, key: int) -> bytes:
         mech = CK_MECHANISM(mechanism, None, 0)
-        n = CK_ULONG(128)
-        out = C.create_string_buffer(n.value)
-        rv = self._wrap(session, C.byref(mech), wrapping_key, key, out, C.byref(n))
-        if rv == CKR_BUFFER_TOO_SMALL:  # n now holds the length needed
-            out = C.create_string_buffer(n.value)
-            rv = self._wrap(session, C.byref(mech), wrapping_key, key, out, C.byref(n))
-        _check(rv)
-        return out.raw[:n.value]
+        return _output(lambda out, n: self._wrap(session, C.byref(mech), wrapping_key, key,
+                                                 out, n))
 
     def destroy_object(self, session: int, handle: int) -> None:
         _check(self._destroy(session, handle))

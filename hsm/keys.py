@@ -109,8 +109,9 @@ def key_attributes(s: Session, label: str) -> dict[str, bool]:
 
 # --------------------------------------------------------------------------- templates
 def _secret_template(*, token: bool, label: str | None, usage: dict) -> dict:
+    # No keysvc key derives: said explicitly, since a vendor's default may differ.
     t = {A.TOKEN: token, A.SENSITIVE: True, A.EXTRACTABLE: not token,
-         A.PRIVATE: True, **usage}
+         A.PRIVATE: True, A.DERIVE: False, **usage}
     if label:
         t[A.LABEL] = label
     return t
@@ -307,11 +308,15 @@ def wrap(wrapping_key: Any, key: Any, *, pad: bool = False) -> bytes:
 
 
 def destroy(key: Any) -> None:
+    """Destroy a session object; one already gone is fine, a broken session is not (it
+    must reach `Token.session`, which retires it)."""
     try:
         if isinstance(key, SessionKey):
             key.session.direct.destroy_object(key.session.raw.handle, key.handle)
         else:
             key.destroy()
+    except BROKEN_SESSION:
+        raise
     except Exception:
         pass
 

@@ -270,14 +270,21 @@ class Token:
         """Let other threads reach the HSM between the steps of a long loop.
 
         A 64 MiB file is minutes of HSM calls at worst; holding the module lock for all of
-        it would time other callers out. The loop's session and its objects stay ours.
+        it would time other callers out. The loop's session and its objects stay ours -
+        unless another thread re-initialised the module meanwhile (`refresh`): then every
+        handle the loop holds is void and may already name another session's objects, so
+        the loop must stop (HsmUnavailable; the caller may retry the whole call).
         """
-        lock = self._mod().lock
-        state = lock._release_save()  # type: ignore[attr-defined]  (RLock, as Condition uses)
+        mod = self._mod()
+        generation = mod.generation
+        state = mod.lock._release_save()  # type: ignore[attr-defined]  (RLock, as Condition uses)
         try:
             time.sleep(0)
         finally:
-            lock._acquire_restore(state)  # type: ignore[attr-defined]
+            mod.lock._acquire_restore(state)  # type: ignore[attr-defined]
+        if mod.generation != generation:
+            raise HsmUnavailable(f"token {self.config.label} was re-read during a long "
+                                 "operation; retry it")
 
     def run(self, work: Callable[[Session], T]) -> T:
         """`work` in a session; if it misses a key object, re-read the token and retry once.

@@ -186,6 +186,9 @@ HSM_CALLS = {
                                                               hk.KCV_USAGE),
     "check_value of a SessionKey": lambda s, key: hk.check_value(hk.SessionKey(s, key.handle)),
     "wrap of a SessionKey": lambda s, key: hk.wrap(key, hk.SessionKey(s, key.handle)),
+    "unwrap_session_key": lambda s, key: hk.unwrap_session_key(s, key, bytes(24),
+                                                              hk.Unwrap.AES_KW, hk.KCV_USAGE),
+    "destroy of a SessionKey": lambda s, key: hk.destroy(hk.SessionKey(s, key.handle)),
 }
 
 

@@ -6,15 +6,21 @@ of these calls is tested with the other hsm.keys calls in test_hsm.py.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import re
+from pathlib import Path
 
+import pkcs11
 import pytest
 from cryptography.hazmat.primitives.keywrap import (aes_key_unwrap, aes_key_unwrap_with_padding,
                                                     aes_key_wrap, aes_key_wrap_with_padding)
-from pkcs11 import Attribute as A, ObjectClass
+from pkcs11 import Attribute as A, KeyType, ObjectClass
 
-from hsm import HsmOperationFailed
+from hsm import HsmOperationFailed, HsmUnavailable
+from hsm import direct
 from hsm import keys as hk
+from hsm.errors import BROKEN_SESSION
 from tests.support.encoder import kcv
 from tests.test_hsm import EXAMPLE_KEYS
 
@@ -70,9 +76,27 @@ def test_a_key_made_in_the_loop_carries_exactly_its_usage(app):
         obj = _session_object(s, hk.create_session_key(s, os.urandom(16),
                                                        hk.PLAINTEXT_KEY_USAGE))
         assert obj[A.SENSITIVE] is True and obj[A.TOKEN] is False
+        assert obj[A.EXTRACTABLE] is True  # so that the storage key can wrap it
         assert obj[A.PRIVATE] is False  # its bits are in this process already
         assert (obj[A.SIGN], obj[A.ENCRYPT]) == (True, True)  # check values only
-        assert (obj[A.WRAP], obj[A.UNWRAP], obj[A.DECRYPT]) == (False, False, False)
+        assert (obj[A.WRAP], obj[A.UNWRAP], obj[A.DECRYPT], obj[A.VERIFY], obj[A.DERIVE]) == \
+            (False, False, False, False, False)
+
+
+SECRET_ATTRIBUTES = (A.CLASS, A.KEY_TYPE, A.TOKEN, A.PRIVATE, A.SENSITIVE, A.EXTRACTABLE,
+                     A.ENCRYPT, A.DECRYPT, A.SIGN, A.VERIFY, A.WRAP, A.UNWRAP, A.DERIVE,
+                     A.VALUE_LEN)
+
+
+@pytest.mark.parametrize("usage", ["PLAINTEXT_KEY_USAGE", "DEVICE_USAGE", "KCV_USAGE"])
+def test_a_key_made_in_the_loop_has_the_attributes_python_pkcs11_would_give_it(app, usage):
+    with app.partitions.s1sp.session() as s:
+        s.retire_after_use()
+        value = os.urandom(16)
+        ours = _session_object(s, hk.create_session_key(s, value, getattr(hk, usage)))
+        theirs = hk.create_aes(s, value, usage=getattr(hk, usage))
+        assert ours.get_attributes(list(SECRET_ATTRIBUTES)) == \
+            theirs.get_attributes(list(SECRET_ATTRIBUTES))
 
 
 def test_a_master_key_unwrapped_in_the_loop_is_private_and_sensitive(app):
@@ -121,3 +145,58 @@ def test_a_destroyed_loop_key_can_no_longer_be_used(app):
         with pytest.raises(HsmOperationFailed):
             hk.check_value(key)
 
+
+
+def test_a_wrapping_longer_than_the_first_buffer_is_fetched_whole(app):
+    """C_WrapKey told CKR_BUFFER_TOO_SMALL is called again with the length asked for."""
+    storage_bits, value = os.urandom(32), os.urandom(200)
+    with app.partitions.s1sp.session() as s:
+        s.retire_after_use()
+        storage = hk.create_aes(s, storage_bits, usage=KNOWN_STORAGE_USAGE)
+        secret = s.raw.create_object({
+            A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: KeyType.GENERIC_SECRET, A.TOKEN: False,
+            A.VALUE: value, A.SENSITIVE: True, A.EXTRACTABLE: True})
+        wrapped = hk.wrap(storage, hk.SessionKey(s, secret.handle), pad=True)
+    assert len(wrapped) == 208
+    assert aes_key_unwrap_with_padding(storage_bits, wrapped) == value
+
+
+def test_a_loop_that_outlives_a_re_read_of_the_token_stops(app, monkeypatch):
+    """After C_Finalize + C_Initialize every handle the loop holds is void, and may name
+    another session's objects: the loop must not go on with them."""
+    token = app.partitions.s1sp
+    monkeypatch.setattr("hsm.token.time.sleep", lambda _: token.refresh())
+    with pytest.raises(HsmUnavailable):
+        with token.session() as s:
+            token.breathe()  # another caller re-reads the token meanwhile
+            hk.create_session_key(s, os.urandom(16), hk.PLAINTEXT_KEY_USAGE)
+    monkeypatch.undo()
+    with token.session() as s:  # the token itself is fine
+        assert hk.check_value(hk.create_session_key(s, bytes(range(16)),
+                                                    hk.PLAINTEXT_KEY_USAGE))
+
+
+# --------------------------------------------------------------------------- the binding
+def test_the_function_list_names_each_function_the_module_exports(app):
+    """The layout, checked against the module itself: SoftHSM2 exports every C_ function."""
+    lib = ctypes.CDLL(app.settings.pkcs11_module)
+    fl = ctypes.POINTER(direct._CK_FUNCTION_LIST)()
+    assert lib.C_GetFunctionList(ctypes.byref(fl)) == 0
+    for name in direct._FUNCTIONS:
+        exported = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+        assert getattr(fl.contents, name) == exported, name
+
+
+PKCS11_HEADER = Path("/usr/include/p11-kit-1/p11-kit/pkcs11.h")  # libp11-kit-dev
+
+
+def test_the_broken_session_codes_are_the_pkcs11_headers_and_python_pkcs11s():
+    header = {m[1]: int(m[2], 0) for m in re.finditer(
+        r"#define\s+(CKR_\w+)\s+\(?(0x[0-9a-fA-F]+|\d+)UL", PKCS11_HEADER.read_text())}
+    # python-pkcs11's own table: "elif rv == CKR_X:\n        exc = ClassName()"
+    pxd = (Path(pkcs11.__file__).parent / "_pkcs11.pxd").read_text()
+    ckr_of = {m[2]: m[1] for m in re.finditer(r"rv == (CKR_\w+):\s+exc = (\w+)\(\)", pxd)}
+    for code, cls in direct._BROKEN.items():
+        assert header[ckr_of[cls.__name__]] == code, cls.__name__
+    # Every broken-session class python-pkcs11 maps from a return code is in the table.
+    assert {c for c in BROKEN_SESSION if c.__name__ in ckr_of} == set(direct._BROKEN.values())
