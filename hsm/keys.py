@@ -102,6 +102,33 @@ def destroy_objects(s: Session, label: str) -> int:
     return n
 
 
+# --------------------------------------------------------------------------- data objects
+def put_data(s: Session, label: str, value: bytes) -> None:
+    """A private, unmodifiable token data object: state the database's writers cannot
+    change or roll back (they can neither log in to the token nor restore it)."""
+    try:
+        s.raw.create_object({A.CLASS: ObjectClass.DATA, A.TOKEN: True, A.PRIVATE: True,
+                             A.MODIFIABLE: False, A.LABEL: label, A.VALUE: value})
+    except px.PKCS11Error as exc:
+        raise _fail(exc) from None
+
+
+def data_values(s: Session, label: str) -> list[bytes]:
+    """The values of the data objects with this label, found afresh (never cached)."""
+    return [bytes(o[A.VALUE]) for o in s.raw.get_objects({A.CLASS: ObjectClass.DATA,
+                                                           A.LABEL: label})]
+
+
+def destroy_data(s: Session, label: str, *, keep: bytes | None = None,
+                 only: bytes | None = None) -> None:
+    """Destroy the data objects with this label: all but the one holding `keep`, or just
+    the ones holding `only`."""
+    for o in list(s.raw.get_objects({A.CLASS: ObjectClass.DATA, A.LABEL: label})):
+        value = bytes(o[A.VALUE])
+        if (only is not None and value == only) or (only is None and value != keep):
+            o.destroy()
+
+
 def key_attributes(s: Session, label: str) -> dict[str, bool]:
     key = find_key(s, label)
     return {"sensitive": bool(key[A.SENSITIVE]), "extractable": bool(key[A.EXTRACTABLE])}

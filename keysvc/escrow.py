@@ -5,6 +5,14 @@ communication if the migration is rolled back, with the inclusive dates of their
 S1SP may release them only on those dates, as counted in Great Britain (Europe/London: a
 release at 23:30 UTC on 30 June in summer is already 1 July). Each record is sealed with an
 HMAC made in the HSM over every field, so an edit in the database is caught on release.
+
+A seal cannot tell an older sealed copy of a record from the current one: putting back a
+copy from before a release or a revocation would undo it. So the admin token also holds
+each record's current seal, as a private data object the database's writers can neither
+change nor roll back (the anchor), and a record is intact only if its seal is valid and
+anchored. A new anchor is made before the commit that needs it and the old one destroyed
+after it; a crash between the two leaves both, so until the record's next change its
+previous state would also pass (documented in the README).
 """
 from __future__ import annotations
 
@@ -14,12 +22,15 @@ import hmac
 import json
 import logging
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable, Iterator
 from zoneinfo import ZoneInfo
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import select, update
 
+from hsm import HsmKeyNotFound
 from hsm import keys as hk
 from keysvc import store as st
 from keysvc.app import App, Caller
@@ -88,7 +99,61 @@ def _seal(app: App, row: dict) -> bytes:
 
 
 def _sealed_ok(app: App, row: dict) -> bool:
-    return hmac.compare_digest(_seal(app, row), bytes(row["seal"]))
+    """The seal is valid for this content and is the record's current one (anchored)."""
+    return hmac.compare_digest(_seal(app, row), bytes(row["seal"])) and _anchored(app, row)
+
+
+def _anchor_label(escrow_id: str) -> str:
+    return f"escrow-anchor:{escrow_id}"
+
+
+def _anchored(app: App, row: dict) -> bool:
+    label, seal = _anchor_label(row["id"]), bytes(row["seal"])
+
+    def work(s) -> bool:
+        if not any(hmac.compare_digest(v, seal) for v in hk.data_values(s, label)):
+            # Another replica's new anchor may be hidden from a stale view of the token:
+            # Token.run re-reads the token and asks once more.
+            raise HsmKeyNotFound(label)
+        return True
+    try:
+        return app.partitions.admin.run(work)
+    except HsmKeyNotFound:
+        return False
+
+
+@contextmanager
+def _anchored_tx(app: App) -> Iterator[tuple[object, Callable[[str, bytes], None]]]:
+    """A write transaction, and `anchor(escrow_id, seal)` for each record it seals: the
+    anchor is made at once (before the commit), removed again if the commit does not
+    happen, and the record's older anchors are destroyed once it has."""
+    made: list[tuple[str, bytes]] = []
+    token = app.partitions.admin
+
+    def anchor(escrow_id: str, seal: bytes) -> None:
+        with token.session() as s:
+            hk.put_data(s, _anchor_label(escrow_id), seal)
+        made.append((escrow_id, seal))
+    try:
+        with app.store.tx() as conn:
+            yield conn, anchor
+    except BaseException:
+        _settle_anchors(token, made, committed=False)
+        raise
+    _settle_anchors(token, made, committed=True)
+
+
+def _settle_anchors(token, made: list[tuple[str, bytes]], committed: bool) -> None:
+    for escrow_id, seal in made:
+        try:
+            with token.session() as s:
+                if committed:
+                    hk.destroy_data(s, _anchor_label(escrow_id), keep=seal)
+                else:
+                    hk.destroy_data(s, _anchor_label(escrow_id), only=seal)
+        except Exception as exc:  # the HSM went away: the record's next change tidies up
+            log.error("escrow %s: anchors not settled after %s: %s", escrow_id,
+                      "commit" if committed else "rollback", type(exc).__name__)
 
 
 def _escrow(row: dict, seal_intact: bool = True) -> Escrow:
@@ -142,10 +207,11 @@ def deposit(app: App, caller: Caller, *, smso_id: str, group_id: str,
            # UTC: SQLite keeps the wall time only, and deposited_at is sealed
            "deposited_at": app.clock().astimezone(dt.timezone.utc)}
     row["seal"] = _seal(app, row)
-    with app.store.tx() as conn:
+    with _anchored_tx(app) as (conn, anchor):
         conn.execute(st.escrows.insert().values(**row))
         conn.execute(st.escrow_chfs.insert(), [{"escrow_id": row["id"], "chf_identifier": c}
                                                for c in chfs])
+        anchor(row["id"], row["seal"])
     return row["id"]
 
 
@@ -173,7 +239,7 @@ def _release(app: App, caller: Caller, chf_identifier: str, reason: str) -> Rele
         raise error("INVALID_REQUEST", "a release needs a reason")
     now = app.clock().astimezone(dt.timezone.utc)  # SQLite keeps the wall time only
     today = london_today(now)
-    with app.store.tx() as conn:
+    with _anchored_tx(app) as (conn, anchor):
         ids = [r.escrow_id for r in conn.execute(
             select(st.escrow_chfs.c.escrow_id).where(st.escrow_chfs.c.chf_identifier == chf))]
         rows = [dict(r._mapping) for r in conn.execute(
@@ -203,6 +269,7 @@ def _release(app: App, caller: Caller, chf_identifier: str, reason: str) -> Rele
             .values(releases=r["releases"], seal=r["seal"])).rowcount
         if changed != 1:  # another writer got there first: never release twice
             raise error("ESCROW_EXHAUSTED", f"the escrow for {chf} changed; retry")
+        anchor(r["id"], r["seal"])
         conn.execute(st.escrow_releases.insert().values(
             escrow_id=r["id"], actor=caller.identity, reason=reason[:1000], time=now))
     e = _escrow(r)
@@ -255,7 +322,7 @@ def revoke(app: App, caller: Caller, escrow_id: str, reason: str = "") -> Escrow
 
 
 def _revoke(app: App, escrow_id: str) -> Escrow:
-    with app.store.tx() as conn:
+    with _anchored_tx(app) as (conn, anchor):
         r = conn.execute(select(st.escrows).where(st.escrows.c.id == escrow_id)
                          .with_for_update()).first()
         if r is None:
@@ -267,4 +334,5 @@ def _revoke(app: App, escrow_id: str) -> Escrow:
         row["seal"] = _seal(app, row)
         conn.execute(update(st.escrows).where(st.escrows.c.id == escrow_id)
                      .values(revoked=True, seal=row["seal"]))
+        anchor(escrow_id, row["seal"])
     return _escrow(row)

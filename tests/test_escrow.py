@@ -13,8 +13,9 @@ from datetime import date, datetime, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 
+from hsm import keys as hk
 from keysvc import escrow
 from keysvc import store as st
 from keysvc.errors import KeysvcError
@@ -430,8 +431,6 @@ def test_a_chf_added_to_the_index_in_the_database_releases_nothing(app):
     assert release(app, chf).escrow_id == eid  # the real CHF is unaffected
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the seal covers one row, not its history; "
-                   "restoring an earlier sealed copy (releases, revoked) passes the check")
 def test_restoring_an_earlier_sealed_copy_of_the_record_is_refused(app):
     eid, chf = _deposit_for_seal(app, max_releases=1)
     (snapshot,) = rows(app, st.escrows)
@@ -440,6 +439,57 @@ def test_restoring_an_earlier_sealed_copy_of_the_record_is_refused(app):
     edit(app, "UPDATE escrows SET releases=:r, seal=:s WHERE id=:id", id=eid,
          r=snapshot["releases"], s=snapshot["seal"])
     assert refusal(release, app, chf) == "ESCROW_SEAL_INVALID"
+
+
+def test_restoring_the_copy_from_before_a_revocation_is_refused(app):
+    eid, chf = _deposit_for_seal(app)
+    (snapshot,) = rows(app, st.escrows)
+    escrow.revoke(app, OFFICER_1, eid)
+    edit(app, "UPDATE escrows SET revoked=:f, seal=:s WHERE id=:id", id=eid, f=False,
+         s=snapshot["seal"])
+    set_clock(app, utc(2026, 7, 3, 12))
+    _assert_refused_as_tampered(app, eid, chf)
+    assert not escrow.list_escrows(app, chf_identifier=chf)[0].seal_intact
+
+
+def anchors(app, eid: str) -> list[bytes]:
+    with app.partitions.admin.session() as s:
+        return hk.data_values(s, f"escrow-anchor:{eid}")
+
+
+def test_each_record_has_one_anchor_its_current_seal_after_every_change(app):
+    eid, chf = _deposit_for_seal(app, max_releases=3)
+    set_clock(app, utc(2026, 7, 3, 12))
+    for change in (lambda: None, lambda: release(app, chf),
+                   lambda: escrow.revoke(app, OFFICER_1, eid)):
+        change()
+        (row,) = rows(app, st.escrows)
+        assert anchors(app, eid) == [row["seal"]]
+
+
+def test_a_record_without_its_anchor_is_refused(app):
+    eid, chf = _deposit_for_seal(app)
+    with app.partitions.admin.session() as s:
+        hk.destroy_data(s, f"escrow-anchor:{eid}")
+    set_clock(app, utc(2026, 7, 3, 12))
+    _assert_refused_as_tampered(app, eid, chf)
+
+
+def test_a_release_whose_commit_fails_changes_neither_the_record_nor_its_anchor(app):
+    eid, chf = _deposit_for_seal(app, max_releases=1)
+    (before,) = rows(app, st.escrows)
+    set_clock(app, utc(2026, 7, 3, 12))
+
+    def fail(conn):
+        raise RuntimeError("the database went away at commit")
+    event.listen(app.store.engine, "commit", fail)
+    try:
+        with pytest.raises(RuntimeError):
+            release(app, chf)
+    finally:
+        event.remove(app.store.engine, "commit", fail)
+    assert rows(app, st.escrows) == [before] and anchors(app, eid) == [before["seal"]]
+    assert release(app, chf).escrow_id == eid  # its one release is still there
 
 
 def test_revoking_an_edited_record_is_refused_and_audited(app):
