@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from pkcs11 import MGF, Attribute, GCMParams, KeyType, Mechanism, ObjectClass
 from pkcs11.util.rsa import encode_rsa_public_key
@@ -119,13 +119,11 @@ def data_values(s: Session, label: str) -> list[bytes]:
                                                            A.LABEL: label})]
 
 
-def destroy_data(s: Session, label: str, *, keep: bytes | None = None,
-                 only: bytes | None = None) -> None:
-    """Destroy the data objects with this label: all but the one holding `keep`, or just
-    the ones holding `only`."""
+def destroy_data(s: Session, label: str, doomed: Callable[[bytes], bool] = lambda v: True
+                 ) -> None:
+    """Destroy the data objects with this label whose value is `doomed`."""
     for o in list(s.raw.get_objects({A.CLASS: ObjectClass.DATA, A.LABEL: label})):
-        value = bytes(o[A.VALUE])
-        if (only is not None and value == only) or (only is None and value != keep):
+        if doomed(bytes(o[A.VALUE])):
             o.destroy()
 
 

@@ -40,7 +40,8 @@ class App:
 
     def __post_init__(self) -> None:
         # Through `self`, so that a test (or faketime) replacing app.clock moves the audit too.
-        self.audit = AuditLog(self.store, self.partitions, lambda: self.clock())
+        self.audit = AuditLog(self.store, self.partitions, lambda: self.clock(),
+                              checkpoint_seconds=self.settings.audit_checkpoint_seconds)
 
     @property
     def certificates(self) -> CertificateChecker:

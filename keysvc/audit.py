@@ -4,12 +4,20 @@ The hash chain makes deletion and reordering visible; the HMAC (key in the admin
 stops someone with database access from rewriting the chain consistently. Appends are
 serialised through the single `audit_head` row, so replicas sharing a database still build
 one chain.
+
+Cutting events off the end (and setting `audit_head` back) leaves a shorter chain that is
+still valid, so the chain's head - sequence and hash - is also copied into the admin token
+as a data object (the checkpoint) on the first event and then at most every
+`checkpoint_seconds`: a log that ends before its checkpoint has lost events. Events after
+the last checkpoint can still be cut unseen; a log emptied entirely looks like a new one.
 """
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
 import hmac
+import logging
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -21,6 +29,7 @@ from keysvc.clock import Clock, utc_now
 from keysvc.partitions import AUDIT_MAC_KEY, Partitions
 
 GENESIS = "0" * 64
+log = logging.getLogger("keysvc.audit")
 
 
 @dataclass(frozen=True)
@@ -50,11 +59,28 @@ def _canonical(seq: int, e: AuditEvent, prev_hash: str) -> bytes:
     return "\x1f".join(f.replace("\x1f", " ") for f in fields).encode()
 
 
+def _checkpoint_label(first_event_id: str) -> str:
+    """One chain per database; the first event's id tells the chains in one token apart."""
+    return f"audit-checkpoint:{first_event_id}"
+
+
+def _checkpoint_value(seq: int, digest: str) -> bytes:
+    return seq.to_bytes(8, "big") + bytes.fromhex(digest)
+
+
+def _checkpoint_seq(value: bytes) -> int:
+    return int.from_bytes(value[:8], "big")
+
+
 class AuditLog:
-    def __init__(self, store: st.Store, partitions: Partitions, clock: Clock = utc_now) -> None:
+    def __init__(self, store: st.Store, partitions: Partitions, clock: Clock = utc_now, *,
+                 checkpoint_seconds: float = 5.0) -> None:
         self.store = store
         self.partitions = partitions
         self.clock = clock
+        self.checkpoint_seconds = checkpoint_seconds
+        self._last_checkpoint = float("-inf")  # time.monotonic() of this process's last
+        self._first_event_id = ""
 
     def _mac(self, data: bytes) -> str:
         with self.partitions.admin.session() as s:
@@ -80,7 +106,39 @@ class AuditLog:
                 mac=mac))
             conn.execute(update(st.audit_head).where(st.audit_head.c.id == 1)
                          .values(seq=seq, hash=digest))
+        if seq == 1 or time.monotonic() - self._last_checkpoint >= self.checkpoint_seconds:
+            self._checkpoint(event.id if seq == 1 else "", seq, digest)
         return AuditEvent(**{**event.__dict__, "sequence": seq})
+
+    def _checkpoint(self, first_event_id: str, seq: int, digest: str) -> None:
+        """Copy a committed head into the token; older copies go (another replica's newer
+        one stays). A failure costs only detection, never the call: it is logged."""
+        try:
+            first = first_event_id or self._first_id()
+            label = _checkpoint_label(first)
+            with self.partitions.admin.session() as s:
+                hk.put_data(s, label, _checkpoint_value(seq, digest))
+                hk.destroy_data(s, label, lambda v: _checkpoint_seq(v) < seq)
+            self._last_checkpoint = time.monotonic()
+        except Exception as exc:
+            log.error("audit checkpoint at sequence %d not written: %s", seq,
+                      type(exc).__name__)
+
+    def _first_id(self) -> str:
+        if not self._first_event_id:
+            with self.store.engine.connect() as conn:
+                self._first_event_id = conn.execute(select(st.audit_events.c.id).where(
+                    st.audit_events.c.seq == 1)).scalar_one()
+        return self._first_event_id
+
+    def _checkpoint_in_token(self, first_event_id: str) -> tuple[int, str]:
+        """The newest checkpoint of this chain (0, "" if none)."""
+        with self.partitions.admin.session() as s:
+            values = hk.data_values(s, _checkpoint_label(first_event_id))
+        if not values:
+            return 0, ""
+        best = max(values, key=_checkpoint_seq)
+        return _checkpoint_seq(best), best[8:].hex()
 
     def list(self, *, since: dt.datetime | None = None, actor: str = "", action: str = "",
              page_size: int = 100, after_seq: int = 0) -> tuple[list[AuditEvent], int]:
@@ -108,6 +166,8 @@ class AuditLog:
         with self.store.engine.connect() as conn:
             rows = conn.execute(select(st.audit_events).order_by(st.audit_events.c.seq)).all()
             head = conn.execute(select(st.audit_head)).first()
+        checkpoint_seq, checkpoint_hash = self._checkpoint_in_token(rows[0].id) if rows \
+            else (0, "")
         with self.partitions.admin.session() as s:
             mac_key = hk.find_key(s, AUDIT_MAC_KEY)
             for n, r in enumerate(rows, 1):
@@ -118,6 +178,8 @@ class AuditLog:
                 good = (r.seq == expected_seq and r.prev_hash == prev and digest == r.hash
                         and hmac.compare_digest(
                             hk.hmac_sha256(mac_key, bytes.fromhex(digest)).hex(), r.mac))
+                if r.seq == checkpoint_seq and r.hash != checkpoint_hash:
+                    good = False  # not the event the HSM saw at this position
                 if not good:
                     return Verification(False, checked + 1, r.id)
                 checked += 1
@@ -125,6 +187,10 @@ class AuditLog:
         if head is not None and (head.seq != checked or head.hash != prev):
             # events were removed from the end of the chain
             return Verification(False, checked, "(end of log: events missing after "
+                                                f"sequence {checked})")
+        if checkpoint_seq > checked:
+            return Verification(False, checked, "(end of log: the HSM checkpoint has sequence "
+                                                f"{checkpoint_seq}; events missing after "
                                                 f"sequence {checked})")
         return Verification(True, checked)
 

@@ -41,6 +41,9 @@ class Settings:
     hsm_pool_size: int = 8
     hsm_acquire_timeout: float = 15.0
     import_job_ttl_hours: int = 24
+    # The audit chain's head is copied into the admin token at most this often (and on the
+    # first event): events cut from the end of the log before the last copy are found.
+    audit_checkpoint_seconds: float = 5.0
     metrics_listen: str = ""
     workers: int = 16
     # Worker processes that check DeviceCertificates while the HSM wraps keys (0: inline).

@@ -147,10 +147,8 @@ def _settle_anchors(token, made: list[tuple[str, bytes]], committed: bool) -> No
     for escrow_id, seal in made:
         try:
             with token.session() as s:
-                if committed:
-                    hk.destroy_data(s, _anchor_label(escrow_id), keep=seal)
-                else:
-                    hk.destroy_data(s, _anchor_label(escrow_id), only=seal)
+                hk.destroy_data(s, _anchor_label(escrow_id),
+                                (lambda v: v != seal) if committed else (lambda v: v == seal))
         except Exception as exc:  # the HSM went away: the record's next change tidies up
             log.error("escrow %s: anchors not settled after %s: %s", escrow_id,
                       "commit" if committed else "rollback", type(exc).__name__)

@@ -43,6 +43,42 @@ def test_deleting_the_newest_event_is_found(any_app):
     assert not any_app.audit.verify().intact
 
 
+def _cut_the_end(app, events, keep: int) -> None:
+    """Delete the newest events and set the head back, as someone with DB access could."""
+    with app.store.tx() as conn:
+        conn.execute(st.audit_events.delete().where(st.audit_events.c.seq > keep))
+        last = conn.execute(select(st.audit_events).where(st.audit_events.c.seq == keep)).one()
+        conn.execute(update(st.audit_head).values(seq=keep, hash=last.hash))
+
+
+def test_events_cut_from_the_end_with_the_head_set_back_are_found(any_app):
+    any_app.audit.checkpoint_seconds = 0  # every event reaches the token's checkpoint
+    events = _events(any_app)
+    _cut_the_end(any_app, events, keep=3)
+    v = any_app.audit.verify()
+    assert not v.intact and v.events_checked == 3
+    assert "checkpoint has sequence 5" in v.first_bad_event_id
+
+
+def test_events_after_the_last_checkpoint_can_be_cut_unseen(any_app):
+    """The documented limit: the checkpoint is written at most every checkpoint_seconds."""
+    any_app.audit.checkpoint_seconds = 3600
+    events = _events(any_app)  # only the first event reaches the token
+    _cut_the_end(any_app, events, keep=3)
+    assert any_app.audit.verify().intact
+
+
+def test_the_token_keeps_one_checkpoint_per_chain_its_newest(any_app):
+    from hsm import keys as hk
+    any_app.audit.checkpoint_seconds = 0
+    events = _events(any_app)
+    with any_app.partitions.admin.session() as s:
+        (value,) = hk.data_values(s, f"audit-checkpoint:{events[0].id}")
+    with any_app.store.engine.connect() as conn:
+        head = conn.execute(select(st.audit_head)).one()
+    assert (int.from_bytes(value[:8], "big"), value[8:].hex()) == (5, head.hash)
+
+
 def test_reordered_events_are_found(any_app):
     events = _events(any_app)
     with any_app.store.tx() as conn:
