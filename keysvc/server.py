@@ -8,6 +8,7 @@ and appends one audit event per call, allowed or denied.
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import signal
 import threading
@@ -54,7 +55,15 @@ def _caller(context: grpc.ServicerContext) -> Caller | None:
     pem = (context.auth_context() or {}).get("x509_pem_cert")
     if not pem:
         return None
-    der = x509.load_pem_x509_certificate(pem[0]).public_bytes(Encoding.DER)
+    return _caller_of(pem[0])
+
+
+@functools.lru_cache(maxsize=1024)
+def _caller_of(pem: bytes) -> Caller:
+    """The role and identity a client certificate names. TLS has verified the certificate
+    (chain and dates) for this connection; what it names never changes, so it is parsed
+    once per certificate, not once per call."""
+    der = x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
     role, identity = role_and_identity(der)
     return Caller(identity, role or "")
 
