@@ -119,6 +119,16 @@ def data_values(s: Session, label: str) -> list[bytes]:
                                                            A.LABEL: label})]
 
 
+def data_by_label(s: Session, prefix: str) -> dict[str, list[bytes]]:
+    """Every data object whose label starts with `prefix`: label -> values, one search."""
+    out: dict[str, list[bytes]] = {}
+    for o in s.raw.get_objects({A.CLASS: ObjectClass.DATA}):
+        label = o[A.LABEL]
+        if label.startswith(prefix):
+            out.setdefault(label, []).append(bytes(o[A.VALUE]))
+    return out
+
+
 def destroy_data(s: Session, label: str, doomed: Callable[[bytes], bool] = lambda v: True
                  ) -> None:
     """Destroy the data objects with this label whose value is `doomed`."""

@@ -64,8 +64,11 @@ class App:
         partitions.bootstrap()
         trust = TrustStore.from_dir(settings.trust_anchors)
         log.info("trust anchors loaded: %d, CRLs: %d", len(trust.anchors), len(trust.crls))
-        return cls(settings, store, partitions, trust, clock,
-                   cert_workers=settings.certificate_workers)
+        app = cls(settings, store, partitions, trust, clock,
+                  cert_workers=settings.certificate_workers)
+        from keysvc.escrow import anchor_unanchored
+        anchor_unanchored(app)
+        return app
 
     def close(self) -> None:
         if self._checker is not None:

@@ -7,9 +7,11 @@ one chain.
 
 Cutting events off the end (and setting `audit_head` back) leaves a shorter chain that is
 still valid, so the chain's head - sequence and hash - is also copied into the admin token
-as a data object (the checkpoint) on the first event and then at most every
-`checkpoint_seconds`: a log that ends before its checkpoint has lost events. Events after
-the last checkpoint can still be cut unseen; a log emptied entirely looks like a new one.
+as a data object (a checkpoint): on the first event, then on an append at least
+`checkpoint_seconds` after the last copy, and by the server's periodic task when appends
+stop. A log that ends before a checkpoint, or holds another event at its sequence, has
+lost events. Events after the last checkpoint can still be cut unseen; a log emptied
+entirely looks like a new one.
 """
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ class AuditLog:
         self.clock = clock
         self.checkpoint_seconds = checkpoint_seconds
         self._last_checkpoint = float("-inf")  # time.monotonic() of this process's last
+        self._behind: tuple[int, str] | None = None  # a committed head not yet copied
         self._first_event_id = ""
 
     def _mac(self, data: bytes) -> str:
@@ -106,23 +109,55 @@ class AuditLog:
                 mac=mac))
             conn.execute(update(st.audit_head).where(st.audit_head.c.id == 1)
                          .values(seq=seq, hash=digest))
+        if seq == 1:
+            self._first_event_id = event.id
+        self._behind = (seq, digest)
         if seq == 1 or time.monotonic() - self._last_checkpoint >= self.checkpoint_seconds:
-            self._checkpoint(event.id if seq == 1 else "", seq, digest)
+            self.checkpoint()
         return AuditEvent(**{**event.__dict__, "sequence": seq})
 
-    def _checkpoint(self, first_event_id: str, seq: int, digest: str) -> None:
-        """Copy a committed head into the token; older copies go (another replica's newer
-        one stays). A failure costs only detection, never the call: it is logged."""
+    def checkpoint(self) -> None:
+        """Copy the last head this process committed into the token, if not done yet.
+
+        Older copies go only once the log shows them true (its event at their sequence has
+        their hash); one that does not is kept, as the evidence VerifyAuditLog reports. A
+        failure costs only detection, never a call: it is logged.
+        """
+        behind = self._behind
+        if behind is None:
+            return
+        seq, digest = behind
         try:
-            first = first_event_id or self._first_id()
-            label = _checkpoint_label(first)
+            label = _checkpoint_label(self._first_id())
             with self.partitions.admin.session() as s:
                 hk.put_data(s, label, _checkpoint_value(seq, digest))
-                hk.destroy_data(s, label, lambda v: _checkpoint_seq(v) < seq)
+                older = [v for v in hk.data_values(s, label) if _checkpoint_seq(v) < seq]
+            hashes = self._hashes_at([_checkpoint_seq(v) for v in older])
+            true = {v for v in older if hashes.get(_checkpoint_seq(v)) == v[8:].hex()}
+            if len(true) < len(older):
+                log.error("audit log: %d checkpoints no longer match the log; kept as "
+                          "evidence", len(older) - len(true))
+            with self.partitions.admin.session() as s:
+                hk.destroy_data(s, label, lambda v: v in true)
             self._last_checkpoint = time.monotonic()
+            if self._behind == behind:
+                self._behind = None
         except Exception as exc:
             log.error("audit checkpoint at sequence %d not written: %s", seq,
                       type(exc).__name__)
+
+    def checkpoint_if_due(self) -> None:
+        """For a periodic task: the last events of a burst reach the token too."""
+        if time.monotonic() - self._last_checkpoint >= self.checkpoint_seconds:
+            self.checkpoint()
+
+    def _hashes_at(self, seqs: list[int]) -> dict[int, str]:
+        if not seqs:
+            return {}
+        with self.store.engine.connect() as conn:
+            return {r.seq: r.hash for r in conn.execute(
+                select(st.audit_events.c.seq, st.audit_events.c.hash).where(
+                    st.audit_events.c.seq.in_(seqs)))}
 
     def _first_id(self) -> str:
         if not self._first_event_id:
@@ -131,14 +166,14 @@ class AuditLog:
                     st.audit_events.c.seq == 1)).scalar_one()
         return self._first_event_id
 
-    def _checkpoint_in_token(self, first_event_id: str) -> tuple[int, str]:
-        """The newest checkpoint of this chain (0, "" if none)."""
+    def _checkpoints_in_token(self, first_event_id: str) -> dict[int, set[str]]:
+        """Every checkpoint of this chain: sequence -> the hashes copied at it."""
         with self.partitions.admin.session() as s:
             values = hk.data_values(s, _checkpoint_label(first_event_id))
-        if not values:
-            return 0, ""
-        best = max(values, key=_checkpoint_seq)
-        return _checkpoint_seq(best), best[8:].hex()
+        out: dict[int, set[str]] = {}
+        for v in values:
+            out.setdefault(_checkpoint_seq(v), set()).add(v[8:].hex())
+        return out
 
     def list(self, *, since: dt.datetime | None = None, actor: str = "", action: str = "",
              page_size: int = 100, after_seq: int = 0) -> tuple[list[AuditEvent], int]:
@@ -160,14 +195,24 @@ class AuditLog:
         return events, (rows[-1].seq if more and rows else 0)
 
     def verify(self) -> Verification:
-        """Walk the chain; the first event whose hash, link, MAC or position is wrong."""
+        """Walk the chain; the first event whose hash, link, MAC or position is wrong.
+
+        Read in the order things are written, so that appends meanwhile raise no false
+        alarm: the checkpoints (each copied after its event committed), then the head, then
+        the events up to the head.
+        """
         checked = 0
         prev, expected_seq = GENESIS, 1
         with self.store.engine.connect() as conn:
-            rows = conn.execute(select(st.audit_events).order_by(st.audit_events.c.seq)).all()
+            first = conn.execute(select(st.audit_events.c.id).where(
+                st.audit_events.c.seq == 1)).scalar()
+        checkpoints = self._checkpoints_in_token(first) if first else {}
+        with self.store.engine.connect() as conn:
             head = conn.execute(select(st.audit_head)).first()
-        checkpoint_seq, checkpoint_hash = self._checkpoint_in_token(rows[0].id) if rows \
-            else (0, "")
+            q = select(st.audit_events).order_by(st.audit_events.c.seq)
+            if head is not None:
+                q = q.where(st.audit_events.c.seq <= head.seq)
+            rows = conn.execute(q).all()
         with self.partitions.admin.session() as s:
             mac_key = hk.find_key(s, AUDIT_MAC_KEY)
             for n, r in enumerate(rows, 1):
@@ -178,7 +223,7 @@ class AuditLog:
                 good = (r.seq == expected_seq and r.prev_hash == prev and digest == r.hash
                         and hmac.compare_digest(
                             hk.hmac_sha256(mac_key, bytes.fromhex(digest)).hex(), r.mac))
-                if r.seq == checkpoint_seq and r.hash != checkpoint_hash:
+                if r.seq in checkpoints and checkpoints[r.seq] != {r.hash}:
                     good = False  # not the event the HSM saw at this position
                 if not good:
                     return Verification(False, checked + 1, r.id)
@@ -188,9 +233,9 @@ class AuditLog:
             # events were removed from the end of the chain
             return Verification(False, checked, "(end of log: events missing after "
                                                 f"sequence {checked})")
-        if checkpoint_seq > checked:
+        if checkpoints and max(checkpoints) > checked:
             return Verification(False, checked, "(end of log: the HSM checkpoint has sequence "
-                                                f"{checkpoint_seq}; events missing after "
+                                                f"{max(checkpoints)}; events missing after "
                                                 f"sequence {checked})")
         return Verification(True, checked)
 

@@ -40,6 +40,7 @@ from keysvc.errors import error
 from keysvc.partitions import ESCROW_SEAL_KEY
 
 log = logging.getLogger("keysvc.escrow")
+ANCHOR_PREFIX = "escrow-anchor:"
 
 LONDON = ZoneInfo("Europe/London")
 
@@ -98,13 +99,19 @@ def _seal(app: App, row: dict) -> bytes:
         return hk.hmac_sha256(hk.find_key(s, ESCROW_SEAL_KEY), _canonical(row))
 
 
-def _sealed_ok(app: App, row: dict) -> bool:
-    """The seal is valid for this content and is the record's current one (anchored)."""
-    return hmac.compare_digest(_seal(app, row), bytes(row["seal"])) and _anchored(app, row)
+def _sealed_ok(app: App, row: dict, anchors: dict[str, list[bytes]] | None = None) -> bool:
+    """The seal is valid for this content and is the record's current one (anchored).
+    `anchors`: every anchor in the token by label, read once for a whole listing."""
+    if not hmac.compare_digest(_seal(app, row), bytes(row["seal"])):
+        return False
+    if anchors is not None:
+        return any(hmac.compare_digest(v, bytes(row["seal"]))
+                   for v in anchors.get(_anchor_label(row["id"]), ()))
+    return _anchored(app, row)
 
 
 def _anchor_label(escrow_id: str) -> str:
-    return f"escrow-anchor:{escrow_id}"
+    return f"{ANCHOR_PREFIX}{escrow_id}"
 
 
 def _anchored(app: App, row: dict) -> bool:
@@ -122,36 +129,72 @@ def _anchored(app: App, row: dict) -> bool:
         return False
 
 
+Anchor = Callable[[str, bytes, "bytes | None"], None]
+
+
 @contextmanager
-def _anchored_tx(app: App) -> Iterator[tuple[object, Callable[[str, bytes], None]]]:
-    """A write transaction, and `anchor(escrow_id, seal)` for each record it seals: the
-    anchor is made at once (before the commit), removed again if the commit does not
-    happen, and the record's older anchors are destroyed once it has."""
-    made: list[tuple[str, bytes]] = []
+def _anchored_tx(app: App) -> Iterator[tuple[object, Anchor]]:
+    """A write transaction, and `anchor(escrow_id, new_seal, old_seal)` for each record it
+    seals, called while the record's row is locked.
+
+    The new anchor is made at once (before the commit) and removed again if the commit
+    does not happen; the old seal's anchor is destroyed once it has. Only those two values
+    are touched outside the row lock: another transaction may already have locked the row,
+    anchored its own seal and committed before this one's clean-up runs. Under the lock,
+    anchors other than the current seal are leftovers of a crash, and go first.
+    """
+    made: list[tuple[str, bytes, bytes | None]] = []
     token = app.partitions.admin
 
-    def anchor(escrow_id: str, seal: bytes) -> None:
+    def anchor(escrow_id: str, seal: bytes, old_seal: bytes | None) -> None:
+        label = _anchor_label(escrow_id)
         with token.session() as s:
-            hk.put_data(s, _anchor_label(escrow_id), seal)
-        made.append((escrow_id, seal))
+            if old_seal is not None:
+                hk.destroy_data(s, label, lambda v: v != old_seal)
+            hk.put_data(s, label, seal)
+        made.append((label, seal, old_seal))
     try:
         with app.store.tx() as conn:
             yield conn, anchor
     except BaseException:
-        _settle_anchors(token, made, committed=False)
+        _forget_anchors(token, [(label, seal) for label, seal, _ in made], "rollback")
         raise
-    _settle_anchors(token, made, committed=True)
+    _forget_anchors(token, [(label, old) for label, _, old in made if old is not None],
+                    "commit")
 
 
-def _settle_anchors(token, made: list[tuple[str, bytes]], committed: bool) -> None:
-    for escrow_id, seal in made:
+def _forget_anchors(token, anchors: list[tuple[str, bytes]], after: str) -> None:
+    for label, seal in anchors:
         try:
             with token.session() as s:
-                hk.destroy_data(s, _anchor_label(escrow_id),
-                                (lambda v: v != seal) if committed else (lambda v: v == seal))
+                hk.destroy_data(s, label, lambda v: v == seal)
         except Exception as exc:  # the HSM went away: the record's next change tidies up
-            log.error("escrow %s: anchors not settled after %s: %s", escrow_id,
-                      "commit" if committed else "rollback", type(exc).__name__)
+            log.error("%s: anchor not removed after %s: %s", label, after, type(exc).__name__)
+
+
+def anchor_unanchored(app: App) -> int:
+    """Anchor records that have none: those deposited before anchors existed. Run at
+    start. A record that has an anchor, even a wrong one, is left as it is (refused)."""
+    with app.store.engine.connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(select(st.escrows))]
+    if not rows:
+        return 0
+    anchors = _all_anchors(app)
+    missing = [r for r in rows if _anchor_label(r["id"]) not in anchors
+               and hmac.compare_digest(_seal(app, r), bytes(r["seal"]))]
+    with app.partitions.admin.session() as s:
+        for r in missing:
+            hk.put_data(s, _anchor_label(r["id"]), bytes(r["seal"]))
+    if missing:
+        log.warning("anchored %d escrow records that had no anchor", len(missing))
+    return len(missing)
+
+
+def _all_anchors(app: App) -> dict[str, list[bytes]]:
+    """Every escrow anchor in the token, in one search (the token scans all its objects
+    for any search, so one per record would be quadratic)."""
+    with app.partitions.admin.session() as s:
+        return hk.data_by_label(s, ANCHOR_PREFIX)
 
 
 def _escrow(row: dict, seal_intact: bool = True) -> Escrow:
@@ -209,7 +252,7 @@ def deposit(app: App, caller: Caller, *, smso_id: str, group_id: str,
         conn.execute(st.escrows.insert().values(**row))
         conn.execute(st.escrow_chfs.insert(), [{"escrow_id": row["id"], "chf_identifier": c}
                                                for c in chfs])
-        anchor(row["id"], row["seal"])
+        anchor(row["id"], row["seal"], None)
     return row["id"]
 
 
@@ -260,6 +303,7 @@ def _release(app: App, caller: Caller, chf_identifier: str, reason: str) -> Rele
         if not usable:
             raise error("ESCROW_EXHAUSTED", f"the escrow for {chf} has no releases left")
         r = usable[0]
+        old_seal = bytes(r["seal"])
         r["releases"] += 1
         r["seal"] = _seal(app, r)
         changed = conn.execute(update(st.escrows).where(
@@ -267,7 +311,7 @@ def _release(app: App, caller: Caller, chf_identifier: str, reason: str) -> Rele
             .values(releases=r["releases"], seal=r["seal"])).rowcount
         if changed != 1:  # another writer got there first: never release twice
             raise error("ESCROW_EXHAUSTED", f"the escrow for {chf} changed; retry")
-        anchor(r["id"], r["seal"])
+        anchor(r["id"], r["seal"], old_seal)
         conn.execute(st.escrow_releases.insert().values(
             escrow_id=r["id"], actor=caller.identity, reason=reason[:1000], time=now))
     e = _escrow(r)
@@ -301,8 +345,9 @@ def list_escrows(app: App, smso_id: str = "", chf_identifier: str = "") -> list[
     with app.store.engine.connect() as conn:
         rows = [dict(r._mapping) for r in conn.execute(q)]
     listed = []
+    anchors = _all_anchors(app) if rows else {}
     for row in rows:
-        intact = _sealed_ok(app, row)
+        intact = _sealed_ok(app, row, anchors)
         if not intact:
             log.warning("escrow %s fails its HSM seal: the record was altered", row["id"])
         if chf and intact and chf not in json.loads(row["chf_identifiers"]):
@@ -328,9 +373,10 @@ def _revoke(app: App, escrow_id: str) -> Escrow:
         row = dict(r._mapping)
         if not _sealed_ok(app, row):
             raise _Tampered(escrow_id)
+        old_seal = bytes(row["seal"])
         row["revoked"] = True
         row["seal"] = _seal(app, row)
         conn.execute(update(st.escrows).where(st.escrows.c.id == escrow_id)
                      .values(revoked=True, seal=row["seal"]))
-        anchor(escrow_id, row["seal"])
+        anchor(escrow_id, row["seal"], old_seal)
     return _escrow(row)

@@ -165,8 +165,12 @@ def _kcv_of_unwrapped(app: App, job, wrapped: bytes, purpose: str) -> str:
 
 # --------------------------------------------------------------------------- requests
 def _check_new_key_name(conn, name: str) -> None:
+    """In the transaction that then records the request: two requests for one name, on
+    two replicas at once, must not both pass."""
     if not name:
         raise error("INVALID_REQUEST", "a key needs a name")
+    if conn.info.get("write"):
+        st.serialise(conn, "key-names")
     if conn.execute(select(st.keys.c.name).where(st.keys.c.name == name)).first():
         raise error("KEY_EXISTS", f"a key named {name!r} exists")
     pending = conn.execute(select(st.operations.c.id).where(
@@ -273,8 +277,21 @@ class _TokenEffects:
     made: list[tuple[Any, str]] = field(default_factory=list)
     to_destroy: list[tuple[Any, str]] = field(default_factory=list)
 
-    def undo(self) -> None:
-        _destroy_labels(self.made, "made by an approval that did not commit")
+    def undo(self, app: App) -> None:
+        """The approval failed; but a failure reported by COMMIT itself may hide a commit
+        that happened. A key whose row exists (or cannot be looked for) is kept: an orphan
+        object can be cleared by hand, a destroyed key that the database lists cannot."""
+        try:
+            with app.store.engine.connect() as conn:
+                recorded = {r.name for r in conn.execute(select(st.keys.c.name).where(
+                    st.keys.c.name.in_([label for _, label in self.made])))}
+        except Exception as exc:
+            log.error("an approval failed and the database cannot say whether it committed "
+                      "(%s); its new token objects are kept: %s", type(exc).__name__,
+                      ", ".join(repr(label) for _, label in self.made))
+            return
+        _destroy_labels([(t, label) for t, label in self.made if label not in recorded],
+                        "made by an approval that did not commit")
 
     def after_commit(self) -> None:
         _destroy_labels(self.to_destroy, "destroyed by a committed approval")
@@ -295,7 +312,8 @@ def approve(app: App, caller: Caller, operation_id: str, component: bytes = b"")
     try:
         result, refusal, message = _approve(app, caller, operation_id, component, effects)
     except BaseException:
-        effects.undo()
+        if effects.made:
+            effects.undo(app)
         raise
     effects.after_commit()
     if refusal:  # the operation is recorded REJECTED; the caller is told why
@@ -363,7 +381,7 @@ def _execute(app: App, conn, kind: str, p: dict, effects: _TokenEffects
         token = app.partitions.for_purpose(p["purpose"])
         with token.session() as s:
             der = hk.generate_rsa(s, p["name"])
-        effects.made.append((token, p["name"]))
+            effects.made.append((token, p["name"]))
         pem = serialization.load_der_public_key(der).public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
         conn.execute(st.keys.insert().values(
@@ -439,7 +457,7 @@ def _create_from_components(app: App, p: dict, effects: _TokenEffects) -> str | 
             if not hmac.compare_digest(kcv, p["expected_kcv"]):
                 return None
             hk.create_aes(s, bytes(key), token=True, label=p["name"], usage=_usage(p["purpose"]))
-        effects.made.append((token, p["name"]))
+            effects.made.append((token, p["name"]))
         return kcv
     finally:
         for buf in (*parts, key):

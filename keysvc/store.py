@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import datetime as dt
 
 from sqlalchemy import (Boolean, Column, Integer, LargeBinary, MetaData, String, Table, Text,
-                        create_engine, event)
+                        create_engine, event, text)
 from sqlalchemy import DateTime as _DateTime
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.types import TypeDecorator
@@ -220,6 +220,17 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def serialise(conn: Connection, topic: str) -> None:
+    """Within a write transaction, one writer at a time for `topic` until it ends.
+
+    SQLite needs nothing: a write transaction (BEGIN IMMEDIATE) already excludes every
+    other writer. PostgreSQL takes a transaction-scoped advisory lock, so that a check and
+    the insert it allows cannot interleave with another replica's.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": topic})
 
 
 def _sqlite_immediate_transactions(engine: Engine) -> None:

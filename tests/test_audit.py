@@ -60,6 +60,43 @@ def test_events_cut_from_the_end_with_the_head_set_back_are_found(any_app):
     assert "checkpoint has sequence 5" in v.first_bad_event_id
 
 
+def test_a_log_cut_and_grown_again_past_its_checkpoint_is_found(any_app):
+    """The checkpoint at sequence 5 names an event the log no longer has: it is kept as
+    evidence, not tidied away by the newer checkpoints."""
+    any_app.audit.checkpoint_seconds = 0
+    events = _events(any_app)
+    _cut_the_end(any_app, events, keep=3)
+    any_app.audit._behind = None  # this process's memory of the cut-off head
+    regrown = _events(any_app, 4)
+    v = any_app.audit.verify()
+    assert not v.intact and v.first_bad_event_id == regrown[1].id  # the new sequence 5
+
+
+def test_verifying_while_events_are_appended_raises_no_alarm(any_app, monkeypatch):
+    from keysvc.audit import AuditLog
+    any_app.audit.checkpoint_seconds = 0
+    _events(any_app)
+    real = AuditLog._checkpoints_in_token
+
+    def then_two_more(self, first):
+        found = real(self, first)
+        _events(any_app, 2)  # committed and checkpointed while verify reads on
+        return found
+    monkeypatch.setattr(AuditLog, "_checkpoints_in_token", then_two_more)
+    assert any_app.audit.verify().intact
+
+
+def test_the_last_events_of_a_burst_reach_the_checkpoint_without_another_call(any_app):
+    from hsm import keys as hk
+    any_app.audit.checkpoint_seconds = 3600
+    events = _events(any_app)  # only the first is copied at once
+    any_app.audit.checkpoint_seconds = 0
+    any_app.audit.checkpoint_if_due()  # what the server's periodic task does
+    with any_app.partitions.admin.session() as s:
+        (value,) = hk.data_values(s, f"audit-checkpoint:{events[0].id}")
+    assert int.from_bytes(value[:8], "big") == 5
+
+
 def test_events_after_the_last_checkpoint_can_be_cut_unseen(any_app):
     """The documented limit: the checkpoint is written at most every checkpoint_seconds."""
     any_app.audit.checkpoint_seconds = 3600

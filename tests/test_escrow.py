@@ -431,14 +431,20 @@ def test_a_chf_added_to_the_index_in_the_database_releases_nothing(app):
     assert release(app, chf).escrow_id == eid  # the real CHF is unaffected
 
 
-def test_restoring_an_earlier_sealed_copy_of_the_record_is_refused(app):
+def _released_then_restored(app) -> tuple[str, str]:
+    """A record released once, then put back in the database as it was before."""
     eid, chf = _deposit_for_seal(app, max_releases=1)
     (snapshot,) = rows(app, st.escrows)
     set_clock(app, utc(2026, 7, 3, 12))
     release(app, chf)
     edit(app, "UPDATE escrows SET releases=:r, seal=:s WHERE id=:id", id=eid,
          r=snapshot["releases"], s=snapshot["seal"])
-    assert refusal(release, app, chf) == "ESCROW_SEAL_INVALID"
+    return eid, chf
+
+
+def test_restoring_an_earlier_sealed_copy_of_the_record_is_refused(app):
+    eid, chf = _released_then_restored(app)
+    _assert_refused_as_tampered(app, eid, chf, releases_before=1)
 
 
 def test_restoring_the_copy_from_before_a_revocation_is_refused(app):
@@ -465,6 +471,55 @@ def test_each_record_has_one_anchor_its_current_seal_after_every_change(app):
         change()
         (row,) = rows(app, st.escrows)
         assert anchors(app, eid) == [row["seal"]]
+
+
+def test_a_change_whose_clean_up_runs_after_the_next_change_leaves_that_ones_anchor(
+        app, monkeypatch):
+    """Release A commits; release B locks the row, anchors and commits; only then does A
+    clean up. A removes only the seal it replaced, never B's."""
+    eid, chf = _deposit_for_seal(app, max_releases=3)
+    set_clock(app, utc(2026, 7, 3, 12))
+    real, deferred = escrow._forget_anchors, []
+
+    def defer_the_first_clean_up(token, anchors, after):
+        if after == "commit" and not deferred:
+            deferred.append((token, anchors, after))
+        else:
+            real(token, anchors, after)
+    monkeypatch.setattr(escrow, "_forget_anchors", defer_the_first_clean_up)
+    release(app, chf)  # A
+    release(app, chf)  # B
+    real(*deferred[0])  # A's clean-up, late
+    (row,) = rows(app, st.escrows)
+    assert anchors(app, eid) == [row["seal"]]
+    assert release(app, chf).escrow_id == eid
+
+
+def test_an_anchor_left_by_a_crash_goes_at_the_records_next_change(app, monkeypatch):
+    eid, chf = _deposit_for_seal(app, max_releases=3)
+    set_clock(app, utc(2026, 7, 3, 12))
+    monkeypatch.setattr(escrow, "_forget_anchors", lambda *a: None)  # the process died
+    release(app, chf)
+    assert len(anchors(app, eid)) == 2
+    monkeypatch.undo()
+    release(app, chf)
+    (row,) = rows(app, st.escrows)
+    assert anchors(app, eid) == [row["seal"]]
+
+
+def test_a_record_deposited_before_anchors_existed_is_anchored_at_start(app):
+    eid, chf = _deposit_for_seal(app)
+    with app.partitions.admin.session() as s:
+        hk.destroy_data(s, f"escrow-anchor:{eid}")
+    assert escrow.anchor_unanchored(app) == 1
+    set_clock(app, utc(2026, 7, 3, 12))
+    assert release(app, chf).escrow_id == eid
+
+
+def test_a_record_with_a_wrong_anchor_is_not_re_anchored_at_start(app):
+    eid, chf = _released_then_restored(app)
+    assert escrow.anchor_unanchored(app) == 0
+    _assert_refused_as_tampered(app, eid, chf, releases_before=1)
 
 
 def test_a_record_without_its_anchor_is_refused(app):

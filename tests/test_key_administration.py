@@ -384,6 +384,42 @@ def test_a_key_made_by_an_approval_that_does_not_commit_leaves_no_token_object(
     assert key_is_there()
 
 
+def test_a_key_whose_commit_happened_but_was_reported_failed_is_kept(app, monkeypatch):
+    """COMMIT can fail on the wire after the database did it: the key row then exists,
+    and its token object must too."""
+    name, key = unique("S1SP-TK"), os.urandom(32)
+    op = request_import(app, OFFICER_1, name, key)
+    real = keyadmin._approve
+
+    def committed_then_lost(*args):
+        real(*args)
+        raise CommitFails()
+    monkeypatch.setattr(keyadmin, "_approve", committed_then_lost)
+    with pytest.raises(CommitFails):
+        keyadmin.approve(app, OFFICER_2, op.operation_id)
+    assert keyadmin.get_key(app, name).state == "ENABLED"
+    assert token_key_is(app, name, key)
+
+
+def test_two_requests_for_one_name_at_once_make_one_operation(any_app):
+    import threading
+    name = unique("S1SP-TK")
+    barrier, outcome = threading.Barrier(4), []
+
+    def ask() -> None:
+        barrier.wait()
+        try:
+            outcome.append(keyadmin.generate_recipient_key(
+                any_app, OFFICER_1, name=name, purpose="S1SP_TRANSPORT",
+                allowed_originators=[SUPPLIER]).state)
+        except KeysvcError as exc:
+            outcome.append(exc.code)
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(outcome) == ["KEY_EXISTS"] * 3 + ["PENDING"]
+
+
 def test_a_destroy_whose_approval_does_not_commit_leaves_the_key_whole(app, failing_commit):
     name, key = unique("S1SP-TK"), os.urandom(32)
     load_aes_key(app, name, key, purpose="S1SP_TRANSPORT", owner_id=SMSO)
