@@ -278,7 +278,6 @@ def _dco_cmd(rpc_name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _verdict_table(v: Any) -> None:
-    from keysvc.api.v1 import keysvc_pb2 as pb  # noqa: F401
     rows = [["valid", "yes" if v.valid else "no"],
             ["problems", _problems(v.problems) or "-"], ["subject", v.subject or "(empty)"],
             ["issuer", v.issuer], ["serial", v.serial_hex],

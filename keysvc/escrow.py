@@ -4,15 +4,9 @@ Before an FOC installation migrates, the SMSO deposits the certificates needed t
 communication if the migration is rolled back, with the inclusive dates of their use. The
 S1SP may release them only on those dates, as counted in Great Britain (Europe/London: a
 release at 23:30 UTC on 30 June in summer is already 1 July). Each record is sealed with an
-HMAC made in the HSM over every field, so an edit in the database is caught on release.
-
-A seal cannot tell an older sealed copy of a record from the current one: putting back a
-copy from before a release or a revocation would undo it. So the admin token also holds
-each record's current seal, as a private data object the database's writers can neither
-change nor roll back (the anchor), and a record is intact only if its seal is valid and
-anchored. A new anchor is made before the commit that needs it and the old one destroyed
-after it; a crash between the two leaves both, so until the record's next change its
-previous state would also pass (documented in the README).
+HMAC made in the HSM over every field, so an edit in the database is caught on release,
+and the seal is anchored in the token (keysvc/anchors.py), so an older sealed copy put
+back in the database is caught too.
 """
 from __future__ import annotations
 
@@ -22,17 +16,15 @@ import hmac
 import json
 import logging
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
 from zoneinfo import ZoneInfo
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from sqlalchemy import select, update
 
-from hsm import HsmKeyNotFound
 from hsm import keys as hk
 from keysvc import store as st
+from keysvc.anchors import Anchors
 from keysvc.app import App, Caller
 from keysvc.device_certificate import CertificateParseError, load_certificate
 from keysvc.domain import InvalidEUI64, normalise_eui64
@@ -99,102 +91,32 @@ def _seal(app: App, row: dict) -> bytes:
         return hk.hmac_sha256(hk.find_key(s, ESCROW_SEAL_KEY), _canonical(row))
 
 
-def _sealed_ok(app: App, row: dict, anchors: dict[str, list[bytes]] | None = None) -> bool:
+def _anchors(app: App) -> Anchors:
+    return Anchors(app.partitions.admin, ANCHOR_PREFIX)
+
+
+def _sealed_ok(app: App, row: dict, anchored: dict[str, list[bytes]] | None = None) -> bool:
     """The seal is valid for this content and is the record's current one (anchored).
-    `anchors`: every anchor in the token by label, read once for a whole listing."""
-    if not hmac.compare_digest(_seal(app, row), bytes(row["seal"])):
+    `anchored`: every anchor, read once for a whole listing (`Anchors.all`)."""
+    seal = bytes(row["seal"])
+    if not hmac.compare_digest(_seal(app, row), seal):
         return False
-    if anchors is not None:
-        return any(hmac.compare_digest(v, bytes(row["seal"]))
-                   for v in anchors.get(_anchor_label(row["id"]), ()))
-    return _anchored(app, row)
-
-
-def _anchor_label(escrow_id: str) -> str:
-    return f"{ANCHOR_PREFIX}{escrow_id}"
-
-
-def _anchored(app: App, row: dict) -> bool:
-    label, seal = _anchor_label(row["id"]), bytes(row["seal"])
-
-    def work(s) -> bool:
-        if not any(hmac.compare_digest(v, seal) for v in hk.data_values(s, label)):
-            # Another replica's new anchor may be hidden from a stale view of the token:
-            # Token.run re-reads the token and asks once more.
-            raise HsmKeyNotFound(label)
-        return True
-    try:
-        return app.partitions.admin.run(work)
-    except HsmKeyNotFound:
-        return False
-
-
-Anchor = Callable[[str, bytes, "bytes | None"], None]
-
-
-@contextmanager
-def _anchored_tx(app: App) -> Iterator[tuple[object, Anchor]]:
-    """A write transaction, and `anchor(escrow_id, new_seal, old_seal)` for each record it
-    seals, called while the record's row is locked.
-
-    The new anchor is made at once (before the commit) and removed again if the commit
-    does not happen; the old seal's anchor is destroyed once it has. Only those two values
-    are touched outside the row lock: another transaction may already have locked the row,
-    anchored its own seal and committed before this one's clean-up runs. Under the lock,
-    anchors other than the current seal are leftovers of a crash, and go first.
-    """
-    made: list[tuple[str, bytes, bytes | None]] = []
-    token = app.partitions.admin
-
-    def anchor(escrow_id: str, seal: bytes, old_seal: bytes | None) -> None:
-        label = _anchor_label(escrow_id)
-        with token.session() as s:
-            if old_seal is not None:
-                hk.destroy_data(s, label, lambda v: v != old_seal)
-            hk.put_data(s, label, seal)
-        made.append((label, seal, old_seal))
-    try:
-        with app.store.tx() as conn:
-            yield conn, anchor
-    except BaseException:
-        _forget_anchors(token, [(label, seal) for label, seal, _ in made], "rollback")
-        raise
-    _forget_anchors(token, [(label, old) for label, _, old in made if old is not None],
-                    "commit")
-
-
-def _forget_anchors(token, anchors: list[tuple[str, bytes]], after: str) -> None:
-    for label, seal in anchors:
-        try:
-            with token.session() as s:
-                hk.destroy_data(s, label, lambda v: v == seal)
-        except Exception as exc:  # the HSM went away: the record's next change tidies up
-            log.error("%s: anchor not removed after %s: %s", label, after, type(exc).__name__)
+    if anchored is not None:
+        return any(hmac.compare_digest(v, seal) for v in anchored.get(row["id"], ()))
+    return _anchors(app).holds(row["id"], seal)
 
 
 def anchor_unanchored(app: App) -> int:
-    """Anchor records that have none: those deposited before anchors existed. Run at
-    start. A record that has an anchor, even a wrong one, is left as it is (refused)."""
+    """At start: anchor validly sealed records that have no anchor (deposited before
+    anchors existed)."""
     with app.store.engine.connect() as conn:
         rows = [dict(r._mapping) for r in conn.execute(select(st.escrows))]
-    if not rows:
-        return 0
-    anchors = _all_anchors(app)
-    missing = [r for r in rows if _anchor_label(r["id"]) not in anchors
-               and hmac.compare_digest(_seal(app, r), bytes(r["seal"]))]
-    with app.partitions.admin.session() as s:
-        for r in missing:
-            hk.put_data(s, _anchor_label(r["id"]), bytes(r["seal"]))
-    if missing:
-        log.warning("anchored %d escrow records that had no anchor", len(missing))
-    return len(missing)
-
-
-def _all_anchors(app: App) -> dict[str, list[bytes]]:
-    """Every escrow anchor in the token, in one search (the token scans all its objects
-    for any search, so one per record would be quadratic)."""
-    with app.partitions.admin.session() as s:
-        return hk.data_by_label(s, ANCHOR_PREFIX)
+    valid = {r["id"]: bytes(r["seal"]) for r in rows
+             if hmac.compare_digest(_seal(app, r), bytes(r["seal"]))}
+    n = _anchors(app).add_missing(valid) if valid else 0
+    if n:
+        log.warning("anchored %d escrow records that had no anchor", n)
+    return n
 
 
 def _escrow(row: dict, seal_intact: bool = True) -> Escrow:
@@ -248,7 +170,7 @@ def deposit(app: App, caller: Caller, *, smso_id: str, group_id: str,
            # UTC: SQLite keeps the wall time only, and deposited_at is sealed
            "deposited_at": app.clock().astimezone(dt.timezone.utc)}
     row["seal"] = _seal(app, row)
-    with _anchored_tx(app) as (conn, anchor):
+    with _anchors(app).tx(app.store) as (conn, anchor):
         conn.execute(st.escrows.insert().values(**row))
         conn.execute(st.escrow_chfs.insert(), [{"escrow_id": row["id"], "chf_identifier": c}
                                                for c in chfs])
@@ -280,7 +202,7 @@ def _release(app: App, caller: Caller, chf_identifier: str, reason: str) -> Rele
         raise error("INVALID_REQUEST", "a release needs a reason")
     now = app.clock().astimezone(dt.timezone.utc)  # SQLite keeps the wall time only
     today = london_today(now)
-    with _anchored_tx(app) as (conn, anchor):
+    with _anchors(app).tx(app.store) as (conn, anchor):
         ids = [r.escrow_id for r in conn.execute(
             select(st.escrow_chfs.c.escrow_id).where(st.escrow_chfs.c.chf_identifier == chf))]
         rows = [dict(r._mapping) for r in conn.execute(
@@ -345,9 +267,9 @@ def list_escrows(app: App, smso_id: str = "", chf_identifier: str = "") -> list[
     with app.store.engine.connect() as conn:
         rows = [dict(r._mapping) for r in conn.execute(q)]
     listed = []
-    anchors = _all_anchors(app) if rows else {}
+    anchored = _anchors(app).all() if rows else {}
     for row in rows:
-        intact = _sealed_ok(app, row, anchors)
+        intact = _sealed_ok(app, row, anchored)
         if not intact:
             log.warning("escrow %s fails its HSM seal: the record was altered", row["id"])
         if chf and intact and chf not in json.loads(row["chf_identifiers"]):
@@ -365,7 +287,7 @@ def revoke(app: App, caller: Caller, escrow_id: str, reason: str = "") -> Escrow
 
 
 def _revoke(app: App, escrow_id: str) -> Escrow:
-    with _anchored_tx(app) as (conn, anchor):
+    with _anchors(app).tx(app.store) as (conn, anchor):
         r = conn.execute(select(st.escrows).where(st.escrows.c.id == escrow_id)
                          .with_for_update()).first()
         if r is None:

@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from hsm import HsmError, HsmUnavailable
-from keysvc.api.v1 import keysvc_pb2, keysvc_pb2_grpc
+from keysvc.api.v1 import keysvc_pb2
 from keysvc.app import App, Caller
 from keysvc.errors import ERROR_DOMAIN, KeysvcError, error
 from keysvc.observability import (HSM_IDLE, HSM_IN_USE, HSM_UP, LATENCY, REQUESTS,

@@ -17,6 +17,7 @@ from sqlalchemy import event, select, text
 
 from hsm import keys as hk
 from keysvc import escrow
+from keysvc.anchors import Anchors
 from keysvc import store as st
 from keysvc.errors import KeysvcError
 from tests.conftest import OFFICER_1, S1SP
@@ -479,14 +480,14 @@ def test_a_change_whose_clean_up_runs_after_the_next_change_leaves_that_ones_anc
     clean up. A removes only the seal it replaced, never B's."""
     eid, chf = _deposit_for_seal(app, max_releases=3)
     set_clock(app, utc(2026, 7, 3, 12))
-    real, deferred = escrow._forget_anchors, []
+    real, deferred = Anchors._forget, []
 
-    def defer_the_first_clean_up(token, anchors, after):
+    def defer_the_first_clean_up(self, anchors, after):
         if after == "commit" and not deferred:
-            deferred.append((token, anchors, after))
+            deferred.append((self, anchors, after))
         else:
-            real(token, anchors, after)
-    monkeypatch.setattr(escrow, "_forget_anchors", defer_the_first_clean_up)
+            real(self, anchors, after)
+    monkeypatch.setattr(Anchors, "_forget", defer_the_first_clean_up)
     release(app, chf)  # A
     release(app, chf)  # B
     real(*deferred[0])  # A's clean-up, late
@@ -498,7 +499,7 @@ def test_a_change_whose_clean_up_runs_after_the_next_change_leaves_that_ones_anc
 def test_an_anchor_left_by_a_crash_goes_at_the_records_next_change(app, monkeypatch):
     eid, chf = _deposit_for_seal(app, max_releases=3)
     set_clock(app, utc(2026, 7, 3, 12))
-    monkeypatch.setattr(escrow, "_forget_anchors", lambda *a: None)  # the process died
+    monkeypatch.setattr(Anchors, "_forget", lambda *a: None)  # the process died
     release(app, chf)
     assert len(anchors(app, eid)) == 2
     monkeypatch.undo()
