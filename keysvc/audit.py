@@ -51,7 +51,8 @@ class AuditEvent:
 class Verification:
     intact: bool
     events_checked: int
-    first_bad_event_id: str = ""
+    first_bad_event_id: str = ""  # an event's id, or "" when events are missing at the end
+    detail: str = ""
 
 
 def _canonical(seq: int, e: AuditEvent, prev_hash: str) -> bytes:
@@ -226,17 +227,18 @@ class AuditLog:
                 if r.seq in checkpoints and checkpoints[r.seq] != {r.hash}:
                     good = False  # not the event the HSM saw at this position
                 if not good:
-                    return Verification(False, checked + 1, r.id)
+                    return Verification(False, checked + 1, r.id,
+                                        f"event {r.seq} fails its hash, link, MAC, position "
+                                        "or checkpoint")
                 checked += 1
                 prev, expected_seq = r.hash, r.seq + 1
         if head is not None and (head.seq != checked or head.hash != prev):
             # events were removed from the end of the chain
-            return Verification(False, checked, "(end of log: events missing after "
-                                                f"sequence {checked})")
+            return Verification(False, checked, "", "the head names sequence "
+                                f"{head.seq}: events missing after sequence {checked}")
         if checkpoints and max(checkpoints) > checked:
-            return Verification(False, checked, "(end of log: the HSM checkpoint has sequence "
-                                                f"{max(checkpoints)}; events missing after "
-                                                f"sequence {checked})")
+            return Verification(False, checked, "", "the HSM checkpoint has sequence "
+                                f"{max(checkpoints)}: events missing after sequence {checked}")
         return Verification(True, checked)
 
 

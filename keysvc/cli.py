@@ -357,8 +357,9 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from keysvc.api.v1 import keysvc_pb2 as pb
     r = _stubs(args).audit.VerifyAuditLog(pb.VerifyAuditLogRequest())
-    _table("audit log", ["intact", "events checked", "first bad event"],
-           [["yes" if r.intact else "NO", r.events_checked, r.first_bad_event_id or "-"]])
+    _table("audit log", ["intact", "events checked", "first bad event", "detail"],
+           [["yes" if r.intact else "NO", r.events_checked, r.first_bad_event_id or "-",
+             r.detail or "-"]])
     return 0 if r.intact else 1
 
 

@@ -180,30 +180,32 @@ class DCOServicer(rpc.DCOServiceServicer):
             _enum_name(pb.KcvMethod, request.kcv_method, "kcv_method")))
 
 
-def operation_pb(o: keyadmin.Operation) -> pb.Operation:
-    return pb.Operation(operation_id=o.operation_id, state=pb.Operation.State.Value(o.state),
-                        kind=o.kind, target=o.target, requested_by=o.requested_by,
-                        approved_by=list(o.approved_by), quorum=o.quorum, message=o.message,
-                        created_at=ts(o.created_at))
+# api.md names some responses by their RPC (GetKeyResponse, DisableKeyResponse, ...) where
+# the proto also has the shared type (KeyInfo, Operation, Escrow): same fields, same numbers.
+def operation_pb(o: keyadmin.Operation, message: type = pb.Operation) -> Any:
+    return message(operation_id=o.operation_id, state=pb.Operation.State.Value(o.state),
+                   kind=o.kind, target=o.target, requested_by=o.requested_by,
+                   approved_by=list(o.approved_by), quorum=o.quorum, message=o.message,
+                   created_at=ts(o.created_at))
 
 
-def key_pb(k: keyadmin.KeyInfo) -> pb.KeyInfo:
-    return pb.KeyInfo(name=k.name, purpose=pb.KeyPurpose.Value(k.purpose),
-                      owner_id=k.owner_id,
-                      owner_type=pb.OwnerType.Value(k.owner_type) if k.owner_type else 0,
-                      algorithm=k.algorithm, kcv=k.kcv, state=pb.KeyInfo.State.Value(k.state),
-                      created_at=ts(k.created_at), public_key_pem=k.public_key_pem,
-                      allowed_originators=list(k.allowed_originators))
+def key_pb(k: keyadmin.KeyInfo, message: type = pb.KeyInfo) -> Any:
+    return message(name=k.name, purpose=pb.KeyPurpose.Value(k.purpose),
+                   owner_id=k.owner_id,
+                   owner_type=pb.OwnerType.Value(k.owner_type) if k.owner_type else 0,
+                   algorithm=k.algorithm, kcv=k.kcv, state=pb.KeyInfo.State.Value(k.state),
+                   created_at=ts(k.created_at), public_key_pem=k.public_key_pem,
+                   allowed_originators=list(k.allowed_originators))
 
 
-def escrow_pb(e: escrow.Escrow) -> pb.Escrow:
-    return pb.Escrow(escrow_id=e.escrow_id, smso_id=e.smso_id, group_id=e.group_id,
-                     chf_identifiers=list(e.chf_identifiers),
-                     certificate_count=len(e.certificates),
-                     valid_from=date_pb(e.valid_from), valid_to=date_pb(e.valid_to),
-                     constraints=pb.EscrowConstraints(max_releases=e.max_releases, note=e.note),
-                     releases=e.releases, revoked=e.revoked, deposited_by=e.deposited_by,
-                     deposited_at=ts(e.deposited_at), seal_intact=e.seal_intact)
+def escrow_pb(e: escrow.Escrow, message: type = pb.Escrow) -> Any:
+    return message(escrow_id=e.escrow_id, smso_id=e.smso_id, group_id=e.group_id,
+                   chf_identifiers=list(e.chf_identifiers),
+                   certificate_count=len(e.certificates),
+                   valid_from=date_pb(e.valid_from), valid_to=date_pb(e.valid_to),
+                   constraints=pb.EscrowConstraints(max_releases=e.max_releases, note=e.note),
+                   releases=e.releases, revoked=e.revoked, deposited_by=e.deposited_by,
+                   deposited_at=ts(e.deposited_at), seal_intact=e.seal_intact)
 
 
 def _purpose(value: int) -> str:
@@ -255,20 +257,21 @@ class KeyAdministrationServicer(rpc.KeyAdministrationServiceServicer):
 
     def GetKey(self, request: Any, context: grpc.ServicerContext) -> Any:
         audit_target.set(request.name)
-        return key_pb(keyadmin.get_key(self.app, request.name))
+        return key_pb(keyadmin.get_key(self.app, request.name), pb.GetKeyResponse)
 
-    def _state(self, request: Any, kind: str) -> Any:
+    def _state(self, request: Any, kind: str, message: type) -> Any:
         audit_target.set(request.name)
-        return operation_pb(keyadmin.change_key_state(self.app, _caller(), request.name, kind))
+        return operation_pb(keyadmin.change_key_state(self.app, _caller(), request.name, kind),
+                            message)
 
     def DisableKey(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._state(request, "DISABLE_KEY")
+        return self._state(request, "DISABLE_KEY", pb.DisableKeyResponse)
 
     def EnableKey(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._state(request, "ENABLE_KEY")
+        return self._state(request, "ENABLE_KEY", pb.EnableKeyResponse)
 
     def DestroyKey(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._state(request, "DESTROY_KEY")
+        return self._state(request, "DESTROY_KEY", pb.DestroyKeyResponse)
 
     def EscrowRollbackCertificates(self, request: Any, context: grpc.ServicerContext) -> Any:
         audit_target.set(request.smso_id)
@@ -288,7 +291,8 @@ class KeyAdministrationServicer(rpc.KeyAdministrationServiceServicer):
     def RevokeEscrow(self, request: Any, context: grpc.ServicerContext) -> Any:
         # The reason lives in the audit log (the escrow row only records that it is revoked).
         audit_target.set(f"{request.escrow_id}: {request.reason}"[:512])
-        return escrow_pb(escrow.revoke(self.app, _caller(), request.escrow_id, request.reason))
+        return escrow_pb(escrow.revoke(self.app, _caller(), request.escrow_id, request.reason),
+                         pb.RevokeEscrowResponse)
 
 
 class AuditServicer(rpc.AuditServiceServicer):
@@ -313,7 +317,8 @@ class AuditServicer(rpc.AuditServiceServicer):
     def VerifyAuditLog(self, request: Any, context: grpc.ServicerContext) -> Any:
         v = self.app.audit.verify()
         return pb.VerifyAuditLogResponse(intact=v.intact, events_checked=v.events_checked,
-                                         first_bad_event_id=v.first_bad_event_id)
+                                         first_bad_event_id=v.first_bad_event_id,
+                                         detail=v.detail)
 
 
 def register_all(server: grpc.Server, app: App) -> None:

@@ -187,3 +187,20 @@ def test_cli_imports_a_key_a_second_officer_approves_and_keys_lists_its_kcv(serv
 
     rows = [line for line in keysvc_cli(server, "admin", "keys").splitlines() if name in line]
     assert len(rows) == 1 and kcv(key) in rows[0] and "ENABLED" in rows[0]
+
+
+# api.md: "Request messages are `<Rpc>Request`, responses `<Rpc>Response` unless a type is
+# named" - and it names these three.
+NAMED_RESPONSES = {"VerifyDeviceCertificate": "CertificateVerdict",
+                   "ValidateMasterKeys": "MasterKeysResult", "UnwrapMasterKeys": "MasterKeysResult",
+                   "ImportTransportKey": "Operation", "GenerateRecipientKey": "Operation",
+                   "ApproveOperation": "Operation"}
+
+
+def test_every_rpc_has_the_request_and_response_message_names_api_md_gives():
+    from keysvc.api.v1 import keysvc_pb2
+    for service in keysvc_pb2.DESCRIPTOR.services_by_name.values():
+        for m in service.methods:
+            assert m.input_type.name == f"{m.name}Request", m.full_name
+            assert m.output_type.name == NAMED_RESPONSES.get(m.name, f"{m.name}Response"), \
+                m.full_name
