@@ -440,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
         .add_argument("path")
     c = s1("verify-cert", cmd_s1sp_verify_cert, "VerifyDeviceCertificate")
     c.add_argument("file")
-    c.add_argument("--chf", default=None)
+    c.add_argument("--chf", default=None,
+                   help="the CHF identifier it must name (without it the verdict is invalid)")
     c.add_argument("--intermediate", action="append", default=[])
     c = s1("verify-prepayment", cmd_s1sp_verify_prepayment, "VerifyPrepaymentKey")
     c.add_argument("device_id")

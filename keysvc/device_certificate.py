@@ -258,6 +258,9 @@ def _device(cert: x509.Certificate, chf_identifier: str | None) -> tuple[str, li
         return "", [_problem("CERT_DEVICE_MISMATCH", "hwSerialNum is not the 8 bytes of an EUI-64")]
     if chf_identifier is None:
         return device_id, []
+    if not chf_identifier.strip():  # api.md's chf_identifier is not optional
+        return device_id, [_problem("CERT_DEVICE_MISMATCH", "no CHF identifier was given "
+                                    "to compare hwSerialNum with")]
     try:
         expected = normalise_eui64(chf_identifier)
     except InvalidEUI64:

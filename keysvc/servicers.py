@@ -135,7 +135,7 @@ class S1SPServicer(rpc.S1SPServiceServicer):
         audit_target.set(request.chf_identifier)
         at = _time(request.at, "at") if request.HasField("at") else self.app.clock()
         return verdict_pb(verify_device_certificate(
-            request.certificate, request.chf_identifier or None, self.app.trust,
+            request.certificate, request.chf_identifier, self.app.trust,
             intermediates=list(request.intermediates), at=at))
 
     def ExportDeviceKeys(self, request: Any, context: grpc.ServicerContext) -> Any:

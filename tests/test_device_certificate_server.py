@@ -68,3 +68,14 @@ def test_cli_verify_cert_prints_the_verdict_as_a_table(server):
     assert out.returncode == 1, out.stderr          # not valid: no anchor for CN=E357
     assert "CERT_CHAIN" in out.stdout and "00-DB-12-34-56-78-90-C8" in out.stdout
     assert "ECDSA P-256" in out.stdout and "no expiry" in out.stdout
+
+
+def test_a_certificate_checked_without_a_chf_identifier_is_not_valid(server):
+    """chf_identifier is not optional (api.md): no CHF binding, no valid verdict; the
+    certificate's own device id is still reported."""
+    issuing, key = certs.make_ca("Device CA without CHF")
+    cert, _ = certs.make_device_cert(key, issuing, "00-DB-12-34-56-78-90-01")
+    v = server.as_("s1sp").s1sp.VerifyDeviceCertificate(pb.VerifyDeviceCertificateRequest(
+        certificate=certs.der(cert)))
+    assert not v.valid and "CERT_DEVICE_MISMATCH" in [p.code for p in v.problems]
+    assert v.device_id == "00-DB-12-34-56-78-90-01"
