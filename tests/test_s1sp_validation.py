@@ -654,6 +654,16 @@ def test_invalid_gsme_prepay_details_prepayment_key_is_invalid_key(kit, value):
                        "INVALID_KEY")
 
 
+def test_gsme_prepay_details_without_a_prepayment_key_is_missing_key(kit):
+    insts = kit.installations(3)
+    assert insts[0].gsme_prepay_key is not None
+    plain = remove(plaintext_xml("EA", insts),
+                   "//m:Installation[1]/m:GSMEDetail/m:PrePayDetails/m:PrepaymentKey")
+    r = check_one_rejected(kit, insts, kit.process(kit.file(insts, plaintext=plain)), 0,
+                           "MISSING_KEY")
+    assert r.problems[0].field == f"{normalise_eui64(insts[0].gsme)}/PrepaymentKey"
+
+
 @pytest.mark.parametrize("value", BAD_KEYS[:3])
 def test_invalid_aa_secret_key_is_invalid_key(kit, value):
     insts = kit.installations(2, "AA")

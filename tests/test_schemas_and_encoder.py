@@ -388,7 +388,6 @@ def aa_plain() -> bytes:
     pytest.param(lambda x: remove(x, "//m:DeviceCertificate"), id="no-certificate"),
     pytest.param(lambda x: remove(x, "//m:HighLevelAssociation"), id="no-hla"),
     pytest.param(lambda x: duplicate(x, "//m:AuthenticationKey"), id="two-auth-keys"),
-    pytest.param(lambda x: remove(x, "//m:PrePayDetails/m:PrepaymentKey"), id="prepay-empty"),
     pytest.param(lambda x: duplicate(x, "//m:GSMEDetail"), id="two-gsme"),
     pytest.param(lambda x: duplicate(x, "//m:HighLevelAssociation/m:PrepaymentKey"),
                  id="two-prepay"),
