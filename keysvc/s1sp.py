@@ -166,6 +166,16 @@ def _key_bits(text: str | None, name: str, device: str, inst: _Installation,
     return bits
 
 
+def _pairing_form(text: str) -> str:
+    """How an identifier is compared between an Installation and a MasterKeyEntry: its
+    normal EUI-64 form if it has one, else as written. Each identifier on its own, so that
+    one malformed DeviceID does not change how its CHF is matched."""
+    try:
+        return normalise_eui64(text)
+    except InvalidEUI64:
+        return (text or "").strip()
+
+
 def _read_installation(el: etree._Element, group_id: str) -> _Installation:
     inst = _Installation(chf="")
     chf_text = el.findtext("m:CHFIdentifier", "", NSMAP)
@@ -173,7 +183,7 @@ def _read_installation(el: etree._Element, group_id: str) -> _Installation:
     esme = el.find("m:ESMEDetail", NSMAP)
     esme_text = esme.findtext("m:DeviceID", "", NSMAP)
     inst.esme = _eui(esme_text, "ESMEDetail/DeviceID", inst)
-    inst.pairing = (inst.chf or chf_text.strip(), inst.esme or esme_text.strip())
+    inst.pairing = (_pairing_form(chf_text), _pairing_form(esme_text))
     inst.device_ids.append(inst.esme)
     gsme = el.find("m:GSMEDetail", NSMAP)
     if gsme is not None:
@@ -260,12 +270,8 @@ def _validate(app: App, root: etree._Element, group_id: str, entries
                                                                  "in the file", x))
     # Each Installation needs exactly one MasterKeyEntry for its CHF and ESME, and the
     # reverse (the S1SP sees the entries' identifiers, never their keys).
-    pairs = Counter()
-    for e in entries:
-        try:
-            pairs[(normalise_eui64(e.chf_identifier), normalise_eui64(e.device_id))] += 1
-        except InvalidEUI64:
-            pairs[(e.chf_identifier, e.device_id)] += 1
+    pairs = Counter((_pairing_form(e.chf_identifier), _pairing_form(e.device_id))
+                    for e in entries)
     matched = {i.pairing for i in installations}
     for inst in installations:
         n = pairs.get(inst.pairing, 0)

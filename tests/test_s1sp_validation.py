@@ -486,6 +486,15 @@ def test_malformed_eui64_is_invalid_eui64(kit, field, bad):
          "gsme": "GSMEDetail/DeviceID"}[field]) for p in r.problems), r.problems
 
 
+def test_a_malformed_esme_id_does_not_unpair_a_chf_written_unseparated(kit):
+    """Each identifier is matched in its own normal form: the installation is rejected for
+    its DeviceID alone, and its MasterKeyEntry is not reported as an orphan."""
+    insts = kit.installations(3)
+    insts[0].chf = insts[0].chf.replace("-", "").lower()
+    insts[0].esme = "not-an-eui-64"  # in the plaintext and its MasterKeyEntry alike
+    check_one_rejected(kit, insts, kit.process(kit.file(insts)), 0, "INVALID_EUI64")
+
+
 def test_lower_case_and_unseparated_eui64_are_accepted_and_normalised(kit):
     insts = kit.installations(2)
     canon = [(i.chf, i.esme, i.gsme) for i in insts]
