@@ -60,7 +60,8 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
             if counts[x] > 1:
                 p.append(Problem("DUPLICATE_IDENTIFIER", f"{x} appears in more than one "
                                                          "MasterKeyEntry", x))
-    stored_before = _devices_already_stored(app, ids) if store else [[] for _ in ids]
+    # ValidateMasterKeys gives the verdict UnwrapMasterKeys would, this one included.
+    stored_before = _devices_already_stored(app, ids, h.migration_file_id)
 
     def unwrap_all(sess) -> list[tuple[str, bytes | None, list[Problem]]]:
         sess.retire_after_use()  # closing it destroys every master key object made here
@@ -104,7 +105,7 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
     except IntegrityError:
         # Another file (another replica) stored a master key for one of these devices after
         # the check above: reject those entries as the check would have, and store again.
-        result, rows = assemble(_devices_already_stored(app, ids))
+        result, rows = assemble(_devices_already_stored(app, ids, h.migration_file_id))
         raced = store_result()
     return raced or result
 
@@ -143,14 +144,18 @@ def _unwrap_one(sess, key: transport.TransportKey, entry, storage, store: bool,
     return kcv, (wrapped if store else None)
 
 
-def _devices_already_stored(app: App, ids: list[tuple[str, str]]) -> list[list[Problem]]:
-    """Per entry: DUPLICATE_IDENTIFIER if its device already has a stored master key."""
+def _devices_already_stored(app: App, ids: list[tuple[str, str]], file_id: str
+                            ) -> list[list[Problem]]:
+    """Per entry: DUPLICATE_IDENTIFIER if its device already has a master key stored from
+    another file. (This file's own rows mean it was processed: ValidateMasterKeys of it
+    again finds its entries as good as they were.)"""
     devices = sorted({d for _, d in ids if d})
     stored: dict[str, str] = {}
     with app.store.engine.connect() as conn:
         for i in range(0, len(devices), 500):
             for row in conn.execute(select(st.master_keys.c.device_id, st.master_keys.c.file_id)
-                                    .where(st.master_keys.c.device_id.in_(devices[i:i + 500]))):
+                                    .where(st.master_keys.c.device_id.in_(devices[i:i + 500]),
+                                           st.master_keys.c.file_id != file_id)):
                 stored[row.device_id] = row.file_id
     return [[Problem("DUPLICATE_IDENTIFIER", f"{dev} already has a master key from "
                                              f"MigrationFileID {stored[dev]}", dev)]

@@ -388,6 +388,18 @@ def test_a_device_already_stored_from_another_file_is_duplicate_identifier(app):
     assert len(master_rows(app)) == 3 and count_rows(app, st.migration_files) == 2
 
 
+def test_validating_gives_the_verdict_unwrapping_would_for_a_device_already_stored(app):
+    m = Made(app, 3)
+    dco.process_master_keys(app, DCO, m.xml, store=True)
+    other = enc.set_text(m.xml, "//m:MigrationFileID", unique("MGEF-OTHER"))
+    validated = dco.process_master_keys(app, DCO, other, store=False)
+    assert all(codes(e) == ["DUPLICATE_IDENTIFIER"] for e in validated.entries)
+    assert validated == dco.process_master_keys(app, DCO, other, store=True)
+    # the file that stored them validates as good as it was
+    assert all(e.status == "ACCEPTED"
+               for e in dco.process_master_keys(app, DCO, m.xml, store=False).entries)
+
+
 def _bad_entry_cases():
     # (id, function(made, kek-kind) -> new CipherValue text)
     def other_kek(m: Made) -> str:
