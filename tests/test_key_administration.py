@@ -188,6 +188,19 @@ def test_a_key_from_two_officers_components_is_their_xor(app):
     assert token_key_is(app, name, xor(c1, c2))
 
 
+def test_approving_a_components_import_without_a_component_is_approval_required(app):
+    name, c1 = unique("S1SP-TK"), os.urandom(32)
+    op = request_components(app, OFFICER_1, name, c1, kcv(xor(c1, os.urandom(32))))
+    assert reason(lambda: keyadmin.approve(app, OFFICER_2, op.operation_id)) == \
+        "APPROVAL_REQUIRED"
+    assert operation(app, op.operation_id).approved_by == ("security-officer-1",)
+
+
+def test_approving_an_unknown_operation_is_operation_not_found(app):
+    assert reason(lambda: keyadmin.approve(app, OFFICER_2, "op-0000000000000000")) == \
+        "OPERATION_NOT_FOUND"
+
+
 def test_two_components_from_the_same_officer_are_refused(app):
     name, c1, c2 = unique("S1SP-TK"), os.urandom(32), os.urandom(32)
     op = request_components(app, OFFICER_1, name, c1, kcv(xor(c1, c2)))

@@ -162,6 +162,46 @@ def test_sigterm_drains_the_call_in_flight_and_exits_zero(tmp_path):
     assert '"msg":"stopped"' in log
 
 
+def test_with_no_flags_it_keeps_its_state_in_dot_keysvc_and_listens_on_127_0_0_1_50051(
+        tmp_path):
+    """api.md, Running: the embedded development default."""
+    import socket
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 50051)) == 0:
+            pytest.skip("something already listens on 127.0.0.1:50051 (a `make run`?)")
+    proc = subprocess.Popen([KEYSVC, "serve"], cwd=tmp_path, env=server_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline, out = time.monotonic() + 90, b""
+        while b"listening on" not in out and time.monotonic() < deadline:
+            out += proc.stdout.readline()
+        assert b"listening on 127.0.0.1:50051" in out, out.decode()
+        pki = tmp_path / ".keysvc" / "pki"
+        assert {p.name for p in pki.iterdir()} >= {
+            "ca.pem", *(f"{n}.{e}" for n in ("s1sp", "dco", "security-officer-1",
+                                             "security-officer-2", "auditor")
+                        for e in ("pem", "key"))}
+        with channel("127.0.0.1:50051", pki, "auditor") as ch:
+            assert health_check(ch) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_the_server_certificate_names_localhost_and_127_0_0_1(server, host):
+    """Checked by gRPC itself: no target-name override on this channel."""
+    port = server.target.rsplit(":", 1)[1]
+    pki = server.state_dir / "pki"
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=(pki / "ca.pem").read_bytes(),
+        private_key=(pki / "auditor.key").read_bytes(),
+        certificate_chain=(pki / "auditor.pem").read_bytes())
+    with grpc.secure_channel(f"{host}:{port}", creds) as ch:
+        assert health_check(ch) == health_pb2.HealthCheckResponse.SERVING
+
+
 # --------------------------------------------------------------------------- CLI
 def keysvc_cli(server, *args: str) -> str:
     r = subprocess.run([KEYSVC, *args, "--state-dir", str(server.state_dir),
