@@ -193,14 +193,16 @@ def generate_hmac(s: Session, label: str) -> None:
 
 
 def generate_rsa(s: Session, label: str, bits: int = 3072) -> bytes:
-    """A persistent RSA pair whose private half can only unwrap/decrypt; returns SPKI DER."""
+    """A persistent RSA pair whose private half can only unwrap (C_UnwrapKey with
+    RSA-OAEP): a key that could C_Decrypt would hand the plaintext to this process.
+    Returns the public half as SPKI DER."""
     pub, _ = s.raw.generate_keypair(
         KeyType.RSA, bits, label=label, store=True,
         public_template={A.TOKEN: True, A.LABEL: label, A.WRAP: True, A.ENCRYPT: True,
                          A.VERIFY: False},
         private_template={A.TOKEN: True, A.LABEL: label, A.SENSITIVE: True,
                           A.EXTRACTABLE: False, A.PRIVATE: True, A.UNWRAP: True,
-                          A.DECRYPT: True, A.SIGN: False})
+                          A.DECRYPT: False, A.SIGN: False, A.DERIVE: False})
     return public_key_der(pub)
 
 
@@ -227,7 +229,7 @@ def import_rsa_private(s: Session, label: str, private_key: Any) -> None:
     s.raw.create_object({
         A.CLASS: ObjectClass.PRIVATE_KEY, A.KEY_TYPE: KeyType.RSA, A.TOKEN: True,
         A.LABEL: label, A.SENSITIVE: True, A.EXTRACTABLE: False, A.PRIVATE: True,
-        A.UNWRAP: True, A.DECRYPT: True, A.SIGN: False,
+        A.UNWRAP: True, A.DECRYPT: False, A.SIGN: False, A.DERIVE: False,
         A.MODULUS: b(pn.n), A.PUBLIC_EXPONENT: b(pn.e), A.PRIVATE_EXPONENT: b(n.d),
         A.PRIME_1: b(n.p), A.PRIME_2: b(n.q), A.EXPONENT_1: b(n.dmp1),
         A.EXPONENT_2: b(n.dmq1), A.COEFFICIENT: b(n.iqmp)})

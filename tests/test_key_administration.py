@@ -241,6 +241,20 @@ def test_an_approved_recipient_key_has_an_rsa_3072_public_key(app):
     assert (info.algorithm, info.allowed_originators) == ("RSA-3072", (SUPPLIER,))
 
 
+def test_recipient_and_import_job_private_keys_may_only_unwrap(app):
+    """C_Decrypt with them would hand the plaintext to this process; C_UnwrapKey keeps it
+    in the token."""
+    name = unique("S1SP-RK")
+    generate_recipient_key(app, name, [SUPPLIER])
+    job = keyadmin.create_import_job(app, OFFICER_1, "usage", "S1SP_TRANSPORT")
+    with app.partitions.s1sp.session() as s:
+        for label in (name, f"import-job:{job.import_job_id}"):
+            private = hk.find_private_key(s, label)
+            assert private[Attribute.UNWRAP], label
+            assert not any(private[a] for a in (Attribute.DECRYPT, Attribute.SIGN,
+                                                Attribute.DERIVE)), label
+
+
 def test_a_file_encrypted_to_a_recipient_key_by_an_allowed_originator_is_processed(app, devices):
     name = unique("S1SP-RK")
     public = generate_recipient_key(app, name, [SUPPLIER])
