@@ -157,7 +157,8 @@ def test_a_full_pool_makes_the_next_borrower_wait_acquire_timeout_then_hsm_unava
                 with ThreadPoolExecutor(1) as pool:
                     raised, waited = pool.submit(_borrow_once, token).result()
         assert raised is HsmUnavailable
-        assert 0.19 <= waited < 1.0
+        # the configured 0.2 s, not the 5 s default (generous: the machine may be busy)
+        assert 0.19 <= waited < 4.0
         assert _borrow_once(token)[0] is None  # returned sessions free their slots
     finally:
         token.close()
