@@ -57,15 +57,12 @@ class Anchors:
             found = hk.data_by_label(s, self.prefix)
         return {label[len(self.prefix):]: seals for label, seals in found.items()}
 
-    def add_missing(self, seals: dict[str, bytes]) -> int:
-        """Anchor the records (id -> seal) that have no anchor at all, e.g. records made
-        before anchors existed; a record with any anchor, even a wrong one, is left."""
-        have = self.all()
-        missing = {rid: seal for rid, seal in seals.items() if rid not in have}
+    def add(self, seals: dict[str, bytes]) -> None:
+        """Anchor records (id -> seal) outside any change of theirs: only for records
+        that have no anchor at all, such as those made before anchors existed."""
         with self.token.session() as s:
-            for rid, seal in missing.items():
+            for rid, seal in seals.items():
                 hk.put_data(s, self.label(rid), seal)
-        return len(missing)
 
     @contextmanager
     def tx(self, store: Store) -> Iterator[tuple[Any, Anchor]]:

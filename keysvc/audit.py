@@ -161,10 +161,11 @@ class AuditLog:
                     st.audit_events.c.seq.in_(seqs)))}
 
     def _first_id(self) -> str:
+        """The chain's first event id ("" while the log is empty), read once."""
         if not self._first_event_id:
             with self.store.engine.connect() as conn:
                 self._first_event_id = conn.execute(select(st.audit_events.c.id).where(
-                    st.audit_events.c.seq == 1)).scalar_one()
+                    st.audit_events.c.seq == 1)).scalar() or ""
         return self._first_event_id
 
     def _checkpoints_in_token(self, first_event_id: str) -> dict[int, set[str]]:
@@ -204,9 +205,7 @@ class AuditLog:
         """
         checked = 0
         prev, expected_seq = GENESIS, 1
-        with self.store.engine.connect() as conn:
-            first = conn.execute(select(st.audit_events.c.id).where(
-                st.audit_events.c.seq == 1)).scalar()
+        first = self._first_id()
         checkpoints = self._checkpoints_in_token(first) if first else {}
         with self.store.engine.connect() as conn:
             head = conn.execute(select(st.audit_head)).first()
