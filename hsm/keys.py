@@ -137,18 +137,72 @@ def destroy_data(s: Session, label: str, doomed: Callable[[bytes], bool] = lambd
             o.destroy()
 
 
+@dataclass(frozen=True)
+class ObjectFacts:
+    """What a key record is cross-checked against: the token object's own attributes."""
+
+    key_id: str
+    usage: dict  # Attribute -> bool, for the attributes the record's purpose fixes
+
+
+def object_facts(s: Session, label: str, cls: ObjectClass, usage: dict) -> ObjectFacts:
+    """CKA_ID and the usage flags named in `usage` of the one object with this label."""
+    key = find_key(s, label, cls)
+    try:
+        got = {a: bool(key[a]) for a in usage}
+        return ObjectFacts(bytes(key[A.ID] or b"").decode(errors="replace"), got)
+    except px.PKCS11Error as exc:
+        raise _fail(exc) from None
+
+
+def objects_with_ids(s: Session) -> list[tuple[str, ObjectClass, str]]:
+    """(label, class, CKA_ID) of every key object in the token, for reconciliation."""
+    out = []
+    for cls in (ObjectClass.SECRET_KEY, ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+        for o in s.raw.get_objects({A.CLASS: cls}):
+            out.append((o[A.LABEL] or "", cls, bytes(o[A.ID] or b"").decode(errors="replace")))
+    return out
+
+
+def destroy_with_id(s: Session, label: str, key_id: str) -> int:
+    """Destroy every key object with this label whose CKA_ID is `key_id`."""
+    n = 0
+    for obj in list(s.raw.get_objects({A.LABEL: label, A.ID: key_id.encode()})):
+        if obj[A.CLASS] == ObjectClass.DATA:
+            continue
+        obj.destroy()
+        n += 1
+    forget(s, label)
+    return n
+
+
+def set_id(s: Session, label: str, key_id: str) -> int:
+    """Give every key object with this label the CKA_ID `key_id` (upgrade of objects made
+    before key ids existed)."""
+    n = 0
+    for obj in list(s.raw.get_objects({A.LABEL: label})):
+        if obj[A.CLASS] == ObjectClass.DATA:
+            continue
+        obj[A.ID] = key_id.encode()
+        n += 1
+    forget(s, label)
+    return n
+
+
 def key_attributes(s: Session, label: str) -> dict[str, bool]:
     key = find_key(s, label)
     return {"sensitive": bool(key[A.SENSITIVE]), "extractable": bool(key[A.EXTRACTABLE])}
 
 
 # --------------------------------------------------------------------------- templates
-def _secret_template(*, token: bool, label: str | None, usage: dict) -> dict:
+def _secret_template(*, token: bool, label: str | None, usage: dict, key_id: str = "") -> dict:
     # No keysvc key derives: said explicitly, since a vendor's default may differ.
     t = {A.TOKEN: token, A.SENSITIVE: True, A.EXTRACTABLE: not token,
          A.PRIVATE: True, A.DERIVE: False, **usage}
     if label:
         t[A.LABEL] = label
+    if key_id:
+        t[A.ID] = key_id.encode()
     return t
 
 
@@ -192,12 +246,13 @@ def generate_hmac(s: Session, label: str) -> None:
                        template=_secret_template(token=True, label=label, usage=MAC_USAGE))
 
 
-def generate_rsa(s: Session, label: str, bits: int = 3072) -> bytes:
+def generate_rsa(s: Session, label: str, bits: int = 3072, *, key_id: str = "") -> bytes:
     """A persistent RSA pair whose private half can only unwrap (C_UnwrapKey with
     RSA-OAEP): a key that could C_Decrypt would hand the plaintext to this process.
-    Returns the public half as SPKI DER."""
+    `key_id` (CKA_ID) names the operation or import job that made it. Returns the public
+    half as SPKI DER."""
     pub, _ = s.raw.generate_keypair(
-        KeyType.RSA, bits, label=label, store=True,
+        KeyType.RSA, bits, label=label, store=True, id=key_id.encode() or None,
         public_template={A.TOKEN: True, A.LABEL: label, A.WRAP: True, A.ENCRYPT: True,
                          A.VERIFY: False},
         private_template={A.TOKEN: True, A.LABEL: label, A.SENSITIVE: True,
@@ -218,7 +273,7 @@ def public_key_der(pub: Any) -> bytes:
                                                          PublicFormat.SubjectPublicKeyInfo)
 
 
-def import_rsa_private(s: Session, label: str, private_key: Any) -> None:
+def import_rsa_private(s: Session, label: str, private_key: Any, key_id: str = "") -> None:
     """Load an RSA private key (pyca object) as an unwrap-only token object (tests, migration
     of recipient keys from another HSM's export)."""
     n = private_key.private_numbers()
@@ -228,15 +283,15 @@ def import_rsa_private(s: Session, label: str, private_key: Any) -> None:
         return v.to_bytes((v.bit_length() + 7) // 8, "big")
     s.raw.create_object({
         A.CLASS: ObjectClass.PRIVATE_KEY, A.KEY_TYPE: KeyType.RSA, A.TOKEN: True,
-        A.LABEL: label, A.SENSITIVE: True, A.EXTRACTABLE: False, A.PRIVATE: True,
-        A.UNWRAP: True, A.DECRYPT: False, A.SIGN: False, A.DERIVE: False,
+        A.LABEL: label, A.ID: key_id.encode(), A.SENSITIVE: True, A.EXTRACTABLE: False,
+        A.PRIVATE: True, A.UNWRAP: True, A.DECRYPT: False, A.SIGN: False, A.DERIVE: False,
         A.MODULUS: b(pn.n), A.PUBLIC_EXPONENT: b(pn.e), A.PRIVATE_EXPONENT: b(n.d),
         A.PRIME_1: b(n.p), A.PRIME_2: b(n.q), A.EXPONENT_1: b(n.dmp1),
         A.EXPONENT_2: b(n.dmq1), A.COEFFICIENT: b(n.iqmp)})
     s.raw.create_object({
         A.CLASS: ObjectClass.PUBLIC_KEY, A.KEY_TYPE: KeyType.RSA, A.TOKEN: True,
-        A.LABEL: label, A.WRAP: True, A.ENCRYPT: True, A.VERIFY: False,
-        A.MODULUS: b(pn.n), A.PUBLIC_EXPONENT: b(pn.e)})
+        A.LABEL: label, A.ID: key_id.encode(), A.WRAP: True, A.ENCRYPT: True,
+        A.VERIFY: False, A.MODULUS: b(pn.n), A.PUBLIC_EXPONENT: b(pn.e)})
 
 
 # --------------------------------------------------------------------------- hot loops
@@ -282,18 +337,20 @@ def unwrap_session_key(s: Session, unwrapping_key: Any, wrapped: bytes, how: Unw
 
 # --------------------------------------------------------------------------- import
 def create_aes(s: Session, value: bytes, *, token: bool = False, label: str | None = None,
-               usage: dict | None = None) -> Any:
+               usage: dict | None = None, key_id: str = "") -> Any:
     """Turn clear key bytes into a key object; the caller drops its copy right after."""
     try:
         return s.raw.create_object({
             A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: KeyType.AES, A.VALUE: value,
-            **_secret_template(token=token, label=label, usage=usage or DEVICE_USAGE)})
+            **_secret_template(token=token, label=label, usage=usage or DEVICE_USAGE,
+                               key_id=key_id)})
     except px.PKCS11Error as exc:
         raise _fail(exc) from None
 
 
 def unwrap(s: Session, unwrapping_key: Any, wrapped: bytes, how: Unwrap, *,
-           token: bool = False, label: str | None = None, usage: dict | None = None) -> Any:
+           token: bool = False, label: str | None = None, usage: dict | None = None,
+           key_id: str = "") -> Any:
     """C_UnwrapKey into the token: the key bits never reach this process."""
     mech, param = _unwrap_mechanism(how)
     try:
@@ -301,7 +358,7 @@ def unwrap(s: Session, unwrapping_key: Any, wrapped: bytes, how: Unwrap, *,
             ObjectClass.SECRET_KEY, KeyType.AES, wrapped, mechanism=mech,
             mechanism_param=param, label=label, store=token,
             template=_secret_template(token=token, label=label,
-                                      usage=usage or CONTENT_USAGE))
+                                      usage=usage or CONTENT_USAGE, key_id=key_id))
     except px.PKCS11Error as exc:
         raise _fail(exc) from None
 
@@ -395,6 +452,11 @@ def cmac(key: Any, data: bytes) -> bytes:
 
 def hmac_sha256(key: Any, data: bytes) -> bytes:
     return key.sign(data, mechanism=Mechanism.SHA256_HMAC)
+
+
+def hmac_sha256_direct(s: Session, key: Any, data: bytes) -> bytes:
+    """`hmac_sha256` for a loop over many records: C_SignInit + C_Sign, no wrapper."""
+    return s.direct.sign(s.raw.handle, Mechanism.SHA256_HMAC, key.handle, data)
 
 
 def random_bytes(s: Session, n: int) -> bytes:

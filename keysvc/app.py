@@ -14,6 +14,7 @@ from keysvc.clock import Clock, utc_now
 from keysvc.config import Settings
 from keysvc.device_certificate import TrustStore
 from keysvc.partitions import Partitions
+from keysvc.records import Records
 from keysvc.store import Store
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,21 @@ class App:
     clock: Clock = utc_now
     cert_workers: int = 0
     audit: AuditLog = field(init=False)
+    records: Records = field(init=False)
     _checker: CertificateChecker | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         # Through `self`, so that a test (or faketime) replacing app.clock moves the audit too.
         self.audit = AuditLog(self.store, self.partitions, lambda: self.clock(),
                               checkpoint_seconds=self.settings.audit_checkpoint_seconds)
+        self.records = Records(self.store, self.partitions, self._record_tampered)
+
+    def _record_tampered(self, record: str, why: str) -> None:
+        """A sealed record failed its check: the audit trail says which, and that it was
+        refused (or, in a listing, flagged)."""
+        self.audit.append(actor="keysvc", role="", action="record.seal_invalid",
+                          target=f"{record}: {why}", outcome="ERROR",
+                          code="RECORD_SEAL_INVALID")
 
     @property
     def certificates(self) -> CertificateChecker:
@@ -66,8 +76,11 @@ class App:
         log.info("trust anchors loaded: %d, CRLs: %d", len(trust.anchors), len(trust.crls))
         app = cls(settings, store, partitions, trust, clock,
                   cert_workers=settings.certificate_workers)
-        from keysvc.escrow import anchor_unanchored
-        anchor_unanchored(app)
+        from keysvc.escrow import reanchor_legacy
+        from keysvc.records.reconcile import reconcile
+        from keysvc.records.upgrade import upgrade_once
+        upgrade_once(app.records, also=lambda: reanchor_legacy(app))
+        reconcile(app.records)
         return app
 
     def close(self) -> None:

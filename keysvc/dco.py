@@ -8,17 +8,16 @@ from __future__ import annotations
 
 from collections import Counter
 
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from hsm import HsmOperationFailed
 from hsm import keys as hk
-from keysvc import store as st
 from keysvc import transport
 from keysvc.app import App, Caller
 from keysvc.domain import InvalidEUI64, Problem, normalise_eui64
 from keysvc.errors import error
 from keysvc.partitions import STORAGE_KEY
+from keysvc.records.stored_keys import STORAGE_KEY_VERSION, MasterKeys, StoredKey
 from keysvc.results import (MasterKeyResult, MasterKeysResult, master_keys_result_from_json,
                             to_json)
 from keysvc.xmlfile import read_file
@@ -63,29 +62,35 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
     # ValidateMasterKeys gives the verdict UnwrapMasterKeys would, this one included.
     stored_before = _devices_already_stored(app, ids, h.migration_file_id)
 
-    def unwrap_all(sess) -> list[tuple[str, bytes | None, list[Problem]]]:
+    def unwrap_all(sess) -> list[tuple[str, tuple[StoredKey, bytes] | None, list[Problem]]]:
         sess.retire_after_use()  # closing it destroys every master key object made here
         storage = hk.session_copy(sess, STORAGE_KEY)
+        seal = app.records.master_keys.loop_sealer(sess) if store else None
         out = []
-        for n, (e, p, q) in enumerate(zip(mf.master_key_entries, problems, stored_before), 1):
+        for n, (e, p, q, (chf, dev)) in enumerate(
+                zip(mf.master_key_entries, problems, stored_before, ids), 1):
             if n % BREATHE_EVERY == 0:
                 app.partitions.dco.breathe()
             found: list[Problem] = []
             kcv, wrapped = ("", None) if p or q else _unwrap_one(
                 sess, keys[(e.encrypted_key.key_name, e.encrypted_key.algorithm)], e,
                 storage, store, found)
-            out.append((kcv, wrapped, found))
+            sealed = None
+            if wrapped is not None and seal is not None:
+                k = StoredKey(dev, MasterKeys.ROLE, MasterKeys.NAME, chf, h.migration_file_id,
+                              STORAGE_KEY_VERSION, kcv, wrapped)
+                sealed = (k, seal(k))
+            out.append((kcv, sealed, found))
         return out
     unwrapped = app.partitions.dco.run(unwrap_all)
     now = app.clock()
 
     def assemble(stored: list[list[Problem]]) -> tuple[MasterKeysResult, list[dict]]:
         entries, rows = [], []
-        for (chf, dev), p, q, (kcv, wrapped, found) in zip(ids, problems, stored, unwrapped):
+        for (chf, dev), p, q, (kcv, sealed, found) in zip(ids, problems, stored, unwrapped):
             p = p + q + found
-            if wrapped is not None and not p:
-                rows.append({"device_id": dev, "chf_identifier": chf, "wrapped": wrapped,
-                             "kcv": kcv, "file_id": h.migration_file_id, "created_at": now})
+            if sealed is not None and not p:
+                rows.append(app.records.master_keys.row(*sealed, now))
             entries.append(MasterKeyResult(chf, dev, "REJECTED" if p else "ACCEPTED",
                                            tuple(p), "" if p else kcv))
         return MasterKeysResult(h.migration_file_id, h.group_id, tuple(entries)), rows
@@ -96,8 +101,7 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
 
     def store_result() -> MasterKeysResult | None:
         def write_rows(conn) -> None:
-            if rows:
-                conn.execute(st.master_keys.insert(), rows)
+            app.records.master_keys.insert_many(conn, rows)
         return transport.store_once(app, h.migration_file_id, SERVICE, file_digest,
                                     to_json(result), write_rows, master_keys_result_from_json)
     try:
@@ -149,27 +153,22 @@ def _devices_already_stored(app: App, ids: list[tuple[str, str]], file_id: str
     """Per entry: DUPLICATE_IDENTIFIER if its device already has a master key stored from
     another file. (This file's own rows mean it was processed: ValidateMasterKeys of it
     again finds its entries as good as they were.)"""
-    devices = sorted({d for _, d in ids if d})
-    stored: dict[str, str] = {}
-    with app.store.engine.connect() as conn:
-        for i in range(0, len(devices), 500):
-            for row in conn.execute(select(st.master_keys.c.device_id, st.master_keys.c.file_id)
-                                    .where(st.master_keys.c.device_id.in_(devices[i:i + 500]),
-                                           st.master_keys.c.file_id != file_id)):
-                stored[row.device_id] = row.file_id
+    stored = app.records.master_keys.files_of(sorted({d for _, d in ids if d}),
+                                              not_file=file_id)
     return [[Problem("DUPLICATE_IDENTIFIER", f"{dev} already has a master key from "
                                              f"MigrationFileID {stored[dev]}", dev)]
             if dev in stored else [] for _, dev in ids]
 
 
 def verify_master_key(app: App, device_id: str, expected_kcv: str, method: str = "CMAC") -> bool:
+    """The stored master key's check value, computed in the HSM after its row's seal is
+    verified (a row moved from another device does not verify)."""
     try:
         device_id = normalise_eui64(device_id)
     except InvalidEUI64:
         raise error("INVALID_EUI64", "device_id is not a well-formed EUI-64") from None
-    with app.store.engine.connect() as conn:
-        row = conn.execute(select(st.master_keys).where(
-            st.master_keys.c.device_id == device_id)).first()
-    if row is None:
+    keys = app.records.master_keys.get(device_id)
+    if not keys:
         raise error("DEVICE_KEY_NOT_FOUND", f"no master key for {device_id}")
-    return transport.stored_key_matches(app.partitions.dco, row.wrapped, expected_kcv, method)
+    return transport.stored_key_matches(app.partitions.dco, keys[0].wrapped, expected_kcv,
+                                        method)

@@ -24,10 +24,11 @@ from sqlalchemy import select, update
 
 from hsm import keys as hk
 from keysvc import store as st
-from keysvc.anchors import Anchors
+from keysvc.anchors import SEAL_BYTES, Anchors
+from keysvc.anchors import anchored as anchored_seal
 from keysvc.app import App, Caller
 from keysvc.device_certificate import CertificateParseError, load_certificate
-from keysvc.domain import InvalidEUI64, normalise_eui64
+from keysvc.domain import InvalidEUI64, eui64_bytes, eui64_from_bytes, normalise_eui64
 from keysvc.errors import error
 from keysvc.partitions import ESCROW_SEAL_KEY
 
@@ -92,7 +93,27 @@ def _seal(app: App, row: dict) -> bytes:
 
 
 def _anchors(app: App) -> Anchors:
-    return Anchors(app.partitions.admin, ANCHOR_PREFIX)
+    """This database's escrow anchors in the admin token."""
+    return Anchors(app.partitions.admin, f"{ANCHOR_PREFIX}{app.records.instance}:")
+
+
+def anchor_label(app: App, escrow_id: str) -> str:
+    return _anchors(app).label(escrow_id)
+
+
+def _anchor_value(seal: bytes, chfs: list[str]) -> bytes:
+    """The seal, then the record's CHFs (8 bytes each): a record, or its CHF index row,
+    deleted from the database is still known to the token, and found."""
+    return bytes(seal) + b"".join(eui64_bytes(c) for c in chfs)
+
+
+def _anchor_chfs(value: bytes) -> set[str]:
+    rest = value[SEAL_BYTES:]
+    return {eui64_from_bytes(rest[i:i + 8]) for i in range(0, len(rest) - 7, 8)}
+
+
+def _value_of(row: dict) -> bytes:
+    return _anchor_value(row["seal"], json.loads(row["chf_identifiers"]))
 
 
 def _sealed_ok(app: App, row: dict, anchored: dict[str, list[bytes]] | None = None) -> bool:
@@ -102,25 +123,48 @@ def _sealed_ok(app: App, row: dict, anchored: dict[str, list[bytes]] | None = No
     if not hmac.compare_digest(_seal(app, row), seal):
         return False
     if anchored is not None:
-        return any(hmac.compare_digest(v, seal) for v in anchored.get(row["id"], ()))
+        return anchored_seal(anchored.get(row["id"], []), seal)
     return _anchors(app).holds(row["id"], seal)
 
 
-def anchor_unanchored(app: App) -> int:
-    """At start: anchor validly sealed records that have no anchor (deposited before
-    anchors existed)."""
+def _missing_records(anchored: dict[str, list[bytes]], present: set[str], chf: str = ""
+                     ) -> dict[str, set[str]]:
+    """Anchored records (naming `chf`, if given) that the database no longer shows:
+    escrow id -> the CHFs its anchor names."""
+    out: dict[str, set[str]] = {}
+    for eid, values in anchored.items():
+        if eid in present:
+            continue
+        chfs = set().union(*(_anchor_chfs(v) for v in values))
+        if not chf or chf in chfs:
+            out[eid] = chfs
+    return out
+
+
+def reanchor_legacy(app: App) -> int:
+    """Once, at the upgrade to sealed records (`keysvc.records.upgrade`): escrow records
+    anchored under the old label (or, deposited before anchors existed, not at all) get
+    this database's anchor, which also names their CHFs."""
     with app.store.engine.connect() as conn:
         rows = [dict(r._mapping) for r in conn.execute(select(st.escrows))]
     anchors = _anchors(app)
     anchored = anchors.all() if rows else {}
-    # Only records with no anchor at all; their seals are checked, the others' are not
-    # (that is done at each release), so a start costs one search, not one HMAC per record.
-    missing = {r["id"]: bytes(r["seal"]) for r in rows if r["id"] not in anchored
-               and hmac.compare_digest(_seal(app, r), bytes(r["seal"]))}
-    if missing:
-        anchors.add(missing)
-        log.warning("anchored %d escrow records that had no anchor", len(missing))
-    return len(missing)
+    with app.partitions.admin.session() as s:
+        old = hk.data_by_label(s, ANCHOR_PREFIX)
+    moved = {}
+    for r in rows:
+        if r["id"] in anchored or not hmac.compare_digest(_seal(app, r), bytes(r["seal"])):
+            continue
+        legacy = old.get(f"{ANCHOR_PREFIX}{r['id']}")
+        if legacy is None or anchored_seal(legacy, r["seal"]):
+            moved[r["id"]] = _value_of(r)
+    if moved:
+        anchors.add(moved)
+        with app.partitions.admin.session() as s:
+            for eid in moved:
+                hk.destroy_data(s, f"{ANCHOR_PREFIX}{eid}")
+        log.warning("anchored %d escrow records under this database's anchors", len(moved))
+    return len(moved)
 
 
 def _escrow(row: dict, seal_intact: bool = True) -> Escrow:
@@ -178,7 +222,7 @@ def deposit(app: App, caller: Caller, *, smso_id: str, group_id: str,
         conn.execute(st.escrows.insert().values(**row))
         conn.execute(st.escrow_chfs.insert(), [{"escrow_id": row["id"], "chf_identifier": c}
                                                for c in chfs])
-        anchor(row["id"], row["seal"], None)
+        anchor(row["id"], _value_of(row), None)
     return row["id"]
 
 
@@ -206,12 +250,20 @@ def _release(app: App, caller: Caller, chf_identifier: str, reason: str) -> Rele
         raise error("INVALID_REQUEST", "a release needs a reason")
     now = app.clock().astimezone(dt.timezone.utc)  # SQLite keeps the wall time only
     today = london_today(now)
-    with _anchors(app).tx(app.store) as (conn, anchor):
+    anchors = _anchors(app)
+    with anchors.tx(app.store) as (conn, anchor):
         ids = [r.escrow_id for r in conn.execute(
             select(st.escrow_chfs.c.escrow_id).where(st.escrow_chfs.c.chf_identifier == chf))]
+        # The token knows every record that names this CHF: one the index or the table no
+        # longer shows was deleted, and nothing is released until an officer looks.
+        anchored = anchors.all()
+        ids += [eid for eid in _missing_records(anchored, set(), chf) if eid not in ids]
         rows = [dict(r._mapping) for r in conn.execute(
             select(st.escrows).where(st.escrows.c.id.in_(ids))
             .order_by(st.escrows.c.deposited_at.desc()).with_for_update())] if ids else []
+        missing = sorted(set(ids) - {r["id"] for r in rows})
+        if missing:
+            raise _Tampered(missing[0])
         for r in rows:
             # escrow_chfs is an unsealed index: the CHF must be in the sealed record too
             if not _sealed_ok(app, r) or chf not in json.loads(r["chf_identifiers"]):
@@ -237,7 +289,8 @@ def _release(app: App, caller: Caller, chf_identifier: str, reason: str) -> Rele
             .values(releases=r["releases"], seal=r["seal"])).rowcount
         if changed != 1:  # another writer got there first: never release twice
             raise error("ESCROW_EXHAUSTED", f"the escrow for {chf} changed; retry")
-        anchor(r["id"], r["seal"], old_seal)
+        anchor(r["id"], _value_of(r), _anchor_value(old_seal,
+                                                     json.loads(r["chf_identifiers"])))
         conn.execute(st.escrow_releases.insert().values(
             escrow_id=r["id"], actor=caller.identity, reason=reason[:1000], time=now))
     e = _escrow(r)
@@ -271,15 +324,28 @@ def list_escrows(app: App, smso_id: str = "", chf_identifier: str = "") -> list[
     with app.store.engine.connect() as conn:
         rows = [dict(r._mapping) for r in conn.execute(q)]
     listed = []
-    anchored = _anchors(app).all() if rows else {}
+    anchored = _anchors(app).all()
     for row in rows:
         intact = _sealed_ok(app, row, anchored)
         if not intact:
-            log.warning("escrow %s fails its HSM seal: the record was altered", row["id"])
+            app.records.flag(f"escrows/{row['id']}", "fails its HSM seal or anchor")
         if chf and intact and chf not in json.loads(row["chf_identifiers"]):
             continue  # only the index names this CHF
         listed.append(_escrow(row, intact))
+    if not smso_id:  # an anchor names the CHFs, not the SMSO
+        with app.store.engine.connect() as conn:
+            present = {r.id for r in conn.execute(select(st.escrows.c.id))}
+        for eid, chfs in sorted(_missing_records(anchored, present, chf).items()):
+            app.records.flag(f"escrows/{eid}", "was deleted from the database")
+            listed.append(_deleted(eid, chfs))
     return listed
+
+
+def _deleted(escrow_id: str, chfs: set[str]) -> Escrow:
+    """A record the token anchors and the database lost: listed so that officers see it."""
+    return Escrow(escrow_id, "", "", tuple(sorted(chfs)), (), dt.date.min, dt.date.min, 0,
+                  "deleted from the database", 0, False, "", dt.datetime.min.replace(
+                      tzinfo=dt.timezone.utc), seal_intact=False)
 
 
 def revoke(app: App, caller: Caller, escrow_id: str, reason: str = "") -> Escrow:
@@ -304,5 +370,6 @@ def _revoke(app: App, escrow_id: str) -> Escrow:
         row["seal"] = _seal(app, row)
         conn.execute(update(st.escrows).where(st.escrows.c.id == escrow_id)
                      .values(revoked=True, seal=row["seal"]))
-        anchor(escrow_id, row["seal"], old_seal)
+        anchor(escrow_id, _value_of(row), _anchor_value(old_seal,
+                                                        json.loads(row["chf_identifiers"])))
     return _escrow(row)

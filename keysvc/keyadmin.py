@@ -14,23 +14,26 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hmac
+import json
 import logging
 import os
 import uuid
-from dataclasses import dataclass, field
-from types import SimpleNamespace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import select, update
 
 from hsm import HsmKeyNotFound, HsmOperationFailed
 from hsm import keys as hk
+from keysvc import faults
 from keysvc import store as st
 from keysvc.app import App, Caller
 from keysvc.errors import KeysvcError, error
 from keysvc.transport import expected_kcv_of
 from keysvc.partitions import COMPONENT_SEAL_KEY, PURPOSE_PARTITION, STORAGE_KEY
+from keysvc.records.import_jobs import ImportJobRecord
+from keysvc.records.keys import KeyRecord
+from keysvc.records.operations import OperationRecord
 
 PURPOSES = ("S1SP_TRANSPORT", "DCO_TRANSPORT", "EXPORT")
 OWNER_TYPES = ("SMSO", "REQUESTING_PARTY", "S1SP")
@@ -49,6 +52,7 @@ class Operation:
     quorum: int
     message: str
     created_at: dt.datetime
+    seal_intact: bool = True   # False: the record fails its HSM seal or anchor (listed, inert)
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class KeyInfo:
     created_at: dt.datetime
     public_key_pem: str = ""
     allowed_originators: tuple[str, ...] = field(default_factory=tuple)
+    seal_intact: bool = True
 
 
 @dataclass(frozen=True)
@@ -70,11 +75,6 @@ class ImportJob:
     import_job_id: str
     public_key_pem: str
     expires_at: dt.datetime
-
-
-def _with(row, **changes):
-    """A database row with some fields changed, for building the returned Operation."""
-    return SimpleNamespace(**{**row._mapping, **changes})
 
 
 def _b64(b: bytes) -> str:
@@ -85,31 +85,34 @@ def _unb64(s: str) -> bytes:
     return base64.b64decode(s)
 
 
-def _aware(t: dt.datetime) -> dt.datetime:
-    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
-
-
 # --------------------------------------------------------------------------- import jobs
 def create_import_job(app: App, caller: Caller, name: str,
                       purpose: str = "S1SP_TRANSPORT") -> ImportJob:
-    """An RSA-3072 pair made in the token that will hold the imported key."""
+    """An RSA-3072 pair made in the token that will hold the imported key.
+
+    Its sealed row commits first (without a public key), then the pair is made (CKA_ID =
+    the job's id), then the row gets the public key: a crash leaves at worst a job without
+    a usable pair, purged at expiry, never a pair without its row (reconciliation at start
+    destroys such pairs, which only a deleted row can leave)."""
     purpose = purpose or "S1SP_TRANSPORT"
     if purpose not in PURPOSES:
         raise error("WRONG_KEY_PURPOSE", f"unknown purpose {purpose}")
     purge_expired_import_jobs(app)
-    job_id = "ij-" + uuid.uuid4().hex[:16]
-    token = app.partitions.for_purpose(purpose)
-    with token.session() as s:
-        der = hk.generate_rsa(s, f"import-job:{job_id}")
+    now = app.clock()
+    job = ImportJobRecord("ij-" + uuid.uuid4().hex[:16], name or "", PURPOSE_PARTITION[purpose],
+                          "", caller.identity, now,
+                          now + dt.timedelta(hours=app.settings.import_job_ttl_hours))
+    with app.store.tx() as conn:
+        app.records.import_jobs.insert(conn, job)
+    faults.point("import_job.after_row")
+    with app.partitions.for_purpose(purpose).session() as s:
+        der = hk.generate_rsa(s, job.label, key_id=job.id)
+    faults.point("import_job.after_pair")
     pem = serialization.load_der_public_key(der).public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    now = app.clock()
-    expires = now + dt.timedelta(hours=app.settings.import_job_ttl_hours)
     with app.store.tx() as conn:
-        conn.execute(st.import_jobs.insert().values(
-            id=job_id, name=name or job_id, partition=PURPOSE_PARTITION[purpose],
-            public_key_pem=pem, created_by=caller.identity, created_at=now, expires_at=expires))
-    return ImportJob(job_id, pem, expires)
+        app.records.import_jobs.set_public_key(conn, job, pem)
+    return ImportJob(job.id, pem, job.expires_at)
 
 
 def purge_expired_import_jobs(app: App) -> int:
@@ -121,12 +124,9 @@ def purge_expired_import_jobs(app: App) -> int:
     """
     cutoff = app.clock() - OPERATION_TTL
     with app.store.tx() as conn:
-        jobs = conn.execute(select(st.import_jobs.c.id, st.import_jobs.c.partition).where(
-            st.import_jobs.c.expires_at < cutoff)).all()
-        if jobs:
-            conn.execute(st.import_jobs.delete().where(
-                st.import_jobs.c.id.in_([j.id for j in jobs])))
-    _destroy_labels([(app.partitions.tokens[j.partition], f"import-job:{j.id}") for j in jobs],
+        jobs = app.records.import_jobs.expired(conn, cutoff)
+        app.records.import_jobs.delete(conn, [j.id for j in jobs])
+    _destroy_labels([(app.partitions.tokens[j.partition], j.label) for j in jobs],
                     "an expired import job")
     return len(jobs)
 
@@ -139,10 +139,14 @@ def _check_length(purpose: str, length: int) -> None:
                     + ("128, 192 or 256" if purpose == "EXPORT" else "256") + " bits")
 
 
-def _kcv_of_unwrapped(app: App, job, wrapped: bytes, purpose: str) -> str:
+def _kcv_of_unwrapped(app: App, job: ImportJobRecord, wrapped: bytes, purpose: str) -> str:
     """Unwrap into a session object just to read its check value and length."""
     def work(s) -> str:
-        job_key = hk.find_private_key(s, f"import-job:{job.id}")
+        try:
+            job_key = hk.find_private_key(s, job.label)
+        except HsmKeyNotFound:
+            raise error("IMPORT_JOB_NOT_FOUND", f"import job {job.id} has no key pair in "
+                                                "the token") from None
         try:
             k = hk.unwrap(s, job_key, wrapped, hk.Unwrap.RSA_OAEP_SHA1, usage=hk.KCV_USAGE)
         except HsmOperationFailed:
@@ -164,20 +168,19 @@ def _kcv_of_unwrapped(app: App, job, wrapped: bytes, purpose: str) -> str:
 
 
 # --------------------------------------------------------------------------- requests
-def _check_new_key_name(conn, name: str) -> None:
+def _check_new_key_name(app: App, conn, name: str) -> None:
     """In the transaction that then records the request: two requests for one name, on
     two replicas at once, must not both pass."""
     if not name:
         raise error("INVALID_REQUEST", "a key needs a name")
     if conn.info.get("write"):
         st.serialise(conn, "key-names")
-    if conn.execute(select(st.keys.c.name).where(st.keys.c.name == name)).first():
+    if app.records.keys.exists(conn, name):
         raise error("KEY_EXISTS", f"a key named {name!r} exists")
-    pending = conn.execute(select(st.operations.c.id).where(
-        st.operations.c.target == name, st.operations.c.state == "PENDING",
-        st.operations.c.kind.in_(["IMPORT_TRANSPORT_KEY", "GENERATE_RECIPIENT_KEY"]))).first()
+    pending = app.records.operations.pending_for(
+        conn, name, ["IMPORT_TRANSPORT_KEY", "GENERATE_RECIPIENT_KEY"])
     if pending:
-        raise error("KEY_EXISTS", f"operation {pending.id} already creates {name!r}")
+        raise error("KEY_EXISTS", f"operation {pending} already creates {name!r}")
 
 
 def _check_label_free(app: App, purpose: str, name: str) -> None:
@@ -188,16 +191,18 @@ def _check_label_free(app: App, purpose: str, name: str) -> None:
             raise error("KEY_EXISTS", f"the token already holds an object labelled {name!r}")
 
 
-def _new_operation(app: App, conn, caller: Caller, kind: str, target: str,
-                   payload: dict) -> Operation:
+def _new_operation(app: App, caller: Caller, op_id: str, kind: str, target: str,
+                   partition: str, payload: dict, check_name: bool = False) -> Operation:
+    """Record a sealed, anchored request; the requester's approval is its first."""
     now = app.clock()
-    op_id = "op-" + uuid.uuid4().hex[:16]
-    conn.execute(st.operations.insert().values(
-        id=op_id, kind=kind, target=target, state="PENDING", requested_by=caller.identity,
-        approvals=st.dumps([caller.identity]), payload=st.dumps(payload), message="",
-        created_at=now, updated_at=now))
-    return Operation(op_id, kind, target, "PENDING", caller.identity, (caller.identity,),
-                     app.settings.quorum, "", now)
+    op = OperationRecord(op_id, partition, kind, target, "PENDING", caller.identity, (),
+                         payload, "", now, now)
+    op = replace(op, approvals=(app.records.operations.approval(op, caller.identity),))
+    with app.records.anchors(partition).tx(app.store) as (conn, anchor):
+        if check_name:
+            _check_new_key_name(app, conn, target)
+        app.records.operations.insert(conn, anchor, op)
+    return _operation(app, op)
 
 
 def import_transport_key(app: App, caller: Caller, *, name: str, purpose: str, owner_id: str,
@@ -210,15 +215,14 @@ def import_transport_key(app: App, caller: Caller, *, name: str, purpose: str, o
     expected_kcv = expected_kcv_of(expected_kcv)
     if bool(wrapped_key) == bool(component):
         raise error("INVALID_REQUEST", "give either wrapped_key with import_job_id, or component")
+    op_id = "op-" + uuid.uuid4().hex[:16]
     payload = {"name": name, "purpose": purpose, "owner_id": owner_id,
                "owner_type": owner_type, "expected_kcv": expected_kcv}
     if wrapped_key:
-        with app.store.engine.connect() as conn:
-            job = conn.execute(select(st.import_jobs).where(
-                st.import_jobs.c.id == import_job_id)).first()
+        job = app.records.import_jobs.get(None, import_job_id)
         if job is None:
             raise error("IMPORT_JOB_NOT_FOUND", f"no import job {import_job_id!r}")
-        if _aware(job.expires_at) < app.clock():
+        if job.expires_at < app.clock():
             raise error("IMPORT_JOB_EXPIRED", f"import job {import_job_id} has expired")
         if job.partition != PURPOSE_PARTITION[purpose]:
             raise error("WRONG_KEY_PURPOSE", "the import job's key is in another partition's "
@@ -233,11 +237,11 @@ def import_transport_key(app: App, caller: Caller, *, name: str, purpose: str, o
             raise error("INVALID_REQUEST", "a component is as long as the key: 32 bytes for a "
                                            "transport key, 16, 24 or 32 for an export key")
         payload["components"] = [{"officer": caller.identity,
-                                  "sealed": _seal_component(app, purpose, component)}]
+                                  "sealed": _seal_component(app, purpose, op_id,
+                                                            caller.identity, component)}]
     _check_label_free(app, purpose, name)
-    with app.store.tx() as conn:
-        _check_new_key_name(conn, name)
-        return _new_operation(app, conn, caller, "IMPORT_TRANSPORT_KEY", name, payload)
+    return _new_operation(app, caller, op_id, "IMPORT_TRANSPORT_KEY", name,
+                          PURPOSE_PARTITION[purpose], payload, check_name=True)
 
 
 def generate_recipient_key(app: App, caller: Caller, *, name: str, purpose: str,
@@ -247,20 +251,20 @@ def generate_recipient_key(app: App, caller: Caller, *, name: str, purpose: str,
     if not allowed_originators:
         raise error("INVALID_REQUEST", "name at least one allowed originator")
     _check_label_free(app, purpose, name)
-    with app.store.tx() as conn:
-        _check_new_key_name(conn, name)
-        return _new_operation(app, conn, caller, "GENERATE_RECIPIENT_KEY", name,
-                              {"name": name, "purpose": purpose,
-                               "allowed_originators": sorted(set(allowed_originators))})
+    return _new_operation(app, caller, "op-" + uuid.uuid4().hex[:16],
+                          "GENERATE_RECIPIENT_KEY", name, PURPOSE_PARTITION[purpose],
+                          {"name": name, "purpose": purpose,
+                           "allowed_originators": sorted(set(allowed_originators))},
+                          check_name=True)
 
 
 def change_key_state(app: App, caller: Caller, name: str, kind: str) -> Operation:
     """DISABLE_KEY, ENABLE_KEY or DESTROY_KEY: also dual control."""
-    with app.store.tx() as conn:
-        row = conn.execute(select(st.keys).where(st.keys.c.name == name)).first()
-        if row is None or row.state == "DESTROYED":
-            raise error("KEY_NOT_FOUND", f"no key {name!r}")
-        return _new_operation(app, conn, caller, kind, name, {"name": name})
+    key = app.records.keys.get(name)
+    if key is None or key.state == "DESTROYED":
+        raise error("KEY_NOT_FOUND", f"no key {name!r}")
+    return _new_operation(app, caller, "op-" + uuid.uuid4().hex[:16], kind, name,
+                          key.partition, {"name": name})
 
 
 # --------------------------------------------------------------------------- approval
@@ -269,12 +273,13 @@ class _TokenEffects:
     """An approval's changes to token objects, ordered around its database transaction.
 
     The token and the database cannot commit together. So a key is made before the commit
-    and destroyed again if the commit does not happen (else the orphan would hold its
-    label: KEY_EXISTS for ever), and what is destroyed is destroyed after the commit
-    (else a failed commit would leave a key recorded ENABLED whose object is gone).
+    (CKA_ID = the operation's id) and destroyed again if the commit does not happen (else
+    the orphan would hold its label: KEY_EXISTS for ever), and what is destroyed is
+    destroyed after the commit (else a failed commit would leave a key recorded ENABLED
+    whose object is gone). A crash between the two is found at start (`reconcile`).
     """
 
-    made: list[tuple[Any, str]] = field(default_factory=list)
+    made: list[tuple[Any, str, str]] = field(default_factory=list)  # token, label, key id
     to_destroy: list[tuple[Any, str]] = field(default_factory=list)
 
     def undo(self, app: App) -> None:
@@ -283,15 +288,16 @@ class _TokenEffects:
         object can be cleared by hand, a destroyed key that the database lists cannot."""
         try:
             with app.store.engine.connect() as conn:
-                recorded = {r.name for r in conn.execute(select(st.keys.c.name).where(
-                    st.keys.c.name.in_([label for _, label in self.made])))}
+                recorded = {label for _, label, _ in self.made
+                            if app.records.keys.exists(conn, label)}
         except Exception as exc:
             log.error("an approval failed and the database cannot say whether it committed "
                       "(%s); its new token objects are kept: %s", type(exc).__name__,
-                      ", ".join(repr(label) for _, label in self.made))
+                      ", ".join(repr(label) for _, label, _ in self.made))
             return
-        _destroy_labels([(t, label) for t, label in self.made if label not in recorded],
-                        "made by an approval that did not commit")
+        for token, label, key_id in self.made:
+            if label not in recorded:
+                _destroy_made(token, label, key_id, "made by an approval that did not commit")
 
     def after_commit(self) -> None:
         _destroy_labels(self.to_destroy, "destroyed by a committed approval")
@@ -305,6 +311,15 @@ def _destroy_labels(objects: list[tuple[Any, str]], why: str) -> None:
         except Exception as exc:  # the HSM is down: say which object is left behind
             log.error("token object %r (%s) could not be destroyed: %s", label, why,
                       type(exc).__name__)
+
+
+def _destroy_made(token: Any, label: str, key_id: str, why: str) -> None:
+    try:
+        with token.session() as s:
+            hk.destroy_with_id(s, label, key_id)
+    except Exception as exc:
+        log.error("token object %r (%s) could not be destroyed: %s", label, why,
+                  type(exc).__name__)
 
 
 def approve(app: App, caller: Caller, operation_id: str, component: bytes = b"") -> Operation:
@@ -323,82 +338,108 @@ def approve(app: App, caller: Caller, operation_id: str, component: bytes = b"")
 
 def _approve(app: App, caller: Caller, operation_id: str, component: bytes,
              effects: _TokenEffects) -> tuple[Operation, str, str]:
-    with app.store.tx() as conn:
-        row = conn.execute(select(st.operations).where(st.operations.c.id == operation_id)
-                           .with_for_update()).first()
-        if row is None:
+    partition = app.records.operations.partition_of(operation_id)
+    if partition is None:
+        raise error("OPERATION_NOT_FOUND", f"no operation {operation_id!r}")
+    with app.records.anchors(partition).tx(app.store) as (conn, anchor):
+        op = app.records.operations.get(conn, operation_id, for_update=True)
+        if op is None:
             raise error("OPERATION_NOT_FOUND", f"no operation {operation_id!r}")
-        if row.state == "PENDING" and _aware(row.created_at) + OPERATION_TTL < app.clock():
-            conn.execute(update(st.operations).where(st.operations.c.id == row.id)
-                         .values(state="EXPIRED", updated_at=app.clock()))
-            return _operation(app, _with(row, state="EXPIRED")), "", ""
-        if row.state != "PENDING":
-            raise error("OPERATION_NOT_PENDING", f"operation {operation_id} is {row.state}")
-        approvals: list[str] = st.loads(row.approvals)
-        if caller.identity in approvals:
+        now = app.clock()
+        if op.state == "PENDING" and op.created_at + OPERATION_TTL < now:
+            op = app.records.operations.update(conn, anchor, op, state="EXPIRED",
+                                               updated_at=now)
+            return _operation(app, op), "", ""
+        if op.state != "PENDING":
+            raise error("OPERATION_NOT_PENDING", f"operation {operation_id} is {op.state}")
+        if caller.identity in op.approved_by:
             raise error("SAME_OFFICER", "each approval must come from a different officer")
-        payload = st.loads(row.payload)
+        payload = json.loads(json.dumps(op.payload))  # a copy to change
         if "components" in payload:
             if not component:
                 raise error("APPROVAL_REQUIRED", "this import needs your key component")
-            if len(component) != len(_unseal(app, payload["purpose"],
-                                                payload["components"][0]["sealed"])):
+            first = payload["components"][0]
+            if len(component) != len(_unseal(app, payload["purpose"], op.id, first["officer"],
+                                             first["sealed"])):
                 raise error("INVALID_REQUEST", "components must all have the same length")
             payload["components"].append({"officer": caller.identity,
-                                          "sealed": _seal_component(app, payload["purpose"],
-                                                                    component)})
-        approvals.append(caller.identity)
+                                          "sealed": _seal_component(
+                                              app, payload["purpose"], op.id,
+                                              caller.identity, component)})
+        approvals = (*op.approvals, app.records.operations.approval(op, caller.identity))
         state, message, refusal = "PENDING", "", ""
         if len(approvals) >= app.settings.quorum:
-            state, message, refusal = _execute(app, conn, row.kind, payload, effects)
-        conn.execute(update(st.operations).where(st.operations.c.id == row.id).values(
-            approvals=st.dumps(approvals), payload=st.dumps(payload), state=state,
-            message=message, updated_at=app.clock()))
-        return _operation(app, _with(row, approvals=st.dumps(approvals), state=state,
-                                     message=message)), refusal, message
+            state, message, refusal = _execute(app, conn, anchor, op, payload, effects)
+        op = app.records.operations.update(conn, anchor, op, approvals=approvals,
+                                           payload=payload, state=state, message=message,
+                                           updated_at=now)
+        faults.point("approve.before_commit")
+        return _operation(app, op), refusal, message
 
 
-def _execute(app: App, conn, kind: str, p: dict, effects: _TokenEffects
+def _execute(app: App, conn, anchor, op: OperationRecord, p: dict, effects: _TokenEffects
              ) -> tuple[str, str, str]:
     """Carry out an approved operation; returns (state, message, refusal code or "")."""
     now = app.clock()
-    if kind == "IMPORT_TRANSPORT_KEY":
+    if op.kind == "IMPORT_TRANSPORT_KEY":
+        if app.records.keys.exists(conn, p["name"]):
+            return "REJECTED", f"a key named {p['name']!r} exists", "KEY_EXISTS"
+        token = app.partitions.for_purpose(p["purpose"])
+        if not _label_ready(token, p["name"], op.id):
+            return "REJECTED", f"the token holds another object labelled {p['name']!r}", \
+                "KEY_EXISTS"
         if "components" in p:
-            kcv = _create_from_components(app, p, effects)
+            kcv = _create_from_components(app, op, p, effects)
             del p["components"]  # used once, approved or not: not kept, even sealed
             message, refusal = "the key's check value is not expected_kcv", "KCV_MISMATCH"
         else:
-            kcv, message, refusal = _create_from_wrapped(app, conn, p, effects)
+            kcv, message, refusal = _create_from_wrapped(app, conn, op, p, effects)
             p.pop("wrapped_key", None)
         if kcv is None:
             return "REJECTED", message, refusal
-        conn.execute(st.keys.insert().values(
-            name=p["name"], partition=PURPOSE_PARTITION[p["purpose"]], purpose=p["purpose"],
-            algorithm="AES", owner_id=p["owner_id"], owner_type=p["owner_type"], kcv=kcv,
-            state="ENABLED", created_at=now, public_key_pem="", allowed_originators="[]"))
+        app.records.keys.insert(conn, anchor, KeyRecord(
+            p["name"], op.partition, p["purpose"], "AES", p["owner_id"], p["owner_type"], kcv,
+            "ENABLED", now, op.id))
         return "APPROVED", "", ""
-    if kind == "GENERATE_RECIPIENT_KEY":
+    if op.kind == "GENERATE_RECIPIENT_KEY":
+        if app.records.keys.exists(conn, p["name"]):
+            return "REJECTED", f"a key named {p['name']!r} exists", "KEY_EXISTS"
         token = app.partitions.for_purpose(p["purpose"])
+        if not _label_ready(token, p["name"], op.id):
+            return "REJECTED", f"the token holds another object labelled {p['name']!r}", \
+                "KEY_EXISTS"
         with token.session() as s:
-            der = hk.generate_rsa(s, p["name"])
-            effects.made.append((token, p["name"]))
+            der = hk.generate_rsa(s, p["name"], key_id=op.id)
+            effects.made.append((token, p["name"], op.id))
+        faults.point("approve.after_token_object")
         pem = serialization.load_der_public_key(der).public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-        conn.execute(st.keys.insert().values(
-            name=p["name"], partition=PURPOSE_PARTITION[p["purpose"]], purpose=p["purpose"],
-            algorithm="RSA-3072", owner_id="", owner_type="", kcv="", state="ENABLED",
-            created_at=now, public_key_pem=pem,
-            allowed_originators=st.dumps(p["allowed_originators"])))
+        app.records.keys.insert(conn, anchor, KeyRecord(
+            p["name"], op.partition, p["purpose"], "RSA-3072", "", "", "", "ENABLED", now,
+            op.id, pem, tuple(p["allowed_originators"])))
         return "APPROVED", "", ""
-    key = conn.execute(select(st.keys).where(st.keys.c.name == p["name"])).first()
+    key = app.records.keys.get(p["name"], conn, for_update=True)
     if key is None or key.state == "DESTROYED":
         # Destruction is final: an enable or disable approved after it changes nothing.
         return "REJECTED", f"key {p['name']!r} no longer exists", "KEY_NOT_FOUND"
-    if kind == "DESTROY_KEY":
+    if key.partition != op.partition:
+        raise app.records.refuse(conn, f"operations/{op.id}", "names a key of another "
+                                                              "partition")
+    if op.kind == "DESTROY_KEY":
         effects.to_destroy.append((app.partitions.tokens[key.partition], key.name))
-    new_state = {"DISABLE_KEY": "DISABLED", "ENABLE_KEY": "ENABLED", "DESTROY_KEY": "DESTROYED"}[kind]
-    conn.execute(update(st.keys).where(st.keys.c.name == key.name).values(state=new_state))
+    new_state = {"DISABLE_KEY": "DISABLED", "ENABLE_KEY": "ENABLED",
+                 "DESTROY_KEY": "DESTROYED"}[op.kind]
+    app.records.keys.set_state(conn, anchor, key, new_state)
     return "APPROVED", "", ""
+
+
+def _label_ready(token: Any, label: str, op_id: str) -> bool:
+    """Before an approval makes its key: objects with this label left by an earlier try of
+    the same operation (a crash before its commit) are destroyed, so a retry replaces them
+    and never adds a second object; any other object with the label refuses the approval."""
+    with token.session() as s:
+        hk.destroy_with_id(s, label, op_id)
+        return not list(s.raw.get_objects({hk.A.LABEL: label}))
 
 
 def _usage(purpose: str) -> dict:
@@ -406,19 +447,21 @@ def _usage(purpose: str) -> dict:
     return hk.EXPORT_USAGE if purpose == "EXPORT" else hk.KEK_USAGE
 
 
-def _create_from_wrapped(app: App, conn, p: dict, effects: _TokenEffects
-                         ) -> tuple[str | None, str, str]:
+def _create_from_wrapped(app: App, conn, op: OperationRecord, p: dict,
+                         effects: _TokenEffects) -> tuple[str | None, str, str]:
     """Make the key from the import job; returns (kcv, "", "") or (None, message, code).
 
-    The key is checked again at approval: the pending row sat in the database, and the
-    import job's public key is public, so the wrapped bytes there prove nothing by
-    themselves. An import job serves one key: its pair is destroyed once the key exists.
+    The key is checked again at approval: the import job's public key is public, so the
+    wrapped bytes prove nothing by themselves. An import job serves one key: its pair is
+    destroyed once the key exists.
     """
-    job = conn.execute(select(st.import_jobs).where(
-        st.import_jobs.c.id == p["import_job_id"])).first()
+    job = app.records.import_jobs.get(conn, p["import_job_id"])
     if job is None:
         return None, "the import job was used by another import or is gone", \
             "IMPORT_JOB_NOT_FOUND"
+    if job.partition != op.partition:
+        raise app.records.refuse(conn, f"operations/{op.id}", "names an import job of "
+                                                              "another partition")
     wrapped = _unb64(p["wrapped_key"])
     try:
         kcv = _kcv_of_unwrapped(app, job, wrapped, p["purpose"])
@@ -428,21 +471,24 @@ def _create_from_wrapped(app: App, conn, p: dict, effects: _TokenEffects
         return None, "the key's check value is not expected_kcv", "KCV_MISMATCH"
 
     def work(s) -> None:
-        job_key = hk.find_private_key(s, f"import-job:{p['import_job_id']}")
-        hk.unwrap(s, job_key, wrapped, hk.Unwrap.RSA_OAEP_SHA1,
-                  token=True, label=p["name"], usage=_usage(p["purpose"]))
+        job_key = hk.find_private_key(s, job.label)
+        hk.unwrap(s, job_key, wrapped, hk.Unwrap.RSA_OAEP_SHA1, token=True, label=p["name"],
+                  usage=_usage(p["purpose"]), key_id=op.id)
     token = app.partitions.for_purpose(p["purpose"])
     token.run(work)
-    effects.made.append((token, p["name"]))
-    effects.to_destroy.append((token, f"import-job:{job.id}"))
-    conn.execute(st.import_jobs.delete().where(st.import_jobs.c.id == job.id))
+    effects.made.append((token, p["name"], op.id))
+    faults.point("approve.after_token_object")
+    effects.to_destroy.append((token, job.label))
+    app.records.import_jobs.delete(conn, [job.id])
     return kcv, "", ""
 
 
-def _create_from_components(app: App, p: dict, effects: _TokenEffects) -> str | None:
+def _create_from_components(app: App, op: OperationRecord, p: dict,
+                            effects: _TokenEffects) -> str | None:
     """XOR the officers' components; store the key only if its KCV is the expected one."""
     token = app.partitions.for_purpose(p["purpose"])
-    parts = [bytearray(_unseal(app, p["purpose"], c["sealed"])) for c in p["components"]]
+    parts = [bytearray(_unseal(app, p["purpose"], op.id, c["officer"], c["sealed"]))
+             for c in p["components"]]
     key = bytearray(len(parts[0]))
     try:
         for part in parts:
@@ -456,86 +502,87 @@ def _create_from_components(app: App, p: dict, effects: _TokenEffects) -> str | 
                 hk.destroy(probe)
             if not hmac.compare_digest(kcv, p["expected_kcv"]):
                 return None
-            hk.create_aes(s, bytes(key), token=True, label=p["name"], usage=_usage(p["purpose"]))
-            effects.made.append((token, p["name"]))
+            hk.create_aes(s, bytes(key), token=True, label=p["name"], usage=_usage(p["purpose"]),
+                          key_id=op.id)
+            effects.made.append((token, p["name"], op.id))
+        faults.point("approve.after_token_object")
         return kcv
     finally:
         for buf in (*parts, key):
             buf[:] = bytes(len(buf))
 
 
-def _seal_component(app: App, purpose: str, component: bytes) -> str:
+def _component_aad(op_id: str, officer: str) -> bytes:
+    """A sealed component opens only for its operation and its officer: one moved to
+    another operation, or credited to another officer, fails its GCM tag."""
+    return b"component\x1f" + op_id.encode() + b"\x1f" + officer.encode()
+
+
+def _seal_component(app: App, purpose: str, op_id: str, officer: str, component: bytes) -> str:
     token = app.partitions.for_purpose(purpose)
     iv = os.urandom(12)
     with token.session() as s:
-        ct = hk.gcm_encrypt(hk.find_key(s, COMPONENT_SEAL_KEY), iv, component, b"component")
+        ct = hk.gcm_encrypt(hk.find_key(s, COMPONENT_SEAL_KEY), iv, component,
+                            _component_aad(op_id, officer))
     return _b64(iv + ct)
 
 
-def _unseal(app: App, purpose: str, sealed: str) -> bytes:
+def _unseal(app: App, purpose: str, op_id: str, officer: str, sealed: str) -> bytes:
     raw = _unb64(sealed)
     token = app.partitions.for_purpose(purpose)
     with token.session() as s:
         return hk.gcm_decrypt(hk.find_key(s, COMPONENT_SEAL_KEY), raw[:12], raw[12:],
-                              b"component")
+                              _component_aad(op_id, officer))
 
 
 # --------------------------------------------------------------------------- reads
-def _operation(app: App, row) -> Operation:
-    state = row.state
-    if state == "PENDING" and _aware(row.created_at) + OPERATION_TTL < app.clock():
+def _operation(app: App, op: OperationRecord, intact: bool = True) -> Operation:
+    state = op.state
+    if state == "PENDING" and op.created_at + OPERATION_TTL < app.clock():
         state = "EXPIRED"
-    return Operation(row.id, row.kind, row.target, state, row.requested_by,
-                     tuple(st.loads(row.approvals)), app.settings.quorum, row.message,
-                     _aware(row.created_at))
+    return Operation(op.id, op.kind, op.target, state, op.requested_by, op.approved_by,
+                     app.settings.quorum, op.message, op.created_at, intact)
 
 
 def list_operations(app: App, state: str = "") -> list[Operation]:
-    with app.store.engine.connect() as conn:
-        rows = conn.execute(select(st.operations).order_by(st.operations.c.created_at)).all()
-    ops = [_operation(app, r) for r in rows]
+    ops = [_operation(app, op, ok) for op, ok in app.records.operations.list()]
     return [o for o in ops if not state or o.state == state]
 
 
-def _key_info(row) -> KeyInfo:
-    return KeyInfo(row.name, row.purpose, row.owner_id, row.owner_type, row.algorithm,
-                   row.kcv, row.state, _aware(row.created_at), row.public_key_pem,
-                   tuple(st.loads(row.allowed_originators)))
+def _key_info(rec: KeyRecord, intact: bool = True) -> KeyInfo:
+    return KeyInfo(rec.name, rec.purpose, rec.owner_id, rec.owner_type, rec.algorithm,
+                   rec.kcv, rec.state, rec.created_at, rec.public_key_pem,
+                   rec.allowed_originators, intact)
 
 
 def list_keys(app: App, purpose: str = "") -> list[KeyInfo]:
-    q = select(st.keys).order_by(st.keys.c.name)
-    if purpose:
-        q = q.where(st.keys.c.purpose == purpose)
-    with app.store.engine.connect() as conn:
-        return [_key_info(r) for r in conn.execute(q).all()]
+    return [_key_info(rec, ok) for rec, ok in app.records.keys.list(purpose)]
 
 
 def get_key(app: App, name: str) -> KeyInfo:
-    with app.store.engine.connect() as conn:
-        row = conn.execute(select(st.keys).where(st.keys.c.name == name)).first()
-    if row is None:
+    rec = app.records.keys.get(name)
+    if rec is None:
         raise error("KEY_NOT_FOUND", f"no key {name!r}")
-    return _key_info(row)
+    return _key_info(rec)
 
 
 def register_existing_rsa_key(app: App, *, name: str, purpose: str,
                               allowed_originators: list[str], private_key) -> None:
     """Load a recipient key pair made elsewhere (the examples' published test keys)."""
     with app.store.engine.connect() as conn:
-        _check_new_key_name(conn, name)
+        _check_new_key_name(app, conn, name)
     _check_label_free(app, purpose, name)
+    key_id = "rk-" + uuid.uuid4().hex[:16]
     token = app.partitions.for_purpose(purpose)
     with token.session() as s:
-        hk.import_rsa_private(s, name, private_key)
+        hk.import_rsa_private(s, name, private_key, key_id)
     pem = private_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    with app.store.tx() as conn:
-        conn.execute(st.keys.insert().values(
-            name=name, partition=PURPOSE_PARTITION[purpose], purpose=purpose,
-            algorithm=f"RSA-{private_key.key_size}", owner_id="", owner_type="", kcv="",
-            state="ENABLED", created_at=app.clock(), public_key_pem=pem,
-            allowed_originators=st.dumps(sorted(set(allowed_originators)))))
+    partition = PURPOSE_PARTITION[purpose]
+    with app.records.anchors(partition).tx(app.store) as (conn, anchor):
+        app.records.keys.insert(conn, anchor, KeyRecord(
+            name, partition, purpose, f"RSA-{private_key.key_size}", "", "", "", "ENABLED",
+            app.clock(), key_id, pem, tuple(sorted(set(allowed_originators)))))
 
 
 __all__ = ["Operation", "KeyInfo", "ImportJob", "create_import_job", "import_transport_key",

@@ -18,6 +18,9 @@ STORAGE_KEY = "storage-key"
 COMPONENT_SEAL_KEY = "component-seal"   # AES-GCM over officers' pending key components
 AUDIT_MAC_KEY = "audit-mac"
 ESCROW_SEAL_KEY = "escrow-seal"
+# HMAC over every sealed database record of the partition (keysvc/records): key records,
+# operations, import jobs, stored device or master keys, stored file results.
+RECORD_SEAL_KEY = "record-seal"
 
 # Which partition's token holds a key of each purpose.
 PURPOSE_PARTITION = {"S1SP_TRANSPORT": "s1sp", "EXPORT": "s1sp", "DCO_TRANSPORT": "dco"}
@@ -52,7 +55,7 @@ class Partitions:
         """Make the per-token keys on first start, inside the token, non-extractable."""
         for name, token in self.tokens.items():
             with token.session() as s:
-                wanted = ([STORAGE_KEY, COMPONENT_SEAL_KEY] if name != "admin"
+                wanted = ([STORAGE_KEY, COMPONENT_SEAL_KEY, RECORD_SEAL_KEY] if name != "admin"
                           else [AUDIT_MAC_KEY, ESCROW_SEAL_KEY])
                 for label in wanted:
                     if hk.has_key(s, label):

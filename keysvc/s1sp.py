@@ -16,18 +16,17 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from lxml import etree
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from hsm import HsmOperationFailed
 from hsm import keys as hk
-from keysvc import store as st
 from keysvc import transport
 from keysvc.app import App, Caller
 from keysvc.device_certificate import CertificateVerdict
 from keysvc.domain import InvalidEUI64, Problem, normalise_eui64
 from keysvc.errors import error
 from keysvc.partitions import STORAGE_KEY
+from keysvc.records.stored_keys import STORAGE_KEY_VERSION, StoredKey
 from keysvc.results import (DeviceKey, GroupResult, InstallationResult,
                             group_result_from_json, to_json)
 from keysvc.xmlfile import AES256_GCM, DP_GROUPS, NSMAP, parse_plaintext, read_file
@@ -79,7 +78,7 @@ def process_group_information(app: App, caller: Caller, data: bytes) -> GroupRes
         app, root, h.group_id, mf.master_key_entries)
     del root
     _reject_devices_already_stored(app, installations)
-    wrapped = _wrap_accepted(app, installations)
+    wrapped = _wrap_accepted(app, installations, h.migration_file_id)
     apply_certificate_verdicts()
     wrapped = _drop_rejected(installations, wrapped)
     result = GroupResult(h.migration_file_id, h.group_id, h.originator_id,
@@ -87,11 +86,8 @@ def process_group_information(app: App, caller: Caller, data: bytes) -> GroupRes
     now = app.clock()
 
     def write_rows(conn) -> None:
-        if wrapped:
-            conn.execute(st.device_keys.insert(), [
-                {"device_id": d, "role": r, "name": n, "chf_identifier": chf, "wrapped": w,
-                 "kcv": k, "file_id": h.migration_file_id, "created_at": now}
-                for (chf, d, r, n, w, k) in wrapped])
+        app.records.device_keys.insert_many(
+            conn, [app.records.device_keys.row(k, seal, now) for k, seal in wrapped])
     try:
         raced = transport.store_once(app, h.migration_file_id, SERVICE, file_digest,
                                      to_json(result), write_rows, group_result_from_json)
@@ -290,13 +286,7 @@ def _validate(app: App, root: etree._Element, group_id: str, entries
 def _reject_devices_already_stored(app: App, installations: list[_Installation]) -> None:
     """A device keeps the keys of the file that first brought it; a later file is refused."""
     devices = sorted({d for i in installations if not i.problems for d in i.device_ids if d})
-    stored: dict[str, str] = {}
-    with app.store.engine.connect() as conn:
-        for i in range(0, len(devices), 500):
-            chunk = devices[i:i + 500]
-            for row in conn.execute(select(st.device_keys.c.device_id, st.device_keys.c.file_id)
-                                    .where(st.device_keys.c.device_id.in_(chunk))):
-                stored[row.device_id] = row.file_id
+    stored = app.records.device_keys.files_of(devices)
     for inst in installations:
         for d in inst.device_ids:
             if d in stored:
@@ -305,18 +295,23 @@ def _reject_devices_already_stored(app: App, installations: list[_Installation])
 
 
 # --------------------------------------------------------------------------- wrapping
-def _wrap_accepted(app: App, installations: list[_Installation]
-                   ) -> list[tuple[str, str, str, str, bytes, str]]:
+Wrapped = list[tuple[StoredKey, bytes]]  # each stored key with its seal
+
+
+def _wrap_accepted(app: App, installations: list[_Installation], file_id: str) -> Wrapped:
     """Each key of a so-far valid installation: into the token, check value, wrap under the
-    storage key, destroy. Rows of installations whose certificate then fails are dropped
-    before anything is stored (`_drop_rejected`)."""
+    storage key, seal the row to what it is (device, role, name, file), destroy. Rows of
+    installations whose certificate then fails are dropped before anything is stored
+    (`_drop_rejected`)."""
     token = app.partitions.s1sp
 
-    def work(sess) -> tuple[list, list[list[tuple[str, str, str, str]]]]:
+    def work(sess) -> tuple[Wrapped, list[list[tuple[str, str, str, str]]]]:
         # Pure until it returns, so that Token.run may repeat it after re-reading the token.
         sess.retire_after_use()  # its close destroys every device key object made here
         storage = hk.session_copy(sess, STORAGE_KEY)
-        rows, done_all = [], []
+        seal = app.records.device_keys.loop_sealer(sess)
+        rows: Wrapped = []
+        done_all = []
         for n, inst in enumerate(installations, 1):
             if n % BREATHE_EVERY == 0:
                 token.breathe()
@@ -325,7 +320,9 @@ def _wrap_accepted(app: App, installations: list[_Installation]
                 for device, role, name, bits in inst.keys:
                     obj = hk.create_session_key(sess, bits, hk.PLAINTEXT_KEY_USAGE)
                     kcv = hk.check_value(obj)
-                    rows.append((inst.chf, device, role, name, hk.wrap(storage, obj), kcv))
+                    k = StoredKey(device, role, name, inst.chf, file_id, STORAGE_KEY_VERSION,
+                                  kcv, hk.wrap(storage, obj))
+                    rows.append((k, seal(k)))
                     done.append((device, role, name, kcv))
             done_all.append(done)
         return rows, done_all
@@ -336,14 +333,12 @@ def _wrap_accepted(app: App, installations: list[_Installation]
     return rows
 
 
-def _drop_rejected(installations: list[_Installation],
-                   rows: list[tuple[str, str, str, str, bytes, str]]
-                   ) -> list[tuple[str, str, str, str, bytes, str]]:
+def _drop_rejected(installations: list[_Installation], rows: Wrapped) -> Wrapped:
     rejected = {i.chf for i in installations if i.problems}
     for inst in installations:
         if inst.problems:
             inst.keys.clear()
-    return [r for r in rows if r[0] not in rejected]
+    return [r for r in rows if r[0].chf_identifier not in rejected]
 
 
 def _result(inst: _Installation) -> InstallationResult:
@@ -355,26 +350,23 @@ def _result(inst: _Installation) -> InstallationResult:
 
 
 # --------------------------------------------------------------------------- queries
-def _stored_key(app: App, device_id: str, roles: tuple[str, ...]) -> list:
+def _stored_keys(app: App, device_id: str, roles: tuple[str, ...]) -> list[StoredKey]:
+    """The device's stored keys, each verified against its seal before any use."""
     try:
         device_id = normalise_eui64(device_id)
     except InvalidEUI64:
         raise error("INVALID_EUI64", "device_id is not a well-formed EUI-64") from None
-    q = select(st.device_keys).where(st.device_keys.c.device_id == device_id)
-    if roles:
-        q = q.where(st.device_keys.c.role.in_(roles))
-    with app.store.engine.connect() as conn:
-        rows = conn.execute(q.order_by(st.device_keys.c.role, st.device_keys.c.name)).all()
-    if not rows:
+    keys = app.records.device_keys.of_device(device_id, roles)
+    if not keys:
         raise error("DEVICE_KEY_NOT_FOUND", f"no stored key for {device_id}")
-    return rows
+    return keys
 
 
 def verify_prepayment_key(app: App, device_id: str, expected_kcv: str,
                           method: str = "CMAC") -> bool:
     """TMAD 4.49: compare a check value computed in the HSM; the key never leaves it."""
-    row = _stored_key(app, device_id, ("PREPAYMENT",))[0]
-    return transport.stored_key_matches(app.partitions.s1sp, row.wrapped, expected_kcv, method)
+    k = _stored_keys(app, device_id, ("PREPAYMENT",))[0]
+    return transport.stored_key_matches(app.partitions.s1sp, k.wrapped, expected_kcv, method)
 
 
 @dataclass(frozen=True)
@@ -387,24 +379,25 @@ class ExportedKey:
 
 def export_device_keys(app: App, device_id: str, roles: list[str],
                        export_key_name: str) -> list[ExportedKey]:
-    """The only way device keys leave: RFC 5649 under an EXPORT key, never in the clear."""
-    with app.store.engine.connect() as conn:
-        k = conn.execute(select(st.keys).where(st.keys.c.name == export_key_name)).first()
+    """The only way device keys leave: RFC 5649 under an EXPORT key, never in the clear.
+    Each KCV returned is computed in the HSM from the key that was unwrapped and exported."""
+    k = app.records.keys.get(export_key_name, for_use=True)
     if k is None or k.state == "DESTROYED":
         raise error("UNKNOWN_TRANSPORT_KEY", f"no export key named {export_key_name!r}")
     if k.purpose != "EXPORT":
         raise error("WRONG_KEY_PURPOSE", f"{export_key_name!r} is not an EXPORT key")
     if k.state != "ENABLED":
         raise error("TRANSPORT_KEY_DISABLED", f"export key {export_key_name!r} is disabled")
-    rows = _stored_key(app, device_id, tuple(roles))
+    stored = _stored_keys(app, device_id, tuple(roles))
 
     def work(sess) -> list[ExportedKey]:
         out = []
         storage, export = hk.find_key(sess, STORAGE_KEY), hk.find_key(sess, export_key_name)
-        for r in rows:
+        for r in stored:
             obj = hk.unwrap(sess, storage, r.wrapped, hk.Unwrap.AES_KW, usage=hk.DEVICE_USAGE)
             try:
-                out.append(ExportedKey(r.role, r.name, r.kcv, hk.wrap(export, obj, pad=True)))
+                out.append(ExportedKey(r.role, r.name, hk.check_value(obj),
+                                       hk.wrap(export, obj, pad=True)))
             finally:
                 hk.destroy(obj)
         return out

@@ -186,7 +186,7 @@ def operation_pb(o: keyadmin.Operation, message: type = pb.Operation) -> Any:
     return message(operation_id=o.operation_id, state=pb.Operation.State.Value(o.state),
                    kind=o.kind, target=o.target, requested_by=o.requested_by,
                    approved_by=list(o.approved_by), quorum=o.quorum, message=o.message,
-                   created_at=ts(o.created_at))
+                   created_at=ts(o.created_at), seal_intact=o.seal_intact)
 
 
 def key_pb(k: keyadmin.KeyInfo, message: type = pb.KeyInfo) -> Any:
@@ -195,7 +195,8 @@ def key_pb(k: keyadmin.KeyInfo, message: type = pb.KeyInfo) -> Any:
                    owner_type=pb.OwnerType.Value(k.owner_type) if k.owner_type else 0,
                    algorithm=k.algorithm, kcv=k.kcv, state=pb.KeyInfo.State.Value(k.state),
                    created_at=ts(k.created_at), public_key_pem=k.public_key_pem,
-                   allowed_originators=list(k.allowed_originators))
+                   allowed_originators=list(k.allowed_originators),
+                   seal_intact=k.seal_intact)
 
 
 def escrow_pb(e: escrow.Escrow, message: type = pb.Escrow) -> Any:

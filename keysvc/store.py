@@ -11,7 +11,7 @@ import json
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import datetime as dt
 
@@ -64,6 +64,10 @@ keys = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("public_key_pem", Text, nullable=False, default=""),
     Column("allowed_originators", Text, nullable=False, default="[]"),
+    # CKA_ID of the token object: the operation that made it (crash reconciliation, and the
+    # object is cross-checked against its record on every use).
+    Column("key_id", String(64), nullable=False, default=""),
+    Column("seal", LargeBinary, nullable=True),
 )
 
 import_jobs = Table(
@@ -75,6 +79,7 @@ import_jobs = Table(
     Column("created_by", String(128), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("seal", LargeBinary, nullable=True),
 )
 
 operations = Table(
@@ -89,6 +94,8 @@ operations = Table(
     Column("message", Text, nullable=False, default=""),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("partition", String(16), nullable=False, default=""),
+    Column("seal", LargeBinary, nullable=True),
 )
 
 migration_files = Table(
@@ -98,6 +105,7 @@ migration_files = Table(
     Column("digest", String(64), nullable=False),
     Column("result", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("seal", LargeBinary, nullable=True),
 )
 
 device_keys = Table(
@@ -110,6 +118,8 @@ device_keys = Table(
     Column("kcv", String(16), nullable=False),
     Column("file_id", String(64), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("key_version", Integer, nullable=False, default=1),
+    Column("seal", LargeBinary, nullable=True),
 )
 
 master_keys = Table(
@@ -120,6 +130,8 @@ master_keys = Table(
     Column("kcv", String(16), nullable=False),
     Column("file_id", String(64), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("key_version", Integer, nullable=False, default=1),
+    Column("seal", LargeBinary, nullable=True),
 )
 
 escrows = Table(
@@ -153,6 +165,15 @@ escrow_releases = Table(
     Column("actor", String(128), nullable=False),
     Column("reason", Text, nullable=False),
     Column("time", DateTime(timezone=True), nullable=False),
+)
+
+# One row: this database's identity. Token anchors are labelled with it, so that one token
+# set may serve several databases (the test suite does) and an anchor never answers for
+# another database's record. Changing it in the database only makes every record unanchored.
+instance = Table(
+    "instance", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("instance_id", String(64), nullable=False),
 )
 
 audit_events = Table(
@@ -210,15 +231,25 @@ class Store:
 
     @contextmanager
     def tx(self) -> Iterator[Connection]:
-        """One write transaction; commits on success, rolls back on any exception."""
-        with self._one_writer():
-            with self.engine.connect() as conn:
-                conn.info["write"] = True
-                try:
-                    with conn.begin():
-                        yield conn
-                finally:
-                    conn.info.pop("write", None)
+        """One write transaction; commits on success, rolls back on any exception.
+
+        `after_tx(conn, fn)` runs `fn` once the transaction has ended either way and the
+        write lock is free (a refusal's audit event, which must survive the rollback)."""
+        after: list[Callable[[], None]] = []
+        try:
+            with self._one_writer():
+                with self.engine.connect() as conn:
+                    conn.info["write"] = True
+                    conn.info["after"] = after
+                    try:
+                        with conn.begin():
+                            yield conn
+                    finally:
+                        conn.info.pop("write", None)
+                        conn.info.pop("after", None)
+        finally:
+            for fn in after:
+                fn()
 
     @contextmanager
     def _one_writer(self) -> Iterator[None]:
@@ -238,6 +269,15 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def after_tx(conn: Connection, fn: Callable[[], None]) -> None:
+    """Run `fn` when `conn`'s write transaction has ended; at once outside one."""
+    after = conn.info.get("after")
+    if after is None:
+        fn()
+    else:
+        after.append(fn)
 
 
 def serialise(conn: Connection, topic: str) -> None:

@@ -10,12 +10,10 @@ import hmac
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from hsm import HsmOperationFailed
 from hsm import keys as hk
-from keysvc import store as st
 from keysvc.app import App
 from keysvc.domain import InvalidKcv, normalise_kcv
 from keysvc.errors import error
@@ -48,11 +46,11 @@ def check_originator(header: MigrationHeader) -> None:
 
 def resolve_transport_key(app: App, ek: EncryptedKey, purpose: str,
                           header: MigrationHeader) -> TransportKey:
-    """The named key, if it exists, is enabled, has this purpose and this originator."""
+    """The named key, if it exists, is enabled, has this purpose and this originator; its
+    record is verified (seal, anchor) and its token object checked against it."""
     if ek.algorithm not in KEY_TRANSPORTS:
         raise error("UNSUPPORTED_ALGORITHM", f"key transport {ek.algorithm!r} is not supported")
-    with app.store.engine.connect() as conn:
-        row = conn.execute(select(st.keys).where(st.keys.c.name == ek.key_name)).first()
+    row = app.records.keys.get(ek.key_name, for_use=True)
     if row is None or row.state == "DESTROYED":
         raise error("UNKNOWN_TRANSPORT_KEY", f"no transport key named {ek.key_name!r}")
     if row.state != "ENABLED":
@@ -60,18 +58,17 @@ def resolve_transport_key(app: App, ek: EncryptedKey, purpose: str,
     if row.purpose != purpose:
         raise error("WRONG_KEY_PURPOSE", f"key {ek.key_name!r} is a {row.purpose} key, "
                                          f"not {purpose}")
-    is_aes = row.algorithm == "AES"
-    if is_aes != (ek.algorithm == KW_AES256):
+    if row.is_aes != (ek.algorithm == KW_AES256):
         raise error("WRONG_KEY_PURPOSE", f"key {ek.key_name!r} ({row.algorithm}) cannot be "
                                          f"used with {ek.algorithm}")
-    if is_aes and (row.owner_id != header.originator_id
-                   or row.owner_type != OWNER_TYPE_OF.get(header.originator_type)):
+    if row.is_aes and (row.owner_id != header.originator_id
+                       or row.owner_type != OWNER_TYPE_OF.get(header.originator_type)):
         # The header's OriginatorType is only a claim; the key's recorded owner is what the
         # key ceremony established, so "EA: SMSO only" is checked against the key.
         raise error("ORIGINATOR_NOT_PERMITTED",
                     f"transport key {ek.key_name!r} is not shared with "
                     f"{header.originator_type} {header.originator_id}")
-    if not is_aes and header.originator_id not in st.loads(row.allowed_originators):
+    if not row.is_aes and header.originator_id not in row.allowed_originators:
         raise error("ORIGINATOR_NOT_PERMITTED",
                     f"{header.originator_id} is not registered to send to {ek.key_name!r}")
     return TransportKey(row.name, row.algorithm, row.partition)
@@ -93,8 +90,9 @@ def unwrap(s: Any, key: TransportKey, ek: EncryptedKey, usage: dict, *,
 
 
 def stored_key_matches(token: Any, wrapped: bytes, expected_kcv: str, method: str) -> bool:
-    """Compare a stored key's check value, computed in the HSM, with the caller's
-    (VerifyPrepaymentKey, VerifyMasterKey): the key is unwrapped only into the token."""
+    """Compare a stored key's check value, computed in the HSM from the key the row
+    actually unwraps to, with the caller's (VerifyPrepaymentKey, VerifyMasterKey). The row
+    was verified against its seal by the records layer before it got here."""
     expected = expected_kcv_of(expected_kcv)
 
     def work(sess) -> str:
@@ -120,11 +118,9 @@ def digest(data: bytes) -> str:
 
 def stored_result(app: App, file_id: str, service: str, file_digest: str,
                   decode: Callable[[str], R]) -> R | None:
-    """The earlier result for this MigrationFileID, or None; other bytes are refused."""
-    with app.store.engine.connect() as conn:
-        row = conn.execute(select(st.migration_files).where(
-            st.migration_files.c.file_id == file_id,
-            st.migration_files.c.service == service)).first()
+    """The earlier result for this MigrationFileID (its seal verified), or None; other
+    bytes are refused."""
+    row = app.records.files.get(file_id, service)
     if row is None:
         return None
     if row.digest != file_digest:
@@ -143,9 +139,8 @@ def store_once(app: App, file_id: str, service: str, file_digest: str, result_js
     """
     try:
         with app.store.tx() as conn:
-            conn.execute(st.migration_files.insert().values(
-                file_id=file_id, service=service, digest=file_digest, result=result_json,
-                created_at=app.clock()))
+            app.records.files.insert(conn, file_id, service, file_digest, result_json,
+                                     app.clock())
             write_rows(conn)
         return None
     except IntegrityError:

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 
 from keysvc import keyadmin
 from keysvc.app import App
+from keysvc.records.keys import KeyRecord
 from tests.conftest import OFFICER_1, OFFICER_2
 from tests.support.encoder import kcv
 
@@ -45,3 +46,28 @@ def load_example_keys(app: App, example_dir, expect: dict) -> None:
             keyadmin.register_existing_rsa_key(
                 app, name=expect[field]["name"], purpose=purpose,
                 allowed_originators=[expect["originator_id"]], private_key=private)
+
+
+def register_key_record(app: App, rec: KeyRecord) -> None:
+    """The sealed, anchored record of a key already in the shared test token, in this
+    test's database (each test has its own database; the token outlives them)."""
+    with app.records.anchors(rec.partition).tx(app.store) as (conn, anchor):
+        if not app.records.keys.exists(conn, rec.name):
+            app.records.keys.insert(conn, anchor, rec)
+
+
+def set_key_state(app: App, name: str, state: str) -> None:
+    """Change a key's state through the records layer, as an approved operation does."""
+    rec = app.records.keys.get(name)
+    with app.records.anchors(rec.partition).tx(app.store) as (conn, anchor):
+        app.records.keys.set_state(conn, anchor, app.records.keys.get(name, conn,
+                                                                      for_update=True), state)
+
+
+def token_key_id(app: App, partition: str, name: str, cls=None) -> str:
+    """The CKA_ID of the token object a key record must name."""
+    from pkcs11 import ObjectClass
+
+    from hsm import keys as hk
+    with app.partitions.tokens[partition].session() as s:
+        return hk.object_facts(s, name, cls or ObjectClass.SECRET_KEY, {}).key_id

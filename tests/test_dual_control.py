@@ -115,7 +115,7 @@ def test_neither_s1sp_nor_dco_may_administer_keys(srv, identity):
 
 
 # --------------------------------------------------------------------------- tokens
-OBJECT_HEADER = re.compile(r"^(Secret Key|Private Key|Public Key|Certificate|Data) Object")
+OBJECT_HEADER = re.compile(r"^(Secret Key|Private Key|Public Key|Certificate|Data) [Oo]bject")
 
 
 def list_token(state: Path, partition: str) -> list[tuple[str, str]]:
@@ -138,8 +138,12 @@ def list_token(state: Path, partition: str) -> list[tuple[str, str]]:
 
 
 def _allowed(label: str, transport_keys: set[str]) -> bool:
-    return (label in ("storage-key", "component-seal") or label in transport_keys
-            or re.fullmatch(r"import-job:ij-[0-9a-f]+", label) is not None)
+    label = label.strip("'")
+    anchor = re.fullmatch(r"rec:[0-9a-f]+:(key|op)/(.+)", label)  # sealed records' anchors
+    return (label in ("storage-key", "component-seal", "record-seal")
+            or label in transport_keys
+            or re.fullmatch(r"import-job:ij-[0-9a-f]+", label) is not None
+            or (anchor is not None and (anchor[1] == "op" or anchor[2] in transport_keys)))
 
 
 def _check_partition(objects, own: set[str], others: set[str], ids: set[str]) -> None:
@@ -150,9 +154,9 @@ def _check_partition(objects, own: set[str], others: set[str], ids: set[str]) ->
     text = " ".join(labels).upper()
     for ident in ids:
         assert ident not in text and ident.replace("-", "") not in text, ident
-    # every secret key is the storage key, the component-seal key or a transport key: no
-    # device or master key
-    assert all(label in ("storage-key", "component-seal") or label in own
+    # every secret key is the storage key, the component-seal or record-seal key or a
+    # transport key: no device or master key
+    assert all(label in ("storage-key", "component-seal", "record-seal") or label in own
                for t, label in objects if t == "Secret Key")
 
 

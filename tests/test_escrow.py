@@ -460,8 +460,9 @@ def test_restoring_the_copy_from_before_a_revocation_is_refused(app):
 
 
 def anchors(app, eid: str) -> list[bytes]:
+    """The seals the token anchors for this record (each anchor also names its CHFs)."""
     with app.partitions.admin.session() as s:
-        return hk.data_values(s, f"escrow-anchor:{eid}")
+        return [v[:32] for v in hk.data_values(s, escrow.anchor_label(app, eid))]
 
 
 def test_each_record_has_one_anchor_its_current_seal_after_every_change(app):
@@ -508,25 +509,25 @@ def test_an_anchor_left_by_a_crash_goes_at_the_records_next_change(app, monkeypa
     assert anchors(app, eid) == [row["seal"]]
 
 
-def test_a_record_deposited_before_anchors_existed_is_anchored_at_start(app):
+def test_a_record_deposited_before_anchors_existed_is_anchored_at_the_upgrade(app):
     eid, chf = _deposit_for_seal(app)
     with app.partitions.admin.session() as s:
-        hk.destroy_data(s, f"escrow-anchor:{eid}")
-    assert escrow.anchor_unanchored(app) == 1
+        hk.destroy_data(s, escrow.anchor_label(app, eid))
+    assert escrow.reanchor_legacy(app) == 1
     set_clock(app, utc(2026, 7, 3, 12))
     assert release(app, chf).escrow_id == eid
 
 
-def test_a_record_with_a_wrong_anchor_is_not_re_anchored_at_start(app):
+def test_a_record_with_a_wrong_anchor_is_not_re_anchored_at_the_upgrade(app):
     eid, chf = _released_then_restored(app)
-    assert escrow.anchor_unanchored(app) == 0
+    assert escrow.reanchor_legacy(app) == 0
     _assert_refused_as_tampered(app, eid, chf, releases_before=1)
 
 
 def test_a_record_without_its_anchor_is_refused(app):
     eid, chf = _deposit_for_seal(app)
     with app.partitions.admin.session() as s:
-        hk.destroy_data(s, f"escrow-anchor:{eid}")
+        hk.destroy_data(s, escrow.anchor_label(app, eid))
     set_clock(app, utc(2026, 7, 3, 12))
     _assert_refused_as_tampered(app, eid, chf)
 

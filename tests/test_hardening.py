@@ -75,8 +75,9 @@ def test_a_128_bit_transport_key_is_refused(app):
     assert info.value.code == "KEY_UNWRAP_FAILED"
 
 
-def test_a_wrapped_key_swapped_in_the_database_before_approval_is_rejected(app):
-    """The import job's public key is public: the pending bytes are checked again."""
+def test_a_wrapped_key_swapped_in_the_database_before_approval_is_record_seal_invalid(app):
+    """The import job's public key is public, so anyone may wrap a key to it; the pending
+    request is sealed, and a rewritten one is refused before anything is unwrapped."""
     job = keyadmin.create_import_job(app, OFFICER_1, "swap", "EXPORT")
     good, evil = os.urandom(32), os.urandom(32)
     name = unique("EXPORT")
@@ -94,9 +95,9 @@ def test_a_wrapped_key_swapped_in_the_database_before_approval_is_rejected(app):
                      .values(payload=json.dumps(payload)))
     with pytest.raises(KeysvcError) as info:
         keyadmin.approve(app, OFFICER_2, op.operation_id)
-    assert info.value.code == "KCV_MISMATCH"
-    assert [o.state for o in keyadmin.list_operations(app) if
-            o.operation_id == op.operation_id] == ["REJECTED"]
+    assert info.value.code == "RECORD_SEAL_INVALID"
+    assert [(o.state, o.seal_intact) for o in keyadmin.list_operations(app) if
+            o.operation_id == op.operation_id] == [("PENDING", False)]
     with pytest.raises(KeysvcError):
         keyadmin.get_key(app, name)
 

@@ -25,6 +25,7 @@ from pkcs11 import ObjectClass
 from hsm import keys as hk
 from keysvc import s1sp
 from keysvc import store as st
+
 from keysvc.api.v1 import keysvc_pb2 as pb
 from keysvc.app import App
 from keysvc.client import error_reason
@@ -32,9 +33,9 @@ from keysvc.device_certificate import TrustStore
 from keysvc.errors import KeysvcError
 from keysvc.results import GroupResult
 from tests.conftest import EXAMPLES, S1SP
-from tests.keyloading import load_aes_key
+from keysvc.records.keys import KeyRecord
+from tests.keyloading import load_aes_key, register_key_record, token_key_id
 from tests.support.encoder import kcv
-from tests.test_s1sp_validation import register_key_row
 
 FOLDERS = ["ea-kw", "eb-oaep", "aa-kw"]
 DP_GROUPS = ("EA", "EB", "EC")
@@ -114,8 +115,9 @@ def ensure_example_key(app: App, folder: Path, expect: dict) -> None:
         if not in_token:
             load_aes_key(app, name, key, purpose="S1SP_TRANSPORT", owner_id=orig)
             return
-        row = {"algorithm": "AES", "owner_id": orig, "owner_type": "SMSO", "kcv": kcv(key),
-               "public_key_pem": "", "allowed_originators": "[]"}
+        rec = KeyRecord(name, "s1sp", "S1SP_TRANSPORT", "AES", orig, "SMSO", kcv(key),
+                        "ENABLED", dt.datetime.now(dt.timezone.utc),
+                        token_key_id(app, "s1sp", name))
     else:
         private = serialization.load_pem_private_key((folder / "s1sp_rsa.pem").read_bytes(),
                                                      None)
@@ -124,14 +126,14 @@ def ensure_example_key(app: App, folder: Path, expect: dict) -> None:
             keyadmin.register_existing_rsa_key(app, name=name, purpose="S1SP_TRANSPORT",
                                                allowed_originators=[orig], private_key=private)
             return
-        row = {"algorithm": f"RSA-{private.key_size}", "owner_id": "", "owner_type": "",
-               "kcv": "", "allowed_originators": st.dumps([orig]),
-               "public_key_pem": private.public_key().public_bytes(
-                   serialization.Encoding.PEM,
-                   serialization.PublicFormat.SubjectPublicKeyInfo).decode()}
-    register_key_row(app, {"name": name, "partition": "s1sp", "purpose": "S1SP_TRANSPORT",
-                           "state": "ENABLED", "created_at": dt.datetime.now(dt.timezone.utc),
-                           **row})
+        rec = KeyRecord(
+            name, "s1sp", "S1SP_TRANSPORT", f"RSA-{private.key_size}", "", "", "", "ENABLED",
+            dt.datetime.now(dt.timezone.utc),
+            token_key_id(app, "s1sp", name, ObjectClass.PRIVATE_KEY),
+            private.public_key().public_bytes(
+                serialization.Encoding.PEM,
+                serialization.PublicFormat.SubjectPublicKeyInfo).decode(), (orig,))
+    register_key_record(app, rec)
 
 
 @pytest.mark.parametrize("folder", FOLDERS)

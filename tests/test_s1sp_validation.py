@@ -31,7 +31,8 @@ from keysvc.domain import normalise_eui64
 from keysvc.errors import KeysvcError
 from keysvc.results import GroupResult, InstallationResult, to_json
 from tests.conftest import S1SP, unique
-from tests.keyloading import load_aes_key
+from keysvc.records.keys import KeyRecord
+from tests.keyloading import load_aes_key, register_key_record, set_key_state
 from tests.support.encoder import (NSMAP, ROOT_NON_DP, DeviceCertificateFactory, TestInstallation,
                                    duplicate, encrypt_file, kcv, plaintext_xml,
                                    random_installations, remove, set_attribute, set_text)
@@ -54,15 +55,7 @@ DCO_KEK = os.urandom(32)  # the master keys' KEK: the S1SP never needs it
 
 
 # =========================================================================== key helpers
-_IN_TOKEN: dict[str, dict] = {}  # name -> its `keys` row, for keys this run put in the token
-
-
-def register_key_row(app: App, row: dict) -> None:
-    """The `keys` row of a key that is already in the token, in this test's database."""
-    with app.store.tx() as conn:
-        if conn.execute(select(st.keys.c.name).where(st.keys.c.name == row["name"])).first():
-            return
-        conn.execute(st.keys.insert().values(**row))
+_IN_TOKEN: dict[str, KeyRecord] = {}  # name -> its record, for keys this run put in the token
 
 
 def ensure_key(app: App, name: str, *, purpose: str, owner_id: str = ORIGINATOR,
@@ -71,7 +64,7 @@ def ensure_key(app: App, name: str, *, purpose: str, owner_id: str = ORIGINATOR,
                allowed: tuple[str, ...] = (ORIGINATOR,)) -> None:
     """Put a key in the token the first time (real ceremony), else register its row."""
     if name in _IN_TOKEN:
-        register_key_row(app, _IN_TOKEN[name])
+        register_key_record(app, _IN_TOKEN[name])
         return
     if aes is not None:
         load_aes_key(app, name, aes, purpose=purpose, owner_id=owner_id, owner_type=owner_type)
@@ -79,9 +72,7 @@ def ensure_key(app: App, name: str, *, purpose: str, owner_id: str = ORIGINATOR,
         keyadmin.register_existing_rsa_key(app, name=name, purpose=purpose,
                                            allowed_originators=list(allowed),
                                            private_key=rsa_private)
-    with app.store.engine.connect() as conn:
-        _IN_TOKEN[name] = dict(conn.execute(select(st.keys).where(st.keys.c.name == name))
-                               .first()._mapping)
+    _IN_TOKEN[name] = app.records.keys.get(name)
 
 
 # One key of each kind for the whole module (each costs an RSA-3072 import job once).
@@ -277,8 +268,7 @@ def test_unknown_key_name_is_unknown_transport_key(kit):
 
 
 def test_disabled_transport_key_is_transport_key_disabled(kit):
-    with kit.app.store.tx() as conn:
-        conn.execute(update(st.keys).where(st.keys.c.name == KW_NAME).values(state="DISABLED"))
+    set_key_state(kit.app, KW_NAME, "DISABLED")
     kit.refused(kit.file(kit.installations(1)), "TRANSPORT_KEY_DISABLED")
 
 

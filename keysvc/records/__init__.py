@@ -1,0 +1,104 @@
+"""Sealed records: the only code that reads or writes the security-relevant tables.
+
+The database is untrusted storage (README, threat model). Every record that decides which
+key a device has, what a key may do, who approved what, or what a file's result was is
+sealed on write with an HMAC made in the HSM (`seal.py`) and checked on every read; the
+records that change state (keys, operations) also have their current seal anchored in the
+token (`keysvc/anchors.py`), so an older sealed copy put back is refused too. Domain code
+gets verified dataclasses from here, never rows.
+
+A record that fails is refused with RECORD_SEAL_INVALID and an audit event
+(`record.seal_invalid`, written after the refused transaction has rolled back).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from sqlalchemy import select
+
+from keysvc import store as st
+from keysvc.anchors import Anchors
+from keysvc.errors import KeysvcError, error
+from keysvc.records.seal import Sealer
+
+log = logging.getLogger("keysvc.records")
+
+# Which partition's token seals records of each service (S1SP records never need the DCO
+# token, and the reverse: each organisation's records are sealed by its own partition).
+SEALING_PARTITIONS = ("s1sp", "dco")
+
+OnTamper = Callable[[str, str], None]   # (record, what is wrong)
+
+
+class Records:
+    """The repositories, sharing one store, the partitions' sealers and anchors."""
+
+    def __init__(self, store: st.Store, partitions: Any, on_tamper: OnTamper | None = None
+                 ) -> None:
+        from keysvc.records.files import Files
+        from keysvc.records.import_jobs import ImportJobs
+        from keysvc.records.keys import Keys
+        from keysvc.records.operations import Operations
+        from keysvc.records.stored_keys import DeviceKeys, MasterKeys
+        self.store = store
+        self.partitions = partitions
+        self.on_tamper = on_tamper or (lambda record, why: None)
+        self.sealers = {p: Sealer(partitions.tokens[p]) for p in SEALING_PARTITIONS}
+        self._instance = ""
+        self.keys = Keys(self)
+        self.operations = Operations(self)
+        self.import_jobs = ImportJobs(self)
+        self.device_keys = DeviceKeys(self)
+        self.master_keys = MasterKeys(self)
+        self.files = Files(self)
+
+    @property
+    def instance(self) -> str:
+        """This database's identity (the `instance` row), read once."""
+        if not self._instance:
+            with self.store.engine.connect() as conn:
+                self._instance = conn.execute(
+                    select(st.instance.c.instance_id).where(st.instance.c.id == 1)
+                ).scalar() or "none"
+        return self._instance
+
+    def anchors(self, partition: str) -> Anchors:
+        """Current seals of this database's changing records, in the partition's token."""
+        return Anchors(self.partitions.tokens[partition], f"rec:{self.instance}:")
+
+    def current_seal(self, record_id: str) -> bytes | None:
+        """The seal the database holds for an anchored record ("key/NAME", "op/ID")."""
+        kind, _, key = record_id.partition("/")
+        table, column = {"key": (st.keys, st.keys.c.name),
+                         "op": (st.operations, st.operations.c.id)}.get(kind, (None, None))
+        if table is None:
+            return None
+        with self.store.engine.connect() as conn:
+            seal = conn.execute(select(table.c.seal).where(column == key)).scalar()
+        return bytes(seal) if seal else None
+
+    def refuse(self, conn: Any, record: str, why: str) -> KeysvcError:
+        """The error for a record that fails its seal or anchor; its audit event is written
+        once `conn`'s transaction has ended (or at once without one)."""
+        log.warning("record %s: %s", record, why)
+        if conn is not None:
+            st.after_tx(conn, lambda: self._report(record, why))
+        else:
+            self._report(record, why)
+        return error("RECORD_SEAL_INVALID", f"{record}: {why}; the database record was "
+                     "altered, nothing was used", record=record)
+
+    def flag(self, record: str, why: str) -> None:
+        """A listing found an altered record: shown as such, and audited."""
+        log.warning("record %s: %s", record, why)
+        self._report(record, why)
+
+    def _report(self, record: str, why: str) -> None:
+        try:
+            self.on_tamper(record, why)
+        except Exception as exc:  # the refusal stands; the missing event is loud
+            log.error("audit of an altered record failed: %s", type(exc).__name__)
+
+
+__all__ = ["Records", "SEALING_PARTITIONS"]

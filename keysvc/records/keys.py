@@ -1,0 +1,176 @@
+"""Key records: transport, export and recipient keys (the `keys` table).
+
+A key record says what a token object may be used for and by whom: purpose, owner, owner
+type, allowed originators, algorithm, state. So it is sealed by its partition's token, its
+current seal is anchored there (a DESTROYED or DISABLED key put back as ENABLED from an
+older copy is refused), and before a key is used its token object is checked against it:
+the object's CKA_ID must be the record's key id and its usage flags those of the purpose.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from pkcs11 import ObjectClass
+from sqlalchemy import select, update
+
+from hsm import HsmKeyNotFound
+from hsm import keys as hk
+from keysvc import store as st
+from keysvc.anchors import anchored as is_anchored
+from keysvc.records.seal import canonical
+
+if TYPE_CHECKING:
+    from keysvc.records import Records
+
+# What each purpose's token object may do (hsm/keys.py says why); checked on every use.
+_AES_USAGE = {"EXPORT": hk.EXPORT_USAGE, "S1SP_TRANSPORT": hk.KEK_USAGE,
+              "DCO_TRANSPORT": hk.KEK_USAGE}
+_RSA_USAGE = {hk.A.UNWRAP: True, hk.A.DECRYPT: False, hk.A.SIGN: False}
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    name: str
+    partition: str
+    purpose: str
+    algorithm: str
+    owner_id: str
+    owner_type: str
+    kcv: str
+    state: str
+    created_at: dt.datetime
+    key_id: str
+    public_key_pem: str = ""
+    allowed_originators: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def is_aes(self) -> bool:
+        return self.algorithm == "AES"
+
+    def canonical(self) -> bytes:
+        return canonical("key", self.name, self.partition, self.purpose, self.algorithm,
+                         self.owner_id, self.owner_type, self.kcv, self.state,
+                         self.created_at, self.key_id, self.public_key_pem,
+                         json.dumps(list(self.allowed_originators)))
+
+    def row(self) -> dict:
+        return {"name": self.name, "partition": self.partition, "purpose": self.purpose,
+                "algorithm": self.algorithm, "owner_id": self.owner_id,
+                "owner_type": self.owner_type, "kcv": self.kcv, "state": self.state,
+                "created_at": self.created_at, "key_id": self.key_id,
+                "public_key_pem": self.public_key_pem,
+                "allowed_originators": st.dumps(list(self.allowed_originators))}
+
+
+def _record(r: Any) -> KeyRecord:
+    t = r.created_at
+    return KeyRecord(r.name, r.partition, r.purpose, r.algorithm, r.owner_id, r.owner_type,
+                     r.kcv, r.state, t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc),
+                     r.key_id, r.public_key_pem, tuple(st.loads(r.allowed_originators)))
+
+
+class Keys:
+    def __init__(self, records: "Records") -> None:
+        self.r = records
+
+    # ------------------------------------------------------------------ reads
+    def exists(self, conn: Any, name: str) -> bool:
+        """Whether a row of this name exists (a forged one only denies the name)."""
+        return conn.execute(select(st.keys.c.name).where(st.keys.c.name == name)).first() \
+            is not None
+
+    def get(self, name: str, conn: Any = None, *, for_update: bool = False,
+            for_use: bool = False) -> KeyRecord | None:
+        """The verified record, or None if there is no row. `for_use`: the token object is
+        cross-checked too (label, CKA_ID, usage)."""
+        q = select(st.keys).where(st.keys.c.name == name)
+        if for_update:
+            q = q.with_for_update()
+        if conn is None:
+            with self.r.store.engine.connect() as c:
+                row = c.execute(q).first()
+        else:
+            row = conn.execute(q).first()
+        if row is None:
+            return None
+        rec = self._verified(conn, row)
+        if for_use and rec.state != "DESTROYED":
+            self.check_object(conn, rec)
+        return rec
+
+    def list(self, purpose: str = "") -> list[tuple[KeyRecord, bool]]:
+        """Every record with whether it is intact; altered ones are listed (and audited)
+        so that officers see them."""
+        q = select(st.keys).order_by(st.keys.c.name)
+        if purpose:
+            q = q.where(st.keys.c.purpose == purpose)
+        with self.r.store.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        out = []
+        anchored = {p: self.r.anchors(p).all() for p in {r.partition for r in rows}
+                    if p in self.r.sealers}
+        for row in rows:
+            try:
+                rec = _record(row)
+                ok = self._seal_ok(rec, row.seal) and is_anchored(
+                    anchored.get(rec.partition, {}).get(f"key/{rec.name}", []), row.seal)
+            except Exception:
+                ok, rec = False, None
+            if not ok:
+                self.r.flag(f"keys/{row.name}", "fails its HSM seal or anchor")
+            if rec is not None:
+                out.append((rec, ok))
+        return out
+
+    def _seal_ok(self, rec: KeyRecord, seal: bytes | None) -> bool:
+        sealer = self.r.sealers.get(rec.partition)
+        return sealer is not None and sealer.valid(rec.canonical(), seal)
+
+    def _verified(self, conn: Any, row: Any) -> KeyRecord:
+        where = f"keys/{row.name}"
+        try:
+            rec = _record(row)
+        except Exception:
+            raise self.r.refuse(conn, where, "is malformed") from None
+        if not self._seal_ok(rec, row.seal):
+            raise self.r.refuse(conn, where, "fails its HSM seal")
+        if not self.r.anchors(rec.partition).holds(f"key/{rec.name}", bytes(row.seal)):
+            raise self.r.refuse(conn, where, "is not the current record (anchor)")
+        return rec
+
+    def check_object(self, conn: Any, rec: KeyRecord) -> None:
+        """The token object is the one this record describes: same CKA_ID, same usage."""
+        cls = ObjectClass.SECRET_KEY if rec.is_aes else ObjectClass.PRIVATE_KEY
+        usage = _AES_USAGE[rec.purpose] if rec.is_aes else _RSA_USAGE
+        token = self.r.partitions.tokens[rec.partition]
+
+        def work(s):
+            return hk.object_facts(s, rec.name, cls, usage)
+        try:
+            facts = token.run(work)
+        except HsmKeyNotFound:
+            raise self.r.refuse(conn, f"keys/{rec.name}",
+                                "names no single token object") from None
+        if facts.key_id != rec.key_id or facts.usage != {a: bool(v) for a, v in usage.items()}:
+            raise self.r.refuse(conn, f"keys/{rec.name}",
+                                "does not match its token object (CKA_ID or usage)")
+
+    # ------------------------------------------------------------------ writes
+    def insert(self, conn: Any, anchor: Any, rec: KeyRecord) -> None:
+        """In an anchors transaction of the record's partition (`Records.anchors(p).tx`)."""
+        seal = self.r.sealers[rec.partition].seal(rec.canonical())
+        conn.execute(st.keys.insert().values(**rec.row(), seal=seal))
+        anchor(f"key/{rec.name}", seal, None)
+
+    def set_state(self, conn: Any, anchor: Any, rec: KeyRecord, state: str) -> KeyRecord:
+        """`rec` was read verified in this transaction (for_update)."""
+        old = self.r.sealers[rec.partition].seal(rec.canonical())
+        new = replace(rec, state=state)
+        seal = self.r.sealers[rec.partition].seal(new.canonical())
+        conn.execute(update(st.keys).where(st.keys.c.name == rec.name)
+                     .values(state=state, seal=seal))
+        anchor(f"key/{rec.name}", seal, old)
+        return new

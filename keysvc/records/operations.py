@@ -1,0 +1,204 @@
+"""Operations and their approvals (the `operations` table): dual control's record.
+
+An operation's seal covers its kind, target, partition, requester, state and whole request;
+the request also has a digest of its own (`request_digest`), and every approval is a
+statement sealed in the HSM that binds the approving officer to that digest. So a made-up
+approver, a rewritten request (another purpose, other key bits) or an operation inserted by
+hand fails at approval and at execution, and an older copy put back fails its anchor.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select, update
+
+from keysvc import store as st
+from keysvc.anchors import anchored as is_anchored
+from keysvc.records.seal import canonical
+
+if TYPE_CHECKING:
+    from keysvc.records import Records
+
+# Parts of a payload that change while an operation waits (officers' sealed components);
+# everything else is the request the officers approve.
+MUTABLE_PAYLOAD = ("components",)
+
+
+@dataclass(frozen=True)
+class Approval:
+    officer: str
+    digest: str
+    mac: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class OperationRecord:
+    id: str
+    partition: str
+    kind: str
+    target: str
+    state: str
+    requested_by: str
+    approvals: tuple[Approval, ...]
+    payload: dict
+    message: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+    @property
+    def request(self) -> dict:
+        return {k: v for k, v in self.payload.items() if k not in MUTABLE_PAYLOAD}
+
+    @property
+    def digest(self) -> str:
+        return request_digest(self.kind, self.target, self.partition, self.request)
+
+    @property
+    def approved_by(self) -> tuple[str, ...]:
+        return tuple(a.officer for a in self.approvals)
+
+    def canonical(self) -> bytes:
+        return canonical("operation", self.id, self.partition, self.kind, self.target,
+                         self.state, self.requested_by, _approvals_json(self.approvals),
+                         st.dumps(self.payload), self.message, self.created_at,
+                         self.updated_at)
+
+    def row(self) -> dict:
+        return {"id": self.id, "partition": self.partition, "kind": self.kind,
+                "target": self.target, "state": self.state,
+                "requested_by": self.requested_by,
+                "approvals": _approvals_json(self.approvals),
+                "payload": st.dumps(self.payload), "message": self.message,
+                "created_at": self.created_at, "updated_at": self.updated_at}
+
+
+def request_digest(kind: str, target: str, partition: str, request: dict) -> str:
+    """SHA-256 over the request as approved: what an approval's statement names."""
+    return hashlib.sha256(canonical("request", kind, target, partition,
+                                    st.dumps(request))).hexdigest()
+
+
+def _approvals_json(approvals: tuple[Approval, ...]) -> str:
+    return st.dumps([{"officer": a.officer, "digest": a.digest,
+                      "mac": base64.b64encode(a.mac).decode()} for a in approvals])
+
+
+def _aware(t: dt.datetime) -> dt.datetime:
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def _record(r: Any) -> OperationRecord:
+    approvals = tuple(Approval(a["officer"], a["digest"], base64.b64decode(a["mac"]))
+                      for a in json.loads(r.approvals))
+    return OperationRecord(r.id, r.partition, r.kind, r.target, r.state, r.requested_by,
+                           approvals, json.loads(r.payload), r.message,
+                           _aware(r.created_at), _aware(r.updated_at))
+
+
+class Operations:
+    def __init__(self, records: "Records") -> None:
+        self.r = records
+
+    def approval(self, op: OperationRecord, officer: str) -> Approval:
+        """A sealed statement: `officer` approves the request with this digest."""
+        digest = op.digest
+        mac = self.r.sealers[op.partition].seal(
+            canonical("approval", op.id, officer, digest))
+        return Approval(officer, digest, mac)
+
+    def _approvals_ok(self, op: OperationRecord) -> bool:
+        digest = op.digest
+        if not op.approvals or op.approvals[0].officer != op.requested_by:
+            return False
+        made = self.r.sealers[op.partition].seal_many(
+            canonical("approval", op.id, a.officer, a.digest) for a in op.approvals)
+        return all(a.digest == digest and hmac.compare_digest(m, a.mac)
+                   for a, m in zip(op.approvals, made))
+
+    # ------------------------------------------------------------------ reads
+    def partition_of(self, op_id: str) -> str | None:
+        """Which partition's token seals this operation (unverified: a wrong answer only
+        makes the seal check fail)."""
+        with self.r.store.engine.connect() as conn:
+            p = conn.execute(select(st.operations.c.partition).where(
+                st.operations.c.id == op_id)).scalar()
+        if p is None:
+            return None
+        return p if p in self.r.sealers else "s1sp"
+
+    def get(self, conn: Any, op_id: str, *, for_update: bool = False
+            ) -> OperationRecord | None:
+        q = select(st.operations).where(st.operations.c.id == op_id)
+        if for_update:
+            q = q.with_for_update()
+        row = conn.execute(q).first()
+        if row is None:
+            return None
+        where = f"operations/{op_id}"
+        try:
+            op = _record(row)
+            sealer = self.r.sealers[op.partition]
+        except Exception:
+            raise self.r.refuse(conn, where, "is malformed") from None
+        if not sealer.valid(op.canonical(), row.seal):
+            raise self.r.refuse(conn, where, "fails its HSM seal")
+        if not self._approvals_ok(op):
+            raise self.r.refuse(conn, where, "holds an approval that is not a sealed "
+                                             "statement for this request")
+        if not self.r.anchors(op.partition).holds(f"op/{op.id}", bytes(row.seal)):
+            raise self.r.refuse(conn, where, "is not the current record (anchor)")
+        return op
+
+    def list(self) -> list[tuple[OperationRecord, bool]]:
+        with self.r.store.engine.connect() as conn:
+            rows = conn.execute(select(st.operations).order_by(
+                st.operations.c.created_at)).all()
+        anchors = {p: self.r.anchors(p).all() for p in {r.partition for r in rows}
+                   if p in self.r.sealers}
+        out = []
+        for row in rows:
+            try:
+                op = _record(row)
+                ok = (self.r.sealers[op.partition].valid(op.canonical(), row.seal)
+                      and self._approvals_ok(op)
+                      and is_anchored(anchors[op.partition].get(f"op/{op.id}", []),
+                                      row.seal))
+            except Exception:
+                self.r.flag(f"operations/{row.id}", "is malformed")
+                continue
+            if not ok:
+                self.r.flag(f"operations/{row.id}", "fails its HSM seal, approvals or "
+                                                    "anchor")
+            out.append((op, ok))
+        return out
+
+    def pending_for(self, conn: Any, target: str, kinds: list[str]) -> str | None:
+        """The id of a pending operation on `target` (a forged one only denies the name)."""
+        row = conn.execute(select(st.operations.c.id).where(
+            st.operations.c.target == target, st.operations.c.state == "PENDING",
+            st.operations.c.kind.in_(kinds))).first()
+        return row.id if row else None
+
+    # ------------------------------------------------------------------ writes
+    def insert(self, conn: Any, anchor: Any, op: OperationRecord) -> None:
+        seal = self.r.sealers[op.partition].seal(op.canonical())
+        conn.execute(st.operations.insert().values(**op.row(), seal=seal))
+        anchor(f"op/{op.id}", seal, None)
+
+    def update(self, conn: Any, anchor: Any, old: OperationRecord, **changes: Any
+               ) -> OperationRecord:
+        new = replace(old, **changes)
+        sealer = self.r.sealers[old.partition]
+        old_seal, seal = sealer.seal_many([old.canonical(), new.canonical()])
+        row = new.row()
+        del row["id"]
+        conn.execute(update(st.operations).where(st.operations.c.id == old.id)
+                     .values(**row, seal=seal))
+        anchor(f"op/{old.id}", seal, old_seal)
+        return new

@@ -1,0 +1,132 @@
+"""Stored device keys (S1SP) and master keys (DCO): key bits wrapped under the partition's
+storage key, each row sealed to what it is.
+
+The wrapping alone says nothing about whose key it is: rows swapped between two devices,
+copied to a third, or relabelled from AUTHENTICATION to PREPAYMENT still unwrap. So each
+row's seal covers the partition (by its token's key and the record kind), the device id,
+role and name, the CHF, the file it came from, the storage-key version, the KCV and the
+wrapped bytes; every read checks it before the key is used. Rows are written once and never
+changed, so they need no anchor: a deleted row is a denial, never a wrong key.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from sqlalchemy import Table, select
+
+from keysvc import store as st
+from keysvc.records.seal import LoopSealer, canonical
+
+if TYPE_CHECKING:
+    from keysvc.records import Records
+
+STORAGE_KEY_VERSION = 1  # the one storage key version until rotation exists
+
+
+@dataclass(frozen=True)
+class StoredKey:
+    device_id: str
+    role: str
+    name: str
+    chf_identifier: str
+    file_id: str
+    key_version: int
+    kcv: str
+    wrapped: bytes = field(repr=False)
+
+
+class _StoredKeys:
+    table: Table
+    kind: str
+    partition: str
+
+    def __init__(self, records: "Records") -> None:
+        self.r = records
+
+    def canonical(self, k: StoredKey) -> bytes:
+        return canonical(self.kind, k.device_id, k.role, k.name, k.chf_identifier,
+                         k.file_id, k.key_version, k.kcv, k.wrapped)
+
+    def loop_sealer(self, session: Any) -> Callable[[StoredKey], bytes]:
+        """Seals rows inside the per-key HSM loop (a session retired after use)."""
+        mac = LoopSealer(session)
+        return lambda k: mac(self.canonical(k))
+
+    def row(self, k: StoredKey, seal: bytes, created_at: dt.datetime) -> dict:
+        return {**self._columns(k), "key_version": k.key_version, "seal": seal,
+                "created_at": created_at}
+
+    def _columns(self, k: StoredKey) -> dict:
+        raise NotImplementedError
+
+    def _stored(self, r: Any) -> StoredKey:
+        raise NotImplementedError
+
+    def insert_many(self, conn: Any, rows: list[dict]) -> None:
+        if rows:
+            conn.execute(self.table.insert(), rows)
+
+    def get(self, device_id: str, where: list | None = None) -> list[StoredKey]:
+        """Every stored key of the device (narrowed by `where`), each verified; a row that
+        fails refuses the whole call."""
+        q = select(self.table).where(self.table.c.device_id == device_id, *(where or []))
+        with self.r.store.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        keys = [self._stored(r) for r in rows]
+        ok = self.r.sealers[self.partition].valid_many(
+            [(self.canonical(k), r.seal) for k, r in zip(keys, rows)])
+        for k, good in zip(keys, ok):
+            if not good:
+                raise self.r.refuse(None, f"{self.table.name}/{k.device_id}/{k.role}/{k.name}",
+                                    "fails its HSM seal")
+        return keys
+
+    def files_of(self, devices: list[str], *, not_file: str = "") -> dict[str, str]:
+        """device -> the MigrationFileID its stored keys came from. Unverified: a forged
+        row only refuses a device (DUPLICATE_IDENTIFIER), it never gives one a key."""
+        out: dict[str, str] = {}
+        with self.r.store.engine.connect() as conn:
+            for i in range(0, len(devices), 500):
+                q = select(self.table.c.device_id, self.table.c.file_id).where(
+                    self.table.c.device_id.in_(devices[i:i + 500]))
+                if not_file:
+                    q = q.where(self.table.c.file_id != not_file)
+                for row in conn.execute(q):
+                    out[row.device_id] = row.file_id
+        return out
+
+
+class DeviceKeys(_StoredKeys):
+    table = st.device_keys
+    kind = "device-key"
+    partition = "s1sp"
+
+    def _columns(self, k: StoredKey) -> dict:
+        return {"device_id": k.device_id, "role": k.role, "name": k.name,
+                "chf_identifier": k.chf_identifier, "wrapped": k.wrapped, "kcv": k.kcv,
+                "file_id": k.file_id}
+
+    def _stored(self, r: Any) -> StoredKey:
+        return StoredKey(r.device_id, r.role, r.name, r.chf_identifier, r.file_id,
+                         r.key_version, r.kcv, bytes(r.wrapped))
+
+    def of_device(self, device_id: str, roles: tuple[str, ...] = ()) -> list[StoredKey]:
+        where = [self.table.c.role.in_(roles)] if roles else []
+        return sorted(self.get(device_id, where), key=lambda k: (k.role, k.name))
+
+
+class MasterKeys(_StoredKeys):
+    table = st.master_keys
+    kind = "master-key"
+    partition = "dco"
+    ROLE, NAME = "MASTER", "MasterKey"
+
+    def _columns(self, k: StoredKey) -> dict:
+        return {"device_id": k.device_id, "chf_identifier": k.chf_identifier,
+                "wrapped": k.wrapped, "kcv": k.kcv, "file_id": k.file_id}
+
+    def _stored(self, r: Any) -> StoredKey:
+        return StoredKey(r.device_id, self.ROLE, self.NAME, r.chf_identifier, r.file_id,
+                         r.key_version, r.kcv, bytes(r.wrapped))

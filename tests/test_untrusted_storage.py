@@ -1,0 +1,367 @@
+"""The database is untrusted storage (README, threat model), on SQLite and on PostgreSQL.
+
+Each test is one attack by someone who can read and write every table but has neither the
+HSM nor its PINs. Each must end in RECORD_SEAL_INVALID (or ESCROW_SEAL_INVALID for escrow
+records), with nothing used or stored, and a `record.seal_invalid` audit event; never in a
+wrong key, a silent success, or INTERNAL.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import os
+from dataclasses import replace
+
+import pytest
+from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
+from sqlalchemy import func, select, text
+
+from hsm import keys as hk
+from keysvc import dco, escrow, keyadmin, s1sp
+from keysvc import store as st
+from keysvc.device_certificate import TrustStore
+from keysvc.errors import KeysvcError
+from tests.conftest import OFFICER_1, OFFICER_2, OFFICER_3, S1SP, unique
+from tests.keyloading import load_aes_key, wrap_for_job
+from tests.support import encoder as enc
+from tests.test_dco import Made
+from tests.test_s1sp_validation import FACTORY, KW_KEY, KW_NAME, Kit, ensure_key
+
+
+# --------------------------------------------------------------------------- helpers
+def sql(app, statement: str, **params) -> int:
+    """Change the database behind keysvc's back; returns the rows changed."""
+    with app.store.engine.begin() as conn:
+        return conn.execute(text(statement), params).rowcount
+
+
+def refused(fn, *args, code: str = "RECORD_SEAL_INVALID", **kwargs) -> KeysvcError:
+    with pytest.raises(KeysvcError) as info:
+        fn(*args, **kwargs)
+    assert info.value.code == code, info.value.message
+    return info.value
+
+
+def tamper_events(app) -> list:
+    events, _ = app.audit.list(action="record.seal_invalid", page_size=1000)
+    assert all(e.code == "RECORD_SEAL_INVALID" and e.outcome == "ERROR" for e in events)
+    return events
+
+
+def assert_audited(app, record_prefix: str) -> None:
+    assert any(e.target.startswith(record_prefix) for e in tamper_events(app)), \
+        [e.target for e in tamper_events(app)]
+
+
+def count(app, table) -> int:
+    with app.store.engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(table)).scalar_one()
+
+
+@pytest.fixture()
+def s1sp_world(any_app):
+    """Two EA installations processed: devices A and B have stored keys."""
+    any_app.trust = TrustStore(anchors=(FACTORY.ca_cert,))
+    ensure_key(any_app, KW_NAME, aes=KW_KEY, purpose="S1SP_TRANSPORT")
+    kit = Kit(any_app)
+    insts = kit.installations(2)
+    result = kit.process(kit.file(insts))
+    assert [i.status for i in result.installations] == ["ACCEPTED", "ACCEPTED"]
+    return any_app, insts
+
+
+def prepay(inst) -> str:
+    return enc.kcv(inst.prepay_key)
+
+
+# --------------------------------------------------------------------------- device keys
+def test_prepayment_rows_swapped_between_devices_are_record_seal_invalid(s1sp_world):
+    app, (a, b) = s1sp_world
+    assert s1sp.verify_prepayment_key(app, a.esme, prepay(a))
+    sql(app, "UPDATE device_keys SET device_id='SWAP' WHERE device_id=:a AND role='PREPAYMENT'",
+        a=a.esme)
+    sql(app, "UPDATE device_keys SET device_id=:a WHERE device_id=:b AND role='PREPAYMENT'",
+        a=a.esme, b=b.esme)
+    refused(s1sp.verify_prepayment_key, app, a.esme, prepay(b))
+    refused(s1sp.verify_prepayment_key, app, a.esme, prepay(a))
+    assert_audited(app, "device_keys/" + a.esme)
+
+
+def test_device_rows_copied_to_another_device_are_record_seal_invalid(s1sp_world):
+    app, (a, _b) = s1sp_world
+    other = enc.random_installations(1)[0].esme
+    cols = "role, name, chf_identifier, wrapped, kcv, file_id, created_at, key_version, seal"
+    sql(app, f"INSERT INTO device_keys (device_id, {cols}) SELECT :c, {cols} FROM device_keys "
+             "WHERE device_id=:a", a=a.esme, c=other)
+    refused(s1sp.verify_prepayment_key, app, other, prepay(a))
+    refused(s1sp.export_device_keys, app, other, [], "ANY-EXPORT-KEY")
+    assert_audited(app, "device_keys/" + other)
+
+
+def test_a_row_relabelled_from_authentication_to_prepayment_is_record_seal_invalid(s1sp_world):
+    app, (a, _b) = s1sp_world
+    sql(app, "DELETE FROM device_keys WHERE device_id=:a AND role='PREPAYMENT'", a=a.esme)
+    sql(app, "UPDATE device_keys SET role='PREPAYMENT', name='PrepaymentKey' "
+             "WHERE device_id=:a AND role='AUTHENTICATION'", a=a.esme)
+    refused(s1sp.verify_prepayment_key, app, a.esme, enc.kcv(a.auth_key))
+    assert_audited(app, "device_keys/" + a.esme)
+
+
+def test_a_kcv_column_set_by_hand_is_record_seal_invalid_and_never_reported(s1sp_world):
+    app, (a, _b) = s1sp_world
+    name = unique("S1SP-EXPORT")
+    export_key = os.urandom(32)
+    load_aes_key(app, name, export_key, purpose="EXPORT", owner_id="S1SP", owner_type="S1SP")
+    exported = s1sp.export_device_keys(app, a.esme, ["PREPAYMENT"], name)
+    # The KCV reported is the HSM's, of the key actually exported.
+    (k,) = exported
+    assert k.kcv == prepay(a) == enc.kcv(aes_key_unwrap_with_padding(export_key, k.wrapped))
+    sql(app, "UPDATE device_keys SET kcv='DEADBEEF00' WHERE device_id=:a", a=a.esme)
+    refused(s1sp.export_device_keys, app, a.esme, ["PREPAYMENT"], name)
+    assert_audited(app, "device_keys/" + a.esme)
+
+
+def test_master_keys_swapped_between_devices_are_record_seal_invalid(any_app):
+    app = any_app
+    m = Made(app, n=2)
+    dco.process_master_keys(app, S1SP, m.xml, store=True)
+    a, b = m.insts
+    assert dco.verify_master_key(app, a.esme, enc.kcv(a.master_key))
+    sql(app, "UPDATE master_keys SET device_id='SWAP' WHERE device_id=:a", a=a.esme)
+    sql(app, "UPDATE master_keys SET device_id=:a WHERE device_id=:b", a=a.esme, b=b.esme)
+    refused(dco.verify_master_key, app, a.esme, enc.kcv(b.master_key))
+    assert_audited(app, "master_keys/" + a.esme)
+
+
+def test_an_edited_stored_file_result_is_record_seal_invalid(s1sp_world):
+    app, insts = s1sp_world
+    kit = Kit(app)
+    data = kit.file(insts[:1], file_id=unique("MGEF"))
+    # a new file for device A would be DUPLICATE_IDENTIFIER; its stored result is edited
+    kit.process(data)
+    sql(app, "UPDATE migration_files SET result=REPLACE(result, 'REJECTED', 'ACCEPTED')")
+    refused(kit.process, data)
+    assert_audited(app, "migration_files/s1sp/")
+
+
+# --------------------------------------------------------------------------- key records
+def _transport_key(app) -> tuple[str, Kit]:
+    app.trust = TrustStore(anchors=(FACTORY.ca_cert,))
+    name, kek = unique("S1SP-TK"), os.urandom(32)
+    load_aes_key(app, name, kek, purpose="S1SP_TRANSPORT", owner_id="SMSO-LG-01")
+    return name, Kit(app, key_name=name, kek=kek)
+
+
+def _state_change(app, name: str, kind: str) -> None:
+    op = keyadmin.change_key_state(app, OFFICER_1, name, kind)
+    keyadmin.approve(app, OFFICER_2, op.operation_id)
+
+
+def _snapshot(app, table: str, key: str, value: str) -> dict:
+    with app.store.engine.connect() as conn:
+        return dict(conn.execute(text(f"SELECT * FROM {table} WHERE {key}=:v"),
+                                 {"v": value}).first()._mapping)
+
+
+def _restore(app, table: str, key: str, row: dict) -> None:
+    sets = ", ".join(f"{c}=:{c}" for c in row if c != key)
+    assert sql(app, f"UPDATE {table} SET {sets} WHERE {key}=:{key}", **row) == 1
+
+
+def test_a_disabled_key_set_back_to_enabled_is_record_seal_invalid(any_app):
+    app = any_app
+    name, kit = _transport_key(app)
+    _state_change(app, name, "DISABLE_KEY")
+    sql(app, "UPDATE keys SET state='ENABLED' WHERE name=:n", n=name)
+    refused(kit.process, kit.file(kit.installations(1)))
+    assert count(app, st.device_keys) == 0
+    assert_audited(app, f"keys/{name}")
+
+
+def test_an_older_sealed_copy_of_a_disabled_key_is_record_seal_invalid(any_app):
+    app = any_app
+    name, kit = _transport_key(app)
+    enabled = _snapshot(app, "keys", "name", name)
+    _state_change(app, name, "DISABLE_KEY")
+    _restore(app, "keys", "name", enabled)  # its seal was valid, once
+    refused(kit.process, kit.file(kit.installations(1)))
+    assert count(app, st.device_keys) == 0
+    assert_audited(app, f"keys/{name}")
+
+
+def test_a_destroyed_key_put_back_is_record_seal_invalid_never_internal(any_app):
+    app = any_app
+    name, kit = _transport_key(app)
+    enabled = _snapshot(app, "keys", "name", name)
+    _state_change(app, name, "DESTROY_KEY")
+    _restore(app, "keys", "name", enabled)
+    refused(kit.process, kit.file(kit.installations(1)))
+    refused(keyadmin.change_key_state, app, OFFICER_1, name, "ENABLE_KEY")
+
+
+@pytest.mark.parametrize("column,value", [("owner_id", "ATTACKER"),
+                                          ("owner_type", "REQUESTING_PARTY"),
+                                          ("purpose", "EXPORT"),
+                                          ("allowed_originators", '["ATTACKER"]')])
+def test_a_key_re_owned_or_re_purposed_in_the_database_is_record_seal_invalid(any_app, column,
+                                                                              value):
+    app = any_app
+    name, kit = _transport_key(app)
+    sql(app, f"UPDATE keys SET {column}=:v WHERE name=:n", v=value, n=name)
+    refused(kit.process, kit.file(kit.installations(1)))
+    refused(keyadmin.get_key, app, name)
+    listed = {k.name: k.seal_intact for k in keyadmin.list_keys(app)}
+    assert listed[name] is False
+    assert_audited(app, f"keys/{name}")
+
+
+def test_a_key_whose_token_object_is_another_than_its_record_names_is_refused(any_app):
+    """The record names the object by CKA_ID: an object of that label made by another
+    operation (a database restored over newer keys) is not the key the record describes."""
+    app = any_app
+    name, kit = _transport_key(app)
+    with app.partitions.s1sp.session() as s:
+        hk.set_id(s, name, "op-someone-else")
+    refused(kit.process, kit.file(kit.installations(1)))
+    assert_audited(app, f"keys/{name}")
+
+
+# --------------------------------------------------------------------------- operations
+def _pending_import(app, purpose: str = "S1SP_TRANSPORT") -> tuple[str, str, bytes]:
+    key = os.urandom(32)
+    job = keyadmin.create_import_job(app, OFFICER_1, "job", purpose)
+    name = unique("S1SP-TK")
+    op = keyadmin.import_transport_key(
+        app, OFFICER_1, name=name, purpose=purpose, owner_id="SMSO-LG-01", owner_type="SMSO",
+        expected_kcv=enc.kcv(key), wrapped_key=wrap_for_job(job.public_key_pem, key),
+        import_job_id=job.import_job_id)
+    return op.operation_id, name, key
+
+
+def _token_has(app, name: str) -> bool:
+    with app.partitions.s1sp.session() as s:
+        return bool(list(s.raw.get_objects({hk.A.LABEL: name})))
+
+
+def test_a_made_up_approver_is_record_seal_invalid(any_app):
+    app = any_app
+    app.settings = replace(app.settings, quorum=3)
+    op_id, name, _ = _pending_import(app)
+    row = _snapshot(app, "operations", "id", op_id)
+    approvals = json.loads(row["approvals"])
+    approvals.append({**approvals[0], "officer": "security-officer-9"})
+    sql(app, "UPDATE operations SET approvals=:a WHERE id=:i", a=json.dumps(approvals), i=op_id)
+    refused(keyadmin.approve, app, OFFICER_2, op_id)
+    assert not _token_has(app, name)
+    assert_audited(app, f"operations/{op_id}")
+
+
+def test_a_rewritten_pending_request_is_record_seal_invalid(any_app):
+    """Purpose EXPORT and a key the attacker wrapped to the job's public key."""
+    app = any_app
+    op_id, name, _ = _pending_import(app)
+    row = _snapshot(app, "operations", "id", op_id)
+    payload = json.loads(row["payload"])
+    payload["purpose"] = "EXPORT"
+    sql(app, "UPDATE operations SET payload=:p WHERE id=:i", p=json.dumps(payload), i=op_id)
+    refused(keyadmin.approve, app, OFFICER_2, op_id)
+    assert not _token_has(app, name)
+    assert [o.seal_intact for o in keyadmin.list_operations(app)
+            if o.operation_id == op_id] == [False]
+    assert_audited(app, f"operations/{op_id}")
+
+
+def test_a_hand_inserted_operation_is_record_seal_invalid(any_app):
+    """A DESTROY_KEY that one officer 'approves' must not destroy the key."""
+    app = any_app
+    name, kit = _transport_key(app)
+    now = dt.datetime.now(dt.timezone.utc)
+    sql(app, "INSERT INTO operations (id, kind, target, state, requested_by, approvals, "
+             "payload, message, created_at, updated_at, partition, seal) VALUES "
+             "('op-forged', 'DESTROY_KEY', :n, 'PENDING', 'security-officer-1', :a, :p, '', "
+             ":t, :t, 's1sp', :s)",
+        n=name, a=json.dumps([{"officer": "security-officer-1", "digest": "0" * 64,
+                               "mac": base64.b64encode(bytes(32)).decode()}]),
+        p=json.dumps({"name": name}), t=now, s=bytes(32))
+    refused(keyadmin.approve, app, OFFICER_2, "op-forged")
+    assert keyadmin.get_key(app, name).state == "ENABLED"
+    assert _token_has(app, name)
+    assert kit.process(kit.file(kit.installations(1))).installations[0].status == "ACCEPTED"
+    assert_audited(app, "operations/op-forged")
+
+
+def test_an_older_copy_of_an_approved_operation_put_back_is_record_seal_invalid(any_app):
+    app = any_app
+    name, _kit = _transport_key(app)
+    op = keyadmin.change_key_state(app, OFFICER_1, name, "DISABLE_KEY")
+    pending = _snapshot(app, "operations", "id", op.operation_id)
+    keyadmin.approve(app, OFFICER_2, op.operation_id)
+    _state_change(app, name, "ENABLE_KEY")
+    _restore(app, "operations", "id", pending)
+    refused(keyadmin.approve, app, OFFICER_3, op.operation_id)
+    assert keyadmin.get_key(app, name).state == "ENABLED"
+
+
+def test_a_component_moved_to_another_operation_does_not_open(any_app):
+    """Sealed components are bound to their operation and officer (GCM associated data)."""
+    app = any_app
+    key = os.urandom(32)
+    c1 = os.urandom(32)
+    ops = [keyadmin.import_transport_key(app, OFFICER_1, name=unique("S1SP-TK"),
+                                         purpose="S1SP_TRANSPORT", owner_id="SMSO-LG-01",
+                                         owner_type="SMSO", expected_kcv=enc.kcv(key),
+                                         component=c1) for _ in range(2)]
+    first = json.loads(_snapshot(app, "operations", "id", ops[0].operation_id)["payload"])
+    second = json.loads(_snapshot(app, "operations", "id", ops[1].operation_id)["payload"])
+    second["components"] = first["components"]
+    sql(app, "UPDATE operations SET payload=:p WHERE id=:i", p=json.dumps(second),
+        i=ops[1].operation_id)
+    refused(keyadmin.approve, app, OFFICER_2, ops[1].operation_id,
+            component=bytes(a ^ b for a, b in zip(key, c1)))
+
+
+# --------------------------------------------------------------------------- import jobs
+def test_an_import_job_public_key_swapped_in_the_database_is_record_seal_invalid(any_app):
+    app = any_app
+    job = keyadmin.create_import_job(app, OFFICER_1, "job", "S1SP_TRANSPORT")
+    other = keyadmin.create_import_job(app, OFFICER_1, "other", "S1SP_TRANSPORT")
+    sql(app, "UPDATE import_jobs SET public_key_pem=:p WHERE id=:i", p=other.public_key_pem,
+        i=job.import_job_id)
+    key = os.urandom(32)
+    refused(keyadmin.import_transport_key, app, OFFICER_1, name=unique("S1SP-TK"),
+            purpose="S1SP_TRANSPORT", owner_id="SMSO-LG-01", owner_type="SMSO",
+            expected_kcv=enc.kcv(key), wrapped_key=wrap_for_job(other.public_key_pem, key),
+            import_job_id=job.import_job_id)
+    assert_audited(app, f"import_jobs/{job.import_job_id}")
+
+
+# --------------------------------------------------------------------------- escrow
+def _escrow(app) -> tuple[str, str]:
+    from tests.test_escrow import _deposit_for_seal, set_clock, utc
+    eid, chf = _deposit_for_seal(app)
+    set_clock(app, utc(2026, 7, 3, 12))
+    return eid, chf
+
+
+def test_a_deleted_escrow_chf_index_row_is_found_by_release_and_listing(any_app):
+    app = any_app
+    eid, chf = _escrow(app)
+    sql(app, "DELETE FROM escrow_chfs WHERE escrow_id=:e", e=eid)
+    refused(escrow.release, app, S1SP, chf, "rolled back", code="ESCROW_SEAL_INVALID")
+    assert count(app, st.escrow_releases) == 0
+    (listed,) = [e for e in escrow.list_escrows(app, chf_identifier=chf)]
+    assert listed.escrow_id == eid
+
+
+def test_a_deleted_escrow_record_is_found_by_release_and_listing(any_app):
+    app = any_app
+    eid, chf = _escrow(app)
+    sql(app, "DELETE FROM escrow_chfs WHERE escrow_id=:e", e=eid)
+    sql(app, "DELETE FROM escrows WHERE id=:e", e=eid)
+    err = refused(escrow.release, app, S1SP, chf, "rolled back", code="ESCROW_SEAL_INVALID")
+    assert eid in err.message
+    (listed,) = escrow.list_escrows(app, chf_identifier=chf)
+    assert (listed.escrow_id, listed.seal_intact, listed.chf_identifiers) == (eid, False, (chf,))
+    assert [e.escrow_id for e in escrow.list_escrows(app) if not e.seal_intact] == [eid]
+    assert_audited(app, f"escrows/{eid}")
