@@ -257,13 +257,16 @@ def _release(app: App, caller: Caller, chf_identifier: str, reason: str) -> Rele
         # The token knows every record that names this CHF: one the index or the table no
         # longer shows was deleted, and nothing is released until an officer looks.
         anchored = anchors.all()
-        ids += [eid for eid in _missing_records(anchored, set(), chf) if eid not in ids]
+        unindexed = [e for e in _missing_records(anchored, set(), chf) if e not in ids]
+        ids += unindexed
         rows = [dict(r._mapping) for r in conn.execute(
             select(st.escrows).where(st.escrows.c.id.in_(ids))
             .order_by(st.escrows.c.deposited_at.desc()).with_for_update())] if ids else []
         missing = sorted(set(ids) - {r["id"] for r in rows})
         if missing:
             raise _Tampered(missing[0])
+        for eid in unindexed:  # the sealed record is found all the same; the gap is noted
+            app.records.flag(f"escrow_chfs/{eid}", f"the CHF index lost {chf}", conn)
         for r in rows:
             # escrow_chfs is an unsealed index: the CHF must be in the sealed record too
             if not _sealed_ok(app, r) or chf not in json.loads(r["chf_identifiers"]):
@@ -307,24 +310,27 @@ def _refuse_tampered(app: App, caller: Caller, escrow_id: str) -> None:
 
 # --------------------------------------------------------------------------- admin
 def list_escrows(app: App, smso_id: str = "", chf_identifier: str = "") -> list[Escrow]:
-    """Every record, each checked against its seal (`seal_intact`). A CHF filter goes
-    through the unsealed index, so a record is listed for a CHF only if its sealed copy
-    names that CHF too, as for a release."""
+    """Every record, each checked against its seal (`seal_intact`), and every record the
+    token anchors but the database lost. A CHF filter finds records through the unsealed
+    index and through the anchors (which name their CHFs), so a deleted index row hides
+    nothing; a record is listed for a CHF only if its sealed copy names that CHF too."""
     chf = ""
     q = select(st.escrows).order_by(st.escrows.c.deposited_at)
     if smso_id:
         q = q.where(st.escrows.c.smso_id == smso_id)
+    anchored = _anchors(app).all()
     if chf_identifier:
         try:
             chf = normalise_eui64(chf_identifier)
         except InvalidEUI64:
             raise error("INVALID_EUI64", "chf_identifier is not a well-formed EUI-64") from None
+        by_anchor = list(_missing_records(anchored, set(), chf))
         q = q.where(st.escrows.c.id.in_(select(st.escrow_chfs.c.escrow_id).where(
-            st.escrow_chfs.c.chf_identifier == chf)))
+            st.escrow_chfs.c.chf_identifier == chf)) | st.escrows.c.id.in_(by_anchor))
     with app.store.engine.connect() as conn:
         rows = [dict(r._mapping) for r in conn.execute(q)]
+        present = {r.id for r in conn.execute(select(st.escrows.c.id))}
     listed = []
-    anchored = _anchors(app).all()
     for row in rows:
         intact = _sealed_ok(app, row, anchored)
         if not intact:
@@ -333,8 +339,6 @@ def list_escrows(app: App, smso_id: str = "", chf_identifier: str = "") -> list[
             continue  # only the index names this CHF
         listed.append(_escrow(row, intact))
     if not smso_id:  # an anchor names the CHFs, not the SMSO
-        with app.store.engine.connect() as conn:
-            present = {r.id for r in conn.execute(select(st.escrows.c.id))}
         for eid, chfs in sorted(_missing_records(anchored, present, chf).items()):
             app.records.flag(f"escrows/{eid}", "was deleted from the database")
             listed.append(_deleted(eid, chfs))

@@ -89,10 +89,14 @@ class Records:
         return error("RECORD_SEAL_INVALID", f"{record}: {why}; the database record was "
                      "altered, nothing was used", record=record)
 
-    def flag(self, record: str, why: str) -> None:
-        """A listing found an altered record: shown as such, and audited."""
+    def flag(self, record: str, why: str, conn: Any = None) -> None:
+        """An altered record that is shown as such (a listing) or worked around (a lost
+        index row): audited, once `conn`'s transaction has ended if there is one."""
         log.warning("record %s: %s", record, why)
-        self._report(record, why)
+        if conn is not None:
+            st.after_tx(conn, lambda: self._report(record, why))
+        else:
+            self._report(record, why)
 
     def _report(self, record: str, why: str) -> None:
         try:
