@@ -367,3 +367,41 @@ def test_a_deleted_escrow_record_is_found_by_release_and_listing(any_app):
     assert (listed.escrow_id, listed.seal_intact, listed.chf_identifiers) == (eid, False, (chf,))
     assert [e.escrow_id for e in escrow.list_escrows(app) if not e.seal_intact] == [eid]
     assert_audited(app, f"escrows/{eid}")
+
+
+# --------------------------------------------------------------------------- through a server
+@pytest.fixture(scope="module")
+def tamper_server(tmp_path_factory):
+    from tests.serverproc import start_server
+    srv = start_server(tmp_path_factory.mktemp("tamper"))
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("edit", ["owner_id='ATTACKER'", "created_at='not a date'",
+                                  "seal=NULL"])
+def test_a_tampered_key_record_through_the_server_is_failed_precondition_and_audited(
+        tamper_server, edit):
+    import sqlite3
+
+    import grpc
+
+    from keysvc.api.v1 import keysvc_pb2 as pb
+    from keysvc.client import error_reason
+    srv = tamper_server
+    name = unique("S1SP-TK")
+    srv.import_aes_key(name, os.urandom(32), purpose="S1SP_TRANSPORT", owner_id="SMSO-LG-01")
+    with sqlite3.connect(srv.state_dir / "keysvc.db") as db:
+        db.execute(f"UPDATE keys SET {edit} WHERE name=?", (name,))
+    admin = srv.as_("security-officer-1").admin
+    with pytest.raises(grpc.RpcError) as info:
+        admin.GetKey(pb.GetKeyRequest(name=name))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(info.value) == "RECORD_SEAL_INVALID"
+    events = srv.as_("auditor").audit.ListAuditEvents(
+        pb.ListAuditEventsRequest(page_size=1000)).events
+    assert any(e.action == "record.seal_invalid" and e.target.startswith(f"keys/{name}")
+               for e in events)
+    assert any(e.action.endswith("/GetKey") and e.code == "RECORD_SEAL_INVALID"
+               and e.outcome == "ERROR" for e in events)
+    assert "INTERNAL" not in {e.code for e in events}

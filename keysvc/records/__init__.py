@@ -78,6 +78,20 @@ class Records:
             seal = conn.execute(select(table.c.seal).where(column == key)).scalar()
         return bytes(seal) if seal else None
 
+    def fetch(self, conn: Any, query: Any, record: str, *, one: bool = True) -> Any:
+        """Run a read; a value the database cannot even hand over as its type (a date
+        that is not a date, say) is a malformed record, refused like an altered one."""
+        def run(c: Any) -> Any:
+            try:
+                result = c.execute(query)
+                return result.first() if one else result.all()
+            except (ValueError, TypeError, OverflowError, UnicodeDecodeError):
+                raise self.refuse(conn, record, "is malformed") from None
+        if conn is None:
+            with self.store.engine.connect() as c:
+                return run(c)
+        return run(conn)
+
     def refuse(self, conn: Any, record: str, why: str) -> KeysvcError:
         """The error for a record that fails its seal or anchor; its audit event is written
         once `conn`'s transaction has ended (or at once without one)."""

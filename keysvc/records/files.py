@@ -34,10 +34,9 @@ class Files:
         self.r = records
 
     def get(self, file_id: str, service: str) -> FileRecord | None:
-        with self.r.store.engine.connect() as conn:
-            row = conn.execute(select(st.migration_files).where(
-                st.migration_files.c.file_id == file_id,
-                st.migration_files.c.service == service)).first()
+        row = self.r.fetch(None, select(st.migration_files).where(
+            st.migration_files.c.file_id == file_id,
+            st.migration_files.c.service == service), f"migration_files/{service}/{file_id}")
         if row is None:
             return None
         if not self.r.sealers[service].valid(

@@ -71,13 +71,8 @@ class ImportJobs:
 
     def get(self, conn: Any, job_id: str) -> ImportJobRecord | None:
         """The verified record, or None."""
-        if conn is None:
-            with self.r.store.engine.connect() as c:
-                row = c.execute(select(st.import_jobs).where(st.import_jobs.c.id == job_id)
-                                ).first()
-        else:
-            row = conn.execute(select(st.import_jobs).where(st.import_jobs.c.id == job_id)
-                               ).first()
+        row = self.r.fetch(conn, select(st.import_jobs).where(st.import_jobs.c.id == job_id),
+                           f"import_jobs/{job_id}")
         if row is None:
             return None
         try:
@@ -97,8 +92,8 @@ class ImportJobs:
         """Verified jobs that expired before `cutoff`. A row whose seal fails is left alone
         (its expiry may be forged to destroy a job early) and reported."""
         out = []
-        for row in conn.execute(select(st.import_jobs).where(
-                st.import_jobs.c.expires_at < cutoff)):
+        for row in self.r.fetch(conn, select(st.import_jobs).where(
+                st.import_jobs.c.expires_at < cutoff), "import_jobs", one=False):
             try:
                 job = _record(row)
                 ok = self.r.sealers[job.partition].valid(job.canonical(), row.seal)

@@ -89,11 +89,7 @@ class Keys:
         q = select(st.keys).where(st.keys.c.name == name)
         if for_update:
             q = q.with_for_update()
-        if conn is None:
-            with self.r.store.engine.connect() as c:
-                row = c.execute(q).first()
-        else:
-            row = conn.execute(q).first()
+        row = self.r.fetch(conn, q, f"keys/{name}")
         if row is None:
             return None
         rec = self._verified(conn, row)
@@ -107,8 +103,7 @@ class Keys:
         q = select(st.keys).order_by(st.keys.c.name)
         if purpose:
             q = q.where(st.keys.c.purpose == purpose)
-        with self.r.store.engine.connect() as conn:
-            rows = conn.execute(q).all()
+        rows = self.r.fetch(None, q, "keys", one=False)
         out = []
         anchored = {p: self.r.anchors(p).all() for p in {r.partition for r in rows}
                     if p in self.r.sealers}

@@ -137,10 +137,10 @@ class Operations:
         q = select(st.operations).where(st.operations.c.id == op_id)
         if for_update:
             q = q.with_for_update()
-        row = conn.execute(q).first()
+        where = f"operations/{op_id}"
+        row = self.r.fetch(conn, q, where)
         if row is None:
             return None
-        where = f"operations/{op_id}"
         try:
             op = _record(row)
             sealer = self.r.sealers[op.partition]
@@ -156,9 +156,8 @@ class Operations:
         return op
 
     def list(self) -> list[tuple[OperationRecord, bool]]:
-        with self.r.store.engine.connect() as conn:
-            rows = conn.execute(select(st.operations).order_by(
-                st.operations.c.created_at)).all()
+        rows = self.r.fetch(None, select(st.operations).order_by(st.operations.c.created_at),
+                            "operations", one=False)
         anchors = {p: self.r.anchors(p).all() for p in {r.partition for r in rows}
                    if p in self.r.sealers}
         out = []

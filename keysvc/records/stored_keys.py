@@ -72,9 +72,12 @@ class _StoredKeys:
         """Every stored key of the device (narrowed by `where`), each verified; a row that
         fails refuses the whole call."""
         q = select(self.table).where(self.table.c.device_id == device_id, *(where or []))
-        with self.r.store.engine.connect() as conn:
-            rows = conn.execute(q).all()
-        keys = [self._stored(r) for r in rows]
+        where_ = f"{self.table.name}/{device_id}"
+        rows = self.r.fetch(None, q, where_, one=False)
+        try:
+            keys = [self._stored(r) for r in rows]
+        except (ValueError, TypeError):
+            raise self.r.refuse(None, where_, "is malformed") from None
         ok = self.r.sealers[self.partition].valid_many(
             [(self.canonical(k), r.seal) for k, r in zip(keys, rows)])
         for k, good in zip(keys, ok):
