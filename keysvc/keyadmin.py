@@ -381,13 +381,13 @@ def _execute(app: App, conn, anchor, op: OperationRecord, p: dict, effects: _Tok
              ) -> tuple[str, str, str]:
     """Carry out an approved operation; returns (state, message, refusal code or "")."""
     now = app.clock()
+    if op.kind in ("IMPORT_TRANSPORT_KEY", "GENERATE_RECIPIENT_KEY"):
+        taken = _name_taken(app, conn, op, p["name"], p["purpose"])
+        if taken:
+            p.pop("components", None)  # key material is not kept for a refused request
+            p.pop("wrapped_key", None)
+            return "REJECTED", taken, "KEY_EXISTS"
     if op.kind == "IMPORT_TRANSPORT_KEY":
-        if app.records.keys.exists(conn, p["name"]):
-            return "REJECTED", f"a key named {p['name']!r} exists", "KEY_EXISTS"
-        token = app.partitions.for_purpose(p["purpose"])
-        if not _label_ready(token, p["name"], op.id):
-            return "REJECTED", f"the token holds another object labelled {p['name']!r}", \
-                "KEY_EXISTS"
         if "components" in p:
             kcv = _create_from_components(app, op, p, effects)
             del p["components"]  # used once, approved or not: not kept, even sealed
@@ -402,12 +402,7 @@ def _execute(app: App, conn, anchor, op: OperationRecord, p: dict, effects: _Tok
             "ENABLED", now, op.id))
         return "APPROVED", "", ""
     if op.kind == "GENERATE_RECIPIENT_KEY":
-        if app.records.keys.exists(conn, p["name"]):
-            return "REJECTED", f"a key named {p['name']!r} exists", "KEY_EXISTS"
         token = app.partitions.for_purpose(p["purpose"])
-        if not _label_ready(token, p["name"], op.id):
-            return "REJECTED", f"the token holds another object labelled {p['name']!r}", \
-                "KEY_EXISTS"
         with token.session() as s:
             der = hk.generate_rsa(s, p["name"], key_id=op.id)
             effects.made.append((token, p["name"], op.id))
@@ -431,6 +426,15 @@ def _execute(app: App, conn, anchor, op: OperationRecord, p: dict, effects: _Tok
                  "DESTROY_KEY": "DESTROYED"}[op.kind]
     app.records.keys.set_state(conn, anchor, key, new_state)
     return "APPROVED", "", ""
+
+
+def _name_taken(app: App, conn, op: OperationRecord, name: str, purpose: str) -> str:
+    """Why the new key's name is taken ("" if it is free), checked again at approval."""
+    if app.records.keys.exists(conn, name):
+        return f"a key named {name!r} exists"
+    if not _label_ready(app.partitions.for_purpose(purpose), name, op.id):
+        return f"the token holds another object labelled {name!r}"
+    return ""
 
 
 def _label_ready(token: Any, label: str, op_id: str) -> bool:
