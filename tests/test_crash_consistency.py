@@ -46,9 +46,14 @@ def _db(state) -> sqlite3.Connection:
     return sqlite3.connect(state / "keysvc.db")
 
 
-@pytest.mark.parametrize("point", ["approve.after_token_object", "approve.before_commit"])
-def test_a_key_made_by_an_approval_that_did_not_commit_is_destroyed_at_start_and_the_retry_makes_one(
-        state, point):
+@pytest.mark.parametrize("point,left_at_start", [
+    # the operation's record is untouched: the approval verifiably never committed
+    ("approve.after_token_object", []),
+    # its new anchor was made before the kill: which state committed would be the
+    # database's word alone, so the object is kept (and audited), and the retry replaces it
+    ("approve.before_commit", ["Secret Key"])])
+def test_a_key_made_by_an_approval_that_did_not_commit_is_never_doubled_and_the_retry_makes_one(
+        state, point, left_at_start):
     key, c1 = os.urandom(32), os.urandom(32)
     c2 = bytes(a ^ b for a, b in zip(key, c1))
     name = f"S1SP-TK-CRASH-{point.split('.')[1]}".upper().replace("_", "-")
@@ -64,7 +69,7 @@ def test_a_key_made_by_an_approval_that_did_not_commit_is_destroyed_at_start_and
 
     srv = start_server(state)
     try:
-        assert _objects(state, name) == []  # reconciled: its operation is still PENDING
+        assert _objects(state, name) == left_at_start
         admin = srv.as_("security-officer-1").admin
         with pytest.raises(grpc.RpcError) as info:
             admin.GetKey(pb.GetKeyRequest(name=name))

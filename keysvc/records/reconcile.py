@@ -5,8 +5,9 @@ made before the commit that records it; an import job's row commits before its p
 made) and every key object an operation makes carries that operation's id in CKA_ID. A
 crash between the two halves leaves an object no record accounts for. Here:
 - a key object whose record exists with the same key id is kept;
-- one whose operation is verifiably not APPROVED (its sealed, anchored record says so) was
-  made by an approval that never committed, and is destroyed;
+- one whose operation is verifiably not APPROVED (its sealed record says so, and it has one
+  anchor, not the two a crash around its own change leaves) was made by an approval that
+  never committed, and is destroyed;
 - anything else is kept and reported (audited): key material is never destroyed on the
   database's word alone, since whoever writes the database could delete the record;
 - an import-job pair whose job has no row is destroyed (a job's row commits first, so only
@@ -49,6 +50,7 @@ def _partition(records: Records, partition: str, out: Reconciled) -> None:
     with token.session() as s:
         objects = hk.objects_with_ids(s)
     jobs = records.import_jobs.ids(partition)
+    anchored = records.anchors(partition).all()
     seen: set[tuple[str, str]] = set()
     for label, _cls, key_id in objects:
         if (label, key_id) in seen:
@@ -74,7 +76,10 @@ def _partition(records: Records, partition: str, out: Reconciled) -> None:
                 op = records.operations.get(conn, key_id)
         except KeysvcError:
             op = None
-        if op is not None and op.state != "APPROVED" and op.target == label:
+        # Two anchors for the operation mean a crash around one of its changes: which of
+        # the two committed is then the database's word alone, so the object is kept.
+        single = len(anchored.get(f"op/{key_id}", [])) == 1
+        if op is not None and op.state != "APPROVED" and op.target == label and single:
             with token.session() as s:
                 hk.destroy_with_id(s, label, key_id)
             out.destroyed += 1
