@@ -1,21 +1,27 @@
-"""Anchors: the current seal of each sealed database record, kept in the admin token.
+"""Anchors: the current seal of each changing sealed record, kept in a token.
 
 An HMAC seal made in the HSM stops a record from being edited, but not from being put back
 as it was: an older sealed copy (from a backup, or saved before a release) still carries a
-valid seal. So the token also holds each record's current seal as a private, unmodifiable
-data object that the database's writers can neither change nor roll back, and a record is
-current only if its seal is anchored.
+valid seal. So the token also holds each record's seal as a private, unmodifiable data
+object that the database's writers can neither change nor roll back, and a record is
+current only if its seal is the anchored one.
 
-A record's anchor changes while its row is locked: the new anchor is made before the
-commit and removed again if the commit does not happen, and the one it replaces is
-destroyed after the commit. A crash between the two leaves both, so until that record's
-next change its previous state would also pass; that change clears such leftovers.
+Each anchor value is the seal, a generation (one more at every change of the record) and
+a payload (what the record's owner needs to act without the database: the full record for
+keys and operations, the CHFs and release count for escrow). A change anchors its new seal
+at the next generation while the record's row is locked, before the commit, and removes the
+anchor it replaced after the commit. A crash between the two leaves both; only the newer
+generation counts, so an older copy put back is refused even then, and start-up
+reconciliation rolls the database forward to the newest anchor (the token's word, never the
+database's, decides; keysvc/records/reconcile.py). A change that fails before its commit
+removes its new anchor again.
 """
 from __future__ import annotations
 
 import hmac
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from hsm import HsmKeyNotFound
@@ -24,15 +30,44 @@ from keysvc.store import Store
 
 log = logging.getLogger("keysvc.anchors")
 
-# anchor(record_id, new_seal, seal_it_replaces or None for a new record)
-Anchor = Callable[[str, bytes, "bytes | None"], None]
-SEAL_BYTES = 32  # an anchor's value starts with the record's seal (HMAC-SHA256)
+SEAL_BYTES = 32  # HMAC-SHA256
+GEN_BYTES = 8
+
+# anchor(record_id, new_seal, seal_it_replaces or None for a new record, payload)
+Anchor = Callable[..., None]
 
 
-def anchored(values: list[bytes], seal: bytes) -> bool:
-    """Is `seal` the seal one of these anchor values holds? (A value may carry more after
-    the seal: escrow anchors also name their CHFs, so a deleted record is still found.)"""
-    return any(hmac.compare_digest(v[:SEAL_BYTES], bytes(seal)) for v in values)
+@dataclass(frozen=True)
+class Anchored:
+    seal: bytes
+    generation: int
+    payload: bytes
+
+
+def pack(seal: bytes, generation: int, payload: bytes = b"") -> bytes:
+    return bytes(seal) + generation.to_bytes(GEN_BYTES, "big") + payload
+
+
+def unpack(value: bytes) -> Anchored:
+    return Anchored(value[:SEAL_BYTES],
+                    int.from_bytes(value[SEAL_BYTES:SEAL_BYTES + GEN_BYTES], "big"),
+                    value[SEAL_BYTES + GEN_BYTES:])
+
+
+def newest(values: list[bytes]) -> list[Anchored]:
+    """The anchors of the newest generation (one, unless a crashed creation left two)."""
+    found = [unpack(v) for v in values]
+    if not found:
+        return []
+    top = max(a.generation for a in found)
+    return [a for a in found if a.generation == top]
+
+
+def anchored(values: list[bytes], seal: bytes | None) -> bool:
+    """Is `seal` (all of it) the seal of the newest anchor among these values?"""
+    if not seal or len(seal) != SEAL_BYTES:
+        return False
+    return any(hmac.compare_digest(a.seal, bytes(seal)) for a in newest(values))
 
 
 class Anchors:
@@ -58,18 +93,24 @@ class Anchors:
             return False
 
     def all(self) -> dict[str, list[bytes]]:
-        """record id -> anchored seals, in one search (a token scans all its objects for
+        """record id -> anchor values, in one search (a token scans all its objects for
         any search, so one search per record would make a listing quadratic)."""
         with self.token.session() as s:
             found = hk.data_by_label(s, self.prefix)
-        return {label[len(self.prefix):]: seals for label, seals in found.items()}
+        return {label[len(self.prefix):]: values for label, values in found.items()}
 
-    def add(self, seals: dict[str, bytes]) -> None:
-        """Anchor records (id -> seal) outside any change of theirs: only for records
-        that have no anchor at all, such as those made before anchors existed."""
+    def add(self, seals: dict[str, tuple[bytes, bytes]]) -> None:
+        """Anchor records (id -> (seal, payload)) outside any change of theirs: only for
+        records that have no anchor at all (the one-time upgrade)."""
         with self.token.session() as s:
-            for rid, seal in seals.items():
-                hk.put_data(s, self.label(rid), seal)
+            for rid, (seal, payload) in seals.items():
+                hk.put_data(s, self.label(rid), pack(seal, 1, payload))
+
+    def settle(self, record_id: str, keep: bytes) -> None:
+        """Remove every anchor of the record but the value `keep` (start-up, once the
+        database holds the newest generation)."""
+        with self.token.session() as s:
+            hk.destroy_data(s, self.label(record_id), lambda v: v != keep)
 
     @contextmanager
     def tx(self, store: Store) -> Iterator[tuple[Any, Anchor]]:
@@ -77,28 +118,42 @@ class Anchors:
         that record's row is locked."""
         made: list[tuple[str, bytes, bytes | None]] = []
 
-        def anchor(record_id: str, seal: bytes, old_seal: bytes | None) -> None:
+        def anchor(record_id: str, seal: bytes, old_seal: bytes | None,
+                   payload: bytes = b"") -> None:
             label = self.label(record_id)
             with self.token.session() as s:
-                if old_seal is not None:  # under the row lock: leftovers of a crash go
-                    hk.destroy_data(s, label, lambda v: v != old_seal)
-                hk.put_data(s, label, seal)
-            made.append((label, seal, old_seal))
+                values = hk.data_values(s, label)
+                if old_seal is None:
+                    # A new record: anything anchored under its id was left by a creation
+                    # that never committed (the row did not exist, or the insert failed).
+                    old_value, generation = None, 1
+                    hk.destroy_data(s, label)
+                else:
+                    old = [v for v in values
+                           if hmac.compare_digest(unpack(v).seal, bytes(old_seal))]
+                    if not old:
+                        raise HsmKeyNotFound(f"{label}: the record's anchor is gone")
+                    old_value, generation = old[0], unpack(old[0]).generation + 1
+                    # under the row lock: older leftovers of a crash go
+                    hk.destroy_data(s, label, lambda v: v != old_value)
+                value = pack(seal, generation, payload)
+                hk.put_data(s, label, value)
+            made.append((label, value, old_value))
         try:
             with store.tx() as conn:
                 yield conn, anchor
         except BaseException:
-            self._forget([(label, seal) for label, seal, _ in made], "rollback")
+            self._forget([(label, value) for label, value, _ in made], "rollback")
             raise
-        # Outside the lock only the replaced seal goes: by now another transaction may
+        # Outside the lock only the replaced anchor goes: by now another transaction may
         # have locked the row, anchored its own seal and committed.
         self._forget([(label, old) for label, _, old in made if old is not None], "commit")
 
     def _forget(self, anchors: list[tuple[str, bytes]], after: str) -> None:
-        for label, seal in anchors:
+        for label, value in anchors:
             try:
                 with self.token.session() as s:
-                    hk.destroy_data(s, label, lambda v: v == seal)
-            except Exception as exc:  # the HSM went away: the record's next change tidies up
+                    hk.destroy_data(s, label, lambda v: v == value)
+            except Exception as exc:  # the HSM went away: the newer generation still wins
                 log.error("%s: anchor not removed after %s: %s", label, after,
                           type(exc).__name__)

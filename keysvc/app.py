@@ -76,11 +76,13 @@ class App:
         log.info("trust anchors loaded: %d, CRLs: %d", len(trust.anchors), len(trust.crls))
         app = cls(settings, store, partitions, trust, clock,
                   cert_workers=settings.certificate_workers)
-        from keysvc.escrow import reanchor_legacy
+        from keysvc import escrow
         from keysvc.records.reconcile import reconcile
         from keysvc.records.upgrade import upgrade_once
-        upgrade_once(app.records, also=lambda: reanchor_legacy(app))
+        app.records.ensure_instance(dev=settings.dev)
+        upgrade_once(app.records, also=lambda: escrow.reanchor_legacy(app))
         reconcile(app.records)
+        escrow.roll_forward(app)
         return app
 
     def close(self) -> None:

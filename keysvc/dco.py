@@ -110,7 +110,7 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
         # Another file (another replica) stored a master key for one of these devices after
         # the check above: reject those entries as the check would have, and store again.
         result, rows = assemble(_devices_already_stored(app, ids, h.migration_file_id))
-        raced = store_result()
+        raced = transport.store_again(app, store_result)
     return raced or result
 
 

@@ -24,7 +24,7 @@ from sqlalchemy import select, update
 
 from hsm import keys as hk
 from keysvc import store as st
-from keysvc.anchors import SEAL_BYTES, Anchors
+from keysvc.anchors import SEAL_BYTES, Anchors, newest, unpack
 from keysvc.anchors import anchored as anchored_seal
 from keysvc.app import App, Caller
 from keysvc.device_certificate import CertificateParseError, load_certificate
@@ -101,30 +101,76 @@ def anchor_label(app: App, escrow_id: str) -> str:
     return _anchors(app).label(escrow_id)
 
 
-def _anchor_value(seal: bytes, chfs: list[str]) -> bytes:
-    """The seal, then the record's CHFs (8 bytes each): a record, or its CHF index row,
-    deleted from the database is still known to the token, and found."""
-    return bytes(seal) + b"".join(eui64_bytes(c) for c in chfs)
+def _payload(row: dict) -> bytes:
+    """What an escrow anchor carries after the seal: the release count and whether it is
+    revoked (so that start-up can roll the database forward to the token's newest state),
+    then the record's CHFs, 8 bytes each (so that a record, or its CHF index row, deleted
+    from the database is still known to the token, and found)."""
+    return (int(row["releases"]).to_bytes(4, "big") + (b"\1" if row["revoked"] else b"\0")
+            + b"".join(eui64_bytes(c) for c in json.loads(row["chf_identifiers"])))
 
 
 def _anchor_chfs(value: bytes) -> set[str]:
-    rest = value[SEAL_BYTES:]
+    rest = unpack(value).payload[5:]
     return {eui64_from_bytes(rest[i:i + 8]) for i in range(0, len(rest) - 7, 8)}
 
 
-def _value_of(row: dict) -> bytes:
-    return _anchor_value(row["seal"], json.loads(row["chf_identifiers"]))
-
-
 def _sealed_ok(app: App, row: dict, anchored: dict[str, list[bytes]] | None = None) -> bool:
-    """The seal is valid for this content and is the record's current one (anchored).
-    `anchored`: every anchor, read once for a whole listing (`Anchors.all`)."""
-    seal = bytes(row["seal"])
-    if not hmac.compare_digest(_seal(app, row), seal):
+    """The seal is valid for this content and is the record's current one (the newest
+    anchored). `anchored`: every anchor, read once for a whole listing (`Anchors.all`).
+    A row whose fields are not even of their types is not intact either."""
+    try:
+        seal = bytes(row["seal"])
+        if not hmac.compare_digest(_seal(app, row), seal):
+            return False
+    except (ValueError, TypeError, AttributeError, KeyError):
         return False
     if anchored is not None:
         return anchored_seal(anchored.get(row["id"], []), seal)
     return _anchors(app).holds(row["id"], seal)
+
+
+def roll_forward(app: App) -> int:
+    """At start: a record whose row is not the token's newest anchor (a crash between a
+    change's anchor and its commit, or an older copy put back) takes the release count and
+    revocation that anchor holds, if the record so changed seals to it. A record whose row
+    is gone stays gone (and is found by releases and listings)."""
+    anchors = _anchors(app)
+    n = 0
+    with app.store.engine.connect() as conn:
+        rows = {r["id"]: r for r in _rows(conn, select(st.escrows), "escrows")}
+    for eid, values in anchors.all().items():
+        top = newest(values)
+        row = rows.get(eid)
+        if len(top) != 1 or row is None:
+            continue
+        a = top[0]
+        if not _sealed_ok(app, row, {eid: values}):
+            moved = {**row, "releases": int.from_bytes(a.payload[:4], "big"),
+                     "revoked": a.payload[4:5] == b"\1"}
+            try:
+                ok = hmac.compare_digest(_seal(app, moved), a.seal)
+            except (ValueError, TypeError, AttributeError, KeyError):
+                ok = False
+            if not ok:
+                continue
+            with app.store.tx() as conn:
+                conn.execute(update(st.escrows).where(st.escrows.c.id == eid).values(
+                    releases=moved["releases"], revoked=moved["revoked"], seal=a.seal))
+            app.records.flag(f"escrows/{eid}", "rolled forward to the token's newest anchor")
+            n += 1
+        if len(values) > 1:
+            anchors.settle(eid, next(v for v in values if unpack(v) == a))
+    return n
+
+
+def _rows(conn, query, where: str) -> list[dict]:
+    """Rows as dicts; a value the database cannot hand over as its type makes the record
+    (all of them, for a listing) refused as altered."""
+    try:
+        return [dict(r._mapping) for r in conn.execute(query)]
+    except (ValueError, TypeError, OverflowError, UnicodeDecodeError):
+        raise _Tampered(where) from None
 
 
 def _missing_records(anchored: dict[str, list[bytes]], present: set[str], chf: str = ""
@@ -145,8 +191,12 @@ def reanchor_legacy(app: App) -> int:
     """Once, at the upgrade to sealed records (`keysvc.records.upgrade`): escrow records
     anchored under the old label (or, deposited before anchors existed, not at all) get
     this database's anchor, which also names their CHFs."""
-    with app.store.engine.connect() as conn:
-        rows = [dict(r._mapping) for r in conn.execute(select(st.escrows))]
+    try:
+        with app.store.engine.connect() as conn:
+            rows = _rows(conn, select(st.escrows), "escrows")
+    except _Tampered:
+        log.error("upgrade: escrow records that do not even parse were not anchored")
+        rows = []
     anchors = _anchors(app)
     anchored = anchors.all() if rows else {}
     with app.partitions.admin.session() as s:
@@ -156,8 +206,9 @@ def reanchor_legacy(app: App) -> int:
         if r["id"] in anchored or not hmac.compare_digest(_seal(app, r), bytes(r["seal"])):
             continue
         legacy = old.get(f"{ANCHOR_PREFIX}{r['id']}")
-        if legacy is None or anchored_seal(legacy, r["seal"]):
-            moved[r["id"]] = _value_of(r)
+        if legacy is None or any(hmac.compare_digest(v[:SEAL_BYTES], bytes(r["seal"]))
+                                 for v in legacy):
+            moved[r["id"]] = (bytes(r["seal"]), _payload(r))
     if moved:
         anchors.add(moved)
         with app.partitions.admin.session() as s:
@@ -222,7 +273,7 @@ def deposit(app: App, caller: Caller, *, smso_id: str, group_id: str,
         conn.execute(st.escrows.insert().values(**row))
         conn.execute(st.escrow_chfs.insert(), [{"escrow_id": row["id"], "chf_identifier": c}
                                                for c in chfs])
-        anchor(row["id"], _value_of(row), None)
+        anchor(row["id"], row["seal"], None, _payload(row))
     return row["id"]
 
 
@@ -259,9 +310,9 @@ def _release(app: App, caller: Caller, chf_identifier: str, reason: str) -> Rele
         anchored = anchors.all()
         unindexed = [e for e in _missing_records(anchored, set(), chf) if e not in ids]
         ids += unindexed
-        rows = [dict(r._mapping) for r in conn.execute(
-            select(st.escrows).where(st.escrows.c.id.in_(ids))
-            .order_by(st.escrows.c.deposited_at.desc()).with_for_update())] if ids else []
+        rows = _rows(conn, select(st.escrows).where(st.escrows.c.id.in_(ids))
+                     .order_by(st.escrows.c.deposited_at.desc()).with_for_update(),
+                     ids[0]) if ids else []
         missing = sorted(set(ids) - {r["id"] for r in rows})
         if missing:
             raise _Tampered(missing[0])
@@ -292,8 +343,7 @@ def _release(app: App, caller: Caller, chf_identifier: str, reason: str) -> Rele
             .values(releases=r["releases"], seal=r["seal"])).rowcount
         if changed != 1:  # another writer got there first: never release twice
             raise error("ESCROW_EXHAUSTED", f"the escrow for {chf} changed; retry")
-        anchor(r["id"], _value_of(r), _anchor_value(old_seal,
-                                                     json.loads(r["chf_identifiers"])))
+        anchor(r["id"], r["seal"], old_seal, _payload(r))
         conn.execute(st.escrow_releases.insert().values(
             escrow_id=r["id"], actor=caller.identity, reason=reason[:1000], time=now))
     e = _escrow(r)
@@ -316,8 +366,6 @@ def list_escrows(app: App, smso_id: str = "", chf_identifier: str = "") -> list[
     nothing; a record is listed for a CHF only if its sealed copy names that CHF too."""
     chf = ""
     q = select(st.escrows).order_by(st.escrows.c.deposited_at)
-    if smso_id:
-        q = q.where(st.escrows.c.smso_id == smso_id)
     anchored = _anchors(app).all()
     if chf_identifier:
         try:
@@ -327,29 +375,40 @@ def list_escrows(app: App, smso_id: str = "", chf_identifier: str = "") -> list[
         by_anchor = list(_missing_records(anchored, set(), chf))
         q = q.where(st.escrows.c.id.in_(select(st.escrow_chfs.c.escrow_id).where(
             st.escrow_chfs.c.chf_identifier == chf)) | st.escrows.c.id.in_(by_anchor))
-    with app.store.engine.connect() as conn:
-        rows = [dict(r._mapping) for r in conn.execute(q)]
-        present = {r.id for r in conn.execute(select(st.escrows.c.id))}
+    try:
+        with app.store.engine.connect() as conn:
+            rows = _rows(conn, q, "escrows")
+            present = {r.id for r in conn.execute(select(st.escrows.c.id))}
+    except _Tampered:
+        app.records.flag("escrows", "a record does not even parse")
+        raise error("ESCROW_SEAL_INVALID", "an escrow record was altered in the database so "
+                    "that it does not parse; nothing can be listed") from None
     listed = []
     for row in rows:
         intact = _sealed_ok(app, row, anchored)
         if not intact:
             app.records.flag(f"escrows/{row['id']}", "fails its HSM seal or anchor")
-        if chf and intact and chf not in json.loads(row["chf_identifiers"]):
+            chfs = set().union(*(_anchor_chfs(v) for v in anchored.get(row["id"], [])))
+            listed.append(_placeholder(str(row["id"]), chfs, "altered in the database"))
+            continue
+        if chf and chf not in json.loads(row["chf_identifiers"]):
             continue  # only the index names this CHF
+        if smso_id and row["smso_id"] != smso_id:
+            continue  # filtered once verified: an altered SMSO hides nothing
         listed.append(_escrow(row, intact))
-    if not smso_id:  # an anchor names the CHFs, not the SMSO
-        for eid, chfs in sorted(_missing_records(anchored, present, chf).items()):
-            app.records.flag(f"escrows/{eid}", "was deleted from the database")
-            listed.append(_deleted(eid, chfs))
+    # An anchor names the CHFs, not the SMSO: a deleted record is in every listing.
+    for eid, chfs in sorted(_missing_records(anchored, present, chf).items()):
+        app.records.flag(f"escrows/{eid}", "was deleted from the database")
+        listed.append(_placeholder(eid, chfs, "deleted from the database"))
     return listed
 
 
-def _deleted(escrow_id: str, chfs: set[str]) -> Escrow:
-    """A record the token anchors and the database lost: listed so that officers see it."""
+def _placeholder(escrow_id: str, chfs: set[str], what: str) -> Escrow:
+    """A record that is altered or gone: listed, from what the token knows (its id and its
+    CHFs), so that officers see it; nothing from the database row is trusted or shown."""
     return Escrow(escrow_id, "", "", tuple(sorted(chfs)), (), dt.date.min, dt.date.min, 0,
-                  "deleted from the database", 0, False, "", dt.datetime.min.replace(
-                      tzinfo=dt.timezone.utc), seal_intact=False)
+                  what, 0, False, "", dt.datetime.min.replace(tzinfo=dt.timezone.utc),
+                  seal_intact=False)
 
 
 def revoke(app: App, caller: Caller, escrow_id: str, reason: str = "") -> Escrow:
@@ -362,11 +421,11 @@ def revoke(app: App, caller: Caller, escrow_id: str, reason: str = "") -> Escrow
 
 def _revoke(app: App, escrow_id: str) -> Escrow:
     with _anchors(app).tx(app.store) as (conn, anchor):
-        r = conn.execute(select(st.escrows).where(st.escrows.c.id == escrow_id)
-                         .with_for_update()).first()
-        if r is None:
+        found = _rows(conn, select(st.escrows).where(st.escrows.c.id == escrow_id)
+                      .with_for_update(), escrow_id)
+        if not found:
             raise error("ESCROW_NOT_FOUND", f"no escrow {escrow_id!r}")
-        row = dict(r._mapping)
+        row = found[0]
         if not _sealed_ok(app, row):
             raise _Tampered(escrow_id)
         old_seal = bytes(row["seal"])
@@ -374,6 +433,5 @@ def _revoke(app: App, escrow_id: str) -> Escrow:
         row["seal"] = _seal(app, row)
         conn.execute(update(st.escrows).where(st.escrows.c.id == escrow_id)
                      .values(revoked=True, seal=row["seal"]))
-        anchor(escrow_id, _value_of(row), _anchor_value(old_seal,
-                                                        json.loads(row["chf_identifiers"])))
+        anchor(escrow_id, row["seal"], old_seal, _payload(row))
     return _escrow(row)

@@ -38,6 +38,10 @@ from keysvc.records.operations import OperationRecord
 PURPOSES = ("S1SP_TRANSPORT", "DCO_TRANSPORT", "EXPORT")
 OWNER_TYPES = ("SMSO", "REQUESTING_PARTY", "S1SP")
 OPERATION_TTL = dt.timedelta(hours=24)
+# keysvc's own token objects: a key may not be named like one (reconciliation and
+# destruction go by label).
+RESERVED_LABELS = ("storage-key", "component-seal", "record-seal", "audit-mac", "escrow-seal")
+RESERVED_PREFIXES = ("import-job:", "rec:", "escrow-anchor:", "audit-checkpoint:", "keysvc-")
 log = logging.getLogger("keysvc.keyadmin")
 
 
@@ -186,6 +190,8 @@ def _check_new_key_name(app: App, conn, name: str) -> None:
 def _check_label_free(app: App, purpose: str, name: str) -> None:
     """The token must not hold an object of that label either (a restored database, a key
     made outside keysvc): two objects with one label would make both unusable."""
+    if name in RESERVED_LABELS or name.startswith(RESERVED_PREFIXES):
+        raise error("INVALID_REQUEST", "that name is reserved for keysvc's own token objects")
     with app.partitions.for_purpose(purpose).session() as s:
         if list(s.raw.get_objects({hk.A.LABEL: name})):
             raise error("KEY_EXISTS", f"the token already holds an object labelled {name!r}")
@@ -385,7 +391,6 @@ def _execute(app: App, conn, anchor, op: OperationRecord, p: dict, effects: _Tok
         taken = _name_taken(app, conn, op, p["name"], p["purpose"])
         if taken:
             p.pop("components", None)  # key material is not kept for a refused request
-            p.pop("wrapped_key", None)
             return "REJECTED", taken, "KEY_EXISTS"
     if op.kind == "IMPORT_TRANSPORT_KEY":
         if "components" in p:
@@ -393,8 +398,9 @@ def _execute(app: App, conn, anchor, op: OperationRecord, p: dict, effects: _Tok
             del p["components"]  # used once, approved or not: not kept, even sealed
             message, refusal = "the key's check value is not expected_kcv", "KCV_MISMATCH"
         else:
+            # The wrapped key stays: it is part of the request the approvals are sealed to,
+            # and opens only under the import job's pair, destroyed once the key exists.
             kcv, message, refusal = _create_from_wrapped(app, conn, op, p, effects)
-            p.pop("wrapped_key", None)
         if kcv is None:
             return "REJECTED", message, refusal
         app.records.keys.insert(conn, anchor, KeyRecord(

@@ -98,8 +98,9 @@ def process_group_information(app: App, caller: Caller, data: bytes) -> GroupRes
         wrapped = _drop_rejected(installations, wrapped)
         result = GroupResult(h.migration_file_id, h.group_id, h.originator_id,
                              tuple(_result(i) for i in installations) + tuple(orphans))
-        raced = transport.store_once(app, h.migration_file_id, SERVICE, file_digest,
-                                     to_json(result), write_rows, group_result_from_json)
+        raced = transport.store_again(app, lambda: transport.store_once(
+            app, h.migration_file_id, SERVICE, file_digest, to_json(result), write_rows,
+            group_result_from_json))
     return raced or result
 
 

@@ -122,6 +122,10 @@ def stored_result(app: App, file_id: str, service: str, file_digest: str,
     bytes are refused."""
     row = app.records.files.get(file_id, service)
     if row is None:
+        stored = app.records.device_keys if service == "s1sp" else app.records.master_keys
+        if stored.has_file(file_id):  # keys of this file, but its result row is gone
+            raise app.records.refuse(None, f"migration_files/{service}/{file_id}",
+                                     "is missing while keys stored from that file exist")
         return None
     if row.digest != file_digest:
         raise error("FILE_ALREADY_PROCESSED",
@@ -150,5 +154,15 @@ def store_once(app: App, file_id: str, service: str, file_digest: str, result_js
         return found
 
 
+def store_again(app: App, store: Callable[[], R]) -> R:
+    """The second try of a store that raced (IntegrityError): a second collision is not
+    a race any more, but rows the database holds without their file's result."""
+    try:
+        return store()
+    except IntegrityError:
+        raise app.records.refuse(None, "migration_files", "stored keys collide with rows "
+                                 "that no stored result accounts for") from None
+
+
 __all__ = ["TransportKey", "check_originator", "resolve_transport_key", "unwrap", "digest",
-           "stored_result", "store_once", "HsmOperationFailed"]
+           "stored_result", "store_once", "store_again", "HsmOperationFailed"]

@@ -46,40 +46,62 @@ def _db(state) -> sqlite3.Connection:
     return sqlite3.connect(state / "keysvc.db")
 
 
-@pytest.mark.parametrize("point,left_at_start", [
-    # the operation's record is untouched: the approval verifiably never committed
-    ("approve.after_token_object", []),
-    # its new anchor was made before the kill: which state committed would be the
-    # database's word alone, so the object is kept (and audited), and the retry replaces it
-    ("approve.before_commit", ["Secret Key"])])
-def test_a_key_made_by_an_approval_that_did_not_commit_is_never_doubled_and_the_retry_makes_one(
-        state, point, left_at_start):
+def _request_import(state) -> tuple[str, str, bytes, bytes]:
     key, c1 = os.urandom(32), os.urandom(32)
-    c2 = bytes(a ^ b for a, b in zip(key, c1))
-    name = f"S1SP-TK-CRASH-{point.split('.')[1]}".upper().replace("_", "-")
+    name = f"S1SP-TK-CRASH-{os.urandom(4).hex()}".upper()
     srv = start_server(state)
     op = srv.as_("security-officer-1").admin.ImportTransportKey(pb.ImportTransportKeyRequest(
         name=name, purpose=pb.S1SP_TRANSPORT, owner_id="SMSO-LG-01", owner_type=pb.SMSO,
         expected_kcv=kcv(key), component=c1))
     srv.stop()
+    return op.operation_id, name, key, bytes(a ^ b for a, b in zip(key, c1))
 
-    _killed_at(state, point, lambda s: s.as_("security-officer-2").admin.ApproveOperation(
-        pb.ApproveOperationRequest(operation_id=op.operation_id, component=c2)))
+
+def test_a_key_made_by_an_approval_killed_before_anchoring_is_destroyed_and_the_retry_makes_one(
+        state):
+    op_id, name, key, c2 = _request_import(state)
+    _killed_at(state, "approve.after_token_object",
+               lambda s: s.as_("security-officer-2").admin.ApproveOperation(
+                   pb.ApproveOperationRequest(operation_id=op_id, component=c2)))
     assert _objects(state, name) == ["Secret Key"]  # made, never recorded
-
     srv = start_server(state)
     try:
-        assert _objects(state, name) == left_at_start
+        assert _objects(state, name) == []  # its operation is verifiably still PENDING
         admin = srv.as_("security-officer-1").admin
         with pytest.raises(grpc.RpcError) as info:
             admin.GetKey(pb.GetKeyRequest(name=name))
         assert error_reason(info.value) == "KEY_NOT_FOUND"
         done = srv.as_("security-officer-2").admin.ApproveOperation(
-            pb.ApproveOperationRequest(operation_id=op.operation_id, component=c2))
+            pb.ApproveOperationRequest(operation_id=op_id, component=c2))
         assert done.state == pb.Operation.APPROVED
         k = admin.GetKey(pb.GetKeyRequest(name=name))
         assert (k.state, k.kcv) == (pb.KeyInfo.ENABLED, kcv(key))
         assert _objects(state, name) == ["Secret Key"]
+    finally:
+        srv.stop()
+
+
+def test_an_approval_killed_after_anchoring_is_completed_at_start_from_the_token(state):
+    """Its new records are anchored in the token, so the token says the approval happened:
+    start-up rolls the database forward to them (whether the commit was cut off before or
+    after it happened, which the database alone could not be trusted to tell)."""
+    op_id, name, key, c2 = _request_import(state)
+    _killed_at(state, "approve.before_commit",
+               lambda s: s.as_("security-officer-2").admin.ApproveOperation(
+                   pb.ApproveOperationRequest(operation_id=op_id, component=c2)))
+    srv = start_server(state)
+    try:
+        admin = srv.as_("security-officer-1").admin
+        k = admin.GetKey(pb.GetKeyRequest(name=name))
+        assert (k.state, k.kcv, k.seal_intact) == (pb.KeyInfo.ENABLED, kcv(key), True)
+        ops = {o.operation_id: o for o in admin.ListOperations(
+            pb.ListOperationsRequest()).operations}
+        assert ops[op_id].state == pb.Operation.APPROVED and ops[op_id].seal_intact
+        assert _objects(state, name) == ["Secret Key"]
+        with pytest.raises(grpc.RpcError) as info:
+            srv.as_("security-officer-2").admin.ApproveOperation(
+                pb.ApproveOperationRequest(operation_id=op_id, component=c2))
+        assert error_reason(info.value) == "OPERATION_NOT_PENDING"
     finally:
         srv.stop()
 

@@ -405,3 +405,143 @@ def test_a_tampered_key_record_through_the_server_is_failed_precondition_and_aud
     assert any(e.action.endswith("/GetKey") and e.code == "RECORD_SEAL_INVALID"
                and e.outcome == "ERROR" for e in events)
     assert "INTERNAL" not in {e.code for e in events}
+
+
+# --------------------------------------------------------------------------- crash windows
+@pytest.fixture()
+def crash_after_commit(monkeypatch):
+    """What a kill -9 right after a commit leaves (and an HSM error there): the anchor the
+    change replaced is still in the token, and nothing after the commit ran."""
+    from keysvc.anchors import Anchors
+    real = Anchors._forget
+
+    def forget(self, anchors, after):
+        if after != "commit":
+            real(self, anchors, after)
+    monkeypatch.setattr(Anchors, "_forget", forget)
+    monkeypatch.setattr(keyadmin._TokenEffects, "after_commit", lambda self: None)
+    return monkeypatch
+
+
+def test_an_older_copy_put_back_in_a_crash_window_is_refused_and_start_up_rolls_forward(
+        any_app, crash_after_commit):
+    """Two anchors after the crash: only the newer generation counts, and start-up puts the
+    token's newest record back; the destroyed key's object goes then."""
+    from keysvc.records.reconcile import reconcile
+    app = any_app
+    name, kit = _transport_key(app)
+    enabled = _snapshot(app, "keys", "name", name)
+    _state_change(app, name, "DESTROY_KEY")
+    crash_after_commit.undo()
+    _restore(app, "keys", "name", enabled)
+    refused(kit.process, kit.file(kit.installations(1)))
+    reconcile(app.records)  # the next start
+    assert keyadmin.get_key(app, name).state == "DESTROYED"
+    assert not _token_has(app, name)
+    refused(kit.process, kit.file(kit.installations(1)), code="UNKNOWN_TRANSPORT_KEY")
+
+
+def test_a_pending_copy_of_an_approved_operation_cannot_destroy_its_key_at_start(
+        any_app, crash_after_commit):
+    from keysvc.records.reconcile import reconcile
+    app = any_app
+    op_id, name, _ = _pending_import(app)
+    pending = _snapshot(app, "operations", "id", op_id)
+    keyadmin.approve(app, OFFICER_2, op_id)
+    crash_after_commit.undo()
+    _restore(app, "operations", "id", pending)
+    sql(app, "DELETE FROM keys WHERE name=:n", n=name)
+    refused(keyadmin.approve, app, OFFICER_3, op_id)
+    reconcile(app.records)
+    assert _token_has(app, name)
+    assert keyadmin.get_key(app, name).state == "ENABLED"  # rolled forward from the token
+    assert [o.state for o in keyadmin.list_operations(app)
+            if o.operation_id == op_id] == ["APPROVED"]
+
+
+def test_an_escrow_release_undone_in_a_crash_window_is_refused_and_rolled_forward(
+        any_app, crash_after_commit):
+    from tests.test_escrow import _deposit_for_seal, set_clock, utc
+    app = any_app
+    eid, chf = _deposit_for_seal(app, max_releases=1)
+    set_clock(app, utc(2026, 7, 3, 12))
+    before = _snapshot(app, "escrows", "id", eid)
+    escrow.release(app, S1SP, chf, "one")
+    crash_after_commit.undo()
+    _restore(app, "escrows", "id", before)
+    sql(app, "DELETE FROM escrow_releases WHERE escrow_id=:e", e=eid)
+    refused(escrow.release, app, S1SP, chf, "two", code="ESCROW_SEAL_INVALID")
+    assert escrow.roll_forward(app) == 1
+    refused(escrow.release, app, S1SP, chf, "three", code="ESCROW_EXHAUSTED")
+
+
+# --------------------------------------------------------------------------- more tamper cases
+@pytest.mark.parametrize("edit", ["deposited_at='not a date'", "seal='text'", "note=X'00'",
+                                  "valid_from='garbage'", "chf_identifiers='not json'",
+                                  "certificates='[1]'"])
+def test_an_escrow_row_altered_past_parsing_is_escrow_seal_invalid_never_internal(any_app,
+                                                                                   edit):
+    from tests.test_escrow import _deposit_for_seal, set_clock, utc
+    app = any_app
+    if app.store.is_sqlite is False and edit.startswith(("deposited_at", "seal", "note")):
+        pytest.skip("PostgreSQL refuses that value itself")
+    eid, chf = _deposit_for_seal(app)
+    set_clock(app, utc(2026, 7, 3, 12))
+    sql(app, f"UPDATE escrows SET {edit} WHERE id=:e", e=eid)
+    refused(escrow.release, app, S1SP, chf, "x", code="ESCROW_SEAL_INVALID")
+    refused(escrow.revoke, app, OFFICER_1, eid, code="ESCROW_SEAL_INVALID")
+    try:
+        listed = escrow.list_escrows(app)
+    except KeysvcError as exc:
+        assert exc.code == "ESCROW_SEAL_INVALID"
+    else:
+        assert [(e.escrow_id, e.seal_intact) for e in listed] == [(eid, False)]
+
+
+def test_a_key_may_not_be_named_like_keysvcs_own_token_objects(any_app):
+    for name in ("import-job:ij-0123", "rec:x:key/K", "storage-key", "escrow-anchor:e"):
+        refused(keyadmin.generate_recipient_key, any_app, OFFICER_1, name=name,
+                purpose="S1SP_TRANSPORT", allowed_originators=["SMSO-LG-01"],
+                code="INVALID_REQUEST")
+
+
+def test_a_filtered_listing_still_shows_a_record_altered_out_of_its_filter(any_app):
+    app = any_app
+    name, _kit = _transport_key(app)
+    sql(app, "UPDATE keys SET purpose='EXPORT' WHERE name=:n", n=name)
+    listed = {k.name: k.seal_intact for k in keyadmin.list_keys(app, "S1SP_TRANSPORT")}
+    assert listed[name] is False
+    assert_audited(app, f"keys/{name}")
+
+
+def test_a_file_whose_result_row_was_deleted_is_record_seal_invalid_when_sent_again(any_app):
+    app = any_app
+    m = Made(app, n=2)
+    dco.process_master_keys(app, S1SP, m.xml, store=True)
+    sql(app, "DELETE FROM migration_files")
+    refused(dco.process_master_keys, app, S1SP, m.xml, store=True)
+    assert_audited(app, "migration_files/dco/")
+
+
+def test_a_database_whose_instance_id_was_changed_does_not_start(app):
+    with app.partitions.admin.session() as s:
+        before = hk.data_values(s, "keysvc-instance")
+    try:
+        app.records.ensure_instance(dev=False)
+        sql(app, "UPDATE instance SET instance_id='someone-elses'")
+        app.records._instance = ""  # what a restart reads
+        with pytest.raises(SystemExit):
+            app.records.ensure_instance(dev=False)
+    finally:
+        with app.partitions.admin.session() as s:
+            hk.destroy_data(s, "keysvc-instance", lambda v: v not in before)
+
+
+def test_an_approved_import_stays_intact_with_the_request_its_approvals_name(any_app):
+    app = any_app
+    op_id, name, _ = _pending_import(app)
+    keyadmin.approve(app, OFFICER_2, op_id)
+    (op,) = [o for o in keyadmin.list_operations(app) if o.operation_id == op_id]
+    assert (op.state, op.seal_intact) == ("APPROVED", True)
+    with app.store.engine.connect() as conn:
+        assert app.records.operations.get(conn, op_id).state == "APPROVED"

@@ -63,6 +63,33 @@ class Records:
                 ).scalar() or "none"
         return self._instance
 
+    def ensure_instance(self, *, dev: bool) -> None:
+        """At start: the database's instance id must be one the token set serves.
+
+        Anchors are labelled with it, so a database whose id was changed would find none
+        of its anchors (deleted escrow records would go unseen). The first start registers
+        the id in the admin token; later an unknown id refuses the start. A development
+        set-up may serve a new, empty database (`make run` after deleting keysvc.db)."""
+        from hsm import keys as hk
+        label = "keysvc-instance"
+        mine = self.instance
+        with self.partitions.admin.session() as s:
+            known = {v.decode(errors="replace") for v in hk.data_values(s, label)}
+        if mine in known:
+            return
+        if mine == "none" or (known and not (dev and self._empty())):
+            raise SystemExit(f"the database's instance id {mine!r} is not one this token set "
+                             f"serves ({', '.join(sorted(known))}): a database from "
+                             "elsewhere, or altered; refusing to start")
+        with self.partitions.admin.session() as s:
+            hk.put_data(s, label, mine.encode())
+        log.info("token set now serves database instance %s", mine)
+
+    def _empty(self) -> bool:
+        with self.store.engine.connect() as conn:
+            return not any(conn.execute(select(t).limit(1)).first() for t in (
+                st.keys, st.operations, st.import_jobs, st.migration_files, st.escrows))
+
     def anchors(self, partition: str) -> Anchors:
         """Current seals of this database's changing records, in the partition's token."""
         return Anchors(self.partitions.tokens[partition], f"rec:{self.instance}:")

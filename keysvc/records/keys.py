@@ -20,7 +20,7 @@ from hsm import HsmKeyNotFound
 from hsm import keys as hk
 from keysvc import store as st
 from keysvc.anchors import anchored as is_anchored
-from keysvc.records.seal import canonical
+from keysvc.records.seal import canonical, decode, parse_utc
 
 if TYPE_CHECKING:
     from keysvc.records import Records
@@ -65,6 +65,15 @@ class KeyRecord:
                 "allowed_originators": st.dumps(list(self.allowed_originators))}
 
 
+def from_canonical(data: bytes) -> KeyRecord:
+    """The record an anchor carries (`KeyRecord.canonical`), for start-up roll-forward."""
+    f = [b.decode() for b in decode(data)]
+    if len(f) != 13 or f[0] != "key":
+        raise ValueError("not a key record")
+    return KeyRecord(f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], parse_utc(f[9]),
+                     f[10], f[11], tuple(json.loads(f[12])))
+
+
 def _record(r: Any) -> KeyRecord:
     t = r.created_at
     return KeyRecord(r.name, r.partition, r.purpose, r.algorithm, r.owner_id, r.owner_type,
@@ -99,11 +108,9 @@ class Keys:
 
     def list(self, purpose: str = "") -> list[tuple[KeyRecord, bool]]:
         """Every record with whether it is intact; altered ones are listed (and audited)
-        so that officers see them."""
-        q = select(st.keys).order_by(st.keys.c.name)
-        if purpose:
-            q = q.where(st.keys.c.purpose == purpose)
-        rows = self.r.fetch(None, q, "keys", one=False)
+        so that officers see them, in every listing: the filter is applied to verified
+        records only, since an altered purpose must not hide a record from its own."""
+        rows = self.r.fetch(None, select(st.keys).order_by(st.keys.c.name), "keys", one=False)
         out = []
         anchored = {p: self.r.anchors(p).all() for p in {r.partition for r in rows}
                     if p in self.r.sealers}
@@ -116,7 +123,7 @@ class Keys:
                 ok, rec = False, None
             if not ok:
                 self.r.flag(f"keys/{row.name}", "fails its HSM seal or anchor")
-            if rec is not None:
+            if rec is not None and (not ok or not purpose or rec.purpose == purpose):
                 out.append((rec, ok))
         return out
 
@@ -156,16 +163,22 @@ class Keys:
     # ------------------------------------------------------------------ writes
     def insert(self, conn: Any, anchor: Any, rec: KeyRecord) -> None:
         """In an anchors transaction of the record's partition (`Records.anchors(p).tx`)."""
-        seal = self.r.sealers[rec.partition].seal(rec.canonical())
+        data = rec.canonical()
+        seal = self.r.sealers[rec.partition].seal(data)
         conn.execute(st.keys.insert().values(**rec.row(), seal=seal))
-        anchor(f"key/{rec.name}", seal, None)
+        anchor(f"key/{rec.name}", seal, None, data)
 
     def set_state(self, conn: Any, anchor: Any, rec: KeyRecord, state: str) -> KeyRecord:
         """`rec` was read verified in this transaction (for_update)."""
-        old = self.r.sealers[rec.partition].seal(rec.canonical())
         new = replace(rec, state=state)
-        seal = self.r.sealers[rec.partition].seal(new.canonical())
+        data = new.canonical()
+        old, seal = self.r.sealers[rec.partition].seal_many([rec.canonical(), data])
         conn.execute(update(st.keys).where(st.keys.c.name == rec.name)
                      .values(state=state, seal=seal))
-        anchor(f"key/{rec.name}", seal, old)
+        anchor(f"key/{rec.name}", seal, old, data)
         return new
+
+    def restore(self, conn: Any, rec: KeyRecord, seal: bytes) -> None:
+        """Start-up: the database takes the record the token's newest anchor holds."""
+        conn.execute(st.keys.delete().where(st.keys.c.name == rec.name))
+        conn.execute(st.keys.insert().values(**rec.row(), seal=seal))

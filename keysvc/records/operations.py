@@ -20,7 +20,7 @@ from sqlalchemy import select, update
 
 from keysvc import store as st
 from keysvc.anchors import anchored as is_anchored
-from keysvc.records.seal import canonical
+from keysvc.records.seal import canonical, decode, parse_utc
 
 if TYPE_CHECKING:
     from keysvc.records import Records
@@ -91,6 +91,17 @@ def _approvals_json(approvals: tuple[Approval, ...]) -> str:
 
 def _aware(t: dt.datetime) -> dt.datetime:
     return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+def from_canonical(data: bytes) -> OperationRecord:
+    """The record an anchor carries (`OperationRecord.canonical`), for roll-forward."""
+    f = [b.decode() for b in decode(data)]
+    if len(f) != 12 or f[0] != "operation":
+        raise ValueError("not an operation record")
+    approvals = tuple(Approval(a["officer"], a["digest"], base64.b64decode(a["mac"]))
+                      for a in json.loads(f[7]))
+    return OperationRecord(f[1], f[2], f[3], f[4], f[5], f[6], approvals, json.loads(f[8]),
+                           f[9], parse_utc(f[10]), parse_utc(f[11]))
 
 
 def _record(r: Any) -> OperationRecord:
@@ -186,18 +197,25 @@ class Operations:
 
     # ------------------------------------------------------------------ writes
     def insert(self, conn: Any, anchor: Any, op: OperationRecord) -> None:
-        seal = self.r.sealers[op.partition].seal(op.canonical())
+        data = op.canonical()
+        seal = self.r.sealers[op.partition].seal(data)
         conn.execute(st.operations.insert().values(**op.row(), seal=seal))
-        anchor(f"op/{op.id}", seal, None)
+        anchor(f"op/{op.id}", seal, None, data)
 
     def update(self, conn: Any, anchor: Any, old: OperationRecord, **changes: Any
                ) -> OperationRecord:
         new = replace(old, **changes)
         sealer = self.r.sealers[old.partition]
-        old_seal, seal = sealer.seal_many([old.canonical(), new.canonical()])
+        data = new.canonical()
+        old_seal, seal = sealer.seal_many([old.canonical(), data])
         row = new.row()
         del row["id"]
         conn.execute(update(st.operations).where(st.operations.c.id == old.id)
                      .values(**row, seal=seal))
-        anchor(f"op/{old.id}", seal, old_seal)
+        anchor(f"op/{old.id}", seal, old_seal, data)
         return new
+
+    def restore(self, conn: Any, op: OperationRecord, seal: bytes) -> None:
+        """Start-up: the database takes the record the token's newest anchor holds."""
+        conn.execute(st.operations.delete().where(st.operations.c.id == op.id))
+        conn.execute(st.operations.insert().values(**op.row(), seal=seal))

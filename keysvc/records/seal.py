@@ -21,6 +21,22 @@ def utc_text(t: dt.datetime) -> str:
     return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def parse_utc(text: str) -> dt.datetime:
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc)
+
+
+def decode(data: bytes) -> list[bytes]:
+    """The fields of a `canonical` encoding, kind first."""
+    out, i = [], 0
+    while i < len(data):
+        n = int.from_bytes(data[i:i + 4], "big")
+        if i + 4 + n > len(data):
+            raise ValueError("truncated record")
+        out.append(data[i + 4:i + 4 + n])
+        i += 4 + n
+    return out
+
+
 def canonical(kind: str, *fields: Any) -> bytes:
     """Length-prefixed fields after the record's kind: no two records encode alike, and no
     field can spill into its neighbour."""

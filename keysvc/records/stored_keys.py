@@ -86,6 +86,12 @@ class _StoredKeys:
                                     "fails its HSM seal")
         return keys
 
+    def has_file(self, file_id: str) -> bool:
+        """Whether any stored key came from this MigrationFileID."""
+        with self.r.store.engine.connect() as conn:
+            return conn.execute(select(self.table.c.device_id).where(
+                self.table.c.file_id == file_id).limit(1)).first() is not None
+
     def files_of(self, devices: list[str], *, not_file: str = "") -> dict[str, str]:
         """device -> the MigrationFileID its stored keys came from. Unverified: a forged
         row only refuses a device (DUPLICATE_IDENTIFIER), it never gives one a key."""

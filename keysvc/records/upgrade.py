@@ -69,7 +69,7 @@ def _keys(records: Records) -> int:
         with records.anchors(rec.partition).tx(records.store) as (conn, anchor):
             conn.execute(update(st.keys).where(st.keys.c.name == rec.name)
                          .values(key_id=key_id, seal=seal))
-            anchor(f"key/{rec.name}", seal, None)
+            anchor(f"key/{rec.name}", seal, None, rec.canonical())
     return len(rows)
 
 
@@ -100,7 +100,7 @@ def _operations(records: Records) -> int:
             conn.execute(update(st.operations).where(st.operations.c.id == op.id).values(
                 partition=partition, state=state, message=message,
                 approvals=_approvals_json(approvals), payload=st.dumps(payload), seal=seal))
-            anchor(f"op/{op.id}", seal, None)
+            anchor(f"op/{op.id}", seal, None, op.canonical())
     return len(rows)
 
 

@@ -37,6 +37,10 @@ def upgrade() -> None:
                                  server_default=""))
     for table in ("device_keys", "master_keys"):
         _add(table, sa.Column("key_version", sa.Integer, nullable=False, server_default="1"))
+        # a file's stored keys are looked up by its MigrationFileID (its result row gone)
+        if f"ix_{table}_file_id" not in {i["name"] for i in
+                                          sa.inspect(op.get_bind()).get_indexes(table)}:
+            op.create_index(f"ix_{table}_file_id", table, ["file_id"])
     t = op.create_table("instance", sa.Column("id", sa.Integer, primary_key=True),
                         sa.Column("instance_id", sa.String(64), nullable=False))
     op.bulk_insert(t, [{"id": 1, "instance_id": uuid.uuid4().hex}])
@@ -45,6 +49,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("instance")
     for table in ("device_keys", "master_keys"):
+        op.drop_index(f"ix_{table}_file_id", table)
         with op.batch_alter_table(table) as b:
             b.drop_column("key_version")
     with op.batch_alter_table("operations") as b:
