@@ -76,13 +76,12 @@ class App:
         log.info("trust anchors loaded: %d, CRLs: %d", len(trust.anchors), len(trust.crls))
         app = cls(settings, store, partitions, trust, clock,
                   cert_workers=settings.certificate_workers)
-        from keysvc import escrow
         from keysvc.records.reconcile import reconcile
         from keysvc.records.upgrade import upgrade_once
         app.records.ensure_instance(dev=settings.dev)
-        upgrade_once(app.records, also=lambda: escrow.reanchor_legacy(app))
+        upgrade_once(app.records, also=app.records.escrows.reanchor_legacy)
         reconcile(app.records)
-        escrow.roll_forward(app)
+        app.records.escrows.roll_forward()
         return app
 
     def close(self) -> None:

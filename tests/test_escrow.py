@@ -513,14 +513,14 @@ def test_a_record_deposited_before_anchors_existed_is_anchored_at_the_upgrade(ap
     eid, chf = _deposit_for_seal(app)
     with app.partitions.admin.session() as s:
         hk.destroy_data(s, escrow.anchor_label(app, eid))
-    assert escrow.reanchor_legacy(app) == 1
+    assert app.records.escrows.reanchor_legacy() == 1
     set_clock(app, utc(2026, 7, 3, 12))
     assert release(app, chf).escrow_id == eid
 
 
 def test_a_record_with_a_wrong_anchor_is_not_re_anchored_at_the_upgrade(app):
     eid, chf = _released_then_restored(app)
-    assert escrow.reanchor_legacy(app) == 0
+    assert app.records.escrows.reanchor_legacy() == 0
     _assert_refused_as_tampered(app, eid, chf, releases_before=1)
 
 

@@ -471,7 +471,7 @@ def test_an_escrow_release_undone_in_a_crash_window_is_refused_and_rolled_forwar
     _restore(app, "escrows", "id", before)
     sql(app, "DELETE FROM escrow_releases WHERE escrow_id=:e", e=eid)
     refused(escrow.release, app, S1SP, chf, "two", code="ESCROW_SEAL_INVALID")
-    assert escrow.roll_forward(app) == 1
+    assert app.records.escrows.roll_forward() == 1
     refused(escrow.release, app, S1SP, chf, "three", code="ESCROW_EXHAUSTED")
 
 

@@ -36,6 +36,7 @@ class Records:
 
     def __init__(self, store: st.Store, partitions: Any, on_tamper: OnTamper | None = None
                  ) -> None:
+        from keysvc.records.escrows import Escrows
         from keysvc.records.files import Files
         from keysvc.records.import_jobs import ImportJobs
         from keysvc.records.keys import Keys
@@ -52,6 +53,7 @@ class Records:
         self.device_keys = DeviceKeys(self)
         self.master_keys = MasterKeys(self)
         self.files = Files(self)
+        self.escrows = Escrows(self)
 
     @property
     def instance(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
+import struct
 from typing import Any, Iterable
 
 from hsm import keys as hk
@@ -37,12 +38,19 @@ def decode(data: bytes) -> list[bytes]:
     return out
 
 
+_LENGTH = struct.Struct(">I").pack
+
+
 def canonical(kind: str, *fields: Any) -> bytes:
     """Length-prefixed fields after the record's kind: no two records encode alike, and no
-    field can spill into its neighbour."""
-    out = bytearray()
+    field can spill into its neighbour. (On the S1SP hot path: once per device key.)"""
+    parts = []
     for f in (kind, *fields):
-        if isinstance(f, (bytes, bytearray, memoryview)):
+        if isinstance(f, str):
+            b = f.encode()
+        elif isinstance(f, bytes):
+            b = f
+        elif isinstance(f, (bytearray, memoryview)):
             b = bytes(f)
         elif isinstance(f, dt.datetime):
             b = utc_text(f).encode()
@@ -52,8 +60,9 @@ def canonical(kind: str, *fields: Any) -> bytes:
             b = b""
         else:
             b = str(f).encode()
-        out += len(b).to_bytes(4, "big") + b
-    return bytes(out)
+        parts.append(_LENGTH(len(b)))
+        parts.append(b)
+    return b"".join(parts)
 
 
 class Sealer:

@@ -55,8 +55,9 @@ class _StoredKeys:
         return lambda k: mac(self.canonical(k))
 
     def row(self, k: StoredKey, seal: bytes, created_at: dt.datetime) -> dict:
-        return {**self._columns(k), "key_version": k.key_version, "seal": seal,
-                "created_at": created_at}
+        row = self._columns(k)
+        row["key_version"], row["seal"], row["created_at"] = k.key_version, seal, created_at
+        return row
 
     def _columns(self, k: StoredKey) -> dict:
         raise NotImplementedError

@@ -1,0 +1,278 @@
+"""Escrow records (the `escrows`, `escrow_chfs` and `escrow_releases` tables).
+
+Each record is sealed with an HMAC made in the admin token (`escrow-seal`) over every
+field, and its seal is anchored there with a generation, its release count, revocation and
+CHFs (keysvc/anchors.py): an edit is caught, an older copy put back is caught (also right
+after a crash), a deleted record or CHF index row is found through the anchors, and start-up
+rolls a record forward to its newest anchor. The escrow rules (windows, limits) are
+keysvc/escrow.py's; this module hands it only verified rows.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select, update
+
+from hsm import keys as hk
+from keysvc import store as st
+from keysvc.anchors import SEAL_BYTES, Anchors, newest, unpack
+from keysvc.anchors import anchored as anchored_seal
+from keysvc.domain import eui64_bytes, eui64_from_bytes
+from keysvc.partitions import ESCROW_SEAL_KEY
+
+if TYPE_CHECKING:
+    from keysvc.records import Records
+
+log = logging.getLogger("keysvc.records.escrows")
+ANCHOR_PREFIX = "escrow-anchor:"
+_UNPARSABLE = (ValueError, TypeError, AttributeError, KeyError, OverflowError,
+               UnicodeDecodeError)
+
+
+class EscrowTampered(Exception):
+    """A record fails its seal or anchor, does not parse, or was deleted."""
+
+    def __init__(self, escrow_id: str) -> None:
+        super().__init__(escrow_id)
+        self.escrow_id = escrow_id
+
+
+def canonical(row: dict) -> bytes:
+    fields = {k: row[k] for k in ("id", "smso_id", "group_id", "chf_identifiers",
+                                  "certificates", "valid_from", "valid_to", "max_releases",
+                                  "note", "releases", "revoked", "deposited_by")}
+    fields["revoked"] = bool(fields["revoked"])
+    t = row["deposited_at"]
+    t = t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+    fields["deposited_at"] = t.astimezone(dt.timezone.utc).isoformat()
+    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+def payload(row: dict) -> bytes:
+    """What an escrow anchor carries after the seal: the release count and whether it is
+    revoked (so that start-up can roll the database forward to the token's newest state),
+    then the record's CHFs, 8 bytes each (so that a record, or its CHF index row, deleted
+    from the database is still known to the token, and found)."""
+    return (int(row["releases"]).to_bytes(4, "big") + (b"\1" if row["revoked"] else b"\0")
+            + b"".join(eui64_bytes(c) for c in json.loads(row["chf_identifiers"])))
+
+
+def anchor_chfs(value: bytes) -> set[str]:
+    rest = unpack(value).payload[5:]
+    return {eui64_from_bytes(rest[i:i + 8]) for i in range(0, len(rest) - 7, 8)}
+
+
+def missing_records(anchored: dict[str, list[bytes]], present: set[str], chf: str = ""
+                    ) -> dict[str, set[str]]:
+    """Anchored records (naming `chf`, if given) that the database does not show:
+    escrow id -> the CHFs its anchor names."""
+    out: dict[str, set[str]] = {}
+    for eid, values in anchored.items():
+        if eid in present:
+            continue
+        chfs = set().union(*(anchor_chfs(v) for v in values))
+        if not chf or chf in chfs:
+            out[eid] = chfs
+    return out
+
+
+class Escrows:
+    def __init__(self, records: "Records") -> None:
+        self.r = records
+
+    # ------------------------------------------------------------------ seals and anchors
+    def anchors(self) -> Anchors:
+        """This database's escrow anchors in the admin token."""
+        return Anchors(self.r.partitions.admin, f"{ANCHOR_PREFIX}{self.r.instance}:")
+
+    def seal(self, row: dict) -> bytes:
+        with self.r.partitions.admin.session() as s:
+            return hk.hmac_sha256(hk.find_key(s, ESCROW_SEAL_KEY), canonical(row))
+
+    def intact(self, row: dict, anchored: dict[str, list[bytes]] | None = None) -> bool:
+        """The seal is valid for this content and is the record's newest anchored one.
+        `anchored`: every anchor, read once for a whole listing (`Anchors.all`). A row
+        whose fields are not even of their types is not intact either."""
+        try:
+            seal = bytes(row["seal"])
+            if not hmac.compare_digest(self.seal(row), seal):
+                return False
+        except _UNPARSABLE:
+            return False
+        if anchored is not None:
+            return anchored_seal(anchored.get(row["id"], []), seal)
+        return self.anchors().holds(row["id"], seal)
+
+    def rows(self, conn: Any, query: Any, where: str) -> list[dict]:
+        """Rows as dicts; a value the database cannot hand over as its type is an altered
+        record (for a listing, the listing)."""
+        try:
+            return [dict(r._mapping) for r in conn.execute(query)]
+        except _UNPARSABLE:
+            raise EscrowTampered(where) from None
+
+    # ------------------------------------------------------------------ reads
+    def for_chf(self, conn: Any, chf: str) -> list[dict]:
+        """Every record naming this CHF, locked and verified, newest deposit first. The
+        token knows every record that names it: one the index or the table lost is found
+        (the table: refused; the index: found all the same, and audited)."""
+        ids = [r.escrow_id for r in conn.execute(
+            select(st.escrow_chfs.c.escrow_id).where(st.escrow_chfs.c.chf_identifier == chf))]
+        anchored = self.anchors().all()
+        unindexed = [e for e in missing_records(anchored, set(), chf) if e not in ids]
+        ids += unindexed
+        rows = self.rows(conn, select(st.escrows).where(st.escrows.c.id.in_(ids))
+                         .order_by(st.escrows.c.deposited_at.desc()).with_for_update(),
+                         ids[0]) if ids else []
+        missing = sorted(set(ids) - {r["id"] for r in rows})
+        if missing:
+            raise EscrowTampered(missing[0])
+        for eid in unindexed:
+            self.r.flag(f"escrow_chfs/{eid}", f"the CHF index lost {chf}", conn)
+        for r in rows:
+            # escrow_chfs is an unsealed index: the CHF must be in the sealed record too
+            if not self.intact(r) or chf not in json.loads(r["chf_identifiers"]):
+                raise EscrowTampered(r["id"])
+        return rows
+
+    def one_for_update(self, conn: Any, escrow_id: str) -> dict | None:
+        found = self.rows(conn, select(st.escrows).where(st.escrows.c.id == escrow_id)
+                          .with_for_update(), escrow_id)
+        if not found:
+            return None
+        if not self.intact(found[0]):
+            raise EscrowTampered(escrow_id)
+        return found[0]
+
+    def listing(self, chf: str = "") -> tuple[list[tuple[dict, bool]], dict[str, set[str]]]:
+        """(row, intact) of every record (naming `chf`, through the index or the
+        anchors), and the anchored records the database lost (id -> CHFs)."""
+        anchored = self.anchors().all()
+        q = select(st.escrows).order_by(st.escrows.c.deposited_at)
+        if chf:
+            by_anchor = list(missing_records(anchored, set(), chf))
+            q = q.where(st.escrows.c.id.in_(select(st.escrow_chfs.c.escrow_id).where(
+                st.escrow_chfs.c.chf_identifier == chf)) | st.escrows.c.id.in_(by_anchor))
+        with self.r.store.engine.connect() as conn:
+            rows = self.rows(conn, q, "escrows")
+            present = {r.id for r in conn.execute(select(st.escrows.c.id))}
+        out = []
+        for row in rows:
+            ok = self.intact(row, anchored)
+            if not ok:
+                self.r.flag(f"escrows/{row['id']}", "fails its HSM seal or anchor")
+            out.append((row, ok))
+        lost = missing_records(anchored, present, chf)
+        for eid in sorted(lost):
+            self.r.flag(f"escrows/{eid}", "was deleted from the database")
+        return out, lost
+
+    def chfs_anchored(self, escrow_id: str) -> set[str]:
+        with self.r.partitions.admin.session() as s:
+            values = hk.data_values(s, self.anchors().label(escrow_id))
+        return set().union(*(anchor_chfs(v) for v in values))
+
+    # ------------------------------------------------------------------ writes
+    def insert(self, row: dict, chfs: list[str]) -> None:
+        row["seal"] = self.seal(row)
+        with self.anchors().tx(self.r.store) as (conn, anchor):
+            conn.execute(st.escrows.insert().values(**row))
+            conn.execute(st.escrow_chfs.insert(), [{"escrow_id": row["id"],
+                                                    "chf_identifier": c} for c in chfs])
+            anchor(row["id"], row["seal"], None, payload(row))
+
+    def change(self, conn: Any, anchor: Any, row: dict, **changes: Any) -> dict:
+        """Releases or revocation of a row read verified and locked in this transaction;
+        returns the new row. Compare-and-set on the release count: never release twice."""
+        old_seal = bytes(row["seal"])
+        new = {**row, **changes}
+        new["seal"] = self.seal(new)
+        changed = conn.execute(update(st.escrows).where(
+            st.escrows.c.id == row["id"], st.escrows.c.releases == row["releases"])
+            .values(**changes, seal=new["seal"])).rowcount
+        if changed != 1:
+            return {}
+        anchor(row["id"], new["seal"], old_seal, payload(new))
+        return new
+
+    def add_release(self, conn: Any, escrow_id: str, actor: str, reason: str,
+                    time: dt.datetime) -> None:
+        conn.execute(st.escrow_releases.insert().values(
+            escrow_id=escrow_id, actor=actor, reason=reason[:1000], time=time))
+
+    # ------------------------------------------------------------------ start-up
+    def roll_forward(self) -> int:
+        """A record whose row is not the token's newest anchor (a crash between a change's
+        anchor and its commit, or an older copy put back) takes the release count and
+        revocation that anchor holds, if the record so changed seals to it. A record whose
+        row is gone stays gone (and is found by releases and listings)."""
+        anchors = self.anchors()
+        n = 0
+        try:
+            with self.r.store.engine.connect() as conn:
+                rows = {r["id"]: r for r in self.rows(conn, select(st.escrows), "escrows")}
+        except EscrowTampered:
+            log.error("escrow records that do not even parse were not rolled forward")
+            return 0
+        for eid, values in anchors.all().items():
+            top = newest(values)
+            row = rows.get(eid)
+            if len(top) != 1 or row is None:
+                continue
+            a = top[0]
+            if not self.intact(row, {eid: values}):
+                moved = {**row, "releases": int.from_bytes(a.payload[:4], "big"),
+                         "revoked": a.payload[4:5] == b"\1"}
+                try:
+                    ok = hmac.compare_digest(self.seal(moved), a.seal)
+                except _UNPARSABLE:
+                    ok = False
+                if not ok:
+                    continue
+                with self.r.store.tx() as conn:
+                    conn.execute(update(st.escrows).where(st.escrows.c.id == eid).values(
+                        releases=moved["releases"], revoked=moved["revoked"], seal=a.seal))
+                self.r.flag(f"escrows/{eid}", "rolled forward to the token's newest anchor")
+                n += 1
+            if len(values) > 1:
+                anchors.settle(eid, next(v for v in values if unpack(v) == a))
+        return n
+
+    def reanchor_legacy(self) -> int:
+        """Once, at the upgrade to sealed records (`keysvc.records.upgrade`): records
+        anchored under the old label (or, deposited before anchors existed, not at all) get
+        this database's anchor."""
+        try:
+            with self.r.store.engine.connect() as conn:
+                rows = self.rows(conn, select(st.escrows), "escrows")
+        except EscrowTampered:
+            log.error("upgrade: escrow records that do not even parse were not anchored")
+            rows = []
+        anchors = self.anchors()
+        anchored = anchors.all() if rows else {}
+        with self.r.partitions.admin.session() as s:
+            old = hk.data_by_label(s, ANCHOR_PREFIX)
+        moved = {}
+        for r in rows:
+            try:
+                if r["id"] in anchored or not hmac.compare_digest(self.seal(r),
+                                                                  bytes(r["seal"])):
+                    continue
+            except _UNPARSABLE:
+                continue
+            legacy = old.get(f"{ANCHOR_PREFIX}{r['id']}")
+            if legacy is None or any(hmac.compare_digest(v[:SEAL_BYTES], bytes(r["seal"]))
+                                     for v in legacy):
+                moved[r["id"]] = (bytes(r["seal"]), payload(r))
+        if moved:
+            anchors.add(moved)
+            with self.r.partitions.admin.session() as s:
+                for eid in moved:
+                    hk.destroy_data(s, f"{ANCHOR_PREFIX}{eid}")
+            log.warning("anchored %d escrow records under this database's anchors",
+                        len(moved))
+        return len(moved)
