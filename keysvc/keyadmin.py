@@ -38,6 +38,7 @@ from keysvc.records.operations import OperationRecord
 PURPOSES = ("S1SP_TRANSPORT", "DCO_TRANSPORT", "EXPORT")
 OWNER_TYPES = ("SMSO", "REQUESTING_PARTY", "S1SP")
 OPERATION_TTL = dt.timedelta(hours=24)
+PARTITIONS_WITH_KEYS = ("s1sp", "dco")
 # keysvc's own token objects: a key may not be named like one (reconciliation and
 # destruction go by label).
 RESERVED_LABELS = ("storage-key", "component-seal", "record-seal", "audit-mac", "escrow-seal")
@@ -188,13 +189,28 @@ def _check_new_key_name(app: App, conn, name: str) -> None:
 
 
 def _check_label_free(app: App, purpose: str, name: str) -> None:
-    """The token must not hold an object of that label either (a restored database, a key
-    made outside keysvc): two objects with one label would make both unusable."""
+    """No token may hold an object of that label, nor an anchor of a key of that name (a
+    row deleted from the database, a restored database, a key made outside keysvc): a name
+    is one key across the partitions, or the database could choose which one is meant."""
     if name in RESERVED_LABELS or name.startswith(RESERVED_PREFIXES):
         raise error("INVALID_REQUEST", "that name is reserved for keysvc's own token objects")
-    with app.partitions.for_purpose(purpose).session() as s:
-        if list(s.raw.get_objects({hk.A.LABEL: name})):
-            raise error("KEY_EXISTS", f"the token already holds an object labelled {name!r}")
+    taken = _taken_in_tokens(app, name, "")
+    if taken:
+        raise error("KEY_EXISTS", taken)
+
+
+def _taken_in_tokens(app: App, name: str, op_id: str) -> str:
+    """Why a token already has `name` ("" if no token does), leftovers of operation
+    `op_id`'s own crashed try aside."""
+    for partition in PARTITIONS_WITH_KEYS:
+        with app.partitions.tokens[partition].session() as s:
+            others = [o for o in s.raw.get_objects({hk.A.LABEL: name})
+                      if not op_id or bytes(o[hk.A.ID] or b"") != op_id.encode()]
+        if others:
+            return f"the {partition} token already holds an object labelled {name!r}"
+    if any(other != op_id for other in app.records.keys.anchor_ops(name)):
+        return f"a key named {name!r} is anchored in the token (its record is gone)"
+    return ""
 
 
 def _new_operation(app: App, caller: Caller, op_id: str, kind: str, target: str,
@@ -405,7 +421,7 @@ def _execute(app: App, conn, anchor, op: OperationRecord, p: dict, effects: _Tok
             return "REJECTED", message, refusal
         app.records.keys.insert(conn, anchor, KeyRecord(
             p["name"], op.partition, p["purpose"], "AES", p["owner_id"], p["owner_type"], kcv,
-            "ENABLED", now, op.id))
+            "ENABLED", now, op.id), op.id)
         return "APPROVED", "", ""
     if op.kind == "GENERATE_RECIPIENT_KEY":
         token = app.partitions.for_purpose(p["purpose"])
@@ -417,7 +433,7 @@ def _execute(app: App, conn, anchor, op: OperationRecord, p: dict, effects: _Tok
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
         app.records.keys.insert(conn, anchor, KeyRecord(
             p["name"], op.partition, p["purpose"], "RSA-3072", "", "", "", "ENABLED", now,
-            op.id, pem, tuple(p["allowed_originators"])))
+            op.id, pem, tuple(p["allowed_originators"])), op.id)
         return "APPROVED", "", ""
     key = app.records.keys.get(p["name"], conn, for_update=True)
     if key is None or key.state == "DESTROYED":
@@ -430,7 +446,7 @@ def _execute(app: App, conn, anchor, op: OperationRecord, p: dict, effects: _Tok
         effects.to_destroy.append((app.partitions.tokens[key.partition], key.name))
     new_state = {"DISABLE_KEY": "DISABLED", "ENABLE_KEY": "ENABLED",
                  "DESTROY_KEY": "DESTROYED"}[op.kind]
-    app.records.keys.set_state(conn, anchor, key, new_state)
+    app.records.keys.set_state(conn, anchor, key, new_state, op.id)
     return "APPROVED", "", ""
 
 
@@ -438,18 +454,20 @@ def _name_taken(app: App, conn, op: OperationRecord, name: str, purpose: str) ->
     """Why the new key's name is taken ("" if it is free), checked again at approval."""
     if app.records.keys.exists(conn, name):
         return f"a key named {name!r} exists"
-    if not _label_ready(app.partitions.for_purpose(purpose), name, op.id):
-        return f"the token holds another object labelled {name!r}"
+    taken = _taken_in_tokens(app, name, op.id)
+    if taken:
+        return taken
+    _replace_leftovers(app.partitions.for_purpose(purpose), name, op.id)
     return ""
 
 
-def _label_ready(token: Any, label: str, op_id: str) -> bool:
+def _replace_leftovers(token: Any, label: str, op_id: str) -> None:
     """Before an approval makes its key: objects with this label left by an earlier try of
-    the same operation (a crash before its commit) are destroyed, so a retry replaces them
-    and never adds a second object; any other object with the label refuses the approval."""
+    the same operation (a crash before its commit; the operation is still PENDING in its
+    newest anchor, so no committed key is among them) are destroyed, so that a retry
+    replaces them and never adds a second object."""
     with token.session() as s:
         hk.destroy_with_id(s, label, op_id)
-        return not list(s.raw.get_objects({hk.A.LABEL: label}))
 
 
 def _usage(purpose: str) -> dict:
@@ -548,7 +566,7 @@ def _unseal(app: App, purpose: str, op_id: str, officer: str, sealed: str) -> by
 # --------------------------------------------------------------------------- reads
 def _operation(app: App, op: OperationRecord, intact: bool = True) -> Operation:
     state = op.state
-    if state == "PENDING" and op.created_at + OPERATION_TTL < app.clock():
+    if intact and state == "PENDING" and op.created_at + OPERATION_TTL < app.clock():
         state = "EXPIRED"
     return Operation(op.id, op.kind, op.target, state, op.requested_by, op.approved_by,
                      app.settings.quorum, op.message, op.created_at, intact)

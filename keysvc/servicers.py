@@ -182,18 +182,22 @@ class DCOServicer(rpc.DCOServiceServicer):
 
 # api.md names some responses by their RPC (GetKeyResponse, DisableKeyResponse, ...) where
 # the proto also has the shared type (KeyInfo, Operation, Escrow): same fields, same numbers.
+def _value(enum: Any, name: str) -> int:
+    """An enum's number; 0 (UNSPECIFIED) for a record shown as altered (no values)."""
+    return enum.Value(name) if name in enum.keys() else 0
+
+
 def operation_pb(o: keyadmin.Operation, message: type = pb.Operation) -> Any:
-    return message(operation_id=o.operation_id, state=pb.Operation.State.Value(o.state),
+    return message(operation_id=o.operation_id, state=_value(pb.Operation.State, o.state),
                    kind=o.kind, target=o.target, requested_by=o.requested_by,
                    approved_by=list(o.approved_by), quorum=o.quorum, message=o.message,
                    created_at=ts(o.created_at), seal_intact=o.seal_intact)
 
 
 def key_pb(k: keyadmin.KeyInfo, message: type = pb.KeyInfo) -> Any:
-    return message(name=k.name, purpose=pb.KeyPurpose.Value(k.purpose),
-                   owner_id=k.owner_id,
-                   owner_type=pb.OwnerType.Value(k.owner_type) if k.owner_type else 0,
-                   algorithm=k.algorithm, kcv=k.kcv, state=pb.KeyInfo.State.Value(k.state),
+    return message(name=k.name, purpose=_value(pb.KeyPurpose, k.purpose),
+                   owner_id=k.owner_id, owner_type=_value(pb.OwnerType, k.owner_type),
+                   algorithm=k.algorithm, kcv=k.kcv, state=_value(pb.KeyInfo.State, k.state),
                    created_at=ts(k.created_at), public_key_pem=k.public_key_pem,
                    allowed_originators=list(k.allowed_originators),
                    seal_intact=k.seal_intact)

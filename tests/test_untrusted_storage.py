@@ -545,3 +545,153 @@ def test_an_approved_import_stays_intact_with_the_request_its_approvals_name(any
     assert (op.state, op.seal_intact) == ("APPROVED", True)
     with app.store.engine.connect() as conn:
         assert app.records.operations.get(conn, op_id).state == "APPROVED"
+
+
+# --------------------------------------------------------------------------- start-up decides on the token's word
+def _insert(app, table: str, row: dict) -> None:
+    cols = ", ".join(row)
+    sql(app, f"INSERT INTO {table} ({cols}) VALUES ({', '.join(':' + c for c in row)})", **row)
+
+
+def test_start_up_rolls_a_deleted_key_and_an_edited_operation_back_from_the_token(any_app):
+    """Decisions come from anchors, never rows: an operation edited in place (its seal
+    column untouched) cannot make start-up forget the key it made."""
+    from keysvc.records.reconcile import reconcile
+    app = any_app
+    name, kit = _transport_key(app)
+    op_id = _snapshot(app, "keys", "name", name)["key_id"]
+    sql(app, "UPDATE operations SET message='x' WHERE id=:i", i=op_id)
+    sql(app, "DELETE FROM keys WHERE name=:n", n=name)
+    reconcile(app.records)
+    assert keyadmin.get_key(app, name).state == "ENABLED"
+    assert kit.process(kit.file(kit.installations(1))).installations[0].status == "ACCEPTED"
+    assert [o.seal_intact for o in keyadmin.list_operations(app)
+            if o.operation_id == op_id] == [True]
+
+
+def test_a_name_is_one_key_across_partitions_even_when_its_row_is_deleted(any_app):
+    app = any_app
+    name = unique("TK")
+    load_aes_key(app, name, os.urandom(32), purpose="DCO_TRANSPORT", owner_id="SMSO-LG-01")
+    sql(app, "DELETE FROM keys WHERE name=:n", n=name)
+    refused(load_aes_key, app, name, os.urandom(32), purpose="S1SP_TRANSPORT",
+            owner_id="SMSO-LG-01", code="KEY_EXISTS")
+
+
+def test_a_key_change_whose_operation_never_anchored_is_discarded_at_start(app, monkeypatch):
+    """An approval cut (kill -9, or an HSM error its rollback cannot undo) after the key's
+    new anchor and before its operation's: the change never committed, so start-up removes
+    that anchor; the key and its material stay, the operation stays PENDING."""
+    from keysvc.anchors import Anchors
+    from keysvc.records.reconcile import reconcile
+    name, kit = _transport_key(app)
+    op = keyadmin.change_key_state(app, OFFICER_1, name, "DESTROY_KEY")
+
+    def cut(*args, **kwargs):
+        raise RuntimeError("cut")
+    monkeypatch.setattr(Anchors, "_forget", lambda self, anchors, after: None)
+    monkeypatch.setattr(app.records.operations, "update", cut)
+    with pytest.raises(RuntimeError):
+        keyadmin.approve(app, OFFICER_2, op.operation_id)
+    monkeypatch.undo()
+    reconcile(app.records)
+    assert keyadmin.get_key(app, name).state == "ENABLED"
+    assert _token_has(app, name)
+    assert [o.state for o in keyadmin.list_operations(app)
+            if o.operation_id == op.operation_id] == ["PENDING"]
+
+
+def test_a_replica_starting_during_an_approval_waits_for_it_and_keeps_the_new_key(app,
+                                                                                 monkeypatch):
+    import threading
+    import time
+
+    from keysvc import faults
+    from keysvc.records.reconcile import reconcile
+    from tests.conftest import make_app
+    other = make_app(app.settings.state_dir, app.partitions, str(app.store.engine.url))
+    key, c1 = os.urandom(32), os.urandom(32)
+    name = unique("S1SP-TK")
+    op = keyadmin.import_transport_key(app, OFFICER_1, name=name, purpose="S1SP_TRANSPORT",
+                                       owner_id="SMSO-LG-01", owner_type="SMSO",
+                                       expected_kcv=enc.kcv(key), component=c1)
+    started = threading.Event()
+    replica = threading.Thread(target=lambda: (started.set(), reconcile(other.records)))
+    real = faults.point
+
+    def point(where):
+        if where == "approve.after_token_object":
+            replica.start()     # replica B starts while A's object has no record yet
+            started.wait()
+            time.sleep(0.5)     # ... and reaches the operation's lock
+        real(where)
+    monkeypatch.setattr(faults, "point", point)
+    keyadmin.approve(app, OFFICER_2, op.operation_id,
+                     component=bytes(a ^ b for a, b in zip(key, c1)))
+    replica.join(60)
+    monkeypatch.undo()
+    assert keyadmin.get_key(app, name).state == "ENABLED"
+    assert _token_has(app, name)
+    other.store.close()
+
+
+@pytest.mark.parametrize("edit", ["keys:seal='text'", "escrows:deposited_at='not a date'"])
+def test_one_altered_row_never_stops_the_start(app, edit):
+    from keysvc.records.reconcile import reconcile
+    from tests.test_escrow import _deposit_for_seal
+    table, change = edit.split(":")
+    if table == "keys":
+        name, _ = _transport_key(app)
+        sql(app, f"UPDATE keys SET {change} WHERE name=:n", n=name)
+        reconcile(app.records)
+        assert keyadmin.get_key(app, name).state == "ENABLED"  # rolled forward, repaired
+    else:
+        eid, _ = _deposit_for_seal(app)
+        sql(app, f"UPDATE escrows SET {change} WHERE id=:e", e=eid)
+        app.records.escrows.roll_forward()
+
+
+def test_an_operation_with_an_unknown_partition_is_listed_as_altered(any_app):
+    app = any_app
+    name, _ = _transport_key(app)
+    op = keyadmin.change_key_state(app, OFFICER_1, name, "DESTROY_KEY")
+    sql(app, "UPDATE operations SET partition='zzz' WHERE id=:i", i=op.operation_id)
+    assert [o.seal_intact for o in keyadmin.list_operations(app)
+            if o.operation_id == op.operation_id] == [False]
+
+
+def test_a_file_sent_again_after_its_keys_file_id_was_moved_is_record_seal_invalid(
+        s1sp_world):
+    app, _ = s1sp_world
+    kit = Kit(app)
+    fid = unique("MGEF")
+    data = kit.file(kit.installations(1), file_id=fid)
+    assert kit.process(data).installations[0].status == "ACCEPTED"
+    sql(app, "UPDATE device_keys SET file_id='elsewhere' WHERE file_id=:f", f=fid)
+    sql(app, "DELETE FROM migration_files WHERE file_id=:f", f=fid)
+    refused(kit.process, data)
+
+
+@pytest.mark.parametrize("table,edit,rpc", [
+    ("keys", "purpose='BOGUS'", "ListKeys"),
+    ("keys", "state='BOGUS'", "ListKeys"),
+    ("keys", "allowed_originators='[1]'", "ListKeys"),
+    ("operations", "state='BOGUS'", "ListOperations"),
+    ("operations", "state='PENDING', created_at='9999-12-31 23:00:00.000000'",
+     "ListOperations")])
+def test_an_altered_record_is_listed_as_altered_never_internal(tamper_server, table, edit,
+                                                                rpc):
+    import sqlite3
+
+    from keysvc.api.v1 import keysvc_pb2 as pb
+    srv = tamper_server
+    name = unique("S1SP-TK")
+    srv.import_aes_key(name, os.urandom(32), purpose="S1SP_TRANSPORT", owner_id="SMSO-LG-01")
+    column = "name" if table == "keys" else "target"
+    with sqlite3.connect(srv.state_dir / "keysvc.db") as db:
+        db.execute(f"UPDATE {table} SET {edit} WHERE {column}=?", (name,))
+    response = getattr(srv.as_("security-officer-1").admin, rpc)(
+        getattr(pb, f"{rpc}Request")())
+    listed = response.keys if table == "keys" else response.operations
+    altered = [x for x in listed if not x.seal_intact]
+    assert altered and all(x.state == 0 for x in altered)

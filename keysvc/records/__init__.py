@@ -96,17 +96,6 @@ class Records:
         """Current seals of this database's changing records, in the partition's token."""
         return Anchors(self.partitions.tokens[partition], f"rec:{self.instance}:")
 
-    def current_seal(self, record_id: str) -> bytes | None:
-        """The seal the database holds for an anchored record ("key/NAME", "op/ID")."""
-        kind, _, key = record_id.partition("/")
-        table, column = {"key": (st.keys, st.keys.c.name),
-                         "op": (st.operations, st.operations.c.id)}.get(kind, (None, None))
-        if table is None:
-            return None
-        with self.store.engine.connect() as conn:
-            seal = conn.execute(select(table.c.seal).where(column == key)).scalar()
-        return bytes(seal) if seal else None
-
     def fetch(self, conn: Any, query: Any, record: str, *, one: bool = True) -> Any:
         """Run a read; a value the database cannot even hand over as its type (a date
         that is not a date, say) is a malformed record, refused like an altered one."""
@@ -120,6 +109,25 @@ class Records:
             with self.store.engine.connect() as c:
                 return run(c)
         return run(conn)
+
+    def fetch_each(self, table: Any, key: Any, order: Any) -> list[tuple[Any, Any]]:
+        """(key value, row or None) for every row of a listing. Rows come in one read; if
+        a value does not even convert to its type, one by one, so that only that record
+        is shown as altered (None) and the listing still works."""
+        try:
+            with self.store.engine.connect() as conn:
+                return [(getattr(r, key.name), r) for r in
+                        conn.execute(select(table).order_by(order)).all()]
+        except (ValueError, TypeError, OverflowError, UnicodeDecodeError):
+            pass
+        out = []
+        with self.store.engine.connect() as conn:
+            for (k,) in conn.execute(select(key).order_by(order)).all():
+                try:
+                    out.append((k, conn.execute(select(table).where(key == k)).first()))
+                except (ValueError, TypeError, OverflowError, UnicodeDecodeError):
+                    out.append((k, None))
+        return out
 
     def refuse(self, conn: Any, record: str, why: str) -> KeysvcError:
         """The error for a record that fails its seal or anchor; its audit event is written

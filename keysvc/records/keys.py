@@ -20,6 +20,7 @@ from hsm import HsmKeyNotFound
 from hsm import keys as hk
 from keysvc import store as st
 from keysvc.anchors import anchored as is_anchored
+from keysvc.anchors import unpack
 from keysvc.records.seal import canonical, decode, parse_utc
 
 if TYPE_CHECKING:
@@ -46,6 +47,12 @@ class KeyRecord:
     public_key_pem: str = ""
     allowed_originators: tuple[str, ...] = field(default_factory=tuple)
 
+    @classmethod
+    def placeholder(cls, name: str) -> "KeyRecord":
+        """An altered record as listings show it: its name, nothing the row claims."""
+        return cls(name, "", "", "", "", "", "", "", dt.datetime.min.replace(
+            tzinfo=dt.timezone.utc), "")
+
     @property
     def is_aes(self) -> bool:
         return self.algorithm == "AES"
@@ -63,6 +70,20 @@ class KeyRecord:
                 "created_at": self.created_at, "key_id": self.key_id,
                 "public_key_pem": self.public_key_pem,
                 "allowed_originators": st.dumps(list(self.allowed_originators))}
+
+
+def anchor_payload(op_id: str, record: bytes) -> bytes:
+    """A key anchor carries the operation whose approval made the change, then the record:
+    start-up rolls a key forward only if that operation's own newest anchor is APPROVED
+    (the operation is anchored after the key, so otherwise the change never committed)."""
+    return canonical("key-anchor", op_id, record)
+
+
+def parse_anchor_payload(payload: bytes) -> tuple[str, bytes]:
+    f = decode(payload)
+    if len(f) != 3 or f[0] != b"key-anchor":
+        raise ValueError("not a key anchor")
+    return f[1].decode(), f[2]
 
 
 def from_canonical(data: bytes) -> KeyRecord:
@@ -110,21 +131,25 @@ class Keys:
         """Every record with whether it is intact; altered ones are listed (and audited)
         so that officers see them, in every listing: the filter is applied to verified
         records only, since an altered purpose must not hide a record from its own."""
-        rows = self.r.fetch(None, select(st.keys).order_by(st.keys.c.name), "keys", one=False)
+        rows = self.r.fetch_each(st.keys, st.keys.c.name, st.keys.c.name)
         out = []
-        anchored = {p: self.r.anchors(p).all() for p in {r.partition for r in rows}
-                    if p in self.r.sealers}
-        for row in rows:
+        anchored = {p: self.r.anchors(p).all() for p in self.r.sealers}
+        for name, row in rows:
+            if row is None:
+                self.r.flag(f"keys/{name}", "is malformed")
+                out.append((KeyRecord.placeholder(str(name)), False))
+                continue
             try:
                 rec = _record(row)
                 ok = self._seal_ok(rec, row.seal) and is_anchored(
                     anchored.get(rec.partition, {}).get(f"key/{rec.name}", []), row.seal)
             except Exception:
-                ok, rec = False, None
+                ok = False
             if not ok:
                 self.r.flag(f"keys/{row.name}", "fails its HSM seal or anchor")
-            if rec is not None and (not ok or not purpose or rec.purpose == purpose):
-                out.append((rec, ok))
+                out.append((KeyRecord.placeholder(str(row.name)), False))
+            elif not purpose or rec.purpose == purpose:
+                out.append((rec, True))
         return out
 
     def _seal_ok(self, rec: KeyRecord, seal: bytes | None) -> bool:
@@ -161,22 +186,54 @@ class Keys:
                                 "does not match its token object (CKA_ID or usage)")
 
     # ------------------------------------------------------------------ writes
-    def insert(self, conn: Any, anchor: Any, rec: KeyRecord) -> None:
-        """In an anchors transaction of the record's partition (`Records.anchors(p).tx`)."""
+    def insert(self, conn: Any, anchor: Any, rec: KeyRecord, op_id: str = "") -> None:
+        """In an anchors transaction of the record's partition (`Records.anchors(p).tx`).
+        `op_id`: the operation whose approval makes the key ("" for none)."""
         data = rec.canonical()
         seal = self.r.sealers[rec.partition].seal(data)
+        for other in self.anchor_ops(rec.name):
+            if other != op_id:  # only a crashed try of this same operation may be replaced
+                raise self.r.refuse(conn, f"keys/{rec.name}", "another key of this name is "
+                                    "anchored in the token")
         conn.execute(st.keys.insert().values(**rec.row(), seal=seal))
-        anchor(f"key/{rec.name}", seal, None, data)
+        anchor(f"key/{rec.name}", seal, None, anchor_payload(op_id, data))
 
-    def set_state(self, conn: Any, anchor: Any, rec: KeyRecord, state: str) -> KeyRecord:
+    def set_state(self, conn: Any, anchor: Any, rec: KeyRecord, state: str,
+                  op_id: str = "") -> KeyRecord:
         """`rec` was read verified in this transaction (for_update)."""
         new = replace(rec, state=state)
         data = new.canonical()
         old, seal = self.r.sealers[rec.partition].seal_many([rec.canonical(), data])
         conn.execute(update(st.keys).where(st.keys.c.name == rec.name)
                      .values(state=state, seal=seal))
-        anchor(f"key/{rec.name}", seal, old, data)
+        anchor(f"key/{rec.name}", seal, old, anchor_payload(op_id, data))
         return new
+
+    def anchor_ops(self, name: str) -> list[str]:
+        """The operations named by the anchors of key `name`, in every partition's token
+        (a key name is one key across partitions)."""
+        ops = []
+        for p in self.r.sealers:
+            a = self.r.anchors(p)
+            with a.token.session() as s:
+                for v in hk.data_values(s, a.label(f"key/{name}")):
+                    try:
+                        ops.append(parse_anchor_payload(unpack(v).payload)[0])
+                    except ValueError:
+                        ops.append("?")
+        return ops
+
+    def get_row_partition(self, conn: Any, name: str) -> str | None:
+        return conn.execute(select(st.keys.c.partition).where(st.keys.c.name == name)).scalar()
+
+    def matches(self, name: str, data: bytes, seal: bytes) -> bool:
+        """Does the database hold exactly this record, with this seal?"""
+        try:
+            row = self.r.fetch(None, select(st.keys).where(st.keys.c.name == name), "keys")
+            return (row is not None and bytes(row.seal or b"") == seal
+                    and _record(row).canonical() == data)
+        except Exception:
+            return False
 
     def restore(self, conn: Any, rec: KeyRecord, seal: bytes) -> None:
         """Start-up: the database takes the record the token's newest anchor holds."""

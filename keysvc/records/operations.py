@@ -51,6 +51,12 @@ class OperationRecord:
     created_at: dt.datetime
     updated_at: dt.datetime
 
+    @classmethod
+    def placeholder(cls, op_id: str) -> "OperationRecord":
+        """An altered record as listings show it: its id, nothing the row claims."""
+        t = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+        return cls(op_id, "", "", "", "", "", (), {}, "", t, t)
+
     @property
     def request(self) -> dict:
         return {k: v for k, v in self.payload.items() if k not in MUTABLE_PAYLOAD}
@@ -167,12 +173,15 @@ class Operations:
         return op
 
     def list(self) -> list[tuple[OperationRecord, bool]]:
-        rows = self.r.fetch(None, select(st.operations).order_by(st.operations.c.created_at),
-                            "operations", one=False)
-        anchors = {p: self.r.anchors(p).all() for p in {r.partition for r in rows}
-                   if p in self.r.sealers}
+        rows = self.r.fetch_each(st.operations, st.operations.c.id,
+                                 st.operations.c.created_at)
+        anchors = {p: self.r.anchors(p).all() for p in self.r.sealers}
         out = []
-        for row in rows:
+        for op_id, row in rows:
+            if row is None:
+                self.r.flag(f"operations/{op_id}", "is malformed")
+                out.append((OperationRecord.placeholder(str(op_id)), False))
+                continue
             try:
                 op = _record(row)
                 ok = (self.r.sealers[op.partition].valid(op.canonical(), row.seal)
@@ -180,11 +189,11 @@ class Operations:
                       and is_anchored(anchors[op.partition].get(f"op/{op.id}", []),
                                       row.seal))
             except Exception:
-                self.r.flag(f"operations/{row.id}", "is malformed")
-                continue
+                ok = False
             if not ok:
                 self.r.flag(f"operations/{row.id}", "fails its HSM seal, approvals or "
                                                     "anchor")
+                op = OperationRecord.placeholder(str(row.id))
             out.append((op, ok))
         return out
 
@@ -214,6 +223,16 @@ class Operations:
                      .values(**row, seal=seal))
         anchor(f"op/{old.id}", seal, old_seal, data)
         return new
+
+    def matches(self, op_id: str, data: bytes, seal: bytes) -> bool:
+        """Does the database hold exactly this record, with this seal?"""
+        try:
+            row = self.r.fetch(None, select(st.operations).where(st.operations.c.id == op_id),
+                               "operations")
+            return (row is not None and bytes(row.seal or b"") == seal
+                    and _record(row).canonical() == data)
+        except Exception:
+            return False
 
     def restore(self, conn: Any, op: OperationRecord, seal: bytes) -> None:
         """Start-up: the database takes the record the token's newest anchor holds."""

@@ -3,31 +3,37 @@
 The token and the database cannot commit together. keysvc orders its changes so that the
 token always knows at least as much as the database:
 - a changing record (key, operation) anchors its new seal, a generation newer, with the
-  whole new record, before the commit (keysvc/anchors.py). The newest anchor is the truth:
-  if the database does not hold it (a crash before or after the commit, or an older copy
-  put back), the database is rolled forward to it here, and older anchors are removed. A
-  new key whose creating operation is not APPROVED (the approval never committed) is not
-  rolled forward; its anchor goes;
+  whole new record, before the commit (keysvc/anchors.py), and an approval anchors the
+  keys it changes before the operation itself. The newest anchor of an operation is the
+  truth: the database is rolled forward to it. The newest anchor of a key is the truth only
+  if the operation that made it is APPROVED in its own newest anchor (an upgrade's or a
+  registration's anchor names none); otherwise that change never committed, and its anchor
+  goes. Every decision is taken from anchors whose seals verify in the HSM, never from
+  database rows, and every anchor removed or record rolled forward is audited;
 - every key object an operation makes carries that operation's id in CKA_ID. One whose
   record names it is kept; one whose operation is verifiably not APPROVED was made by an
   approval that never committed, and is destroyed; the object of a DESTROYED key is
-  destroyed (its destruction runs after the commit); anything else is kept and reported
-  (audited): key material is never destroyed on the database's word alone;
+  destroyed (its destruction runs after the commit); anything else is kept and reported:
+  key material is never destroyed on the database's word alone. Each decision is taken
+  under the operation's row lock, so an approval running on another replica is waited for;
 - an import job's row commits before its RSA pair is made: a pair (CKA_ID = its job's id)
   whose job has no row was left by a deleted row, and is destroyed.
+One record that cannot be reconciled is reported and left; it never stops the start.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+
+from sqlalchemy.exc import IntegrityError
 
 from hsm import keys as hk
-from keysvc.anchors import newest, unpack
+from keysvc.anchors import Anchored, newest, unpack
 from keysvc.errors import KeysvcError
 from keysvc.records import SEALING_PARTITIONS, Records
 from keysvc.records.import_jobs import LABEL_PREFIX
 from keysvc.records.keys import from_canonical as key_from
+from keysvc.records.keys import parse_anchor_payload
 from keysvc.records.operations import from_canonical as operation_from
 
 log = logging.getLogger("keysvc.records.reconcile")
@@ -36,6 +42,7 @@ log = logging.getLogger("keysvc.records.reconcile")
 @dataclass
 class Reconciled:
     rolled_forward: int = 0
+    discarded: int = 0
     kept: int = 0
     destroyed: int = 0
     orphan_pairs: int = 0
@@ -45,60 +52,105 @@ class Reconciled:
 def reconcile(records: Records) -> Reconciled:
     out = Reconciled()
     for partition in SEALING_PARTITIONS:
-        _roll_forward(records, partition, "op/", out)   # operations first: a new key
-        _roll_forward(records, partition, "key/", out)  # depends on its operation
+        _anchored_records(records, partition, out)
         _objects(records, partition, out)
     if out != Reconciled(kept=out.kept):
         log.warning("reconciled the tokens with the records: %s", out)
     return out
 
 
-def _roll_forward(records: Records, partition: str, kind: str, out: Reconciled) -> None:
+def _newest_sealed(records: Records, partition: str, values: list[bytes],
+                   record_of=lambda payload: payload) -> Anchored | None:
+    """The newest anchor, if there is one and the record it carries seals to its seal."""
+    top = newest(values)
+    if len(top) != 1:
+        return None
+    try:
+        record = record_of(top[0].payload)
+    except ValueError:
+        return None
+    return top[0] if records.sealers[partition].valid(record, top[0].seal) else None
+
+
+def _anchored_records(records: Records, partition: str, out: Reconciled) -> None:
     anchors = records.anchors(partition)
-    sealer = records.sealers[partition]
-    for rid, values in anchors.all().items():
-        if not rid.startswith(kind):
-            continue
-        top = newest(values)
-        if len(top) != 1 or not sealer.valid(top[0].payload, top[0].seal):
-            records.flag(f"token/{partition}/{rid}", "its anchors do not name one sealed "
-                                                     "record; left as they are")
-            continue
-        a = top[0]
-        keep = next(v for v in values if unpack(v) == a)
-        if records.current_seal(rid) != a.seal:
-            if not _restore(records, kind, a, anchors, rid):
-                continue
-            out.rolled_forward += 1
-            records.flag(f"{'keys' if kind == 'key/' else 'operations'}/{rid[len(kind):]}",
-                         "rolled forward to the token's newest anchor")
-        if len(values) > 1:
-            anchors.settle(rid, keep)
-
-
-def _restore(records: Records, kind: str, a: Any, anchors: Any, rid: str) -> bool:
-    """Write the anchored record into the database; False if it must not be."""
-    if kind == "op/":
-        op = operation_from(a.payload)
-        with records.store.tx() as conn:
-            records.operations.restore(conn, op, a.seal)
-        return True
-    rec = key_from(a.payload)
-    if a.generation == 1 and rec.key_id.startswith("op-"):
-        # A new key: only if the approval that made it committed (its operation is
-        # APPROVED, itself rolled forward first); else its creation never happened.
+    everything = anchors.all()
+    approved: dict[str, bool] = {}
+    for rid in sorted(everything, key=lambda r: not r.startswith("op/")):  # operations first
         try:
-            with records.store.engine.connect() as conn:
-                op = records.operations.get(conn, rec.key_id)
-        except KeysvcError:
-            op = None
-        if op is None or op.state != "APPROVED":
+            if rid.startswith("op/"):
+                approved[rid[3:]] = _operation(records, partition, rid, everything[rid], out)
+            elif rid.startswith("key/"):
+                _key(records, partition, rid, everything[rid], approved, out)
+        except Exception as exc:  # one record never stops the start
+            records.flag(f"token/{partition}/{rid}", f"not reconciled ({type(exc).__name__})")
+            out.reported += 1
+
+
+def _operation(records: Records, partition: str, rid: str, values: list[bytes],
+               out: Reconciled) -> bool:
+    """Roll the operation forward to its newest anchor; returns whether it is APPROVED."""
+    a = _newest_sealed(records, partition, values)
+    if a is None:
+        records.flag(f"token/{partition}/{rid}", "its anchors do not name one sealed record")
+        out.reported += 1
+        return False
+    op = operation_from(a.payload)
+    if not records.operations.matches(op.id, a.payload, a.seal):
+        try:
+            with records.store.tx() as conn:
+                records.operations.restore(conn, op, a.seal)
+        except IntegrityError:
+            pass  # another replica committed it meanwhile
+        records.flag(f"operations/{op.id}", "rolled forward to the token's newest anchor")
+        out.rolled_forward += 1
+    _settle(records, partition, rid, values, a)
+    return op.state == "APPROVED"
+
+
+def _key(records: Records, partition: str, rid: str, values: list[bytes],
+         approved: dict[str, bool], out: Reconciled) -> None:
+    anchors = records.anchors(partition)
+    while values:
+        a = _newest_sealed(records, partition, values, lambda p: parse_anchor_payload(p)[1])
+        if a is None:
+            records.flag(f"token/{partition}/{rid}", "its anchors do not name one sealed "
+                                                     "record")
+            out.reported += 1
+            return
+        op_id, data = parse_anchor_payload(a.payload)
+        if op_id and not approved.get(op_id, False):
+            # The approval that anchored this never anchored its operation as APPROVED,
+            # so it never committed: its anchor goes, the one before it (if any) stays.
+            value = next(v for v in values if unpack(v) == a)
             with anchors.token.session() as s:
-                hk.destroy_data(s, anchors.label(rid))
-            return False
-    with records.store.tx() as conn:
-        records.keys.restore(conn, rec, a.seal)
-    return True
+                hk.destroy_data(s, anchors.label(rid), lambda v: v == value)
+            values = [v for v in values if v != value]
+            records.flag(f"token/{partition}/{rid}", f"anchor of an approval of {op_id} that "
+                                                     "never committed; removed")
+            out.discarded += 1
+            continue
+        rec = key_from(data)
+        if not records.keys.matches(rec.name, data, a.seal):
+            try:
+                with records.store.tx() as conn:
+                    existing = records.keys.get_row_partition(conn, rec.name)
+                    if existing not in (None, rec.partition):
+                        raise records.refuse(conn, f"keys/{rec.name}", "the database holds "
+                                             "a key of this name in another partition")
+                    records.keys.restore(conn, rec, a.seal)
+            except IntegrityError:
+                pass
+            records.flag(f"keys/{rec.name}", "rolled forward to the token's newest anchor")
+            out.rolled_forward += 1
+        _settle(records, partition, rid, values, a)
+        return
+
+
+def _settle(records: Records, partition: str, rid: str, values: list[bytes],
+            a: Anchored) -> None:
+    if len(values) > 1:
+        records.anchors(partition).settle(rid, next(v for v in values if unpack(v) == a))
 
 
 def _objects(records: Records, partition: str, out: Reconciled) -> None:
@@ -111,17 +163,32 @@ def _objects(records: Records, partition: str, out: Reconciled) -> None:
         if (label, key_id) in seen:
             continue  # the two halves of an RSA pair
         seen.add((label, key_id))
-        if label.startswith(LABEL_PREFIX):
-            job_id = label[len(LABEL_PREFIX):]
-            if job_id not in jobs and key_id in (job_id, ""):
-                with token.session() as s:
-                    hk.destroy_with_id(s, label, key_id)
-                out.orphan_pairs += 1
-            continue
-        if not key_id.startswith("op-"):
-            continue
         try:
-            rec = records.keys.get(label)
+            _object(records, partition, token, label, key_id, jobs, out)
+        except Exception as exc:
+            records.flag(f"token/{partition}/{label}", f"not reconciled ({type(exc).__name__})")
+            out.reported += 1
+
+
+def _object(records: Records, partition: str, token, label: str, key_id: str,
+            jobs: set[str], out: Reconciled) -> None:
+    if label.startswith(LABEL_PREFIX):
+        job_id = label[len(LABEL_PREFIX):]
+        if job_id not in jobs and key_id in (job_id, ""):
+            with token.session() as s:
+                hk.destroy_with_id(s, label, key_id)
+            out.orphan_pairs += 1
+        return
+    if not key_id.startswith("op-"):
+        return
+    # Under the operation's row lock: an approval running elsewhere holds it until it ends.
+    with records.store.tx() as conn:
+        try:
+            op = records.operations.get(conn, key_id, for_update=True)
+        except KeysvcError:
+            op = None
+        try:
+            rec = records.keys.get(label, conn)
         except KeysvcError:
             rec = None
         if rec is not None and rec.key_id == key_id:
@@ -131,17 +198,12 @@ def _objects(records: Records, partition: str, out: Reconciled) -> None:
                 out.destroyed += 1
             else:
                 out.kept += 1
-            continue
-        try:
-            with records.store.engine.connect() as conn:
-                op = records.operations.get(conn, key_id)
-        except KeysvcError:
-            op = None
+            return
         if op is not None and op.state != "APPROVED" and op.target == label:
             with token.session() as s:
                 hk.destroy_with_id(s, label, key_id)
             out.destroyed += 1
-        else:
-            records.flag(f"token/{partition}/{label}", f"object {key_id} has no record "
-                         "that accounts for it; kept")
-            out.reported += 1
+            return
+    records.flag(f"token/{partition}/{label}", f"object {key_id} has no record that "
+                                               "accounts for it; kept")
+    out.reported += 1

@@ -88,23 +88,36 @@ class _StoredKeys:
         return keys
 
     def has_file(self, file_id: str) -> bool:
-        """Whether any stored key came from this MigrationFileID."""
+        """Whether any stored key came from this MigrationFileID (a row whose file id was
+        changed is not found here, and is refused by `files_of` when the file's devices
+        are checked)."""
         with self.r.store.engine.connect() as conn:
             return conn.execute(select(self.table.c.device_id).where(
                 self.table.c.file_id == file_id).limit(1)).first() is not None
 
     def files_of(self, devices: list[str], *, not_file: str = "") -> dict[str, str]:
-        """device -> the MigrationFileID its stored keys came from. Unverified: a forged
-        row only refuses a device (DUPLICATE_IDENTIFIER), it never gives one a key."""
+        """device -> the MigrationFileID its stored keys came from, each row verified: the
+        answer becomes part of a sealed result (DUPLICATE_IDENTIFIER), so a forged row is
+        refused rather than believed. A new file's devices usually have no rows at all."""
         out: dict[str, str] = {}
-        with self.r.store.engine.connect() as conn:
-            for i in range(0, len(devices), 500):
-                q = select(self.table.c.device_id, self.table.c.file_id).where(
-                    self.table.c.device_id.in_(devices[i:i + 500]))
-                if not_file:
-                    q = q.where(self.table.c.file_id != not_file)
-                for row in conn.execute(q):
-                    out[row.device_id] = row.file_id
+        for i in range(0, len(devices), 500):
+            q = select(self.table).where(self.table.c.device_id.in_(devices[i:i + 500]))
+            if not_file:
+                q = q.where(self.table.c.file_id != not_file)
+            rows = self.r.fetch(None, q, self.table.name, one=False)
+            if not rows:
+                continue
+            try:
+                keys = [self._stored(r) for r in rows]
+            except (ValueError, TypeError):
+                raise self.r.refuse(None, self.table.name, "is malformed") from None
+            ok = self.r.sealers[self.partition].valid_many(
+                [(self.canonical(k), r.seal) for k, r in zip(keys, rows)])
+            for k, good in zip(keys, ok):
+                if not good:
+                    raise self.r.refuse(None, f"{self.table.name}/{k.device_id}/{k.role}/"
+                                              f"{k.name}", "fails its HSM seal")
+                out[k.device_id] = k.file_id
         return out
 
 

@@ -28,6 +28,7 @@ from keysvc import store as st
 from keysvc.records import Records
 from keysvc.records.import_jobs import _record as job_record
 from keysvc.records.keys import _record as key_record
+from keysvc.records.keys import anchor_payload
 from keysvc.records.operations import Approval, OperationRecord, _approvals_json
 from keysvc.records.seal import canonical
 
@@ -69,7 +70,7 @@ def _keys(records: Records) -> int:
         with records.anchors(rec.partition).tx(records.store) as (conn, anchor):
             conn.execute(update(st.keys).where(st.keys.c.name == rec.name)
                          .values(key_id=key_id, seal=seal))
-            anchor(f"key/{rec.name}", seal, None, rec.canonical())
+            anchor(f"key/{rec.name}", seal, None, anchor_payload("", rec.canonical()))
     return len(rows)
 
 
