@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import gc
 import logging
 import signal
 import threading
@@ -211,8 +212,24 @@ def build_server(app: App, listen: str) -> tuple[grpc.Server, int, HealthWatch]:
     return server, port, watch
 
 
+# Garbage collection: a 1,000-entry file allocates some 10^5 short-lived objects (parsed
+# elements, per-key records and rows); with CPython's default first threshold (700) the
+# collector runs hundreds of times a file and each older-generation pass walks every live
+# object. Measured on the DCO path (bench/, 1,000 entries): the default costs 5-10 ms a file
+# of XML parsing alone; a first threshold of 50,000 brings it back to parsing speed.
+# Start-up's long-lived objects are frozen out of every later pass.
+GC_THRESHOLDS = (50_000, 20, 10)
+
+
+def tune_gc() -> None:
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None) -> int:
     server, port, watch = build_server(app, listen)
+    tune_gc()
     server.start()
     watch.start()
     if app.settings.metrics_listen:

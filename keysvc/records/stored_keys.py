@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from sqlalchemy import Table, select
 
 from keysvc import store as st
-from keysvc.records.seal import LoopSealer, canonical
+from keysvc.records.seal import _LENGTH, LoopSealer
 
 if TYPE_CHECKING:
     from keysvc.records import Records
@@ -46,8 +46,12 @@ class _StoredKeys:
         self.r = records
 
     def canonical(self, k: StoredKey) -> bytes:
-        return canonical(self.kind, k.device_id, k.role, k.name, k.chf_identifier,
-                         k.file_id, k.key_version, k.kcv, k.wrapped)
+        """`seal.canonical(kind, device, role, name, CHF, file, version, KCV, wrapped)`,
+        spelt out: it runs once per stored key on the hot paths."""
+        parts = [self.kind.encode(), k.device_id.encode(), k.role.encode(), k.name.encode(),
+                 k.chf_identifier.encode(), k.file_id.encode(), str(k.key_version).encode(),
+                 k.kcv.encode(), k.wrapped]
+        return b"".join([_LENGTH(len(b)) + b for b in parts])
 
     def loop_sealer(self, session: Any) -> Callable[[StoredKey], bytes]:
         """Seals rows inside the per-key HSM loop (a session retired after use)."""
