@@ -106,11 +106,19 @@ class Anchors:
             for rid, (seal, payload) in seals.items():
                 hk.put_data(s, self.label(rid), pack(seal, 1, payload))
 
-    def settle(self, record_id: str, keep: bytes) -> None:
-        """Remove every anchor of the record but the value `keep` (start-up, once the
-        database holds the newest generation)."""
+    def newest(self, record_id: str) -> list[Anchored]:
+        """The record's newest anchors, read afresh."""
         with self.token.session() as s:
-            hk.destroy_data(s, self.label(record_id), lambda v: v != keep)
+            return newest(hk.data_values(s, self.label(record_id)))
+
+    def settle(self, record_id: str, keep: bytes) -> None:
+        """Remove the record's anchors older than `keep` (start-up, once the database holds
+        `keep`'s record); nothing if `keep` itself is gone meanwhile."""
+        generation = unpack(keep).generation
+        with self.token.session() as s:
+            label = self.label(record_id)
+            if keep in hk.data_values(s, label):
+                hk.destroy_data(s, label, lambda v: unpack(v).generation < generation)
 
     @contextmanager
     def tx(self, store: Store) -> Iterator[tuple[Any, Anchor]]:
@@ -139,11 +147,20 @@ class Anchors:
                 value = pack(seal, generation, payload)
                 hk.put_data(s, label, value)
             made.append((label, value, old_value))
+        forgotten = False
         try:
             with store.tx() as conn:
-                yield conn, anchor
+                try:
+                    yield conn, anchor
+                except BaseException:
+                    # While the rows are still locked: whoever waits on them (start-up on
+                    # another replica) finds the anchors of this failed change gone.
+                    self._forget([(label, value) for label, value, _ in made], "rollback")
+                    forgotten = True
+                    raise
         except BaseException:
-            self._forget([(label, value) for label, value, _ in made], "rollback")
+            if not forgotten:  # the commit itself failed
+                self._forget([(label, value) for label, value, _ in made], "rollback")
             raise
         # Outside the lock only the replaced anchor goes: by now another transaction may
         # have locked the row, anchored its own seal and committed.

@@ -235,4 +235,6 @@ def _revoke(app: App, escrow_id: str) -> Escrow:
         if row is None:
             raise error("ESCROW_NOT_FOUND", f"no escrow {escrow_id!r}")
         row = escrows.change(conn, anchor, row, revoked=True)
+        if not row:  # another writer changed it first
+            raise error("ESCROW_EXHAUSTED", f"escrow {escrow_id} changed meanwhile; retry")
     return _escrow(row)

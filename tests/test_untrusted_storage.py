@@ -695,3 +695,49 @@ def test_an_altered_record_is_listed_as_altered_never_internal(tamper_server, ta
     listed = response.keys if table == "keys" else response.operations
     altered = [x for x in listed if not x.seal_intact]
     assert altered and all(x.state == 0 for x in altered)
+
+
+@pytest.mark.parametrize("edit", ["kcv=X'41'", "seal='text'", "wrapped='text'",
+                                  "key_version='x'"])
+def test_a_stored_key_column_of_another_type_is_record_seal_invalid_never_internal(
+        s1sp_world, edit):
+    app, (a, _b) = s1sp_world
+    if not app.store.is_sqlite:
+        pytest.skip("PostgreSQL refuses a value of another type itself")
+    sql(app, f"UPDATE device_keys SET {edit} WHERE device_id=:a", a=a.esme)
+    refused(s1sp.verify_prepayment_key, app, a.esme, prepay(a))
+    assert_audited(app, "device_keys/" + a.esme)
+
+
+def test_a_replica_starting_during_an_approval_that_then_fails_rolls_nothing_forward(
+        app, monkeypatch):
+    """Replica B starts while A's DISABLE approval has anchored the key and the operation
+    and then fails before its commit. A removes its anchors before it lets go of the rows;
+    B, waiting on them, finds the anchors moved and leaves the records as they are."""
+    import threading
+    import time
+
+    from keysvc import faults
+    from keysvc.records.reconcile import reconcile
+    from tests.conftest import make_app
+    other = make_app(app.settings.state_dir, app.partitions, str(app.store.engine.url))
+    name, kit = _transport_key(app)
+    op = keyadmin.change_key_state(app, OFFICER_1, name, "DISABLE_KEY")
+    replica = threading.Thread(target=lambda: reconcile(other.records))
+
+    def point(where):
+        if where == "approve.before_commit":
+            replica.start()
+            time.sleep(1.5)  # B has read the anchors and waits for the rows
+            raise RuntimeError("the commit fails")
+    monkeypatch.setattr(faults, "point", point)
+    with pytest.raises(RuntimeError):
+        keyadmin.approve(app, OFFICER_2, op.operation_id)
+    replica.join(60)
+    monkeypatch.undo()
+    reconcile(app.records)
+    assert keyadmin.get_key(app, name).state == "ENABLED"
+    assert kit.process(kit.file(kit.installations(1))).installations[0].status == "ACCEPTED"
+    assert [o.state for o in keyadmin.list_operations(app)
+            if o.operation_id == op.operation_id] == ["PENDING"]
+    other.store.close()

@@ -33,6 +33,10 @@ _UNPARSABLE = (ValueError, TypeError, AttributeError, KeyError, OverflowError,
                UnicodeDecodeError)
 
 
+class _Moved(Exception):
+    """A record's anchors changed while start-up waited for its row."""
+
+
 class EscrowTampered(Exception):
     """A record fails its seal or anchor, does not parse, or was deleted."""
 
@@ -219,27 +223,39 @@ class Escrows:
             log.error("escrow records that do not even parse were not rolled forward")
             return 0
         for eid, values in anchors.all().items():
-            top = newest(values)
-            row = rows.get(eid)
-            if len(top) != 1 or row is None:
-                continue
-            a = top[0]
-            if not self.intact(row, {eid: values}):
-                moved = {**row, "releases": int.from_bytes(a.payload[:4], "big"),
-                         "revoked": a.payload[4:5] == b"\1"}
-                try:
-                    ok = hmac.compare_digest(self.seal(moved), a.seal)
-                except _UNPARSABLE:
-                    ok = False
-                if not ok:
-                    continue
-                with self.r.store.tx() as conn:
-                    conn.execute(update(st.escrows).where(st.escrows.c.id == eid).values(
-                        releases=moved["releases"], revoked=moved["revoked"], seal=a.seal))
-                self.r.flag(f"escrows/{eid}", "rolled forward to the token's newest anchor")
-                n += 1
-            if len(values) > 1:
-                anchors.settle(eid, next(v for v in values if unpack(v) == a))
+            try:
+                n += self._roll_forward_one(anchors, eid, values, rows.get(eid))
+            except _Moved:
+                continue  # decided elsewhere meanwhile: the next start looks again
+            except Exception as exc:  # one record never stops the start
+                self.r.flag(f"escrows/{eid}", f"not rolled forward ({type(exc).__name__})")
+        return n
+
+    def _roll_forward_one(self, anchors: Anchors, eid: str, values: list[bytes],
+                          row: dict | None) -> int:
+        top = newest(values)
+        if len(top) != 1 or row is None:
+            return 0
+        a = top[0]
+        n = 0
+        if not self.intact(row, {eid: values}):
+            moved = {**row, "releases": int.from_bytes(a.payload[:4], "big"),
+                     "revoked": a.payload[4:5] == b"\1"}
+            try:
+                ok = hmac.compare_digest(self.seal(moved), a.seal)
+            except _UNPARSABLE:
+                ok = False
+            if not ok:
+                return 0
+            with self.r.store.tx() as conn:
+                conn.execute(update(st.escrows).where(st.escrows.c.id == eid).values(
+                    releases=moved["releases"], revoked=moved["revoked"], seal=a.seal))
+                if anchors.newest(eid) != [a]:  # a release elsewhere decided it meanwhile
+                    raise _Moved()
+            self.r.flag(f"escrows/{eid}", "rolled forward to the token's newest anchor")
+            n = 1
+        if len(values) > 1:
+            anchors.settle(eid, next(v for v in values if unpack(v) == a))
         return n
 
     def reanchor_legacy(self) -> int:

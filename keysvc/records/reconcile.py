@@ -32,8 +32,10 @@ from keysvc.anchors import Anchored, newest, unpack
 from keysvc.errors import KeysvcError
 from keysvc.records import SEALING_PARTITIONS, Records
 from keysvc.records.import_jobs import LABEL_PREFIX
+from keysvc.records.keys import KeyRecord
 from keysvc.records.keys import from_canonical as key_from
 from keysvc.records.keys import parse_anchor_payload
+from keysvc.records.operations import OperationRecord
 from keysvc.records.operations import from_canonical as operation_from
 
 log = logging.getLogger("keysvc.records.reconcile")
@@ -75,11 +77,13 @@ def _newest_sealed(records: Records, partition: str, values: list[bytes],
 def _anchored_records(records: Records, partition: str, out: Reconciled) -> None:
     anchors = records.anchors(partition)
     everything = anchors.all()
-    approved: dict[str, bool] = {}
+    approved: dict[str, OperationRecord] = {}
     for rid in sorted(everything, key=lambda r: not r.startswith("op/")):  # operations first
         try:
             if rid.startswith("op/"):
-                approved[rid[3:]] = _operation(records, partition, rid, everything[rid], out)
+                op = _operation(records, partition, rid, everything[rid], out)
+                if op is not None and op.state == "APPROVED":
+                    approved[op.id] = op
             elif rid.startswith("key/"):
                 _key(records, partition, rid, everything[rid], approved, out)
         except Exception as exc:  # one record never stops the start
@@ -87,29 +91,54 @@ def _anchored_records(records: Records, partition: str, out: Reconciled) -> None
             out.reported += 1
 
 
+class _Moved(Exception):
+    """The record's anchors changed while start-up waited for its row: a change running
+    elsewhere decided it (and, had it failed, removed its anchors before letting go)."""
+
+
+def _still_newest(records: Records, partition: str, rid: str, a: Anchored) -> None:
+    if records.anchors(partition).newest(rid) != [a]:
+        raise _Moved(rid)
+
+
 def _operation(records: Records, partition: str, rid: str, values: list[bytes],
-               out: Reconciled) -> bool:
-    """Roll the operation forward to its newest anchor; returns whether it is APPROVED."""
+               out: Reconciled) -> OperationRecord | None:
+    """Roll the operation forward to its newest anchor; returns that record."""
     a = _newest_sealed(records, partition, values)
     if a is None:
         records.flag(f"token/{partition}/{rid}", "its anchors do not name one sealed record")
         out.reported += 1
-        return False
+        return None
     op = operation_from(a.payload)
     if not records.operations.matches(op.id, a.payload, a.seal):
         try:
             with records.store.tx() as conn:
-                records.operations.restore(conn, op, a.seal)
-        except IntegrityError:
-            pass  # another replica committed it meanwhile
+                records.operations.restore(conn, op, a.seal)  # waits for a writer of it
+                _still_newest(records, partition, rid, a)
+        except (_Moved, IntegrityError):
+            return None  # decided elsewhere meanwhile: the next start looks again
         records.flag(f"operations/{op.id}", "rolled forward to the token's newest anchor")
         out.rolled_forward += 1
     _settle(records, partition, rid, values, a)
-    return op.state == "APPROVED"
+    return op
+
+
+_STATE_OF = {"IMPORT_TRANSPORT_KEY": "ENABLED", "GENERATE_RECIPIENT_KEY": "ENABLED",
+             "DISABLE_KEY": "DISABLED", "ENABLE_KEY": "ENABLED", "DESTROY_KEY": "DESTROYED"}
+
+
+def _approves(op: OperationRecord | None, rec: KeyRecord, partition: str) -> bool:
+    """Is this the change `op` approved: its key, its partition, the state its kind makes
+    (and, for a new key, the key id it gives)?"""
+    if op is None or op.target != rec.name or op.partition != partition:
+        return False
+    if op.kind in ("IMPORT_TRANSPORT_KEY", "GENERATE_RECIPIENT_KEY") and rec.key_id != op.id:
+        return False
+    return _STATE_OF.get(op.kind) == rec.state
 
 
 def _key(records: Records, partition: str, rid: str, values: list[bytes],
-         approved: dict[str, bool], out: Reconciled) -> None:
+         approved: dict[str, OperationRecord], out: Reconciled) -> None:
     anchors = records.anchors(partition)
     while values:
         a = _newest_sealed(records, partition, values, lambda p: parse_anchor_payload(p)[1])
@@ -119,9 +148,11 @@ def _key(records: Records, partition: str, rid: str, values: list[bytes],
             out.reported += 1
             return
         op_id, data = parse_anchor_payload(a.payload)
-        if op_id and not approved.get(op_id, False):
-            # The approval that anchored this never anchored its operation as APPROVED,
-            # so it never committed: its anchor goes, the one before it (if any) stays.
+        rec = key_from(data)
+        if op_id and not _approves(approved.get(op_id), rec, partition):
+            # The approval that anchored this never anchored its operation as APPROVED
+            # (the operation is anchored after its keys), so it never committed: its
+            # anchor goes, the one before it (if any) stays.
             value = next(v for v in values if unpack(v) == a)
             with anchors.token.session() as s:
                 hk.destroy_data(s, anchors.label(rid), lambda v: v == value)
@@ -130,7 +161,6 @@ def _key(records: Records, partition: str, rid: str, values: list[bytes],
                                                      "never committed; removed")
             out.discarded += 1
             continue
-        rec = key_from(data)
         if not records.keys.matches(rec.name, data, a.seal):
             try:
                 with records.store.tx() as conn:
@@ -138,9 +168,10 @@ def _key(records: Records, partition: str, rid: str, values: list[bytes],
                     if existing not in (None, rec.partition):
                         raise records.refuse(conn, f"keys/{rec.name}", "the database holds "
                                              "a key of this name in another partition")
-                    records.keys.restore(conn, rec, a.seal)
-            except IntegrityError:
-                pass
+                    records.keys.restore(conn, rec, a.seal)  # waits for a writer of it
+                    _still_newest(records, partition, rid, a)
+            except (_Moved, IntegrityError):
+                return
             records.flag(f"keys/{rec.name}", "rolled forward to the token's newest anchor")
             out.rolled_forward += 1
         _settle(records, partition, rid, values, a)

@@ -79,12 +79,15 @@ class Sealer:
             key = hk.find_key(s, RECORD_SEAL_KEY)
             return [hk.hmac_sha256(key, d) for d in items]
 
-    def valid(self, data: bytes, seal: bytes | None) -> bool:
-        return bool(seal) and hmac.compare_digest(self.seal(data), bytes(seal))
+    def valid(self, data: bytes, seal: Any) -> bool:
+        return self.valid_many([(data, seal)])[0]
 
-    def valid_many(self, pairs: list[tuple[bytes, bytes | None]]) -> list[bool]:
+    def valid_many(self, pairs: list[tuple[bytes, Any]]) -> list[bool]:
+        """Each (record, seal) pair: does the seal verify? A seal column holding anything
+        but bytes (SQLite keeps any type) does not."""
         made = self.seal_many(d for d, _ in pairs)
-        return [bool(s) and hmac.compare_digest(m, bytes(s)) for m, (_, s) in zip(made, pairs)]
+        return [isinstance(s, (bytes, bytearray, memoryview)) and
+                hmac.compare_digest(m, bytes(s)) for m, (_, s) in zip(made, pairs)]
 
 
 class LoopSealer:

@@ -125,6 +125,13 @@ class _StoredKeys:
         return out
 
 
+def _text(*values: Any) -> None:
+    """SQLite keeps whatever type is written: a field of another type is malformed."""
+    for v in values:
+        if not isinstance(v, str):
+            raise TypeError("a text field holds another type")
+
+
 class DeviceKeys(_StoredKeys):
     table = st.device_keys
     kind = "device-key"
@@ -136,8 +143,9 @@ class DeviceKeys(_StoredKeys):
                 "file_id": k.file_id}
 
     def _stored(self, r: Any) -> StoredKey:
+        _text(r.device_id, r.role, r.name, r.chf_identifier, r.file_id, r.kcv)
         return StoredKey(r.device_id, r.role, r.name, r.chf_identifier, r.file_id,
-                         r.key_version, r.kcv, bytes(r.wrapped))
+                         int(r.key_version), r.kcv, bytes(r.wrapped))
 
     def of_device(self, device_id: str, roles: tuple[str, ...] = ()) -> list[StoredKey]:
         where = [self.table.c.role.in_(roles)] if roles else []
@@ -155,5 +163,6 @@ class MasterKeys(_StoredKeys):
                 "wrapped": k.wrapped, "kcv": k.kcv, "file_id": k.file_id}
 
     def _stored(self, r: Any) -> StoredKey:
+        _text(r.device_id, r.chf_identifier, r.file_id, r.kcv)
         return StoredKey(r.device_id, self.ROLE, self.NAME, r.chf_identifier, r.file_id,
-                         r.key_version, r.kcv, bytes(r.wrapped))
+                         int(r.key_version), r.kcv, bytes(r.wrapped))
