@@ -20,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 from lxml import etree
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from hsm import keys as hk
 from keysvc import keyadmin, s1sp
