@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import hmac
 import json
 import logging
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.ciphers import algorithms
+from cryptography.hazmat.primitives.cmac import CMAC
 
 from hsm import HsmKeyNotFound, HsmOperationFailed
 from hsm import keys as hk
@@ -88,6 +91,28 @@ def _b64(b: bytes) -> str:
 
 def _unb64(s: str) -> bytes:
     return base64.b64decode(s)
+
+
+# --------------------------------------------------------------------------- weak keys
+@functools.lru_cache(maxsize=1)
+def _weak_kcvs() -> frozenset[str]:
+    """The check values of every AES key whose bytes are all equal (all zero included).
+
+    A key imported by wrapping never reaches this process, but its check value does: one
+    that equals a weak key's is that key (a 40-bit match by chance is negligible). These
+    keys are public constants, so computing their check values here reveals nothing."""
+    out = set()
+    for n in (16, 24, 32):
+        for b in range(256):
+            mac = CMAC(algorithms.AES(bytes([b]) * n))
+            mac.update(bytes(16))
+            out.add(mac.finalize()[:5].hex().upper())
+    return frozenset(out)
+
+
+def _refuse_weak(kcv: str) -> None:
+    if kcv in _weak_kcvs():
+        raise error("WEAK_KEY", "the key's bytes are all equal; nothing was stored")
 
 
 # --------------------------------------------------------------------------- import jobs
@@ -166,6 +191,7 @@ def _kcv_of_unwrapped(app: App, job: ImportJobRecord, wrapped: bytes, purpose: s
             except HsmOperationFailed:
                 length, kcv = 0, ""
             _check_length(purpose, length)
+            _refuse_weak(kcv)
             return kcv
         finally:
             hk.destroy(k)
@@ -377,6 +403,9 @@ def _approve(app: App, caller: Caller, operation_id: str, component: bytes,
         if caller.identity in op.approved_by:
             raise error("SAME_OFFICER", "each approval must come from a different officer")
         payload = json.loads(json.dumps(op.payload))  # a copy to change
+        if component and "components" not in payload:
+            raise error("INVALID_REQUEST", "this operation takes no key component; "
+                                           "nothing was approved")
         if "components" in payload:
             if not component:
                 raise error("APPROVAL_REQUIRED", "this import needs your key component")
@@ -410,9 +439,8 @@ def _execute(app: App, conn, anchor, op: OperationRecord, p: dict, effects: _Tok
             return "REJECTED", taken, "KEY_EXISTS"
     if op.kind == "IMPORT_TRANSPORT_KEY":
         if "components" in p:
-            kcv = _create_from_components(app, op, p, effects)
+            kcv, message, refusal = _create_from_components(app, op, p, effects)
             del p["components"]  # used once, approved or not: not kept, even sealed
-            message, refusal = "the key's check value is not expected_kcv", "KCV_MISMATCH"
         else:
             # The wrapped key stays: it is part of the request the approvals are sealed to,
             # and opens only under the import job's pair, destroyed once the key exists.
@@ -512,8 +540,9 @@ def _create_from_wrapped(app: App, conn, op: OperationRecord, p: dict,
 
 
 def _create_from_components(app: App, op: OperationRecord, p: dict,
-                            effects: _TokenEffects) -> str | None:
-    """XOR the officers' components; store the key only if its KCV is the expected one."""
+                            effects: _TokenEffects) -> tuple[str | None, str, str]:
+    """XOR the officers' components; store the key only if it is not weak and its KCV is
+    the expected one. Returns (kcv, "", "") or (None, message, code)."""
     token = app.partitions.for_purpose(p["purpose"])
     parts = [bytearray(_unseal(app, p["purpose"], op.id, c["officer"], c["sealed"]))
              for c in p["components"]]
@@ -522,6 +551,8 @@ def _create_from_components(app: App, op: OperationRecord, p: dict,
         for part in parts:
             for i, b in enumerate(part):
                 key[i] ^= b
+        if len(set(key)) == 1:  # two equal components make an all-zero key, and so on
+            return None, "the key's bytes are all equal; nothing was stored", "WEAK_KEY"
         with token.session() as s:
             probe = hk.create_aes(s, bytes(key), usage=hk.KCV_USAGE)
             try:
@@ -529,12 +560,12 @@ def _create_from_components(app: App, op: OperationRecord, p: dict,
             finally:
                 hk.destroy(probe)
             if not hmac.compare_digest(kcv, p["expected_kcv"]):
-                return None
+                return None, "the key's check value is not expected_kcv", "KCV_MISMATCH"
             hk.create_aes(s, bytes(key), token=True, label=p["name"], usage=_usage(p["purpose"]),
                           key_id=op.id)
             effects.made.append((token, p["name"], op.id))
         faults.point("approve.after_token_object")
-        return kcv
+        return kcv, "", ""
     finally:
         for buf in (*parts, key):
             buf[:] = bytes(len(buf))
