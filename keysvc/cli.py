@@ -119,12 +119,49 @@ def cmd_admin_import_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_admin_approve(args: argparse.Namespace) -> int:
+def _request_rows(op: Any) -> list[list[Any]]:
+    """Every field of the request, as the approver must read it before approving."""
     from keysvc.api.v1 import keysvc_pb2 as pb
+    r = op.request
+    rows = [["operation", op.operation_id], ["kind", op.kind], ["key name", r.name],
+            ["requested by", op.requested_by],
+            ["approved by", ", ".join(op.approved_by)]]
+    if op.kind in ("IMPORT_TRANSPORT_KEY", "GENERATE_RECIPIENT_KEY"):
+        rows += [["purpose", pb.KeyPurpose.Name(r.purpose)], ["algorithm", r.algorithm]]
+    if op.kind == "IMPORT_TRANSPORT_KEY":
+        rows += [["owner", f"{r.owner_id} ({pb.OwnerType.Name(r.owner_type)})"],
+                 ["expected KCV", r.expected_kcv],
+                 ["key from", "officers' components" if r.from_components
+                  else f"import job {r.import_job_id}"]]
+    if op.kind == "GENERATE_RECIPIENT_KEY":
+        rows.append(["allowed originators", ", ".join(r.allowed_originators)])
+    if op.kind in ("DISABLE_KEY", "ENABLE_KEY", "DESTROY_KEY"):
+        rows += [["key now", pb.KeyInfo.State.Name(r.key_state)],
+                 ["key purpose", pb.KeyPurpose.Name(r.key_purpose)], ["key KCV", r.key_kcv]]
+    rows += [["WARNING", w] for w in r.warnings]
+    rows.append(["request digest", op.request_digest])
+    return rows
+
+
+def cmd_admin_approve(args: argparse.Namespace) -> int:
+    """Show the whole request and its digest, ask, then approve exactly that request."""
+    from keysvc.api.v1 import keysvc_pb2 as pb
+    s = _stubs(args)
+    seen = s.admin.GetOperation(pb.GetOperationRequest(operation_id=args.operation_id))
+    _table("the request you are approving", ["field", "value"], _request_rows(seen))
+    if not seen.seal_intact:
+        console.print("this operation fails its HSM seal: it cannot be approved")
+        return 1
+    if not args.yes:
+        answer = input(f"approve request {seen.request_digest[:16]}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            console.print("not approved")
+            return 1
     comp = bytes.fromhex(Path(args.component_file).read_text().strip()) \
         if args.component_file else b""
-    op = _stubs(args).admin.ApproveOperation(pb.ApproveOperationRequest(
-        operation_id=args.operation_id, component=comp))
+    op = s.admin.ApproveOperation(pb.ApproveOperationRequest(
+        operation_id=args.operation_id, component=comp,
+        request_digest=seen.request_digest))
     _table("operation", OP_COLUMNS, [_op_row(op)])
     return 0
 
@@ -407,9 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = c.add_mutually_exclusive_group(required=True)
     m.add_argument("--key-file", help="file with the key in hex: wrapped to a new import job")
     m.add_argument("--component-file", help="file with this officer's clear component in hex")
-    c = admin("approve", cmd_admin_approve, "approve a pending operation")
+    c = admin("approve", cmd_admin_approve, "show a pending operation's whole request, "
+              "ask, and approve exactly that request")
     c.add_argument("operation_id")
     c.add_argument("--component-file", default=None)
+    c.add_argument("--yes", action="store_true", help="approve without asking (scripts)")
     c = admin("operations", cmd_admin_operations, "list operations")
     c.add_argument("--state", default=None, choices=["PENDING", "APPROVED", "REJECTED",
                                                      "EXPIRED"])

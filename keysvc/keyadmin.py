@@ -61,6 +61,10 @@ class Operation:
     message: str
     created_at: dt.datetime
     seal_intact: bool = True   # False: the record fails its HSM seal or anchor (listed, inert)
+    # What the officers approve (every field of the request, the key as it is now for state
+    # changes, warnings) and its digest, which an approval must name (REQUEST_CHANGED).
+    request: dict = field(default_factory=dict)
+    request_digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -370,10 +374,14 @@ def _destroy_made(token: Any, label: str, key_id: str, why: str) -> None:
                   type(exc).__name__)
 
 
-def approve(app: App, caller: Caller, operation_id: str, component: bytes = b"") -> Operation:
+def approve(app: App, caller: Caller, operation_id: str, component: bytes = b"",
+            request_digest: str | None = None) -> Operation:
+    """One officer's approval. `request_digest`: the request as this officer saw it
+    (GetOperation); the API requires it, and a request that is not that one is refused."""
     effects = _TokenEffects()
     try:
-        result, refusal, message = _approve(app, caller, operation_id, component, effects)
+        result, refusal, message = _approve(app, caller, operation_id, component, effects,
+                                            request_digest)
     except BaseException:
         if effects.made:
             effects.undo(app)
@@ -381,11 +389,12 @@ def approve(app: App, caller: Caller, operation_id: str, component: bytes = b"")
     effects.after_commit()
     if refusal:  # the operation is recorded REJECTED; the caller is told why
         raise error(refusal, message, operation_id=operation_id)
-    return result
+    return _operation(app, result)  # after the transaction: it reads (and may audit)
 
 
 def _approve(app: App, caller: Caller, operation_id: str, component: bytes,
-             effects: _TokenEffects) -> tuple[Operation, str, str]:
+             effects: _TokenEffects, request_digest: str | None = None
+             ) -> tuple[OperationRecord, str, str]:
     partition = app.records.operations.partition_of(operation_id)
     if partition is None:
         raise error("OPERATION_NOT_FOUND", f"no operation {operation_id!r}")
@@ -397,11 +406,16 @@ def _approve(app: App, caller: Caller, operation_id: str, component: bytes,
         if op.state == "PENDING" and op.created_at + OPERATION_TTL < now:
             op = app.records.operations.update(conn, anchor, op, state="EXPIRED",
                                                updated_at=now)
-            return _operation(app, op), "", ""
+            return op, "", ""
         if op.state != "PENDING":
             raise error("OPERATION_NOT_PENDING", f"operation {operation_id} is {op.state}")
         if caller.identity in op.approved_by:
             raise error("SAME_OFFICER", "each approval must come from a different officer")
+        if request_digest is not None and not hmac.compare_digest(
+                request_digest.lower(), op.digest):
+            raise error("REQUEST_CHANGED", "the operation's request is not the one you saw "
+                        f"(its digest is {op.digest[:16]}...); nothing was approved",
+                        operation_id=operation_id)
         payload = json.loads(json.dumps(op.payload))  # a copy to change
         if component and "components" not in payload:
             raise error("INVALID_REQUEST", "this operation takes no key component; "
@@ -425,7 +439,7 @@ def _approve(app: App, caller: Caller, operation_id: str, component: bytes,
                                            payload=payload, state=state, message=message,
                                            updated_at=now)
         faults.point("approve.before_commit")
-        return _operation(app, op), refusal, message
+        return op, refusal, message
 
 
 def _execute(app: App, conn, anchor, op: OperationRecord, p: dict, effects: _TokenEffects
@@ -595,17 +609,84 @@ def _unseal(app: App, purpose: str, op_id: str, officer: str, sealed: str) -> by
 
 
 # --------------------------------------------------------------------------- reads
-def _operation(app: App, op: OperationRecord, intact: bool = True) -> Operation:
+def _operation(app: App, op: OperationRecord, intact: bool = True,
+               known: set[str] | None = None) -> Operation:
     state = op.state
     if intact and state == "PENDING" and op.created_at + OPERATION_TTL < app.clock():
         state = "EXPIRED"
+    if not intact:
+        return Operation(op.id, op.kind, op.target, state, op.requested_by, op.approved_by,
+                         app.settings.quorum, op.message, op.created_at, False)
     return Operation(op.id, op.kind, op.target, state, op.requested_by, op.approved_by,
-                     app.settings.quorum, op.message, op.created_at, intact)
+                     app.settings.quorum, op.message, op.created_at, True,
+                     _request_view(app, op, _known_parties(app) if known is None else known),
+                     op.digest)
+
+
+def _known_parties(app: App) -> set[str]:
+    """Owners and allowed originators of the keys keysvc holds (verified records only)."""
+    known: set[str] = set()
+    for rec, ok in app.records.keys.list():
+        if ok and rec.state != "DESTROYED":
+            known.add(rec.owner_id)
+            known.update(rec.allowed_originators)
+    known.discard("")
+    return known
+
+
+def _request_view(app: App, op: OperationRecord, known: set[str]) -> dict:
+    """Every field of the request as the approver must see it, and what to look at twice.
+    Never a component or the wrapped key: those are secret or opaque."""
+    p = op.request
+    view = {"name": p.get("name", op.target), "purpose": p.get("purpose", ""),
+            "owner_id": p.get("owner_id", ""), "owner_type": p.get("owner_type", ""),
+            "expected_kcv": p.get("expected_kcv", ""),
+            "allowed_originators": tuple(p.get("allowed_originators", ())),
+            "import_job_id": p.get("import_job_id", ""), "algorithm": "",
+            "from_components": False, "key_state": "", "key_purpose": "", "key_kcv": ""}
+    warnings = []
+    if op.kind == "IMPORT_TRANSPORT_KEY":
+        view["algorithm"] = "AES"
+        view["from_components"] = "wrapped_key" not in p
+        if view["purpose"] == "EXPORT":
+            warnings.append("an EXPORT key: ExportDeviceKeys hands out device keys wrapped "
+                            "under it, so whoever holds its bits can read them")
+        if view["owner_id"] and view["owner_id"] not in known:
+            warnings.append(f"owner {view['owner_id']} is not the owner or an allowed "
+                            "originator of any key keysvc holds")
+    elif op.kind == "GENERATE_RECIPIENT_KEY":
+        view["algorithm"] = "RSA-3072"
+        for o in view["allowed_originators"]:
+            if o not in known:
+                warnings.append(f"originator {o} is not known to keysvc")
+    else:
+        try:
+            key = app.records.keys.get(op.target)
+        except KeysvcError:
+            key = None
+        if key is None:
+            warnings.append("the key's record is missing or altered")
+        else:
+            view.update(key_state=key.state, key_purpose=key.purpose, key_kcv=key.kcv)
+        if op.kind == "DESTROY_KEY":
+            warnings.append("destruction is final")
+    view["warnings"] = tuple(warnings)
+    return view
 
 
 def list_operations(app: App, state: str = "") -> list[Operation]:
-    ops = [_operation(app, op, ok) for op, ok in app.records.operations.list()]
+    known = _known_parties(app)
+    ops = [_operation(app, op, ok, known) for op, ok in app.records.operations.list()]
     return [o for o in ops if not state or o.state == state]
+
+
+def get_operation(app: App, operation_id: str) -> Operation:
+    """One operation, verified, with the request an approver approves."""
+    with app.store.engine.connect() as conn:
+        op = app.records.operations.get(conn, operation_id)
+    if op is None:
+        raise error("OPERATION_NOT_FOUND", f"no operation {operation_id!r}")
+    return _operation(app, op)
 
 
 def _key_info(rec: KeyRecord, intact: bool = True) -> KeyInfo:
@@ -646,4 +727,5 @@ def register_existing_rsa_key(app: App, *, name: str, purpose: str,
 
 __all__ = ["Operation", "KeyInfo", "ImportJob", "create_import_job", "import_transport_key",
            "generate_recipient_key", "change_key_state", "approve", "list_operations",
+           "get_operation",
            "list_keys", "get_key", "register_existing_rsa_key", "HsmKeyNotFound"]

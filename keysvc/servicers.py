@@ -187,11 +187,25 @@ def _value(enum: Any, name: str) -> int:
     return enum.Value(name) if name in enum.keys() else 0
 
 
+def request_pb(r: dict) -> Any:
+    if not r:
+        return pb.OperationRequest()
+    return pb.OperationRequest(
+        name=r["name"], purpose=_value(pb.KeyPurpose, r["purpose"]), algorithm=r["algorithm"],
+        owner_id=r["owner_id"], owner_type=_value(pb.OwnerType, r["owner_type"]),
+        expected_kcv=r["expected_kcv"], allowed_originators=list(r["allowed_originators"]),
+        import_job_id=r["import_job_id"], from_components=r["from_components"],
+        key_state=_value(pb.KeyInfo.State, r["key_state"]),
+        key_purpose=_value(pb.KeyPurpose, r["key_purpose"]), key_kcv=r["key_kcv"],
+        warnings=list(r["warnings"]))
+
+
 def operation_pb(o: keyadmin.Operation, message: type = pb.Operation) -> Any:
     return message(operation_id=o.operation_id, state=_value(pb.Operation.State, o.state),
                    kind=o.kind, target=o.target, requested_by=o.requested_by,
                    approved_by=list(o.approved_by), quorum=o.quorum, message=o.message,
-                   created_at=ts(o.created_at), seal_intact=o.seal_intact)
+                   created_at=ts(o.created_at), seal_intact=o.seal_intact,
+                   request=request_pb(o.request), request_digest=o.request_digest)
 
 
 def key_pb(k: keyadmin.KeyInfo, message: type = pb.KeyInfo) -> Any:
@@ -245,10 +259,18 @@ class KeyAdministrationServicer(rpc.KeyAdministrationServiceServicer):
             self.app, _caller(), name=request.name, purpose=_purpose(request.purpose),
             allowed_originators=list(request.allowed_originators)))
 
+    def GetOperation(self, request: Any, context: grpc.ServicerContext) -> Any:
+        audit_target.set(request.operation_id)
+        return operation_pb(keyadmin.get_operation(self.app, request.operation_id),
+                            pb.GetOperationResponse)
+
     def ApproveOperation(self, request: Any, context: grpc.ServicerContext) -> Any:
         audit_target.set(request.operation_id)
+        if not request.request_digest:
+            raise error("INVALID_REQUEST", "request_digest is required: approve the request "
+                                           "GetOperation showed you")
         return operation_pb(keyadmin.approve(self.app, _caller(), request.operation_id,
-                                             request.component))
+                                             request.component, request.request_digest))
 
     def ListOperations(self, request: Any, context: grpc.ServicerContext) -> Any:
         state = "" if request.state == 0 else _enum_name(pb.Operation.State, request.state,

@@ -97,7 +97,8 @@ class Server:
             name=name, purpose=pb.KeyPurpose.Value(purpose), owner_id=owner_id,
             owner_type=pb.OwnerType.Value(owner_type), expected_kcv=kcv(key),
             wrapped_key=wrapped, import_job_id=job.import_job_id))
-        o2.ApproveOperation(pb.ApproveOperationRequest(operation_id=op.operation_id))
+        o2.ApproveOperation(pb.ApproveOperationRequest(operation_id=op.operation_id,
+                                                       request_digest=op.request_digest))
 
     def load_rsa_key(self, name: str, pem_path: Path, *, purpose: str,
                      originators: list[str]) -> None:

@@ -46,7 +46,7 @@ def _db(state) -> sqlite3.Connection:
     return sqlite3.connect(state / "keysvc.db")
 
 
-def _request_import(state) -> tuple[str, str, bytes, bytes]:
+def _request_import(state) -> tuple[pb.Operation, str, bytes, bytes]:
     key, c1 = os.urandom(32), os.urandom(32)
     name = f"S1SP-TK-CRASH-{os.urandom(4).hex()}".upper()
     srv = start_server(state)
@@ -54,15 +54,19 @@ def _request_import(state) -> tuple[str, str, bytes, bytes]:
         name=name, purpose=pb.S1SP_TRANSPORT, owner_id="SMSO-LG-01", owner_type=pb.SMSO,
         expected_kcv=kcv(key), component=c1))
     srv.stop()
-    return op.operation_id, name, key, bytes(a ^ b for a, b in zip(key, c1))
+    return op, name, key, bytes(a ^ b for a, b in zip(key, c1))
+
+
+def _approval(op, c2) -> pb.ApproveOperationRequest:
+    return pb.ApproveOperationRequest(operation_id=op.operation_id, component=c2,
+                                      request_digest=op.request_digest)
 
 
 def test_a_key_made_by_an_approval_killed_before_anchoring_is_destroyed_and_the_retry_makes_one(
         state):
-    op_id, name, key, c2 = _request_import(state)
+    op, name, key, c2 = _request_import(state)
     _killed_at(state, "approve.after_token_object",
-               lambda s: s.as_("security-officer-2").admin.ApproveOperation(
-                   pb.ApproveOperationRequest(operation_id=op_id, component=c2)))
+               lambda s: s.as_("security-officer-2").admin.ApproveOperation(_approval(op, c2)))
     assert _objects(state, name) == ["Secret Key"]  # made, never recorded
     srv = start_server(state)
     try:
@@ -71,8 +75,7 @@ def test_a_key_made_by_an_approval_killed_before_anchoring_is_destroyed_and_the_
         with pytest.raises(grpc.RpcError) as info:
             admin.GetKey(pb.GetKeyRequest(name=name))
         assert error_reason(info.value) == "KEY_NOT_FOUND"
-        done = srv.as_("security-officer-2").admin.ApproveOperation(
-            pb.ApproveOperationRequest(operation_id=op_id, component=c2))
+        done = srv.as_("security-officer-2").admin.ApproveOperation(_approval(op, c2))
         assert done.state == pb.Operation.APPROVED
         k = admin.GetKey(pb.GetKeyRequest(name=name))
         assert (k.state, k.kcv) == (pb.KeyInfo.ENABLED, kcv(key))
@@ -85,10 +88,10 @@ def test_an_approval_killed_after_anchoring_is_completed_at_start_from_the_token
     """Its new records are anchored in the token, so the token says the approval happened:
     start-up rolls the database forward to them (whether the commit was cut off before or
     after it happened, which the database alone could not be trusted to tell)."""
-    op_id, name, key, c2 = _request_import(state)
+    op, name, key, c2 = _request_import(state)
+    op_id = op.operation_id
     _killed_at(state, "approve.before_commit",
-               lambda s: s.as_("security-officer-2").admin.ApproveOperation(
-                   pb.ApproveOperationRequest(operation_id=op_id, component=c2)))
+               lambda s: s.as_("security-officer-2").admin.ApproveOperation(_approval(op, c2)))
     srv = start_server(state)
     try:
         admin = srv.as_("security-officer-1").admin
@@ -99,8 +102,7 @@ def test_an_approval_killed_after_anchoring_is_completed_at_start_from_the_token
         assert ops[op_id].state == pb.Operation.APPROVED and ops[op_id].seal_intact
         assert _objects(state, name) == ["Secret Key"]
         with pytest.raises(grpc.RpcError) as info:
-            srv.as_("security-officer-2").admin.ApproveOperation(
-                pb.ApproveOperationRequest(operation_id=op_id, component=c2))
+            srv.as_("security-officer-2").admin.ApproveOperation(_approval(op, c2))
         assert error_reason(info.value) == "OPERATION_NOT_PENDING"
     finally:
         srv.stop()

@@ -361,16 +361,21 @@ class CommitFails(Exception):
 @pytest.fixture
 def failing_commit(monkeypatch):
     """Once armed, approvals fail after their token work, inside their transaction (as a
-    lost database connection would): `_operation` builds the reply just before the commit.
-    Calling it again disarms it."""
-    def fail(app, row):
-        raise CommitFails()
+    lost database connection would): at the last point before the commit. Calling it again
+    disarms it."""
+    from keysvc import faults
+    real = faults.point
+
+    def fail(where: str) -> None:
+        if where == "approve.before_commit":
+            raise CommitFails()
+        real(where)
 
     def toggle() -> None:
-        if keyadmin._operation is fail:
+        if faults.point is fail:
             monkeypatch.undo()
         else:
-            monkeypatch.setattr(keyadmin, "_operation", fail)
+            monkeypatch.setattr(faults, "point", fail)
     return toggle
 
 

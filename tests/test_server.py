@@ -203,10 +203,10 @@ def test_the_server_certificate_names_localhost_and_127_0_0_1(server, host):
 
 
 # --------------------------------------------------------------------------- CLI
-def keysvc_cli(server, *args: str) -> str:
+def keysvc_cli(server, *args: str, input: str | None = None) -> str:
     r = subprocess.run([KEYSVC, *args, "--state-dir", str(server.state_dir),
                         "--server", server.target], env=server_env(), cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60, input=input)
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 
@@ -222,7 +222,9 @@ def test_cli_imports_a_key_a_second_officer_approves_and_keys_lists_its_kcv(serv
     op_id = re.search(r"op-[0-9a-f]{16}", out).group(0)
     assert "PENDING" in out
 
-    out = keysvc_cli(server, "admin", "approve", op_id, "--as", "security-officer-2")
+    out = keysvc_cli(server, "admin", "approve", op_id, "--as", "security-officer-2",
+                     input="y\n")
+    assert "request digest" in out and "SMSO-LG-01" in out and kcv(key) in out
     assert "APPROVED" in out
 
     rows = [line for line in keysvc_cli(server, "admin", "keys").splitlines() if name in line]
