@@ -9,6 +9,7 @@ import argparse
 import datetime as dt
 import os
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -16,6 +17,7 @@ import grpc
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 # Tables stay readable when piped or captured (rich would otherwise squeeze them to 80).
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -32,12 +34,21 @@ def _stubs(args: argparse.Namespace):
     return connect(args.server, Path(args.state_dir), identity)
 
 
+def shown(value: Any) -> Text:
+    """A value from the server as plain text: never markup, and every control or format
+    character (newlines, escape sequences, bidi overrides) shown escaped, so that no field
+    can draw, hide or reorder what an officer reads."""
+    return Text("".join(c if unicodedata.category(c)[0] != "C" else
+                        c.encode("unicode_escape").decode("ascii")
+                        for c in str(value)))
+
+
 def _table(title: str, columns: list[str], rows: Iterable[Iterable[Any]]) -> None:
     t = Table(title=title)
     for c in columns:
         t.add_column(c)
     for r in rows:
-        t.add_row(*[str(x) for x in r])
+        t.add_row(*[shown(x) for x in r])
     console.print(t)
 
 
@@ -138,9 +149,8 @@ def _request_rows(op: Any) -> list[list[Any]]:
     if op.kind in ("DISABLE_KEY", "ENABLE_KEY", "DESTROY_KEY"):
         rows += [["key now", pb.KeyInfo.State.Name(r.key_state)],
                  ["key purpose", pb.KeyPurpose.Name(r.key_purpose)], ["key KCV", r.key_kcv]]
-    rows += [["WARNING", w] for w in r.warnings]
     rows.append(["request digest", op.request_digest])
-    return rows
+    return [["WARNING", w] for w in r.warnings] + rows  # warnings first: nothing hides them
 
 
 def cmd_admin_approve(args: argparse.Namespace) -> int:
@@ -153,7 +163,11 @@ def cmd_admin_approve(args: argparse.Namespace) -> int:
         console.print("this operation fails its HSM seal: it cannot be approved")
         return 1
     if not args.yes:
-        answer = input(f"approve request {seen.request_digest[:16]}? [y/N] ")
+        what = shown(f"{seen.kind} of {seen.request.name or seen.target} "
+                     f"({pb.KeyPurpose.Name(seen.request.purpose or seen.request.key_purpose)})")
+        console.print(Text.assemble("approve ", what, f", request {seen.request_digest[:16]}"
+                                    f"{', with WARNINGS' if seen.request.warnings else ''}?"))
+        answer = input("[y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             console.print("not approved")
             return 1

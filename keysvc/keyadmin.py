@@ -14,9 +14,11 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import functools
+import hashlib
 import hmac
 import json
 import logging
+import re
 import os
 import uuid
 from dataclasses import dataclass, field, replace
@@ -44,6 +46,10 @@ OPERATION_TTL = dt.timedelta(hours=24)
 PARTITIONS_WITH_KEYS = ("s1sp", "dco")
 # keysvc's own token objects: a key may not be named like one (reconciliation and
 # destruction go by label).
+# Names, owners and originators an approver reads on a screen: letters, digits, ".", "_"
+# and "-", 1-64 characters. No control character, markup, space or look-alike script can
+# then make a request read as another one.
+_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 RESERVED_LABELS = ("storage-key", "component-seal", "record-seal", "audit-mac", "escrow-seal")
 RESERVED_PREFIXES = ("import-job:", "rec:", "escrow-anchor:", "audit-checkpoint:", "keysvc-")
 log = logging.getLogger("keysvc.keyadmin")
@@ -218,12 +224,22 @@ def _check_new_key_name(app: App, conn, name: str) -> None:
         raise error("KEY_EXISTS", f"operation {pending} already creates {name!r}")
 
 
+def _check_identifiers(**fields: str | list[str]) -> None:
+    for field_name, value in fields.items():
+        for v in (value if isinstance(value, list) else [value]):
+            if not _IDENTIFIER.fullmatch(v or ""):
+                raise error("INVALID_REQUEST", f"{field_name} must be 1-64 letters, digits, "
+                            "'.', '_' or '-', starting with a letter or digit",
+                            field=field_name)
+
+
 def _check_label_free(app: App, purpose: str, name: str) -> None:
     """No token may hold an object of that label, nor an anchor of a key of that name (a
     row deleted from the database, a restored database, a key made outside keysvc): a name
     is one key across the partitions, or the database could choose which one is meant."""
     if name in RESERVED_LABELS or name.startswith(RESERVED_PREFIXES):
         raise error("INVALID_REQUEST", "that name is reserved for keysvc's own token objects")
+    _check_identifiers(name=name)
     taken = _taken_in_tokens(app, name, "")
     if taken:
         raise error("KEY_EXISTS", taken)
@@ -264,6 +280,7 @@ def import_transport_key(app: App, caller: Caller, *, name: str, purpose: str, o
         raise error("WRONG_KEY_PURPOSE", f"unknown purpose {purpose!r}")
     if owner_type not in OWNER_TYPES or not owner_id:
         raise error("INVALID_REQUEST", "owner_id and owner_type are required")
+    _check_identifiers(name=name, owner_id=owner_id)
     expected_kcv = expected_kcv_of(expected_kcv)
     if bool(wrapped_key) == bool(component):
         raise error("INVALID_REQUEST", "give either wrapped_key with import_job_id, or component")
@@ -302,6 +319,7 @@ def generate_recipient_key(app: App, caller: Caller, *, name: str, purpose: str,
         raise error("WRONG_KEY_PURPOSE", "a recipient key is S1SP_TRANSPORT or DCO_TRANSPORT")
     if not allowed_originators:
         raise error("INVALID_REQUEST", "name at least one allowed originator")
+    _check_identifiers(name=name, allowed_originators=list(allowed_originators))
     _check_label_free(app, purpose, name)
     return _new_operation(app, caller, "op-" + uuid.uuid4().hex[:16],
                           "GENERATE_RECIPIENT_KEY", name, PURPOSE_PARTITION[purpose],
@@ -411,11 +429,13 @@ def _approve(app: App, caller: Caller, operation_id: str, component: bytes,
             raise error("OPERATION_NOT_PENDING", f"operation {operation_id} is {op.state}")
         if caller.identity in op.approved_by:
             raise error("SAME_OFFICER", "each approval must come from a different officer")
-        if request_digest is not None and not hmac.compare_digest(
-                request_digest.lower(), op.digest):
-            raise error("REQUEST_CHANGED", "the operation's request is not the one you saw "
-                        f"(its digest is {op.digest[:16]}...); nothing was approved",
-                        operation_id=operation_id)
+        if request_digest is not None:
+            shown = _shown_digest(op, _key_now(app, conn, op))
+            if not (_DIGEST.fullmatch(request_digest)
+                    and hmac.compare_digest(request_digest.lower().encode(), shown.encode())):
+                raise error("REQUEST_CHANGED", "the operation's request, or the key it changes, "
+                            f"is not what you saw (now {shown[:16]}...); nothing was approved",
+                            operation_id=operation_id)
         payload = json.loads(json.dumps(op.payload))  # a copy to change
         if component and "components" not in payload:
             raise error("INVALID_REQUEST", "this operation takes no key component; "
@@ -501,6 +521,20 @@ def _name_taken(app: App, conn, op: OperationRecord, name: str, purpose: str) ->
         return taken
     _replace_leftovers(app.partitions.for_purpose(purpose), name, op.id)
     return ""
+
+
+_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _key_now(app: App, conn, op: OperationRecord) -> dict:
+    """For a state change, the key as it is now (verified, in this transaction)."""
+    view = {"key_state": "", "key_purpose": "", "key_kcv": "", "key_id": ""}
+    if op.kind in ("DISABLE_KEY", "ENABLE_KEY", "DESTROY_KEY"):
+        key = app.records.keys.get(op.target, conn)
+        if key is not None:
+            view.update(key_state=key.state, key_purpose=key.purpose, key_kcv=key.kcv,
+                        key_id=key.key_id)
+    return view
 
 
 def _replace_leftovers(token: Any, label: str, op_id: str) -> None:
@@ -617,10 +651,21 @@ def _operation(app: App, op: OperationRecord, intact: bool = True,
     if not intact:
         return Operation(op.id, op.kind, op.target, state, op.requested_by, op.approved_by,
                          app.settings.quorum, op.message, op.created_at, False)
+    view = _request_view(app, op, _known_parties(app) if known is None else known)
     return Operation(op.id, op.kind, op.target, state, op.requested_by, op.approved_by,
-                     app.settings.quorum, op.message, op.created_at, True,
-                     _request_view(app, op, _known_parties(app) if known is None else known),
-                     op.digest)
+                     app.settings.quorum, op.message, op.created_at, True, view,
+                     _shown_digest(op, view))
+
+
+def _shown_digest(op: OperationRecord, view: dict) -> str:
+    """The digest an approval names: the request's own (which each sealed approval
+    statement binds), and for a state change the key as the approver saw it, so that a key
+    changed meanwhile (disabled, say, while an ENABLE waits) is REQUEST_CHANGED too."""
+    if op.kind not in ("DISABLE_KEY", "ENABLE_KEY", "DESTROY_KEY"):
+        return op.digest
+    facts = "\x1f".join((op.digest, view["key_state"], view["key_purpose"], view["key_kcv"],
+                         view.get("key_id", "")))
+    return hashlib.sha256(facts.encode()).hexdigest()
 
 
 def _known_parties(app: App) -> set[str]:
@@ -667,7 +712,8 @@ def _request_view(app: App, op: OperationRecord, known: set[str]) -> dict:
         if key is None:
             warnings.append("the key's record is missing or altered")
         else:
-            view.update(key_state=key.state, key_purpose=key.purpose, key_kcv=key.kcv)
+            view.update(key_state=key.state, key_purpose=key.purpose, key_kcv=key.kcv,
+                        key_id=key.key_id)
         if op.kind == "DESTROY_KEY":
             warnings.append("destruction is final")
     view["warnings"] = tuple(warnings)

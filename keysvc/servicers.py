@@ -266,9 +266,9 @@ class KeyAdministrationServicer(rpc.KeyAdministrationServiceServicer):
 
     def ApproveOperation(self, request: Any, context: grpc.ServicerContext) -> Any:
         audit_target.set(request.operation_id)
-        if not request.request_digest:
-            raise error("INVALID_REQUEST", "request_digest is required: approve the request "
-                                           "GetOperation showed you")
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", request.request_digest):
+            raise error("INVALID_REQUEST", "request_digest (64 hex digits) is required: "
+                                           "approve the request GetOperation showed you")
         return operation_pb(keyadmin.approve(self.app, _caller(), request.operation_id,
                                              request.component, request.request_digest))
 

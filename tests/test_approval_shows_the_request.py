@@ -114,3 +114,56 @@ def test_the_cli_shows_the_request_and_approves_nothing_unless_told_yes(server):
     assert "not approved" in r.stdout
     got = admin.GetOperation(pb.GetOperationRequest(operation_id=op.operation_id))
     assert got.state == pb.Operation.PENDING
+
+
+@pytest.mark.parametrize("field,value", [
+    ("name", "S1SP-TK-EA-0101\n│ purpose │ S1SP_TRANSPORT"),
+    ("owner_id", "SMSO-LG-01\x1b[1A\x1b[2K\x1b[8m"),
+    ("name", "[conceal]EVIL[/conceal]"),
+    ("name", "S1SP-TK-\u202eA0-AE"),
+    ("name", "x" * 65)])
+def test_names_and_owners_an_approver_reads_are_plain_identifiers(app, field, value):
+    args = {"name": unique("S1SP-TK"), "owner_id": "SMSO-LG-01", field: value}
+    with pytest.raises(KeysvcError) as info:
+        keyadmin.import_transport_key(app, OFFICER_1, purpose="S1SP_TRANSPORT",
+                                      owner_type="SMSO", expected_kcv=kcv(os.urandom(32)),
+                                      component=os.urandom(32), **args)
+    assert info.value.code == "INVALID_REQUEST"
+
+
+def test_the_cli_shows_every_value_as_plain_escaped_text():
+    from keysvc.cli import shown
+    assert str(shown("a\nb\x1b[8m[conceal]c[/conceal]\u202e")) == \
+        "a\\nb\\x1b[8m[conceal]c[/conceal]\\u202e"
+
+
+def test_a_key_changed_while_its_state_change_waits_is_request_changed(app):
+    """Officer 2 saw 'key now ENABLED' for an ENABLE; the key was disabled meanwhile: the
+    approval of what was seen no longer matches."""
+    name, key = unique("S1SP-TK"), os.urandom(32)
+    load_aes_key(app, name, key, purpose="S1SP_TRANSPORT", owner_id="SMSO-LG-01")
+    enable = keyadmin.change_key_state(app, OFFICER_1, name, "ENABLE_KEY")
+    seen = keyadmin.get_operation(app, enable.operation_id).request_digest
+    disable = keyadmin.change_key_state(app, OFFICER_1, name, "DISABLE_KEY")
+    keyadmin.approve(app, OFFICER_2, disable.operation_id,
+                     request_digest=keyadmin.get_operation(app, disable.operation_id)
+                     .request_digest)
+    with pytest.raises(KeysvcError) as info:
+        keyadmin.approve(app, OFFICER_2, enable.operation_id, request_digest=seen)
+    assert info.value.code == "REQUEST_CHANGED"
+    assert keyadmin.get_key(app, name).state == "DISABLED"
+
+
+def test_a_digest_that_is_not_hex_is_refused_never_internal(server, app):
+    admin = server.as_("security-officer-1").admin
+    op, c2, _ = _import(admin, unique("S1SP-TK"))
+    with pytest.raises(grpc.RpcError) as info:
+        server.as_("security-officer-2").admin.ApproveOperation(pb.ApproveOperationRequest(
+            operation_id=op.operation_id, component=c2, request_digest="é" * 64))
+    assert error_reason(info.value) == "INVALID_REQUEST"
+    name = unique("S1SP-TK")
+    load_aes_key(app, name, os.urandom(32), purpose="S1SP_TRANSPORT", owner_id="SMSO-LG-01")
+    dis = keyadmin.change_key_state(app, OFFICER_1, name, "DISABLE_KEY")
+    with pytest.raises(KeysvcError) as info:
+        keyadmin.approve(app, OFFICER_2, dis.operation_id, request_digest="é" * 64)
+    assert info.value.code == "REQUEST_CHANGED"
