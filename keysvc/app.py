@@ -22,10 +22,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is calling: identity from the certificate CN, role from its SAN URI."""
+    """Who is calling: identity from the certificate CN, role from its SAN URI, and the
+    SHA-256 of its public key (SPKI), which tells officers apart whatever their CN says.
+    `refusal`: why the certificate is not accepted for keysvc's services ("" if it is)."""
 
     identity: str
     role: str
+    fingerprint: str = ""
+    refusal: str = ""
 
 
 @dataclass

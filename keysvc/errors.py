@@ -78,6 +78,7 @@ _REASONS: dict[str, type[KeysvcError]] = {
                              "IMPORT_JOB_NOT_FOUND")},
     **{c: AlreadyExists for c in ("FILE_ALREADY_PROCESSED", "KEY_EXISTS")},
     "ROLE_NOT_PERMITTED": PermissionDenied,
+    "CERTIFICATE_NOT_ACCEPTED": PermissionDenied,
     "HSM_UNAVAILABLE": Unavailable,
 }
 

@@ -38,7 +38,7 @@ from keysvc.transport import expected_kcv_of
 from keysvc.partitions import COMPONENT_SEAL_KEY, PURPOSE_PARTITION, STORAGE_KEY
 from keysvc.records.import_jobs import ImportJobRecord
 from keysvc.records.keys import KeyRecord
-from keysvc.records.operations import OperationRecord
+from keysvc.records.operations import OperationRecord, officer_name
 
 PURPOSES = ("S1SP_TRANSPORT", "DCO_TRANSPORT", "EXPORT")
 OWNER_TYPES = ("SMSO", "REQUESTING_PARTY", "S1SP")
@@ -224,6 +224,11 @@ def _check_new_key_name(app: App, conn, name: str) -> None:
         raise error("KEY_EXISTS", f"operation {pending} already creates {name!r}")
 
 
+def _officer_keys(caller: Caller) -> set[str]:
+    """What an officer is known by (records.operations.Approval.who)."""
+    return {x for x in (caller.fingerprint, "name:" + officer_name(caller.identity)) if x}
+
+
 def _check_identifiers(**fields: str | list[str]) -> None:
     for field_name, value in fields.items():
         for v in (value if isinstance(value, list) else [value]):
@@ -265,7 +270,8 @@ def _new_operation(app: App, caller: Caller, op_id: str, kind: str, target: str,
     now = app.clock()
     op = OperationRecord(op_id, partition, kind, target, "PENDING", caller.identity, (),
                          payload, "", now, now)
-    op = replace(op, approvals=(app.records.operations.approval(op, caller.identity),))
+    op = replace(op, approvals=(app.records.operations.approval(op, caller.identity,
+                                                                caller.fingerprint),))
     with app.records.anchors(partition).tx(app.store) as (conn, anchor):
         if check_name:
             _check_new_key_name(app, conn, target)
@@ -427,8 +433,9 @@ def _approve(app: App, caller: Caller, operation_id: str, component: bytes,
             return op, "", ""
         if op.state != "PENDING":
             raise error("OPERATION_NOT_PENDING", f"operation {operation_id} is {op.state}")
-        if caller.identity in op.approved_by:
-            raise error("SAME_OFFICER", "each approval must come from a different officer")
+        if _officer_keys(caller) & set().union(*(a.who for a in op.approvals)):
+            raise error("SAME_OFFICER", "each approval must come from a different officer "
+                                        "(another certificate key)")
         if request_digest is not None:
             shown = _shown_digest(op, _key_now(app, conn, op))
             if not (_DIGEST.fullmatch(request_digest)
@@ -451,7 +458,8 @@ def _approve(app: App, caller: Caller, operation_id: str, component: bytes,
                                           "sealed": _seal_component(
                                               app, payload["purpose"], op.id,
                                               caller.identity, component)})
-        approvals = (*op.approvals, app.records.operations.approval(op, caller.identity))
+        approvals = (*op.approvals, app.records.operations.approval(op, caller.identity,
+                                                                     caller.fingerprint))
         state, message, refusal = "PENDING", "", ""
         if len(approvals) >= app.settings.quorum:
             state, message, refusal = _execute(app, conn, anchor, op, payload, effects)

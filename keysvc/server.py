@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import hashlib
 import gc
 import logging
 import signal
@@ -20,7 +21,8 @@ from typing import Any, Callable
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -33,7 +35,7 @@ from keysvc.app import App, Caller
 from keysvc.errors import ERROR_DOMAIN, KeysvcError, error
 from keysvc.observability import (HSM_IDLE, HSM_IN_USE, HSM_UP, LATENCY, REQUESTS,
                                   request_id)
-from keysvc.pki import role_and_identity
+from keysvc.pki import ROLE_URI_PREFIX, role_and_identity
 
 log = logging.getLogger("keysvc.server")
 
@@ -61,12 +63,43 @@ def _caller(context: grpc.ServicerContext) -> Caller | None:
 
 @functools.lru_cache(maxsize=1024)
 def _caller_of(pem: bytes) -> Caller:
-    """The role and identity a client certificate names. TLS has verified the certificate
-    (chain and dates) for this connection; what it names never changes, so it is parsed
-    once per certificate, not once per call."""
-    der = x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+    """The role and identity a client certificate names, its key's fingerprint, and why it
+    is not accepted, if it is not. TLS has verified the certificate (chain and dates) for
+    this connection; what it names never changes, so it is parsed once per certificate."""
+    cert = x509.load_pem_x509_certificate(pem)
+    der = cert.public_bytes(Encoding.DER)
     role, identity = role_and_identity(der)
-    return Caller(identity, role or "")
+    spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return Caller(identity, role or "", hashlib.sha256(spki).hexdigest(), _refusal(cert))
+
+
+def _refusal(cert: x509.Certificate) -> str:
+    """A caller's certificate is one identity with one role, for a client: exactly one
+    role URI, a CN, not a CA, and the clientAuth extended key usage."""
+    try:
+        uris = cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    roles = [u for u in uris if u.startswith(ROLE_URI_PREFIX)]
+    if len(roles) != 1:
+        return f"the certificate names {len(roles)} roles, not one"
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(cns) != 1 or not str(cns[0].value).strip():
+        return "the certificate has no common name (CN)"
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return "the certificate is a CA certificate"
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usages = []
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
+        return "the certificate lacks the clientAuth extended key usage"
+    return ""
 
 
 def status_for(exc: KeysvcError) -> status_pb2.Status:
@@ -104,6 +137,8 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
         caller = _caller(context) or Caller("", "")
         code, outcome, response, failure = "OK", "OK", None, None
         try:
+            if caller.refusal and service not in UNAUDITED_SERVICES:
+                raise error("CERTIFICATE_NOT_ACCEPTED", caller.refusal)
             allowed = SERVICE_ROLES.get(service)
             if allowed is not None and caller.role not in allowed:
                 raise error("ROLE_NOT_PERMITTED",
@@ -126,7 +161,8 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
                                                  "code": type(exc).__name__})
             failure, code = KeysvcError("internal error"), "INTERNAL"
         if failure is not None:
-            outcome = "DENIED" if code == "ROLE_NOT_PERMITTED" else "ERROR"
+            outcome = "DENIED" if code in ("ROLE_NOT_PERMITTED", "CERTIFICATE_NOT_ACCEPTED") \
+                else "ERROR"
         elapsed = time.perf_counter() - started
         short = method.rsplit("/", 1)[-1]
         REQUESTS.labels(short, code).inc()

@@ -35,6 +35,25 @@ class Approval:
     officer: str
     digest: str
     mac: bytes = field(repr=False)
+    # The officer's key: SHA-256 of the client certificate's public key (SPKI), so that one
+    # key in two certificates (two CNs) is one officer. "" where no certificate was seen.
+    key: str = ""
+
+    @property
+    def who(self) -> set[str]:
+        """What an officer is known by: the certificate's key and the normalised name. Two
+        approvals are two officers only if they share neither (two CNs on one key, or one
+        CN in two spellings on two keys, are one officer)."""
+        return {x for x in (self.key, "name:" + officer_name(self.officer)) if x}
+
+
+def officer_name(identity: str) -> str:
+    return identity.strip().casefold()
+
+
+def approval_statement(op_id: str, officer: str, key: str, digest: str) -> bytes:
+    """What an approval's MAC covers: this officer (and key) approves this request."""
+    return canonical("approval", op_id, officer, key, digest)
 
 
 @dataclass(frozen=True)
@@ -91,7 +110,7 @@ def request_digest(kind: str, target: str, partition: str, request: dict) -> str
 
 
 def _approvals_json(approvals: tuple[Approval, ...]) -> str:
-    return st.dumps([{"officer": a.officer, "digest": a.digest,
+    return st.dumps([{"officer": a.officer, "digest": a.digest, "key": a.key,
                       "mac": base64.b64encode(a.mac).decode()} for a in approvals])
 
 
@@ -104,15 +123,15 @@ def from_canonical(data: bytes) -> OperationRecord:
     f = [b.decode() for b in decode(data)]
     if len(f) != 12 or f[0] != "operation":
         raise ValueError("not an operation record")
-    approvals = tuple(Approval(a["officer"], a["digest"], base64.b64decode(a["mac"]))
-                      for a in json.loads(f[7]))
+    approvals = tuple(Approval(a["officer"], a["digest"], base64.b64decode(a["mac"]),
+                               a.get("key", "")) for a in json.loads(f[7]))
     return OperationRecord(f[1], f[2], f[3], f[4], f[5], f[6], approvals, json.loads(f[8]),
                            f[9], parse_utc(f[10]), parse_utc(f[11]))
 
 
 def _record(r: Any) -> OperationRecord:
-    approvals = tuple(Approval(a["officer"], a["digest"], base64.b64decode(a["mac"]))
-                      for a in json.loads(r.approvals))
+    approvals = tuple(Approval(a["officer"], a["digest"], base64.b64decode(a["mac"]),
+                               a.get("key", "")) for a in json.loads(r.approvals))
     return OperationRecord(r.id, r.partition, r.kind, r.target, r.state, r.requested_by,
                            approvals, json.loads(r.payload), r.message,
                            _aware(r.created_at), _aware(r.updated_at))
@@ -122,21 +141,26 @@ class Operations:
     def __init__(self, records: "Records") -> None:
         self.r = records
 
-    def approval(self, op: OperationRecord, officer: str) -> Approval:
-        """A sealed statement: `officer` approves the request with this digest."""
+    def approval(self, op: OperationRecord, officer: str, key: str = "") -> Approval:
+        """A sealed statement: `officer` (with this certificate key) approves the request
+        with this digest."""
         digest = op.digest
-        mac = self.r.sealers[op.partition].seal(
-            canonical("approval", op.id, officer, digest))
-        return Approval(officer, digest, mac)
+        mac = self.r.sealers[op.partition].seal(approval_statement(op.id, officer, key, digest))
+        return Approval(officer, digest, mac, key)
 
     def _approvals_ok(self, op: OperationRecord) -> bool:
         digest = op.digest
         if not op.approvals or op.approvals[0].officer != op.requested_by:
             return False
         made = self.r.sealers[op.partition].seal_many(
-            canonical("approval", op.id, a.officer, a.digest) for a in op.approvals)
-        return all(a.digest == digest and hmac.compare_digest(m, a.mac)
-                   for a, m in zip(op.approvals, made))
+            approval_statement(op.id, a.officer, a.key, a.digest) for a in op.approvals)
+        seen: set[str] = set()
+        distinct = True
+        for a in op.approvals:
+            distinct = distinct and not (a.who & seen)
+            seen |= a.who
+        return distinct and all(a.digest == digest and hmac.compare_digest(m, a.mac)
+                                for a, m in zip(op.approvals, made))
 
     # ------------------------------------------------------------------ reads
     def partition_of(self, op_id: str) -> str | None:

@@ -29,8 +29,8 @@ from keysvc.records import Records
 from keysvc.records.import_jobs import _record as job_record
 from keysvc.records.keys import _record as key_record
 from keysvc.records.keys import anchor_payload
-from keysvc.records.operations import Approval, OperationRecord, _approvals_json
-from keysvc.records.seal import canonical
+from keysvc.records.operations import (Approval, OperationRecord, _approvals_json,
+                                       approval_statement)
 
 log = logging.getLogger("keysvc.records.upgrade")
 MARKER = "keysvc-records-sealed-v2"
@@ -94,7 +94,7 @@ def _operations(records: Records) -> int:
                              row.updated_at)
         sealer = records.sealers[partition]
         approvals = tuple(Approval(o, op.digest, sealer.seal(
-            canonical("approval", op.id, o, op.digest))) for o in officers)
+            approval_statement(op.id, o, "", op.digest))) for o in officers)
         op = replace(op, approvals=approvals)
         seal = sealer.seal(op.canonical())
         with records.anchors(partition).tx(records.store) as (conn, anchor):

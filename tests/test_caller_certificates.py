@@ -1,0 +1,99 @@
+"""Officers who cannot be doubled, callers whose certificates say one thing (issue 13, in
+part), through a real server with certificates made for each case by its development CA:
+exactly one role URI, a CN, not a CA, the clientAuth extended key usage; two approvals are
+two officers only with two keys and two names."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from keysvc.api.v1 import keysvc_pb2 as pb
+from keysvc.client import connect, error_reason
+from keysvc.pki import ROLE_URI_PREFIX
+from tests.conftest import unique
+from tests.support.encoder import kcv
+
+
+def _issue(server, tmp, filename: str, *, cn: str | None, roles=("security-officer",),
+           ca: bool = False, eku=(ExtendedKeyUsageOID.CLIENT_AUTH,), key=None):
+    """A client certificate from the server's development CA, written as tmp/pki/NAME."""
+    pki = server.state_dir / "pki"
+    ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else
+                        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "no CN")])
+    b = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject)
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now).not_valid_after(now + dt.timedelta(days=2))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), True))
+    if roles:
+        b = b.add_extension(x509.SubjectAlternativeName(
+            [x509.UniformResourceIdentifier(ROLE_URI_PREFIX + r) for r in roles]), False)
+    if eku:
+        b = b.add_extension(x509.ExtendedKeyUsage(list(eku)), False)
+    cert = b.sign(ca_key, hashes.SHA256())
+    (tmp / "pki").mkdir(exist_ok=True)
+    shutil.copy(pki / "ca.pem", tmp / "pki" / "ca.pem")
+    (tmp / "pki" / f"{filename}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "pki" / f"{filename}.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return connect(server.target, tmp, filename), key
+
+
+@pytest.mark.parametrize("case", ["two-roles", "no-role", "no-cn", "ca", "no-eku"])
+def test_a_certificate_that_is_not_one_client_with_one_role_is_refused_and_audited(
+        server, tmp_path, case):
+    kwargs = {"two-roles": dict(roles=("security-officer", "s1sp")), "no-role": dict(roles=()),
+              "no-cn": dict(cn=None), "ca": dict(ca=True), "no-eku": dict(eku=())}[case]
+    cn = unique("officer")
+    stubs, _ = _issue(server, tmp_path, "odd", **{"cn": cn, **kwargs})
+    with pytest.raises(grpc.RpcError) as info:
+        stubs.admin.ListKeys(pb.ListKeysRequest())
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_reason(info.value) == "CERTIFICATE_NOT_ACCEPTED"
+    events = server.as_("auditor").audit.ListAuditEvents(
+        pb.ListAuditEventsRequest(page_size=1000, action="keysvc.v1.KeyAdministrationService/"
+                                                        "ListKeys")).events
+    assert any(e.code == "CERTIFICATE_NOT_ACCEPTED" and e.outcome == "DENIED" for e in events)
+    stubs.channel.close()
+
+
+def _request(admin) -> tuple[pb.Operation, bytes]:
+    key, c1 = os.urandom(32), os.urandom(32)
+    op = admin.ImportTransportKey(pb.ImportTransportKeyRequest(
+        name=unique("S1SP-TK"), purpose=pb.S1SP_TRANSPORT, owner_id="SMSO-LG-01",
+        owner_type=pb.SMSO, expected_kcv=kcv(key), component=c1))
+    return op, bytes(a ^ b for a, b in zip(key, c1))
+
+
+def test_one_key_in_two_certificates_is_one_officer(server, tmp_path):
+    first, key = _issue(server, tmp_path, "one", cn=unique("security-officer-a"))
+    second, _ = _issue(server, tmp_path, "two", cn=unique("security-officer-b"), key=key)
+    op, c2 = _request(first.admin)
+    with pytest.raises(grpc.RpcError) as info:
+        second.admin.ApproveOperation(pb.ApproveOperationRequest(
+            operation_id=op.operation_id, component=c2, request_digest=op.request_digest))
+    assert error_reason(info.value) == "SAME_OFFICER"
+
+
+@pytest.mark.parametrize("spelling", [str.upper, "{} ".format])
+def test_one_name_in_two_spellings_is_one_officer(server, tmp_path, spelling):
+    name = unique("security-officer-c")
+    first, _ = _issue(server, tmp_path, "one", cn=name)
+    second, _ = _issue(server, tmp_path, "two", cn=spelling(name))
+    op, c2 = _request(first.admin)
+    with pytest.raises(grpc.RpcError) as info:
+        second.admin.ApproveOperation(pb.ApproveOperationRequest(
+            operation_id=op.operation_id, component=c2, request_digest=op.request_digest))
+    assert error_reason(info.value) == "SAME_OFFICER"
