@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import hashlib
 import gc
+import hashlib
 import logging
+import re
 import signal
 import threading
 import time
@@ -49,6 +50,26 @@ SERVICE_ROLES: dict[str, frozenset[str]] = {
 UNAUDITED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                       "grpc.reflection.v1.ServerReflection")
 
+REFLECTION_SERVICES = ("grpc.reflection.v1alpha.ServerReflection",
+                       "grpc.reflection.v1.ServerReflection")
+
+
+def _reflection_needs_a_role(handler: Any) -> Any:
+    """Reflection (a stream) lists every service: only to a certificate that is accepted
+    and names a role. Not audited, like health: tools poll it."""
+    inner = handler.stream_stream
+
+    def wrapped(requests: Any, context: grpc.ServicerContext) -> Any:
+        caller = _caller(context) or Caller("", "", "", "no client certificate")
+        if caller.refusal or not caller.role:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          caller.refusal or "reflection needs a role")
+        return inner(requests, context)
+    return grpc.stream_stream_rpc_method_handler(
+        wrapped, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)
+
+
 # What the servicer names as the call's target, for its audit event.
 audit_target: contextvars.ContextVar[str] = contextvars.ContextVar("audit_target", default="")
 current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("current_caller")
@@ -66,11 +87,18 @@ def _caller_of(pem: bytes) -> Caller:
     """The role and identity a client certificate names, its key's fingerprint, and why it
     is not accepted, if it is not. TLS has verified the certificate (chain and dates) for
     this connection; what it names never changes, so it is parsed once per certificate."""
-    cert = x509.load_pem_x509_certificate(pem)
-    der = cert.public_bytes(Encoding.DER)
-    role, identity = role_and_identity(der)
-    spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    return Caller(identity, role or "", hashlib.sha256(spki).hexdigest(), _refusal(cert))
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+        role, identity = role_and_identity(cert.public_bytes(Encoding.DER))
+        spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        return Caller(identity, role or "", hashlib.sha256(spki).hexdigest(), _refusal(cert))
+    except Exception:  # a certificate TLS took but this parser cannot read: refused
+        return Caller("", "", "", "the certificate cannot be parsed")
+
+
+# A CN an officer is known by: ASCII letters, digits, space and . ' _ -, so that no
+# zero-width character, look-alike script or control character makes one officer two.
+_CN = re.compile(r"[A-Za-z0-9][A-Za-z0-9 .'_-]{0,63}")
 
 
 def _refusal(cert: x509.Certificate) -> str:
@@ -82,12 +110,13 @@ def _refusal(cert: x509.Certificate) -> str:
             x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound:
         uris = []
-    roles = [u for u in uris if u.startswith(ROLE_URI_PREFIX)]
-    if len(roles) != 1:
-        return f"the certificate names {len(roles)} roles, not one"
+    roles = [u for u in uris if u.lower().startswith(ROLE_URI_PREFIX)]  # URNs ignore case
+    if len(roles) != 1 or not roles[0].startswith(ROLE_URI_PREFIX):
+        return f"the certificate names {len(roles)} roles, not one (in canonical form)"
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(cns) != 1 or not str(cns[0].value).strip():
-        return "the certificate has no common name (CN)"
+    if len(cns) != 1 or not _CN.fullmatch(str(cns[0].value)):
+        return ("the certificate needs one common name (CN) of ASCII letters, digits, "
+                "spaces and . ' _ -")
     try:
         if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
             return "the certificate is a CA certificate"
@@ -116,6 +145,9 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
+        if handler is not None and handler.stream_stream is not None \
+                and details.method.split("/")[1] in REFLECTION_SERVICES:
+            return _reflection_needs_a_role(handler)
         if handler is None or handler.unary_unary is None:
             return handler
         method = details.method  # "/keysvc.v1.S1SPService/ProcessGroupInformation"

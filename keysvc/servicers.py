@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 from typing import Any
 
@@ -17,6 +18,8 @@ from keysvc.domain import Problem
 from keysvc.errors import error
 from keysvc.results import GroupResult, MasterKeysResult
 from keysvc.server import audit_target, current_caller
+
+log = logging.getLogger("keysvc.servicers")
 
 
 def _caller() -> Caller:
@@ -89,7 +92,10 @@ def master_keys_pb(r: MasterKeysResult) -> pb.MasterKeysResult:
 def _file_target(data: bytes) -> None:
     """Name the file in the audit event before it is parsed, so that a refused file has a
     target too; marked "claimed" because nothing has checked it yet. A processed file's
-    event names the MigrationFileID read by the parser instead (`_parsed_target`)."""
+    event names the MigrationFileID read by the parser instead (`_parsed_target`). A large
+    file's processing can take seconds: its start is logged (size only), so that an
+    operator sees a file being worked on, not just its end."""
+    log.info("file received", extra={"code": str(len(data))})
     start = data.find(b"<MigrationFileID>")
     if start >= 0:
         end = data.find(b"</MigrationFileID>", start, start + 200)

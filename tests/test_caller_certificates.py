@@ -97,3 +97,61 @@ def test_one_name_in_two_spellings_is_one_officer(server, tmp_path, spelling):
         second.admin.ApproveOperation(pb.ApproveOperationRequest(
             operation_id=op.operation_id, component=c2, request_digest=op.request_digest))
     assert error_reason(info.value) == "SAME_OFFICER"
+
+
+@pytest.mark.parametrize("spelling", [lambda n: n + "\u200b", lambda n: "\u200d" + n,
+                                      lambda n: n.replace("o", "\u043e", 1),
+                                      lambda n: n.replace("o", "\uff4f", 1),
+                                      lambda n: n.replace("-", "  -", 1)])
+def test_a_name_in_another_script_or_with_invisible_characters_is_refused_or_one_officer(
+        server, tmp_path, spelling):
+    name = unique("security-officer-d")
+    first, _ = _issue(server, tmp_path, "one", cn=name)
+    second, _ = _issue(server, tmp_path, "two", cn=spelling(name))
+    op, c2 = _request(first.admin)
+    with pytest.raises(grpc.RpcError) as info:
+        second.admin.ApproveOperation(pb.ApproveOperationRequest(
+            operation_id=op.operation_id, component=c2, request_digest=op.request_digest))
+    assert error_reason(info.value) in ("CERTIFICATE_NOT_ACCEPTED", "SAME_OFFICER")
+
+
+def test_a_role_uri_in_another_case_counts_as_a_second_role(server, tmp_path):
+    stubs, _ = _issue(server, tmp_path, "odd", cn=unique("officer"),
+                      roles=("security-officer",))
+    stubs.channel.close()
+    pki = server.state_dir / "pki"
+    ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "officer-x")]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.UniformResourceIdentifier(ROLE_URI_PREFIX + "security-officer"),
+                x509.UniformResourceIdentifier("URN:KEYSVC:ROLE:s1sp")]), False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+            .sign(ca_key, hashes.SHA256()))
+    (tmp_path / "pki" / "case.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "pki" / "case.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    stubs = connect(server.target, tmp_path, "case")
+    with pytest.raises(grpc.RpcError) as info:
+        stubs.admin.ListKeys(pb.ListKeysRequest())
+    assert error_reason(info.value) == "CERTIFICATE_NOT_ACCEPTED"
+    stubs.channel.close()
+
+
+@pytest.mark.parametrize("kwargs", [dict(roles=()), dict(ca=True), dict(eku=())])
+def test_reflection_needs_an_accepted_certificate_with_a_role(server, tmp_path, kwargs):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    stubs, _ = _issue(server, tmp_path, "odd", **{"cn": unique("tool"), **kwargs})
+    reflect = reflection_pb2_grpc.ServerReflectionStub(stubs.channel)
+    with pytest.raises(grpc.RpcError) as info:
+        list(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+            list_services="")])))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    stubs.channel.close()

@@ -150,7 +150,11 @@ def test_sigterm_drains_the_call_in_flight_and_exits_zero(tmp_path):
                          dco_key_name="DCO-UNUSED", dco_kek=os.urandom(32))
         call = srv.as_("s1sp").s1sp.ProcessGroupInformation.future(
             pb.ProcessGroupInformationRequest(file=big), timeout=60)
-        time.sleep(0.8)  # the call is being processed (about 3 s of HSM work)
+        # SIGTERM once the call is being processed (about 3 s of HSM work), not while the
+        # file is still being received: the server logs a file's arrival.
+        deadline = time.monotonic() + 30
+        while '"msg":"file received"' not in srv.log() and time.monotonic() < deadline:
+            time.sleep(0.02)
         srv.proc.send_signal(signal.SIGTERM)
 
         assert call.result().accepted_count == 6000
