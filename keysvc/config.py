@@ -41,6 +41,8 @@ class Settings:
     hsm_pool_size: int = 8
     hsm_acquire_timeout: float = 15.0
     import_job_ttl_hours: int = 24
+    # Import jobs one officer may have outstanding (each is an RSA-3072 pair in the token).
+    import_job_quota: int = 10
     # The audit chain's head is copied into the admin token at most this often (and on the
     # first event): events cut from the end of the log before the last copy are found.
     audit_checkpoint_seconds: float = 5.0

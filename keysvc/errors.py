@@ -54,6 +54,11 @@ class PermissionDenied(KeysvcError):
     code = "ROLE_NOT_PERMITTED"
 
 
+class ResourceExhausted(KeysvcError):
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "RESOURCE_EXHAUSTED"
+
+
 class Unavailable(KeysvcError):
     status = grpc.StatusCode.UNAVAILABLE
     code = "HSM_UNAVAILABLE"
@@ -80,6 +85,7 @@ _REASONS: dict[str, type[KeysvcError]] = {
     "ROLE_NOT_PERMITTED": PermissionDenied,
     "CERTIFICATE_NOT_ACCEPTED": PermissionDenied,
     "HSM_UNAVAILABLE": Unavailable,
+    "IMPORT_JOB_QUOTA": ResourceExhausted,
 }
 
 

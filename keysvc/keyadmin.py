@@ -139,6 +139,10 @@ def create_import_job(app: App, caller: Caller, name: str,
         raise error("WRONG_KEY_PURPOSE", f"unknown purpose {purpose}")
     purge_expired_import_jobs(app)
     now = app.clock()
+    if app.records.import_jobs.outstanding(caller.identity, now) >= app.settings.import_job_quota:
+        raise error("IMPORT_JOB_QUOTA", f"{caller.identity} has "
+                    f"{app.settings.import_job_quota} import jobs outstanding; use or let "
+                    "them expire first")
     job = ImportJobRecord("ij-" + uuid.uuid4().hex[:16], name or "", PURPOSE_PARTITION[purpose],
                           "", caller.identity, now,
                           now + dt.timedelta(hours=app.settings.import_job_ttl_hours))

@@ -152,13 +152,25 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
             return handler
         method = details.method  # "/keysvc.v1.S1SPService/ProcessGroupInformation"
         service = method.split("/")[1]
-        inner = handler.unary_unary
+        inner, decode = handler.unary_unary, handler.request_deserializer
 
-        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            return self._call(service, method, inner, request, context)
+        def decoded(raw: bytes, context: grpc.ServicerContext) -> Any:
+            """The request is decoded here, after the role check: an undecodable one is
+            INVALID_REQUEST (and audited), never gRPC's INTERNAL, and a caller of the wrong
+            role learns nothing from it."""
+            try:
+                request = decode(raw) if decode else raw
+            except Exception:
+                raise error("INVALID_REQUEST", "the request does not decode (protobuf or "
+                                               "UTF-8)") from None
+            return inner(request, context)
 
+        def wrapped(raw: bytes, context: grpc.ServicerContext) -> Any:
+            return self._call(service, method, decoded, raw, context)
+
+        # Bytes in: the request is decoded by `decoded`, once the caller may call.
         return grpc.unary_unary_rpc_method_handler(
-            wrapped, request_deserializer=handler.request_deserializer,
+            wrapped, request_deserializer=None,
             response_serializer=handler.response_serializer)
 
     def _call(self, service: str, method: str, inner: Callable, request: Any,

@@ -155,3 +155,22 @@ def test_reflection_needs_an_accepted_certificate_with_a_role(server, tmp_path, 
             list_services="")])))
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     stubs.channel.close()
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xff\xff\xff", b"\x0a\x02\xff\xfe"],
+                         ids=["not-protobuf", "not-utf-8"])
+def test_an_undecodable_request_is_invalid_request_after_the_role_check_and_audited(
+        server, raw):
+    def call(identity: str):
+        return server.as_(identity).channel.unary_unary(
+            "/keysvc.v1.KeyAdministrationService/GetKey")(raw)
+    with pytest.raises(grpc.RpcError) as info:
+        call("s1sp")
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as info:
+        call("security-officer-1")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(info.value) == "INVALID_REQUEST"
+    events = server.as_("auditor").audit.ListAuditEvents(pb.ListAuditEventsRequest(
+        page_size=1000, action="keysvc.v1.KeyAdministrationService/GetKey")).events
+    assert any(e.code == "INVALID_REQUEST" and e.actor == "security-officer-1" for e in events)

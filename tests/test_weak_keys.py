@@ -55,3 +55,18 @@ def test_a_component_sent_with_an_approval_that_takes_none_is_invalid_request(ap
     assert [o.state for o in keyadmin.list_operations(app)
             if o.operation_id == op.operation_id] == ["PENDING"]
     assert keyadmin.approve(app, OFFICER_2, op.operation_id).state == "APPROVED"
+
+
+def test_an_officer_past_the_import_job_quota_is_resource_exhausted(app):
+    from dataclasses import replace
+
+    import grpc
+    from tests.conftest import OFFICER_3
+    app.settings = replace(app.settings, import_job_quota=2)
+    for _ in range(2):
+        keyadmin.create_import_job(app, OFFICER_3, "job", "DCO_TRANSPORT")
+    with pytest.raises(KeysvcError) as info:
+        keyadmin.create_import_job(app, OFFICER_3, "job", "DCO_TRANSPORT")
+    assert (info.value.code, info.value.status) == ("IMPORT_JOB_QUOTA",
+                                                    grpc.StatusCode.RESOURCE_EXHAUSTED)
+    keyadmin.create_import_job(app, OFFICER_2, "job", "DCO_TRANSPORT")  # another officer

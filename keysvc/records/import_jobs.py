@@ -10,7 +10,7 @@ import datetime as dt
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from keysvc import store as st
 from keysvc.records.seal import canonical
@@ -105,6 +105,13 @@ class ImportJobs:
                 st.after_tx(conn, lambda i=row.id: self.r.flag(
                     f"import_jobs/{i}", "fails its HSM seal; not purged"))
         return out
+
+    def outstanding(self, created_by: str, now: dt.datetime) -> int:
+        """How many unexpired jobs this officer has (a quota; a forged row only denies)."""
+        with self.r.store.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(st.import_jobs).where(
+                st.import_jobs.c.created_by == created_by,
+                st.import_jobs.c.expires_at > now)).scalar_one()
 
     def ids(self, partition: str) -> set[str]:
         """Every job id of a partition (reconciliation: a pair without its row goes)."""
