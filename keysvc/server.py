@@ -131,12 +131,25 @@ def _refusal(cert: x509.Certificate) -> str:
     return ""
 
 
+# An error travels in the response trailers: one that quotes a megabyte of the caller's
+# input would not arrive at all ("Stream removed", no ErrorInfo). Messages and metadata
+# values are cut to a length that always does.
+MAX_MESSAGE = 400
+MAX_METADATA = 128
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def status_for(exc: KeysvcError) -> status_pb2.Status:
-    info = error_details_pb2.ErrorInfo(reason=exc.code, domain=ERROR_DOMAIN,
-                                       metadata=exc.metadata)
+    info = error_details_pb2.ErrorInfo(
+        reason=exc.code, domain=ERROR_DOMAIN,
+        metadata={_cut(k, 64): _cut(str(v), MAX_METADATA) for k, v in exc.metadata.items()})
     detail = any_pb2.Any()
     detail.Pack(info)
-    return status_pb2.Status(code=exc.status.value[0], message=exc.message, details=[detail])
+    return status_pb2.Status(code=exc.status.value[0], message=_cut(exc.message, MAX_MESSAGE),
+                             details=[detail])
 
 
 class KeysvcInterceptor(grpc.ServerInterceptor):
