@@ -129,6 +129,17 @@ class Records:
                     out.append((k, None))
         return out
 
+    def holds_exactly(self, table: Any, key: Any, value: str, parse: Any, data: bytes,
+                      seal: bytes) -> bool:
+        """Does the database hold exactly this record (`parse(row).canonical() == data`),
+        with this seal? (Start-up: whether a record must be rolled forward.)"""
+        try:
+            row = self.fetch(None, select(table).where(key == value), table.name)
+            return (row is not None and bytes(row.seal or b"") == seal
+                    and parse(row).canonical() == data)
+        except Exception:
+            return False
+
     def refuse(self, conn: Any, record: str, why: str) -> KeysvcError:
         """The error for a record that fails its seal or anchor; its audit event is written
         once `conn`'s transaction has ended (or at once without one)."""

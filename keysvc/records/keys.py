@@ -227,13 +227,7 @@ class Keys:
         return conn.execute(select(st.keys.c.partition).where(st.keys.c.name == name)).scalar()
 
     def matches(self, name: str, data: bytes, seal: bytes) -> bool:
-        """Does the database hold exactly this record, with this seal?"""
-        try:
-            row = self.r.fetch(None, select(st.keys).where(st.keys.c.name == name), "keys")
-            return (row is not None and bytes(row.seal or b"") == seal
-                    and _record(row).canonical() == data)
-        except Exception:
-            return False
+        return self.r.holds_exactly(st.keys, st.keys.c.name, name, _record, data, seal)
 
     def restore(self, conn: Any, rec: KeyRecord, seal: bytes) -> None:
         """Start-up: the database takes the record the token's newest anchor holds."""

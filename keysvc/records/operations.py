@@ -251,14 +251,8 @@ class Operations:
         return new
 
     def matches(self, op_id: str, data: bytes, seal: bytes) -> bool:
-        """Does the database hold exactly this record, with this seal?"""
-        try:
-            row = self.r.fetch(None, select(st.operations).where(st.operations.c.id == op_id),
-                               "operations")
-            return (row is not None and bytes(row.seal or b"") == seal
-                    and _record(row).canonical() == data)
-        except Exception:
-            return False
+        return self.r.holds_exactly(st.operations, st.operations.c.id, op_id, _record, data,
+                                    seal)
 
     def restore(self, conn: Any, op: OperationRecord, seal: bytes) -> None:
         """Start-up: the database takes the record the token's newest anchor holds."""
