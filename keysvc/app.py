@@ -14,22 +14,12 @@ from keysvc.clock import Clock, utc_now
 from keysvc.config import Settings
 from keysvc.device_certificate import TrustStore
 from keysvc.partitions import Partitions
+from keysvc.identity.caller import Caller  # noqa: F401 (domain code imports it from here)
+from keysvc.identity.roster import Roster
 from keysvc.records import Records
 from keysvc.store import Store
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who is calling: identity from the certificate CN, role from its SAN URI, and the
-    SHA-256 of its public key (SPKI), which tells officers apart whatever their CN says.
-    `refusal`: why the certificate is not accepted for keysvc's services ("" if it is)."""
-
-    identity: str
-    role: str
-    fingerprint: str = ""
-    refusal: str = ""
 
 
 @dataclass
@@ -42,6 +32,7 @@ class App:
     cert_workers: int = 0
     audit: AuditLog = field(init=False)
     records: Records = field(init=False)
+    roster: Roster = field(init=False)
     _checker: CertificateChecker | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -49,6 +40,7 @@ class App:
         self.audit = AuditLog(self.store, self.partitions, lambda: self.clock(),
                               checkpoint_seconds=self.settings.audit_checkpoint_seconds)
         self.records = Records(self.store, self.partitions, self._record_tampered)
+        self.roster = Roster(self.partitions.admin, self.settings.roster_refresh_seconds)
 
     def _record_tampered(self, record: str, why: str) -> None:
         """A sealed record failed its check: the audit trail says which, and that it was
@@ -86,7 +78,23 @@ class App:
         upgrade_once(app.records, also=app.records.escrows.reanchor_legacy)
         reconcile(app.records)
         app.records.escrows.roll_forward()
+        from keysvc import identity
+        identity.seed_roster(app)
+        app.load_client_crls()
         return app
+
+    def load_client_crls(self) -> None:
+        """Read the client-certificate CRLs (at start, on SIGHUP, every few minutes)."""
+        from keysvc import identity
+        from keysvc.identity.crls import load_dir
+        result = load_dir(self.settings.client_crls, identity.client_cas(self), self.roster,
+                          lambda action, detail: self.audit.append(
+                              actor="keysvc", role="", action=action, target=detail,
+                              outcome="ERROR" if action.endswith("refused") else "OK",
+                              code="CERTIFICATE_REVOKED" if action.endswith("refused")
+                              else "OK"))
+        log.info("client CRLs read: %d, refused: %d, new revocations: %d", result.read,
+                 result.refused, result.new_serials)
 
     def close(self) -> None:
         if self._checker is not None:

@@ -146,6 +146,15 @@ def _request_rows(op: Any) -> list[list[Any]]:
                   else f"import job {r.import_job_id}"]]
     if op.kind == "GENERATE_RECIPIENT_KEY":
         rows.append(["allowed originators", ", ".join(r.allowed_originators)])
+    if op.kind in ("ENROLL_OFFICER", "REMOVE_OFFICER"):
+        rows[2] = ["officer", r.officer_name]
+        rows.append(["key fingerprint", r.fingerprint])
+    if op.kind == "ENROLL_OFFICER":
+        rows.append(["certificate subject", r.certificate_subject])
+    if op.kind in ("DENY_CERTIFICATE", "ALLOW_CERTIFICATE"):
+        rows[2] = ["key fingerprint", r.fingerprint]
+    if op.kind == "DENY_CERTIFICATE":
+        rows.append(["reason", r.reason])
     if op.kind in ("DISABLE_KEY", "ENABLE_KEY", "DESTROY_KEY"):
         rows += [["key now", pb.KeyInfo.State.Name(r.key_state)],
                  ["key purpose", pb.KeyPurpose.Name(r.key_purpose)], ["key KCV", r.key_kcv]]
@@ -163,8 +172,9 @@ def cmd_admin_approve(args: argparse.Namespace) -> int:
         console.print("this operation fails its HSM seal: it cannot be approved")
         return 1
     if not args.yes:
-        what = shown(f"{seen.kind} of {seen.request.name or seen.target} "
-                     f"({pb.KeyPurpose.Name(seen.request.purpose or seen.request.key_purpose)})")
+        purpose = seen.request.purpose or seen.request.key_purpose
+        what = shown(f"{seen.kind} of {seen.request.name or seen.target}"
+                     + (f" ({pb.KeyPurpose.Name(purpose)})" if purpose else ""))
         console.print(Text.assemble("approve ", what, f", request {seen.request_digest[:16]}"
                                     f"{', with WARNINGS' if seen.request.warnings else ''}?"))
         answer = input("[y/N] ")
@@ -220,6 +230,57 @@ def cmd_admin_generate(args: argparse.Namespace) -> int:
     op = _stubs(args).admin.GenerateRecipientKey(pb.GenerateRecipientKeyRequest(
         name=args.name, purpose=pb.KeyPurpose.Value(args.purpose),
         allowed_originators=args.originator))
+    _table("operation", OP_COLUMNS, [_op_row(op)])
+    return 0
+
+
+def cmd_admin_officers(args: argparse.Namespace) -> int:
+    from keysvc.api.v1 import keysvc_pb2 as pb
+    r = _stubs(args).admin.ListOfficers(pb.ListOfficersRequest())
+    _table(f"officers (quorum {r.quorum})", ["officer", "key fingerprint", "denied"],
+           [[o.display_name, o.fingerprint, "DENIED" if o.denied else ""] for o in r.officers])
+    _table("denied keys", ["key fingerprint", "reason"],
+           [[d.fingerprint, d.reason] for d in r.denied])
+    return 0
+
+
+def cmd_admin_enroll(args: argparse.Namespace) -> int:
+    from keysvc.api.v1 import keysvc_pb2 as pb
+    op = _stubs(args).admin.EnrollOfficer(pb.EnrollOfficerRequest(
+        certificate_pem=Path(args.certificate).read_text(), display_name=args.name or ""))
+    _table("operation", OP_COLUMNS, [_op_row(op)])
+    return 0
+
+
+def cmd_admin_remove_officer(args: argparse.Namespace) -> int:
+    from keysvc.api.v1 import keysvc_pb2 as pb
+    op = _stubs(args).admin.RemoveOfficer(pb.RemoveOfficerRequest(display_name=args.name))
+    _table("operation", OP_COLUMNS, [_op_row(op)])
+    return 0
+
+
+def _fingerprint_arg(value: str) -> str:
+    """A fingerprint, or a certificate file whose key's fingerprint is meant."""
+    path = Path(value)
+    if path.is_file():
+        from cryptography import x509
+        from keysvc.identity.certificates import fingerprint
+        return fingerprint(x509.load_pem_x509_certificate(path.read_bytes()))
+    return value
+
+
+def cmd_admin_deny(args: argparse.Namespace) -> int:
+    from keysvc.api.v1 import keysvc_pb2 as pb
+    op = _stubs(args).admin.DenyCertificate(pb.DenyCertificateRequest(
+        fingerprint=_fingerprint_arg(args.key), reason=args.reason))
+    _table("operation", OP_COLUMNS, [_op_row(op)])
+    return 0
+
+
+def cmd_admin_allow(args: argparse.Namespace) -> int:
+    from keysvc.api.v1 import keysvc_pb2 as pb
+    op = _stubs(args).admin.AllowCertificate(pb.AllowCertificateRequest(
+        fingerprint=_fingerprint_arg(args.key)))
     _table("operation", OP_COLUMNS, [_op_row(op)])
     return 0
 
@@ -479,6 +540,19 @@ def build_parser() -> argparse.ArgumentParser:
                                   ("destroy", "DestroyKey", "DestroyKeyRequest")):
         admin(action, _key_state_cmd(rpc_name, req), f"{action} a key (dual control)") \
             .add_argument("name")
+    admin("officers", cmd_admin_officers, "list enrolled officers and denied keys")
+    c = admin("enroll-officer", cmd_admin_enroll, "enrol an officer's certificate key "
+              "(dual control)")
+    c.add_argument("certificate", help="the officer's certificate (PEM file)")
+    c.add_argument("--name", default=None, help="display name (default: the CN)")
+    c = admin("remove-officer", cmd_admin_remove_officer, "remove an officer (dual control)")
+    c.add_argument("name")
+    c = admin("deny", cmd_admin_deny, "deny a certificate key: refused on its next call "
+              "(dual control)")
+    c.add_argument("key", help="the key's SPKI SHA-256 fingerprint, or a certificate file")
+    c.add_argument("--reason", required=True)
+    c = admin("allow", cmd_admin_allow, "take a key off the deny list (dual control)")
+    c.add_argument("key", help="the key's SPKI SHA-256 fingerprint, or a certificate file")
     c = admin("escrow-deposit", cmd_escrow_deposit, "escrow rollback certificates")
     _escrow_deposit_args(c)
     c = admin("escrow-list", cmd_escrow_list, "list escrows")

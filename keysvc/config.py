@@ -35,6 +35,16 @@ class Settings:
     tls_key: str = ""
     tls_client_ca: str = ""
     trust_anchors_dir: str = ""
+    # The first security officers: comma-separated certificate files, read once, when the
+    # admin token has no roster yet (development: the two generated officers). After that
+    # officers are enrolled and removed under dual control.
+    initial_officers: str = ""
+    # CRLs of the client CA (PEM or DER files), read at start, on SIGHUP and this often.
+    client_crl_dir: str = ""
+    client_crl_refresh_seconds: float = 300.0
+    # How old the roster (officers, deny list) read from the admin token may be on another
+    # replica; a change made on this one counts at once.
+    roster_refresh_seconds: float = 1.0
     max_file_bytes: int = 64 * 1024 * 1024
     max_xml_depth: int = 64
     quorum: int = 2
@@ -81,6 +91,10 @@ class Settings:
         return (Path(self.tls_cert or pki / "server.pem"),
                 Path(self.tls_key or pki / "server.key"),
                 Path(self.tls_client_ca or pki / "ca.pem"))
+
+    @property
+    def client_crls(self) -> Path:
+        return Path(self.client_crl_dir or self.path("client-crls"))
 
     @property
     def trust_anchors(self) -> Path:

@@ -54,6 +54,13 @@ class PermissionDenied(KeysvcError):
     code = "ROLE_NOT_PERMITTED"
 
 
+class Aborted(KeysvcError):
+    """A concurrent change won; the call changed nothing and may be retried."""
+
+    status = grpc.StatusCode.ABORTED
+    code = "ABORTED"
+
+
 class ResourceExhausted(KeysvcError):
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
     code = "RESOURCE_EXHAUSTED"
@@ -77,13 +84,15 @@ _REASONS: dict[str, type[KeysvcError]] = {
         "ORIGINATOR_NOT_PERMITTED", "KEY_UNWRAP_FAILED", "DECRYPTION_FAILED",
         "ESCROW_WINDOW_CLOSED", "ESCROW_EXHAUSTED", "APPROVAL_REQUIRED", "SAME_OFFICER",
         "ESCROW_SEAL_INVALID", "KCV_MISMATCH", "OPERATION_NOT_PENDING",
-        "IMPORT_JOB_EXPIRED", "RECORD_SEAL_INVALID", "REQUEST_CHANGED")},
+        "IMPORT_JOB_EXPIRED", "RECORD_SEAL_INVALID", "REQUEST_CHANGED",
+        "OFFICERS_BELOW_QUORUM")},
     **{c: NotFound for c in ("DEVICE_KEY_NOT_FOUND", "ESCROW_NOT_FOUND",
                              "OPERATION_NOT_FOUND", "KEY_NOT_FOUND",
-                             "IMPORT_JOB_NOT_FOUND")},
-    **{c: AlreadyExists for c in ("FILE_ALREADY_PROCESSED", "KEY_EXISTS")},
-    "ROLE_NOT_PERMITTED": PermissionDenied,
-    "CERTIFICATE_NOT_ACCEPTED": PermissionDenied,
+                             "IMPORT_JOB_NOT_FOUND", "OFFICER_NOT_FOUND")},
+    **{c: AlreadyExists for c in ("FILE_ALREADY_PROCESSED", "KEY_EXISTS", "OFFICER_EXISTS")},
+    **{c: PermissionDenied for c in ("ROLE_NOT_PERMITTED", "CERTIFICATE_NOT_ACCEPTED",
+                                     "CERTIFICATE_REVOKED", "OFFICER_NOT_ENROLLED")},
+    "ROSTER_BUSY": Aborted,
     "HSM_UNAVAILABLE": Unavailable,
     "IMPORT_JOB_QUOTA": ResourceExhausted,
 }

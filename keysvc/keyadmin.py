@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.cmac import CMAC
 
 from hsm import HsmKeyNotFound, HsmOperationFailed
 from hsm import keys as hk
-from keysvc import faults
+from keysvc import faults, officers
 from keysvc import store as st
 from keysvc.app import App, Caller
 from keysvc.errors import KeysvcError, error
@@ -465,7 +465,7 @@ def _approve(app: App, caller: Caller, operation_id: str, component: bytes,
         approvals = (*op.approvals, app.records.operations.approval(op, caller.identity,
                                                                      caller.fingerprint))
         state, message, refusal = "PENDING", "", ""
-        if len(approvals) >= app.settings.quorum:
+        if sum(officers.counts(app, a) for a in approvals) >= app.settings.quorum:
             state, message, refusal = _execute(app, conn, anchor, op, payload, effects)
         op = app.records.operations.update(conn, anchor, op, approvals=approvals,
                                            payload=payload, state=state, message=message,
@@ -478,6 +478,8 @@ def _execute(app: App, conn, anchor, op: OperationRecord, p: dict, effects: _Tok
              ) -> tuple[str, str, str]:
     """Carry out an approved operation; returns (state, message, refusal code or "")."""
     now = app.clock()
+    if op.kind in officers.KINDS:
+        return officers.execute(app, op, p)
     if op.kind in ("IMPORT_TRANSPORT_KEY", "GENERATE_RECIPIENT_KEY"):
         taken = _name_taken(app, conn, op, p["name"], p["purpose"])
         if taken:
@@ -700,9 +702,12 @@ def _request_view(app: App, op: OperationRecord, known: set[str]) -> dict:
             "expected_kcv": p.get("expected_kcv", ""),
             "allowed_originators": tuple(p.get("allowed_originators", ())),
             "import_job_id": p.get("import_job_id", ""), "algorithm": "",
-            "from_components": False, "key_state": "", "key_purpose": "", "key_kcv": ""}
-    warnings = []
-    if op.kind == "IMPORT_TRANSPORT_KEY":
+            "from_components": False, "key_state": "", "key_purpose": "", "key_kcv": "",
+            "officer_name": "", "fingerprint": "", "certificate_subject": "", "reason": ""}
+    warnings: list[str] = []
+    if op.kind in officers.KINDS:
+        officers.view(app, op, view, warnings)
+    elif op.kind == "IMPORT_TRANSPORT_KEY":
         view["algorithm"] = "AES"
         view["from_components"] = "wrapped_key" not in p
         if view["purpose"] == "EXPORT":

@@ -2,7 +2,8 @@
 
 S1SP and DCO are separate tokens with separate PINs and storage keys, so code holding the
 S1SP token has no handle that could reach a master key (dual control). The admin token
-holds what belongs to neither: the audit MAC key and the escrow seal key.
+holds what belongs to neither: the audit MAC key, the escrow seal key, the roster of
+officers, and a record-seal key for the operations that change that roster.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class Partitions:
         for name, token in self.tokens.items():
             with token.session() as s:
                 wanted = ([STORAGE_KEY, COMPONENT_SEAL_KEY, RECORD_SEAL_KEY] if name != "admin"
-                          else [AUDIT_MAC_KEY, ESCROW_SEAL_KEY])
+                          else [AUDIT_MAC_KEY, ESCROW_SEAL_KEY, RECORD_SEAL_KEY])
                 for label in wanted:
                     if hk.has_key(s, label):
                         continue

@@ -8,11 +8,8 @@ and appends one audit event per call, allowed or denied.
 from __future__ import annotations
 
 import contextvars
-import functools
 import gc
-import hashlib
 import logging
-import re
 import signal
 import threading
 import time
@@ -21,9 +18,6 @@ from concurrent import futures
 from typing import Any, Callable
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -36,7 +30,8 @@ from keysvc.app import App, Caller
 from keysvc.errors import ERROR_DOMAIN, KeysvcError, error
 from keysvc.observability import (HSM_IDLE, HSM_IN_USE, HSM_UP, LATENCY, REQUESTS,
                                   request_id)
-from keysvc.pki import ROLE_URI_PREFIX, role_and_identity
+from keysvc.identity import admit
+from keysvc.identity.certificates import caller_from_pem
 
 log = logging.getLogger("keysvc.server")
 
@@ -50,13 +45,18 @@ SERVICE_ROLES: dict[str, frozenset[str]] = {
 UNAUDITED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                       "grpc.reflection.v1.ServerReflection")
 
+# Refusals of the caller itself (audited as DENIED, not ERROR).
+DENIALS = ("ROLE_NOT_PERMITTED", "CERTIFICATE_NOT_ACCEPTED", "CERTIFICATE_REVOKED",
+           "OFFICER_NOT_ENROLLED")
+
 REFLECTION_SERVICES = ("grpc.reflection.v1alpha.ServerReflection",
                        "grpc.reflection.v1.ServerReflection")
 
 
-def _reflection_needs_a_role(handler: Any) -> Any:
-    """Reflection (a stream) lists every service: only to a certificate that is accepted
-    and names a role. Not audited, like health: tools poll it."""
+def _reflection_needs_a_role(app: App, handler: Any) -> Any:
+    """Reflection (a stream) lists every service: only to a certificate that is accepted,
+    names a role and is admitted (not revoked; an officer enrolled). Not audited, like
+    health: tools poll it."""
     inner = handler.stream_stream
 
     def wrapped(requests: Any, context: grpc.ServicerContext) -> Any:
@@ -64,6 +64,10 @@ def _reflection_needs_a_role(handler: Any) -> Any:
         if caller.refusal or not caller.role:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           caller.refusal or "reflection needs a role")
+        try:
+            admit(app, caller)
+        except KeysvcError as exc:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, exc.message)
         return inner(requests, context)
     return grpc.stream_stream_rpc_method_handler(
         wrapped, request_deserializer=handler.request_deserializer,
@@ -79,56 +83,7 @@ def _caller(context: grpc.ServicerContext) -> Caller | None:
     pem = (context.auth_context() or {}).get("x509_pem_cert")
     if not pem:
         return None
-    return _caller_of(pem[0])
-
-
-@functools.lru_cache(maxsize=1024)
-def _caller_of(pem: bytes) -> Caller:
-    """The role and identity a client certificate names, its key's fingerprint, and why it
-    is not accepted, if it is not. TLS has verified the certificate (chain and dates) for
-    this connection; what it names never changes, so it is parsed once per certificate."""
-    try:
-        cert = x509.load_pem_x509_certificate(pem)
-        role, identity = role_and_identity(cert.public_bytes(Encoding.DER))
-        spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-        return Caller(identity, role or "", hashlib.sha256(spki).hexdigest(), _refusal(cert))
-    except Exception:  # a certificate TLS took but this parser cannot read: refused
-        return Caller("", "", "", "the certificate cannot be parsed")
-
-
-# A CN an officer is known by: ASCII letters, digits, space and . ' _ -, so that no
-# zero-width character, look-alike script or control character makes one officer two.
-_CN = re.compile(r"[A-Za-z0-9][A-Za-z0-9 .'_-]{0,63}")
-
-
-def _refusal(cert: x509.Certificate) -> str:
-    """A caller's certificate is one identity with one role, for a client: exactly one
-    role URI, a CN, not a CA, and the clientAuth extended key usage."""
-    try:
-        uris = cert.extensions.get_extension_for_class(
-            x509.SubjectAlternativeName).value.get_values_for_type(
-            x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
-    roles = [u for u in uris if u.lower().startswith(ROLE_URI_PREFIX)]  # URNs ignore case
-    if len(roles) != 1 or not roles[0].startswith(ROLE_URI_PREFIX):
-        return f"the certificate names {len(roles)} roles, not one (in canonical form)"
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(cns) != 1 or not _CN.fullmatch(str(cns[0].value)):
-        return ("the certificate needs one common name (CN) of ASCII letters, digits, "
-                "spaces and . ' _ -")
-    try:
-        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
-            return "the certificate is a CA certificate"
-    except x509.ExtensionNotFound:
-        pass
-    try:
-        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        usages = []
-    if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
-        return "the certificate lacks the clientAuth extended key usage"
-    return ""
+    return caller_from_pem(pem[0])
 
 
 # An error travels in the response trailers: one that quotes a megabyte of the caller's
@@ -160,7 +115,7 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is not None and handler.stream_stream is not None \
                 and details.method.split("/")[1] in REFLECTION_SERVICES:
-            return _reflection_needs_a_role(handler)
+            return _reflection_needs_a_role(self.app, handler)
         if handler is None or handler.unary_unary is None:
             return handler
         method = details.method  # "/keysvc.v1.S1SPService/ProcessGroupInformation"
@@ -196,6 +151,8 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
         try:
             if caller.refusal and service not in UNAUDITED_SERVICES:
                 raise error("CERTIFICATE_NOT_ACCEPTED", caller.refusal)
+            if service not in UNAUDITED_SERVICES:
+                caller = admit(self.app, caller)  # revoked? an officer enrolled? (each call)
             allowed = SERVICE_ROLES.get(service)
             if allowed is not None and caller.role not in allowed:
                 raise error("ROLE_NOT_PERMITTED",
@@ -218,8 +175,7 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
                                                  "code": type(exc).__name__})
             failure, code = KeysvcError("internal error"), "INTERNAL"
         if failure is not None:
-            outcome = "DENIED" if code in ("ROLE_NOT_PERMITTED", "CERTIFICATE_NOT_ACCEPTED") \
-                else "ERROR"
+            outcome = "DENIED" if code in DENIALS else "ERROR"
         elapsed = time.perf_counter() - started
         short = method.rsplit("/", 1)[-1]
         REQUESTS.labels(short, code).inc()
@@ -246,13 +202,23 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
 # --------------------------------------------------------------------------- health
 class HealthWatch(threading.Thread):
     """NOT_SERVING while any token is unusable; SERVING again once it answers. Also the
-    server's other periodic duty: the last audit events of a burst reach the token's
-    checkpoint even when no call follows them."""
+    server's other periodic duties: the last audit events of a burst reach the token's
+    checkpoint even when no call follows them, and the client CRLs are read again every
+    `client_crl_refresh_seconds` or when `reload` is set (SIGHUP)."""
 
     def __init__(self, app: App, servicer: health.HealthServicer, every: float = 1.0) -> None:
         super().__init__(daemon=True, name="health-watch")
         self.app, self.servicer, self.every = app, servicer, every
         self.stopped = threading.Event()
+        self.reload = threading.Event()
+        self.crls_read_at = time.monotonic()
+
+    def reload_crls_if_due(self) -> None:
+        due = time.monotonic() - self.crls_read_at >= self.app.settings.client_crl_refresh_seconds
+        if due or self.reload.is_set():
+            self.reload.clear()
+            self.crls_read_at = time.monotonic()
+            self.app.load_client_crls()
 
     def check(self) -> bool:
         ok = True
@@ -273,6 +239,7 @@ class HealthWatch(threading.Thread):
             try:
                 if self.check():
                     self.app.audit.checkpoint_if_due()
+                    self.reload_crls_if_due()
             except Exception as exc:
                 log.error("health check failed", extra={"code": type(exc).__name__})
 
@@ -339,8 +306,12 @@ def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None) 
     def _stop(signum: int, _frame: Any) -> None:
         log.info("signal received; draining in-flight calls", extra={"code": str(signum)})
         done.set()
+    def _reload(signum: int, _frame: Any) -> None:
+        log.info("SIGHUP: the client CRLs will be read again")
+        watch.reload.set()
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGHUP, _reload)
     done.wait()
     watch.stopped.set()
     server.stop(grace=30).wait()

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from keysvc import dco, escrow, keyadmin, s1sp
+from keysvc import dco, escrow, keyadmin, officers, s1sp
 from keysvc.api.v1 import keysvc_pb2 as pb
 from keysvc.api.v1 import keysvc_pb2_grpc as rpc
 from keysvc.app import App, Caller
@@ -203,7 +203,9 @@ def request_pb(r: dict) -> Any:
         import_job_id=r["import_job_id"], from_components=r["from_components"],
         key_state=_value(pb.KeyInfo.State, r["key_state"]),
         key_purpose=_value(pb.KeyPurpose, r["key_purpose"]), key_kcv=r["key_kcv"],
-        warnings=list(r["warnings"]))
+        warnings=list(r["warnings"]), officer_name=r["officer_name"],
+        fingerprint=r["fingerprint"], certificate_subject=r["certificate_subject"],
+        reason=r["reason"])
 
 
 def operation_pb(o: keyadmin.Operation, message: type = pb.Operation) -> Any:
@@ -326,6 +328,35 @@ class KeyAdministrationServicer(rpc.KeyAdministrationServiceServicer):
         audit_target.set(f"{request.escrow_id}: {request.reason}"[:512])
         return escrow_pb(escrow.revoke(self.app, _caller(), request.escrow_id, request.reason),
                          pb.RevokeEscrowResponse)
+
+    def EnrollOfficer(self, request: Any, context: grpc.ServicerContext) -> Any:
+        audit_target.set(request.display_name[:64])
+        return operation_pb(officers.enroll_officer(self.app, _caller(), request.certificate_pem,
+                                                    request.display_name))
+
+    def RemoveOfficer(self, request: Any, context: grpc.ServicerContext) -> Any:
+        audit_target.set(request.display_name[:64])
+        return operation_pb(officers.remove_officer(self.app, _caller(), request.display_name))
+
+    def DenyCertificate(self, request: Any, context: grpc.ServicerContext) -> Any:
+        audit_target.set(request.fingerprint[:64])
+        return operation_pb(officers.deny_certificate(self.app, _caller(), request.fingerprint,
+                                                      request.reason))
+
+    def AllowCertificate(self, request: Any, context: grpc.ServicerContext) -> Any:
+        audit_target.set(request.fingerprint[:64])
+        return operation_pb(officers.allow_certificate(self.app, _caller(),
+                                                       request.fingerprint))
+
+    def ListOfficers(self, request: Any, context: grpc.ServicerContext) -> Any:
+        roster = officers.list_roster(self.app)
+        return pb.ListOfficersResponse(
+            officers=[pb.Officer(display_name=o.name, fingerprint=o.fingerprint,
+                                 denied=roster.denial(o.fingerprint) is not None)
+                      for o in roster.officers],
+            denied=[pb.DeniedKey(fingerprint=d.fingerprint, reason=d.reason)
+                    for d in roster.denied],
+            quorum=self.app.settings.quorum)
 
 
 class AuditServicer(rpc.AuditServiceServicer):

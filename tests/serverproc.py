@@ -100,6 +100,14 @@ class Server:
         o2.ApproveOperation(pb.ApproveOperationRequest(operation_id=op.operation_id,
                                                        request_digest=op.request_digest))
 
+    def enroll(self, certificate_pem: bytes, name: str = "") -> pb.Operation:
+        """Officer 1 requests the enrolment of a certificate's key, officer 2 approves."""
+        o1, o2 = self.as_("security-officer-1").admin, self.as_("security-officer-2").admin
+        op = o1.EnrollOfficer(pb.EnrollOfficerRequest(certificate_pem=certificate_pem.decode(),
+                                                      display_name=name))
+        return o2.ApproveOperation(pb.ApproveOperationRequest(
+            operation_id=op.operation_id, request_digest=op.request_digest))
+
     def load_rsa_key(self, name: str, pem_path: Path, *, purpose: str,
                      originators: list[str]) -> None:
         """Published test RSA keys go straight into the server's token (no API imports a

@@ -1,12 +1,11 @@
-"""Officers who cannot be doubled, callers whose certificates say one thing (issue 13, in
-part), through a real server with certificates made for each case by its development CA:
-exactly one role URI, a CN, not a CA, the clientAuth extended key usage; two approvals are
-two officers only with two keys and two names."""
+"""Officers who cannot be doubled, callers whose certificates say one thing (issue 13),
+through a real server with certificates made for each case by its development CA: exactly
+one role URI, a CN, not a CA, the clientAuth extended key usage; an officer is an enrolled
+key, known by one display name."""
 from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
 
 import grpc
 import pytest
@@ -19,36 +18,8 @@ from keysvc.api.v1 import keysvc_pb2 as pb
 from keysvc.client import connect, error_reason
 from keysvc.pki import ROLE_URI_PREFIX
 from tests.conftest import unique
+from tests.support.clientcerts import issue as _issue
 from tests.support.encoder import kcv
-
-
-def _issue(server, tmp, filename: str, *, cn: str | None, roles=("security-officer",),
-           ca: bool = False, eku=(ExtendedKeyUsageOID.CLIENT_AUTH,), key=None):
-    """A client certificate from the server's development CA, written as tmp/pki/NAME."""
-    pki = server.state_dir / "pki"
-    ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
-    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
-    key = key or ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else
-                        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "no CN")])
-    b = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject)
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now).not_valid_after(now + dt.timedelta(days=2))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), True))
-    if roles:
-        b = b.add_extension(x509.SubjectAlternativeName(
-            [x509.UniformResourceIdentifier(ROLE_URI_PREFIX + r) for r in roles]), False)
-    if eku:
-        b = b.add_extension(x509.ExtendedKeyUsage(list(eku)), False)
-    cert = b.sign(ca_key, hashes.SHA256())
-    (tmp / "pki").mkdir(exist_ok=True)
-    shutil.copy(pki / "ca.pem", tmp / "pki" / "ca.pem")
-    (tmp / "pki" / f"{filename}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp / "pki" / f"{filename}.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    return connect(server.target, tmp, filename), key
 
 
 @pytest.mark.parametrize("case", ["two-roles", "no-role", "no-cn", "ca", "no-eku"])
@@ -87,19 +58,24 @@ def _second_approval_refused(first, second):
 
 
 def test_one_key_in_two_certificates_is_one_officer(server, tmp_path):
-    first, key = _issue(server, tmp_path, "one", cn=unique("security-officer-a"))
+    first, key = _issue(server, tmp_path, "one", cn=unique("security-officer-a"), enroll=True)
     second, _ = _issue(server, tmp_path, "two", cn=unique("security-officer-b"), key=key)
     info = _second_approval_refused(first, second)
     assert error_reason(info.value) == "SAME_OFFICER"
 
 
+def _enrolment_refused(server, tmp_path, name: str, other: str) -> str:
+    _issue(server, tmp_path, "one", cn=name, enroll=True)
+    _issue(server, tmp_path, "two", cn=other)
+    with pytest.raises(grpc.RpcError) as info:
+        server.enroll((tmp_path / "pki" / "two.pem").read_bytes())
+    return error_reason(info.value)
+
+
 @pytest.mark.parametrize("spelling", [str.upper, "{} ".format])
 def test_one_name_in_two_spellings_is_one_officer(server, tmp_path, spelling):
     name = unique("security-officer-c")
-    first, _ = _issue(server, tmp_path, "one", cn=name)
-    second, _ = _issue(server, tmp_path, "two", cn=spelling(name))
-    info = _second_approval_refused(first, second)
-    assert error_reason(info.value) == "SAME_OFFICER"
+    assert _enrolment_refused(server, tmp_path, name, spelling(name)) == "OFFICER_EXISTS"
 
 
 @pytest.mark.parametrize("spelling", [lambda n: n + "\u200b", lambda n: "\u200d" + n,
@@ -109,10 +85,8 @@ def test_one_name_in_two_spellings_is_one_officer(server, tmp_path, spelling):
 def test_a_name_in_another_script_or_with_invisible_characters_is_refused_or_one_officer(
         server, tmp_path, spelling):
     name = unique("security-officer-d")
-    first, _ = _issue(server, tmp_path, "one", cn=name)
-    second, _ = _issue(server, tmp_path, "two", cn=spelling(name))
-    info = _second_approval_refused(first, second)
-    assert error_reason(info.value) in ("CERTIFICATE_NOT_ACCEPTED", "SAME_OFFICER")
+    assert _enrolment_refused(server, tmp_path, name, spelling(name)) in (
+        "CERTIFICATE_NOT_ACCEPTED", "OFFICER_EXISTS")
 
 
 def test_a_role_uri_in_another_case_counts_as_a_second_role(server, tmp_path):

@@ -240,7 +240,10 @@ def test_cli_imports_a_key_a_second_officer_approves_and_keys_lists_its_kcv(serv
 NAMED_RESPONSES = {"VerifyDeviceCertificate": "CertificateVerdict",
                    "ValidateMasterKeys": "MasterKeysResult", "UnwrapMasterKeys": "MasterKeysResult",
                    "ImportTransportKey": "Operation", "GenerateRecipientKey": "Operation",
-                   "ApproveOperation": "Operation"}
+                   "ApproveOperation": "Operation",
+                   # keysvc additions: an officer or deny-list change is an Operation.
+                   "EnrollOfficer": "Operation", "RemoveOfficer": "Operation",
+                   "DenyCertificate": "Operation", "AllowCertificate": "Operation"}
 
 
 def test_every_rpc_has_the_request_and_response_message_names_api_md_gives():

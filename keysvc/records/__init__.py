@@ -26,7 +26,8 @@ log = logging.getLogger("keysvc.records")
 
 # Which partition's token seals records of each service (S1SP records never need the DCO
 # token, and the reverse: each organisation's records are sealed by its own partition).
-SEALING_PARTITIONS = ("s1sp", "dco")
+# The admin partition seals the operations that enrol and remove officers or deny keys.
+SEALING_PARTITIONS = ("s1sp", "dco", "admin")
 
 OnTamper = Callable[[str, str], None]   # (record, what is wrong)
 

@@ -1,0 +1,148 @@
+"""The roster: enrolled officers, denied keys and remembered CRL revocations, in the HSM.
+
+Who may approve and who is shut out decides everything else, so none of it is a database
+row (anyone may write the database) or a file (anyone on the host may change one): it is
+one private data object in the admin token, which only a holder of the token's PIN can
+write. Each version carries a generation; the newest counts, and a writer that finds
+another writer's version of the same generation withdraws its own and fails (two
+replicas approving roster changes at once never lose one silently).
+
+Read through a short cache (`refresh_seconds`, one second by default): a change made on
+this replica is seen at once, one made on another replica within that time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from hsm import Token
+from hsm import keys as hk
+from keysvc.errors import error
+from keysvc.records.operations import officer_name
+
+log = logging.getLogger("keysvc.identity.roster")
+
+LABEL = "keysvc-roster"
+
+
+@dataclass(frozen=True)
+class Officer:
+    fingerprint: str   # SHA-256 of the certificate's public key (SPKI), hex
+    name: str          # the display name approvals and the audit trail show
+
+
+@dataclass(frozen=True)
+class Denied:
+    fingerprint: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RosterState:
+    generation: int = 0
+    officers: tuple[Officer, ...] = ()
+    denied: tuple[Denied, ...] = ()
+    # Serials revoked by a CA's CRL, remembered once seen: deleting a CRL file revokes
+    # nothing back. issuer key -> (highest CRL number seen, revoked serials, hex).
+    crl: dict[str, tuple[int, frozenset[str]]] = field(default_factory=dict)
+
+    def officer(self, fingerprint: str) -> Officer | None:
+        return next((o for o in self.officers if o.fingerprint == fingerprint), None)
+
+    def officer_named(self, name: str) -> Officer | None:
+        wanted = officer_name(name)
+        return next((o for o in self.officers if officer_name(o.name) == wanted), None)
+
+    def denial(self, fingerprint: str) -> Denied | None:
+        return next((d for d in self.denied if d.fingerprint == fingerprint), None)
+
+    def serial_revoked(self, issuer: str, serial: str) -> bool:
+        entry = self.crl.get(issuer)
+        return entry is not None and serial in entry[1]
+
+    def usable_officers(self) -> list[Officer]:
+        return [o for o in self.officers if self.denial(o.fingerprint) is None]
+
+    def encode(self) -> bytes:
+        return json.dumps({
+            "generation": self.generation,
+            "officers": [[o.fingerprint, o.name] for o in self.officers],
+            "denied": [[d.fingerprint, d.reason] for d in self.denied],
+            "crl": {k: [n, sorted(s)] for k, (n, s) in sorted(self.crl.items())},
+        }, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> "RosterState":
+        d = json.loads(data)
+        return cls(int(d["generation"]),
+                   tuple(Officer(f, n) for f, n in d["officers"]),
+                   tuple(Denied(f, r) for f, r in d["denied"]),
+                   {k: (int(n), frozenset(s)) for k, (n, s) in d.get("crl", {}).items()})
+
+
+class Roster:
+    def __init__(self, token: Token, refresh_seconds: float = 1.0) -> None:
+        self.token = token
+        self.refresh_seconds = refresh_seconds
+        self._lock = threading.Lock()
+        self._cached: RosterState | None = None
+        self._read_at = 0.0
+
+    def exists(self) -> bool:
+        with self.token.session() as s:
+            return bool(hk.data_values(s, LABEL))
+
+    def current(self) -> RosterState:
+        """The newest roster, at most `refresh_seconds` old. If the token cannot be read,
+        the call fails (HSM_UNAVAILABLE): a stale roster could admit a revoked caller."""
+        now = time.monotonic()
+        cached = self._cached
+        if cached is not None and now - self._read_at < self.refresh_seconds:
+            return cached
+        with self._lock:
+            if self._cached is not None and time.monotonic() - self._read_at < \
+                    self.refresh_seconds:
+                return self._cached
+            state = self._read()
+            self._cached, self._read_at = state, time.monotonic()
+            return state
+
+    def _read(self) -> RosterState:
+        with self.token.session() as s:
+            values = hk.data_values(s, LABEL)
+        states = [RosterState.decode(v) for v in values]
+        return max(states, key=lambda st: st.generation, default=RosterState())
+
+    def seed(self, officers: list[Officer]) -> bool:
+        """The first officers, written only if the token has no roster yet (so files on
+        the host cannot add an officer later). Returns whether it wrote."""
+        if self.exists():
+            return False
+        self.change(lambda st: replace(st, officers=tuple(officers)))
+        return True
+
+    def change(self, how: Callable[[RosterState], RosterState]) -> RosterState:
+        """Write `how(newest)` as the next generation; older versions go afterwards."""
+        with self._lock:
+            old = self._read()
+            new = replace(how(old), generation=old.generation + 1)
+            data = new.encode()
+            with self.token.session() as s:
+                hk.put_data(s, LABEL, data)
+                rivals = [v for v in hk.data_values(s, LABEL)
+                          if v != data and RosterState.decode(v).generation >= new.generation]
+                if rivals:
+                    hk.destroy_data(s, LABEL, lambda v: v == data)
+                    raise error("ROSTER_BUSY", "another change to the officers or the deny "
+                                               "list was written at the same moment; retry")
+                hk.destroy_data(s, LABEL, lambda v: RosterState.decode(v).generation
+                                < new.generation)
+            self._cached, self._read_at = new, time.monotonic()
+            return new
+
+    def forget_cache(self) -> None:
+        self._cached = None

@@ -1,0 +1,191 @@
+"""Officers and the deny list, changed under dual control (KeyAdministrationService).
+
+Enrolling or removing an officer, and denying or allowing again a certificate key, are
+operations like a key import: requested by one officer, carried out when the quorum has
+approved the request it shows. Their effect is a new version of the roster in the admin
+token (`keysvc/identity/roster.py`), written inside the approval's transaction; writing
+the same roster again is harmless, so an approval whose commit failed is simply approved
+again.
+
+Decisions:
+- an officer is the SHA-256 of a certificate's public key; a renewed certificate with the
+  same key stays enrolled, one with a new key is a new enrolment;
+- display names are unique without case or spaces, so no two officers read alike;
+- removing an officer is refused if fewer officers than the quorum would be left (nobody
+  could approve anything again); denying one is allowed (a stolen key must be stoppable)
+  but the request warns;
+- an approval counts only while its officer is enrolled and not denied: a revoked
+  officer's pending approvals stop counting.
+"""
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from keysvc.errors import error
+from keysvc.identity import client_cas, officer_from_pem
+from keysvc.identity.caller import Caller
+from keysvc.identity.roster import Denied, Officer, RosterState
+from keysvc.records.operations import Approval, OperationRecord
+
+if TYPE_CHECKING:
+    from keysvc.app import App
+    from keysvc.keyadmin import Operation
+
+KINDS = ("ENROLL_OFFICER", "REMOVE_OFFICER", "DENY_CERTIFICATE", "ALLOW_CERTIFICATE")
+PARTITION = "admin"
+FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+# A reason an approver reads: printable ASCII, no control character.
+REASON = re.compile(r"[ -~]{0,256}")
+MAX_CERTIFICATE_PEM = 16 * 1024
+
+
+def _new(app: App, caller: Caller, kind: str, target: str, payload: dict) -> Operation:
+    from keysvc import keyadmin
+    with app.store.engine.connect() as conn:
+        pending = app.records.operations.pending_for(conn, target, list(KINDS))
+    if pending:
+        raise error("OFFICER_EXISTS", f"operation {pending} already waits on {target!r}")
+    return keyadmin._new_operation(app, caller, "op-" + uuid.uuid4().hex[:16], kind, target,
+                                   PARTITION, payload)
+
+
+def _fingerprint(value: str) -> str:
+    fp = value.strip().lower().replace(":", "")
+    if not FINGERPRINT.fullmatch(fp):
+        raise error("INVALID_REQUEST", "fingerprint is the SHA-256 of the certificate's "
+                    "public key (SPKI): 64 hex digits", field="fingerprint")
+    return fp
+
+
+def enroll_officer(app: App, caller: Caller, certificate_pem: str,
+                   display_name: str = "") -> Operation:
+    if not certificate_pem or len(certificate_pem) > MAX_CERTIFICATE_PEM:
+        raise error("INVALID_REQUEST", "certificate_pem is the officer's certificate, PEM, "
+                    f"at most {MAX_CERTIFICATE_PEM} characters", field="certificate_pem")
+    officer = officer_from_pem(certificate_pem.encode(), client_cas(app), display_name)
+    roster = app.roster.current()
+    _check_enrollable(roster, officer.fingerprint, officer.name)
+    from cryptography import x509
+    subject = x509.load_pem_x509_certificate(certificate_pem.encode()).subject.rfc4514_string()
+    return _new(app, caller, "ENROLL_OFFICER", officer.name,
+                {"name": officer.name, "fingerprint": officer.fingerprint,
+                 "certificate_subject": subject[:256]})
+
+
+def _check_enrollable(roster: RosterState, fp: str, name: str) -> None:
+    if roster.officer(fp) is not None:
+        raise error("OFFICER_EXISTS", f"that key is enrolled as {roster.officer(fp).name}")
+    if roster.officer_named(name) is not None:
+        raise error("OFFICER_EXISTS", "an officer of that name (ignoring case and spaces) "
+                                      "is enrolled")
+    if roster.denial(fp) is not None:
+        raise error("CERTIFICATE_REVOKED", "that key is on the deny list")
+
+
+def remove_officer(app: App, caller: Caller, display_name: str) -> Operation:
+    roster = app.roster.current()
+    officer = roster.officer_named(display_name[:64])
+    if officer is None:
+        raise error("OFFICER_NOT_FOUND", f"no enrolled officer {display_name[:64]!r}")
+    _check_quorum_kept(app, roster, officer.fingerprint)
+    return _new(app, caller, "REMOVE_OFFICER", officer.name,
+                {"name": officer.name, "fingerprint": officer.fingerprint})
+
+
+def _check_quorum_kept(app: App, roster: RosterState, fp: str) -> None:
+    left = [o for o in roster.usable_officers() if o.fingerprint != fp]
+    if len(left) < app.settings.quorum:
+        raise error("OFFICERS_BELOW_QUORUM", f"removing that officer would leave {len(left)} "
+                    f"usable officers, fewer than the quorum of {app.settings.quorum}; "
+                    "enrol another officer first")
+
+
+def deny_certificate(app: App, caller: Caller, fingerprint: str, reason: str) -> Operation:
+    fp = _fingerprint(fingerprint)
+    if not REASON.fullmatch(reason):
+        raise error("INVALID_REQUEST", "reason is up to 256 printable ASCII characters",
+                    field="reason")
+    if app.roster.current().denial(fp) is not None:
+        raise error("OFFICER_EXISTS", "that key is already on the deny list")
+    return _new(app, caller, "DENY_CERTIFICATE", fp, {"fingerprint": fp, "reason": reason})
+
+
+def allow_certificate(app: App, caller: Caller, fingerprint: str) -> Operation:
+    fp = _fingerprint(fingerprint)
+    if app.roster.current().denial(fp) is None:
+        raise error("OFFICER_NOT_FOUND", "that key is not on the deny list")
+    return _new(app, caller, "ALLOW_CERTIFICATE", fp, {"fingerprint": fp})
+
+
+def list_roster(app: App) -> RosterState:
+    return app.roster.current()
+
+
+# --------------------------------------------------------------------------- approval
+def counts(app: App, approval: Approval) -> bool:
+    """Does this approval still count? Only while its officer is enrolled and not denied
+    (an approval without a key came from no certificate: in-process callers)."""
+    if not approval.key:
+        return True
+    roster = app.roster.current()
+    return roster.officer(approval.key) is not None and roster.denial(approval.key) is None
+
+
+def execute(app: App, op: OperationRecord, p: dict) -> tuple[str, str, str]:
+    """Carry out an approved roster change: (state, message, refusal code or "")."""
+    roster = app.roster.current()
+    fp = p["fingerprint"]
+    if op.kind == "ENROLL_OFFICER":
+        if roster.officer(fp) is not None and roster.officer(fp).name == p["name"]:
+            return "APPROVED", "already enrolled", ""
+        try:
+            _check_enrollable(roster, fp, p["name"])
+        except Exception as exc:
+            return "REJECTED", getattr(exc, "message", "refused"), getattr(exc, "code", "")
+        app.roster.change(lambda st: replace(
+            st, officers=(*st.officers, Officer(fp, p["name"]))))
+    elif op.kind == "REMOVE_OFFICER":
+        if roster.officer(fp) is None:
+            return "APPROVED", "already removed", ""
+        try:
+            _check_quorum_kept(app, roster, fp)
+        except Exception as exc:
+            return "REJECTED", getattr(exc, "message", "refused"), getattr(exc, "code", "")
+        app.roster.change(lambda st: replace(
+            st, officers=tuple(o for o in st.officers if o.fingerprint != fp)))
+    elif op.kind == "DENY_CERTIFICATE":
+        if roster.denial(fp) is None:
+            app.roster.change(lambda st: replace(
+                st, denied=(*st.denied, Denied(fp, p["reason"]))))
+    else:  # ALLOW_CERTIFICATE
+        if roster.denial(fp) is not None:
+            app.roster.change(lambda st: replace(
+                st, denied=tuple(d for d in st.denied if d.fingerprint != fp)))
+    return "APPROVED", "", ""
+
+
+def view(app: App, op: OperationRecord, view: dict, warnings: list[str]) -> None:
+    """What an approver sees of a roster change, and what to look at twice."""
+    p = op.request
+    roster = app.roster.current()
+    view.update(officer_name=p.get("name", ""), fingerprint=p.get("fingerprint", ""),
+                certificate_subject=p.get("certificate_subject", ""),
+                reason=p.get("reason", ""))
+    fp = view["fingerprint"]
+    if op.kind == "ENROLL_OFFICER":
+        warnings.append("a new officer: from approval on, this key counts towards the "
+                        "quorum of every operation")
+    elif op.kind == "DENY_CERTIFICATE":
+        officer = roster.officer(fp)
+        if officer is not None:
+            left = len([o for o in roster.usable_officers() if o.fingerprint != fp])
+            warnings.append(f"the key of officer {officer.name}: {left} usable officers "
+                            "would be left" + (f", fewer than the quorum of "
+                                               f"{app.settings.quorum}: nothing could be "
+                                               "approved any more"
+                                               if left < app.settings.quorum else ""))
+    elif op.kind == "ALLOW_CERTIFICATE":
+        warnings.append("a denied key is allowed to call again")

@@ -1,0 +1,259 @@
+"""Officers are enrolled keys; callers can be revoked (issue 13), through a real server
+with certificates made for each case: enrolment and removal under dual control, the first
+officers from the configuration, a deny list managed by quorum and client-CA CRLs, each
+refusing a revoked certificate on its next call, also on a channel opened before."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from keysvc.api.v1 import keysvc_pb2 as pb
+from keysvc.client import error_reason
+from keysvc.identity.certificates import fingerprint
+from tests.conftest import unique
+from tests.serverproc import ROOT, server_env, start_server
+from tests.support.clientcerts import crl, dev_ca, issue
+from tests.support.encoder import kcv
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    s = start_server(tmp_path_factory.mktemp("officers"))
+    yield s
+    s.stop()
+
+
+def _pem(path) -> bytes:
+    return path.read_bytes()
+
+
+def _cert(path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def _o(srv, n: int):
+    return srv.as_(f"security-officer-{n}").admin
+
+
+def _approve(admin, op):
+    return admin.ApproveOperation(pb.ApproveOperationRequest(
+        operation_id=op.operation_id, request_digest=op.request_digest))
+
+
+def _refused(call) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return error_reason(info.value)
+
+
+def _events(srv, action: str):
+    return srv.as_("auditor").audit.ListAuditEvents(
+        pb.ListAuditEventsRequest(page_size=1000, action=action)).events
+
+
+def _deny(srv, key_fingerprint: str, reason: str = "key lost"):
+    op = _o(srv, 1).DenyCertificate(pb.DenyCertificateRequest(fingerprint=key_fingerprint,
+                                                              reason=reason))
+    return _approve(_o(srv, 2), op)
+
+
+def test_the_first_officers_come_from_the_configuration(srv):
+    r = _o(srv, 1).ListOfficers(pb.ListOfficersRequest())
+    pki = srv.state_dir / "pki"
+    assert {(o.display_name, o.fingerprint) for o in r.officers} >= {
+        (f"security-officer-{n}", fingerprint(_cert(pki / f"security-officer-{n}.pem")))
+        for n in (1, 2)}
+    assert r.quorum == 2
+
+
+def test_an_officer_whose_key_is_not_enrolled_is_refused_and_audited(srv, tmp_path):
+    stranger, _ = issue(srv, tmp_path, "stranger", cn=unique("security-officer-x"))
+    assert _refused(lambda: stranger.admin.ListKeys(pb.ListKeysRequest())) == \
+        "OFFICER_NOT_ENROLLED"
+    assert any(e.code == "OFFICER_NOT_ENROLLED" and e.outcome == "DENIED"
+               for e in _events(srv, "keysvc.v1.KeyAdministrationService/ListKeys"))
+    stranger.channel.close()
+
+
+def test_enrolling_an_officer_is_dual_control_and_shows_the_key(srv, tmp_path):
+    name = unique("security-officer-e")
+    new, _ = issue(srv, tmp_path, "new", cn=name)
+    pem = _pem(tmp_path / "pki" / "new.pem")
+    op = _o(srv, 1).EnrollOfficer(pb.EnrollOfficerRequest(certificate_pem=pem.decode(),
+                                                          display_name="Erin Example"))
+    assert op.kind == "ENROLL_OFFICER" and op.state == pb.Operation.PENDING
+    assert op.request.fingerprint == fingerprint(_cert(tmp_path / "pki" / "new.pem"))
+    assert op.request.officer_name == "Erin Example" and name in op.request.certificate_subject
+    assert any("new officer" in w for w in op.request.warnings)
+    assert _refused(lambda: new.admin.ListKeys(pb.ListKeysRequest())) == "OFFICER_NOT_ENROLLED"
+    assert _approve(_o(srv, 2), op).state == pb.Operation.APPROVED
+    new.admin.ListKeys(pb.ListKeysRequest())  # admitted on its next call
+    # ... and known by its display name, whatever its CN says.
+    assert new.admin.CreateImportJob(pb.CreateImportJobRequest(name=unique("job"))).import_job_id
+    assert any(e.actor == "Erin Example" for e in
+               _events(srv, "keysvc.v1.KeyAdministrationService/CreateImportJob"))
+    new.channel.close()
+
+
+def test_an_officer_cannot_be_enrolled_twice_or_from_another_ca_or_role(srv, tmp_path):
+    issue(srv, tmp_path, "twice", cn=unique("security-officer-t"))
+    pem = _pem(tmp_path / "pki" / "twice.pem")
+    srv.enroll(pem)
+    assert _refused(lambda: srv.enroll(pem)) == "OFFICER_EXISTS"
+    issue(srv, tmp_path, "s1sp-like", cn=unique("s1sp"), roles=("s1sp",))
+    assert _refused(lambda: srv.enroll(_pem(tmp_path / "pki" / "s1sp-like.pem"))) == \
+        "CERTIFICATE_NOT_ACCEPTED"
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert, _ = dev_ca(srv)
+    forged = (x509.CertificateBuilder().subject_name(_cert(tmp_path / "pki" / "twice.pem")
+                                                     .subject)
+              .issuer_name(ca_cert.subject).public_key(other_key.public_key())
+              .serial_number(x509.random_serial_number())
+              .not_valid_before(ca_cert.not_valid_before_utc)
+              .not_valid_after(ca_cert.not_valid_after_utc)
+              .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(
+                  "urn:keysvc:role:security-officer")]), False)
+              .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]),
+                             False)
+              .sign(other_key, hashes.SHA256()))  # self-signed under the CA's name
+    from cryptography.hazmat.primitives.serialization import Encoding
+    assert _refused(lambda: srv.enroll(forged.public_bytes(Encoding.PEM))) == \
+        "CERTIFICATE_NOT_ACCEPTED"
+
+
+def test_removing_an_officer_is_dual_control_and_refuses_their_next_call(srv, tmp_path):
+    name = unique("security-officer-r")
+    gone, _ = issue(srv, tmp_path, "gone", cn=name, enroll=True)
+    gone.admin.ListKeys(pb.ListKeysRequest())
+    op = _o(srv, 1).RemoveOfficer(pb.RemoveOfficerRequest(display_name=name.upper()))
+    assert op.kind == "REMOVE_OFFICER" and op.request.officer_name == name
+    gone.admin.ListKeys(pb.ListKeysRequest())  # still enrolled while the removal waits
+    _approve(_o(srv, 2), op)
+    assert _refused(lambda: gone.admin.ListKeys(pb.ListKeysRequest())) == \
+        "OFFICER_NOT_ENROLLED"
+    gone.channel.close()
+
+
+def test_removing_an_officer_below_the_quorum_is_refused(tmp_path):
+    fresh = start_server(tmp_path / "fresh")
+    try:
+        assert _refused(lambda: _o(fresh, 1).RemoveOfficer(
+            pb.RemoveOfficerRequest(display_name="security-officer-2"))) == \
+            "OFFICERS_BELOW_QUORUM"
+    finally:
+        fresh.stop()
+
+
+def _s1sp_call(caller) -> str:
+    """One S1SP call: its refusal reason, or "" once admitted (the device is unknown)."""
+    try:
+        caller.s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
+            device_id="00-00-00-00-00-00-00-01", expected_kcv="000000"))
+    except grpc.RpcError as exc:
+        reason = error_reason(exc)
+        return "" if reason == "DEVICE_KEY_NOT_FOUND" else reason
+    return ""
+
+
+def test_a_denied_key_is_refused_on_its_next_call_also_on_an_open_channel(srv, tmp_path):
+    caller, _ = issue(srv, tmp_path, "s1sp-x", cn=unique("s1sp-x"), roles=("s1sp",))
+    assert _s1sp_call(caller) == ""  # admitted, and the channel stays open
+    fp = fingerprint(_cert(tmp_path / "pki" / "s1sp-x.pem"))
+    assert _deny(srv, fp).state == pb.Operation.APPROVED
+    assert _s1sp_call(caller) == "CERTIFICATE_REVOKED"
+    assert any(e.code == "CERTIFICATE_REVOKED" and e.outcome == "DENIED" for e in
+               _events(srv, "keysvc.v1.S1SPService/VerifyPrepaymentKey"))
+    listed = _o(srv, 1).ListOfficers(pb.ListOfficersRequest())
+    assert any(d.fingerprint == fp and d.reason == "key lost" for d in listed.denied)
+    # Allowed again: also dual control.
+    op = _o(srv, 1).AllowCertificate(pb.AllowCertificateRequest(fingerprint=fp))
+    assert _s1sp_call(caller) == "CERTIFICATE_REVOKED"
+    _approve(_o(srv, 2), op)
+    assert _s1sp_call(caller) == ""
+    caller.channel.close()
+
+
+def test_a_denied_officers_pending_approval_stops_counting(srv, tmp_path):
+    officer, _ = issue(srv, tmp_path, "o", cn=unique("security-officer-p"), enroll=True)
+    key, c1 = os.urandom(32), os.urandom(32)
+    op = officer.admin.ImportTransportKey(pb.ImportTransportKeyRequest(
+        name=unique("S1SP-TK"), purpose=pb.S1SP_TRANSPORT, owner_id="SMSO-LG-01",
+        owner_type=pb.SMSO, expected_kcv=kcv(key), component=c1))
+    _deny(srv, fingerprint(_cert(tmp_path / "pki" / "o.pem")), "left the company")
+    c2 = bytes(a ^ b for a, b in zip(key, c1))
+    after = _o(srv, 1).ApproveOperation(pb.ApproveOperationRequest(
+        operation_id=op.operation_id, component=c2, request_digest=op.request_digest))
+    assert after.state == pb.Operation.PENDING  # the denied officer's approval is void
+    officer.channel.close()
+
+
+def _revoked_by_crl(srv, tmp_path, filename: str):
+    caller, _ = issue(srv, tmp_path, filename, cn=unique("s1sp-c"), roles=("s1sp",))
+    assert _s1sp_call(caller) == ""
+    return caller, _cert(tmp_path / "pki" / f"{filename}.pem").serial_number
+
+
+def _sighup_until(srv, check, timeout: float = 10.0) -> bool:
+    os.killpg(srv.proc.pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_certificate_revoked_by_a_crl_is_refused_after_sighup_and_stays_revoked(
+        srv, tmp_path):
+    caller, serial = _revoked_by_crl(srv, tmp_path, "crl-victim")
+    crls = srv.state_dir / "client-crls"
+    crls.mkdir(exist_ok=True)
+    (crls / "dev-ca.crl").write_bytes(crl(srv, [serial], number=1))
+    assert _sighup_until(srv, lambda: _s1sp_call(caller) == "CERTIFICATE_REVOKED")
+    assert any("newly revoked" in e.target for e in _events(srv, "client_crl.loaded"))
+    (crls / "dev-ca.crl").unlink()  # the host's files are not trusted: nothing comes back
+    os.killpg(srv.proc.pid, signal.SIGHUP)
+    time.sleep(2)
+    assert _s1sp_call(caller) == "CERTIFICATE_REVOKED"
+    caller.channel.close()
+
+
+def test_a_crl_not_signed_by_the_client_ca_is_refused_and_audited(srv, tmp_path):
+    caller, serial = _revoked_by_crl(srv, tmp_path, "crl-other")
+    ca_cert, _ = dev_ca(srv)
+    impostor = ec.generate_private_key(ec.SECP256R1())
+    crls = srv.state_dir / "client-crls"
+    crls.mkdir(exist_ok=True)
+    (crls / "forged.crl").write_bytes(crl(srv, [serial], signer=(ca_cert, impostor)))
+    assert _sighup_until(srv, lambda: any("forged.crl" in e.target
+                                          for e in _events(srv, "client_crl.refused")))
+    assert _s1sp_call(caller) == ""
+    (crls / "forged.crl").unlink()
+    caller.channel.close()
+
+
+def test_officers_are_enrolled_with_the_cli_and_its_confirmation(srv, tmp_path):
+    issue(srv, tmp_path, "cli", cn=unique("security-officer-cli"))
+    base = [sys.executable, "-m", "keysvc.cli", "admin"]
+    common = ["--state-dir", str(srv.state_dir), "--server", srv.target]
+    out = subprocess.run([*base, "enroll-officer", str(tmp_path / "pki" / "cli.pem"),
+                          *common, "--as", "security-officer-1"], env=server_env(), cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    op_id = next(w for w in out.split() if w.startswith("op-"))
+    shown = subprocess.run([*base, "approve", op_id, *common, "--as", "security-officer-2"],
+                           input="y\n", env=server_env(), cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout
+    assert "key fingerprint" in shown and "WARNING" in shown
+    listed = subprocess.run([*base, "officers", *common, "--as", "security-officer-1"],
+                            env=server_env(), cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout
+    assert fingerprint(_cert(tmp_path / "pki" / "cli.pem"))[:16] in listed
