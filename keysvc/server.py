@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import gc
 import logging
+import re
 import signal
 import threading
 import time
@@ -27,6 +28,7 @@ from grpc_status import rpc_status
 from hsm import HsmError, HsmUnavailable
 from keysvc.api.v1 import keysvc_pb2
 from keysvc.app import App, Caller
+from keysvc import limits
 from keysvc.errors import ERROR_DOMAIN, KeysvcError, error
 from keysvc.observability import (HSM_IDLE, HSM_IN_USE, HSM_UP, LATENCY, REQUESTS,
                                   request_id)
@@ -93,7 +95,14 @@ MAX_MESSAGE = 400
 MAX_METADATA = 128
 
 
+# No error quotes more than 64 characters of the caller's input: every quoted value in a
+# message ('...' or "...") is cut to that, whichever code wrote it.
+QUOTED_INPUT = 64
+_QUOTED = re.compile(r"""(['"])([^'"]{%d})[^'"]+\1""" % QUOTED_INPUT)
+
+
 def _cut(text: str, limit: int) -> str:
+    text = _QUOTED.sub(lambda m: f"{m[1]}{m[2]}...{m[1]}", text)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -131,6 +140,8 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
             except Exception:
                 raise error("INVALID_REQUEST", "the request does not decode (protobuf or "
                                                "UTF-8)") from None
+            if service.startswith("keysvc."):
+                limits.check(request)  # every field bounded (keysvc/limits.py)
             return inner(request, context)
 
         def wrapped(raw: bytes, context: grpc.ServicerContext) -> Any:
