@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -21,7 +22,7 @@ from typing import Callable
 
 from hsm import Token
 from hsm import keys as hk
-from keysvc.errors import error
+from keysvc.errors import KeysvcError, error
 from keysvc.records.operations import officer_name
 
 log = logging.getLogger("keysvc.identity.roster")
@@ -119,11 +120,20 @@ class Roster:
 
     def seed(self, officers: list[Officer]) -> bool:
         """The first officers, written only if the token has no roster yet (so files on
-        the host cannot add an officer later). Returns whether it wrote."""
-        if self.exists():
-            return False
-        self.change(lambda st: replace(st, officers=tuple(officers)))
-        return True
+        the host cannot add an officer later). Returns whether it wrote. Replicas starting
+        together may race: the loser finds the winner's roster on its next look."""
+        for attempt in range(10):
+            if self.exists():
+                return False
+            try:
+                self.change(lambda st: st if st.generation else
+                            replace(st, officers=tuple(officers)))
+                return True
+            except KeysvcError as exc:
+                if exc.code != "ROSTER_BUSY":
+                    raise
+                time.sleep(0.05 * (attempt + 1) * random.random())
+        raise error("ROSTER_BUSY", "the first officers could not be written")
 
     def change(self, how: Callable[[RosterState], RosterState]) -> RosterState:
         """Write `how(newest)` as the next generation; older versions go afterwards."""
