@@ -37,9 +37,16 @@ class App:
 
     def __post_init__(self) -> None:
         # Through `self`, so that a test (or faketime) replacing app.clock moves the audit too.
-        self.audit = AuditLog(self.store, self.partitions, lambda: self.clock(),
-                              checkpoint_seconds=self.settings.audit_checkpoint_seconds)
+        s = self.settings
         self.records = Records(self.store, self.partitions, self._record_tampered)
+        self.audit = AuditLog(
+            self.store, self.partitions, lambda: self.clock(),
+            instance=lambda: self.records.instance, timeout=s.audit_timeout_seconds,
+            sink_dir=s.audit_files, sink_max_bytes=s.audit_file_max_bytes,
+            sink_keep=s.audit_file_keep,
+            syslog={"address": s.audit_syslog, "ca_file": s.audit_syslog_ca,
+                    "cert_file": s.audit_syslog_cert, "key_file": s.audit_syslog_key,
+                    "timeout": s.audit_timeout_seconds} if s.audit_syslog else None)
         self.roster = Roster(self.partitions.admin, self.settings.roster_refresh_seconds)
 
     def _record_tampered(self, record: str, why: str) -> None:
@@ -80,6 +87,7 @@ class App:
         app.records.escrows.roll_forward()
         from keysvc import identity
         identity.seed_roster(app)
+        app.audit.recover_intents()
         app.load_client_crls()
         return app
 

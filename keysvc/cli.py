@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import sys
 import unicodedata
@@ -466,13 +467,65 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exported(stubs: Any, since: int, until: int = 0) -> Iterable[dict]:
+    """The chain from the server (ExportAuditEvents, page by page), as sink lines."""
+    from keysvc.api.v1 import keysvc_pb2 as pb
+    from keysvc.audit.chain import utc_text
+    while True:
+        got = 0
+        for c in stubs.audit.ExportAuditEvents(pb.ExportAuditEventsRequest(
+                since_sequence=since, limit=10_000)):
+            e = c.event
+            got += 1
+            since = e.sequence
+            yield {"seq": e.sequence, "id": e.id, "time": utc_text(
+                       e.time.ToDatetime().replace(tzinfo=dt.timezone.utc)),
+                   "actor": e.actor, "role": e.role, "action": e.action, "target": e.target,
+                   "outcome": e.outcome, "code": e.code, "prev_hash": c.prev_hash,
+                   "hash": c.hash, "mac": c.mac}
+            if until and since >= until:
+                return
+        if not got:
+            return
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    """JSON lines for a SIEM, from a cursor: run again with --since the last `seq`."""
+    for x in _exported(_stubs(args), args.since):
+        sys.stdout.write(json.dumps(x, sort_keys=True, separators=(",", ":")) + "\n")
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from keysvc.api.v1 import keysvc_pb2 as pb
-    r = _stubs(args).audit.VerifyAuditLog(pb.VerifyAuditLogRequest())
-    _table("audit log", ["intact", "events checked", "first bad event", "detail"],
-           [["yes" if r.intact else "NO", r.events_checked, r.first_bad_event_id or "-",
-             r.detail or "-"]])
-    return 0 if r.intact else 1
+    stubs = _stubs(args)
+    r = stubs.audit.VerifyAuditLog(pb.VerifyAuditLogRequest())
+    rows = [["database chain", "yes" if r.intact else "NO", r.events_checked,
+             r.first_bad_event_id or "-", r.detail or "-"]]
+    ok = r.intact
+    if args.sink:
+        from keysvc.audit.sinks import first_difference, read_lines
+        diff = first_difference(_exported(stubs, 0, r.events_checked), read_lines(Path(args.sink)))
+        rows.append([f"file {args.sink}", "NO" if diff else "yes", "-", "-", diff or "-"])
+        ok = ok and not diff
+    _table("audit log", ["checked", "intact", "events checked", "first bad event", "detail"],
+           rows)
+    return 0 if ok else 1
+
+
+def cmd_audit_new_chain(args: argparse.Namespace) -> int:
+    """Break glass, on the server's machine with its configuration and PINs: go on after
+    the database chain was found behind the HSM anchor; the first event says so."""
+    from keysvc import config
+    from keysvc.app import App
+    settings = config.load(args.config, state_dir=args.state_dir)
+    app = App.open(settings)
+    try:
+        e = app.audit.new_chain(args.reason)
+        console.print(shown(f"new chain from sequence {e.sequence}: {e.target}"))
+    finally:
+        app.close()
+    return 0
 
 
 # --------------------------------------------------------------------------- parser
@@ -596,7 +649,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--actor", default=None)
     c.add_argument("--action", default=None)
     c.add_argument("--limit", type=int, default=50)
-    au("verify", cmd_audit_verify, "VerifyAuditLog")
+    c = au("verify", cmd_audit_verify, "VerifyAuditLog; with --sink, also compare the "
+           "chain with an audit file")
+    c.add_argument("--sink", default=None, help="a JSON-lines audit file (rotated ones too)")
+    c = au("export", cmd_audit_export, "the chained events as JSON lines (ExportAuditEvents)")
+    c.add_argument("--since", type=int, default=0, help="the last sequence already held")
+    c.add_argument("--format", default="jsonl", choices=["jsonl"])
+    nc = sub.add_parser("audit-new-chain", help="break glass: continue after the audit chain "
+                        "was found behind the HSM anchor (local, needs the PINs)")
+    nc.add_argument("--state-dir", default=os.environ.get("KEYSVC_STATE_DIR", ".keysvc"))
+    nc.add_argument("--config", default=None)
+    nc.add_argument("--reason", required=True)
+    nc.set_defaults(func=cmd_audit_new_chain)
     return p
 
 

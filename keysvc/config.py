@@ -55,7 +55,21 @@ class Settings:
     import_job_quota: int = 10
     # The audit chain's head is copied into the admin token at most this often (and on the
     # first event): events cut from the end of the log before the last copy are found.
-    audit_checkpoint_seconds: float = 5.0
+    audit_checkpoint_seconds: float = 5.0   # unused since issue 14 (an anchor per batch)
+    # How long a call waits for its audit event to be chained and in every sink before it
+    # fails closed (UNAVAILABLE AUDIT_UNAVAILABLE).
+    audit_timeout_seconds: float = 5.0
+    # The JSON-lines sink: audit-<database instance>.jsonl in this directory, rotated at
+    # audit_file_max_bytes, audit_file_keep files kept.
+    audit_dir: str = ""
+    audit_file_max_bytes: int = 64 * 1024 * 1024
+    audit_file_keep: int = 10
+    # Syslog over TLS (RFC 5424/5425), host:port; the CA that signs the collector's
+    # certificate, and a client certificate if the collector asks for one.
+    audit_syslog: str = ""
+    audit_syslog_ca: str = ""
+    audit_syslog_cert: str = ""
+    audit_syslog_key: str = ""
     metrics_listen: str = ""
     workers: int = 16
     # Worker processes that check DeviceCertificates while the HSM wraps keys (0: inline).
@@ -91,6 +105,10 @@ class Settings:
         return (Path(self.tls_cert or pki / "server.pem"),
                 Path(self.tls_key or pki / "server.key"),
                 Path(self.tls_client_ca or pki / "ca.pem"))
+
+    @property
+    def audit_files(self) -> Path:
+        return Path(self.audit_dir or self.path("audit"))
 
     @property
     def client_crls(self) -> Path:

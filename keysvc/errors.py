@@ -94,6 +94,7 @@ _REASONS: dict[str, type[KeysvcError]] = {
                                      "CERTIFICATE_REVOKED", "OFFICER_NOT_ENROLLED")},
     "ROSTER_BUSY": Aborted,
     "HSM_UNAVAILABLE": Unavailable,
+    "AUDIT_UNAVAILABLE": Unavailable,
     "IMPORT_JOB_QUOTA": ResourceExhausted,
 }
 

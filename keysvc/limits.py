@@ -128,6 +128,8 @@ LIMITS: dict[str, Limit] = {
                                            note="letters, digits, `.` `_` `/` `-`"),
     "ListAuditEventsRequest.page_size": Limit(low=0, high=1000),
     "ListAuditEventsRequest.page_token": Limit(18, r"[0-9]*", note="as given out"),
+    "ExportAuditEventsRequest.since_sequence": Limit(low=0, high=2**62),
+    "ExportAuditEventsRequest.limit": Limit(low=0, high=10_000),
 }
 
 _COMPILED = {k: re.compile(v.pattern) for k, v in LIMITS.items() if v.pattern}

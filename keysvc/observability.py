@@ -47,3 +47,8 @@ def configure_logging(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+AUDIT_LAG = Gauge("keysvc_audit_queue_events", "calls waiting for the audit writer")
+AUDIT_SINK_LAG = Gauge("keysvc_audit_sink_lag_events",
+                       "events chained in the database and not yet in a sink", ["sink"])
+AUDIT_FAILURES = Counter("keysvc_audit_failures_total",
+                         "audit batches or waits that failed (calls failed closed)", ["reason"])

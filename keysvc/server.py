@@ -29,6 +29,7 @@ from hsm import HsmError, HsmUnavailable
 from keysvc.api.v1 import keysvc_pb2
 from keysvc.app import App, Caller
 from keysvc import limits
+from keysvc import store as st
 from keysvc.errors import ERROR_DOMAIN, KeysvcError, error
 from keysvc.observability import (HSM_IDLE, HSM_IN_USE, HSM_UP, LATENCY, REQUESTS,
                                   request_id)
@@ -125,11 +126,16 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
         if handler is not None and handler.stream_stream is not None \
                 and details.method.split("/")[1] in REFLECTION_SERVICES:
             return _reflection_needs_a_role(self.app, handler)
-        if handler is None or handler.unary_unary is None:
+        if handler is None or (handler.unary_unary is None and handler.unary_stream is None):
             return handler
         method = details.method  # "/keysvc.v1.S1SPService/ProcessGroupInformation"
         service = method.split("/")[1]
-        inner, decode = handler.unary_unary, handler.request_deserializer
+        streams = handler.unary_unary is None
+        # A stream's items are gathered before the first is sent, so that the call is
+        # audited (fail closed) before anything leaves (ExportAuditEvents: bounded by limit).
+        inner = (lambda r, c: list(handler.unary_stream(r, c))) if streams \
+            else handler.unary_unary
+        decode = handler.request_deserializer
 
         def decoded(raw: bytes, context: grpc.ServicerContext) -> Any:
             """The request is decoded here, after the role check: an undecodable one is
@@ -147,7 +153,14 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
         def wrapped(raw: bytes, context: grpc.ServicerContext) -> Any:
             return self._call(service, method, decoded, raw, context)
 
+        def wrapped_stream(raw: bytes, context: grpc.ServicerContext) -> Any:
+            yield from self._call(service, method, decoded, raw, context)
+
         # Bytes in: the request is decoded by `decoded`, once the caller may call.
+        if streams:
+            return grpc.unary_stream_rpc_method_handler(
+                wrapped_stream, request_deserializer=None,
+                response_serializer=handler.response_serializer)
         return grpc.unary_unary_rpc_method_handler(
             wrapped, request_deserializer=None,
             response_serializer=handler.response_serializer)
@@ -158,64 +171,76 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
         audit_target.set("")
         started = time.perf_counter()
         caller = _caller(context) or Caller("", "")
+        audited = service not in UNAUDITED_SERVICES
+        call = self.app.audit.call(caller.identity, caller.role, method.lstrip("/"),
+                                   audit_target.get)
+        # Each write transaction of this call carries its audit event (keysvc/audit/calls.py).
+        hook = st.before_commit.set(call.before_commit) if audited else None
         code, outcome, response, failure = "OK", "OK", None, None
         try:
-            if caller.refusal and service not in UNAUDITED_SERVICES:
+            if caller.refusal and audited:
                 raise error("CERTIFICATE_NOT_ACCEPTED", caller.refusal)
-            if service not in UNAUDITED_SERVICES:
+            if audited:
                 caller = admit(self.app, caller)  # revoked? an officer enrolled? (each call)
+                call.actor = caller.identity
             allowed = SERVICE_ROLES.get(service)
             if allowed is not None and caller.role not in allowed:
                 raise error("ROLE_NOT_PERMITTED",
-                            f"role {caller.role or '(none)'} may not call {service}")
+                            f"role {caller.role[:64] or '(none)'} may not call {service}")
             current_caller.set(caller)
             response = inner(request, context)
-        except KeysvcError as exc:
-            failure, code = exc, exc.code
-        except HsmUnavailable as exc:
-            log.warning("HSM unavailable", extra={"method": method, "code": str(exc)[:200]})
-            failure = error("HSM_UNAVAILABLE", "the HSM is unavailable; retry later")
+        except Exception as exc:
+            failure = _failure(exc, method)
             code = failure.code
-        except HsmError as exc:
-            log.error("HSM operation failed", extra={"method": method,
-                                                     "code": type(exc).__name__})
-            failure = KeysvcError("internal HSM error")
-            code = "INTERNAL"
-        except Exception as exc:  # never let a bug take the server down or leak data
-            log.error("unexpected error", extra={"method": method,
-                                                 "code": type(exc).__name__})
-            failure, code = KeysvcError("internal error"), "INTERNAL"
+        finally:
+            if hook is not None:
+                st.before_commit.reset(hook)
         if failure is not None:
             outcome = "DENIED" if code in DENIALS else "ERROR"
+        if audited:
+            # Fail closed: a call whose event is not kept returns nothing but that (a call
+            # that failed anyway keeps its own reason).
+            try:
+                self.app.audit.finish(call, outcome, code)
+            except Exception as exc:
+                refusal = exc if isinstance(exc, KeysvcError) else \
+                    error("AUDIT_UNAVAILABLE", "the audit trail cannot be written")
+                log.error("audit not kept; the call fails closed",
+                          extra={"method": method.rsplit("/", 1)[-1], "code": refusal.code})
+                if failure is None:
+                    failure, code, response = refusal, refusal.code, None
         elapsed = time.perf_counter() - started
         short = method.rsplit("/", 1)[-1]
         REQUESTS.labels(short, code).inc()
         LATENCY.labels(short, code).observe(elapsed)
         log.info("call", extra={"method": short, "code": code, "actor": caller.identity,
                                 "role": caller.role, "duration_ms": round(elapsed * 1000, 2)})
-        if service not in UNAUDITED_SERVICES:
-            try:
-                self.app.audit.append(actor=caller.identity, role=caller.role,
-                                      action=method.lstrip("/"), target=audit_target.get(),
-                                      outcome=outcome, code=code)
-            except Exception as exc:
-                # The call's effect is already committed (an escrow release counted, a file
-                # stored): failing it now would lose that result for the caller. It is kept,
-                # and the missing event is loud in the log and in the metrics.
-                log.error("audit append failed", extra={"method": short,
-                                                        "code": type(exc).__name__})
-                REQUESTS.labels(short, "AUDIT_FAILED").inc()
         if failure is not None:
             context.abort_with_status(rpc_status.to_status(status_for(failure)))
         return response
 
 
+def _failure(exc: Exception, method: str) -> KeysvcError:
+    """The error a call ends with: its own, or what an HSM or a bug becomes (never a
+    message that could carry data)."""
+    if isinstance(exc, KeysvcError):
+        return exc
+    if isinstance(exc, HsmUnavailable):
+        log.warning("HSM unavailable", extra={"method": method, "code": str(exc)[:200]})
+        return error("HSM_UNAVAILABLE", "the HSM is unavailable; retry later")
+    if isinstance(exc, HsmError):
+        log.error("HSM operation failed", extra={"method": method, "code": type(exc).__name__})
+        return KeysvcError("internal HSM error")
+    log.error("unexpected error", extra={"method": method, "code": type(exc).__name__})
+    return KeysvcError("internal error")
+
+
 # --------------------------------------------------------------------------- health
 class HealthWatch(threading.Thread):
-    """NOT_SERVING while any token is unusable; SERVING again once it answers. Also the
-    server's other periodic duties: the last audit events of a burst reach the token's
-    checkpoint even when no call follows them, and the client CRLs are read again every
-    `client_crl_refresh_seconds` or when `reload` is set (SIGHUP)."""
+    """NOT_SERVING while any token is unusable or the audit trail fails; SERVING again once
+    they work. Also the server's other periodic duties: audit intents left by a crash are
+    chained, and the client CRLs are read again every `client_crl_refresh_seconds` or when
+    `reload` is set (SIGHUP)."""
 
     def __init__(self, app: App, servicer: health.HealthServicer, every: float = 1.0) -> None:
         super().__init__(daemon=True, name="health-watch")
@@ -239,17 +264,31 @@ class HealthWatch(threading.Thread):
             HSM_IN_USE.labels(name).set(token.in_use)
             HSM_IDLE.labels(name).set(token.idle)
             ok = ok and up
+        ok = ok and self._audit_ok()
         status = (health_pb2.HealthCheckResponse.SERVING if ok
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for svc in ("", *SERVICE_ROLES):
             self.servicer.set(svc, status)
         return ok
 
+    def _audit_ok(self) -> bool:
+        """NOT_SERVING while the audit trail fails (calls fail closed anyway). While it
+        fails, one probe event a check tells when it works again (no traffic comes to a
+        NOT_SERVING replica to tell it)."""
+        if self.app.audit.healthy():
+            return True
+        try:
+            self.app.audit.append(actor="keysvc", role="", action="audit.probe",
+                                  target="the audit trail works again")
+        except Exception:
+            return False
+        return self.app.audit.healthy()
+
     def run(self) -> None:
         while not self.stopped.wait(self.every):
             try:
                 if self.check():
-                    self.app.audit.checkpoint_if_due()
+                    self.app.audit.recover_intents()
                     self.reload_crls_if_due()
             except Exception as exc:
                 log.error("health check failed", extra={"code": type(exc).__name__})

@@ -378,6 +378,16 @@ class AuditServicer(rpc.AuditServiceServicer):
                                   code=e.code, sequence=e.sequence) for e in events],
             next_page_token=str(last) if last else "")
 
+    def ExportAuditEvents(self, request: Any, context: grpc.ServicerContext) -> Any:
+        audit_target.set(f"since {request.since_sequence}")
+        for c in self.app.audit.export(request.since_sequence, request.limit or 1000):
+            e = c.event
+            yield pb.ChainedAuditEvent(
+                event=pb.AuditEvent(id=e.id, time=ts(e.time), actor=e.actor, role=e.role,
+                                    action=e.action, target=e.target, outcome=e.outcome,
+                                    code=e.code, sequence=e.sequence),
+                prev_hash=c.prev_hash, hash=c.hash, mac=c.mac)
+
     def VerifyAuditLog(self, request: Any, context: grpc.ServicerContext) -> Any:
         v = self.app.audit.verify()
         return pb.VerifyAuditLogResponse(intact=v.intact, events_checked=v.events_checked,

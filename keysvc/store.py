@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -192,6 +193,15 @@ audit_events = Table(
     Column("mac", String(64), nullable=False),
 )
 
+# A call's audit event written inside the transaction of its effect (keysvc/audit/calls.py),
+# until the audit writer chains it into audit_events.
+audit_intents = Table(
+    "audit_intents", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("event", Text, nullable=False),
+)
+
 audit_head = Table(
     "audit_head", metadata,
     Column("id", Integer, primary_key=True),
@@ -234,19 +244,29 @@ class Store:
         """One write transaction; commits on success, rolls back on any exception.
 
         `after_tx(conn, fn)` runs `fn` once the transaction has ended either way and the
-        write lock is free (a refusal's audit event, which must survive the rollback)."""
+        write lock is free (a refusal's audit event, which must survive the rollback).
+        `before_commit`, if the current call set it, writes into the transaction just
+        before it commits (the call's audit event: effect and event commit together)."""
         after: list[Callable[[], None]] = []
+        hook = before_commit.get()
+        on_commit: Callable[[], None] | None = None
         try:
             with self._one_writer():
                 with self.engine.connect() as conn:
                     conn.info["write"] = True
                     conn.info["after"] = after
+                    _in_tx.depth = getattr(_in_tx, "depth", 0) + 1
                     try:
                         with conn.begin():
                             yield conn
+                            if hook is not None:
+                                on_commit = hook(conn)
                     finally:
+                        _in_tx.depth -= 1
                         conn.info.pop("write", None)
                         conn.info.pop("after", None)
+            if on_commit is not None:
+                on_commit()
         finally:
             for fn in after:
                 fn()
@@ -269,6 +289,19 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+# Set by the interceptor for one call: writes the call's audit event into each of its write
+# transactions before they commit, and returns what to do once one has committed.
+before_commit: ContextVar[Callable[[Connection], Callable[[], None] | None] | None] = \
+    ContextVar("before_commit", default=None)
+_in_tx = threading.local()
+
+
+def in_write_tx() -> bool:
+    """Is this thread inside a write transaction (where waiting for the audit writer, which
+    needs the write lock too, would deadlock)?"""
+    return getattr(_in_tx, "depth", 0) > 0
 
 
 def after_tx(conn: Connection, fn: Callable[[], None]) -> None:

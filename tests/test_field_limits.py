@@ -88,7 +88,8 @@ def _over(key: str, limit: limits.Limit):
 def _send(server, request):
     service, method = _methods()[request.DESCRIPTOR.name]
     identity, stub = SERVICE_CALLER[service]
-    return getattr(getattr(server.as_(identity), stub), method)(request)
+    out = getattr(getattr(server.as_(identity), stub), method)(request)
+    return list(out) if hasattr(out, "__next__") else out  # a stream fails as it is read
 
 
 def _field_of(exc: grpc.RpcError) -> str:

@@ -243,7 +243,8 @@ NAMED_RESPONSES = {"VerifyDeviceCertificate": "CertificateVerdict",
                    "ApproveOperation": "Operation",
                    # keysvc additions: an officer or deny-list change is an Operation.
                    "EnrollOfficer": "Operation", "RemoveOfficer": "Operation",
-                   "DenyCertificate": "Operation", "AllowCertificate": "Operation"}
+                   "DenyCertificate": "Operation", "AllowCertificate": "Operation",
+                   "ExportAuditEvents": "ChainedAuditEvent"}
 
 
 def test_every_rpc_has_the_request_and_response_message_names_api_md_gives():

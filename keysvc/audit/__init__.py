@@ -1,0 +1,223 @@
+"""The audit trail no one can silence (issue 14).
+
+- Every call's event is chained (hash of its predecessor, HMAC in the admin token) before
+  the call returns; if it cannot be, the call fails closed with UNAVAILABLE
+  AUDIT_UNAVAILABLE, read-only calls included. A call's effect and its event commit in one
+  transaction (`calls.py`); calls arriving together share one batch (`writer.py`).
+- The HSM knows how long the chain is (`anchor.py`): a cut, erased or suppressed chain is
+  found by VerifyAuditLog, and the writer will not append to it.
+- Each event also goes to sinks outside the database (`sinks.py`): a JSON-lines file, and
+  syslog over TLS if configured; VerifyAuditLog compares the chain with the file.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import logging
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from sqlalchemy import select
+
+from hsm import keys as hk
+from keysvc import store as st
+from keysvc.audit.anchor import Anchor, ChainAnchor
+from keysvc.audit.calls import CallAudit
+from keysvc.audit.chain import (GENESIS, AuditEvent, Chained, Verification, canonical,
+                                event_from_json, line, row_chained, row_event)
+from keysvc.audit.sinks import JsonlSink, SyslogSink, first_difference, read_lines
+from keysvc.audit.writer import AuditWriter
+from keysvc.clock import Clock, utc_now
+from keysvc.partitions import AUDIT_MAC_KEY, Partitions
+
+log = logging.getLogger("keysvc.audit")
+
+
+
+class AuditLog:
+    def __init__(self, store: st.Store, partitions: Partitions, clock: Clock = utc_now, *,
+                 instance: Callable[[], str] = lambda: "none", timeout: float = 5.0,
+                 sink_dir: Path | None = None, sink_max_bytes: int = 64 * 1024 * 1024,
+                 sink_keep: int = 10, syslog: dict | None = None) -> None:
+        self.store = store
+        self.partitions = partitions
+        self.clock = clock
+        self._instance = instance
+        self._sink_dir = sink_dir
+        self._sink_max_bytes, self._sink_keep = sink_max_bytes, sink_keep
+        self._syslog = syslog or {}
+        self._sinks: list | None = None
+        self._anchor: ChainAnchor | None = None
+        self.writer = AuditWriter(store, partitions.admin, self.anchor, self.sinks, timeout)
+
+    # ------------------------------------------------------------------ parts
+    def anchor(self) -> ChainAnchor:
+        if self._anchor is None:
+            self._anchor = ChainAnchor(self.partitions.admin, self._instance())
+        return self._anchor
+
+    @property
+    def sink_path(self) -> Path | None:
+        if self._sink_dir is None:
+            return None
+        return self._sink_dir / f"audit-{self._instance()}.jsonl"
+
+    def sinks(self) -> list:
+        if self._sinks is None:
+            sinks: list = []
+            if self.sink_path is not None:
+                sinks.append(JsonlSink(self.sink_path, self._sink_max_bytes, self._sink_keep))
+            if self._syslog.get("address"):
+                sinks.append(SyslogSink(**self._syslog))
+            self._sinks = sinks
+        return self._sinks
+
+    def healthy(self) -> bool:
+        return self.writer.failing_since is None
+
+    # ------------------------------------------------------------------ writing
+    def append(self, *, actor: str, role: str, action: str, target: str = "",
+               outcome: str = "OK", code: str = "") -> AuditEvent:
+        """One event, chained and in every sink when this returns (else AUDIT_UNAVAILABLE)."""
+        event = AuditEvent(id=str(uuid.uuid4()), time=self.clock(), actor=actor, role=role,
+                           action=action, target=target[:512], outcome=outcome, code=code)
+        return self.writer.submit([event])[0]
+
+    def call(self, actor: str, role: str, action: str, target: Callable[[], str]) -> CallAudit:
+        return CallAudit(actor, role, action, lambda: self.clock(), target)
+
+    def finish(self, call: CallAudit, outcome: str, code: str) -> None:
+        """The call's events: its committed intents and, if it failed or changed nothing,
+        its outcome. Returns once they are kept; raises AUDIT_UNAVAILABLE otherwise."""
+        intents, final = call.events(outcome, code)
+        self.writer.submit(intents + ([final] if final else []), intents=bool(intents))
+
+    def recover_intents(self, older_than: float | None = None) -> int:
+        """Chain the intents a crash left (their effects committed, their events not yet
+        chained). At start and periodically. An intent younger than twice the audit timeout
+        may still be on its way through a live writer (here or on another replica)."""
+        if older_than is None:
+            older_than = 2 * self.writer.timeout
+        cutoff = self.clock() - dt.timedelta(seconds=older_than)
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(select(st.audit_intents).where(
+                st.audit_intents.c.created_at <= cutoff)
+                .order_by(st.audit_intents.c.created_at)).all()
+        if not rows:
+            return 0
+        events = []
+        for r in rows:
+            try:
+                e = event_from_json(r.event)
+            except Exception:
+                e = AuditEvent(id=r.id, time=self.clock(), actor="keysvc", role="",
+                               action="audit.intent_unreadable", target=r.id,
+                               outcome="ERROR", code="RECORD_SEAL_INVALID")
+            events.append(e)
+        self.writer.submit(events, intents=True)
+        log.warning("chained %d audit events left by a crash", len(events))
+        return len(events)
+
+    def new_chain(self, reason: str) -> AuditEvent:
+        """Break glass (`keysvc audit new-chain`, run with the admin PIN): the database chain
+        is behind the HSM anchor and an operator decides to go on. The anchor is moved to
+        the database's head and the first event says what was lost and why."""
+        anchor = self.anchor().read()
+        with self.store.engine.connect() as conn:
+            head = conn.execute(select(st.audit_head)).first()
+        seq, digest = (head.seq, head.hash) if head is not None else (0, GENESIS)
+        self.anchor().reset(Anchor(seq, digest))
+        self.writer.known_anchor, self.writer._anchor_read = Anchor(seq, digest), True
+        lost = (f"the HSM anchor named sequence {anchor.seq} ({anchor.hash[:16]}...)"
+                if anchor else "no HSM anchor")
+        return self.append(actor="keysvc", role="", action="audit.new_chain",
+                           target=f"{lost}; the database chain ends at {seq}; {reason}",
+                           outcome="OK", code="AUDIT_NEW_CHAIN")
+
+    # ------------------------------------------------------------------ reading
+    def list(self, *, since: dt.datetime | None = None, actor: str = "", action: str = "",
+             page_size: int = 100, after_seq: int = 0) -> tuple[list[AuditEvent], int]:
+        """Events in chain order; returns (events, last seq) for the next page token."""
+        page_size = max(1, min(page_size or 100, 1000))
+        q = select(st.audit_events).where(st.audit_events.c.seq > after_seq)
+        if since is not None:
+            q = q.where(st.audit_events.c.time >= since)
+        if actor:
+            q = q.where(st.audit_events.c.actor == actor)
+        if action:
+            q = q.where(st.audit_events.c.action == action)
+        q = q.order_by(st.audit_events.c.seq).limit(page_size + 1)
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        more = len(rows) > page_size
+        rows = rows[:page_size]
+        return [row_event(r) for r in rows], (rows[-1].seq if more and rows else 0)
+
+    def export(self, since: int, limit: int = 1000) -> list[Chained]:
+        """Chained events after sequence `since` (a SIEM's resumable cursor)."""
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(select(st.audit_events).where(st.audit_events.c.seq > since)
+                                .order_by(st.audit_events.c.seq).limit(limit)).all()
+        return [row_chained(r) for r in rows]
+
+    def verify(self, sink: Path | None = None) -> Verification:
+        """Walk the chain; the first event whose hash, link, MAC or position is wrong; then
+        the HSM anchor (a chain shorter than it, or another event at its sequence) and the
+        sink file (the first difference).
+
+        Read in the order things are written, so that appends meanwhile raise no false
+        alarm: the anchor (written after its batch committed), then the head, then the
+        events up to the head."""
+        anchor = self.anchor().read()
+        with self.store.engine.connect() as conn:
+            head = conn.execute(select(st.audit_head)).first()
+            q = select(st.audit_events).order_by(st.audit_events.c.seq)
+            if head is not None:
+                q = q.where(st.audit_events.c.seq <= head.seq)
+            rows = conn.execute(q).all()
+        legacy = self.anchor().legacy_checkpoints(rows[0].id if rows else "")
+        checked, prev, expected_seq = 0, GENESIS, 1
+        hashes: dict[int, tuple[str, str]] = {}
+        with self.partitions.admin.session() as s:
+            mac_key = hk.find_key(s, AUDIT_MAC_KEY)
+            for n, r in enumerate(rows, 1):
+                if n % 1024 == 0:
+                    self.partitions.admin.breathe()  # a long log must not stall appends
+                e = row_event(r)
+                digest = hashlib.sha256(canonical(r.seq, e, r.prev_hash)).hexdigest()
+                good = (r.seq == expected_seq and r.prev_hash == prev and digest == r.hash
+                        and hmac.compare_digest(
+                            hk.hmac_sha256(mac_key, bytes.fromhex(digest)).hex(), r.mac))
+                if r.seq in legacy and legacy[r.seq] != {r.hash}:
+                    good = False
+                if anchor is not None and r.seq == anchor.seq and r.hash != anchor.hash:
+                    good = False  # not the event the HSM saw at this position
+                if not good:
+                    return Verification(False, checked + 1, r.id,
+                                        f"event {r.seq} fails its hash, link, MAC, position "
+                                        "or the HSM anchor")
+                checked += 1
+                hashes[r.seq] = (r.id, r.hash)
+                prev, expected_seq = r.hash, r.seq + 1
+        if head is not None and (head.seq != checked or head.hash != prev):
+            return Verification(False, checked, "", "the head names sequence "
+                                f"{head.seq}: events missing after sequence {checked}")
+        top = max([anchor.seq] if anchor else [], default=0)
+        if legacy:
+            top = max(top, max(legacy))
+        if top > checked:
+            return Verification(False, checked, "", f"the HSM anchor has sequence {top}: "
+                                f"events missing after sequence {checked}")
+        path = sink or self.sink_path
+        if path is not None and (path.exists() or sink is not None):
+            diff = first_difference(
+                ({"seq": k, "id": v[0], "hash": v[1]} for k, v in sorted(hashes.items())),
+                read_lines(path))
+            if diff:
+                return Verification(False, checked, "", f"audit file {path.name}: {diff}")
+        return Verification(True, checked)
+
+
+__all__ = ["AuditLog", "AuditEvent", "Verification", "CallAudit", "Chained", "line"]

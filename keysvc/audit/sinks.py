@@ -1,0 +1,194 @@
+"""Where audit events go besides the database: places its writer cannot reach.
+
+Every chained event is written to each sink before the call that made it returns:
+- `JsonlSink`: an append-only JSON-lines file, fsynced per batch, rotated by size
+  (`audit.jsonl`, `audit.jsonl.1`, ...); each line carries the event's sequence, hash and
+  MAC, so the file can be checked against the chain (`verify_against`);
+- `SyslogSink`: RFC 5424 messages over TCP with TLS (RFC 5425 octet counting), for a
+  collector that keeps them.
+
+A sink remembers the last sequence it holds (`cursor`); the writer fills any gap from the
+database before the next batch (events another replica chained, or a batch this sink
+missed while it was down), so each sink holds the whole chain from when it started.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import ssl
+from pathlib import Path
+from typing import Iterable, Iterator
+
+
+class SinkError(Exception):
+    pass
+
+
+class JsonlSink:
+    name = "jsonl"
+
+    def __init__(self, path: Path, max_bytes: int = 64 * 1024 * 1024, keep: int = 10) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.keep = keep
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.cursor: int | None = last_sequence(path)
+
+    def write(self, lines: list[dict]) -> None:
+        data = "".join(json.dumps(x, sort_keys=True, separators=(",", ":")) + "\n"
+                       for x in lines).encode()
+        try:
+            if self.path.exists() and self.path.stat().st_size + len(data) > self.max_bytes:
+                self._rotate()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise SinkError(f"audit file {self.path.name}: {exc.strerror or exc}") from None
+        seqs = [x["seq"] for x in lines if x.get("seq")]
+        if seqs:
+            self.cursor = max(seqs)
+
+    def _rotate(self) -> None:
+        for i in range(self.keep - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            if older.exists():
+                older.rename(self.path.with_name(f"{self.path.name}.{i + 1}"))
+        self.path.rename(self.path.with_name(f"{self.path.name}.1"))
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def files_of(path: Path) -> list[Path]:
+    """The sink's files, oldest first (rotated ones, then the current)."""
+    rotated = sorted((p for p in path.parent.glob(path.name + ".*")
+                      if p.suffix[1:].isdigit()), key=lambda p: -int(p.suffix[1:]))
+    return rotated + ([path] if path.exists() else [])
+
+
+def read_lines(path: Path) -> Iterator[dict]:
+    """Every line of a sink and its rotated files, oldest first. A torn last line (a crash
+    mid-write) is skipped."""
+    for f in files_of(path):
+        with open(f, "rb") as fh:
+            for raw in fh:
+                try:
+                    yield json.loads(raw)
+                except ValueError:
+                    continue
+
+
+def last_sequence(path: Path) -> int | None:
+    """The highest sequence the sink holds, or None for a new sink."""
+    for f in reversed(files_of(path)):
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            fh.seek(max(0, size - 256 * 1024))
+            tail = fh.read().splitlines()
+        for raw in reversed(tail):
+            try:
+                seq = json.loads(raw).get("seq")
+            except ValueError:
+                continue
+            if seq:
+                return int(seq)
+    return None
+
+
+class SyslogSink:
+    """RFC 5424 over TLS (RFC 5425): `<110>1 TIME HOST keysvc PID audit - JSON`, framed by
+    octet counting. Facility 13 (log audit), severity 6 (informational)."""
+
+    name = "syslog"
+
+    def __init__(self, address: str, ca_file: str = "", cert_file: str = "", key_file: str = "",
+                 timeout: float = 5.0) -> None:
+        host, port = address.rsplit(":", 1)
+        self.host, self.port, self.timeout = host, int(port), timeout
+        self.context = ssl.create_default_context(cafile=ca_file or None)
+        if cert_file:
+            self.context.load_cert_chain(cert_file, key_file or None)
+        self.cursor: int | None = None
+        self._sock: ssl.SSLSocket | None = None
+        self.hostname = socket.gethostname()[:255] or "-"
+
+    def _connect(self) -> ssl.SSLSocket:
+        if self._sock is None:
+            raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            self._sock = self.context.wrap_socket(raw, server_hostname=self.host)
+        return self._sock
+
+    def write(self, lines: list[dict]) -> None:
+        frames = b"".join(self._frame(x) for x in lines)
+        try:
+            self._connect().sendall(frames)
+        except (OSError, ssl.SSLError) as exc:
+            self.close()
+            raise SinkError(f"syslog {self.host}:{self.port}: {exc}") from None
+        seqs = [x["seq"] for x in lines if x.get("seq")]
+        if seqs:
+            self.cursor = max(seqs)
+
+    def _frame(self, x: dict) -> bytes:
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+        msg = (f"<110>1 {now.replace('+00:00', 'Z')} {self.hostname} keysvc {os.getpid()} "
+               f"audit - {json.dumps(x, sort_keys=True, separators=(',', ':'))}").encode()
+        return str(len(msg)).encode() + b" " + msg
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+            self._sock = None
+
+
+def first_difference(chain: Iterable[dict], sink: Iterable[dict]) -> str:
+    """Compare the database chain's events (dicts as in sink lines) with a sink's lines;
+    "" if the sink agrees, else the first difference in words."""
+    by_seq: dict[int, dict] = {}
+    unchained = []
+    for x in sink:
+        if x.get("seq"):
+            by_seq.setdefault(int(x["seq"]), x)
+        elif x.get("unchained"):
+            unchained.append(x)
+    if not by_seq and not unchained:
+        return ""
+    start = min(by_seq) if by_seq else None
+    seen = set()
+    last = 0
+    for e in chain:
+        seq = int(e["seq"])
+        last = seq
+        if start is None or seq < start:
+            continue
+        seen.add(seq)
+        s = by_seq.get(seq)
+        if s is None:
+            return f"event {seq} ({e['id']}) is in the database but not in the sink"
+        if s.get("hash") != e["hash"] or s.get("id") != e["id"]:
+            return f"event {seq} differs: the database has {e['id']}, the sink {s.get('id')}"
+    extra = sorted(set(by_seq) - seen)
+    if extra:
+        x = by_seq[extra[0]]
+        return (f"event {extra[0]} ({x.get('id')}, {x.get('action')}) is in the sink but not in "
+                f"the database chain (which ends at {last})")
+    chained_ids = {x.get("id") for x in by_seq.values()}
+    for x in unchained:
+        if x.get("id") not in chained_ids:
+            return (f"event {x.get('id')} ({x.get('action')}) is in the sink but could not be "
+                    "chained in the database")
+    return ""

@@ -1,0 +1,218 @@
+"""Group commit: one thread chains the events of every call that arrives together.
+
+A call hands its events to the writer and waits. The writer takes everything queued, and
+for the whole batch: one database transaction (chain, head, intents deleted, read back), one
+HSM session for the MACs, one anchor in the token, one write (fsync) per sink; then it wakes
+the callers. A call waits at most `timeout` seconds, then fails closed (AUDIT_UNAVAILABLE);
+the writer itself never holds a call longer than that, whatever the database or a sink does.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from sqlalchemy import select, update
+
+from hsm import keys as hk
+from keysvc import store as st
+from keysvc.audit.anchor import Anchor, ChainAnchor
+from keysvc.audit.chain import GENESIS, AuditEvent, Chained, canonical, line, row_chained
+from keysvc.audit.sinks import SinkError
+from keysvc.errors import error
+from keysvc.observability import AUDIT_FAILURES, AUDIT_LAG
+from keysvc.partitions import AUDIT_MAC_KEY
+
+log = logging.getLogger("keysvc.audit.writer")
+
+MAX_BATCH = 512
+# Events that could not be chained (the database or the HSM failed) are tried again with
+# the next batch, so that the chain catches up with the sink; at most this many are kept.
+MAX_RETRY = 10_000
+
+
+class ChainRefused(Exception):
+    """The database chain is behind the HSM anchor: cut, erased or suppressed."""
+
+
+@dataclass
+class Pending:
+    events: list[AuditEvent]
+    intents: bool = False          # the events are intents already committed with an effect
+    done: threading.Event = field(default_factory=threading.Event)
+    chained: list[AuditEvent] = field(default_factory=list)
+    failure: str = ""
+    cancelled: bool = False
+
+
+class AuditWriter:
+    def __init__(self, store: st.Store, token: Any, anchor: Callable[[], ChainAnchor],
+                 sinks: Callable[[], list], timeout: float) -> None:
+        self.store, self.token = store, token
+        self._anchor, self._sinks = anchor, sinks
+        self.timeout = timeout
+        self._queue: queue.Queue[Pending] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.known_anchor: Anchor | None = None
+        self._anchor_read = False
+        self.failing_since: float | None = None
+        self._retry: list[AuditEvent] = []
+
+    # ------------------------------------------------------------------ callers' side
+    def submit(self, events: list[AuditEvent], *, intents: bool = False) -> list[AuditEvent]:
+        """Chain `events`; returns them with their sequences, or raises AUDIT_UNAVAILABLE."""
+        if st.in_write_tx():
+            raise RuntimeError("an audit event is waited for inside a write transaction")
+        p = Pending(list(events), intents)
+        self._start()
+        self._queue.put(p)
+        AUDIT_LAG.set(self._queue.qsize())
+        if not p.done.wait(self.timeout):
+            p.cancelled = True
+            AUDIT_FAILURES.labels("timeout").inc()
+            raise error("AUDIT_UNAVAILABLE", f"the audit trail did not take the event within "
+                                             f"{self.timeout:g} s; nothing is returned")
+        if p.failure:
+            raise error("AUDIT_UNAVAILABLE", p.failure)
+        return p.chained
+
+    def _start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._run, daemon=True,
+                                                    name="audit-writer")
+                    self._thread.start()
+
+    # ------------------------------------------------------------------ writer's side
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            AUDIT_LAG.set(self._queue.qsize())
+            # A call that gave up before its (read-only) event was taken is not chained:
+            # it returned nothing. An intent is chained whatever: its effect committed.
+            live = [p for p in batch if p.intents or not p.cancelled]
+            if self._retry:
+                live.insert(0, Pending(self._retry))
+                self._retry = []
+            try:
+                self._write(live)
+                self.failing_since = None
+            except Exception as exc:  # every caller of the batch fails closed, told why
+                why = str(exc) if isinstance(exc, (ChainRefused, SinkError)) else \
+                    f"the audit trail cannot be written ({type(exc).__name__})"
+                log.error("audit batch of %d events failed: %s", sum(len(p.events) for p in live),
+                          why[:200])
+                AUDIT_FAILURES.labels(type(exc).__name__).inc()
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
+                for p in live:
+                    p.failure = why
+                if not isinstance(exc, SinkError):  # a sink failure is caught up from the chain
+                    self._retry = [e for p in live if not p.intents
+                                   for e in p.events][-MAX_RETRY:]
+            for p in batch:
+                p.done.set()
+
+    def _write(self, batch: list[Pending]) -> None:
+        events = [e for p in batch for e in p.events]
+        if not events:
+            return
+        try:
+            chained = self._commit(events, [e.id for p in batch if p.intents for e in p.events])
+        except Exception:
+            self._unchained(events)  # the sink keeps them: they happened
+            raise
+        by_id = {c.event.id: c.event for c in chained}
+        for p in batch:
+            p.chained = [by_id[e.id] for e in p.events]
+        last = chained[-1]
+        self._anchor().advance(Anchor(last.event.sequence, last.hash))
+        self.known_anchor = Anchor(last.event.sequence, last.hash)
+        self._deliver(chained)
+
+    def _anchor_now(self) -> Anchor | None:
+        if not self._anchor_read:
+            self.known_anchor = self._anchor().read()
+            self._anchor_read = True
+        return self.known_anchor
+
+    def _commit(self, events: list[AuditEvent], intent_ids: list[str]) -> list[Chained]:
+        known = self._anchor_now()
+        with self.store.tx() as conn:
+            head = conn.execute(select(st.audit_head).where(st.audit_head.c.id == 1)
+                                .with_for_update()).first()
+            seq, prev = (head.seq, head.hash) if head is not None else (0, GENESIS)
+            if known is not None and seq < known.seq:
+                raise ChainRefused(
+                    f"the audit chain in the database ends at sequence {seq} but the HSM "
+                    f"anchor says {known.seq}: events were cut, erased or suppressed. keysvc "
+                    "will not start a new chain silently (see `keysvc audit new-chain`)")
+            if head is None:
+                conn.execute(st.audit_head.insert().values(id=1, seq=0, hash=GENESIS))
+            out: list[Chained] = []
+            first = seq + 1
+            with self.token.session() as s:
+                key = hk.find_key(s, AUDIT_MAC_KEY)
+                rows = []
+                for e in events:
+                    seq += 1
+                    digest = hashlib.sha256(canonical(seq, e, prev)).hexdigest()
+                    mac = hk.hmac_sha256(key, bytes.fromhex(digest)).hex()
+                    rows.append(dict(seq=seq, id=e.id, time=e.time, actor=e.actor, role=e.role,
+                                     action=e.action, target=e.target, outcome=e.outcome,
+                                     code=e.code, prev_hash=prev, hash=digest, mac=mac))
+                    out.append(Chained(replace(e, sequence=seq), prev, digest, mac))
+                    prev = digest
+            conn.execute(st.audit_events.insert(), rows)
+            conn.execute(update(st.audit_head).where(st.audit_head.c.id == 1)
+                         .values(seq=seq, hash=prev))
+            if intent_ids:
+                conn.execute(st.audit_intents.delete().where(
+                    st.audit_intents.c.id.in_(intent_ids)))
+            # Read back: a trigger that drops inserts or holds the head back is found here,
+            # before anyone is told the events are kept.
+            back = conn.execute(select(st.audit_events.c.seq, st.audit_events.c.hash).where(
+                st.audit_events.c.seq >= first, st.audit_events.c.seq <= seq)).all()
+            head_now = conn.execute(select(st.audit_head.c.seq, st.audit_head.c.hash)).all()
+            if sorted(tuple(r) for r in back) != [(c.event.sequence, c.hash) for c in out] \
+                    or [tuple(r) for r in head_now] != [(seq, prev)]:
+                raise ChainRefused("the database did not keep the audit events as written "
+                                   "(a trigger or rule drops or alters them)")
+        return out
+
+    def _deliver(self, chained: list[Chained]) -> None:
+        first = chained[0].event.sequence
+        for sink in self._sinks():
+            missing: list[dict] = []
+            if sink.cursor is not None and sink.cursor < first - 1:
+                missing = [line(c) for c in self.read_chain(sink.cursor + 1, first - 1)]
+            todo = missing + [line(c) for c in chained
+                              if sink.cursor is None or c.event.sequence > sink.cursor]
+            if todo:
+                sink.write(todo)
+
+    def _unchained(self, events: list[AuditEvent]) -> None:
+        for sink in self._sinks():
+            try:
+                sink.write([line(None, e) for e in events])
+            except Exception as exc:
+                log.error("audit sink %s: unchained events not written: %s", sink.name,
+                          str(exc)[:200])
+
+    def read_chain(self, first: int, last: int) -> list[Chained]:
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(select(st.audit_events).where(
+                st.audit_events.c.seq >= first, st.audit_events.c.seq <= last)
+                .order_by(st.audit_events.c.seq)).all()
+        return [row_chained(r) for r in rows]
