@@ -51,69 +51,81 @@ def _cut_the_end(app, events, keep: int) -> None:
         conn.execute(update(st.audit_head).values(seq=keep, hash=last.hash))
 
 
-def test_events_cut_from_the_end_with_the_head_set_back_are_found(any_app):
-    any_app.audit.checkpoint_seconds = 0  # every event reaches the token's checkpoint
+def _reopened(app):
+    """The same database and tokens in a new App: what a restart sees."""
+    from keysvc.app import App
+    from keysvc.device_certificate import TrustStore
+    from keysvc.store import Store
+    store = Store(app.store.url)
+    store.migrate()
+    return App(app.settings, store, app.partitions, TrustStore(anchors=()))
+
+
+def test_events_cut_from_the_end_with_the_head_set_back_are_found_by_the_hsm_anchor(any_app):
     events = _events(any_app)
     _cut_the_end(any_app, events, keep=3)
     v = any_app.audit.verify()
     assert (v.intact, v.events_checked, v.first_bad_event_id) == (False, 3, "")
-    assert "checkpoint has sequence 5" in v.detail
+    assert "HSM anchor has sequence 5" in v.detail
 
 
-def test_a_log_cut_and_grown_again_past_its_checkpoint_is_found(any_app):
-    """The checkpoint at sequence 5 names an event the log no longer has: it is kept as
-    evidence, not tidied away by the newer checkpoints."""
-    any_app.audit.checkpoint_seconds = 0
+def test_the_last_event_cut_is_found_too(any_app):
+    """The anchor advances with every batch: nothing can be cut unseen."""
     events = _events(any_app)
-    _cut_the_end(any_app, events, keep=3)
-    any_app.audit._behind = None  # this process's memory of the cut-off head
-    regrown = _events(any_app, 4)
-    v = any_app.audit.verify()
-    assert not v.intact and v.first_bad_event_id == regrown[1].id  # the new sequence 5
+    _cut_the_end(any_app, events, keep=4)
+    assert "HSM anchor has sequence 5" in any_app.audit.verify().detail
+
+
+def test_an_erased_log_is_found_also_after_a_restart(any_app):
+    _events(any_app)
+    with any_app.store.tx() as conn:
+        conn.execute(st.audit_events.delete())
+        conn.execute(st.audit_head.delete())
+    assert "HSM anchor has sequence 5" in any_app.audit.verify().detail
+    assert "HSM anchor has sequence 5" in _reopened(any_app).audit.verify().detail
+
+
+def test_keysvc_never_starts_a_new_chain_silently(any_app):
+    """An erased or cut chain is not appended to, here or after a restart; an operator who
+    must go on says so (`keysvc audit-new-chain`), and the new chain's first event says
+    what was lost."""
+    import pytest
+    from keysvc.errors import KeysvcError
+    events = _events(any_app)
+    _cut_the_end(any_app, events, keep=2)
+    for app in (any_app, _reopened(any_app)):
+        with pytest.raises(KeysvcError) as info:
+            _events(app, 1)
+        assert info.value.code == "AUDIT_UNAVAILABLE" and "HSM anchor" in info.value.message
+    app = _reopened(any_app)
+    first = app.audit.new_chain("database restored from backup (ticket 42)")
+    assert first.sequence == 3 and "sequence 5" in first.target and "ticket 42" in first.target
+    _events(app, 2)
+    assert app.audit.verify(sink=None).events_checked == 5
+
+
+def test_the_token_holds_one_anchor_per_database_its_newest(any_app):
+    from keysvc.audit.anchor import Anchor
+    from hsm import keys as hk
+    _events(any_app)
+    with any_app.partitions.admin.session() as s:
+        (value,) = hk.data_values(s, f"audit-anchor:{any_app.records.instance}")
+    with any_app.store.engine.connect() as conn:
+        head = conn.execute(select(st.audit_head)).one()
+    assert Anchor.decode(value) == Anchor(5, head.hash)
 
 
 def test_verifying_while_events_are_appended_raises_no_alarm(any_app, monkeypatch):
-    from keysvc.audit import AuditLog
-    any_app.audit.checkpoint_seconds = 0
+    from keysvc.audit.anchor import ChainAnchor
     _events(any_app)
-    real = AuditLog._checkpoints_in_token
+    real = ChainAnchor.read
 
-    def then_two_more(self, first):
-        found = real(self, first)
-        _events(any_app, 2)  # committed and checkpointed while verify reads on
+    def then_two_more(self):
+        found = real(self)
+        _events(any_app, 2)  # committed and anchored while verify reads on
         return found
-    monkeypatch.setattr(AuditLog, "_checkpoints_in_token", then_two_more)
+    monkeypatch.setattr(ChainAnchor, "read", then_two_more)
     assert any_app.audit.verify().intact
-
-
-def test_the_last_events_of_a_burst_reach_the_checkpoint_without_another_call(any_app):
-    from hsm import keys as hk
-    any_app.audit.checkpoint_seconds = 3600
-    events = _events(any_app)  # only the first is copied at once
-    any_app.audit.checkpoint_seconds = 0
-    any_app.audit.checkpoint_if_due()  # what the server's periodic task does
-    with any_app.partitions.admin.session() as s:
-        (value,) = hk.data_values(s, f"audit-checkpoint:{events[0].id}")
-    assert int.from_bytes(value[:8], "big") == 5
-
-
-def test_events_after_the_last_checkpoint_can_be_cut_unseen(any_app):
-    """The documented limit: the checkpoint is written at most every checkpoint_seconds."""
-    any_app.audit.checkpoint_seconds = 3600
-    events = _events(any_app)  # only the first event reaches the token
-    _cut_the_end(any_app, events, keep=3)
-    assert any_app.audit.verify().intact
-
-
-def test_the_token_keeps_one_checkpoint_per_chain_its_newest(any_app):
-    from hsm import keys as hk
-    any_app.audit.checkpoint_seconds = 0
-    events = _events(any_app)
-    with any_app.partitions.admin.session() as s:
-        (value,) = hk.data_values(s, f"audit-checkpoint:{events[0].id}")
-    with any_app.store.engine.connect() as conn:
-        head = conn.execute(select(st.audit_head)).one()
-    assert (int.from_bytes(value[:8], "big"), value[8:].hex()) == (5, head.hash)
 
 
 def test_reordered_events_are_found(any_app):
@@ -132,7 +144,7 @@ def test_reordered_events_are_found(any_app):
 def test_a_rewritten_chain_without_the_hsm_key_fails_its_mac(any_app):
     """Recomputing the hashes is not enough: the MAC key never leaves the HSM."""
     import hashlib
-    from keysvc.audit import _canonical, _row_event
+    from keysvc.audit.chain import canonical as _canonical, row_event as _row_event
     events = _events(any_app, 3)
     with any_app.store.tx() as conn:
         rows = conn.execute(select(st.audit_events).order_by(st.audit_events.c.seq)).all()

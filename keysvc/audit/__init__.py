@@ -75,7 +75,7 @@ class AuditLog:
         return self._sinks
 
     def healthy(self) -> bool:
-        return self.writer.failing_since is None
+        return self.writer.healthy()
 
     # ------------------------------------------------------------------ writing
     def append(self, *, actor: str, role: str, action: str, target: str = "",
@@ -214,7 +214,7 @@ class AuditLog:
         if path is not None and (path.exists() or sink is not None):
             diff = first_difference(
                 ({"seq": k, "id": v[0], "hash": v[1]} for k, v in sorted(hashes.items())),
-                read_lines(path))
+                read_lines(path), upto=checked)
             if diff:
                 return Verification(False, checked, "", f"audit file {path.name}: {diff}")
         return Verification(True, checked)

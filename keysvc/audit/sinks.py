@@ -155,12 +155,16 @@ class SyslogSink:
             self._sock = None
 
 
-def first_difference(chain: Iterable[dict], sink: Iterable[dict]) -> str:
+def first_difference(chain: Iterable[dict], sink: Iterable[dict], upto: int | None = None
+                     ) -> str:
     """Compare the database chain's events (dicts as in sink lines) with a sink's lines;
-    "" if the sink agrees, else the first difference in words."""
+    "" if the sink agrees, else the first difference in words. `upto`: the chain's last
+    sequence when it was read (lines after it were written since, and are not compared)."""
     by_seq: dict[int, dict] = {}
     unchained = []
     for x in sink:
+        if x.get("seq") and upto is not None and int(x["seq"]) > upto:
+            continue
         if x.get("seq"):
             by_seq.setdefault(int(x["seq"]), x)
         elif x.get("unchained"):

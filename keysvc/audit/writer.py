@@ -61,6 +61,7 @@ class AuditWriter:
         self.known_anchor: Anchor | None = None
         self._anchor_read = False
         self.failing_since: float | None = None
+        self.busy_since: float | None = None   # when the batch being written was taken
         self._retry: list[AuditEvent] = []
 
     # ------------------------------------------------------------------ callers' side
@@ -89,6 +90,13 @@ class AuditWriter:
                                                     name="audit-writer")
                     self._thread.start()
 
+    def healthy(self) -> bool:
+        """False while the last batch failed, or the one being written has taken longer
+        than a caller waits (a stalled database or sink)."""
+        busy = self.busy_since
+        return self.failing_since is None and (
+            busy is None or time.monotonic() - busy < self.timeout)
+
     # ------------------------------------------------------------------ writer's side
     def _run(self) -> None:
         while True:
@@ -105,6 +113,7 @@ class AuditWriter:
             if self._retry:
                 live.insert(0, Pending(self._retry))
                 self._retry = []
+            self.busy_since = time.monotonic()
             try:
                 self._write(live)
                 self.failing_since = None
@@ -121,6 +130,7 @@ class AuditWriter:
                 if not isinstance(exc, SinkError):  # a sink failure is caught up from the chain
                     self._retry = [e for p in live if not p.intents
                                    for e in p.events][-MAX_RETRY:]
+            self.busy_since = None
             for p in batch:
                 p.done.set()
 
