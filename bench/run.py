@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_audit  # noqa: E402
 import bench_dco  # noqa: E402
 import bench_load  # noqa: E402
 import bench_s1sp  # noqa: E402
@@ -42,6 +43,13 @@ def main() -> None:
     print(f"{r['calls']} calls in {r['seconds']:.1f}s: {r['throughput']:.0f} calls/s, "
           f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, errors {len(r['errors'])}, "
           f"lost {r['lost']}")
+    print(f"== Audit: 64 clients of small calls against the baseline {bench_audit.BASELINE_REV}"
+          " (fail-open auditing) in the same run (target: throughput ratio >= 1.0, p99 ratio "
+          "<= 1.0, events = calls)")
+    a = bench_audit.run(seconds=5 if args.quick else 30)
+    print(bench_audit.line("baseline", a["baseline"]))
+    print(bench_audit.line("now", a["now"]))
+    print(f"  throughput ratio {a['throughput_ratio']:.2f}, p99 ratio {a['p99_ratio']:.2f}")
 
 
 if __name__ == "__main__":

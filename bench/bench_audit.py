@@ -1,0 +1,200 @@
+"""Auditing costs little (issue 14): 64 concurrent clients of small calls (VerifyPrepaymentKey,
+VerifyMasterKey, GetKey) for 30 s, against this checkout and, in the same run, against a
+baseline checkout (default: the commit before fail-closed auditing, where an event was
+appended after the call, in its own transaction, and its failure ignored).
+
+Reports throughput, p50/p99, errors, and events = calls (every call has its event in the
+chain). The ratios are this checkout over the baseline: throughput >= 1.0 and p99 <= 1.0
+are the targets.
+
+    .venv/bin/python bench/bench_audit.py [--seconds 30] [--clients 64] [--baseline REV]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from common import ROOT
+
+sys.path.insert(0, str(ROOT))
+
+BASELINE_REV = "cb89190"  # main before issue 14 (session 3's last commit)
+ACTIONS = ("keysvc.v1.S1SPService/VerifyPrepaymentKey", "keysvc.v1.DCOService/VerifyMasterKey",
+           "keysvc.v1.KeyAdministrationService/GetKey")
+
+
+def _checkout(rev: str) -> Path:
+    """A work tree of `rev` with its generated protobuf code."""
+    where = Path(tempfile.mkdtemp(prefix="keysvc-base-")) / "src"
+    subprocess.run(["git", "worktree", "add", "--detach", "-f", str(where), rev], cwd=ROOT,
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-Iprotos", "--python_out=.",
+                    "--grpc_python_out=.", "protos/keysvc/api/v1/keysvc.proto"], cwd=where,
+                   check=True, capture_output=True)
+    return where
+
+
+def _start(src: Path, state: Path) -> tuple[subprocess.Popen, str]:
+    from tests.serverproc import free_port
+    port = free_port()
+    state.mkdir(parents=True, exist_ok=True)
+    log = open(state / "server.log", "wb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYSVC_")
+           and k != "SOFTHSM2_CONF"}
+    env["PYTHONPATH"] = str(src)
+    proc = subprocess.Popen([sys.executable, "-m", "keysvc.cli", "serve", "--state-dir",
+                             str(state), "--listen", f"127.0.0.1:{port}"], cwd=src, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while b"listening on" not in (state / "server.log").read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError((state / "server.log").read_text()[-2000:])
+        time.sleep(0.1)
+    return proc, f"127.0.0.1:{port}"
+
+
+def _events(state: Path) -> int:
+    db = sqlite3.connect(state / "keysvc.db")
+    try:
+        return db.execute(f"SELECT count(*) FROM audit_events WHERE action IN "
+                          f"({','.join('?' * len(ACTIONS))})", ACTIONS).fetchone()[0]
+    finally:
+        db.close()
+
+
+def measure(src: Path, clients: int, seconds: float) -> dict:
+    import grpc
+    from keysvc.api.v1 import keysvc_pb2 as pb
+    from keysvc.client import connect, error_reason
+    from tests.serverproc import OAEP  # noqa: F401 (the same client set-up as the tests)
+    from tests.support import encoder
+    from cryptography.hazmat.primitives import serialization
+
+    work = Path(tempfile.mkdtemp(prefix="keysvc-audit-bench-"))
+    state = work / "state"
+    factory = encoder.DeviceCertificateFactory()
+    (state / "trust-anchors").mkdir(parents=True)
+    (state / "trust-anchors" / "ca.pem").write_bytes(factory.ca_pem)
+    proc, target = _start(src, state)
+    try:
+        o1, o2 = (connect(target, state, f"security-officer-{n}").admin for n in (1, 2))
+        keks = {}
+        for name, purpose in (("AB-S1SP", pb.S1SP_TRANSPORT), ("AB-DCO", pb.DCO_TRANSPORT)):
+            key = os.urandom(32)
+            job = o1.CreateImportJob(pb.CreateImportJobRequest(name=f"job {name}",
+                                                               purpose=purpose))
+            wrapped = serialization.load_pem_public_key(job.public_key_pem.encode()).encrypt(
+                key, OAEP)
+            op = o1.ImportTransportKey(pb.ImportTransportKeyRequest(
+                name=name, purpose=purpose, owner_id="SMSO-AB", owner_type=pb.SMSO,
+                expected_kcv=encoder.kcv(key), wrapped_key=wrapped,
+                import_job_id=job.import_job_id))
+            o2.ApproveOperation(pb.ApproveOperationRequest(operation_id=op.operation_id,
+                                                           request_digest=op.request_digest))
+            keks[name] = key
+        installs = encoder.random_installations(1, seed=7, cert_factory=factory)
+        data = encoder.build_file(installs, file_id="MGEF-AB-1", originator_id="SMSO-AB",
+                                  s1sp_key_name="AB-S1SP", s1sp_kek=keks["AB-S1SP"],
+                                  dco_key_name="AB-DCO", dco_kek=keks["AB-DCO"])
+        s1sp = connect(target, state, "s1sp").s1sp
+        dco = connect(target, state, "dco").dco
+        r = s1sp.ProcessGroupInformation(pb.ProcessGroupInformationRequest(file=data))
+        esme = installs[0].esme
+        prepay = next(k.kcv for i in r.installations for k in i.keys
+                      if k.device_id == esme and k.role == pb.PREPAYMENT)
+        m = dco.UnwrapMasterKeys(pb.UnwrapMasterKeysRequest(file=data))
+        mk = m.entries[0]
+        before = _events(state)
+        lat: list[float] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+        deadline = time.monotonic() + seconds
+
+        def client(i: int) -> None:
+            # Each client its own channel, as 64 separate callers would have.
+            c_s1sp = connect(target, state, "s1sp").s1sp
+            c_dco = connect(target, state, "dco").dco
+            c_adm = connect(target, state, "security-officer-1").admin
+            k = i
+            while time.monotonic() < deadline:
+                k += 1
+                t = time.perf_counter()
+                try:
+                    if k % 3 == 0:
+                        c_s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
+                            device_id=esme, expected_kcv=prepay), timeout=30)
+                    elif k % 3 == 1:
+                        c_dco.VerifyMasterKey(pb.VerifyMasterKeyRequest(
+                            device_id=mk.device_id, expected_kcv=mk.kcv), timeout=30)
+                    else:
+                        c_adm.GetKey(pb.GetKeyRequest(name="AB-S1SP"), timeout=30)
+                except grpc.RpcError as exc:
+                    with lock:
+                        errors.append(f"{exc.code().name} {error_reason(exc)}")
+                    continue
+                with lock:
+                    lat.append(time.perf_counter() - t)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        started = time.perf_counter()
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        elapsed = time.perf_counter() - started
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    events = _events(state) - before
+    lat.sort()
+
+    def pct(p: float) -> float:
+        return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else 0.0
+    shutil.rmtree(work, ignore_errors=True)
+    return {"calls": len(lat), "errors": errors, "throughput": len(lat) / elapsed,
+            "p50_ms": pct(0.5), "p99_ms": pct(0.99), "events": events,
+            "calls_made": len(lat) + len(errors)}
+
+
+def run(clients: int = 64, seconds: float = 30.0, baseline: str = BASELINE_REV) -> dict:
+    base_src = _checkout(baseline)
+    try:
+        base = measure(base_src, clients, seconds)
+        now = measure(ROOT, clients, seconds)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(base_src)], cwd=ROOT,
+                       capture_output=True)
+    return {"baseline": base, "now": now,
+            "throughput_ratio": now["throughput"] / base["throughput"],
+            "p99_ratio": now["p99_ms"] / base["p99_ms"] if base["p99_ms"] else 0.0}
+
+
+def line(name: str, r: dict) -> str:
+    return (f"  {name:9} {r['throughput']:6.0f} calls/s  p50 {r['p50_ms']:6.1f} ms  "
+            f"p99 {r['p99_ms']:6.1f} ms  errors {len(r['errors'])}  "
+            f"events {r['events']} / calls {r['calls_made']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--baseline", default=BASELINE_REV)
+    args = ap.parse_args()
+    r = run(args.clients, args.seconds, args.baseline)
+    print(f"audit: {args.clients} clients, {args.seconds:g} s, small calls")
+    print(line(f"baseline {args.baseline}", r["baseline"]))
+    print(line("now", r["now"]))
+    print(f"  throughput ratio {r['throughput_ratio']:.2f} (target >= 1.0), "
+          f"p99 ratio {r['p99_ratio']:.2f} (target <= 1.0)")
+
+
+if __name__ == "__main__":
+    main()
