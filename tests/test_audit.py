@@ -128,6 +128,36 @@ def test_verifying_while_events_are_appended_raises_no_alarm(any_app, monkeypatc
     assert any_app.audit.verify().intact
 
 
+def test_a_held_audit_head_fails_the_append_closed_within_the_timeout(any_app):
+    """Another writer holds the chain (an outside lock): the event is not kept, so the
+    caller is told AUDIT_UNAVAILABLE after the timeout, not left waiting or told OK."""
+    import time
+    import pytest
+    from keysvc.errors import KeysvcError
+    _events(any_app, 1)
+    any_app.audit.writer.timeout = 1.0
+    raw = any_app.store.engine.raw_connection()
+    cur = raw.cursor()
+    if any_app.store.is_sqlite:
+        raw.driver_connection.isolation_level = None
+        cur.execute("BEGIN IMMEDIATE")
+    else:
+        cur.execute("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(KeysvcError) as info:
+            _events(any_app, 1)
+        assert info.value.code == "AUDIT_UNAVAILABLE"
+        assert time.monotonic() - started < 5
+        assert not any_app.audit.healthy()
+    finally:
+        raw.rollback() if not any_app.store.is_sqlite else cur.execute("ROLLBACK")
+        raw.close()
+    any_app.audit.writer.timeout = 30.0
+    _events(any_app, 1)
+    assert any_app.audit.healthy() and any_app.audit.verify().intact
+
+
 def test_reordered_events_are_found(any_app):
     events = _events(any_app)
     with any_app.store.tx() as conn:

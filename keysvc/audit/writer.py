@@ -24,7 +24,7 @@ from keysvc.audit.anchor import Anchor, ChainAnchor
 from keysvc.audit.chain import GENESIS, AuditEvent, Chained, canonical, line, row_chained
 from keysvc.audit.sinks import SinkError
 from keysvc.errors import error
-from keysvc.observability import AUDIT_FAILURES, AUDIT_LAG
+from keysvc.observability import AUDIT_FAILURES, AUDIT_LAG, AUDIT_SINK_LAG
 from keysvc.partitions import AUDIT_MAC_KEY
 
 log = logging.getLogger("keysvc.audit.writer")
@@ -202,8 +202,10 @@ class AuditWriter:
         return out
 
     def _deliver(self, chained: list[Chained]) -> None:
-        first = chained[0].event.sequence
+        first, last = chained[0].event.sequence, chained[-1].event.sequence
         for sink in self._sinks():
+            behind = last - sink.cursor if sink.cursor is not None else len(chained)
+            AUDIT_SINK_LAG.labels(sink.name).set(behind)
             missing: list[dict] = []
             if sink.cursor is not None and sink.cursor < first - 1:
                 missing = [line(c) for c in self.read_chain(sink.cursor + 1, first - 1)]
@@ -211,6 +213,7 @@ class AuditWriter:
                               if sink.cursor is None or c.event.sequence > sink.cursor]
             if todo:
                 sink.write(todo)
+            AUDIT_SINK_LAG.labels(sink.name).set(0)
 
     def _unchained(self, events: list[AuditEvent]) -> None:
         for sink in self._sinks():
