@@ -30,6 +30,7 @@ from keysvc.pki import ensure_dev_pki
 from tests.conftest import unique
 from tests.serverproc import ROOT, free_port, server_env, start_server
 from tests.support.encoder import kcv
+from tests.support.waiting import until as _until
 
 FAST = {"KEYSVC_AUDIT_TIMEOUT_SECONDS": "2"}
 
@@ -77,15 +78,6 @@ def _verify(server):
 def _health(server) -> int:
     stub = health_pb2_grpc.HealthStub(server.as_("auditor").channel)
     return stub.Check(health_pb2.HealthCheckRequest(service="")).status
-
-
-def _until(check, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def _ops_and_events(server) -> tuple[set[str], dict[str, list]]:
@@ -156,6 +148,14 @@ def test_an_outside_write_lock_fails_calls_closed_in_bounded_time_and_health_say
     assert _verify(srv).intact
 
 
+def _cli(*args: str, server=None) -> subprocess.CompletedProcess:
+    """`keysvc ARGS`, against `server` if given, wide enough that no line wraps."""
+    where = ["--state-dir", str(server.state_dir), "--server", server.target] if server else []
+    return subprocess.run([sys.executable, "-m", "keysvc.cli", *args, *where],
+                          env=server_env({"COLUMNS": "400"}), cwd=ROOT, capture_output=True,
+                          text=True)
+
+
 def _with_trigger(server, sql: str):
     db = _db(server)
     db.execute(sql)
@@ -224,9 +224,8 @@ def test_an_erased_log_is_refused_and_found_after_a_restart(tmp_path):
         assert "HSM anchor says 3" in info.value.details()
     finally:
         server.stop()
-    out = subprocess.run([sys.executable, "-m", "keysvc.cli", "audit-new-chain", "--state-dir",
-                          str(tmp_path / "erased"), "--reason", "restored from backup"],
-                         env=server_env(), cwd=ROOT, capture_output=True, text=True)
+    out = _cli("audit-new-chain", "--state-dir", str(tmp_path / "erased"), "--reason",
+               "restored from backup")
     assert out.returncode == 0, out.stderr
     server = start_server(tmp_path / "erased", env=FAST)
     try:
@@ -263,10 +262,7 @@ def test_verify_names_the_first_difference_between_the_chain_and_the_file(tmp_pa
         v = _verify(server)
         assert not v.intact
         assert f"event {victim['seq']}" in v.detail and "not in the sink" in v.detail
-        out = subprocess.run([sys.executable, "-m", "keysvc.cli", "audit", "verify", "--sink",
-                              str(path), "--state-dir", str(server.state_dir), "--server",
-                              server.target], env=server_env({"COLUMNS": "400"}), cwd=ROOT, capture_output=True,
-                             text=True)
+        out = _cli("audit", "verify", "--sink", str(path), server=server)
         assert out.returncode == 1 and "not in the sink" in out.stdout
     finally:
         server.stop()
@@ -282,10 +278,7 @@ def test_the_audit_file_rotates_by_size_and_still_verifies(tmp_path):
         assert path.with_name(path.name + ".1").exists()
         assert all(p.stat().st_size <= 4096 for p in path.parent.glob(path.name + "*"))
         assert _verify(server).intact
-        out = subprocess.run([sys.executable, "-m", "keysvc.cli", "audit", "verify", "--sink",
-                              str(path), "--state-dir", str(server.state_dir), "--server",
-                              server.target], env=server_env({"COLUMNS": "400"}), cwd=ROOT, capture_output=True,
-                             text=True)
+        out = _cli("audit", "verify", "--sink", str(path), server=server)
         assert out.returncode == 0, out.stdout
     finally:
         server.stop()
@@ -376,10 +369,8 @@ def test_export_streams_the_chain_from_a_cursor_and_the_cli_writes_json_lines(sr
     after = list(srv.as_("auditor").audit.ExportAuditEvents(
         pb.ExportAuditEventsRequest(since_sequence=cursor)))
     assert [c.event.sequence for c in after][:2] == [cursor + 1, cursor + 2]
-    out = subprocess.run([sys.executable, "-m", "keysvc.cli", "audit", "export", "--since",
-                          str(cursor), "--format", "jsonl", "--state-dir", str(srv.state_dir),
-                          "--server", srv.target], env=server_env(), cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+    out = _cli("audit", "export", "--since", str(cursor), "--format", "jsonl",
+               server=srv).stdout
     lines = [json.loads(x) for x in out.splitlines()]
     assert lines[0]["seq"] == cursor + 1 and all(x["mac"] for x in lines)
     assert _reason(lambda: list(srv.as_("s1sp").audit.ExportAuditEvents(

@@ -10,20 +10,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from keysvc.api.v1 import keysvc_pb2 as pb
 from keysvc.client import error_reason
 from tests.serverproc import start_server
+from tests.support.waiting import until as _wait_for
 
 
 def _health(server) -> int:
     stub = health_pb2_grpc.HealthStub(server.as_("s1sp").channel)
     return stub.Check(health_pb2.HealthCheckRequest(service="")).status
-
-
-def _wait_for(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 @pytest.fixture()

@@ -23,6 +23,7 @@ from tests.conftest import unique
 from tests.serverproc import ROOT, server_env, start_server
 from tests.support.clientcerts import crl, dev_ca, issue
 from tests.support.encoder import kcv
+from tests.support.waiting import until
 
 
 @pytest.fixture(scope="module")
@@ -204,12 +205,7 @@ def _revoked_by_crl(srv, tmp_path, filename: str):
 
 def _sighup_until(srv, check, timeout: float = 10.0) -> bool:
     os.killpg(srv.proc.pid, signal.SIGHUP)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.2)
-    return False
+    return until(check, timeout)
 
 
 def test_a_certificate_revoked_by_a_crl_is_refused_after_sighup_and_stays_revoked(
