@@ -47,7 +47,8 @@ class App:
             syslog={"address": s.audit_syslog, "ca_file": s.audit_syslog_ca,
                     "cert_file": s.audit_syslog_cert, "key_file": s.audit_syslog_key,
                     "timeout": s.audit_timeout_seconds} if s.audit_syslog else None)
-        self.roster = Roster(self.partitions.admin, self.settings.roster_refresh_seconds)
+        self.roster = Roster(self.partitions.admin, self.settings.roster_refresh_seconds,
+                             self.store)
 
     def _record_tampered(self, record: str, why: str) -> None:
         """A sealed record failed its check: the audit trail says which, and that it was
@@ -91,18 +92,32 @@ class App:
         app.load_client_crls()
         return app
 
-    def load_client_crls(self) -> None:
-        """Read the client-certificate CRLs (at start, on SIGHUP, every few minutes)."""
+    def load_client_crls(self) -> bool:
+        """Read the client-certificate CRLs (at start, on SIGHUP, every few minutes).
+        A failure is audited and never stops the start; False tells the caller to retry
+        soon."""
         from keysvc import identity
         from keysvc.identity.crls import load_dir
-        result = load_dir(self.settings.client_crls, identity.client_cas(self), self.roster,
-                          lambda action, detail: self.audit.append(
-                              actor="keysvc", role="", action=action, target=detail,
-                              outcome="ERROR" if action.endswith("refused") else "OK",
-                              code="CERTIFICATE_REVOKED" if action.endswith("refused")
-                              else "OK"))
+
+        def report(action: str, detail: str) -> None:
+            refused = action.endswith("refused")
+            self.audit.append(actor="keysvc", role="", action=action, target=detail,
+                              outcome="ERROR" if refused else "OK",
+                              code="CERTIFICATE_NOT_ACCEPTED" if refused else "OK")
+        try:
+            result = load_dir(self.settings.client_crls, identity.client_cas(self),
+                              self.roster, report)
+        except Exception as exc:
+            log.error("client CRLs not read: %s", type(exc).__name__)
+            try:
+                report("client_crl.refused", f"the CRLs could not be read or remembered "
+                                             f"({type(exc).__name__}); retried soon")
+            except Exception:
+                pass
+            return False
         log.info("client CRLs read: %d, refused: %d, new revocations: %d", result.read,
                  result.refused, result.new_serials)
+        return True
 
     def close(self) -> None:
         if self._checker is not None:

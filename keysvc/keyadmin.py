@@ -233,6 +233,11 @@ def _officer_keys(caller: Caller) -> set[str]:
     return {x for x in (caller.fingerprint, "name:" + officer_name(caller.identity)) if x}
 
 
+def _certificate(caller: Caller) -> str:
+    """The approving certificate, as an approval records it (officers.counts)."""
+    return f"{caller.issuer}:{caller.serial}" if caller.serial else ""
+
+
 def _check_identifiers(**fields: str | list[str]) -> None:
     for field_name, value in fields.items():
         for v in (value if isinstance(value, list) else [value]):
@@ -274,8 +279,8 @@ def _new_operation(app: App, caller: Caller, op_id: str, kind: str, target: str,
     now = app.clock()
     op = OperationRecord(op_id, partition, kind, target, "PENDING", caller.identity, (),
                          payload, "", now, now)
-    op = replace(op, approvals=(app.records.operations.approval(op, caller.identity,
-                                                                caller.fingerprint),))
+    op = replace(op, approvals=(app.records.operations.approval(
+        op, caller.identity, caller.fingerprint, _certificate(caller)),))
     with app.records.anchors(partition).tx(app.store) as (conn, anchor):
         if check_name:
             _check_new_key_name(app, conn, target)
@@ -462,8 +467,8 @@ def _approve(app: App, caller: Caller, operation_id: str, component: bytes,
                                           "sealed": _seal_component(
                                               app, payload["purpose"], op.id,
                                               caller.identity, component)})
-        approvals = (*op.approvals, app.records.operations.approval(op, caller.identity,
-                                                                     caller.fingerprint))
+        approvals = (*op.approvals, app.records.operations.approval(
+            op, caller.identity, caller.fingerprint, _certificate(caller)))
         state, message, refusal = "PENDING", "", ""
         if sum(officers.counts(app, a) for a in approvals) >= app.settings.quorum:
             state, message, refusal = _execute(app, conn, anchor, op, payload, effects)
@@ -479,7 +484,7 @@ def _execute(app: App, conn, anchor, op: OperationRecord, p: dict, effects: _Tok
     """Carry out an approved operation; returns (state, message, refusal code or "")."""
     now = app.clock()
     if op.kind in officers.KINDS:
-        return officers.execute(app, op, p)
+        return officers.execute(app, conn, op, p)
     if op.kind in ("IMPORT_TRANSPORT_KEY", "GENERATE_RECIPIENT_KEY"):
         taken = _name_taken(app, conn, op, p["name"], p["purpose"])
         if taken:

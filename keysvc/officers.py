@@ -22,9 +22,9 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
-from keysvc.errors import error
+from keysvc.errors import KeysvcError, error
 from keysvc.identity import client_cas, officer_from_pem
 from keysvc.identity.caller import Caller
 from keysvc.identity.roster import Denied, Officer, RosterState
@@ -126,45 +126,65 @@ def list_roster(app: App) -> RosterState:
 
 # --------------------------------------------------------------------------- approval
 def counts(app: App, approval: Approval) -> bool:
-    """Does this approval still count? Only while its officer is enrolled and not denied
-    (an approval without a key came from no certificate: in-process callers)."""
+    """Does this approval still count? Only while its officer is enrolled and not denied,
+    and the certificate it was made with is not revoked by a CRL. An approval without a
+    key came from no certificate and never counts."""
     if not approval.key:
-        return True
+        return False
     roster = app.roster.current()
+    if approval.cert:
+        issuer, _, serial = approval.cert.partition(":")
+        if roster.serial_revoked(issuer, serial):
+            return False
     return roster.officer(approval.key) is not None and roster.denial(approval.key) is None
 
 
-def execute(app: App, op: OperationRecord, p: dict) -> tuple[str, str, str]:
-    """Carry out an approved roster change: (state, message, refusal code or "")."""
-    roster = app.roster.current()
+class _Unchanged(Exception):
+    """Raised inside a roster change: nothing to write (already so, or refused)."""
+
+    def __init__(self, state: str, message: str = "", code: str = "") -> None:
+        super().__init__(message)
+        self.result = (state, message, code)
+
+
+def execute(app: App, conn: Any, op: OperationRecord, p: dict) -> tuple[str, str, str]:
+    """Carry out an approved roster change: (state, message, refusal code or ""). Every
+    check runs again on the newest roster, inside the change, so two approvals on two
+    replicas cannot both pass a check that only one may (two removals below the quorum)."""
     fp = p["fingerprint"]
-    if op.kind == "ENROLL_OFFICER":
-        if roster.officer(fp) is not None and roster.officer(fp).name == p["name"]:
-            return "APPROVED", "already enrolled", ""
-        try:
-            _check_enrollable(roster, fp, p["name"])
-        except Exception as exc:
-            return "REJECTED", getattr(exc, "message", "refused"), getattr(exc, "code", "")
-        app.roster.change(lambda st: replace(
-            st, officers=(*st.officers, Officer(fp, p["name"]))))
-    elif op.kind == "REMOVE_OFFICER":
-        if roster.officer(fp) is None:
-            return "APPROVED", "already removed", ""
-        try:
-            _check_quorum_kept(app, roster, fp)
-        except Exception as exc:
-            return "REJECTED", getattr(exc, "message", "refused"), getattr(exc, "code", "")
-        app.roster.change(lambda st: replace(
-            st, officers=tuple(o for o in st.officers if o.fingerprint != fp)))
-    elif op.kind == "DENY_CERTIFICATE":
-        if roster.denial(fp) is None:
-            app.roster.change(lambda st: replace(
-                st, denied=(*st.denied, Denied(fp, p["reason"]))))
-    else:  # ALLOW_CERTIFICATE
-        if roster.denial(fp) is not None:
-            app.roster.change(lambda st: replace(
-                st, denied=tuple(d for d in st.denied if d.fingerprint != fp)))
+
+    def how(st: RosterState) -> RosterState:
+        if op.kind == "ENROLL_OFFICER":
+            mine = st.officer(fp)
+            if mine is not None and mine.name == p["name"]:
+                raise _Unchanged("APPROVED", "already enrolled")
+            _refused_unless(lambda: _check_enrollable(st, fp, p["name"]))
+            return replace(st, officers=(*st.officers, Officer(fp, p["name"])))
+        if op.kind == "REMOVE_OFFICER":
+            if st.officer(fp) is None:
+                raise _Unchanged("APPROVED", "already removed")
+            _refused_unless(lambda: _check_quorum_kept(app, st, fp))
+            return replace(st, officers=tuple(o for o in st.officers if o.fingerprint != fp))
+        if op.kind == "DENY_CERTIFICATE":
+            if st.denial(fp) is not None:
+                raise _Unchanged("APPROVED", "already denied")
+            return replace(st, denied=(*st.denied, Denied(fp, p["reason"])))
+        if st.denial(fp) is None:  # ALLOW_CERTIFICATE
+            raise _Unchanged("APPROVED", "not denied")
+        return replace(st, denied=tuple(d for d in st.denied if d.fingerprint != fp))
+
+    try:
+        app.roster.change(how, conn)
+    except _Unchanged as done:
+        return done.result
     return "APPROVED", "", ""
+
+
+def _refused_unless(check: Callable[[], None]) -> None:
+    try:
+        check()
+    except KeysvcError as exc:
+        raise _Unchanged("REJECTED", exc.message, exc.code) from None
 
 
 def view(app: App, op: OperationRecord, view: dict, warnings: list[str]) -> None:

@@ -33,7 +33,7 @@ from keysvc import store as st
 from keysvc.errors import ERROR_DOMAIN, KeysvcError, error
 from keysvc.observability import (HSM_IDLE, HSM_IN_USE, HSM_UP, LATENCY, REQUESTS,
                                   request_id)
-from keysvc.identity import admit
+from keysvc.identity import admit, client_cas
 from keysvc.identity.certificates import caller_from_pem
 
 log = logging.getLogger("keysvc.server")
@@ -63,15 +63,20 @@ def _reflection_needs_a_role(app: App, handler: Any) -> Any:
     inner = handler.stream_stream
 
     def wrapped(requests: Any, context: grpc.ServicerContext) -> Any:
-        caller = _caller(context) or Caller("", "", "", "no client certificate")
+        caller = _caller(app, context) or Caller("", "", "", "no client certificate")
         if caller.refusal or not caller.role:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           caller.refusal or "reflection needs a role")
-        try:
-            admit(app, caller)
-        except KeysvcError as exc:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, exc.message)
-        return inner(requests, context)
+        def admitted() -> Any:
+            """Each message of the stream is admitted anew: a stream opened before its key
+            was denied stops at the next request."""
+            for r in requests:
+                try:
+                    admit(app, caller)
+                except KeysvcError as exc:
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED, exc.message)
+                yield r
+        return inner(admitted(), context)
     return grpc.stream_stream_rpc_method_handler(
         wrapped, request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer)
@@ -82,11 +87,11 @@ audit_target: contextvars.ContextVar[str] = contextvars.ContextVar("audit_target
 current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("current_caller")
 
 
-def _caller(context: grpc.ServicerContext) -> Caller | None:
+def _caller(app: App, context: grpc.ServicerContext) -> Caller | None:
     pem = (context.auth_context() or {}).get("x509_pem_cert")
     if not pem:
         return None
-    return caller_from_pem(pem[0])
+    return caller_from_pem(pem[0], client_cas(app))
 
 
 # An error travels in the response trailers: one that quotes a megabyte of the caller's
@@ -97,13 +102,24 @@ MAX_METADATA = 128
 
 
 # No error quotes more than 64 characters of the caller's input: every quoted value in a
-# message ('...' or "...") is cut to that, whichever code wrote it.
+# message ('...' or "...", escapes included) and every unbroken run of characters is cut to
+# that, whichever code wrote it.
 QUOTED_INPUT = 64
-_QUOTED = re.compile(r"""(['"])([^'"]{%d})[^'"]+\1""" % QUOTED_INPUT)
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
+_RUN = re.compile(r"\S{%d,}" % (QUOTED_INPUT + 1))
+
+
+def _shorten(m: re.Match) -> str:
+    text = m[0]
+    if len(text) <= QUOTED_INPUT + 2:
+        return text
+    if text[0] in "'\"":
+        return text[:QUOTED_INPUT + 1] + "..." + text[0]
+    return text[:QUOTED_INPUT] + "..."
 
 
 def _cut(text: str, limit: int) -> str:
-    text = _QUOTED.sub(lambda m: f"{m[1]}{m[2]}...{m[1]}", text)
+    text = _RUN.sub(_shorten, _QUOTED.sub(_shorten, text))
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -170,7 +186,7 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
         request_id.set(uuid.uuid4().hex[:16])
         audit_target.set("")
         started = time.perf_counter()
-        caller = _caller(context) or Caller("", "")
+        caller = _caller(self.app, context) or Caller("", "")
         audited = service not in UNAUDITED_SERVICES
         call = self.app.audit.call(caller.identity, caller.role, method.lstrip("/"),
                                    audit_target.get)
@@ -253,8 +269,10 @@ class HealthWatch(threading.Thread):
         due = time.monotonic() - self.crls_read_at >= self.app.settings.client_crl_refresh_seconds
         if due or self.reload.is_set():
             self.reload.clear()
-            self.crls_read_at = time.monotonic()
-            self.app.load_client_crls()
+            ok = self.app.load_client_crls()
+            # A failed read (the HSM busy, a roster race) is tried again in ten seconds.
+            self.crls_read_at = time.monotonic() - (
+                0 if ok else max(0.0, self.app.settings.client_crl_refresh_seconds - 10))
 
     def check(self) -> bool:
         ok = True

@@ -133,7 +133,7 @@ def validate(root: etree._Element, schema_name: str, what: str, max_depth: int) 
         where = f"line {err.line}" if err is not None else "?"
         elem = _element_in_error(err.message if err is not None else "")
         raise error("SCHEMA_INVALID", f"{what} does not match its schema at {where}"
-                                      + (f" (element {elem})" if elem else ""))
+                                      + (f" (element {elem[:64]})" if elem else ""))
 
 
 _ELEMENT_IN_MESSAGE = re.compile(r"Element '(?:\{[^}]*\})?([A-Za-z0-9_:]+)'")

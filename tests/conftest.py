@@ -25,9 +25,15 @@ from keysvc.store import Store  # noqa: E402
 SHARED = Path(os.environ.get("KEYSVC_SHARED", ROOT.parent / "shared"))
 EXAMPLES = SHARED / "spec" / "examples"
 
-OFFICER_1 = Caller("security-officer-1", "security-officer")
-OFFICER_2 = Caller("security-officer-2", "security-officer")
-OFFICER_3 = Caller("security-officer-3", "security-officer")
+def _officer(name: str) -> Caller:
+    """An in-process officer: a key fingerprint of its own, enrolled by `make_app`."""
+    import hashlib
+    return Caller(name, "security-officer", hashlib.sha256(name.encode()).hexdigest())
+
+
+OFFICER_1 = _officer("security-officer-1")
+OFFICER_2 = _officer("security-officer-2")
+OFFICER_3 = _officer("security-officer-3")
 S1SP = Caller("s1sp", "s1sp")
 DCO = Caller("dco", "dco")
 
@@ -69,7 +75,21 @@ def make_app(settings_dir: Path, partitions, url: str) -> App:
     if not store.is_sqlite:
         _reset_postgres(store)
     store.migrate()
-    return App(settings, store, partitions, TrustStore(anchors=()))
+    app = App(settings, store, partitions, TrustStore(anchors=()))
+    _enroll_test_officers(app)
+    return app
+
+
+def _enroll_test_officers(app: App) -> None:
+    """The in-process officers are in the (shared) token's roster, as enrolled officers
+    are: an approval counts only for an enrolled key."""
+    from dataclasses import replace
+    from keysvc.identity.roster import Officer
+    wanted = [Officer(o.fingerprint, o.identity) for o in (OFFICER_1, OFFICER_2, OFFICER_3)]
+    if all(o in app.roster.current().officers for o in wanted):
+        return
+    app.roster.change(lambda st: replace(st, officers=tuple(
+        [o for o in st.officers if o not in wanted] + wanted)))
 
 
 @pytest.fixture()

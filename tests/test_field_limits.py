@@ -194,7 +194,14 @@ def _string_fields_at_their_limit():
     files = {"id": example.replace(b"MGEF-EA-00000101", b"Q" * 5000),
              "group": example.replace(b"<GroupID>EA</GroupID>",
                                       b"<GroupID>" + b"Q" * 5000 + b"</GroupID>"),
-             "broken": b"<MigrationFileID>" + b"Q" * 5000}
+             "broken": b"<MigrationFileID>" + b"Q" * 5000,
+             # a key name with both quote characters, and an element name of 300 characters
+             "key-name": example.replace(b"S1SP-TK-EA-0101", b"Q" * 120 + b"'\"" + b"Q" * 120)
+                                .replace(b"DCO-TK-EA-0101", b"Q" * 120 + b"'\"" + b"Q" * 120)
+                                .replace(b"MGEF-EA-00000101", b"MGEF-EA-QUOTES-1"),
+             "element": example.replace(b"<GroupID>EA</GroupID>",
+                                        b"<GroupID>EA</GroupID><" + b"Q" * 300 + b"/>")
+                               .replace(b"MGEF-EA-00000101", b"MGEF-EA-QUOTES-2")}
     for message in ("ProcessGroupInformationRequest", "ValidateMasterKeysRequest"):
         for name, data in files.items():
             out.append(pytest.param(getattr(pb, message)(file=data), id=f"{message}.{name}"))

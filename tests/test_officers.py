@@ -253,3 +253,134 @@ def test_officers_are_enrolled_with_the_cli_and_its_confirmation(srv, tmp_path):
                             env=server_env(), cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout
     assert fingerprint(_cert(tmp_path / "pki" / "cli.pem"))[:16] in listed
+
+
+# --------------------------------------------------------------------------- from review
+def _crl_der(ca_cert, ca_key, serials, *, issuer=None, extensions=()):
+    import datetime as dt
+    from cryptography.hazmat.primitives import serialization
+    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1)
+    b = (x509.CertificateRevocationListBuilder().issuer_name(issuer or ca_cert.subject)
+         .last_update(now).next_update(now + dt.timedelta(days=1)))
+    for e in extensions:
+        b = b.add_extension(e, False)
+    for s in serials:
+        b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(s)
+                                      .revocation_date(now).build())
+    return b.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def test_a_crl_naming_its_ca_in_another_string_encoding_still_revokes(srv, tmp_path):
+    """RFC 5280 names are equal across string types; revocations are kept under the CA's
+    key, not the bytes of its name."""
+    from cryptography.x509.name import _ASN1Type
+    caller, serial = _revoked_by_crl(srv, tmp_path, "enc")
+    ca_cert, ca_key = dev_ca(srv)
+    same_name = x509.Name([x509.NameAttribute(a.oid, a.value, _type=_ASN1Type.PrintableString)
+                           for a in ca_cert.subject])
+    assert same_name.public_bytes() != ca_cert.subject.public_bytes()
+    crls = srv.state_dir / "client-crls"
+    crls.mkdir(exist_ok=True)
+    (crls / "printable.crl").write_bytes(_crl_der(ca_cert, ca_key, [serial], issuer=same_name,
+                                                  extensions=[x509.CRLNumber(7)]))
+    assert _sighup_until(srv, lambda: _s1sp_call(caller) == "CERTIFICATE_REVOKED")
+    (crls / "printable.crl").unlink()
+    caller.channel.close()
+
+
+def test_a_malformed_crl_stops_no_other_crl_and_no_start(srv, tmp_path):
+    from cryptography.x509.oid import ExtensionOID
+    caller, serial = _revoked_by_crl(srv, tmp_path, "bad-crl")
+    ca_cert, ca_key = dev_ca(srv)
+    crls = srv.state_dir / "client-crls"
+    crls.mkdir(exist_ok=True)
+    (crls / "a-bad.crl").write_bytes(_crl_der(ca_cert, ca_key, [], extensions=[
+        x509.UnrecognizedExtension(ExtensionOID.CRL_NUMBER, b"\x04\x00")]))
+    (crls / "b-good.crl").write_bytes(crl(srv, [serial], number=50))
+    assert _sighup_until(srv, lambda: _s1sp_call(caller) == "CERTIFICATE_REVOKED")
+    assert any("a-bad.crl" in e.target for e in _events(srv, "client_crl.refused"))
+    (crls / "a-bad.crl").unlink()
+    (crls / "b-good.crl").unlink()
+    caller.channel.close()
+
+
+def test_enrolling_a_certificate_with_a_malformed_extension_is_refused(srv):
+    import datetime as dt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtensionOID, NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.UnrecognizedExtension(
+                ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x04\x00"), False)
+            .sign(key, hashes.SHA256()))
+    assert _refused(lambda: _o(srv, 1).EnrollOfficer(pb.EnrollOfficerRequest(
+        certificate_pem=cert.public_bytes(serialization.Encoding.PEM).decode()))) == \
+        "CERTIFICATE_NOT_ACCEPTED"
+
+
+def test_an_officer_revoked_by_a_crl_no_longer_counts_towards_the_quorum(srv, tmp_path):
+    officer, _ = issue(srv, tmp_path, "p", cn=unique("security-officer-q"), enroll=True)
+    serial = _cert(tmp_path / "pki" / "p.pem").serial_number
+    key, c1 = os.urandom(32), os.urandom(32)
+    op = officer.admin.ImportTransportKey(pb.ImportTransportKeyRequest(
+        name=unique("S1SP-TK"), purpose=pb.S1SP_TRANSPORT, owner_id="SMSO-LG-01",
+        owner_type=pb.SMSO, expected_kcv=kcv(key), component=c1))
+    crls = srv.state_dir / "client-crls"
+    crls.mkdir(exist_ok=True)
+    (crls / "revoke-p.crl").write_bytes(crl(srv, [serial], number=60))
+    def refused() -> bool:
+        try:
+            officer.admin.ListKeys(pb.ListKeysRequest())
+            return False
+        except grpc.RpcError as exc:
+            return error_reason(exc) == "CERTIFICATE_REVOKED"
+    assert _sighup_until(srv, refused)
+    c2 = bytes(a ^ b for a, b in zip(key, c1))
+    after = _o(srv, 1).ApproveOperation(pb.ApproveOperationRequest(
+        operation_id=op.operation_id, component=c2, request_digest=op.request_digest))
+    assert after.state == pb.Operation.PENDING
+    (crls / "revoke-p.crl").unlink()
+    officer.channel.close()
+
+
+def test_a_forged_pending_row_cannot_block_denying_a_key(srv):
+    import datetime as dt
+    import sqlite3
+    fp = os.urandom(32).hex()
+    db = sqlite3.connect(srv.state_dir / "keysvc.db")
+    now = dt.datetime.now(dt.timezone.utc).isoformat(sep=" ")
+    db.execute("INSERT INTO operations (id, kind, target, state, requested_by, approvals, "
+               "payload, message, created_at, updated_at, partition, seal) VALUES "
+               "(?,?,?,?,?,?,?,?,?,?,?,?)",
+               ("op-forged" + os.urandom(4).hex(), "DENY_CERTIFICATE", fp, "PENDING",
+                "nobody", "[]", "{}", "", now, now, "admin", b"x"))
+    db.commit()
+    db.close()
+    assert _deny(srv, fp, "stolen").state == pb.Operation.APPROVED
+    assert any("op-forged" in e.target for e in _events(srv, "record.seal_invalid"))
+
+
+def test_a_reflection_stream_opened_before_a_denial_stops_at_its_next_request(srv, tmp_path):
+    import queue
+    from grpc_reflection.v1alpha import reflection_pb2
+    caller, _ = issue(srv, tmp_path, "refl", cn=unique("s1sp-refl"), roles=("s1sp",))
+    requests: queue.Queue = queue.Queue()
+    stream = caller.channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)(
+        iter(requests.get, None))
+    requests.put(reflection_pb2.ServerReflectionRequest(list_services=""))
+    assert next(stream).list_services_response.service
+    _deny(srv, fingerprint(_cert(tmp_path / "pki" / "refl.pem")), "stolen")
+    requests.put(reflection_pb2.ServerReflectionRequest(list_services=""))
+    with pytest.raises(grpc.RpcError) as info:
+        next(stream)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    requests.put(None)
+    caller.channel.close()

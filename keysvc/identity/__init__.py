@@ -45,11 +45,17 @@ def admit(app: App, caller: Caller) -> Caller:
     return caller
 
 
-def client_cas(app: App) -> list[x509.Certificate]:
-    return certificates.load_bundle(app.settings.tls_files[2].read_bytes())
+def client_cas(app: App) -> tuple[x509.Certificate, ...]:
+    """The client CA bundle TLS verifies callers with, read once per process (as TLS does)."""
+    cas = getattr(app, "_client_cas", None)
+    if cas is None:
+        cas = tuple(certificates.load_bundle(app.settings.tls_files[2].read_bytes()))
+        app._client_cas = cas  # type: ignore[attr-defined]
+    return cas
 
 
-def officer_from_pem(pem: bytes, cas: list[x509.Certificate], name: str = "") -> Officer:
+def officer_from_pem(pem: bytes, cas: tuple[x509.Certificate, ...], name: str = ""
+                     ) -> Officer:
     """An officer-to-be from its certificate: accepted shape, the officer role, issued by
     a client CA. The display name defaults to the CN."""
     try:
@@ -57,20 +63,27 @@ def officer_from_pem(pem: bytes, cas: list[x509.Certificate], name: str = "") ->
     except ValueError:
         raise error("INVALID_CERTIFICATE", "the officer's certificate is not a PEM "
                                            "X.509 certificate") from None
-    why = certificates.refusal(cert)
+    try:  # extensions and the key are parsed here, and may be malformed
+        why = certificates.refusal(cert)
+        role = certificates.role_of(cert)
+        key = certificates.fingerprint(cert)
+        issued = certificates.issuer_of(cert, cas) is not None
+    except Exception:
+        raise error("CERTIFICATE_NOT_ACCEPTED", "the certificate's extensions or key cannot "
+                                                "be read") from None
     if why:
         raise error("CERTIFICATE_NOT_ACCEPTED", why)
-    if certificates.role_of(cert) != OFFICER_ROLE:
+    if role != OFFICER_ROLE:
         raise error("CERTIFICATE_NOT_ACCEPTED", "the certificate's role is not "
                                                 "security-officer")
-    if not certificates.issued_by_one_of(cert, cas):
+    if not issued:
         raise error("CERTIFICATE_NOT_ACCEPTED", "the certificate is not issued by the "
                                                 "client CA keysvc trusts")
     name = name or certificates.caller_from_pem(pem).identity
     if not certificates.CN.fullmatch(name):
         raise error("INVALID_REQUEST", "an officer's display name is 1-64 ASCII letters, "
                     "digits, spaces and . ' _ -", field="display_name")
-    return Officer(certificates.fingerprint(cert), name)
+    return Officer(key, name)
 
 
 def initial_officer_files(app: App) -> list[Path]:

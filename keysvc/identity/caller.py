@@ -16,4 +16,4 @@ class Caller:
     fingerprint: str = ""
     refusal: str = ""
     serial: str = ""   # hex, for the issuer's CRL
-    issuer: str = ""   # SHA-256 of the issuer's DER name (identity.certificates.issuer_key)
+    issuer: str = ""   # the signing client CA's key fingerprint (its CRLs are kept under it)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from typing import Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -28,21 +29,21 @@ def fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(spki).hexdigest()
 
 
-def issuer_key(name: x509.Name) -> str:
-    """How a CRL and a certificate name the same issuer (SHA-256 of the DER name)."""
-    return hashlib.sha256(name.public_bytes()).hexdigest()
-
-
-def caller_from_pem(pem: bytes) -> Caller:
-    return _caller_of(pem)
+def caller_from_pem(pem: bytes, cas: tuple[x509.Certificate, ...] = ()) -> Caller:
+    """The caller a certificate names. `cas`: the client CA bundle; the CA that signed the
+    certificate is named by its key's fingerprint (`Caller.issuer`), which is how its CRLs
+    are kept (names can be encoded two ways and still be equal)."""
+    return _caller_of(pem, cas)
 
 
 @functools.lru_cache(maxsize=1024)
-def _caller_of(pem: bytes) -> Caller:
+def _caller_of(pem: bytes, cas: tuple[x509.Certificate, ...]) -> Caller:
     try:
         cert = x509.load_pem_x509_certificate(pem)
+        issuer = issuer_of(cert, cas)
         return Caller(_cn(cert), role_of(cert), fingerprint(cert), refusal(cert),
-                      serial=format(cert.serial_number, "x"), issuer=issuer_key(cert.issuer))
+                      serial=format(cert.serial_number, "x"),
+                      issuer=fingerprint(issuer) if issuer is not None else "")
     except Exception:  # a certificate TLS took but this parser cannot read: refused
         return Caller("", "", "", "the certificate cannot be parsed")
 
@@ -90,14 +91,16 @@ def refusal(cert: x509.Certificate) -> str:
     return ""
 
 
-def issued_by_one_of(cert: x509.Certificate, cas: list[x509.Certificate]) -> bool:
+def issuer_of(cert: x509.Certificate, cas: Iterable[x509.Certificate]
+              ) -> x509.Certificate | None:
+    """The CA of the bundle that signed `cert`, or None."""
     for ca in cas:
         try:
             cert.verify_directly_issued_by(ca)
-            return True
+            return ca
         except Exception:
             continue
-    return False
+    return None
 
 
 def load_bundle(pem: bytes) -> list[x509.Certificate]:

@@ -18,7 +18,7 @@ from typing import Callable
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID
 
-from keysvc.identity.certificates import issuer_key
+from keysvc.identity.certificates import fingerprint
 from keysvc.identity.roster import Roster
 
 log = logging.getLogger("keysvc.identity.crls")
@@ -47,7 +47,7 @@ def _number(crl: x509.CertificateRevocationList) -> int:
         return 0
 
 
-def load_dir(directory: Path, cas: list[x509.Certificate], roster: Roster,
+def load_dir(directory: Path, cas: tuple[x509.Certificate, ...], roster: Roster,
              report: Callable[[str, str], None]) -> CrlLoad:
     """Read every CRL in `directory`; `report(action, detail)` for each refused file and
     for revocations learned (the caller audits them)."""
@@ -58,7 +58,7 @@ def load_dir(directory: Path, cas: list[x509.Certificate], roster: Roster,
     for path in sorted(directory.iterdir()):
         if not path.is_file():
             continue
-        try:
+        try:  # everything about one file, so that one bad file stops no other
             if path.stat().st_size > MAX_CRL_BYTES:
                 raise ValueError("too large")
             crl = _parse(path.read_bytes())
@@ -66,16 +66,20 @@ def load_dir(directory: Path, cas: list[x509.Certificate], roster: Roster,
                        and crl.is_signature_valid(c.public_key())), None)
             if ca is None:
                 raise ValueError("not signed by a client CA")
+            revoked = {format(r.serial_number, "x") for r in crl}
+            crl_number = _number(crl)
         except Exception as exc:
             refused += 1
             log.error("client CRL %s refused: %s", path.name, str(exc)[:120])
             report("client_crl.refused", f"{path.name[:64]}: {str(exc)[:120]}")
             continue
         read += 1
-        key = issuer_key(crl.issuer)
+        # Kept under the key of the CA that signed it: what a caller's certificate names
+        # as its issuer (Caller.issuer), however either encodes the CA's name.
+        key = fingerprint(ca)
         number, serials = found.setdefault(key, (0, set()))
-        serials.update(format(r.serial_number, "x") for r in crl)
-        found[key] = (max(number, _number(crl)), serials)
+        serials.update(revoked)
+        found[key] = (max(number, crl_number), serials)
     if not found:
         return CrlLoad(read, refused)
     state = roster.current()

@@ -18,12 +18,13 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Any, Callable
 
 from hsm import Token
 from hsm import keys as hk
 from keysvc.errors import KeysvcError, error
 from keysvc.records.operations import officer_name
+from keysvc.store import serialise as st_serialise
 
 log = logging.getLogger("keysvc.identity.roster")
 
@@ -85,9 +86,28 @@ class RosterState:
                    {k: (int(n), frozenset(s)) for k, (n, s) in d.get("crl", {}).items()})
 
 
+def merge(states: list[RosterState]) -> RosterState:
+    """Two versions of one generation (writers raced): the one that admits least. Denials
+    and CRL revocations of either count; an officer only if both have them."""
+    if len(states) == 1:
+        return states[0]
+    first = states[0]
+    officers = tuple(o for o in first.officers if all(o in st.officers for st in states))
+    denied: dict[str, Denied] = {}
+    crl: dict[str, tuple[int, frozenset[str]]] = {}
+    for st in states:
+        for d in st.denied:
+            denied.setdefault(d.fingerprint, d)
+        for k, (n, serials) in st.crl.items():
+            old_n, old = crl.get(k, (0, frozenset()))
+            crl[k] = (max(n, old_n), old | serials)
+    return RosterState(first.generation, officers, tuple(denied.values()), crl)
+
+
 class Roster:
-    def __init__(self, token: Token, refresh_seconds: float = 1.0) -> None:
+    def __init__(self, token: Token, refresh_seconds: float = 1.0, store: Any = None) -> None:
         self.token = token
+        self.store = store
         self.refresh_seconds = refresh_seconds
         self._lock = threading.Lock()
         self._cached: RosterState | None = None
@@ -116,7 +136,9 @@ class Roster:
         with self.token.session() as s:
             values = hk.data_values(s, LABEL)
         states = [RosterState.decode(v) for v in values]
-        return max(states, key=lambda st: st.generation, default=RosterState())
+        top = max((st.generation for st in states), default=0)
+        return merge([st for st in states if st.generation == top]) if states \
+            else RosterState()
 
     def seed(self, officers: list[Officer]) -> bool:
         """The first officers, written only if the token has no roster yet (so files on
@@ -135,8 +157,19 @@ class Roster:
                 time.sleep(0.05 * (attempt + 1) * random.random())
         raise error("ROSTER_BUSY", "the first officers could not be written")
 
-    def change(self, how: Callable[[RosterState], RosterState]) -> RosterState:
-        """Write `how(newest)` as the next generation; older versions go afterwards."""
+    def change(self, how: Callable[[RosterState], RosterState], conn: Any = None
+               ) -> RosterState:
+        """Write `how(newest)` as the next generation; older versions go afterwards.
+
+        Writers queue on a database lock (`conn`'s transaction, or one of their own), so
+        replicas take turns; that lock is only for order: if a database writer breaks it,
+        two versions of one generation are merged the safe way (`merge`), and a writer that
+        finds a rival withdraws and fails (ROSTER_BUSY)."""
+        if conn is None and self.store is not None:
+            with self.store.tx() as own:
+                return self.change(how, own)
+        if conn is not None:
+            st_serialise(conn, "keysvc-roster")
         with self._lock:
             old = self._read()
             new = replace(how(old), generation=old.generation + 1)

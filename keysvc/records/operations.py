@@ -20,6 +20,7 @@ from sqlalchemy import select, update
 
 from keysvc import store as st
 from keysvc.anchors import anchored as is_anchored
+from keysvc.errors import KeysvcError
 from keysvc.records.seal import canonical, decode, parse_utc
 
 if TYPE_CHECKING:
@@ -38,6 +39,9 @@ class Approval:
     # The officer's key: SHA-256 of the client certificate's public key (SPKI), so that one
     # key in two certificates (two CNs) is one officer. "" where no certificate was seen.
     key: str = ""
+    # The certificate itself: "<issuing CA's key fingerprint>:<serial hex>", so that an
+    # approval stops counting once a CRL revokes that certificate. "" before issue 13.
+    cert: str = ""
 
     @property
     def who(self) -> set[str]:
@@ -53,8 +57,12 @@ def officer_name(identity: str) -> str:
     return "".join(identity.split()).casefold()
 
 
-def approval_statement(op_id: str, officer: str, key: str, digest: str) -> bytes:
-    """What an approval's MAC covers: this officer (and key) approves this request."""
+def approval_statement(op_id: str, officer: str, key: str, digest: str, cert: str = ""
+                       ) -> bytes:
+    """What an approval's MAC covers: this officer (key and certificate) approves this
+    request."""
+    if cert:
+        return canonical("approval", op_id, officer, key, digest, cert)
     return canonical("approval", op_id, officer, key, digest)
 
 
@@ -113,7 +121,9 @@ def request_digest(kind: str, target: str, partition: str, request: dict) -> str
 
 def _approvals_json(approvals: tuple[Approval, ...]) -> str:
     return st.dumps([{"officer": a.officer, "digest": a.digest, "key": a.key,
-                      "mac": base64.b64encode(a.mac).decode()} for a in approvals])
+                      "mac": base64.b64encode(a.mac).decode(), **({"cert": a.cert} if a.cert
+                                                                  else {})}
+                     for a in approvals])
 
 
 def _aware(t: dt.datetime) -> dt.datetime:
@@ -126,14 +136,15 @@ def from_canonical(data: bytes) -> OperationRecord:
     if len(f) != 12 or f[0] != "operation":
         raise ValueError("not an operation record")
     approvals = tuple(Approval(a["officer"], a["digest"], base64.b64decode(a["mac"]),
-                               a.get("key", "")) for a in json.loads(f[7]))
+                               a.get("key", ""), a.get("cert", "")) for a in json.loads(f[7]))
     return OperationRecord(f[1], f[2], f[3], f[4], f[5], f[6], approvals, json.loads(f[8]),
                            f[9], parse_utc(f[10]), parse_utc(f[11]))
 
 
 def _record(r: Any) -> OperationRecord:
     approvals = tuple(Approval(a["officer"], a["digest"], base64.b64decode(a["mac"]),
-                               a.get("key", "")) for a in json.loads(r.approvals))
+                               a.get("key", ""), a.get("cert", ""))
+                      for a in json.loads(r.approvals))
     return OperationRecord(r.id, r.partition, r.kind, r.target, r.state, r.requested_by,
                            approvals, json.loads(r.payload), r.message,
                            _aware(r.created_at), _aware(r.updated_at))
@@ -143,19 +154,22 @@ class Operations:
     def __init__(self, records: "Records") -> None:
         self.r = records
 
-    def approval(self, op: OperationRecord, officer: str, key: str = "") -> Approval:
-        """A sealed statement: `officer` (with this certificate key) approves the request
-        with this digest."""
+    def approval(self, op: OperationRecord, officer: str, key: str = "", cert: str = ""
+                 ) -> Approval:
+        """A sealed statement: `officer` (with this certificate and key) approves the
+        request with this digest."""
         digest = op.digest
-        mac = self.r.sealers[op.partition].seal(approval_statement(op.id, officer, key, digest))
-        return Approval(officer, digest, mac, key)
+        mac = self.r.sealers[op.partition].seal(approval_statement(op.id, officer, key, digest,
+                                                                   cert))
+        return Approval(officer, digest, mac, key, cert)
 
     def _approvals_ok(self, op: OperationRecord) -> bool:
         digest = op.digest
         if not op.approvals or op.approvals[0].officer != op.requested_by:
             return False
         made = self.r.sealers[op.partition].seal_many(
-            approval_statement(op.id, a.officer, a.key, a.digest) for a in op.approvals)
+            approval_statement(op.id, a.officer, a.key, a.digest, a.cert)
+            for a in op.approvals)
         seen: set[str] = set()
         distinct = True
         for a in op.approvals:
@@ -224,11 +238,20 @@ class Operations:
         return out
 
     def pending_for(self, conn: Any, target: str, kinds: list[str]) -> str | None:
-        """The id of a pending operation on `target` (a forged one only denies the name)."""
-        row = conn.execute(select(st.operations.c.id).where(
+        """The id of a verified pending operation on `target`. A row that fails its seal or
+        anchor (a database writer's, to block a request) is reported and does not count."""
+        rows = conn.execute(select(st.operations.c.id).where(
             st.operations.c.target == target, st.operations.c.state == "PENDING",
-            st.operations.c.kind.in_(kinds))).first()
-        return row.id if row else None
+            st.operations.c.kind.in_(kinds))).all()
+        for row in rows:
+            try:
+                op = self.get(conn, row.id)
+            except KeysvcError:
+                continue  # refused and audited by `get`
+            if op is not None and op.state == "PENDING" and op.target == target \
+                    and op.kind in kinds:
+                return op.id
+        return None
 
     # ------------------------------------------------------------------ writes
     def insert(self, conn: Any, anchor: Any, op: OperationRecord) -> None:
