@@ -113,28 +113,48 @@ def put_data(s: Session, label: str, value: bytes) -> None:
         raise _fail(exc) from None
 
 
+# Another process using the same token (a replica, a tool) may destroy a data object
+# between this search finding it and its value being read or it being destroyed here: that
+# object is gone, exactly as if the search had run a moment later, and is skipped.
+_GONE = (px.ObjectHandleInvalid,)
+
+
+def _values(objects: Any, attribute: Attribute = Attribute.VALUE) -> Any:
+    for o in objects:
+        try:
+            yield o, (bytes(o[A.VALUE]) if attribute == A.VALUE else o[attribute])
+        except _GONE:
+            continue
+
+
 def data_values(s: Session, label: str) -> list[bytes]:
     """The values of the data objects with this label, found afresh (never cached)."""
-    return [bytes(o[A.VALUE]) for o in s.raw.get_objects({A.CLASS: ObjectClass.DATA,
-                                                           A.LABEL: label})]
+    return [v for _, v in _values(s.raw.get_objects({A.CLASS: ObjectClass.DATA,
+                                                       A.LABEL: label}))]
 
 
 def data_by_label(s: Session, prefix: str) -> dict[str, list[bytes]]:
     """Every data object whose label starts with `prefix`: label -> values, one search."""
     out: dict[str, list[bytes]] = {}
-    for o in s.raw.get_objects({A.CLASS: ObjectClass.DATA}):
-        label = o[A.LABEL]
+    for o, label in _values(s.raw.get_objects({A.CLASS: ObjectClass.DATA}), A.LABEL):
         if label.startswith(prefix):
-            out.setdefault(label, []).append(bytes(o[A.VALUE]))
+            try:
+                out.setdefault(label, []).append(bytes(o[A.VALUE]))
+            except _GONE:
+                continue
     return out
 
 
 def destroy_data(s: Session, label: str, doomed: Callable[[bytes], bool] = lambda v: True
                  ) -> None:
     """Destroy the data objects with this label whose value is `doomed`."""
-    for o in list(s.raw.get_objects({A.CLASS: ObjectClass.DATA, A.LABEL: label})):
-        if doomed(bytes(o[A.VALUE])):
-            o.destroy()
+    for o, value in _values(list(s.raw.get_objects({A.CLASS: ObjectClass.DATA,
+                                                     A.LABEL: label}))):
+        if doomed(value):
+            try:
+                o.destroy()
+            except _GONE:
+                continue
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ server, the tests and the benchmarks.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from keysvc.audit import AuditLog
 from keysvc.certpool import CertificateChecker
@@ -17,6 +19,7 @@ from keysvc.partitions import Partitions
 from keysvc.identity.caller import Caller  # noqa: F401 (domain code imports it from here)
 from keysvc.identity.roster import Roster
 from keysvc.records import Records
+from keysvc import store as st
 from keysvc.store import Store
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,24 @@ class App:
                     "timeout": s.audit_timeout_seconds} if s.audit_syslog else None)
         self.roster = Roster(self.partitions.admin, self.settings.roster_refresh_seconds,
                              self.store)
+        self.records.audited = self._audited_effect
+
+    @contextmanager
+    def _audited_effect(self, action: str, target: str) -> Iterator[None]:
+        """keysvc's own effect (a start-up roll-forward): its event is written in its
+        transaction, and chained once it has committed (or, if the audit trail fails then,
+        by the next sweep of intents)."""
+        call = self.audit.call("keysvc", "", action, lambda: target)
+        hook = st.before_commit.set(call.before_commit)
+        try:
+            yield
+        finally:
+            st.before_commit.reset(hook)
+        try:
+            self.audit.finish(call, "OK", "OK")
+        except Exception as exc:
+            log.error("the event of %s waits for the next sweep: %s", action,
+                      type(exc).__name__)
 
     def _record_tampered(self, record: str, why: str) -> None:
         """A sealed record failed its check: the audit trail says which, and that it was
@@ -67,7 +88,8 @@ class App:
         return self._checker
 
     @classmethod
-    def open(cls, settings: Settings, clock: Clock = utc_now) -> "App":
+    def open(cls, settings: Settings, clock: Clock = utc_now, *, recover_audit: bool = True
+             ) -> "App":
         from keysvc.devstate import ensure_dev_state, point_softhsm_at
         if settings.dev:
             ensure_dev_state(settings)
@@ -88,7 +110,12 @@ class App:
         app.records.escrows.roll_forward()
         from keysvc import identity
         identity.seed_roster(app)
-        app.audit.recover_intents()
+        if recover_audit:
+            try:  # a chain that refuses (or a database that fails) never stops the start:
+                app.audit.recover_intents()  # the server starts NOT_SERVING and says why
+            except Exception as exc:
+                log.error("audit intents not recovered at start: %s",
+                          str(getattr(exc, "message", exc))[:300])
         app.load_client_crls()
         return app
 
@@ -98,12 +125,25 @@ class App:
         soon."""
         from keysvc import identity
         from keysvc.identity.crls import load_dir
+        unreported = getattr(self, "_crl_unreported", [])
+        self._crl_unreported: list[tuple[str, str]] = []
 
         def report(action: str, detail: str) -> None:
             refused = action.endswith("refused")
-            self.audit.append(actor="keysvc", role="", action=action, target=detail,
-                              outcome="ERROR" if refused else "OK",
-                              code="CERTIFICATE_NOT_ACCEPTED" if refused else "OK")
+            try:
+                self.audit.append(actor="keysvc", role="", action=action, target=detail,
+                                  outcome="ERROR" if refused else "OK",
+                                  code="CERTIFICATE_NOT_ACCEPTED" if refused else "OK")
+            except Exception:
+                # Revocations already remembered are not "new" next time: their event is
+                # kept here and written with the next read.
+                self._crl_unreported.append((action, detail))
+                raise
+        for action, detail in unreported:
+            try:
+                report(action, detail)
+            except Exception:
+                return False
         try:
             result = load_dir(self.settings.client_crls, identity.client_cas(self),
                               self.roster, report)

@@ -523,9 +523,10 @@ def cmd_audit_new_chain(args: argparse.Namespace) -> int:
     from keysvc import config
     from keysvc.app import App
     settings = config.load(args.config, state_dir=args.state_dir)
-    app = App.open(settings)
+    app = App.open(settings, recover_audit=False)  # intents wait for the new chain
     try:
         e = app.audit.new_chain(args.reason)
+        app.audit.recover_intents(older_than=0)
         console.print(shown(f"new chain from sequence {e.sequence}: {e.target}"))
     finally:
         app.close()

@@ -366,8 +366,38 @@ class _TokenEffects:
 
     made: list[tuple[Any, str, str]] = field(default_factory=list)  # token, label, key id
     to_destroy: list[tuple[Any, str]] = field(default_factory=list)
+    # A roster change written before the commit: (operation id, how to take it back).
+    roster: list[tuple[str, Any]] = field(default_factory=list)
 
     def undo(self, app: App) -> None:
+        self._undo_roster(app)
+        if self.made:
+            self._undo_keys(app)
+
+    def _undo_roster(self, app: App) -> None:
+        """The approval did not commit (its audit intent refused, say): the roster goes
+        back, unless the operation is recorded APPROVED after all. If the database cannot
+        say, it goes back too: an officer enrolled or a key allowed without a committed
+        approval is worse than an approval to repeat."""
+        for op_id, take_back in self.roster:
+            try:
+                with app.store.engine.connect() as conn:
+                    done = app.records.operations.get(conn, op_id)
+                if done is not None and done.state == "APPROVED":
+                    continue
+            except Exception:
+                pass
+            # Not as part of the failed call's effects: its intent may be what failed.
+            hook = st.before_commit.set(None)
+            try:
+                take_back()
+            except Exception as exc:
+                log.error("the roster change of %s could not be taken back: %s", op_id,
+                          type(exc).__name__)
+            finally:
+                st.before_commit.reset(hook)
+
+    def _undo_keys(self, app: App) -> None:
         """The approval failed; but a failure reported by COMMIT itself may hide a commit
         that happened. A key whose row exists (or cannot be looked for) is kept: an orphan
         object can be cleared by hand, a destroyed key that the database lists cannot."""
@@ -416,8 +446,7 @@ def approve(app: App, caller: Caller, operation_id: str, component: bytes = b"",
         result, refusal, message = _approve(app, caller, operation_id, component, effects,
                                             request_digest)
     except BaseException:
-        if effects.made:
-            effects.undo(app)
+        effects.undo(app)
         raise
     effects.after_commit()
     if refusal:  # the operation is recorded REJECTED; the caller is told why
@@ -484,7 +513,7 @@ def _execute(app: App, conn, anchor, op: OperationRecord, p: dict, effects: _Tok
     """Carry out an approved operation; returns (state, message, refusal code or "")."""
     now = app.clock()
     if op.kind in officers.KINDS:
-        return officers.execute(app, conn, op, p)
+        return officers.execute(app, conn, op, p, effects.roster)
     if op.kind in ("IMPORT_TRANSPORT_KEY", "GENERATE_RECIPIENT_KEY"):
         taken = _name_taken(app, conn, op, p["name"], p["purpose"])
         if taken:

@@ -147,11 +147,15 @@ class _Unchanged(Exception):
         self.result = (state, message, code)
 
 
-def execute(app: App, conn: Any, op: OperationRecord, p: dict) -> tuple[str, str, str]:
+def execute(app: App, conn: Any, op: OperationRecord, p: dict,
+            undo: list[tuple[str, Any]]) -> tuple[str, str, str]:
     """Carry out an approved roster change: (state, message, refusal code or ""). Every
     check runs again on the newest roster, inside the change, so two approvals on two
-    replicas cannot both pass a check that only one may (two removals below the quorum)."""
+    replicas cannot both pass a check that only one may (two removals below the quorum).
+    The change is written before the approval commits; `undo` gets what takes it back if
+    the commit does not happen."""
     fp = p["fingerprint"]
+    before: dict[str, Any] = {}
 
     def how(st: RosterState) -> RosterState:
         if op.kind == "ENROLL_OFFICER":
@@ -173,11 +177,27 @@ def execute(app: App, conn: Any, op: OperationRecord, p: dict) -> tuple[str, str
             raise _Unchanged("APPROVED", "not denied")
         return replace(st, denied=tuple(d for d in st.denied if d.fingerprint != fp))
 
+    def remember(st: RosterState) -> RosterState:
+        before["officer"], before["denial"] = st.officer(fp), st.denial(fp)
+        return how(st)
+
     try:
-        app.roster.change(how, conn)
+        app.roster.change(remember, conn)
     except _Unchanged as done:
         return done.result
+    undo.append((op.id, lambda: app.roster.change(
+        lambda st: _restored(st, fp, before["officer"], before["denial"]))))
     return "APPROVED", "", ""
+
+
+def _restored(st: RosterState, fp: str, officer: Officer | None, denial: Denied | None
+              ) -> RosterState:
+    """The roster with `fp` as it was before a change that did not commit."""
+    officers = tuple(o for o in st.officers if o.fingerprint != fp) + \
+        ((officer,) if officer is not None else ())
+    denied = tuple(d for d in st.denied if d.fingerprint != fp) + \
+        ((denial,) if denial is not None else ())
+    return replace(st, officers=officers, denied=denied)
 
 
 def _refused_unless(check: Callable[[], None]) -> None:

@@ -305,11 +305,14 @@ class HealthWatch(threading.Thread):
     def run(self) -> None:
         while not self.stopped.wait(self.every):
             try:
-                if self.check():
-                    self.app.audit.recover_intents()
-                    self.reload_crls_if_due()
+                self.check()
             except Exception as exc:
                 log.error("health check failed", extra={"code": type(exc).__name__})
+            for duty in (self.app.audit.recover_intents, self.reload_crls_if_due):
+                try:  # each on its own: one failing stops no other
+                    duty()
+                except Exception as exc:
+                    log.error("periodic duty failed", extra={"code": type(exc).__name__})
 
 
 # --------------------------------------------------------------------------- server

@@ -120,9 +120,14 @@ def test_verifying_while_events_are_appended_raises_no_alarm(any_app, monkeypatc
     _events(any_app)
     real = ChainAnchor.read
 
+    import threading
+    appended = []
+
     def then_two_more(self):
         found = real(self)
-        _events(any_app, 2)  # committed and anchored while verify reads on
+        if threading.current_thread() is threading.main_thread() and not appended:
+            appended.append(True)
+            _events(any_app, 2)  # committed and anchored while verify reads on
         return found
     monkeypatch.setattr(ChainAnchor, "read", then_two_more)
     assert any_app.audit.verify().intact
@@ -220,3 +225,118 @@ def test_security_officers_may_read_the_audit_log_and_s1sp_may_not(server):
     with pytest.raises(grpc.RpcError) as info:
         server.as_("s1sp").audit.VerifyAuditLog(pb.VerifyAuditLogRequest())
     assert error_reason(info.value) == "ROLE_NOT_PERMITTED"
+
+
+# --------------------------------------------------------------------------- from review
+def _intent_row(app, event_text: str, mac: str = "00" * 32, intent_id: str | None = None):
+    import datetime as dt
+    import json
+    import uuid
+    from keysvc import store as st
+    intent_id = intent_id or str(uuid.uuid4())
+    with app.store.tx() as conn:
+        conn.execute(st.audit_intents.insert().values(
+            id=intent_id, created_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1),
+            event=json.dumps({"event": event_text, "mac": mac})))
+    return intent_id
+
+
+def test_an_intent_added_in_the_database_is_not_chained_as_a_call(any_app):
+    import datetime as dt
+    from keysvc.audit.chain import AuditEvent, event_json
+    forged = AuditEvent(id="forged-1", time=dt.datetime.now(dt.timezone.utc),
+                        actor="security-officer-2", role="security-officer",
+                        action="keysvc.v1.KeyAdministrationService/ApproveOperation",
+                        target="op-x", outcome="OK", code="OK")
+    _intent_row(any_app, event_json(forged), intent_id="forged-1")
+    _intent_row(any_app, "not json at all", intent_id="garbage-1")
+    assert any_app.audit.recover_intents() == 2
+    events, _ = any_app.audit.list(page_size=1000)
+    assert not any(e.action.endswith("ApproveOperation") for e in events)
+    assert sorted(e.target.split()[1] for e in events if e.action == "audit.intent_forged") \
+        == ["forged-1", "garbage-1"]
+    assert any_app.audit.verify().intact
+
+
+def test_a_sealed_intent_left_by_a_crash_is_chained_beside_a_bad_one(any_app):
+    import datetime as dt
+    import json
+    from keysvc.audit.chain import AuditEvent, event_json
+    real = AuditEvent(id="real-1", time=dt.datetime.now(dt.timezone.utc), actor="o", role="r",
+                      action="keysvc.v1.KeyAdministrationService/CreateImportJob",
+                      target="job", outcome="OK", code="OK")
+    text = event_json(real)
+    _intent_row(any_app, text, any_app.audit.intent_mac(text), intent_id="real-1")
+    bad = json.loads(text) | {"id": "bad-1", "actor": 5}
+    _intent_row(any_app, json.dumps(bad), intent_id="bad-1")
+    any_app.audit.recover_intents()
+    events, _ = any_app.audit.list(page_size=1000)
+    assert [e.id for e in events if e.action.endswith("CreateImportJob")] == ["real-1"]
+    assert any(e.action == "audit.intent_forged" for e in events)
+
+
+def test_a_replica_reads_the_anchor_afresh_and_refuses_a_tail_another_replica_lost(any_app):
+    """Replica B's events are deleted and the head set back to replica A's last event: A's
+    next append finds the anchor B left, and refuses to chain over the gap."""
+    import pytest
+    from keysvc.errors import KeysvcError
+    other = _reopened(any_app)
+    a = _events(any_app, 2)
+    _events(other, 5)
+    _cut_the_end(any_app, a, keep=a[-1].sequence)
+    with pytest.raises(KeysvcError) as info:
+        _events(any_app, 1)
+    assert info.value.code == "AUDIT_UNAVAILABLE" and "HSM anchor" in info.value.message
+
+
+def test_a_malformed_event_row_is_named_by_verify_not_an_internal_error(any_app):
+    events = _events(any_app)
+    if not any_app.store.is_sqlite:
+        import pytest
+        pytest.skip("PostgreSQL refuses a value of another type itself")
+    with any_app.store.engine.begin() as conn:
+        conn.execute(text("UPDATE audit_events SET time = 'not a date' WHERE id = :i"),
+                     {"i": events[2].id})
+    v = any_app.audit.verify()
+    assert not v.intact and v.first_bad_event_id == events[2].id
+    listed, _ = any_app.audit.list(page_size=1000)
+    assert len(listed) == 5
+
+
+def test_the_audit_file_keeps_its_count_and_says_where_it_begins(any_app, tmp_path):
+    """Rotation keeps `keep` files and marks what it let go; a file removed by hand is
+    found (the files then begin at a sequence nothing explains)."""
+    from keysvc.audit.sinks import JsonlSink, files_of
+    any_app.audit._sinks = [JsonlSink(tmp_path / "a.jsonl", max_bytes=2000, keep=3)]
+    _events(any_app, 40)
+    assert len(files_of(tmp_path / "a.jsonl")) == 3
+    assert any_app.audit.verify(sink=tmp_path / "a.jsonl").intact
+    files_of(tmp_path / "a.jsonl")[0].unlink()
+    v = any_app.audit.verify(sink=tmp_path / "a.jsonl")
+    assert not v.intact and "begin at sequence" in v.detail
+
+
+def test_a_line_in_the_audit_file_claiming_a_later_sequence_silences_nothing(any_app, tmp_path):
+    from keysvc.audit.sinks import JsonlSink, read_lines
+    path = tmp_path / "b.jsonl"
+    _events(any_app, 1)
+    path.write_text('[]\n{"seq": 1000000000}\n')
+    any_app.audit._sinks = [JsonlSink(path)]
+    new = _events(any_app, 2)
+    assert {x.get("id") for x in read_lines(path)} >= {e.id for e in new}
+
+
+def test_a_sink_that_fails_after_the_commit_does_not_wedge_the_writer(any_app, monkeypatch):
+    import pytest
+    from keysvc.audit.sinks import JsonlSink, SinkError
+    from keysvc.errors import KeysvcError
+    _events(any_app, 1)
+    sink = any_app.audit.sinks()[0]
+    real = JsonlSink.write
+    monkeypatch.setattr(JsonlSink, "write", lambda self, lines: (_ for _ in ()).throw(
+        SinkError("disk full")))
+    with pytest.raises(KeysvcError):
+        _events(any_app, 1)
+    monkeypatch.setattr(JsonlSink, "write", real)
+    _events(any_app, 2)  # works again at once; the missed event is filled in from the chain
+    assert any_app.audit.healthy() and any_app.audit.verify(sink=sink.path).intact

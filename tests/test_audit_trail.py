@@ -89,6 +89,12 @@ def _ops_and_events(server) -> tuple[set[str], dict[str, list]]:
             "SELECT target, outcome FROM audit_events WHERE action = "
             "'keysvc.v1.KeyAdministrationService/ImportTransportKey'"):
         events.setdefault(target, []).append(outcome)
+    # A request whose anchor reached the token just before a kill, and whose row start-up
+    # rolled forward: that roll-forward is the effect, with its own event.
+    for (target,) in db.execute("SELECT target FROM audit_events WHERE action = "
+                                "'record.rolled_forward' AND target LIKE 'operations/%'"):
+        name = target.split("IMPORT_TRANSPORT_KEY ", 1)[-1].split(" ", 1)[0]
+        events.setdefault(name, []).append("OK")
     intents = db.execute("SELECT count(*) FROM audit_intents").fetchone()[0]
     db.close()
     return ops, events | {"__intents__": [intents]}
@@ -192,6 +198,31 @@ def test_a_trigger_dropping_chained_events_fails_the_call_closed_and_verify_name
     assert _until(lambda: _verify(srv).intact)
 
 
+def test_an_officer_enrolment_whose_approval_rolls_back_is_taken_back(srv, tmp_path):
+    from tests.support.clientcerts import issue
+    name = unique("security-officer-m")
+    mallory, _ = issue(srv, tmp_path, "m", cn=name)
+    op = srv.as_("security-officer-1").admin.EnrollOfficer(pb.EnrollOfficerRequest(
+        certificate_pem=(tmp_path / "pki" / "m.pem").read_text()))
+    approve = pb.ApproveOperationRequest(operation_id=op.operation_id,
+                                         request_digest=op.request_digest)
+    db = _with_trigger(srv, "CREATE TRIGGER hide_intent2 BEFORE INSERT ON audit_intents "
+                            "BEGIN SELECT RAISE(IGNORE); END")
+    try:
+        assert _reason(lambda: srv.as_("security-officer-2").admin.ApproveOperation(
+            approve)) == "AUDIT_UNAVAILABLE"
+    finally:
+        db.execute("DROP TRIGGER hide_intent2")
+        db.close()
+    time.sleep(1.5)  # longer than a roster read is cached
+    assert _reason(lambda: mallory.admin.ListKeys(pb.ListKeysRequest())) == \
+        "OFFICER_NOT_ENROLLED"
+    assert srv.as_("security-officer-2").admin.ApproveOperation(approve).state == \
+        pb.Operation.APPROVED
+    mallory.admin.ListKeys(pb.ListKeysRequest())
+    mallory.channel.close()
+
+
 def test_a_trigger_holding_the_head_back_fails_calls_closed(srv):
     db = _with_trigger(srv, "CREATE TRIGGER hold_head BEFORE UPDATE ON audit_head "
                             "BEGIN SELECT RAISE(IGNORE); END")
@@ -222,6 +253,10 @@ def test_an_erased_log_is_refused_and_found_after_a_restart(tmp_path):
         with pytest.raises(grpc.RpcError) as info:
             _verify(server)
         assert "HSM anchor says 3" in info.value.details()
+        # A change attempted meanwhile commits with its intent, and waits for the new chain.
+        assert _reason(lambda: server.as_("security-officer-1").admin.CreateImportJob(
+            pb.CreateImportJobRequest(name="while refused"))) == "AUDIT_UNAVAILABLE"
+        time.sleep(4.5)  # older than twice the audit timeout: a sweep's to chain
     finally:
         server.stop()
     out = _cli("audit-new-chain", "--state-dir", str(tmp_path / "erased"), "--reason",
@@ -233,6 +268,8 @@ def test_an_erased_log_is_refused_and_found_after_a_restart(tmp_path):
         events = server.as_("auditor").audit.ListAuditEvents(pb.ListAuditEventsRequest(
             action="audit.new_chain")).events
         assert events and "restored from backup" in events[0].target
+        assert server.as_("auditor").audit.ListAuditEvents(pb.ListAuditEventsRequest(
+            action="keysvc.v1.KeyAdministrationService/CreateImportJob")).events
     finally:
         server.stop()
 
@@ -351,7 +388,8 @@ def test_syslog_over_tls_receives_every_event_before_the_call_returns(tmp_path):
                                       "KEYSVC_AUDIT_SYSLOG_CA": str(state / "pki" / "ca.pem")})
     try:
         server.as_("security-officer-1").admin.ListKeys(pb.ListKeysRequest())
-        got = [json.loads(m.split(" audit - ", 1)[1]) for m in listener.messages]
+        got = [x for x in (json.loads(m.split(" audit - ", 1)[1]) for m in listener.messages)
+               if "seq" in x]  # not the "sink started at" marker
         assert got and got[-1]["action"] == "keysvc.v1.KeyAdministrationService/ListKeys"
         assert all(m.startswith("<110>1 ") for m in listener.messages)
         assert all(x["seq"] and x["mac"] for x in got)

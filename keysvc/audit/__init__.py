@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import json
 import logging
 import uuid
 from pathlib import Path
@@ -86,7 +87,14 @@ class AuditLog:
         return self.writer.submit([event])[0]
 
     def call(self, actor: str, role: str, action: str, target: Callable[[], str]) -> CallAudit:
-        return CallAudit(actor, role, action, lambda: self.clock(), target)
+        return CallAudit(actor, role, action, lambda: self.clock(), target, self.intent_mac)
+
+    def intent_mac(self, event_text: str) -> str:
+        """An intent is MACed in the HSM as it is written: a row a database writer adds or
+        edits is not chained as if a call had made it."""
+        with self.partitions.admin.session() as s:
+            return hk.hmac_sha256(hk.find_key(s, AUDIT_MAC_KEY),
+                                  b"audit-intent\x1f" + event_text.encode()).hex()
 
     def finish(self, call: CallAudit, outcome: str, code: str) -> None:
         """The call's events: its committed intents and, if it failed or changed nothing,
@@ -97,28 +105,54 @@ class AuditLog:
     def recover_intents(self, older_than: float | None = None) -> int:
         """Chain the intents a crash left (their effects committed, their events not yet
         chained). At start and periodically. An intent younger than twice the audit timeout
-        may still be on its way through a live writer (here or on another replica)."""
+        may still be on its way through a live writer (here or on another replica).
+
+        Each row is checked on its own: one whose MAC fails (added or edited in the
+        database) is not chained as a call's event; an `audit.intent_forged` event takes
+        its place. One already chained (a writer raced this sweep) is only deleted."""
         if older_than is None:
             older_than = 2 * self.writer.timeout
         cutoff = self.clock() - dt.timedelta(seconds=older_than)
         with self.store.engine.connect() as conn:
-            rows = conn.execute(select(st.audit_intents).where(
-                st.audit_intents.c.created_at <= cutoff)
-                .order_by(st.audit_intents.c.created_at)).all()
-        if not rows:
-            return 0
-        events = []
-        for r in rows:
-            try:
-                e = event_from_json(r.event)
-            except Exception:
-                e = AuditEvent(id=r.id, time=self.clock(), actor="keysvc", role="",
-                               action="audit.intent_unreadable", target=r.id,
-                               outcome="ERROR", code="RECORD_SEAL_INVALID")
-            events.append(e)
-        self.writer.submit(events, intents=True)
-        log.warning("chained %d audit events left by a crash", len(events))
+            ids = [r.id for r in conn.execute(select(st.audit_intents.c.id).where(
+                st.audit_intents.c.created_at <= cutoff)).all()]
+            if not ids:
+                return 0
+            chained = {r.id for r in conn.execute(select(st.audit_events.c.id).where(
+                st.audit_events.c.id.in_(ids))).all()}
+            rows = []
+            for intent_id in ids:
+                try:
+                    rows.append((intent_id, conn.execute(select(st.audit_intents.c.event).where(
+                        st.audit_intents.c.id == intent_id)).scalar()))
+                except Exception:
+                    rows.append((intent_id, None))
+        if chained:
+            with self.store.tx() as conn:
+                conn.execute(st.audit_intents.delete().where(
+                    st.audit_intents.c.id.in_(list(chained))))
+        events = [self._recovered(intent_id, text) for intent_id, text in rows
+                  if intent_id not in chained]
+        if events:
+            self.writer.submit(events, intents=True, alone=True)
+            log.warning("chained %d audit events left by a crash", len(events))
         return len(events)
+
+    def _recovered(self, intent_id: str, text: str | None) -> AuditEvent:
+        try:
+            wrapper = json.loads(text or "")
+            e = event_from_json(wrapper["event"])
+            if e.id != intent_id or not hmac.compare_digest(
+                    self.intent_mac(wrapper["event"]), str(wrapper["mac"])):
+                raise ValueError("not sealed")
+            return e
+        except Exception:
+            log.error("audit intent %s fails its MAC or is malformed", intent_id[:64])
+            return AuditEvent(id=intent_id[:64], time=self.clock(), actor="keysvc", role="",
+                              action="audit.intent_forged",
+                              target=f"intent {intent_id[:64]} in the database fails its MAC "
+                                     "or is malformed; not chained as a call's event",
+                              outcome="ERROR", code="RECORD_SEAL_INVALID")
 
     def new_chain(self, reason: str) -> AuditEvent:
         """Break glass (`keysvc audit new-chain`, run with the admin PIN): the database chain
@@ -129,7 +163,6 @@ class AuditLog:
             head = conn.execute(select(st.audit_head)).first()
         seq, digest = (head.seq, head.hash) if head is not None else (0, GENESIS)
         self.anchor().reset(Anchor(seq, digest))
-        self.writer.known_anchor, self.writer._anchor_read = Anchor(seq, digest), True
         lost = (f"the HSM anchor named sequence {anchor.seq} ({anchor.hash[:16]}...)"
                 if anchor else "no HSM anchor")
         return self.append(actor="keysvc", role="", action="audit.new_chain",
@@ -149,11 +182,29 @@ class AuditLog:
         if action:
             q = q.where(st.audit_events.c.action == action)
         q = q.order_by(st.audit_events.c.seq).limit(page_size + 1)
-        with self.store.engine.connect() as conn:
-            rows = conn.execute(q).all()
+        rows = self._rows(q)
         more = len(rows) > page_size
         rows = rows[:page_size]
-        return [row_event(r) for r in rows], (rows[-1].seq if more and rows else 0)
+        return [_shown(r) for r in rows], (rows[-1].seq if more and rows else 0)
+
+    def _rows(self, q) -> list:
+        """The rows of `q`; a row whose values the database cannot even hand over as their
+        types (a date that is not one) comes back as its sequence and id only."""
+        with self.store.engine.connect() as conn:
+            try:
+                return conn.execute(q).all()
+            except (ValueError, TypeError, OverflowError, UnicodeDecodeError):
+                pass
+            keys = conn.execute(q.with_only_columns(st.audit_events.c.seq,
+                                                    st.audit_events.c.id)).all()
+            out = []
+            for k in keys:
+                try:
+                    out.append(conn.execute(select(st.audit_events).where(
+                        st.audit_events.c.seq == k.seq)).one())
+                except (ValueError, TypeError, OverflowError, UnicodeDecodeError):
+                    out.append(k)
+            return out
 
     def export(self, since: int, limit: int = 1000) -> list[Chained]:
         """Chained events after sequence `since` (a SIEM's resumable cursor)."""
@@ -173,10 +224,10 @@ class AuditLog:
         anchor = self.anchor().read()
         with self.store.engine.connect() as conn:
             head = conn.execute(select(st.audit_head)).first()
-            q = select(st.audit_events).order_by(st.audit_events.c.seq)
-            if head is not None:
-                q = q.where(st.audit_events.c.seq <= head.seq)
-            rows = conn.execute(q).all()
+        q = select(st.audit_events).order_by(st.audit_events.c.seq)
+        if head is not None:
+            q = q.where(st.audit_events.c.seq <= head.seq)
+        rows = self._rows(q)
         legacy = self.anchor().legacy_checkpoints(rows[0].id if rows else "")
         checked, prev, expected_seq = 0, GENESIS, 1
         hashes: dict[int, tuple[str, str]] = {}
@@ -185,11 +236,14 @@ class AuditLog:
             for n, r in enumerate(rows, 1):
                 if n % 1024 == 0:
                     self.partitions.admin.breathe()  # a long log must not stall appends
-                e = row_event(r)
-                digest = hashlib.sha256(canonical(r.seq, e, r.prev_hash)).hexdigest()
-                good = (r.seq == expected_seq and r.prev_hash == prev and digest == r.hash
-                        and hmac.compare_digest(
-                            hk.hmac_sha256(mac_key, bytes.fromhex(digest)).hex(), r.mac))
+                try:
+                    e = row_event(r)
+                    digest = hashlib.sha256(canonical(r.seq, e, r.prev_hash)).hexdigest()
+                    good = (r.seq == expected_seq and r.prev_hash == prev and digest == r.hash
+                            and hmac.compare_digest(
+                                hk.hmac_sha256(mac_key, bytes.fromhex(digest)).hex(), r.mac))
+                except Exception:  # a malformed row: named, never an internal error
+                    good = False
                 if r.seq in legacy and legacy[r.seq] != {r.hash}:
                     good = False
                 if anchor is not None and r.seq == anchor.seq and r.hash != anchor.hash:
@@ -218,6 +272,17 @@ class AuditLog:
             if diff:
                 return Verification(False, checked, "", f"audit file {path.name}: {diff}")
         return Verification(True, checked)
+
+
+def _shown(r) -> AuditEvent:
+    """A row as an event; a malformed one as what it is."""
+    try:
+        return row_event(r)
+    except Exception:
+        return AuditEvent(id=str(r.id), time=dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc),
+                          actor="", role="", action="audit.malformed_row",
+                          target=f"event {r.seq} in the database is malformed", outcome="ERROR",
+                          code="RECORD_SEAL_INVALID", sequence=int(r.seq))
 
 
 __all__ = ["AuditLog", "AuditEvent", "Verification", "CallAudit", "Chained", "line"]

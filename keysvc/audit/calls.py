@@ -9,6 +9,7 @@ writer, and the call returns only when they are chained and in every sink.
 """
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,6 +30,7 @@ class CallAudit:
     action: str
     clock: Clock
     target: Callable[[], str]
+    seal: Callable[[str], str]     # the intent's MAC, in the HSM (AuditLog.intent_mac)
     committed: list[AuditEvent] = field(default_factory=list)
 
     def event(self, outcome: str, code: str) -> AuditEvent:
@@ -39,8 +41,10 @@ class CallAudit:
     def before_commit(self, conn: Connection) -> Callable[[], None]:
         """Write this call's event into `conn`'s transaction (store.before_commit)."""
         e = self.event("OK", "OK")
-        conn.execute(st.audit_intents.insert().values(id=e.id, created_at=e.time,
-                                                      event=event_json(e)))
+        text = event_json(e)
+        conn.execute(st.audit_intents.insert().values(
+            id=e.id, created_at=e.time,
+            event=json.dumps({"event": text, "mac": self.seal(text)})))
         if conn.execute(select(st.audit_intents.c.id).where(
                 st.audit_intents.c.id == e.id)).first() is None:
             raise error("AUDIT_UNAVAILABLE", "the database did not keep the call's audit "

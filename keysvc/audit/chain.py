@@ -60,10 +60,18 @@ def event_json(e: AuditEvent) -> str:
     return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 
+_TEXT_FIELDS = ("id", "actor", "role", "action", "target", "outcome", "code")
+
+
 def event_from_json(text: str) -> AuditEvent:
+    """An intent's event; ValueError for anything that is not exactly one."""
     d = json.loads(text)
+    if not isinstance(d, dict) or set(d) != {*_TEXT_FIELDS, "time", "sequence"} \
+            or not all(isinstance(d[k], str) for k in (*_TEXT_FIELDS, "time")):
+        raise ValueError("not an audit event")
     d["time"] = dt.datetime.strptime(d["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
         tzinfo=dt.timezone.utc)
+    d["sequence"] = 0
     return AuditEvent(**d)
 
 

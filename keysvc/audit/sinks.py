@@ -58,11 +58,29 @@ class JsonlSink:
             self.cursor = max(seqs)
 
     def _rotate(self) -> None:
-        for i in range(self.keep - 1, 0, -1):
+        """`keep` files in all: the current one and keep-1 rotated ones. The oldest goes,
+        and the new file says up to which sequence lines were let go, so that a check of
+        the files tells rotation from deletion."""
+        oldest = self.path.with_name(f"{self.path.name}.{self.keep - 1}")
+        dropped = last_sequence_of(oldest) if oldest.exists() else None
+        if oldest.exists():
+            oldest.unlink()
+        for i in range(self.keep - 2, 0, -1):
             older = self.path.with_name(f"{self.path.name}.{i}")
             if older.exists():
                 older.rename(self.path.with_name(f"{self.path.name}.{i + 1}"))
-        self.path.rename(self.path.with_name(f"{self.path.name}.1"))
+        if self.keep > 1:
+            self.path.rename(self.path.with_name(f"{self.path.name}.1"))
+        else:
+            self.path.unlink()
+            dropped = self.cursor
+        if dropped is not None:
+            marker = json.dumps({"rotated_away_through": dropped}) + "\n"
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, marker.encode())
+            finally:
+                os.close(fd)
         dir_fd = os.open(self.path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -77,32 +95,49 @@ def files_of(path: Path) -> list[Path]:
     return rotated + ([path] if path.exists() else [])
 
 
+def _parsed(raw: bytes) -> dict | None:
+    """One line as a dict, or None (a torn last line after a crash, or anything that is not
+    a JSON object: the files are the host's, and may hold anything)."""
+    try:
+        x = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(x, dict):
+        return None
+    seq = x.get("seq")
+    if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 1):
+        return None
+    return x
+
+
 def read_lines(path: Path) -> Iterator[dict]:
-    """Every line of a sink and its rotated files, oldest first. A torn last line (a crash
-    mid-write) is skipped."""
+    """Every line of a sink and its rotated files, oldest first."""
     for f in files_of(path):
         with open(f, "rb") as fh:
             for raw in fh:
-                try:
-                    yield json.loads(raw)
-                except ValueError:
-                    continue
+                x = _parsed(raw)
+                if x is not None:
+                    yield x
+
+
+def last_sequence_of(f: Path) -> int | None:
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        fh.seek(max(0, size - 256 * 1024))
+        tail = fh.read().splitlines()
+    for raw in reversed(tail):
+        x = _parsed(raw)
+        if x is not None and x.get("seq"):
+            return int(x["seq"])
+    return None
 
 
 def last_sequence(path: Path) -> int | None:
     """The highest sequence the sink holds, or None for a new sink."""
     for f in reversed(files_of(path)):
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            fh.seek(max(0, size - 256 * 1024))
-            tail = fh.read().splitlines()
-        for raw in reversed(tail):
-            try:
-                seq = json.loads(raw).get("seq")
-            except ValueError:
-                continue
-            if seq:
-                return int(seq)
+        seq = last_sequence_of(f)
+        if seq is not None:
+            return seq
     return None
 
 
@@ -162,7 +197,12 @@ def first_difference(chain: Iterable[dict], sink: Iterable[dict], upto: int | No
     sequence when it was read (lines after it were written since, and are not compared)."""
     by_seq: dict[int, dict] = {}
     unchained = []
+    explained = {1}   # where the files may begin: the chain's start, a sink's start, a rotation
     for x in sink:
+        if isinstance(x.get("sink_started_at"), int):
+            explained.add(x["sink_started_at"])
+        if isinstance(x.get("rotated_away_through"), int):
+            explained.add(x["rotated_away_through"] + 1)
         if x.get("seq") and upto is not None and int(x["seq"]) > upto:
             continue
         if x.get("seq"):
@@ -172,6 +212,9 @@ def first_difference(chain: Iterable[dict], sink: Iterable[dict], upto: int | No
     if not by_seq and not unchained:
         return ""
     start = min(by_seq) if by_seq else None
+    if start is not None and start not in explained:
+        return (f"the audit files begin at sequence {start}, and nothing says why: older "
+                "lines were removed")
     seen = set()
     last = 0
     for e in chain:

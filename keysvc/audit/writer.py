@@ -5,10 +5,16 @@ for the whole batch: one database transaction (chain, head, intents deleted, rea
 HSM session for the MACs, one anchor in the token, one write (fsync) per sink; then it wakes
 the callers. A call waits at most `timeout` seconds, then fails closed (AUDIT_UNAVAILABLE);
 the writer itself never holds a call longer than that, whatever the database or a sink does.
+
+What the database says is checked before it is built on: the chain's head must not be
+behind the HSM anchor nor differ from it at the anchor's sequence (read afresh for every
+batch: another replica may have moved it), and rows copied into a sink to fill a gap must
+carry their hash, link and MAC.
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import queue
 import threading
@@ -21,7 +27,7 @@ from sqlalchemy import select, update
 from hsm import keys as hk
 from keysvc import store as st
 from keysvc.audit.anchor import Anchor, ChainAnchor
-from keysvc.audit.chain import GENESIS, AuditEvent, Chained, canonical, line, row_chained
+from keysvc.audit.chain import (GENESIS, AuditEvent, Chained, canonical, line, row_chained)
 from keysvc.audit.sinks import SinkError
 from keysvc.errors import error
 from keysvc.observability import AUDIT_FAILURES, AUDIT_LAG, AUDIT_SINK_LAG
@@ -33,16 +39,24 @@ MAX_BATCH = 512
 # Events that could not be chained (the database or the HSM failed) are tried again with
 # the next batch, so that the chain catches up with the sink; at most this many are kept.
 MAX_RETRY = 10_000
+NOT_RETRIED = ("audit.probe",)   # the health probe says "works again" only when it does
 
 
 class ChainRefused(Exception):
-    """The database chain is behind the HSM anchor: cut, erased or suppressed."""
+    """The database chain is behind or unlike the HSM anchor, or does not keep what is
+    written: cut, erased, suppressed or forged."""
+
+
+class AfterCommit(Exception):
+    """The batch is chained in the database, but its anchor or a sink failed: the callers
+    fail closed, and the events are not chained again (the sinks catch up from the chain)."""
 
 
 @dataclass
 class Pending:
     events: list[AuditEvent]
     intents: bool = False          # the events are intents already committed with an effect
+    alone: bool = False            # a recovery batch: never mixed with live calls' events
     done: threading.Event = field(default_factory=threading.Event)
     chained: list[AuditEvent] = field(default_factory=list)
     failure: str = ""
@@ -58,18 +72,18 @@ class AuditWriter:
         self._queue: queue.Queue[Pending] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self.known_anchor: Anchor | None = None
-        self._anchor_read = False
         self.failing_since: float | None = None
         self.busy_since: float | None = None   # when the batch being written was taken
         self._retry: list[AuditEvent] = []
+        self._unchained_written: set[str] = set()
 
     # ------------------------------------------------------------------ callers' side
-    def submit(self, events: list[AuditEvent], *, intents: bool = False) -> list[AuditEvent]:
+    def submit(self, events: list[AuditEvent], *, intents: bool = False,
+               alone: bool = False) -> list[AuditEvent]:
         """Chain `events`; returns them with their sequences, or raises AUDIT_UNAVAILABLE."""
         if st.in_write_tx():
             raise RuntimeError("an audit event is waited for inside a write transaction")
-        p = Pending(list(events), intents)
+        p = Pending(list(events), intents, alone)
         self._start()
         self._queue.put(p)
         AUDIT_LAG.set(self._queue.qsize())
@@ -100,39 +114,46 @@ class AuditWriter:
     # ------------------------------------------------------------------ writer's side
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            while len(batch) < MAX_BATCH:
+            taken = [self._queue.get()]
+            while len(taken) < MAX_BATCH:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    taken.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
             AUDIT_LAG.set(self._queue.qsize())
             # A call that gave up before its (read-only) event was taken is not chained:
             # it returned nothing. An intent is chained whatever: its effect committed.
-            live = [p for p in batch if p.intents or not p.cancelled]
+            live = [p for p in taken if not p.alone and (p.intents or not p.cancelled)]
             if self._retry:
                 live.insert(0, Pending(self._retry))
                 self._retry = []
-            self.busy_since = time.monotonic()
-            try:
-                self._write(live)
-                self.failing_since = None
-            except Exception as exc:  # every caller of the batch fails closed, told why
-                why = str(exc) if isinstance(exc, (ChainRefused, SinkError)) else \
-                    f"the audit trail cannot be written ({type(exc).__name__})"
-                log.error("audit batch of %d events failed: %s", sum(len(p.events) for p in live),
-                          why[:200])
-                AUDIT_FAILURES.labels(type(exc).__name__).inc()
-                if self.failing_since is None:
-                    self.failing_since = time.monotonic()
-                for p in live:
-                    p.failure = why
-                if not isinstance(exc, SinkError):  # a sink failure is caught up from the chain
-                    self._retry = [e for p in live if not p.intents
-                                   for e in p.events][-MAX_RETRY:]
-            self.busy_since = None
-            for p in batch:
+            for batch in [live] + [[p] for p in taken if p.alone]:
+                if batch:
+                    self._batch(batch)
+            for p in taken:
                 p.done.set()
+
+    def _batch(self, batch: list[Pending]) -> None:
+        self.busy_since = time.monotonic()
+        try:
+            self._write(batch)
+            self.failing_since = None
+        except Exception as exc:  # every caller of the batch fails closed, told why
+            cause = exc.__cause__ if isinstance(exc, AfterCommit) and exc.__cause__ else exc
+            why = str(cause) if isinstance(cause, (ChainRefused, SinkError)) else \
+                f"the audit trail cannot be written ({type(cause).__name__})"
+            log.error("audit batch of %d events failed: %s",
+                      sum(len(p.events) for p in batch), why[:200])
+            AUDIT_FAILURES.labels(type(cause).__name__).inc()
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
+            for p in batch:
+                p.failure = why
+            if not isinstance(exc, AfterCommit):  # chained already: the sinks catch up
+                self._retry = [e for p in batch if not p.intents for e in p.events
+                               if e.action not in NOT_RETRIED][-MAX_RETRY:]
+        finally:
+            self.busy_since = None
 
     def _write(self, batch: list[Pending]) -> None:
         events = [e for p in batch for e in p.events]
@@ -146,19 +167,15 @@ class AuditWriter:
         by_id = {c.event.id: c.event for c in chained}
         for p in batch:
             p.chained = [by_id[e.id] for e in p.events]
-        last = chained[-1]
-        self._anchor().advance(Anchor(last.event.sequence, last.hash))
-        self.known_anchor = Anchor(last.event.sequence, last.hash)
-        self._deliver(chained)
-
-    def _anchor_now(self) -> Anchor | None:
-        if not self._anchor_read:
-            self.known_anchor = self._anchor().read()
-            self._anchor_read = True
-        return self.known_anchor
+        try:
+            last = chained[-1]
+            self._anchor().advance(Anchor(last.event.sequence, last.hash))
+            self._deliver(chained)
+        except Exception as exc:
+            raise AfterCommit(str(exc)) from exc
 
     def _commit(self, events: list[AuditEvent], intent_ids: list[str]) -> list[Chained]:
-        known = self._anchor_now()
+        known = self._anchor().read()  # afresh: another replica may have moved it
         with self.store.tx() as conn:
             head = conn.execute(select(st.audit_head).where(st.audit_head.c.id == 1)
                                 .with_for_update()).first()
@@ -167,7 +184,13 @@ class AuditWriter:
                 raise ChainRefused(
                     f"the audit chain in the database ends at sequence {seq} but the HSM "
                     f"anchor says {known.seq}: events were cut, erased or suppressed. keysvc "
-                    "will not start a new chain silently (see `keysvc audit new-chain`)")
+                    "will not start a new chain silently (see `keysvc audit-new-chain`)")
+            if known is not None and known.seq:
+                at = conn.execute(select(st.audit_events.c.hash).where(
+                    st.audit_events.c.seq == known.seq)).scalar()
+                if at != known.hash:
+                    raise ChainRefused(f"the audit chain in the database differs from the HSM "
+                                       f"anchor at sequence {known.seq}: events were replaced")
             if head is None:
                 conn.execute(st.audit_head.insert().values(id=1, seq=0, hash=GENESIS))
             out: list[Chained] = []
@@ -190,6 +213,10 @@ class AuditWriter:
             if intent_ids:
                 conn.execute(st.audit_intents.delete().where(
                     st.audit_intents.c.id.in_(intent_ids)))
+                if conn.execute(select(st.audit_intents.c.id).where(
+                        st.audit_intents.c.id.in_(intent_ids))).first() is not None:
+                    raise ChainRefused("the database did not delete chained audit intents "
+                                       "(a trigger or rule keeps them)")
             # Read back: a trigger that drops inserts or holds the head back is found here,
             # before anyone is told the events are kept.
             back = conn.execute(select(st.audit_events.c.seq, st.audit_events.c.hash).where(
@@ -204,28 +231,65 @@ class AuditWriter:
     def _deliver(self, chained: list[Chained]) -> None:
         first, last = chained[0].event.sequence, chained[-1].event.sequence
         for sink in self._sinks():
+            if sink.cursor is not None and sink.cursor > last:
+                # The sink claims events the chain does not have yet (a forged line): it is
+                # written to all the same, and VerifyAuditLog names the line.
+                log.error("audit sink %s claims sequence %d beyond the chain's %d",
+                          sink.name, sink.cursor, last)
+                sink.cursor = first - 1
             behind = last - sink.cursor if sink.cursor is not None else len(chained)
             AUDIT_SINK_LAG.labels(sink.name).set(behind)
             missing: list[dict] = []
             if sink.cursor is not None and sink.cursor < first - 1:
-                missing = [line(c) for c in self.read_chain(sink.cursor + 1, first - 1)]
+                gap = self.read_chain(sink.cursor + 1, first - 1)
+                self._check_gap(gap, sink.cursor + 1, chained[0].prev_hash)
+                missing = [line(c) for c in gap]
             todo = missing + [line(c) for c in chained
                               if sink.cursor is None or c.event.sequence > sink.cursor]
+            if sink.cursor is None:
+                todo.insert(0, {"sink_started_at": first})
             if todo:
                 sink.write(todo)
             AUDIT_SINK_LAG.labels(sink.name).set(0)
 
+    def _check_gap(self, gap: list[Chained], start: int, next_prev: str) -> None:
+        """Rows copied from the database into a sink must be the chain: consecutive, each
+        hash its own, linked to the next, MACed by the HSM."""
+        with self.token.session() as s:
+            key = hk.find_key(s, AUDIT_MAC_KEY)
+            for i, c in enumerate(gap):
+                digest = hashlib.sha256(canonical(c.event.sequence, c.event, c.prev_hash)
+                                        ).hexdigest()
+                follows = gap[i + 1].prev_hash if i + 1 < len(gap) else next_prev
+                if (c.event.sequence != start + i or digest != c.hash or follows != c.hash
+                        or not hmac.compare_digest(
+                            hk.hmac_sha256(key, bytes.fromhex(digest)).hex(), c.mac)):
+                    raise ChainRefused(f"audit event {c.event.sequence} in the database fails "
+                                       "its hash, link or MAC; it is not copied to the sinks")
+
     def _unchained(self, events: list[AuditEvent]) -> None:
+        """Events that could not be chained go to the sinks once each, marked so."""
+        fresh = [e for e in events if e.id not in self._unchained_written
+                 and e.action not in NOT_RETRIED]
+        if not fresh:
+            return
+        if len(self._unchained_written) > 100_000:
+            self._unchained_written.clear()
+        self._unchained_written.update(e.id for e in fresh)
         for sink in self._sinks():
             try:
-                sink.write([line(None, e) for e in events])
+                sink.write([line(None, e) for e in fresh])
             except Exception as exc:
                 log.error("audit sink %s: unchained events not written: %s", sink.name,
                           str(exc)[:200])
 
     def read_chain(self, first: int, last: int) -> list[Chained]:
-        with self.store.engine.connect() as conn:
-            rows = conn.execute(select(st.audit_events).where(
-                st.audit_events.c.seq >= first, st.audit_events.c.seq <= last)
-                .order_by(st.audit_events.c.seq)).all()
-        return [row_chained(r) for r in rows]
+        try:
+            with self.store.engine.connect() as conn:
+                rows = conn.execute(select(st.audit_events).where(
+                    st.audit_events.c.seq >= first, st.audit_events.c.seq <= last)
+                    .order_by(st.audit_events.c.seq)).all()
+            return [row_chained(r) for r in rows]
+        except Exception:
+            raise ChainRefused(f"an audit event between {first} and {last} in the database "
+                               "is malformed") from None

@@ -13,6 +13,7 @@ A record that fails is refused with RECORD_SEAL_INVALID and an audit event
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import Any, Callable
 
 from sqlalchemy import select
@@ -46,6 +47,10 @@ class Records:
         self.store = store
         self.partitions = partitions
         self.on_tamper = on_tamper or (lambda record, why: None)
+        # `with records.audited(action, target):` around a transaction that is an effect of
+        # keysvc's own (a start-up roll-forward): its audit event commits with it. The App
+        # sets it; without one (tools, some tests) it is a no-op.
+        self.audited: Callable[[str, str], Any] = lambda action, target: nullcontext()
         self.sealers = {p: Sealer(partitions.tokens[p]) for p in SEALING_PARTITIONS}
         self._instance = ""
         self.keys = Keys(self)

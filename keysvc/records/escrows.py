@@ -247,12 +247,15 @@ class Escrows:
                 ok = False
             if not ok:
                 return 0
-            with self.r.store.tx() as conn:
-                conn.execute(update(st.escrows).where(st.escrows.c.id == eid).values(
-                    releases=moved["releases"], revoked=moved["revoked"], seal=a.seal))
-                if anchors.newest(eid) != [a]:  # a release elsewhere decided it meanwhile
-                    raise _Moved()
-            self.r.flag(f"escrows/{eid}", "rolled forward to the token's newest anchor")
+            with self.r.audited("record.rolled_forward", f"escrows/{eid}: releases "
+                                f"{moved['releases']}, revoked {moved['revoked']}, rolled "
+                                "forward to the token's newest anchor"):
+                with self.r.store.tx() as conn:
+                    conn.execute(update(st.escrows).where(st.escrows.c.id == eid).values(
+                        releases=moved["releases"], revoked=moved["revoked"], seal=a.seal))
+                    if anchors.newest(eid) != [a]:  # a release elsewhere decided it meanwhile
+                        raise _Moved()
+            log.warning("escrow %s rolled forward to the token's newest anchor", eid)
             n = 1
         if len(values) > 1:
             anchors.settle(eid, next(v for v in values if unpack(v) == a))

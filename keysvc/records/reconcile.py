@@ -112,12 +112,15 @@ def _operation(records: Records, partition: str, rid: str, values: list[bytes],
     op = operation_from(a.payload)
     if not records.operations.matches(op.id, a.payload, a.seal):
         try:
-            with records.store.tx() as conn:
-                records.operations.restore(conn, op, a.seal)  # waits for a writer of it
-                _still_newest(records, partition, rid, a)
+            with records.audited("record.rolled_forward", f"operations/{op.id}: {op.kind} "
+                                 f"{op.target} ({op.state}) by {op.requested_by}, rolled "
+                                 "forward to the token's newest anchor"):
+                with records.store.tx() as conn:
+                    records.operations.restore(conn, op, a.seal)  # waits for a writer of it
+                    _still_newest(records, partition, rid, a)
         except (_Moved, IntegrityError):
             return None  # decided elsewhere meanwhile: the next start looks again
-        records.flag(f"operations/{op.id}", "rolled forward to the token's newest anchor")
+        log.warning("operation %s rolled forward to the token's newest anchor", op.id)
         out.rolled_forward += 1
     _settle(records, partition, rid, values, a)
     return op
@@ -163,16 +166,20 @@ def _key(records: Records, partition: str, rid: str, values: list[bytes],
             continue
         if not records.keys.matches(rec.name, data, a.seal):
             try:
-                with records.store.tx() as conn:
-                    existing = records.keys.get_row_partition(conn, rec.name)
-                    if existing not in (None, rec.partition):
-                        raise records.refuse(conn, f"keys/{rec.name}", "the database holds "
-                                             "a key of this name in another partition")
-                    records.keys.restore(conn, rec, a.seal)  # waits for a writer of it
-                    _still_newest(records, partition, rid, a)
+                with records.audited("record.rolled_forward", f"keys/{rec.name}: "
+                                     f"{rec.state} ({op_id or 'no operation'}), rolled "
+                                     "forward to the token's newest anchor"):
+                    with records.store.tx() as conn:
+                        existing = records.keys.get_row_partition(conn, rec.name)
+                        if existing not in (None, rec.partition):
+                            raise records.refuse(conn, f"keys/{rec.name}", "the database "
+                                                 "holds a key of this name in another "
+                                                 "partition")
+                        records.keys.restore(conn, rec, a.seal)  # waits for a writer of it
+                        _still_newest(records, partition, rid, a)
             except (_Moved, IntegrityError):
                 return
-            records.flag(f"keys/{rec.name}", "rolled forward to the token's newest anchor")
+            log.warning("key %s rolled forward to the token's newest anchor", rec.name)
             out.rolled_forward += 1
         _settle(records, partition, rid, values, a)
         return
