@@ -491,8 +491,11 @@ def _exported(stubs: Any, since: int, until: int = 0) -> Iterable[dict]:
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
     """JSON lines for a SIEM, from a cursor: run again with --since the last `seq`."""
-    for x in _exported(_stubs(args), args.since):
-        sys.stdout.write(json.dumps(x, sort_keys=True, separators=(",", ":")) + "\n")
+    try:
+        for x in _exported(_stubs(args), args.since):
+            sys.stdout.write(json.dumps(x, sort_keys=True, separators=(",", ":")) + "\n")
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        sys.stderr.close()
     return 0
 
 

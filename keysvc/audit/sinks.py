@@ -33,7 +33,7 @@ class JsonlSink:
         self.path = path
         self.max_bytes = max_bytes
         self.keep = keep
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.cursor: int | None = last_sequence(path)
 
     def write(self, lines: list[dict]) -> None:
