@@ -80,8 +80,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from keysvc.app import App
     from keysvc.observability import configure_logging
     from keysvc.server import serve
-    settings = config.load(args.config, state_dir=args.state_dir, listen=args.listen)
+    from keysvc import hardening
+    hardening.keep_pins_out_of_environ()  # may re-execute this process without them
+    pins = hardening.pins_from_pipe()
+    settings = config.load(args.config, state_dir=args.state_dir, listen=args.listen, **pins)
     configure_logging(settings.log_level)
+    hardening.harden(settings.lock_memory)
     app = App.open(settings)
     return serve(app, settings.listen)
 

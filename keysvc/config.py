@@ -75,6 +75,8 @@ class Settings:
     # Worker processes that check DeviceCertificates while the HSM wraps keys (0: inline).
     certificate_workers: int = 1
     log_level: str = "INFO"
+    # mlockall at start, so that key buffers never reach swap (keysvc/hardening.py).
+    lock_memory: bool = True
 
     # ------------------------------------------------------------------ derived
     def path(self, *parts: str) -> Path:

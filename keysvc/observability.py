@@ -52,3 +52,4 @@ AUDIT_SINK_LAG = Gauge("keysvc_audit_sink_lag_events",
                        "events chained in the database and not yet in a sink", ["sink"])
 AUDIT_FAILURES = Counter("keysvc_audit_failures_total",
                          "audit batches or waits that failed (calls failed closed)", ["reason"])
+MEMORY_LOCKED = Gauge("keysvc_memory_locked", "1 when the process memory is locked (mlockall)")

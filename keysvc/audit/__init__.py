@@ -163,6 +163,7 @@ class AuditLog:
             head = conn.execute(select(st.audit_head)).first()
         seq, digest = (head.seq, head.hash) if head is not None else (0, GENESIS)
         self.anchor().reset(Anchor(seq, digest))
+        self.writer._known, self.writer._known_read = Anchor(seq, digest), True
         lost = (f"the HSM anchor named sequence {anchor.seq} ({anchor.hash[:16]}...)"
                 if anchor else "no HSM anchor")
         return self.append(actor="keysvc", role="", action="audit.new_chain",

@@ -76,6 +76,10 @@ class AuditWriter:
         self.busy_since: float | None = None   # when the batch being written was taken
         self._retry: list[AuditEvent] = []
         self._unchained_written: set[str] = set()
+        # The highest anchor seen in the token: read at the first batch, then learnt from
+        # each batch's own anchor write (which sees every anchor of the label).
+        self._known: Anchor | None = None
+        self._known_read = False
 
     # ------------------------------------------------------------------ callers' side
     def submit(self, events: list[AuditEvent], *, intents: bool = False,
@@ -169,13 +173,29 @@ class AuditWriter:
             p.chained = [by_id[e.id] for e in p.events]
         try:
             last = chained[-1]
-            self._anchor().advance(Anchor(last.event.sequence, last.hash))
+            highest = self._anchor().advance(Anchor(last.event.sequence, last.hash))
+            if highest.seq > last.event.sequence:
+                self._check_ahead(highest)  # another replica's, or a chain cut under us
+            self._known = highest
             self._deliver(chained)
         except Exception as exc:
             raise AfterCommit(str(exc)) from exc
 
+    def _check_ahead(self, anchor: Anchor) -> None:
+        """An anchor beyond this batch: legitimate only if the chain holds it (a replica
+        that committed after this one wrote its anchor first)."""
+        with self.store.engine.connect() as conn:
+            at = conn.execute(select(st.audit_events.c.hash).where(
+                st.audit_events.c.seq == anchor.seq)).scalar()
+        if at != anchor.hash:
+            self._known = anchor
+            raise ChainRefused(f"the HSM anchor says {anchor.seq}, which the audit chain in "
+                               "the database does not hold: events were cut or replaced")
+
     def _commit(self, events: list[AuditEvent], intent_ids: list[str]) -> list[Chained]:
-        known = self._anchor().read()  # afresh: another replica may have moved it
+        if not self._known_read:
+            self._known, self._known_read = self._anchor().read(), True
+        known = self._known
         with self.store.tx() as conn:
             head = conn.execute(select(st.audit_head).where(st.audit_head.c.id == 1)
                                 .with_for_update()).first()

@@ -1,0 +1,93 @@
+"""The server process keeps its secrets to itself (issue 16, a hardened process).
+
+At start, before any key, PIN or file is touched:
+- not dumpable (`prctl(PR_SET_DUMPABLE, 0)`): no core file, and /proc/PID/mem and ptrace
+  closed to other users' processes;
+- RLIMIT_CORE 0: no core file even if something makes the process dumpable again;
+- memory locked where the limit allows (`mlockall`), so that key buffers are never
+  written to swap; when it cannot be, a log line and the `keysvc_memory_locked` metric say
+  so (0);
+- umask 077: every file made later (the database and its WAL, audit files and their
+  rotations, token files) is 0600 and every directory 0700.
+
+PINs given in the environment (KEYSVC_<PARTITION>_PIN) would stay readable in
+/proc/PID/environ for the life of the process (the kernel keeps the original block, whatever
+os.environ says). `keep_pins_out_of_environ` moves them into a pipe and re-executes the
+server without them; the new process reads them from the pipe once.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import resource
+import sys
+from dataclasses import dataclass
+
+from keysvc.config import PARTITIONS
+
+log = logging.getLogger("keysvc.hardening")
+
+PR_SET_DUMPABLE = 4
+MCL_CURRENT, MCL_FUTURE = 1, 2
+PIN_FD = "KEYSVC_PIN_FD"
+
+
+@dataclass(frozen=True)
+class Hardened:
+    dumpable: bool
+    core_limit: int
+    memory_locked: bool
+
+
+def harden(lock_memory: bool = True) -> Hardened:
+    os.umask(0o077)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    dumpable = libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0
+    locked = False
+    if lock_memory:
+        locked = libc.mlockall(MCL_CURRENT | MCL_FUTURE) == 0
+        if not locked:
+            soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+            log.warning("memory could not be locked (%s; RLIMIT_MEMLOCK %s): key buffers may "
+                        "reach swap", os.strerror(ctypes.get_errno()),
+                        "unlimited" if soft == resource.RLIM_INFINITY else soft)
+    from keysvc.observability import MEMORY_LOCKED
+    MEMORY_LOCKED.set(1 if locked else 0)
+    h = Hardened(dumpable, resource.getrlimit(resource.RLIMIT_CORE)[0], locked)
+    log.info("process hardened: dumpable=%d core=%d memory_locked=%d", h.dumpable,
+             h.core_limit, h.memory_locked)
+    return h
+
+
+def keep_pins_out_of_environ() -> None:
+    """If PINs came in the environment, re-execute without them, handing them over in a
+    pipe. Returns only when the environment holds no PIN."""
+    names = [f"KEYSVC_{p.upper()}_PIN" for p in PARTITIONS]
+    pins = {n: os.environ[n] for n in names if os.environ.get(n)}
+    if not pins:
+        return
+    r, w = os.pipe()
+    data = json.dumps(pins).encode()
+    if len(data) > 60_000:
+        raise SystemExit("PINs too long")
+    os.write(w, data)  # fits in the pipe's buffer: nobody reads before the exec
+    os.close(w)
+    os.set_inheritable(r, True)
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    env[PIN_FD] = str(r)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "keysvc.cli", *sys.argv[1:]], env)
+
+
+def pins_from_pipe() -> dict[str, str]:
+    """The PINs the parent handed over (setting name -> PIN), read once; {} without."""
+    fd = os.environ.pop(PIN_FD, "")
+    if not fd:
+        return {}
+    with os.fdopen(int(fd), "rb") as f:
+        pins = json.loads(f.read() or b"{}")
+    return {k[len("KEYSVC_"):].lower(): v for k, v in pins.items()}
