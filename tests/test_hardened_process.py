@@ -56,3 +56,55 @@ def test_every_file_the_server_makes_is_private(hardened):
         assert mode & 0o077 == 0, f"{path.name} is {oct(mode)}"
     for d in (srv.state_dir / "audit",):
         assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+
+
+def _workers(pid: int) -> list[int]:
+    out = []
+    for child in os.listdir("/proc"):
+        if not child.isdigit():
+            continue
+        try:
+            stat_fields = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()
+            cmd = open(f"/proc/{child}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if int(stat_fields[1]) == pid and b"spawn_main" in cmd:
+            out.append(int(child))
+    return out
+
+
+def test_a_certificate_worker_killed_mid_file_is_replaced_and_the_file_still_processed(
+        tmp_path):
+    import signal
+    import threading
+    import time
+    from tests.support import encoder
+    factory = encoder.DeviceCertificateFactory()
+    (tmp_path / "ca.pem").write_bytes(factory.ca_pem)
+    srv = start_server(tmp_path / "worker", trust_anchors=[tmp_path / "ca.pem"])
+    try:
+        s1sp_kek, dco_kek = os.urandom(32), os.urandom(32)
+        srv.import_aes_key("W-S1SP", s1sp_kek, purpose="S1SP_TRANSPORT", owner_id="SMSO-W")
+
+        def file(n: int) -> bytes:
+            installs = encoder.random_installations(200, seed=n, cert_factory=factory)
+            return encoder.build_file(installs, file_id=f"MGEF-W-{n}", originator_id="SMSO-W",
+                                      s1sp_key_name="W-S1SP", s1sp_kek=s1sp_kek,
+                                      dco_key_name="W-S1SP", dco_kek=dco_kek)
+        s1sp = srv.as_("s1sp").s1sp
+        s1sp.ProcessGroupInformation(pb.ProcessGroupInformationRequest(file=file(1)))
+        (worker,) = _workers(srv.proc.pid)
+        result = {}
+
+        def send() -> None:
+            result["r"] = s1sp.ProcessGroupInformation(
+                pb.ProcessGroupInformationRequest(file=file(2)), timeout=60)
+        t = threading.Thread(target=send)
+        t.start()
+        time.sleep(0.05)
+        os.kill(worker, signal.SIGKILL)
+        t.join()
+        assert result["r"].accepted_count == 200
+        assert _workers(srv.proc.pid) and worker not in _workers(srv.proc.pid)
+    finally:
+        srv.stop()
