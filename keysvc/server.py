@@ -199,8 +199,9 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
             if audited:
                 caller = admit(self.app, caller)  # revoked? an officer enrolled? (each call)
                 call.actor = caller.identity
-            allowed = SERVICE_ROLES.get(service)
-            if allowed is not None and caller.role not in allowed:
+            # Deny by default: a service without a role entry is refused to every caller.
+            allowed = SERVICE_ROLES.get(service, frozenset())
+            if audited and caller.role not in allowed:
                 raise error("ROLE_NOT_PERMITTED",
                             f"role {caller.role[:64] or '(none)'} may not call {service}")
             current_caller.set(caller)

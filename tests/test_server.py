@@ -254,3 +254,12 @@ def test_every_rpc_has_the_request_and_response_message_names_api_md_gives():
             assert m.input_type.name == f"{m.name}Request", m.full_name
             assert m.output_type.name == NAMED_RESPONSES.get(m.name, f"{m.name}Response"), \
                 m.full_name
+
+
+def test_every_service_has_its_roles_and_one_without_is_refused_to_everyone():
+    """Deny by default: the interceptor refuses a service missing from SERVICE_ROLES."""
+    from keysvc.api.v1 import keysvc_pb2
+    from keysvc.server import SERVICE_ROLES
+    assert {s.full_name for s in keysvc_pb2.DESCRIPTOR.services_by_name.values()} == \
+        set(SERVICE_ROLES)
+    assert SERVICE_ROLES.get("keysvc.v1.NewService", frozenset()) == frozenset()
