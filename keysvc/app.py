@@ -110,6 +110,11 @@ class App:
         app.records.escrows.roll_forward()
         from keysvc import identity
         identity.seed_roster(app)
+        try:  # roster changes a crash left pending: counted if approved, else dropped
+            from keysvc.officers import settle_stale
+            settle_stale(app)
+        except Exception as exc:
+            log.error("pending roster changes not settled at start: %s", type(exc).__name__)
         if recover_audit:
             try:  # a chain that refuses (or a database that fails) never stops the start:
                 app.audit.recover_intents()  # the server starts NOT_SERVING and says why

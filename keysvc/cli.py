@@ -81,6 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from keysvc.observability import configure_logging
     from keysvc.server import serve
     from keysvc import hardening
+    hardening.harden_early()  # before any PIN is read
     hardening.keep_pins_out_of_environ()  # may re-execute this process without them
     pins = hardening.pins_from_pipe()
     settings = config.load(args.config, state_dir=args.state_dir, listen=args.listen, **pins)

@@ -95,6 +95,7 @@ _REASONS: dict[str, type[KeysvcError]] = {
     "ROSTER_BUSY": Aborted,
     "HSM_UNAVAILABLE": Unavailable,
     "AUDIT_UNAVAILABLE": Unavailable,
+    "DATABASE_UNAVAILABLE": Unavailable,
     "IMPORT_JOB_QUOTA": ResourceExhausted,
 }
 

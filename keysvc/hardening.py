@@ -30,7 +30,7 @@ from keysvc.config import PARTITIONS
 log = logging.getLogger("keysvc.hardening")
 
 PR_SET_DUMPABLE = 4
-MCL_CURRENT, MCL_FUTURE = 1, 2
+MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 PIN_FD = "KEYSVC_PIN_FD"
 
 
@@ -41,19 +41,31 @@ class Hardened:
     memory_locked: bool
 
 
-def harden(lock_memory: bool = True) -> Hardened:
+def harden_early() -> None:
+    """First thing, before a PIN is read: private files, no core, not dumpable."""
     os.umask(0o077)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def harden(lock_memory: bool = True) -> Hardened:
+    harden_early()
     libc = ctypes.CDLL(None, use_errno=True)
-    dumpable = libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0
+    dumpable = libc.prctl(3, 0, 0, 0, 0) != 0  # PR_GET_DUMPABLE
     locked = False
     if lock_memory:
-        locked = libc.mlockall(MCL_CURRENT | MCL_FUTURE) == 0
+        # Locked as pages are touched (MCL_ONFAULT), so memory merely reserved (thread
+        # stacks, arenas) costs nothing; and only without a finite limit, where a later
+        # allocation under load could otherwise fail instead of merely not being locked.
+        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        if soft == resource.RLIM_INFINITY or os.geteuid() == 0:
+            locked = libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) == 0
         if not locked:
-            soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-            log.warning("memory could not be locked (%s; RLIMIT_MEMLOCK %s): key buffers may "
-                        "reach swap", os.strerror(ctypes.get_errno()),
-                        "unlimited" if soft == resource.RLIM_INFINITY else soft)
+            log.warning("memory is not locked (RLIMIT_MEMLOCK %s%s): key buffers may reach "
+                        "swap; raise the limit (LimitMEMLOCK=infinity) or turn off swap",
+                        "unlimited" if soft == resource.RLIM_INFINITY else soft,
+                        "" if not ctypes.get_errno() else
+                        f", {os.strerror(ctypes.get_errno())}")
     from keysvc.observability import MEMORY_LOCKED
     MEMORY_LOCKED.set(1 if locked else 0)
     h = Hardened(dumpable, resource.getrlimit(resource.RLIMIT_CORE)[0], locked)

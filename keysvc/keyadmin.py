@@ -366,36 +366,28 @@ class _TokenEffects:
 
     made: list[tuple[Any, str, str]] = field(default_factory=list)  # token, label, key id
     to_destroy: list[tuple[Any, str]] = field(default_factory=list)
-    # A roster change written before the commit: (operation id, how to take it back).
-    roster: list[tuple[str, Any]] = field(default_factory=list)
+    # Roster changes written as pending, to count once the approval has committed.
+    roster: list[str] = field(default_factory=list)
 
     def undo(self, app: App) -> None:
-        self._undo_roster(app)
+        self._settle_roster(app)
         if self.made:
             self._undo_keys(app)
 
-    def _undo_roster(self, app: App) -> None:
-        """The approval did not commit (its audit intent refused, say): the roster goes
-        back, unless the operation is recorded APPROVED after all. If the database cannot
-        say, it goes back too: an officer enrolled or a key allowed without a committed
-        approval is worse than an approval to repeat."""
-        for op_id, take_back in self.roster:
-            try:
-                with app.store.engine.connect() as conn:
-                    done = app.records.operations.get(conn, op_id)
-                if done is not None and done.state == "APPROVED":
-                    continue
-            except Exception:
-                pass
-            # Not as part of the failed call's effects: its intent may be what failed.
-            hook = st.before_commit.set(None)
-            try:
-                take_back()
-            except Exception as exc:
-                log.error("the roster change of %s could not be taken back: %s", op_id,
-                          type(exc).__name__)
-            finally:
-                st.before_commit.reset(hook)
+    def _settle_roster(self, app: App) -> None:
+        """After the approval's transaction, whatever its outcome: a pending roster change
+        counts if the operation is recorded APPROVED, and is dropped otherwise. Not part of
+        the call's effects (its audit intent may be what failed); `settle` audits it."""
+        hook = st.before_commit.set(None)
+        try:
+            for op_id in self.roster:
+                try:
+                    officers.settle(app, op_id)
+                except Exception as exc:  # the periodic sweep settles it later
+                    log.error("the roster change of %s is not settled yet: %s", op_id,
+                              type(exc).__name__)
+        finally:
+            st.before_commit.reset(hook)
 
     def _undo_keys(self, app: App) -> None:
         """The approval failed; but a failure reported by COMMIT itself may hide a commit
@@ -414,8 +406,9 @@ class _TokenEffects:
             if label not in recorded:
                 _destroy_made(token, label, key_id, "made by an approval that did not commit")
 
-    def after_commit(self) -> None:
+    def after_commit(self, app: App) -> None:
         _destroy_labels(self.to_destroy, "destroyed by a committed approval")
+        self._settle_roster(app)
 
 
 def _destroy_labels(objects: list[tuple[Any, str]], why: str) -> None:
@@ -448,7 +441,7 @@ def approve(app: App, caller: Caller, operation_id: str, component: bytes = b"",
     except BaseException:
         effects.undo(app)
         raise
-    effects.after_commit()
+    effects.after_commit(app)
     if refusal:  # the operation is recorded REJECTED; the caller is told why
         raise error(refusal, message, operation_id=operation_id)
     return _operation(app, result)  # after the transaction: it reads (and may audit)

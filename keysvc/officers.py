@@ -19,7 +19,9 @@ Decisions:
 """
 from __future__ import annotations
 
+import logging
 import re
+import time
 import uuid
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable
@@ -28,11 +30,14 @@ from keysvc.errors import KeysvcError, error
 from keysvc.identity import client_cas, officer_from_pem
 from keysvc.identity.caller import Caller
 from keysvc.identity.roster import Denied, Officer, RosterState
-from keysvc.records.operations import Approval, OperationRecord
+from keysvc.identity.roster import Pending as RosterPending
+from keysvc.records.operations import Approval, OperationRecord, officer_name
 
 if TYPE_CHECKING:
     from keysvc.app import App
     from keysvc.keyadmin import Operation
+
+log = logging.getLogger("keysvc.officers")
 
 KINDS = ("ENROLL_OFFICER", "REMOVE_OFFICER", "DENY_CERTIFICATE", "ALLOW_CERTIFICATE")
 PARTITION = "admin"
@@ -76,6 +81,10 @@ def enroll_officer(app: App, caller: Caller, certificate_pem: str,
 
 
 def _check_enrollable(roster: RosterState, fp: str, name: str) -> None:
+    if any(x.kind == "ENROLL_OFFICER" and (x.fingerprint == fp or
+                                           officer_name(x.name) == officer_name(name))
+           for x in roster.pending):
+        raise error("OFFICER_EXISTS", "an enrolment of that key or name waits to commit")
     if roster.officer(fp) is not None:
         raise error("OFFICER_EXISTS", f"that key is enrolled as {roster.officer(fp).name}")
     if roster.officer_named(name) is not None:
@@ -148,14 +157,16 @@ class _Unchanged(Exception):
 
 
 def execute(app: App, conn: Any, op: OperationRecord, p: dict,
-            undo: list[tuple[str, Any]]) -> tuple[str, str, str]:
+            pending: list[str]) -> tuple[str, str, str]:
     """Carry out an approved roster change: (state, message, refusal code or ""). Every
     check runs again on the newest roster, inside the change, so two approvals on two
     replicas cannot both pass a check that only one may (two removals below the quorum).
-    The change is written before the approval commits; `undo` gets what takes it back if
-    the commit does not happen."""
+
+    A change that admits less (a removal, a denial) counts at once: if its approval then
+    fails to commit, it stays, and approving again changes nothing more. A change that
+    admits more (an enrolment, an allowance) is written as pending and counts only once its
+    approval has committed (`settle`, given `pending`); a rollback or a crash drops it."""
     fp = p["fingerprint"]
-    before: dict[str, Any] = {}
 
     def how(st: RosterState) -> RosterState:
         if op.kind == "ENROLL_OFFICER":
@@ -163,7 +174,8 @@ def execute(app: App, conn: Any, op: OperationRecord, p: dict,
             if mine is not None and mine.name == p["name"]:
                 raise _Unchanged("APPROVED", "already enrolled")
             _refused_unless(lambda: _check_enrollable(st, fp, p["name"]))
-            return replace(st, officers=(*st.officers, Officer(fp, p["name"])))
+            return replace(st, pending=(*st.pending, RosterPending(
+                op.id, op.kind, fp, p["name"], time.time())))
         if op.kind == "REMOVE_OFFICER":
             if st.officer(fp) is None:
                 raise _Unchanged("APPROVED", "already removed")
@@ -175,29 +187,68 @@ def execute(app: App, conn: Any, op: OperationRecord, p: dict,
             return replace(st, denied=(*st.denied, Denied(fp, p["reason"])))
         if st.denial(fp) is None:  # ALLOW_CERTIFICATE
             raise _Unchanged("APPROVED", "not denied")
-        return replace(st, denied=tuple(d for d in st.denied if d.fingerprint != fp))
-
-    def remember(st: RosterState) -> RosterState:
-        before["officer"], before["denial"] = st.officer(fp), st.denial(fp)
-        return how(st)
+        if st.pending_for(fp) is not None:
+            raise _Unchanged("REJECTED", "another change of that key waits to commit",
+                             "ROSTER_BUSY")
+        return replace(st, pending=(*st.pending, RosterPending(op.id, op.kind, fp, "",
+                                                               time.time())))
 
     try:
-        app.roster.change(remember, conn)
+        app.roster.change(how, conn)
     except _Unchanged as done:
         return done.result
-    undo.append((op.id, lambda: app.roster.change(
-        lambda st: _restored(st, fp, before["officer"], before["denial"]))))
+    if op.kind in ("ENROLL_OFFICER", "ALLOW_CERTIFICATE"):
+        pending.append(op.id)
     return "APPROVED", "", ""
 
 
-def _restored(st: RosterState, fp: str, officer: Officer | None, denial: Denied | None
-              ) -> RosterState:
-    """The roster with `fp` as it was before a change that did not commit."""
-    officers = tuple(o for o in st.officers if o.fingerprint != fp) + \
-        ((officer,) if officer is not None else ())
-    denied = tuple(d for d in st.denied if d.fingerprint != fp) + \
-        ((denial,) if denial is not None else ())
-    return replace(st, officers=officers, denied=denied)
+def settle(app: App, op_id: str) -> str:
+    """A pending roster change counts if its operation is (verifiably) APPROVED, and is
+    dropped otherwise. Decided inside the roster change, under its lock. Returns what was
+    done ("confirmed", "dropped" or "")."""
+    done = {"what": ""}
+
+    def how(st: RosterState) -> RosterState:
+        mine = next((x for x in st.pending if x.op_id == op_id), None)
+        if mine is None:
+            raise _Unchanged("", "")
+        rest = tuple(x for x in st.pending if x.op_id != op_id)
+        try:
+            with app.store.engine.connect() as c:
+                op = app.records.operations.get(c, op_id)
+        except KeysvcError:
+            op = None
+        if op is None or op.state != "APPROVED":
+            done["what"] = "dropped"
+            return replace(st, pending=rest)
+        done["what"] = "confirmed"
+        if mine.kind == "ENROLL_OFFICER":
+            if st.officer(mine.fingerprint) is not None or st.officer_named(mine.name):
+                return replace(st, pending=rest)
+            return replace(st, pending=rest,
+                           officers=(*st.officers, Officer(mine.fingerprint, mine.name)))
+        return replace(st, pending=rest, denied=tuple(
+            d for d in st.denied if d.fingerprint != mine.fingerprint))
+
+    try:
+        app.roster.change(how)
+    except _Unchanged:
+        return ""
+    try:
+        app.audit.append(actor="keysvc", role="", action=f"roster.change_{done['what']}",
+                         target=op_id, outcome="OK" if done["what"] == "confirmed" else "ERROR",
+                         code="OK" if done["what"] == "confirmed" else "APPROVAL_REQUIRED")
+    except Exception as exc:  # the roster is right; the event is what is missing
+        log.error("roster change %s %s, not audited: %s", op_id, done["what"],
+                  type(exc).__name__)
+    return done["what"]
+
+
+def settle_stale(app: App, older_than: float = 60.0) -> int:
+    """At start and periodically: pending changes left by a crash are settled."""
+    now = time.time()
+    stale = [x.op_id for x in app.roster.current().pending if now - x.at >= older_than]
+    return sum(1 for op_id in stale if settle(app, op_id))
 
 
 def _refused_unless(check: Callable[[], None]) -> None:

@@ -19,6 +19,7 @@ from concurrent import futures
 from typing import Any, Callable
 
 import grpc
+from sqlalchemy.exc import SQLAlchemyError
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -248,6 +249,10 @@ def _failure(exc: Exception, method: str) -> KeysvcError:
     if isinstance(exc, HsmError):
         log.error("HSM operation failed", extra={"method": method, "code": type(exc).__name__})
         return KeysvcError("internal HSM error")
+    if isinstance(exc, (SQLAlchemyError, TimeoutError)):
+        log.error("database failed", extra={"method": method, "code": type(exc).__name__})
+        return error("DATABASE_UNAVAILABLE", "the database failed or refused the change; "
+                                             "retry later")
     log.error("unexpected error", extra={"method": method, "code": type(exc).__name__})
     return KeysvcError("internal error")
 
@@ -290,6 +295,10 @@ class HealthWatch(threading.Thread):
             self.servicer.set(svc, status)
         return ok
 
+    def _settle_roster(self) -> None:
+        from keysvc.officers import settle_stale
+        settle_stale(self.app)
+
     def _audit_ok(self) -> bool:
         """NOT_SERVING while the audit trail fails (calls fail closed anyway). While it
         fails, one probe event a check tells when it works again (no traffic comes to a
@@ -309,7 +318,8 @@ class HealthWatch(threading.Thread):
                 self.check()
             except Exception as exc:
                 log.error("health check failed", extra={"code": type(exc).__name__})
-            for duty in (self.app.audit.recover_intents, self.reload_crls_if_due):
+            for duty in (self.app.audit.recover_intents, self.reload_crls_if_due,
+                         self._settle_roster):
                 try:  # each on its own: one failing stops no other
                     duty()
                 except Exception as exc:

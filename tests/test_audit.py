@@ -340,3 +340,24 @@ def test_a_sink_that_fails_after_the_commit_does_not_wedge_the_writer(any_app, m
     monkeypatch.setattr(JsonlSink, "write", real)
     _events(any_app, 2)  # works again at once; the missed event is filled in from the chain
     assert any_app.audit.healthy() and any_app.audit.verify(sink=sink.path).intact
+
+
+def test_a_replica_cannot_chain_one_batch_over_a_tail_cut_from_another(any_app):
+    """Replica B's anchor lies inside replica A's next batch after a cut: the batch's
+    sequences are A's, the anchor's hash is B's, and A refuses."""
+    import datetime as dt
+    import uuid
+    import pytest
+    from keysvc.audit.chain import AuditEvent
+    from keysvc.errors import KeysvcError
+    other = _reopened(any_app)
+    a = _events(any_app, 2)
+    _events(other, 5)
+    _cut_the_end(any_app, a, keep=a[-1].sequence)
+    batch = [AuditEvent(id=str(uuid.uuid4()), time=dt.datetime.now(dt.timezone.utc),
+                        actor="a", role="r", action="x", target=str(i), outcome="OK", code="OK")
+             for i in range(6)]
+    with pytest.raises(KeysvcError) as info:
+        any_app.audit.writer.submit(batch)
+    assert "HSM anchor" in info.value.message
+    assert not any_app.audit.verify().intact

@@ -413,3 +413,17 @@ def test_export_streams_the_chain_from_a_cursor_and_the_cli_writes_json_lines(sr
     assert lines[0]["seq"] == cursor + 1 and all(x["mac"] for x in lines)
     assert _reason(lambda: list(srv.as_("s1sp").audit.ExportAuditEvents(
         pb.ExportAuditEventsRequest()))) == "ROLE_NOT_PERMITTED"
+
+
+def test_a_database_that_refuses_a_change_is_unavailable_not_internal(srv):
+    db = _with_trigger(srv, "CREATE TRIGGER refuse_jobs BEFORE INSERT ON import_jobs "
+                            "BEGIN SELECT RAISE(ABORT, 'no'); END")
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            srv.as_("security-officer-1").admin.CreateImportJob(
+                pb.CreateImportJobRequest(name="refused"))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_reason(info.value) == "DATABASE_UNAVAILABLE"
+    finally:
+        db.execute("DROP TRIGGER refuse_jobs")
+        db.close()

@@ -384,3 +384,25 @@ def test_a_reflection_stream_opened_before_a_denial_stops_at_its_next_request(sr
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     requests.put(None)
     caller.channel.close()
+
+
+def test_an_enrolment_left_pending_by_a_crash_never_counts_and_is_dropped(app):
+    """The roster write of an enrolment happens before its approval commits; until that
+    commit is confirmed the key is not an officer, and a pending change whose operation is
+    not APPROVED (a crash, a rollback) is dropped."""
+    import hashlib
+    import time as _time
+    from dataclasses import replace
+    from keysvc.app import Caller
+    from keysvc.identity import admit
+    from keysvc.identity.roster import Pending
+    from keysvc.officers import settle_stale
+    fp = hashlib.sha256(os.urandom(8)).hexdigest()
+    app.roster.change(lambda st: replace(st, pending=(*st.pending, Pending(
+        "op-never-committed", "ENROLL_OFFICER", fp, unique("Pending Officer"), _time.time()))))
+    with pytest.raises(Exception) as info:
+        admit(app, Caller("x", "security-officer", fp))
+    assert getattr(info.value, "code", "") == "OFFICER_NOT_ENROLLED"
+    assert settle_stale(app, older_than=0) >= 1
+    assert app.roster.current().pending_for(fp) is None
+    assert app.roster.current().officer(fp) is None

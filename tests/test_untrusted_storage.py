@@ -419,7 +419,7 @@ def crash_after_commit(monkeypatch):
         if after != "commit":
             real(self, anchors, after)
     monkeypatch.setattr(Anchors, "_forget", forget)
-    monkeypatch.setattr(keyadmin._TokenEffects, "after_commit", lambda self: None)
+    monkeypatch.setattr(keyadmin._TokenEffects, "after_commit", lambda self, app: None)
     return monkeypatch
 
 

@@ -42,21 +42,19 @@ class ChainAnchor:
             values = hk.data_values(s, self.label)
         return max((Anchor.decode(v) for v in values), key=lambda a: a.seq, default=None)
 
-    def advance(self, anchor: Anchor) -> Anchor:
-        """Write the new anchor, then remove the older ones (a crash between leaves two;
-        the highest counts). Replicas may write out of order: lower ones go too, higher
-        ones stay. Returns the highest anchor now in the token (another replica's may be
-        ahead of this one: the caller checks that the chain has it)."""
-        seen: list[Anchor] = [anchor]
-
-        def doomed(value: bytes) -> bool:
-            a = Anchor.decode(value)
-            seen.append(a)
-            return a.seq < anchor.seq
+    def write(self, anchor: Anchor) -> list[Anchor]:
+        """Write the new anchor; returns every anchor of the chain now in the token (another
+        replica's may be beside it: the writer checks them before `prune`)."""
         with self.token.session() as s:
             hk.put_data(s, self.label, anchor.encode())
-            hk.destroy_data(s, self.label, doomed)
-        return max(seen, key=lambda a: a.seq)
+            return [Anchor.decode(v) for v in hk.data_values(s, self.label)]
+
+    def prune(self, newest: Anchor, doomed: set[Anchor]) -> None:
+        """Remove `doomed` anchors (older ones the chain holds); a crash before leaves
+        several, and the highest counts."""
+        with self.token.session() as s:
+            hk.destroy_data(s, self.label, lambda v: Anchor.decode(v) in doomed
+                            and Anchor.decode(v) != newest)
 
     def reset(self, anchor: Anchor) -> None:
         """Only for `keysvc audit new-chain`: the anchor names the new chain's head."""

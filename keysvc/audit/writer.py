@@ -172,25 +172,33 @@ class AuditWriter:
         for p in batch:
             p.chained = [by_id[e.id] for e in p.events]
         try:
-            last = chained[-1]
-            highest = self._anchor().advance(Anchor(last.event.sequence, last.hash))
-            if highest.seq > last.event.sequence:
-                self._check_ahead(highest)  # another replica's, or a chain cut under us
-            self._known = highest
+            self._anchor_batch(chained)
             self._deliver(chained)
         except Exception as exc:
             raise AfterCommit(str(exc)) from exc
 
-    def _check_ahead(self, anchor: Anchor) -> None:
-        """An anchor beyond this batch: legitimate only if the chain holds it (a replica
-        that committed after this one wrote its anchor first)."""
-        with self.store.engine.connect() as conn:
-            at = conn.execute(select(st.audit_events.c.hash).where(
-                st.audit_events.c.seq == anchor.seq)).scalar()
-        if at != anchor.hash:
-            self._known = anchor
-            raise ChainRefused(f"the HSM anchor says {anchor.seq}, which the audit chain in "
-                               "the database does not hold: events were cut or replaced")
+    def _anchor_batch(self, chained: list[Chained]) -> None:
+        """Anchor the batch; every other anchor at or after its first sequence must be in
+        the chain with its hash (another replica's, written out of order), else the chain
+        was cut and regrown under it: refused, and that anchor kept as the evidence."""
+        first, last = chained[0].event.sequence, chained[-1]
+        mine = Anchor(last.event.sequence, last.hash)
+        seen = self._anchor().write(mine)
+        others = [a for a in seen if a != mine]
+        to_check = [a for a in others if a.seq >= first]
+        if to_check:
+            with self.store.engine.connect() as conn:
+                held = dict(conn.execute(select(st.audit_events.c.seq, st.audit_events.c.hash)
+                                         .where(st.audit_events.c.seq.in_(
+                                             [a.seq for a in to_check]))).all())
+            wrong = [a for a in to_check if held.get(a.seq) != a.hash]
+            if wrong:
+                self._known = max(wrong, key=lambda a: a.seq)
+                raise ChainRefused(f"the HSM anchor at sequence {wrong[0].seq} is not in the "
+                                   "audit chain in the database: events were cut or replaced")
+        highest = max(seen, key=lambda a: a.seq)
+        self._known = highest
+        self._anchor().prune(highest, {a for a in seen if a.seq < highest.seq})
 
     def _commit(self, events: list[AuditEvent], intent_ids: list[str]) -> list[Chained]:
         if not self._known_read:

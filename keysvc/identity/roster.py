@@ -44,6 +44,18 @@ class Denied:
 
 
 @dataclass(frozen=True)
+class Pending:
+    """A change that admits more (an enrolment, a denied key allowed again), written inside
+    its approval's transaction but counting only once that approval has committed
+    (`confirm`). A crash or rollback leaves it pending, and it is dropped."""
+    op_id: str
+    kind: str            # ENROLL_OFFICER or ALLOW_CERTIFICATE
+    fingerprint: str
+    name: str = ""
+    at: float = 0.0      # time.time() when written
+
+
+@dataclass(frozen=True)
 class RosterState:
     generation: int = 0
     officers: tuple[Officer, ...] = ()
@@ -51,6 +63,10 @@ class RosterState:
     # Serials revoked by a CA's CRL, remembered once seen: deleting a CRL file revokes
     # nothing back. issuer key -> (highest CRL number seen, revoked serials, hex).
     crl: dict[str, tuple[int, frozenset[str]]] = field(default_factory=dict)
+    pending: tuple[Pending, ...] = ()
+
+    def pending_for(self, fingerprint: str) -> Pending | None:
+        return next((x for x in self.pending if x.fingerprint == fingerprint), None)
 
     def officer(self, fingerprint: str) -> Officer | None:
         return next((o for o in self.officers if o.fingerprint == fingerprint), None)
@@ -75,6 +91,7 @@ class RosterState:
             "officers": [[o.fingerprint, o.name] for o in self.officers],
             "denied": [[d.fingerprint, d.reason] for d in self.denied],
             "crl": {k: [n, sorted(s)] for k, (n, s) in sorted(self.crl.items())},
+            "pending": [[x.op_id, x.kind, x.fingerprint, x.name, x.at] for x in self.pending],
         }, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
@@ -83,7 +100,8 @@ class RosterState:
         return cls(int(d["generation"]),
                    tuple(Officer(f, n) for f, n in d["officers"]),
                    tuple(Denied(f, r) for f, r in d["denied"]),
-                   {k: (int(n), frozenset(s)) for k, (n, s) in d.get("crl", {}).items()})
+                   {k: (int(n), frozenset(s)) for k, (n, s) in d.get("crl", {}).items()},
+                   tuple(Pending(o, k, f, n, float(a)) for o, k, f, n, a in d.get("pending", [])))
 
 
 def merge(states: list[RosterState]) -> RosterState:
@@ -101,7 +119,8 @@ def merge(states: list[RosterState]) -> RosterState:
         for k, (n, serials) in st.crl.items():
             old_n, old = crl.get(k, (0, frozenset()))
             crl[k] = (max(n, old_n), old | serials)
-    return RosterState(first.generation, officers, tuple(denied.values()), crl)
+    pending = tuple(x for x in first.pending if all(x in st.pending for st in states))
+    return RosterState(first.generation, officers, tuple(denied.values()), crl, pending)
 
 
 class Roster:
