@@ -39,7 +39,10 @@ MAX_BATCH = 512
 # Events that could not be chained (the database or the HSM failed) are tried again with
 # the next batch, so that the chain catches up with the sink; at most this many are kept.
 MAX_RETRY = 10_000
-NOT_RETRIED = ("audit.probe",)   # the health probe says "works again" only when it does
+NOT_RETRIED = ("audit.probe",)
+# Anchors older than the newest are removed once there are more than this many (each is
+# checked against the chain at every batch while it stays).
+PRUNE_ABOVE = 8   # the health probe says "works again" only when it does
 
 
 class ChainRefused(Exception):
@@ -198,7 +201,8 @@ class AuditWriter:
                                    "audit chain in the database: events were cut or replaced")
         highest = max(seen, key=lambda a: a.seq)
         self._known = highest
-        self._anchor().prune(highest, {a for a in seen if a.seq < highest.seq})
+        if len(seen) > PRUNE_ABOVE:  # older anchors go in bulk: one token search less a batch
+            self._anchor().prune(highest, {a for a in seen if a.seq < highest.seq})
 
     def _commit(self, events: list[AuditEvent], intent_ids: list[str]) -> list[Chained]:
         if not self._known_read:
