@@ -363,3 +363,28 @@ def test_a_replica_cannot_chain_one_batch_over_a_tail_cut_from_another(any_app):
         any_app.audit.writer.submit(batch)
     assert "HSM anchor" in info.value.message
     assert not any_app.audit.verify().intact
+
+
+def test_a_row_added_beyond_the_head_neither_hides_an_intent_nor_passes_verify(any_app):
+    """A database writer adds an audit row with a real intent's id far beyond the head:
+    the intent is still chained, and verify names the row."""
+    import datetime as dt
+    from keysvc.audit.chain import AuditEvent, event_json
+    _events(any_app, 2)
+    real = AuditEvent(id="real-2", time=dt.datetime.now(dt.timezone.utc), actor="o", role="r",
+                      action="keysvc.v1.KeyAdministrationService/CreateImportJob",
+                      target="job", outcome="OK", code="OK")
+    text_ = event_json(real)
+    _intent_row(any_app, text_, any_app.audit.intent_mac(text_), intent_id="real-2")
+    with any_app.store.tx() as conn:
+        conn.execute(st.audit_events.insert().values(
+            seq=10 ** 9, id="real-2", time=real.time, actor="x", role="x", action="x",
+            target="x", outcome="OK", code="OK", prev_hash="0" * 64, hash="0" * 64,
+            mac="0" * 64))
+    v = any_app.audit.verify()
+    assert not v.intact and "beyond the head" in v.detail
+    with any_app.store.tx() as conn:
+        conn.execute(st.audit_events.delete().where(st.audit_events.c.seq == 10 ** 9))
+    any_app.audit.recover_intents()
+    events, _ = any_app.audit.list(page_size=1000)
+    assert "real-2" in {e.id for e in events}

@@ -122,8 +122,7 @@ class AuditLog:
                 | (st.audit_intents.c.created_at > future))).all()]
             if not ids:
                 return 0
-            chained = {r.id for r in conn.execute(select(st.audit_events.c.id).where(
-                st.audit_events.c.id.in_(ids))).all()}
+            chained = self._truly_chained(conn, ids)
             rows = []
             for intent_id in ids:
                 try:
@@ -141,6 +140,29 @@ class AuditLog:
             self.writer.submit(events, intents=True, alone=True)
             log.warning("chained %d audit events left by a crash", len(events))
         return len(events)
+
+    def _truly_chained(self, conn, ids: list[str]) -> set[str]:
+        """Which intents are already in the chain: a row with that id, within the head,
+        whose hash and MAC verify (a row a database writer adds does not count)."""
+        head = conn.execute(select(st.audit_head.c.seq)).scalar() or 0
+        try:
+            rows = conn.execute(select(st.audit_events).where(
+                st.audit_events.c.id.in_(ids), st.audit_events.c.seq <= head)).all()
+        except Exception:
+            return set()
+        out = set()
+        with self.partitions.admin.session() as s:
+            key = hk.find_key(s, AUDIT_MAC_KEY)
+            for r in rows:
+                try:
+                    digest = hashlib.sha256(canonical(r.seq, row_event(r), r.prev_hash)
+                                            ).hexdigest()
+                    if digest == r.hash and hmac.compare_digest(
+                            hk.hmac_sha256(key, bytes.fromhex(digest)).hex(), r.mac):
+                        out.add(r.id)
+                except Exception:
+                    continue
+        return out
 
     def _recovered(self, intent_id: str, text: str | None) -> AuditEvent:
         try:
@@ -211,6 +233,11 @@ class AuditLog:
                     out.append(k)
             return out
 
+    def _head_now(self) -> int:
+        """The head as it is now (appends may have moved it while verify read)."""
+        with self.store.engine.connect() as conn:
+            return conn.execute(select(st.audit_head.c.seq)).scalar() or 0
+
     def export(self, since: int, limit: int = 1000) -> list[Chained]:
         """Chained events after sequence `since` (a SIEM's resumable cursor)."""
         with self.store.engine.connect() as conn:
@@ -260,6 +287,14 @@ class AuditLog:
                 checked += 1
                 hashes[r.seq] = (r.id, r.hash)
                 prev, expected_seq = r.hash, r.seq + 1
+        if head is not None:
+            with self.store.engine.connect() as conn:
+                beyond = conn.execute(select(st.audit_events.c.seq).where(
+                    st.audit_events.c.seq > head.seq).order_by(st.audit_events.c.seq)
+                    .limit(1)).scalar()
+            if beyond is not None and beyond > self._head_now():
+                return Verification(False, checked, "", f"an event at sequence {beyond} lies "
+                                    f"beyond the head ({head.seq}): not written by keysvc")
         if head is not None and (head.seq != checked or head.hash != prev):
             return Verification(False, checked, "", "the head names sequence "
                                 f"{head.seq}: events missing after sequence {checked}")
