@@ -124,14 +124,35 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+# How long a caller should wait before trying again a call that failed UNAVAILABLE (the HSM,
+# the database or the audit trail is down): google.rpc.RetryInfo.
+RETRY_AFTER_SECONDS = 1
+
+
 def status_for(exc: KeysvcError) -> status_pb2.Status:
-    info = error_details_pb2.ErrorInfo(
-        reason=exc.code, domain=ERROR_DOMAIN,
-        metadata={_cut(k, 64): _cut(str(v), MAX_METADATA) for k, v in exc.metadata.items()})
-    detail = any_pb2.Any()
-    detail.Pack(info)
+    """The status of a refused call, with details a caller can act on: ErrorInfo (the
+    reason, one table in errors.py), RequestInfo (the request id, also in the log line and
+    the audit trail's time), RetryInfo on UNAVAILABLE, and BadRequest naming the field of
+    an INVALID_REQUEST."""
+    metadata = {_cut(k, 64): _cut(str(v), MAX_METADATA) for k, v in exc.metadata.items()}
+    details = [error_details_pb2.ErrorInfo(reason=exc.code, domain=ERROR_DOMAIN,
+                                           metadata=metadata),
+               error_details_pb2.RequestInfo(request_id=request_id.get())]
+    if exc.status == grpc.StatusCode.UNAVAILABLE:
+        info = error_details_pb2.RetryInfo()
+        info.retry_delay.seconds = RETRY_AFTER_SECONDS
+        details.append(info)
+    if exc.code in ("INVALID_REQUEST", "SCHEMA_INVALID") and metadata.get("field"):
+        details.append(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(
+                field=metadata["field"], description=_cut(exc.message, MAX_MESSAGE))]))
+    packed = []
+    for d in details:
+        a = any_pb2.Any()
+        a.Pack(d)
+        packed.append(a)
     return status_pb2.Status(code=exc.status.value[0], message=_cut(exc.message, MAX_MESSAGE),
-                             details=[detail])
+                             details=packed)
 
 
 class KeysvcInterceptor(grpc.ServerInterceptor):

@@ -427,3 +427,19 @@ def test_a_database_that_refuses_a_change_is_unavailable_not_internal(srv):
     finally:
         db.execute("DROP TRIGGER refuse_jobs")
         db.close()
+
+
+def test_a_call_that_failed_unavailable_says_when_to_retry(srv):
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+    lock = _db(srv)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            srv.as_("auditor").audit.ListAuditEvents(pb.ListAuditEventsRequest())
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)
+               for d in rpc_status.from_call(info.value).details)

@@ -225,3 +225,25 @@ def test_an_error_about_a_megabyte_of_input_arrives_with_its_reason(server):
         server.as_("security-officer-1").admin.GetKey(pb.GetKeyRequest(name="K" * 1_000_000))
     assert error_reason(info.value) == "INVALID_REQUEST"
     assert len(info.value.details()) <= 400
+
+
+def _details(exc: grpc.RpcError) -> dict:
+    out = {}
+    for d in rpc_status.from_call(exc).details:
+        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.RequestInfo,
+                     error_details_pb2.RetryInfo, error_details_pb2.BadRequest):
+            if d.Is(kind.DESCRIPTOR):
+                m = kind()
+                d.Unpack(m)
+                out[kind.__name__] = m
+    return out
+
+
+def test_an_invalid_field_names_itself_in_bad_request_and_the_request_id_in_request_info(
+        server):
+    with pytest.raises(grpc.RpcError) as info:
+        server.as_("security-officer-1").admin.GetKey(pb.GetKeyRequest(name="K" * 100))
+    d = _details(info.value)
+    assert d["BadRequest"].field_violations[0].field == "name"
+    rid = d["RequestInfo"].request_id
+    assert len(rid) == 16 and f'"request_id":"{rid}"' in server.log()
