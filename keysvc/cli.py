@@ -84,11 +84,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
     hardening.harden_early()  # before any PIN is read
     hardening.keep_pins_out_of_environ()  # may re-execute this process without them
     pins = hardening.pins_from_pipe()
-    settings = config.load(args.config, state_dir=args.state_dir, listen=args.listen, **pins)
+    try:
+        settings = config.load(args.config, state_dir=args.state_dir, listen=args.listen,
+                               **pins)
+    except (ValueError, OSError) as exc:
+        err.print(f"keysvc: configuration: {exc}", markup=False, highlight=False)
+        return 2
+    bad = config.problems(settings)
+    if bad:
+        for line in bad:
+            err.print(f"keysvc: {line}", markup=False, highlight=False)
+        return 2
     configure_logging(settings.log_level)
     hardening.harden(settings.lock_memory)
     app = App.open(settings)
     return serve(app, settings.listen)
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """The checks `keysvc serve` makes before it starts, without serving; with a
+    configuration file, also that the PKCS#11 module shows the three token labels."""
+    from keysvc import config
+    try:
+        settings = config.load(args.config, state_dir=args.state_dir)
+    except (ValueError, OSError) as exc:
+        console.print(shown(f"problem: configuration: {exc}"), soft_wrap=True)
+        return 2
+    bad = config.problems(settings)
+    if not bad and not settings.dev:
+        bad = _missing_tokens(settings)
+    for line in bad:
+        console.print(shown(f"problem: {line}"), soft_wrap=True)
+    if not bad:
+        console.print("configuration ok" + (" (development set-up)" if settings.dev else ""))
+    return 2 if bad else 0
+
+
+def _missing_tokens(settings: Any) -> list[str]:
+    import pkcs11
+    from keysvc.config import PARTITIONS
+    try:
+        labels = {t.label for t in pkcs11.lib(settings.pkcs11_module).get_tokens()}
+    except Exception as exc:
+        return [f"the PKCS#11 module cannot be loaded ({type(exc).__name__})"]
+    return [f"no token labelled {settings.token_label(p)!r} ({p} partition)"
+            for p in PARTITIONS if settings.token_label(p) not in labels]
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -554,6 +594,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", default=None)
     serve.add_argument("--config", default=None)
     serve.set_defaults(func=cmd_serve)
+    cc = sub.add_parser("config", help="configuration")
+    ccs = cc.add_subparsers(dest="action", required=True)
+    check = ccs.add_parser("check", help="validate the settings as `serve` would, and exit")
+    common(check)
+    check.add_argument("--config", default=None)
+    check.set_defaults(func=cmd_config_check)
     init = sub.add_parser("init", help="create the development state directory and exit")
     common(init)
     init.add_argument("--config", default=None)

@@ -121,6 +121,55 @@ class Settings:
         return Path(self.trust_anchors_dir or self.path("trust-anchors"))
 
 
+_LOOPBACK = ("127.", "localhost:", "[::1]:")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def problems(s: Settings) -> list[str]:
+    """Everything wrong with these settings, in words an operator can act on; [] if none.
+    Checked at start (the server refuses to start) and by `keysvc config check`."""
+    out: list[str] = []
+
+    def at_least(name: str, low: float) -> None:
+        if getattr(s, name) < low:
+            out.append(f"{name} must be at least {low:g} (it is {getattr(s, name)!r})")
+    if s.quorum < 2:
+        out.append(f"quorum must be at least 2: dual control (it is {s.quorum})")
+    for name, low in (("workers", 1), ("hsm_pool_size", 1), ("hsm_acquire_timeout", 0.1),
+                      ("import_job_ttl_hours", 1), ("import_job_quota", 1),
+                      ("audit_timeout_seconds", 0.1), ("audit_file_max_bytes", 4096),
+                      ("audit_file_keep", 1), ("max_file_bytes", 1024), ("max_xml_depth", 8),
+                      ("roster_refresh_seconds", 0), ("client_crl_refresh_seconds", 1),
+                      ("certificate_workers", 0)):
+        at_least(name, low)
+    if s.log_level.upper() not in _LOG_LEVELS:
+        out.append(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
+    if ":" not in s.listen or not s.listen.rsplit(":", 1)[1].isdigit():
+        out.append(f"listen must be HOST:PORT (it is {s.listen!r})")
+    if s.dev and not s.listen.startswith(_LOOPBACK):
+        out.append("the development set-up (no configuration file) listens on a loopback "
+                   "address only; give a configuration file to listen on "
+                   f"{s.listen.rsplit(':', 1)[0]}")
+    if not s.dev:
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            if not getattr(s, name):
+                out.append(f"{name} is required with a configuration file")
+        for partition in PARTITIONS:
+            if not (getattr(s, f"{partition}_pin") or getattr(s, f"{partition}_pin_file")):
+                out.append(f"no PIN for the {partition} token: set {partition}_pin_file "
+                           f"(or KEYSVC_{partition.upper()}_PIN)")
+    files = [getattr(s, n) for n in ("tls_cert", "tls_key", "tls_client_ca",
+                                     "s1sp_pin_file", "dco_pin_file", "admin_pin_file",
+                                     "audit_syslog_ca")]
+    files += [f.strip() for f in s.initial_officers.split(",") if f.strip()]
+    for f in files:
+        if f and not os.access(f, os.R_OK):
+            out.append(f"{f} cannot be read")
+    if not Path(s.pkcs11_module).exists():
+        out.append(f"pkcs11_module {s.pkcs11_module} does not exist")
+    return out
+
+
 def _coerce(kind: type | str, raw: object) -> object:
     kind = str(kind)
     if "Path" in kind:
@@ -152,4 +201,11 @@ def load(config_file: str | None = None, env: dict[str, str] | None = None,
     unknown = set(values) - set(known)
     if unknown:
         raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
-    return replace(Settings(), **{k: _coerce(known[k], v) for k, v in values.items()})
+    coerced = {}
+    for k, v in values.items():
+        try:
+            coerced[k] = _coerce(known[k], v)
+        except (TypeError, ValueError):
+            raise ValueError(f"setting {k}: {str(v)[:64]!r} is not a "
+                             f"{str(known[k]).split('|')[0].strip()}") from None
+    return replace(Settings(), **coerced)

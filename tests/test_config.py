@@ -1,0 +1,60 @@
+"""Settings are checked before anything starts (issue 17, in part): a value out of range,
+a missing file, a token that is not there, a development set-up listening beyond loopback
+are refused with their reason, by `keysvc serve` and by `keysvc config check`."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.serverproc import ROOT, free_port, server_env, start_server
+
+
+def _keysvc(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "keysvc.cli", *args], env=server_env(
+        {"COLUMNS": "300"}), cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_a_quorum_below_two_is_refused_with_its_reason(tmp_path):
+    out = _keysvc("serve", "--state-dir", str(tmp_path), "--listen",
+                  f"127.0.0.1:{free_port()}", "--config", str(_toml(tmp_path, "quorum = 1")))
+    assert out.returncode == 2 and "quorum must be at least 2" in out.stderr
+
+
+def test_a_value_of_the_wrong_type_is_named(tmp_path):
+    out = _keysvc("config", "check", "--config", str(_toml(tmp_path, 'workers = "many"')))
+    assert out.returncode == 2 and "setting workers" in out.stdout
+
+
+def test_the_development_set_up_listens_on_loopback_only(tmp_path):
+    out = _keysvc("serve", "--state-dir", str(tmp_path), "--listen", f"0.0.0.0:{free_port()}")
+    assert out.returncode == 2 and "loopback" in out.stderr
+
+
+def test_config_check_names_every_problem_and_passes_a_good_configuration(tmp_path):
+    bad = _keysvc("config", "check", "--config", str(_toml(tmp_path, 'tls_cert = "/nope"')))
+    assert bad.returncode == 2
+    assert "/nope cannot be read" in bad.stdout and "tls_key is required" in bad.stdout
+    good = _keysvc("config", "check", "--state-dir", str(tmp_path / "dev"))
+    assert good.returncode == 0 and "configuration ok" in good.stdout
+
+
+def test_config_check_names_a_token_that_is_not_there(tmp_path):
+    state = tmp_path / "state"
+    start_server(state).stop()  # a development state: tokens, PINs, PKI
+    pki, pins = state / "pki", state / "hsm" / "pins"
+    text = "\n".join([
+        f'tls_cert = "{pki / "server.pem"}"', f'tls_key = "{pki / "server.key"}"',
+        f'tls_client_ca = "{pki / "ca.pem"}"',
+        *(f'{p}_pin_file = "{pins / (p + ".pin")}"' for p in ("s1sp", "dco", "admin")),
+        'dco_token_label = "no-such-token"'])
+    out = subprocess.run([sys.executable, "-m", "keysvc.cli", "config", "check", "--config",
+                          str(_toml(tmp_path, text))], cwd=ROOT, capture_output=True, text=True,
+                         env=server_env({"SOFTHSM2_CONF": str(state / "hsm" / "softhsm2.conf"),
+                                         "COLUMNS": "300"}))
+    assert out.returncode == 2 and "no token labelled 'no-such-token'" in out.stdout
+
+
+def _toml(tmp_path, text: str):
+    path = tmp_path / "keysvc.toml"
+    path.write_text(text + "\n")
+    return path
