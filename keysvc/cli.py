@@ -44,7 +44,23 @@ def shown(value: Any) -> Text:
                         for c in str(value)))
 
 
+# Exit codes: 0 done, 1 refused by keysvc (its reason printed), 2 usage or configuration,
+# 3 keysvc cannot be reached.
+EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+
+# `--json`: every table is printed as one JSON object per line instead, for scripts.
+_JSON = {"on": False}
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, (int, float, bool)) or value is None else str(value)
+
+
 def _table(title: str, columns: list[str], rows: Iterable[Iterable[Any]]) -> None:
+    if _JSON["on"]:
+        sys.stdout.write(json.dumps({"table": title, "rows": [
+            dict(zip(columns, (_plain(x) for x in r))) for r in rows]}) + "\n")
+        return
     t = Table(title=title)
     for c in columns:
         t.add_column(c)
@@ -614,6 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
             common(c)
             c.add_argument("--server", default=os.environ.get("KEYSVC_SERVER",
                                                               "127.0.0.1:50051"))
+            c.add_argument("--json", action="store_true",
+                           help="print results as JSON lines instead of tables")
             c.add_argument("--as", dest="as_", default=None,
                            help="identity certificate in STATE/pki (default per group)")
             c.set_defaults(func=func, group=name)
@@ -739,13 +757,21 @@ def main(argv: list[str] | None = None) -> int:
     # `keysvc admin escrow deposit` reads as the issue spells it
     if len(argv) >= 3 and argv[0] == "admin" and argv[1] == "escrow":
         argv = ["admin", f"escrow-{argv[2]}", *argv[3:]]
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # usage errors exit 2
+    _JSON["on"] = bool(getattr(args, "json", False))
     try:
         return args.func(args)
     except grpc.RpcError as exc:
         from keysvc.client import error_reason
-        err.print(f"[red]error[/red]: {exc.code().name} {error_reason(exc)}: {exc.details()}")
-        return 2
+        reason = error_reason(exc)
+        if not reason and exc.code() in (grpc.StatusCode.UNAVAILABLE,
+                                         grpc.StatusCode.DEADLINE_EXCEEDED):
+            err.print(f"[red]error[/red]: cannot reach keysvc at "
+                      f"{shown(getattr(args, 'server', '?'))}: {exc.code().name}")
+            return EXIT_UNREACHABLE
+        err.print(Text.assemble(("error", "red"), f": {exc.code().name} {reason}: ",
+                                shown(exc.details() or "")))
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

@@ -291,6 +291,7 @@ class HealthWatch(threading.Thread):
         self.stopped = threading.Event()
         self.reload = threading.Event()
         self.crls_read_at = time.monotonic()
+        self.ready = False  # the last check's verdict (/readyz)
 
     def reload_crls_if_due(self) -> None:
         due = time.monotonic() - self.crls_read_at >= self.app.settings.client_crl_refresh_seconds
@@ -314,6 +315,7 @@ class HealthWatch(threading.Thread):
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for svc in ("", *SERVICE_ROLES):
             self.servicer.set(svc, status)
+        self.ready = ok
         return ok
 
     def _settle_roster(self) -> None:
@@ -390,15 +392,47 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def start_probes(listen: str, watch: HealthWatch) -> None:
+    """The metrics port also answers probes that have no client certificate: /healthz (the
+    process is alive) and /readyz (200 while the last health check passed: tokens usable,
+    audit trail working; 503 otherwise). Nothing secret is on this port."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    class Probes(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path == "/metrics":
+                code, body, kind = 200, generate_latest(), CONTENT_TYPE_LATEST
+            elif self.path == "/healthz":
+                code, body, kind = 200, b"ok\n", "text/plain"
+            elif self.path == "/readyz":
+                ready = watch.ready
+                code, body = (200, b"ready\n") if ready else (503, b"not ready\n")
+                kind = "text/plain"
+            else:
+                code, body, kind = 404, b"not found\n", "text/plain"
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:  # probes every second: not logged
+            pass
+
+    host, port = listen.rsplit(":", 1)
+    httpd = ThreadingHTTPServer((host, int(port)), Probes)
+    threading.Thread(target=httpd.serve_forever, daemon=True, name="probes").start()
+
+
 def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None) -> int:
     server, port, watch = build_server(app, listen)
     tune_gc()
     server.start()
     watch.start()
     if app.settings.metrics_listen:
-        from prometheus_client import start_http_server
-        mhost, mport = app.settings.metrics_listen.rsplit(":", 1)
-        start_http_server(int(mport), addr=mhost)
+        start_probes(app.settings.metrics_listen, watch)
     host = listen.rsplit(":", 1)[0]
     bound = f"{host}:{port}"
     print(f"listening on {bound}", flush=True)

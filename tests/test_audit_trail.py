@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -335,6 +336,11 @@ def test_an_audit_file_that_stops_fails_calls_closed_says_so_and_catches_up(tmp_
         assert _until(lambda: _health(server) == health_pb2.HealthCheckResponse.NOT_SERVING)
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
         assert "keysvc_audit_failures_total" in metrics
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz")
+            raise AssertionError("/readyz said ready")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503
         path.rmdir()
         path.with_name("moved").rename(path)
         assert _until(lambda: _health(server) == health_pb2.HealthCheckResponse.SERVING)

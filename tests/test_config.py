@@ -58,3 +58,22 @@ def _toml(tmp_path, text: str):
     path = tmp_path / "keysvc.toml"
     path.write_text(text + "\n")
     return path
+
+
+def test_cli_exit_codes_say_refused_usage_or_unreachable_and_json_is_one_object_a_line(
+        tmp_path):
+    import json
+    srv = start_server(tmp_path / "cli")
+    try:
+        where = ["--state-dir", str(srv.state_dir), "--server", srv.target]
+        refused = _keysvc("admin", "get-key", "NO-SUCH-KEY", *where)
+        assert refused.returncode == 1 and "KEY_NOT_FOUND" in refused.stderr
+        assert _keysvc("admin", "get-key", *where).returncode == 2  # usage
+        listed = _keysvc("admin", "officers", "--json", *where)
+        tables = [json.loads(x) for x in listed.stdout.splitlines()]
+        assert tables[0]["rows"][0]["officer"].startswith("security-officer-")
+    finally:
+        srv.stop()
+    gone = _keysvc("admin", "keys", "--state-dir", str(srv.state_dir), "--server",
+                   f"127.0.0.1:{free_port()}")
+    assert gone.returncode == 3 and "cannot reach keysvc" in gone.stderr

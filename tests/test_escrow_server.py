@@ -279,7 +279,7 @@ def test_cli_deposit_list_release_and_revoke(server, tmp_path):
     out = keysvc(server, "admin", "escrow", "revoke", eid, "--reason", "superseded").stdout
     assert eid in out and "yes" in out
     p = keysvc(server, "s1sp", "release-rollback", chf, "--reason", "again", ok=False)
-    assert p.returncode == 2 and "ESCROW_NOT_FOUND" in p.stderr
+    assert p.returncode == 1 and "ESCROW_NOT_FOUND" in p.stderr
 
 
 def test_cli_refusals_name_the_reason(server, tmp_path):
@@ -288,12 +288,12 @@ def test_cli_refusals_name_the_reason(server, tmp_path):
     p = keysvc(server, "admin", "escrow", "deposit", "--smso-id", "SMSO-CLI", "--chf",
                new_chf(), "--certificate", str(tmp_path / "c.der"), "--valid-from",
                t.isoformat(), "--valid-to", (t - timedelta(days=1)).isoformat(), ok=False)
-    assert p.returncode == 2 and "INVALID_DATE_RANGE" in p.stderr
+    assert p.returncode == 1 and "INVALID_DATE_RANGE" in p.stderr
     p = keysvc(server, "admin", "escrow", "list", "--as", S1SP, ok=False)
-    assert p.returncode == 2 and "PERMISSION_DENIED" in p.stderr
+    assert p.returncode == 1 and "PERMISSION_DENIED" in p.stderr
     p = keysvc(server, "s1sp", "release-rollback", new_chf(), "--reason", "x",
                "--as", OFFICER, ok=False)
-    assert p.returncode == 2 and "PERMISSION_DENIED" in p.stderr
+    assert p.returncode == 1 and "PERMISSION_DENIED" in p.stderr
 
 
 # --------------------------------------------------------------------------- faketime

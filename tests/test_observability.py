@@ -76,3 +76,16 @@ def test_neither_logs_nor_metrics_carry_a_key(observed):
     for key in secrets:
         for form in (key.hex(), key.hex().upper()):
             assert form not in text
+
+
+def test_probes_without_a_client_certificate_say_alive_and_ready(observed):
+    import urllib.error
+    srv, url, _ = observed
+    base = url.rsplit("/", 1)[0]
+    assert urllib.request.urlopen(base + "/healthz", timeout=5).status == 200
+    assert urllib.request.urlopen(base + "/readyz", timeout=5).status == 200
+    try:
+        urllib.request.urlopen(base + "/other", timeout=5)
+        raise AssertionError("no 404")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 404
