@@ -66,3 +66,157 @@ def error_reason(exc: grpc.RpcError) -> str:
             detail.Unpack(info)
             return info.reason
     return ""
+
+
+# --------------------------------------------------------------------------- typed client
+class KeysvcCallError(Exception):
+    """A call keysvc refused: one subclass per api.md reason (`ERRORS`), built from the
+    status's ErrorInfo, with the request id (RequestInfo, also in keysvc's log and audit
+    trail), the field (BadRequest) and how long to wait (RetryInfo) where given."""
+
+    reason = ""
+
+    def __init__(self, status: grpc.StatusCode, message: str, reason: str = "",
+                 request_id: str = "", field: str = "", retry_after: float | None = None
+                 ) -> None:
+        super().__init__(f"{status.name} {reason}: {message}")
+        self.status, self.message = status, message
+        self.reason = reason or self.reason
+        self.request_id, self.field, self.retry_after = request_id, field, retry_after
+
+
+def _class_name(reason: str) -> str:
+    return "".join(w.capitalize() for w in reason.split("_"))
+
+
+def _make_errors() -> dict[str, type[KeysvcCallError]]:
+    from keysvc.errors import _REASONS
+    reasons = sorted({*_REASONS, "INTERNAL"})
+    return {r: type(_class_name(r), (KeysvcCallError,), {"reason": r}) for r in reasons}
+
+
+ERRORS = _make_errors()
+globals().update({cls.__name__: cls for cls in ERRORS.values()})
+
+
+def error_from(exc: grpc.RpcError) -> KeysvcCallError:
+    """The typed error of a failed call."""
+    reason = request_id = field = ""
+    retry_after = None
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    for d in (status.details if status is not None else []):
+        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.RequestInfo,
+                     error_details_pb2.RetryInfo, error_details_pb2.BadRequest):
+            if d.Is(kind.DESCRIPTOR):
+                m = kind()
+                d.Unpack(m)
+                if isinstance(m, error_details_pb2.ErrorInfo):
+                    reason = m.reason
+                elif isinstance(m, error_details_pb2.RequestInfo):
+                    request_id = m.request_id
+                elif isinstance(m, error_details_pb2.RetryInfo):
+                    retry_after = m.retry_delay.seconds + m.retry_delay.nanos / 1e9
+                elif m.field_violations:
+                    field = m.field_violations[0].field
+    cls = ERRORS.get(reason, KeysvcCallError)
+    return cls(exc.code(), exc.details() or "", reason, request_id, field, retry_after)
+
+
+# Calls that are safe to repeat: gRPC retries them on UNAVAILABLE (the HSM, the database or
+# the audit trail briefly away), with backoff. ProcessGroupInformation and the DCO file
+# calls are idempotent by MigrationFileID; a release, an approval or a request never is.
+IDEMPOTENT = {
+    "keysvc.v1.S1SPService": ["ProcessGroupInformation", "VerifyPrepaymentKey",
+                              "VerifyDeviceCertificate", "ExportDeviceKeys"],
+    "keysvc.v1.DCOService": ["ValidateMasterKeys", "UnwrapMasterKeys", "VerifyMasterKey"],
+    "keysvc.v1.KeyAdministrationService": ["GetOperation", "ListOperations", "ListKeys",
+                                           "GetKey", "ListEscrows", "ListOfficers"],
+    "keysvc.v1.AuditService": ["ListAuditEvents", "VerifyAuditLog", "ExportAuditEvents"],
+}
+# Default deadlines: files may be large; everything else is quick.
+DEADLINES = {"ProcessGroupInformation": 300.0, "ValidateMasterKeys": 300.0,
+             "UnwrapMasterKeys": 300.0, "VerifyAuditLog": 120.0, "ExportAuditEvents": 120.0}
+DEFAULT_DEADLINE = 30.0
+
+
+def service_config() -> str:
+    import json
+    return json.dumps({"methodConfig": [{
+        "name": [{"service": s, "method": m} for s, ms in IDEMPOTENT.items() for m in ms],
+        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.2s", "maxBackoff": "2s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]})
+
+
+class _Typed:
+    """A stub whose methods have a default deadline and raise KeysvcCallError subclasses."""
+
+    def __init__(self, stub: object) -> None:
+        self._stub = stub
+
+    def __getattr__(self, name: str):
+        method = getattr(self._stub, name)
+
+        def call(request, timeout: float | None = None, **kwargs):
+            try:
+                out = method(request, timeout=timeout or DEADLINES.get(name, DEFAULT_DEADLINE),
+                             **kwargs)
+            except grpc.RpcError as exc:
+                raise error_from(exc) from None
+            if hasattr(out, "__next__"):  # a stream fails as it is read
+                return _typed_stream(out)
+            return out
+        return call
+
+
+def _typed_stream(stream):
+    try:
+        yield from stream
+    except grpc.RpcError as exc:
+        raise error_from(exc) from None
+
+
+@dataclass
+class Client:
+    """keysvc for other components: mTLS from PEM files or bytes, the server name to check
+    configurable, retries of idempotent calls, default deadlines, typed errors.
+
+        client = Client.from_files("keysvc.internal:50051", ca="ca.pem", cert="s1sp.pem",
+                                   key="s1sp.key")
+        client.s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(...))
+    """
+    channel: grpc.Channel
+
+    @classmethod
+    def from_pem(cls, target: str, *, ca: bytes, cert: bytes, key: bytes,
+                 server_name: str = "") -> "Client":
+        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                             certificate_chain=cert)
+        options = [("grpc.enable_retries", 1), ("grpc.service_config", service_config())]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        return cls(grpc.secure_channel(target, creds, options=options))
+
+    @classmethod
+    def from_files(cls, target: str, *, ca: str | Path, cert: str | Path, key: str | Path,
+                   server_name: str = "") -> "Client":
+        return cls.from_pem(target, ca=Path(ca).read_bytes(), cert=Path(cert).read_bytes(),
+                            key=Path(key).read_bytes(), server_name=server_name)
+
+    @property
+    def s1sp(self):
+        return _Typed(rpc.S1SPServiceStub(self.channel))
+
+    @property
+    def dco(self):
+        return _Typed(rpc.DCOServiceStub(self.channel))
+
+    @property
+    def admin(self):
+        return _Typed(rpc.KeyAdministrationServiceStub(self.channel))
+
+    @property
+    def audit(self):
+        return _Typed(rpc.AuditServiceStub(self.channel))
+
+    def close(self) -> None:
+        self.channel.close()
