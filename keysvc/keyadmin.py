@@ -367,7 +367,7 @@ class _TokenEffects:
     made: list[tuple[Any, str, str]] = field(default_factory=list)  # token, label, key id
     to_destroy: list[tuple[Any, str]] = field(default_factory=list)
     # Roster changes written as pending, to count once the approval has committed.
-    roster: list[str] = field(default_factory=list)
+    roster: list[Any] = field(default_factory=list)  # identity.roster.Pending entries
 
     def undo(self, app: App) -> None:
         self._settle_roster(app)
@@ -380,9 +380,10 @@ class _TokenEffects:
         the call's effects (its audit intent may be what failed); `settle` audits it."""
         hook = st.before_commit.set(None)
         try:
-            for op_id in self.roster:
+            for written in self.roster:
+                op_id = written.op_id
                 try:
-                    officers.settle(app, op_id)
+                    officers.settle(app, op_id, written)
                 except Exception as exc:  # the periodic sweep settles it later
                     log.error("the roster change of %s is not settled yet: %s", op_id,
                               type(exc).__name__)

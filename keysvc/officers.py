@@ -157,7 +157,7 @@ class _Unchanged(Exception):
 
 
 def execute(app: App, conn: Any, op: OperationRecord, p: dict,
-            pending: list[str]) -> tuple[str, str, str]:
+            pending: list[RosterPending]) -> tuple[str, str, str]:
     """Carry out an approved roster change: (state, message, refusal code or ""). Every
     check runs again on the newest roster, inside the change, so two approvals on two
     replicas cannot both pass a check that only one may (two removals below the quorum).
@@ -194,22 +194,24 @@ def execute(app: App, conn: Any, op: OperationRecord, p: dict,
                                                                time.time())))
 
     try:
-        app.roster.change(how, conn)
+        written = app.roster.change(how, conn)
     except _Unchanged as done:
         return done.result
     if op.kind in ("ENROLL_OFFICER", "ALLOW_CERTIFICATE"):
-        pending.append(op.id)
+        pending.append(next(x for x in written.pending if x.op_id == op.id))
     return "APPROVED", "", ""
 
 
-def settle(app: App, op_id: str) -> str:
+def settle(app: App, op_id: str, written: RosterPending | None = None) -> str:
     """A pending roster change counts if its operation is (verifiably) APPROVED, and is
     dropped otherwise. Decided inside the roster change, under its lock. Returns what was
-    done ("confirmed", "dropped" or "")."""
+    done ("confirmed", "dropped" or ""). `written`: the entry this process wrote, given
+    right after its approval: if another replica's sweep dropped it meanwhile (an approval
+    slower than the sweep's wait), an APPROVED operation still takes effect."""
     done = {"what": ""}
 
     def how(st: RosterState) -> RosterState:
-        mine = next((x for x in st.pending if x.op_id == op_id), None)
+        mine = next((x for x in st.pending if x.op_id == op_id), None) or written
         if mine is None:
             raise _Unchanged("", "")
         rest = tuple(x for x in st.pending if x.op_id != op_id)
@@ -219,6 +221,8 @@ def settle(app: App, op_id: str) -> str:
         except KeysvcError:
             op = None
         if op is None or op.state != "APPROVED":
+            if not any(x.op_id == op_id for x in st.pending):
+                raise _Unchanged("", "")  # nothing pending, nothing approved: nothing to do
             done["what"] = "dropped"
             return replace(st, pending=rest)
         done["what"] = "confirmed"
@@ -248,6 +252,7 @@ def settle_stale(app: App, older_than: float = 60.0) -> int:
     """At start and periodically: pending changes left by a crash are settled."""
     now = time.time()
     stale = [x.op_id for x in app.roster.current().pending if now - x.at >= older_than]
+    # (settle only from the roster here: `written` is for the approving process alone)
     return sum(1 for op_id in stale if settle(app, op_id))
 
 

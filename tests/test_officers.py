@@ -406,3 +406,32 @@ def test_an_enrolment_left_pending_by_a_crash_never_counts_and_is_dropped(app):
     assert settle_stale(app, older_than=0) >= 1
     assert app.roster.current().pending_for(fp) is None
     assert app.roster.current().officer(fp) is None
+
+
+def test_an_approved_enrolment_whose_pending_entry_a_sweep_dropped_still_takes_effect(
+        app, monkeypatch):
+    """Another replica's sweep dropped the pending entry while the approval was still
+    committing: the approving process settles from what it wrote, and the APPROVED
+    operation takes effect."""
+    from dataclasses import replace
+    from cryptography import x509 as _x509
+    from cryptography.hazmat.primitives import serialization
+    from keysvc import keyadmin, officers
+    from keysvc.pki import issue as issue_cert
+    from tests.conftest import OFFICER_1, OFFICER_2
+    pki = app.settings.state_dir / "pki"
+    ca = _x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
+    cert, _ = issue_cert(ca, ca_key, unique("slow-officer"), role="security-officer")
+    pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    op = officers.enroll_officer(app, OFFICER_1, pem)
+    seen = []
+    monkeypatch.setattr(keyadmin._TokenEffects, "_settle_roster",
+                        lambda self, a: seen.extend(self.roster))
+    assert keyadmin.approve(app, OFFICER_2, op.operation_id,
+                            request_digest=op.request_digest).state == "APPROVED"
+    (written,) = seen
+    app.roster.change(lambda st: replace(st, pending=tuple(
+        x for x in st.pending if x.op_id != written.op_id)))  # the other replica's sweep
+    assert officers.settle(app, written.op_id, written) == "confirmed"
+    assert app.roster.current().officer(written.fingerprint) is not None
