@@ -6,6 +6,7 @@ file or variable at start and never logged (the dataclass hides them from repr).
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -121,7 +122,14 @@ class Settings:
         return Path(self.trust_anchors_dir or self.path("trust-anchors"))
 
 
-_LOOPBACK = ("127.", "localhost:", "[::1]:")
+def _loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name that might resolve anywhere
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -146,10 +154,11 @@ def problems(s: Settings) -> list[str]:
         out.append(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
     if ":" not in s.listen or not s.listen.rsplit(":", 1)[1].isdigit():
         out.append(f"listen must be HOST:PORT (it is {s.listen!r})")
-    if s.dev and not s.listen.startswith(_LOOPBACK):
-        out.append("the development set-up (no configuration file) listens on a loopback "
-                   "address only; give a configuration file to listen on "
-                   f"{s.listen.rsplit(':', 1)[0]}")
+    for name in ("listen", "metrics_listen"):
+        value = getattr(s, name)
+        if s.dev and value and not _loopback(value):
+            out.append(f"the development set-up (no configuration file) listens on a loopback "
+                       f"address only; give a configuration file for {name} {value!r}")
     if not s.dev:
         for name in ("tls_cert", "tls_key", "tls_client_ca"):
             if not getattr(s, name):

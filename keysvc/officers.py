@@ -169,6 +169,9 @@ def execute(app: App, conn: Any, op: OperationRecord, p: dict,
     fp = p["fingerprint"]
 
     def how(st: RosterState) -> RosterState:
+        # An earlier try of this same approval may have left its pending entry (its settle
+        # failed): it is this operation's own, and gives way to this try.
+        st = replace(st, pending=tuple(x for x in st.pending if x.op_id != op.id))
         if op.kind == "ENROLL_OFFICER":
             mine = st.officer(fp)
             if mine is not None and mine.name == p["name"]:
@@ -215,12 +218,10 @@ def settle(app: App, op_id: str, written: RosterPending | None = None) -> str:
         if mine is None:
             raise _Unchanged("", "")
         rest = tuple(x for x in st.pending if x.op_id != op_id)
-        try:
-            with app.store.engine.connect() as c:
-                op = app.records.operations.get(c, op_id)
-        except KeysvcError:
-            op = None
-        if op is None or op.state != "APPROVED":
+        # The token's word on the operation, not the database's: a row a database writer
+        # alters cannot turn a quorum-approved change into a dropped one, nor the reverse.
+        state = app.records.operations.anchored_state(op_id, PARTITION)
+        if state != "APPROVED":
             if not any(x.op_id == op_id for x in st.pending):
                 raise _Unchanged("", "")  # nothing pending, nothing approved: nothing to do
             done["what"] = "dropped"
@@ -253,7 +254,13 @@ def settle_stale(app: App, older_than: float = 60.0) -> int:
     now = time.time()
     stale = [x.op_id for x in app.roster.current().pending if now - x.at >= older_than]
     # (settle only from the roster here: `written` is for the approving process alone)
-    return sum(1 for op_id in stale if settle(app, op_id))
+    settled = 0
+    for op_id in stale:
+        try:
+            settled += bool(settle(app, op_id))
+        except Exception as exc:  # one that cannot be settled now stops no other
+            log.error("roster change %s not settled: %s", op_id[:64], type(exc).__name__)
+    return settled
 
 
 def _refused_unless(check: Callable[[], None]) -> None:

@@ -388,3 +388,40 @@ def test_a_row_added_beyond_the_head_neither_hides_an_intent_nor_passes_verify(a
     any_app.audit.recover_intents()
     events, _ = any_app.audit.list(page_size=1000)
     assert "real-2" in {e.id for e in events}
+
+
+def test_an_intent_row_renamed_to_a_chained_events_id_is_still_chained(any_app):
+    import datetime as dt
+    from keysvc.audit.chain import AuditEvent, event_json
+    chained = _events(any_app, 2)
+    real = AuditEvent(id="real-3", time=dt.datetime.now(dt.timezone.utc), actor="o", role="r",
+                      action="keysvc.v1.KeyAdministrationService/CreateImportJob",
+                      target="job", outcome="OK", code="OK")
+    text_ = event_json(real)
+    _intent_row(any_app, text_, any_app.audit.intent_mac(text_), intent_id=chained[0].id)
+    any_app.audit.recover_intents()
+    events, _ = any_app.audit.list(page_size=1000)
+    assert "real-3" in {e.id for e in events}
+    assert any(e.action == "audit.intent_forged" for e in events)
+    assert any_app.audit.verify().intact
+
+
+def test_every_anchor_counts_not_only_the_highest(any_app):
+    """An event cut from the chain and a batch of another replica over its place: the
+    older anchor still names the event that was there."""
+    import pytest
+    from keysvc.errors import KeysvcError
+    other = _reopened(any_app)
+    a = _events(any_app, 3)
+    _cut_the_end(any_app, a, keep=2)
+    with pytest.raises(KeysvcError):
+        other.audit.writer.submit([_event_for(i) for i in range(2)])
+    assert not any_app.audit.verify().intact
+
+
+def _event_for(i: int):
+    import datetime as dt
+    import uuid
+    from keysvc.audit.chain import AuditEvent
+    return AuditEvent(id=str(uuid.uuid4()), time=dt.datetime.now(dt.timezone.utc), actor="b",
+                      role="r", action="x", target=str(i), outcome="OK", code="OK")

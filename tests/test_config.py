@@ -77,3 +77,11 @@ def test_cli_exit_codes_say_refused_usage_or_unreachable_and_json_is_one_object_
     gone = _keysvc("admin", "keys", "--state-dir", str(srv.state_dir), "--server",
                    f"127.0.0.1:{free_port()}")
     assert gone.returncode == 3 and "cannot reach keysvc" in gone.stderr
+
+
+def test_the_development_loopback_rule_parses_addresses_and_covers_the_metrics_port():
+    from keysvc import config
+    assert config.problems(config.load(env={}, listen="127.0.0.1.attacker.example:50051"))
+    assert config.problems(config.load(env={}, metrics_listen="0.0.0.0:9100"))
+    assert not config.problems(config.load(env={}, listen="[::1]:50051",
+                                           metrics_listen="localhost:9100"))

@@ -435,3 +435,51 @@ def test_an_approved_enrolment_whose_pending_entry_a_sweep_dropped_still_takes_e
         x for x in st.pending if x.op_id != written.op_id)))  # the other replica's sweep
     assert officers.settle(app, written.op_id, written) == "confirmed"
     assert app.roster.current().officer(written.fingerprint) is not None
+
+
+def test_settling_asks_the_token_not_the_database_row(app, monkeypatch):
+    """A database writer alters the operation's row after a quorum approved it: the token's
+    anchor still says APPROVED, and the enrolment counts."""
+    from cryptography import x509 as _x509
+    from cryptography.hazmat.primitives import serialization
+    from sqlalchemy import update
+    from keysvc import keyadmin, officers
+    from keysvc import store as st
+    from keysvc.pki import issue as issue_cert
+    from tests.conftest import OFFICER_1, OFFICER_2
+    pki = app.settings.state_dir / "pki"
+    ca = _x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
+    cert, _ = issue_cert(ca, ca_key, unique("token-officer"), role="security-officer")
+    op = officers.enroll_officer(app, OFFICER_1, cert.public_bytes(
+        serialization.Encoding.PEM).decode())
+    seen = []
+    monkeypatch.setattr(keyadmin._TokenEffects, "_settle_roster",
+                        lambda self, a: seen.extend(self.roster))
+    keyadmin.approve(app, OFFICER_2, op.operation_id, request_digest=op.request_digest)
+    with app.store.tx() as conn:
+        conn.execute(update(st.operations).where(st.operations.c.id == op.operation_id)
+                     .values(state="PENDING"))
+    (written,) = seen
+    assert officers.settle(app, written.op_id) == "confirmed"
+    assert app.roster.current().officer(written.fingerprint) is not None
+
+
+def test_approving_again_after_a_failed_settle_is_not_refused(app):
+    """An earlier try of the same approval left its pending entry: it gives way."""
+    import hashlib
+    import time as _time
+    from dataclasses import replace
+    from types import SimpleNamespace
+    from keysvc import officers
+    from keysvc.identity.roster import Pending
+    fp = hashlib.sha256(os.urandom(8)).hexdigest()
+    name = unique("Again Officer")
+    app.roster.change(lambda st: replace(st, pending=(*st.pending, Pending(
+        "op-again", "ENROLL_OFFICER", fp, name, _time.time()))))
+    op = SimpleNamespace(id="op-again", kind="ENROLL_OFFICER")
+    written: list = []
+    assert officers.execute(app, None, op, {"fingerprint": fp, "name": name}, written)[0] \
+        == "APPROVED"
+    app.roster.change(lambda st: replace(st, pending=tuple(
+        x for x in st.pending if x.op_id != "op-again")))

@@ -17,6 +17,7 @@ import hmac
 import json
 import logging
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -107,9 +108,10 @@ class AuditLog:
         chained). At start and periodically. An intent younger than twice the audit timeout
         may still be on its way through a live writer (here or on another replica).
 
-        Each row is checked on its own: one whose MAC fails (added or edited in the
-        database) is not chained as a call's event; an `audit.intent_forged` event takes
-        its place. One already chained (a writer raced this sweep) is only deleted."""
+        Each row is checked on its own. Its event counts only if its MAC (made in the HSM
+        when the call wrote it) verifies; then it is deleted if that very event is already
+        in the chain (a writer raced this sweep), and chained otherwise. A row whose MAC
+        fails, or whose id was changed, gets an `audit.intent_forged` event of its own."""
         if older_than is None:
             older_than = 2 * self.writer.timeout
         cutoff = self.clock() - dt.timedelta(seconds=older_than)
@@ -122,7 +124,6 @@ class AuditLog:
                 | (st.audit_intents.c.created_at > future))).all()]
             if not ids:
                 return 0
-            chained = self._truly_chained(conn, ids)
             rows = []
             for intent_id in ids:
                 try:
@@ -130,24 +131,56 @@ class AuditLog:
                         st.audit_intents.c.id == intent_id)).scalar()))
                 except Exception:
                     rows.append((intent_id, None))
-        if chained:
+            sealed = {rid: self._sealed_event(text) for rid, text in rows}
+            chained = self._truly_chained(conn, [e for e in sealed.values() if e is not None])
+        events: list[AuditEvent] = []
+        for rid, e in sealed.items():
+            if e is not None and e.id in chained:
+                continue  # that very event is in the chain: the row only goes
+            if e is not None:
+                events.append(e)
+            if e is None or e.id != rid:
+                events.append(self._forged(rid))
+        done = list(sealed)
+        if not events:
             with self.store.tx() as conn:
-                conn.execute(st.audit_intents.delete().where(
-                    st.audit_intents.c.id.in_(list(chained))))
-        events = [self._recovered(intent_id, text) for intent_id, text in rows
-                  if intent_id not in chained]
-        if events:
-            self.writer.submit(events, intents=True, alone=True)
-            log.warning("chained %d audit events left by a crash", len(events))
+                conn.execute(st.audit_intents.delete().where(st.audit_intents.c.id.in_(done)))
+            return 0
+        self.writer.submit(events, intents=True, alone=True, intent_ids=done)
+        log.warning("chained %d audit events left by a crash", len(events))
         return len(events)
 
-    def _truly_chained(self, conn, ids: list[str]) -> set[str]:
-        """Which intents are already in the chain: a row with that id, within the head,
-        whose hash and MAC verify (a row a database writer adds does not count)."""
+    def _sealed_event(self, text: str | None) -> AuditEvent | None:
+        """The event an intent row carries, if its MAC verifies (else None)."""
+        try:
+            wrapper = json.loads(text or "")
+            e = event_from_json(wrapper["event"])
+            if hmac.compare_digest(self.intent_mac(wrapper["event"]), str(wrapper["mac"])):
+                return e
+        except Exception:
+            pass
+        return None
+
+    def _forged(self, intent_id: str) -> AuditEvent:
+        log.error("audit intent %s fails its MAC, is malformed or was renamed", intent_id[:64])
+        return AuditEvent(id=str(uuid.uuid4()), time=self.clock(), actor="keysvc", role="",
+                          action="audit.intent_forged",
+                          target=f"intent {intent_id[:64]} in the database fails its MAC, is "
+                                 "malformed or was renamed; not chained as a call's event",
+                          outcome="ERROR", code="RECORD_SEAL_INVALID")
+
+    def _truly_chained(self, conn, events: list[AuditEvent]) -> set[str]:
+        """Which of these events are in the chain as they are: a row of that id within the
+        head whose hash is this event's at that place, and whose MAC verifies."""
+        if not events:
+            return set()
+        by_id = {e.id: e for e in events}
         head = conn.execute(select(st.audit_head.c.seq)).scalar() or 0
         try:
-            rows = conn.execute(select(st.audit_events).where(
-                st.audit_events.c.id.in_(ids), st.audit_events.c.seq <= head)).all()
+            rows = conn.execute(select(st.audit_events.c.seq, st.audit_events.c.id,
+                                       st.audit_events.c.prev_hash, st.audit_events.c.hash,
+                                       st.audit_events.c.mac).where(
+                st.audit_events.c.id.in_(list(by_id)), st.audit_events.c.seq <= head)).all()
         except Exception:
             return set()
         out = set()
@@ -155,30 +188,14 @@ class AuditLog:
             key = hk.find_key(s, AUDIT_MAC_KEY)
             for r in rows:
                 try:
-                    digest = hashlib.sha256(canonical(r.seq, row_event(r), r.prev_hash)
-                                            ).hexdigest()
+                    e = replace(by_id[r.id], sequence=0)
+                    digest = hashlib.sha256(canonical(r.seq, e, r.prev_hash)).hexdigest()
                     if digest == r.hash and hmac.compare_digest(
                             hk.hmac_sha256(key, bytes.fromhex(digest)).hex(), r.mac):
                         out.add(r.id)
                 except Exception:
                     continue
         return out
-
-    def _recovered(self, intent_id: str, text: str | None) -> AuditEvent:
-        try:
-            wrapper = json.loads(text or "")
-            e = event_from_json(wrapper["event"])
-            if e.id != intent_id or not hmac.compare_digest(
-                    self.intent_mac(wrapper["event"]), str(wrapper["mac"])):
-                raise ValueError("not sealed")
-            return e
-        except Exception:
-            log.error("audit intent %s fails its MAC or is malformed", intent_id[:64])
-            return AuditEvent(id=intent_id[:64], time=self.clock(), actor="keysvc", role="",
-                              action="audit.intent_forged",
-                              target=f"intent {intent_id[:64]} in the database fails its MAC "
-                                     "or is malformed; not chained as a call's event",
-                              outcome="ERROR", code="RECORD_SEAL_INVALID")
 
     def new_chain(self, reason: str) -> AuditEvent:
         """Break glass (`keysvc audit new-chain`, run with the admin PIN): the database chain
@@ -253,7 +270,10 @@ class AuditLog:
         Read in the order things are written, so that appends meanwhile raise no false
         alarm: the anchor (written after its batch committed), then the head, then the
         events up to the head."""
-        anchor = self.anchor().read()
+        anchors = self.anchor().all()  # every one must agree with the chain, not only the top
+        at_seq: dict[int, set[str]] = {}
+        for a in anchors:
+            at_seq.setdefault(a.seq, set()).add(a.hash)
         with self.store.engine.connect() as conn:
             head = conn.execute(select(st.audit_head)).first()
         q = select(st.audit_events).order_by(st.audit_events.c.seq)
@@ -274,12 +294,12 @@ class AuditLog:
                     good = (r.seq == expected_seq and r.prev_hash == prev and digest == r.hash
                             and hmac.compare_digest(
                                 hk.hmac_sha256(mac_key, bytes.fromhex(digest)).hex(), r.mac))
+                    if r.seq in legacy and legacy[r.seq] != {r.hash}:
+                        good = False
+                    if r.seq in at_seq and at_seq[r.seq] != {r.hash}:
+                        good = False  # not the event the HSM saw at this position
                 except Exception:  # a malformed row: named, never an internal error
                     good = False
-                if r.seq in legacy and legacy[r.seq] != {r.hash}:
-                    good = False
-                if anchor is not None and r.seq == anchor.seq and r.hash != anchor.hash:
-                    good = False  # not the event the HSM saw at this position
                 if not good:
                     return Verification(False, checked + 1, r.id,
                                         f"event {r.seq} fails its hash, link, MAC, position "
@@ -298,7 +318,7 @@ class AuditLog:
         if head is not None and (head.seq != checked or head.hash != prev):
             return Verification(False, checked, "", "the head names sequence "
                                 f"{head.seq}: events missing after sequence {checked}")
-        top = max([anchor.seq] if anchor else [], default=0)
+        top = max(at_seq, default=0)
         if legacy:
             top = max(top, max(legacy))
         if top > checked:

@@ -42,6 +42,10 @@ class ChainAnchor:
             values = hk.data_values(s, self.label)
         return max((Anchor.decode(v) for v in values), key=lambda a: a.seq, default=None)
 
+    def all(self) -> list[Anchor]:
+        with self.token.session() as s:
+            return [Anchor.decode(v) for v in hk.data_values(s, self.label)]
+
     def write(self, anchor: Anchor) -> list[Anchor]:
         """Write the new anchor; returns every anchor of the chain now in the token (another
         replica's may be beside it: the writer checks them before `prune`)."""

@@ -60,6 +60,7 @@ class Pending:
     events: list[AuditEvent]
     intents: bool = False          # the events are intents already committed with an effect
     alone: bool = False            # a recovery batch: never mixed with live calls' events
+    intent_ids: list[str] | None = None  # the intent rows to delete (default: event ids)
     done: threading.Event = field(default_factory=threading.Event)
     chained: list[AuditEvent] = field(default_factory=list)
     failure: str = ""
@@ -86,11 +87,11 @@ class AuditWriter:
 
     # ------------------------------------------------------------------ callers' side
     def submit(self, events: list[AuditEvent], *, intents: bool = False,
-               alone: bool = False) -> list[AuditEvent]:
+               alone: bool = False, intent_ids: list[str] | None = None) -> list[AuditEvent]:
         """Chain `events`; returns them with their sequences, or raises AUDIT_UNAVAILABLE."""
         if st.in_write_tx():
             raise RuntimeError("an audit event is waited for inside a write transaction")
-        p = Pending(list(events), intents, alone)
+        p = Pending(list(events), intents, alone, intent_ids=intent_ids)
         self._start()
         self._queue.put(p)
         AUDIT_LAG.set(self._queue.qsize())
@@ -167,7 +168,9 @@ class AuditWriter:
         if not events:
             return
         try:
-            chained = self._commit(events, [e.id for p in batch if p.intents for e in p.events])
+            chained = self._commit(events, [i for p in batch if p.intents
+                                            for i in (p.intent_ids if p.intent_ids is not None
+                                                      else [e.id for e in p.events])])
         except Exception:
             self._unchained(events)  # the sink keeps them: they happened
             raise
@@ -181,14 +184,15 @@ class AuditWriter:
             raise AfterCommit(str(exc)) from exc
 
     def _anchor_batch(self, chained: list[Chained]) -> None:
-        """Anchor the batch; every other anchor at or after its first sequence must be in
-        the chain with its hash (another replica's, written out of order), else the chain
-        was cut and regrown under it: refused, and that anchor kept as the evidence."""
-        first, last = chained[0].event.sequence, chained[-1]
+        """Anchor the batch; every other anchor in the token must be in the chain with its
+        hash (another replica's, written out of order, or an older one of this chain), else
+        the chain was cut or replaced: refused, and that anchor kept as the evidence (only
+        anchors just matched against the chain are ever pruned)."""
+        last = chained[-1]
         mine = Anchor(last.event.sequence, last.hash)
         seen = self._anchor().write(mine)
-        others = [a for a in seen if a != mine]
-        to_check = [a for a in others if a.seq >= first]
+        to_check = [a for a in seen if a != mine  # every other: a cut below us too
+                    and a != Anchor(0, GENESIS)]     # (a new chain's start holds always)
         if to_check:
             with self.store.engine.connect() as conn:
                 held = dict(conn.execute(select(st.audit_events.c.seq, st.audit_events.c.hash)

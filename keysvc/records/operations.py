@@ -237,6 +237,21 @@ class Operations:
             out.append((op, ok))
         return out
 
+    def anchored_state(self, op_id: str, partition: str) -> str | None:
+        """The operation's state as its newest anchor in the token says, if that anchor is
+        one record sealed by the partition's key; None if there is none such. The token's
+        word, for decisions the database must not be able to sway."""
+        top = self.r.anchors(partition).newest(f"op/{op_id}")
+        if len(top) != 1 or not top[0].payload:
+            return None
+        try:
+            op = from_canonical(top[0].payload)
+        except (ValueError, KeyError, UnicodeDecodeError):
+            return None
+        if op.id != op_id or not self.r.sealers[partition].valid(top[0].payload, top[0].seal):
+            return None
+        return op.state
+
     def pending_for(self, conn: Any, target: str, kinds: list[str]) -> str | None:
         """The id of a verified pending operation on `target`. A row that fails its seal or
         anchor (a database writer's, to block a request) is reported and does not count."""
