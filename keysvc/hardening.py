@@ -48,12 +48,22 @@ def harden_early() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
-def harden(lock_memory: bool = True) -> Hardened:
+def swap_present() -> bool:
+    try:
+        return len(open("/proc/swaps").read().splitlines()) > 1
+    except OSError:
+        return True  # cannot tell: assume there is
+
+
+def harden(lock_memory: str = "auto") -> Hardened:
     harden_early()
     libc = ctypes.CDLL(None, use_errno=True)
     dumpable = libc.prctl(3, 0, 0, 0, 0) != 0  # PR_GET_DUMPABLE
     locked = False
-    if lock_memory:
+    mode = str(lock_memory).lower()
+    if mode == "auto" and not swap_present():
+        log.info("no swap on this host: memory is not locked (nothing to lock against)")
+    if mode == "true" or (mode == "auto" and swap_present()):
         # Locked as pages are touched (MCL_ONFAULT), so memory merely reserved (thread
         # stacks, arenas) costs nothing; and only without a finite limit, where a later
         # allocation under load could otherwise fail instead of merely not being locked.

@@ -18,7 +18,7 @@ def hardened(tmp_path_factory):
     first.stop()
     pins = {f"KEYSVC_{p.upper()}_PIN": (state / "hsm" / "pins" / f"{p}.pin").read_text().strip()
             for p in ("s1sp", "dco", "admin")}
-    srv = start_server(state, env=pins)
+    srv = start_server(state, env={**pins, "KEYSVC_LOCK_MEMORY": "true"})
     srv.as_("security-officer-1").admin.ListKeys(pb.ListKeysRequest())  # a file or two more
     yield srv, pins
     srv.stop()
@@ -44,6 +44,11 @@ def test_no_core_file_can_be_written(hardened):
 def test_the_process_says_it_is_not_dumpable_and_whether_memory_is_locked(hardened):
     srv, _ = hardened
     assert "process hardened: dumpable=0 core=0 memory_locked=" in srv.log()
+    if os.geteuid() == 0:  # root may lock without a limit
+        assert "memory_locked=1" in srv.log()
+        locked = next(line for line in open(f"/proc/{srv.proc.pid}/status")
+                      if line.startswith("VmLck"))
+        assert int(locked.split()[1]) > 0
 
 
 def test_every_file_the_server_makes_is_private(hardened):

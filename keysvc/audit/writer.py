@@ -84,6 +84,7 @@ class AuditWriter:
         # each batch's own anchor write (which sees every anchor of the label).
         self._known: Anchor | None = None
         self._known_read = False
+        self._verified: set[Anchor] = set()  # anchors matched against the chain already
 
     # ------------------------------------------------------------------ callers' side
     def submit(self, events: list[AuditEvent], *, intents: bool = False,
@@ -186,27 +187,37 @@ class AuditWriter:
     def _anchor_batch(self, chained: list[Chained]) -> None:
         """Anchor the batch; every other anchor in the token must be in the chain with its
         hash (another replica's, written out of order, or an older one of this chain), else
-        the chain was cut or replaced: refused, and that anchor kept as the evidence (only
-        anchors just matched against the chain are ever pruned)."""
+        the chain was cut or replaced: refused, and that anchor kept as the evidence. An
+        anchor this process wrote or already matched is matched again only before it is
+        pruned (VerifyAuditLog matches every one each time)."""
         last = chained[-1]
         mine = Anchor(last.event.sequence, last.hash)
         seen = self._anchor().write(mine)
-        to_check = [a for a in seen if a != mine  # every other: a cut below us too
-                    and a != Anchor(0, GENESIS)]     # (a new chain's start holds always)
-        if to_check:
-            with self.store.engine.connect() as conn:
-                held = dict(conn.execute(select(st.audit_events.c.seq, st.audit_events.c.hash)
-                                         .where(st.audit_events.c.seq.in_(
-                                             [a.seq for a in to_check]))).all())
-            wrong = [a for a in to_check if held.get(a.seq) != a.hash]
-            if wrong:
-                self._known = max(wrong, key=lambda a: a.seq)
-                raise ChainRefused(f"the HSM anchor at sequence {wrong[0].seq} is not in the "
-                                   "audit chain in the database: events were cut or replaced")
+        self._verified.add(mine)
+        genesis = Anchor(0, GENESIS)  # a new chain's start holds always
+        self._match([a for a in seen if a not in self._verified and a != genesis])
         highest = max(seen, key=lambda a: a.seq)
         self._known = highest
         if len(seen) > PRUNE_ABOVE:  # older anchors go in bulk: one token search less a batch
-            self._anchor().prune(highest, {a for a in seen if a.seq < highest.seq})
+            older = [a for a in seen if a.seq < highest.seq and a != genesis]
+            self._match(older)
+            self._anchor().prune(highest, set(older) | {genesis})
+            self._verified = {highest}
+
+    def _match(self, anchors: list[Anchor]) -> None:
+        """Each of these anchors is in the chain with its hash, or the batch is refused."""
+        if not anchors:
+            return
+        with self.store.engine.connect() as conn:
+            held = dict(conn.execute(select(st.audit_events.c.seq, st.audit_events.c.hash)
+                                     .where(st.audit_events.c.seq.in_(
+                                         [a.seq for a in anchors]))).all())
+        wrong = [a for a in anchors if held.get(a.seq) != a.hash]
+        if wrong:
+            self._known = max(wrong, key=lambda a: a.seq)
+            raise ChainRefused(f"the HSM anchor at sequence {wrong[0].seq} is not in the "
+                               "audit chain in the database: events were cut or replaced")
+        self._verified.update(anchors)
 
     def _commit(self, events: list[AuditEvent], intent_ids: list[str]) -> list[Chained]:
         if not self._known_read:
