@@ -518,13 +518,23 @@ def cmd_dco_verify(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- audit
 def cmd_audit_list(args: argparse.Namespace) -> int:
+    """A page of events (--limit, from --page-token), or with --all every page in turn; the
+    next page's token is printed on stderr when there is one."""
     from keysvc.api.v1 import keysvc_pb2 as pb
-    r = _stubs(args).audit.ListAuditEvents(pb.ListAuditEventsRequest(
-        actor=args.actor or "", action=args.action or "", page_size=args.limit))
-    _table("audit events", ["#", "time", "actor", "role", "action", "target", "outcome",
-                            "code"],
-           [[e.sequence, e.time.ToDatetime().isoformat(timespec="seconds"), e.actor, e.role,
-             e.action, e.target, e.outcome, e.code] for e in r.events])
+    stubs, token = _stubs(args), args.page_token or ""
+    while True:
+        r = stubs.audit.ListAuditEvents(pb.ListAuditEventsRequest(
+            actor=args.actor or "", action=args.action or "", page_size=args.limit,
+            page_token=token))
+        _table("audit events", ["#", "time", "actor", "role", "action", "target", "outcome",
+                                "code"],
+               [[e.sequence, e.time.ToDatetime().isoformat(timespec="seconds"), e.actor,
+                 e.role, e.action, e.target, e.outcome, e.code] for e in r.events])
+        token = r.next_page_token
+        if not token or not args.all:
+            break
+    if token:
+        err.print(f"next page: --page-token {token}", markup=False, highlight=False)
     return 0
 
 
@@ -725,7 +735,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = au("list", cmd_audit_list, "ListAuditEvents")
     c.add_argument("--actor", default=None)
     c.add_argument("--action", default=None)
-    c.add_argument("--limit", type=int, default=50)
+    c.add_argument("--limit", type=int, default=50, help="events per page (at most 1000)")
+    c.add_argument("--page-token", default=None, help="go on from an earlier page")
+    c.add_argument("--all", action="store_true", help="every page in turn")
     c = au("verify", cmd_audit_verify, "VerifyAuditLog; with --sink, also compare the "
            "chain with an audit file")
     c.add_argument("--sink", default=None, help="a JSON-lines audit file (rotated ones too)")

@@ -85,3 +85,25 @@ def test_the_development_loopback_rule_parses_addresses_and_covers_the_metrics_p
     assert config.problems(config.load(env={}, metrics_listen="0.0.0.0:9100"))
     assert not config.problems(config.load(env={}, listen="[::1]:50051",
                                            metrics_listen="localhost:9100"))
+
+
+def test_audit_list_pages_with_a_token_or_all_at_once(tmp_path):
+    import json
+    srv = start_server(tmp_path / "pages")
+    try:
+        from keysvc.api.v1 import keysvc_pb2 as pb
+        for _ in range(5):
+            srv.as_("security-officer-1").admin.ListKeys(pb.ListKeysRequest())
+        where = ["--state-dir", str(srv.state_dir), "--server", srv.target, "--as", "auditor"]
+        first = _keysvc("audit", "list", "--limit", "2", "--json", *where)
+        assert first.returncode == 0 and "next page: --page-token" in first.stderr
+        token = first.stderr.split("--page-token", 1)[1].split()[0]
+        second = _keysvc("audit", "list", "--limit", "2", "--page-token", token, "--json",
+                         *where)
+        seqs = [r["#"] for x in (first, second) for line in x.stdout.splitlines()
+                for r in json.loads(line)["rows"]]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 4
+        everything = _keysvc("audit", "list", "--limit", "2", "--all", "--json", *where)
+        assert len(everything.stdout.splitlines()) >= 3
+    finally:
+        srv.stop()
