@@ -303,6 +303,10 @@ def cmd_admin_officers(args: argparse.Namespace) -> int:
            [[o.display_name, o.fingerprint, "DENIED" if o.denied else ""] for o in r.officers])
     _table("denied keys", ["key fingerprint", "reason"],
            [[d.fingerprint, d.reason] for d in r.denied])
+    if r.pending:
+        _table("waiting for their approval's commit (not counted yet)",
+               ["operation", "kind", "key fingerprint", "officer"],
+               [[x.operation_id, x.kind, x.fingerprint, x.display_name] for x in r.pending])
     return 0
 
 

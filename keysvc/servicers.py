@@ -356,7 +356,10 @@ class KeyAdministrationServicer(rpc.KeyAdministrationServiceServicer):
                       for o in roster.officers],
             denied=[pb.DeniedKey(fingerprint=d.fingerprint, reason=d.reason)
                     for d in roster.denied],
-            quorum=self.app.settings.quorum)
+            quorum=self.app.settings.quorum,
+            pending=[pb.PendingRosterChange(operation_id=x.op_id, kind=x.kind,
+                                            fingerprint=x.fingerprint, display_name=x.name)
+                     for x in roster.pending])
 
 
 class AuditServicer(rpc.AuditServiceServicer):

@@ -483,3 +483,21 @@ def test_approving_again_after_a_failed_settle_is_not_refused(app):
         == "APPROVED"
     app.roster.change(lambda st: replace(st, pending=tuple(
         x for x in st.pending if x.op_id != "op-again")))
+
+
+def test_list_officers_shows_changes_waiting_for_their_commit(app):
+    import hashlib
+    import time as _time
+    from dataclasses import replace
+    from keysvc.identity.roster import Pending
+    from keysvc.servicers import KeyAdministrationServicer
+    fp = hashlib.sha256(os.urandom(8)).hexdigest()
+    app.roster.change(lambda st: replace(st, pending=(*st.pending, Pending(
+        "op-shown", "ENROLL_OFFICER", fp, "Shown Officer", _time.time()))))
+    try:
+        r = KeyAdministrationServicer(app).ListOfficers(pb.ListOfficersRequest(), None)
+        assert any(x.operation_id == "op-shown" and x.fingerprint == fp for x in r.pending)
+        assert not any(o.fingerprint == fp for o in r.officers)
+    finally:
+        app.roster.change(lambda st: replace(st, pending=tuple(
+            x for x in st.pending if x.op_id != "op-shown")))
