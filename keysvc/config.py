@@ -219,6 +219,7 @@ def load(config_file: str | None = None, env: dict[str, str] | None = None,
         try:
             coerced[k] = _coerce(known[k], v)
         except (TypeError, ValueError):
-            raise ValueError(f"setting {k}: {str(v)[:64]!r} is not a "
+            # The value is not echoed: a setting may hold a secret (a PIN) typed wrongly.
+            raise ValueError(f"setting {k} is not a "
                              f"{str(known[k]).split('|')[0].strip()}") from None
     return replace(Settings(), **coerced)

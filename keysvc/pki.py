@@ -85,20 +85,3 @@ def ensure_dev_pki(pki_dir: Path) -> None:
                           role=role, server=name == "server")
         _write_key(key_path, key)
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-
-def role_and_identity(cert_der: bytes) -> tuple[str | None, str]:
-    """(role from the SAN URI, identity from the subject CN) of a verified client cert."""
-    cert = x509.load_der_x509_certificate(cert_der)
-    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    identity = str(cn[0].value) if cn else cert.subject.rfc4514_string()
-    role = None
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-            if uri.startswith(ROLE_URI_PREFIX):
-                role = uri[len(ROLE_URI_PREFIX):]
-                break
-    except x509.ExtensionNotFound:
-        pass
-    return role, identity

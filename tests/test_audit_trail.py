@@ -72,6 +72,11 @@ def _reason(call) -> str:
         return error_reason(exc)
 
 
+def _export(server, since: int = 0, limit: int = 10_000) -> list:
+    return list(server.as_("auditor").audit.ExportAuditEvents(
+        pb.ExportAuditEventsRequest(since_sequence=since, limit=limit)))
+
+
 def _verify(server):
     return server.as_("auditor").audit.VerifyAuditLog(pb.VerifyAuditLogRequest())
 
@@ -279,8 +284,7 @@ def test_an_erased_log_is_refused_and_found_after_a_restart(tmp_path):
 def test_every_event_is_in_the_audit_file_with_its_sequence_hash_and_mac(srv):
     for _ in range(3):
         srv.as_("security-officer-2").admin.ListKeys(pb.ListKeysRequest())
-    exported = list(srv.as_("auditor").audit.ExportAuditEvents(
-        pb.ExportAuditEventsRequest(since_sequence=0, limit=10_000)))
+    exported = _export(srv)
     lines = {x["seq"]: x for x in _lines(_audit_file(srv)) if x.get("seq")}
     for c in exported:
         x = lines[c.event.sequence]
@@ -407,11 +411,9 @@ def test_syslog_over_tls_receives_every_event_before_the_call_returns(tmp_path):
 def test_export_streams_the_chain_from_a_cursor_and_the_cli_writes_json_lines(srv):
     for _ in range(3):
         srv.as_("security-officer-1").admin.ListKeys(pb.ListKeysRequest())
-    everything = list(srv.as_("auditor").audit.ExportAuditEvents(
-        pb.ExportAuditEventsRequest(since_sequence=0, limit=10_000)))
+    everything = _export(srv)
     cursor = everything[-3].event.sequence
-    after = list(srv.as_("auditor").audit.ExportAuditEvents(
-        pb.ExportAuditEventsRequest(since_sequence=cursor)))
+    after = _export(srv, since=cursor, limit=0)
     assert [c.event.sequence for c in after][:2] == [cursor + 1, cursor + 2]
     out = _cli("audit", "export", "--since", str(cursor), "--format", "jsonl",
                server=srv).stdout
