@@ -63,7 +63,7 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
     stored_before = _devices_already_stored(app, ids, h.migration_file_id)
 
     def unwrap_all(sess) -> list[tuple[str, tuple[StoredKey, bytes] | None, list[Problem]]]:
-        sess.retire_after_use()  # closing it destroys every master key object made here
+        sess.retire_after_use()  # for the session copy of the storage key
         storage = hk.session_copy(sess, STORAGE_KEY)
         seal = app.records.master_keys.loop_sealer(sess) if store else None
         out = []
@@ -85,12 +85,13 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
     unwrapped = app.partitions.dco.run(unwrap_all)
     now = app.clock()
 
-    def assemble(stored: list[list[Problem]]) -> tuple[MasterKeysResult, list[dict]]:
+    def assemble(stored: list[list[Problem]]
+                 ) -> tuple[MasterKeysResult, list[tuple[StoredKey, bytes]]]:
         entries, rows = [], []
         for (chf, dev), p, q, (kcv, sealed, found) in zip(ids, problems, stored, unwrapped):
             p = p + q + found
             if sealed is not None and not p:
-                rows.append(app.records.master_keys.row(*sealed, now))
+                rows.append(sealed)
             entries.append(MasterKeyResult(chf, dev, "REJECTED" if p else "ACCEPTED",
                                            tuple(p), "" if p else kcv))
         return MasterKeysResult(h.migration_file_id, h.group_id, tuple(entries)), rows
@@ -101,7 +102,7 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
 
     def store_result() -> MasterKeysResult | None:
         def write_rows(conn) -> None:
-            app.records.master_keys.insert_many(conn, rows)
+            app.records.master_keys.insert_many(conn, rows, now)
         return transport.store_once(app, h.migration_file_id, SERVICE, file_digest,
                                     to_json(result), write_rows, master_keys_result_from_json)
     try:
@@ -135,12 +136,15 @@ def _unwrap_one(sess, key: transport.TransportKey, entry, storage, store: bool,
     # SoftHSM2 refuses to wrap a key under 16 bytes, zero-pads one that is not a whole
     # number of 8-byte blocks (15 bytes measure as 16), and refuses AES-CMAC with a key
     # that is not 16, 24 or 32 bytes: a failure of either is the wrong length too.
-    # The session object dies when the session is retired (see unwrap_all).
+    # The session object is destroyed at once: one kept to the end of a large file costs
+    # the token about 7 KiB, and destroying it is cheaper than keeping it.
     try:
         wrapped = hk.wrap(storage, obj)
         kcv = hk.check_value(obj)
     except HsmOperationFailed:
         wrapped, kcv = b"", ""
+    finally:
+        hk.destroy(obj)
     if len(wrapped) - 8 not in (16, 32):
         problems.append(Problem("KEY_UNWRAP_FAILED", "the master key is not 128 or 256 "
                                                      "bits", "EncryptedKey"))

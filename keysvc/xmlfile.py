@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
+import io
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -74,15 +76,23 @@ class MigrationFile:
 
 
 # --------------------------------------------------------------------------- parsing
+# huge_tree lifts libxml2's 10,000,000-character text-node limit: the S1SP group information
+# is one base64 text node, 48 MB in a 64 MiB file. The limits that matter stay: the size cap
+# (checked first), no DTD or entity (refused before parsing, and never resolved), no network.
+# Indentation between elements is dropped (remove_blank_text): it halves the tree of a
+# large file (70 MB instead of 126 at 35,000 installations), and no schema here gives it a
+# meaning; an element whose only content is blank keeps it.
+_PARSER_OPTIONS = dict(resolve_entities=False, no_network=True, load_dtd=False,
+                       dtd_validation=False, huge_tree=True, remove_comments=True,
+                       remove_pis=True, remove_blank_text=True, collect_ids=False)
+
+
 def _parser() -> etree.XMLParser:
-    return etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                           dtd_validation=False, huge_tree=False, remove_comments=True,
-                           remove_pis=True, collect_ids=False)
+    return etree.XMLParser(**_PARSER_OPTIONS)
 
 
-def parse_hardened(data: bytes, *, max_bytes: int, max_depth: int,
-                   what: str = "file") -> etree._Element:
-    """Parse untrusted XML bytes, or raise the api.md code for why not."""
+def _check_bytes(data: bytes, max_bytes: int, what: str) -> None:
+    """What is refused before libxml2 sees a byte: size, DTDs and entities, not UTF-8."""
     if len(data) > max_bytes:
         raise error("FILE_TOO_LARGE", f"{what} is {len(data)} bytes; the limit is {max_bytes}")
     if _FORBIDDEN.search(data):
@@ -91,16 +101,31 @@ def parse_hardened(data: bytes, *, max_bytes: int, max_depth: int,
     if m and m.group(1).decode().upper().replace("_", "-") not in ("UTF-8", "UTF8"):
         raise error("MALFORMED_XML", f"{what} must be UTF-8, not {m.group(1).decode()!r}")
     try:
-        data.decode("utf-8")
+        if not data.isascii():  # (ASCII is UTF-8, and checking it copies nothing)
+            codecs.utf_8_decode(data, "strict", True)
     except UnicodeDecodeError as exc:
         raise error("MALFORMED_XML", f"{what} is not valid UTF-8 (byte {exc.start})") from None
+
+
+def _syntax_error(exc: etree.XMLSyntaxError, what: str) -> Exception:
+    line = getattr(exc, "lineno", 0)
+    return error("MALFORMED_XML", f"{what} is not well-formed XML (line {line})")
+
+
+def _no_doctype(root: etree._Element, what: str) -> None:
+    if root.getroottree().docinfo.doctype:
+        raise error("FORBIDDEN_XML_CONSTRUCT", f"{what} carries a DOCTYPE")
+
+
+def parse_hardened(data: bytes, *, max_bytes: int, max_depth: int,
+                   what: str = "file") -> etree._Element:
+    """Parse untrusted XML bytes, or raise the api.md code for why not."""
+    _check_bytes(data, max_bytes, what)
     try:
         root = etree.fromstring(data, _parser())
     except etree.XMLSyntaxError as exc:
-        line = getattr(exc, "lineno", 0)
-        raise error("MALFORMED_XML", f"{what} is not well-formed XML (line {line})") from None
-    if root.getroottree().docinfo.doctype:
-        raise error("FORBIDDEN_XML_CONSTRUCT", f"{what} carries a DOCTYPE")
+        raise _syntax_error(exc, what) from None
+    _no_doctype(root, what)
     return root
 
 
@@ -121,7 +146,7 @@ def _schema(name: str) -> etree.XMLSchema:
 def validate(root: etree._Element, schema_name: str, what: str, max_depth: int) -> None:
     """Schema validation; a document that fails is also checked against the depth limit.
 
-    libxml2 itself refuses nesting past 256 levels (huge_tree is off). Our lower limit is
+    libxml2 itself refuses nesting past 2048 levels (huge_tree). Our lower limit is
     only checked on documents that fail their schema: a schema-valid document is never
     deeper than its schema allows, and walking every element of a large valid file in
     Python would cost more than the validation itself.
@@ -146,13 +171,20 @@ def _element_in_error(message: str) -> str:
 
 
 def strict_base64(text: str | None, what: str) -> bytes:
-    """Canonical base64 only: truncated or padded-oddly input is refused, not guessed at."""
-    compact = "".join((text or "").split())
+    """Canonical base64 only: truncated or padded-oddly input is refused, not guessed at.
+
+    Written for 48 MB of group information as much as for one key: XML whitespace goes in
+    one C pass, the strict decoder refuses anything outside the alphabet or after the
+    padding, and canonical form (unused bits zero) is checked on the last quantum alone.
+    """
     try:
-        raw = base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError):
+        compact = (text or "").encode("ascii").translate(None, b" \t\r\n")
+        raw = binascii.a2b_base64(compact, strict_mode=True)
+    except (UnicodeEncodeError, binascii.Error, ValueError):
         raise error("SCHEMA_INVALID", f"{what} is not valid base64") from None
-    if not raw or base64.b64encode(raw).decode() != compact:
+    tail = len(raw) % 3 or 3
+    if (not raw or len(compact) != 4 * ((len(raw) + 2) // 3)
+            or binascii.b2a_base64(raw[-tail:], newline=False) != compact[-4:]):
         raise error("SCHEMA_INVALID", f"{what} is not canonical base64")
     return raw
 
@@ -208,21 +240,58 @@ _PLACEHOLDER = (
     f'</EncryptedS1SPGroupInformation>')
 
 
-def read_file(data: bytes, *, max_bytes: int, max_depth: int, view: str) -> MigrationFile:
-    """The file as `view` ('s1sp' or 'dco') may see it.
+_GROUP_INFORMATION = f"{{{NS}}}EncryptedS1SPGroupInformation"
+_ENCRYPTED_DATA = f"{{{XENC}}}EncryptedData"
+_CIPHER_DATA = f"{{{XENC}}}CipherData"
+_CIPHER_VALUE = f"{{{XENC}}}CipherValue"
 
-    The DCO view swaps EncryptedS1SPGroupInformation for a fixed placeholder before the
-    schema runs, so nothing of the group information, well-formed or garbage, reaches DCO
-    code or decides a DCO outcome.
+
+def _is_group_ciphertext(el: etree._Element) -> bool:
+    """EncryptedS1SPGroupInformation/EncryptedData/CipherData/CipherValue (not the
+    EncryptedKey's own CipherValue, which sits deeper)."""
+    data = el.getparent()
+    encrypted = data.getparent() if data is not None else None
+    info = encrypted.getparent() if encrypted is not None else None
+    return (data is not None and data.tag == _CIPHER_DATA and encrypted is not None
+            and encrypted.tag == _ENCRYPTED_DATA and info is not None
+            and info.tag == _GROUP_INFORMATION)
+
+
+def _parse_outer(data: bytes, max_bytes: int, view: str) -> tuple[etree._Element, str | None]:
+    """The outer file as a tree without the group information's ciphertext.
+
+    Parsed incrementally: when the ciphertext's element ends, the S1SP view takes its text
+    and leaves "AA==" in the tree (the schema still sees a base64 value there); the DCO view
+    drops the text, then swaps the whole EncryptedS1SPGroupInformation for a fixed
+    placeholder, so nothing of it, well-formed or garbage, reaches DCO code or decides a DCO
+    outcome, and the DCO never holds the S1SP ciphertext beyond the parser's own buffer.
     """
-    root = parse_hardened(data, max_bytes=max_bytes, max_depth=max_depth)
+    _check_bytes(data, max_bytes, "file")
+    ciphertext: str | None = None
+    events = etree.iterparse(io.BytesIO(data), events=("end",),
+                             tag=(_CIPHER_VALUE, _GROUP_INFORMATION), **_PARSER_OPTIONS)
+    try:
+        for _, el in events:
+            if el.tag == _CIPHER_VALUE:
+                if _is_group_ciphertext(el):
+                    if view == "s1sp" and ciphertext is None:
+                        ciphertext = el.text or ""
+                    el.text = "AA=="
+            elif view == "dco" and el.getparent() is not None:
+                el.getparent().replace(el, etree.fromstring(_PLACEHOLDER))
+        root = events.root
+    except etree.XMLSyntaxError as exc:
+        raise _syntax_error(exc, "file") from None
+    _no_doctype(root, "file")
+    return root, ciphertext
+
+
+def read_file(data: bytes, *, max_bytes: int, max_depth: int, view: str) -> MigrationFile:
+    """The file as `view` ('s1sp' or 'dco') may see it (see `_parse_outer`)."""
+    root, ciphertext = _parse_outer(data, max_bytes, view)
     if root.tag != f"{{{NS}}}MigrationGroupEncryptedFile":
         _check_depth(root, max_depth, "the file")
         raise error("SCHEMA_INVALID", "the root element is not MigrationGroupEncryptedFile")
-    if view == "dco":
-        info = root.find("m:EncryptedS1SPGroupInformation", NSMAP)
-        if info is not None:
-            root.replace(info, etree.fromstring(_PLACEHOLDER))
     validate(root, MIGRATION_FILE, "the file", max_depth)
     header = _header(root)
     entries = _master_key_entries(root)
@@ -235,11 +304,11 @@ def read_file(data: bytes, *, max_bytes: int, max_depth: int, view: str) -> Migr
         ek = ed.find("ds:KeyInfo/xenc:EncryptedKey", NSMAP)
         if ek is None:
             raise error("SCHEMA_INVALID", "EncryptedData carries no EncryptedKey")
+        del root
         group_info = EncryptedData(
             algorithm=(method.get("Algorithm") or "") if method is not None else "",
             encrypted_key=_encrypted_key(ek, "EncryptedKey CipherValue"),
-            cipher_value=strict_base64(_text(ed, "xenc:CipherData/xenc:CipherValue"),
-                                       "EncryptedData CipherValue"))
+            cipher_value=strict_base64(ciphertext, "EncryptedData CipherValue"))
     return MigrationFile(header, entries, group_info)
 
 

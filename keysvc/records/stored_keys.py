@@ -11,8 +11,9 @@ changed, so they need no anchor: a deleted row is a denial, never a wrong key.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from sqlalchemy import Table, select
 
@@ -22,6 +23,7 @@ from keysvc.records.seal import _LENGTH, LoopSealer
 if TYPE_CHECKING:
     from keysvc.records import Records
 
+INSERT_CHUNK = 5000
 STORAGE_KEY_VERSION = 1  # the one storage key version until rotation exists
 
 
@@ -35,6 +37,13 @@ class StoredKey:
     key_version: int
     kcv: str
     wrapped: bytes = field(repr=False)
+
+
+def _batched(items: Iterable, n: int) -> Iterator[tuple]:
+    """itertools.batched, which arrives in Python 3.12."""
+    it = iter(items)
+    while chunk := tuple(itertools.islice(it, n)):
+        yield chunk
 
 
 class _StoredKeys:
@@ -69,9 +78,13 @@ class _StoredKeys:
     def _stored(self, r: Any) -> StoredKey:
         raise NotImplementedError
 
-    def insert_many(self, conn: Any, rows: list[dict]) -> None:
-        if rows:
-            conn.execute(self.table.insert(), rows)
+    def insert_many(self, conn: Any, sealed: Iterable[tuple[StoredKey, bytes]],
+                    created_at: dt.datetime) -> None:
+        """Each stored key with its seal, in chunks: 140,000 rows' parameter dictionaries
+        at once cost 160 MB at the peak of a 64 MiB file, a chunk at a time about 6."""
+        for chunk in _batched(sealed, INSERT_CHUNK):
+            conn.execute(self.table.insert(), [self.row(k, seal, created_at)
+                                               for k, seal in chunk])
 
     def get(self, device_id: str, where: list | None = None) -> list[StoredKey]:
         """Every stored key of the device (narrowed by `where`), each verified; a row that
