@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from pkcs11 import MGF, Attribute, GCMParams, KeyType, Mechanism, ObjectClass
+from pkcs11._pkcs11 import SearchIter
 from pkcs11.util.rsa import encode_rsa_public_key
 
 from hsm.direct import Template
@@ -95,7 +96,7 @@ def forget(s: Session, label: str) -> None:
 def destroy_objects(s: Session, label: str) -> int:
     """Destroy every object (secret, private, public) with this label."""
     n = 0
-    for obj in list(s.raw.get_objects({A.LABEL: label})):
+    for obj in objects(s, {A.LABEL: label}):
         obj.destroy()
         n += 1
     forget(s, label)
@@ -105,18 +106,35 @@ def destroy_objects(s: Session, label: str) -> int:
 # --------------------------------------------------------------------------- data objects
 def put_data(s: Session, label: str, value: bytes) -> None:
     """A private, unmodifiable token data object: state the database's writers cannot
-    change or roll back (they can neither log in to the token nor restore it)."""
-    try:
-        s.raw.create_object({A.CLASS: ObjectClass.DATA, A.TOKEN: True, A.PRIVATE: True,
-                             A.MODIFIABLE: False, A.LABEL: label, A.VALUE: value})
-    except px.PKCS11Error as exc:
-        raise _fail(exc) from None
+    change or roll back (they can neither log in to the token nor restore it).
+
+    Made by a direct C_CreateObject: python-pkcs11 reads the new object's attributes back,
+    and when another process changed the token meanwhile, SoftHSM2 may already call the
+    new handle invalid (the object itself is made)."""
+    template = Template({A.CLASS: ObjectClass.DATA, A.TOKEN: True, A.PRIVATE: True,
+                         A.MODIFIABLE: False, A.LABEL: label}, value_type=A.VALUE)
+    s.direct.create_object(s.raw.handle, template, value)
 
 
 # Another process using the same token (a replica, a tool) may destroy a data object
 # between this search finding it and its value being read or it being destroyed here: that
 # object is gone, exactly as if the search had run a moment later, and is skipped.
 _GONE = (px.ObjectHandleInvalid,)
+
+
+def objects(s: Session, template: dict) -> list:
+    """The objects matching `template`. Found one at a time: when another process destroys
+    an object between C_FindObjects finding it and its class being read, python-pkcs11 ends
+    the whole search with ObjectHandleInvalid (the workers of one server, keysvc/processes.py,
+    prune audit anchors as each other search them). That object is skipped instead."""
+    found = []
+    with SearchIter(s.raw, template, 1) as search:
+        for one in search:
+            try:
+                found.extend(one)
+            except _GONE:
+                continue
+    return found
 
 
 def _values(objects: Any, attribute: Attribute = Attribute.VALUE) -> Any:
@@ -129,14 +147,13 @@ def _values(objects: Any, attribute: Attribute = Attribute.VALUE) -> Any:
 
 def data_values(s: Session, label: str) -> list[bytes]:
     """The values of the data objects with this label, found afresh (never cached)."""
-    return [v for _, v in _values(s.raw.get_objects({A.CLASS: ObjectClass.DATA,
-                                                       A.LABEL: label}))]
+    return [v for _, v in _values(objects(s, {A.CLASS: ObjectClass.DATA, A.LABEL: label}))]
 
 
 def data_by_label(s: Session, prefix: str) -> dict[str, list[bytes]]:
     """Every data object whose label starts with `prefix`: label -> values, one search."""
     out: dict[str, list[bytes]] = {}
-    for o, label in _values(s.raw.get_objects({A.CLASS: ObjectClass.DATA}), A.LABEL):
+    for o, label in _values(objects(s, {A.CLASS: ObjectClass.DATA}), A.LABEL):
         if label.startswith(prefix):
             try:
                 out.setdefault(label, []).append(bytes(o[A.VALUE]))
@@ -148,13 +165,16 @@ def data_by_label(s: Session, prefix: str) -> dict[str, list[bytes]]:
 def destroy_data(s: Session, label: str, doomed: Callable[[bytes], bool] = lambda v: True
                  ) -> None:
     """Destroy the data objects with this label whose value is `doomed`."""
-    for o, value in _values(list(s.raw.get_objects({A.CLASS: ObjectClass.DATA,
-                                                     A.LABEL: label}))):
+    for o, value in _values(objects(s, {A.CLASS: ObjectClass.DATA, A.LABEL: label})):
         if doomed(value):
             try:
                 o.destroy()
             except _GONE:
                 continue
+            except px.FunctionFailed:
+                # SoftHSM2's answer when another process removed the object's file first
+                if value in data_values(s, label):
+                    raise _fail(px.FunctionFailed()) from None
 
 
 @dataclass(frozen=True)
@@ -179,7 +199,7 @@ def objects_with_ids(s: Session) -> list[tuple[str, ObjectClass, str]]:
     """(label, class, CKA_ID) of every key object in the token, for reconciliation."""
     out = []
     for cls in (ObjectClass.SECRET_KEY, ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
-        for o in s.raw.get_objects({A.CLASS: cls}):
+        for o in objects(s, {A.CLASS: cls}):
             out.append((o[A.LABEL] or "", cls, bytes(o[A.ID] or b"").decode(errors="replace")))
     return out
 
@@ -187,7 +207,7 @@ def objects_with_ids(s: Session) -> list[tuple[str, ObjectClass, str]]:
 def destroy_with_id(s: Session, label: str, key_id: str) -> int:
     """Destroy every key object with this label whose CKA_ID is `key_id`."""
     n = 0
-    for obj in list(s.raw.get_objects({A.LABEL: label, A.ID: key_id.encode()})):
+    for obj in objects(s, {A.LABEL: label, A.ID: key_id.encode()}):
         if obj[A.CLASS] == ObjectClass.DATA:
             continue
         obj.destroy()
@@ -200,7 +220,7 @@ def set_id(s: Session, label: str, key_id: str) -> int:
     """Give every key object with this label the CKA_ID `key_id` (upgrade of objects made
     before key ids existed)."""
     n = 0
-    for obj in list(s.raw.get_objects({A.LABEL: label})):
+    for obj in objects(s, {A.LABEL: label}):
         if obj[A.CLASS] == ObjectClass.DATA:
             continue
         obj[A.ID] = key_id.encode()

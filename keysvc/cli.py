@@ -102,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     pins = hardening.pins_from_pipe()
     try:
         settings = config.load(args.config, state_dir=args.state_dir, listen=args.listen,
-                               **pins)
+                               processes=args.processes, **pins)
     except (ValueError, OSError) as exc:
         err.print(f"keysvc: configuration: {exc}", markup=False, highlight=False)
         return 2
@@ -113,8 +113,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_level)
     hardening.harden(settings.lock_memory)
-    app = App.open(settings)
-    return serve(app, settings.listen)
+    if settings.processes == 1:
+        return serve(App.open(settings), settings.listen)
+    from keysvc import processes
+
+    def start_worker(ready: Callable[[], None]) -> int:
+        hardening.harden(settings.lock_memory)  # memory locks are not inherited by fork
+        return serve(App.open(settings), settings.listen, on_ready=lambda _: ready(),
+                     announce=False)
+    return processes.supervise(settings.processes, start_worker, lambda: print(
+        f"listening on {settings.listen} ({settings.processes} processes)", flush=True))
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -622,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gRPC server")
     common(serve)
     serve.add_argument("--listen", default=None)
+    serve.add_argument("--processes", type=int, default=None,
+                       help="server processes sharing the port (default 1; one per core "
+                            "uses every core)")
     serve.add_argument("--config", default=None)
     serve.set_defaults(func=cmd_serve)
     cc = sub.add_parser("config", help="configuration")

@@ -72,6 +72,9 @@ class Settings:
     audit_syslog_cert: str = ""
     audit_syslog_key: str = ""
     metrics_listen: str = ""
+    # Server processes behind `listen` (SO_REUSEPORT; keysvc/processes.py): one per core to
+    # use every core. Worker i > 0 serves its metrics and probes on metrics_listen's port + i.
+    processes: int = 1
     workers: int = 16
     # Worker processes that check DeviceCertificates while the HSM wraps keys (0: inline).
     certificate_workers: int = 1
@@ -145,7 +148,8 @@ def problems(s: Settings) -> list[str]:
             out.append(f"{name} must be at least {low:g} (it is {getattr(s, name)!r})")
     if s.quorum < 2:
         out.append(f"quorum must be at least 2: dual control (it is {s.quorum})")
-    for name, low in (("workers", 1), ("hsm_pool_size", 1), ("hsm_acquire_timeout", 0.1),
+    for name, low in (("processes", 1), ("workers", 1), ("hsm_pool_size", 1),
+                      ("hsm_acquire_timeout", 0.1),
                       ("import_job_ttl_hours", 1), ("import_job_quota", 1),
                       ("audit_timeout_seconds", 0.1), ("audit_file_max_bytes", 4096),
                       ("audit_file_keep", 1), ("max_file_bytes", 1024), ("max_xml_depth", 8),
@@ -158,6 +162,8 @@ def problems(s: Settings) -> list[str]:
         out.append(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
     if ":" not in s.listen or not s.listen.rsplit(":", 1)[1].isdigit():
         out.append(f"listen must be HOST:PORT (it is {s.listen!r})")
+    elif s.processes > 1 and s.listen.rsplit(":", 1)[1] == "0":
+        out.append("several processes share one port: listen needs a port, not 0")
     for name in ("listen", "metrics_listen"):
         value = getattr(s, name)
         if s.dev and value and not _loopback(value):

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 
 _EUI64_LOOSE = re.compile(r"^(?:[0-9A-Fa-f]{2}(?:-[0-9A-Fa-f]{2}){7}|[0-9A-Fa-f]{16})$")
+_EUI64_CANONICAL = re.compile(r"[0-9A-F]{2}(?:-[0-9A-F]{2}){7}")
 
 
 class InvalidEUI64(ValueError):
@@ -21,6 +22,8 @@ def normalise_eui64(text: str) -> str:
     The profile lets a reader accept lower case and no separators; everything stored and
     returned uses the one canonical spelling so that lookups never miss on case.
     """
+    if _EUI64_CANONICAL.fullmatch(text or ""):
+        return text  # the usual case: already in the canonical form
     text = (text or "").strip()
     if not _EUI64_LOOSE.match(text):
         raise InvalidEUI64("not an EUI-64 (8 hex pairs, optionally joined by '-')")

@@ -30,7 +30,7 @@ from grpc_status import rpc_status
 from hsm import HsmError, HsmUnavailable
 from keysvc.api.v1 import keysvc_pb2
 from keysvc.app import App, Caller
-from keysvc import limits
+from keysvc import limits, processes
 from keysvc import store as st
 from keysvc.errors import ERROR_DOMAIN, KeysvcError, error
 from keysvc.observability import (HSM_IDLE, HSM_IN_USE, HSM_UP, LATENCY, REQUESTS,
@@ -385,7 +385,10 @@ def build_server(app: App, listen: str) -> tuple[grpc.Server, int, HealthWatch]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=s.workers),
                          interceptors=[KeysvcInterceptor(app)],
                          options=[("grpc.max_receive_message_length", max_msg),
-                                  ("grpc.max_send_message_length", max_msg)])
+                                  ("grpc.max_send_message_length", max_msg),
+                                  # gRPC allows a second server on a bound port by default:
+                                  # only the workers of one keysvc may share it.
+                                  ("grpc.so_reuseport", int(processes.COUNT > 1))])
     register_all(server, app)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -454,16 +457,19 @@ def start_probes(listen: str, watch: HealthWatch) -> None:
     threading.Thread(target=httpd.serve_forever, daemon=True, name="probes").start()
 
 
-def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None) -> int:
+def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, *,
+          announce: bool = True) -> int:
     server, port, watch = build_server(app, listen)
     tune_gc()
     server.start()
     watch.start()
     if app.settings.metrics_listen:
-        start_probes(app.settings.metrics_listen, watch)
+        host, metrics_port = app.settings.metrics_listen.rsplit(":", 1)
+        start_probes(f"{host}:{int(metrics_port) + processes.INDEX}", watch)
     host = listen.rsplit(":", 1)[0]
     bound = f"{host}:{port}"
-    print(f"listening on {bound}", flush=True)
+    if announce:  # (the workers of several processes: their supervisor says it once)
+        print(f"listening on {bound}", flush=True)
     if on_ready:
         on_ready(bound)
     done = threading.Event()

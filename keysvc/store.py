@@ -7,8 +7,11 @@ upgrade; PostgreSQL serialises the few hot spots with row locks (audit head, esc
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import threading
+import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -23,6 +26,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.types import TypeDecorator
 
 metadata = MetaData()
+WRITE_WAIT_SECONDS = 30  # the longest a writer waits for the database's write lock
 
 
 class DateTime(TypeDecorator):
@@ -220,10 +224,13 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = _normalise_url(url)
         self.is_sqlite = self.url.startswith("sqlite")
+        self._lock_path: str | None = None  # SQLite: the writer lock shared by processes
+        self._lock_fd: int | None = None
         if self.is_sqlite:
             path = self.url.split("sqlite:///", 1)[-1]
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
+                self._lock_path = path + ".writer-lock"
             self.engine: Engine = create_engine(
                 self.url, connect_args={"check_same_thread": False, "timeout": 30},
                 pool_size=16, max_overflow=16)
@@ -273,22 +280,54 @@ class Store:
 
     @contextmanager
     def _one_writer(self) -> Iterator[None]:
-        """SQLite: this process's writers queue here, woken as the writer before them ends.
+        """SQLite: one writer at a time, woken as the writer before it ends.
+
         Left to SQLite, a writer that finds the database locked sleeps and retries with
-        growing naps (busy_timeout), and under load a few wait a second for a lock that was
-        free long before. PostgreSQL has row locks and needs nothing."""
+        growing naps (busy_timeout: 1, 2, 5, 10 ... 100 ms), and under load a few wait a
+        second for a lock that was free long before. So this process's writers queue on a
+        lock here, and the one at the head takes a lock file shared with the other
+        processes on the same database (the workers of one server, keysvc/processes.py),
+        retried every millisecond at most. SQLite's own lock is then free when BEGIN
+        IMMEDIATE asks for it. PostgreSQL has row locks and needs nothing."""
         if not self.is_sqlite:
             yield
             return
-        if not self._writer.acquire(timeout=30):
+        deadline = time.monotonic() + WRITE_WAIT_SECONDS
+        if not self._writer.acquire(timeout=WRITE_WAIT_SECONDS):
             raise TimeoutError("the database is busy: no write transaction in 30 s")
         try:
-            yield
+            fd = self._lock_processes(deadline)
+            try:
+                yield
+            finally:
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             self._writer.release()
 
+    def _lock_processes(self, deadline: float) -> int | None:
+        if self._lock_path is None:
+            return None
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                    0o600)
+        nap = 0.0001
+        while True:
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self._lock_fd
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the database is busy: another process has held its "
+                                       "write lock for 30 s") from None
+                time.sleep(nap)
+                nap = min(nap * 2, 0.001)
+
     def close(self) -> None:
         self.engine.dispose()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 # Set by the interceptor for one call: writes the call's audit event into each of its write

@@ -19,6 +19,8 @@ import logging
 import queue
 import threading
 import time
+import traceback
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -28,6 +30,7 @@ from hsm import keys as hk
 from keysvc import store as st
 from keysvc.audit.anchor import Anchor, ChainAnchor
 from keysvc.audit.chain import (GENESIS, AuditEvent, Chained, canonical, line, row_chained)
+from hsm import HsmError
 from keysvc.audit.sinks import SinkError
 from keysvc.errors import error
 from keysvc.observability import AUDIT_FAILURES, AUDIT_LAG, AUDIT_SINK_LAG
@@ -151,8 +154,14 @@ class AuditWriter:
             cause = exc.__cause__ if isinstance(exc, AfterCommit) and exc.__cause__ else exc
             why = str(cause) if isinstance(cause, (ChainRefused, SinkError)) else \
                 f"the audit trail cannot be written ({type(cause).__name__})"
-            log.error("audit batch of %d events failed: %s",
-                      sum(len(p.events) for p in batch), why[:200])
+            # HSM errors carry return-code names only; anything else is named by where it
+            # was raised (file and line, never a value).
+            frames = traceback.extract_tb(cause.__traceback__)
+            detail = str(cause)[:120] if isinstance(cause, HsmError) else \
+                (f"at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "")
+            log.error("audit batch of %d events failed: %s%s",
+                      sum(len(p.events) for p in batch), why[:200],
+                      f": {detail}" if detail else "")
             AUDIT_FAILURES.labels(type(cause).__name__).inc()
             if self.failing_since is None:
                 self.failing_since = time.monotonic()
@@ -201,7 +210,11 @@ class AuditWriter:
         if len(seen) > PRUNE_ABOVE:  # older anchors go in bulk: one token search less a batch
             older = [a for a in seen if a.seq < highest.seq and a != genesis]
             self._match(older)
-            self._anchor().prune(highest, set(older) | {genesis})
+            try:  # housekeeping: the batch is anchored; what stays is pruned next time
+                self._anchor().prune(highest, set(older) | {genesis})
+            except HsmError as exc:
+                log.warning("older audit anchors not pruned this time: %s", exc)
+                return
             self._verified = {highest}
 
     def _match(self, anchors: list[Anchor]) -> None:
@@ -248,7 +261,7 @@ class AuditWriter:
                 for e in events:
                     seq += 1
                     digest = hashlib.sha256(canonical(seq, e, prev)).hexdigest()
-                    mac = hk.hmac_sha256(key, bytes.fromhex(digest)).hex()
+                    mac = hk.hmac_sha256_direct(s, key, bytes.fromhex(digest)).hex()
                     rows.append(dict(seq=seq, id=e.id, time=e.time, actor=e.actor, role=e.role,
                                      action=e.action, target=e.target, outcome=e.outcome,
                                      code=e.code, prev_hash=prev, hash=digest, mac=mac))

@@ -80,11 +80,23 @@ class _StoredKeys:
 
     def insert_many(self, conn: Any, sealed: Iterable[tuple[StoredKey, bytes]],
                     created_at: dt.datetime) -> None:
-        """Each stored key with its seal, in chunks: 140,000 rows' parameter dictionaries
-        at once cost 160 MB at the peak of a 64 MiB file, a chunk at a time about 6."""
+        """Each stored key with its seal, in chunks, straight to the driver's executemany.
+
+        In chunks: 140,000 rows' parameters at once cost 160 MB at the peak of a 64 MiB
+        file. Straight to the driver: SQLAlchemy's per-row processing (a Binary wrapper
+        around every blob, the same timestamp converted for every row) was a fifth of a
+        large file's time. The timestamp is converted once, by the column's own type;
+        strings, integers and bytes go as they are (sqlite3 and psycopg take bytes as a
+        BLOB or bytea)."""
+        compiled = self.table.insert().compile(dialect=conn.dialect)
+        order = compiled.positiontup  # qmark (SQLite); None for named styles (psycopg)
+        created_type = self.table.c.created_at.type
+        to_db = created_type.bind_processor(conn.dialect)
+        created = to_db(created_at) if to_db else created_at
         for chunk in _batched(sealed, INSERT_CHUNK):
-            conn.execute(self.table.insert(), [self.row(k, seal, created_at)
-                                               for k, seal in chunk])
+            rows = [self.row(k, seal, created) for k, seal in chunk]
+            params = [tuple(r[c] for c in order) for r in rows] if order else rows
+            conn.exec_driver_sql(str(compiled), params)
 
     def get(self, device_id: str, where: list | None = None) -> list[StoredKey]:
         """Every stored key of the device (narrowed by `where`), each verified; a row that

@@ -1,0 +1,223 @@
+"""Every core (issue 18): small audited calls from many clients, one server process against
+several behind one port (`keysvc serve --processes N`), in the same run.
+
+The calls are VerifyPrepaymentKey and VerifyMasterKey, alternating; each is audited (its
+event chained in the database and in the audit file before it returns). The clients are
+threads in separate client processes (so that the load generator's own GIL is not the
+limit), each thread with its own channel: a connection stays with one server process, so
+load spreads over connections. The client processes share the machine's cores with the
+server; the figures are what this machine does with both on it.
+
+Targets (2 cores): with 64 clients, >= 1,000 calls/s, p99 <= 100 ms, >= 1.7x the
+throughput of 1 client, 0 errors, audit events = calls.
+
+    .venv/bin/python bench/bench_cores.py [--seconds 20] [--clients 64] [--processes 2]
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from common import ROOT
+
+sys.path.insert(0, str(ROOT))
+
+ACTIONS = ("keysvc.v1.S1SPService/VerifyPrepaymentKey", "keysvc.v1.DCOService/VerifyMasterKey")
+CLIENT_PROCESSES = 4
+
+
+def _start(state: Path, processes: int) -> tuple[subprocess.Popen, str]:
+    from tests.serverproc import free_port, server_env
+    port = free_port()
+    state.mkdir(parents=True, exist_ok=True)
+    log = open(state / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "keysvc.cli", "serve", "--state-dir",
+                             str(state), "--listen", f"127.0.0.1:{port}", "--processes",
+                             str(processes)], cwd=ROOT, env=server_env(), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while b"listening on" not in (state / "server.log").read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError((state / "server.log").read_text()[-3000:])
+        time.sleep(0.1)
+    return proc, f"127.0.0.1:{port}"
+
+
+def _events(state: Path) -> int:
+    db = sqlite3.connect(state / "keysvc.db")
+    try:
+        return db.execute(f"SELECT count(*) FROM audit_events WHERE action IN "
+                          f"({','.join('?' * len(ACTIONS))})", ACTIONS).fetchone()[0]
+    finally:
+        db.close()
+
+
+def _prepare(target: str, state: Path, factory) -> dict:
+    """Transport keys imported under dual control, one installation's keys stored."""
+    from cryptography.hazmat.primitives import serialization
+    from keysvc.api.v1 import keysvc_pb2 as pb
+    from keysvc.client import connect
+    from tests.serverproc import OAEP
+    from tests.support import encoder
+
+    o1, o2 = (connect(target, state, f"security-officer-{n}").admin for n in (1, 2))
+    keks = {}
+    for name, purpose in (("CORES-S1SP", pb.S1SP_TRANSPORT), ("CORES-DCO", pb.DCO_TRANSPORT)):
+        key = os.urandom(32)
+        job = o1.CreateImportJob(pb.CreateImportJobRequest(name=f"job {name}", purpose=purpose))
+        wrapped = serialization.load_pem_public_key(job.public_key_pem.encode()).encrypt(
+            key, OAEP)
+        op = o1.ImportTransportKey(pb.ImportTransportKeyRequest(
+            name=name, purpose=purpose, owner_id="SMSO-CORES", owner_type=pb.SMSO,
+            expected_kcv=encoder.kcv(key), wrapped_key=wrapped, import_job_id=job.import_job_id))
+        o2.ApproveOperation(pb.ApproveOperationRequest(operation_id=op.operation_id,
+                                                       request_digest=op.request_digest))
+        keks[name] = key
+    installs = encoder.random_installations(1, seed=18, cert_factory=factory)
+    data = encoder.build_file(installs, file_id="MGEF-CORES-1",
+                              originator_id="SMSO-CORES", s1sp_key_name="CORES-S1SP",
+                              s1sp_kek=keks["CORES-S1SP"], dco_key_name="CORES-DCO",
+                              dco_kek=keks["CORES-DCO"])
+    s1sp, dco = connect(target, state, "s1sp").s1sp, connect(target, state, "dco").dco
+    r = s1sp.ProcessGroupInformation(pb.ProcessGroupInformationRequest(file=data))
+    key = next(k for k in r.installations[0].keys if k.role == pb.PREPAYMENT)
+    m = dco.UnwrapMasterKeys(pb.UnwrapMasterKeysRequest(file=data)).entries[0]
+    return {"device": key.device_id, "kcv": key.kcv,
+            "mk_device": m.device_id, "mk_kcv": m.kcv}
+
+
+def _client_process(target: str, state: str, calls: dict, threads: int, seconds: float,
+                    out: "mp.Queue") -> None:
+    """`threads` clients, each with its own channels, until the deadline."""
+    sys.path.insert(0, str(ROOT))
+    import grpc
+    from keysvc.api.v1 import keysvc_pb2 as pb
+    from keysvc.client import connect, error_reason
+
+    lat: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    stubs = [(connect(target, Path(state), "s1sp").s1sp, connect(target, Path(state), "dco").dco)
+             for _ in range(threads)]
+    for s1sp, dco in stubs:  # connected (TLS handshakes done) before the clock starts
+        dco.VerifyMasterKey(pb.VerifyMasterKeyRequest(device_id=calls["mk_device"],
+                                                      expected_kcv=calls["mk_kcv"]))
+    start = time.monotonic() + 0.5
+    deadline = start + seconds
+
+    def client(i: int) -> None:
+        s1sp, dco = stubs[i]
+        k = i
+        time.sleep(max(0.0, start - time.monotonic()))
+        while time.monotonic() < deadline:
+            k += 1
+            t = time.perf_counter()
+            try:
+                if k % 2:
+                    s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
+                        device_id=calls["device"], expected_kcv=calls["kcv"]), timeout=30)
+                else:
+                    dco.VerifyMasterKey(pb.VerifyMasterKeyRequest(
+                        device_id=calls["mk_device"], expected_kcv=calls["mk_kcv"]), timeout=30)
+            except grpc.RpcError as exc:
+                with lock:
+                    errors.append(f"{exc.code().name} {error_reason(exc)}")
+                continue
+            with lock:
+                lat.append(time.perf_counter() - t)
+
+    ts = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    out.put((lat, errors))
+
+
+def _load(target: str, state: Path, calls: dict, clients: int, seconds: float) -> dict:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = min(CLIENT_PROCESSES, clients)
+    per = [clients // procs + (i < clients % procs) for i in range(procs)]
+    before = _events(state)
+    ps = [ctx.Process(target=_client_process, args=(target, str(state), calls, n, seconds, out))
+          for n in per]
+    [p.start() for p in ps]
+    lat: list[float] = []
+    errors: list[str] = []
+    for _ in ps:
+        got_lat, got_err = out.get()
+        lat += got_lat
+        errors += got_err
+    [p.join() for p in ps]
+    time.sleep(0.5)
+    events = _events(state) - before - clients  # (less one warm-up call per client)
+    lat.sort()
+
+    def pct(p: float) -> float:
+        return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else 0.0
+    return {"clients": clients, "calls": len(lat), "errors": errors,
+            "throughput": len(lat) / seconds, "p50_ms": pct(0.5), "p99_ms": pct(0.99),
+            "events": events, "calls_made": len(lat) + len(errors)}
+
+
+def measure(processes: int, clients: int, seconds: float) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="keysvc-cores-"))
+    state = work / "state"
+    (state / "trust-anchors").mkdir(parents=True)
+    from tests.support import encoder
+    factory = encoder.DeviceCertificateFactory()
+    (state / "trust-anchors" / "ca.pem").write_bytes(factory.ca_pem)
+    proc, target = _start(state, processes)
+    try:
+        calls = _prepare(target, state, factory)
+        one = _load(target, state, calls, 1, seconds)
+        many = _load(target, state, calls, clients, seconds)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        rc = proc.wait(60)
+    if one["errors"] or many["errors"]:
+        print(f"    (errors: the server's state and log are kept in {state})")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"processes": processes, "one": one, "many": many, "rc": rc,
+            "scaling": many["throughput"] / one["throughput"] if one["throughput"] else 0.0}
+
+
+def line(r: dict) -> str:
+    m, o = r["many"], r["one"]
+    return (f"  {r['processes']} process{'es' if r['processes'] > 1 else '  '}: 1 client "
+            f"{o['throughput']:5.0f} calls/s; {m['clients']} clients {m['throughput']:5.0f} "
+            f"calls/s, p50 {m['p50_ms']:5.1f} ms, p99 {m['p99_ms']:6.1f} ms, x{r['scaling']:.2f} "
+            f"of 1 client, errors {len(m['errors']) + len(o['errors'])}, events "
+            f"{m['events'] + o['events']} / calls {m['calls_made'] + o['calls_made']}")
+
+
+def run(clients: int = 64, seconds: float = 20.0, processes: int = 2) -> list[dict]:
+    return [measure(1, clients, seconds), measure(processes, clients, seconds)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--processes", type=int, default=os.cpu_count() or 2)
+    args = ap.parse_args()
+    print(f"cores: VerifyPrepaymentKey + VerifyMasterKey, audited, {args.seconds:g} s each "
+          f"({os.cpu_count()} cores)")
+    for r in run(args.clients, args.seconds, args.processes):
+        print(line(r))
+        for e in sorted(set(r["many"]["errors"]))[:5]:
+            print("    error:", e)
+
+
+if __name__ == "__main__":
+    main()
