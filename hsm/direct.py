@@ -28,6 +28,7 @@ CK_ULONG = C.c_ulong
 CK_BBOOL = C.c_ubyte
 CKR_OK = 0
 CKR_BUFFER_TOO_SMALL = 0x150
+CKR_OBJECT_HANDLE_INVALID = 0x082
 
 
 class CK_ATTRIBUTE(C.Structure):
@@ -157,6 +158,12 @@ class Calls:
         self._unwrap = C.CFUNCTYPE(_RV, CK_ULONG, _P(CK_MECHANISM), CK_ULONG, C.c_char_p,
                                    CK_ULONG, _P(CK_ATTRIBUTE), CK_ULONG, _ULONG_P)(
             f.C_UnwrapKey)
+        self._find_init = C.CFUNCTYPE(_RV, CK_ULONG, _P(CK_ATTRIBUTE), CK_ULONG)(
+            f.C_FindObjectsInit)
+        self._find = C.CFUNCTYPE(_RV, CK_ULONG, _ULONG_P, CK_ULONG, _ULONG_P)(f.C_FindObjects)
+        self._find_final = C.CFUNCTYPE(_RV, CK_ULONG)(f.C_FindObjectsFinal)
+        self._get_attribute = C.CFUNCTYPE(_RV, CK_ULONG, CK_ULONG, _P(CK_ATTRIBUTE), CK_ULONG)(
+            f.C_GetAttributeValue)
 
     def create_object(self, session: int, template: Template, value: bytes) -> int:
         """C_CreateObject with `value` as CKA_VALUE; our copy of it is zeroed at once."""
@@ -188,4 +195,37 @@ class Calls:
 
     def destroy_object(self, session: int, handle: int) -> None:
         _check(self._destroy(session, handle))
+
+    def find_objects(self, session: int, template: Template) -> list[int]:
+        """Every handle matching `template`: the token's data objects (audit anchors, the
+        roster) are searched on every audit batch, and python-pkcs11 builds a class for
+        each object it finds (eleven calls each, see above) where a handle will do."""
+        _check(self._find_init(session, template.array, template.count))
+        handles: list[int] = []
+        try:
+            batch = (CK_ULONG * 32)()
+            n = CK_ULONG()
+            while True:
+                _check(self._find(session, batch, 32, C.byref(n)))
+                if not n.value:
+                    return handles
+                handles.extend(batch[:n.value])
+        finally:
+            self._find_final(session)
+
+    def attribute(self, session: int, handle: int, kind: int) -> bytes | None:
+        """One attribute's value; None if the object is gone (another process destroyed it
+        after the search found it)."""
+        attr = CK_ATTRIBUTE(kind, None, 0)
+        rv = self._get_attribute(session, handle, C.byref(attr), 1)
+        if rv == CKR_OBJECT_HANDLE_INVALID:
+            return None
+        _check(rv)
+        buf = C.create_string_buffer(attr.ulValueLen)
+        attr.pValue, attr.ulValueLen = C.addressof(buf), len(buf)
+        rv = self._get_attribute(session, handle, C.byref(attr), 1)
+        if rv == CKR_OBJECT_HANDLE_INVALID:
+            return None
+        _check(rv)
+        return buf.raw[:attr.ulValueLen]
 

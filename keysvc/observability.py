@@ -13,6 +13,8 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from keysvc import processes
+
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 REQUESTS = Counter("keysvc_requests_total", "RPCs handled", ["method", "code"])
@@ -32,6 +34,8 @@ class JsonFormatter(logging.Formatter):
         rid = request_id.get()
         if rid:
             out["request_id"] = rid
+        if processes.COUNT > 1:  # which worker process wrote the line
+            out["worker"] = processes.INDEX
         for k in ("method", "code", "actor", "role", "duration_ms"):
             if hasattr(record, k):
                 out[k] = getattr(record, k)

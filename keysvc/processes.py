@@ -38,6 +38,7 @@ log = logging.getLogger("keysvc.processes")
 INDEX = 0   # this process's worker index; 0 in a single-process server
 COUNT = 1   # how many workers serve the port
 GIVE_UP_AFTER = 3  # workers in a row that die before they are ready
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def suffix() -> str:
@@ -62,16 +63,23 @@ class Supervisor:
 
     # ------------------------------------------------------------------ in the workers
     def _spawn(self, index: int) -> None:
+        if self.stopping:
+            return
+        # Signals wait while the child is between fork and its own handlers: a SIGTERM in
+        # that window would otherwise run the supervisor's handler in the child.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         pid = os.fork()
         if pid:
             self.children[pid] = index
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             return
         code = 1
         try:
             global INDEX, COUNT
             INDEX, COUNT = index, self.count
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in _SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)  # the worker's server sets its own
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             os.close(self._ready_r)
             code = self.start_worker(lambda: os.write(self._ready_w, bytes([index])))
         except BaseException:
@@ -83,7 +91,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ in the supervisor
     def run(self, announce: Callable[[], None]) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in _SIGNALS:
             signal.signal(sig, self._forward)
         self._spawn(0)
         if not self._wait_ready({0}):
@@ -108,6 +116,7 @@ class Supervisor:
             self._spawn(index)
             if not self._wait_ready(self.ready | {index}):
                 return self._finish()
+            log.info("worker %d serves again", index)
         return self._finish()
 
     def _wait_ready(self, wanted: set[int]) -> bool:

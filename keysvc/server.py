@@ -396,6 +396,10 @@ def build_server(app: App, listen: str) -> tuple[grpc.Server, int, HealthWatch]:
              for n in keysvc_pb2.DESCRIPTOR.services_by_name]
     reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME],
                                         server)
+    watch = HealthWatch(app, health_servicer)
+    watch.check()
+    # The port last: it listens from here on, and a connection that arrives before the
+    # server starts (a worker process joining the others' port) waits the shortest time.
     cert, key, ca = s.tls_files
     creds = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())],
                                         root_certificates=ca.read_bytes(),
@@ -403,8 +407,6 @@ def build_server(app: App, listen: str) -> tuple[grpc.Server, int, HealthWatch]:
     port = server.add_secure_port(listen, creds)
     if port == 0:
         raise SystemExit(f"cannot listen on {listen}")
-    watch = HealthWatch(app, health_servicer)
-    watch.check()
     return server, port, watch
 
 
@@ -459,8 +461,8 @@ def start_probes(listen: str, watch: HealthWatch) -> None:
 
 def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, *,
           announce: bool = True) -> int:
-    server, port, watch = build_server(app, listen)
     tune_gc()
+    server, port, watch = build_server(app, listen)
     server.start()
     watch.start()
     if app.settings.metrics_listen:

@@ -29,7 +29,6 @@ from keysvc.audit.anchor import Anchor, ChainAnchor
 from keysvc.audit.calls import CallAudit
 from keysvc.audit.chain import (GENESIS, AuditEvent, Chained, Verification, canonical,
                                 event_from_json, line, row_chained, row_event)
-from keysvc import processes
 from keysvc.audit.sinks import JsonlSink, SyslogSink, first_difference, read_lines
 from keysvc.audit.writer import AuditWriter
 from keysvc.clock import Clock, utc_now
@@ -65,9 +64,8 @@ class AuditLog:
     def sink_path(self) -> Path | None:
         if self._sink_dir is None:
             return None
-        # Each worker process keeps its own file (keysvc/processes.py): a file has one writer,
-        # and each holds the whole chain from when it started, as any sink does.
-        return self._sink_dir / f"audit-{self._instance()}{processes.suffix()}.jsonl"
+        # (One file for all the worker processes of a server: see JsonlSink.exclusive.)
+        return self._sink_dir / f"audit-{self._instance()}.jsonl"
 
     def sinks(self) -> list:
         if self._sinks is None:

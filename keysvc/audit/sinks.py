@@ -14,10 +14,12 @@ missed while it was down), so each sink holds the whole chain from when it start
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import socket
 import ssl
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -34,7 +36,41 @@ class JsonlSink:
         self.max_bytes = max_bytes
         self.keep = keep
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.cursor: int | None = last_sequence(path)
+        self.cursor: int | None = None
+        self.cursor_hash = ""
+        self._seen: tuple[int, int] | None = None  # (inode, size) when the cursor was read
+        self._refresh()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The file to oneself, its cursor as the file says.
+
+        The worker processes of one server (keysvc/processes.py) append to this one file:
+        each takes the lock, learns how far the file goes (another worker may have written
+        since), fills the gap from the chain and appends its batch. So the file holds the
+        whole chain before any call returns, whichever worker served it."""
+        fd = os.open(self.path.with_name(self.path.name + ".lock"),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._refresh()
+            yield
+        finally:
+            os.close(fd)  # (and with it the lock)
+
+    def _refresh(self) -> None:
+        """Read the cursor again if the file changed since this process last looked."""
+        try:
+            st = self.path.stat()
+            seen: tuple[int, int] | None = (st.st_ino, st.st_size)
+        except FileNotFoundError:
+            seen = None
+        if seen is not None and seen == self._seen:
+            return
+        last = last_line(self.path)
+        self.cursor = int(last["seq"]) if last else None
+        self.cursor_hash = str(last.get("hash", "")) if last else ""
+        self._seen = seen
 
     def write(self, lines: list[dict]) -> None:
         data = "".join(json.dumps(x, sort_keys=True, separators=(",", ":")) + "\n"
@@ -53,9 +89,14 @@ class JsonlSink:
                 os.close(fd)
         except OSError as exc:
             raise SinkError(f"audit file {self.path.name}: {exc.strerror or exc}") from None
-        seqs = [x["seq"] for x in lines if x.get("seq")]
+        seqs = [x for x in lines if x.get("seq")]
         if seqs:
-            self.cursor = max(seqs)
+            self.cursor, self.cursor_hash = seqs[-1]["seq"], str(seqs[-1].get("hash", ""))
+        try:
+            st = self.path.stat()
+            self._seen = (st.st_ino, st.st_size)
+        except FileNotFoundError:
+            self._seen = None
 
     def _rotate(self) -> None:
         """`keep` files in all: the current one and keep-1 rotated ones. The oldest goes,
@@ -120,7 +161,8 @@ def read_lines(path: Path) -> Iterator[dict]:
                     yield x
 
 
-def last_sequence_of(f: Path) -> int | None:
+def last_line_of(f: Path) -> dict | None:
+    """The last line of one file that names a sequence."""
     size = f.stat().st_size
     with open(f, "rb") as fh:
         fh.seek(max(0, size - 256 * 1024))
@@ -128,17 +170,28 @@ def last_sequence_of(f: Path) -> int | None:
     for raw in reversed(tail):
         x = _parsed(raw)
         if x is not None and x.get("seq"):
-            return int(x["seq"])
+            return x
+    return None
+
+
+def last_sequence_of(f: Path) -> int | None:
+    x = last_line_of(f)
+    return int(x["seq"]) if x else None
+
+
+def last_line(path: Path) -> dict | None:
+    """The sink's last line that names a sequence (rotated files too), or None."""
+    for f in reversed(files_of(path)):
+        x = last_line_of(f)
+        if x is not None:
+            return x
     return None
 
 
 def last_sequence(path: Path) -> int | None:
     """The highest sequence the sink holds, or None for a new sink."""
-    for f in reversed(files_of(path)):
-        seq = last_sequence_of(f)
-        if seq is not None:
-            return seq
-    return None
+    x = last_line(path)
+    return int(x["seq"]) if x else None
 
 
 class SyslogSink:

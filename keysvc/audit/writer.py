@@ -20,17 +20,18 @@ import queue
 import threading
 import time
 import traceback
-from pathlib import Path
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy import select, update
 
+from hsm import HsmError
 from hsm import keys as hk
 from keysvc import store as st
 from keysvc.audit.anchor import Anchor, ChainAnchor
 from keysvc.audit.chain import (GENESIS, AuditEvent, Chained, canonical, line, row_chained)
-from hsm import HsmError
 from keysvc.audit.sinks import SinkError
 from keysvc.errors import error
 from keysvc.observability import AUDIT_FAILURES, AUDIT_LAG, AUDIT_SINK_LAG
@@ -289,28 +290,46 @@ class AuditWriter:
         return out
 
     def _deliver(self, chained: list[Chained]) -> None:
-        first, last = chained[0].event.sequence, chained[-1].event.sequence
         for sink in self._sinks():
-            if sink.cursor is not None and sink.cursor > last:
-                # The sink claims events the chain does not have yet (a forged line): it is
-                # written to all the same, and VerifyAuditLog names the line.
-                log.error("audit sink %s claims sequence %d beyond the chain's %d",
-                          sink.name, sink.cursor, last)
-                sink.cursor = first - 1
-            behind = last - sink.cursor if sink.cursor is not None else len(chained)
-            AUDIT_SINK_LAG.labels(sink.name).set(behind)
-            missing: list[dict] = []
-            if sink.cursor is not None and sink.cursor < first - 1:
-                gap = self.read_chain(sink.cursor + 1, first - 1)
-                self._check_gap(gap, sink.cursor + 1, chained[0].prev_hash)
-                missing = [line(c) for c in gap]
-            todo = missing + [line(c) for c in chained
-                              if sink.cursor is None or c.event.sequence > sink.cursor]
-            if sink.cursor is None:
-                todo.insert(0, {"sink_started_at": first})
-            if todo:
-                sink.write(todo)
-            AUDIT_SINK_LAG.labels(sink.name).set(0)
+            with getattr(sink, "exclusive", nullcontext)():
+                self._deliver_to(sink, chained)
+
+    def _deliver_to(self, sink: Any, chained: list[Chained]) -> None:
+        first, last = chained[0].event.sequence, chained[-1].event.sequence
+        if sink.cursor is not None and sink.cursor > last:
+            if self._holds(sink.cursor, getattr(sink, "cursor_hash", None)):
+                # Another worker process wrote past this batch, filling its gap from the
+                # chain: this batch's events are there already.
+                AUDIT_SINK_LAG.labels(sink.name).set(0)
+                return
+            # The sink claims events the chain does not have (a forged line): it is
+            # written to all the same, and VerifyAuditLog names the line.
+            log.error("audit sink %s claims sequence %d beyond the chain's %d",
+                      sink.name, sink.cursor, last)
+            sink.cursor = first - 1
+        behind = last - sink.cursor if sink.cursor is not None else len(chained)
+        AUDIT_SINK_LAG.labels(sink.name).set(behind)
+        missing: list[dict] = []
+        if sink.cursor is not None and sink.cursor < first - 1:
+            gap = self.read_chain(sink.cursor + 1, first - 1)
+            self._check_gap(gap, sink.cursor + 1, chained[0].prev_hash)
+            missing = [line(c) for c in gap]
+        todo = missing + [line(c) for c in chained
+                          if sink.cursor is None or c.event.sequence > sink.cursor]
+        if sink.cursor is None:
+            todo.insert(0, {"sink_started_at": first})
+        if todo:
+            sink.write(todo)
+        AUDIT_SINK_LAG.labels(sink.name).set(0)
+
+    def _holds(self, seq: int, hash_: str | None) -> bool:
+        """Is (seq, hash) an event of the chain in the database?"""
+        if not hash_:
+            return False
+        with self.store.engine.connect() as conn:
+            held = conn.execute(select(st.audit_events.c.hash).where(
+                st.audit_events.c.seq == seq)).scalar()
+        return held == hash_
 
     def _check_gap(self, gap: list[Chained], start: int, next_prev: str) -> None:
         """Rows copied from the database into a sink must be the chain: consecutive, each

@@ -1,0 +1,175 @@
+"""Several server processes behind one port (issue 18): `keysvc serve --processes 2`.
+
+The workers share the tokens, the database and the one audit chain, as replicas do; these
+tests drive them concurrently through separate connections (the kernel spreads connections
+over the workers) on SQLite and on PostgreSQL, and check that every call has its event in
+one gap-free chain, that the audit file they share holds that chain, and that a worker
+killed with SIGKILL is replaced while the other goes on serving.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+
+from keysvc.api.v1 import keysvc_pb2 as pb
+from keysvc.client import connect
+from tests.conftest import postgres_url
+from tests.serverproc import ROOT, server_env, start_server
+from tests.support import encoder
+
+CLIENTS, CALLS = 12, 15
+
+
+def _database(kind: str) -> dict[str, str]:
+    if kind == "sqlite":
+        return {}
+    base = postgres_url()
+    if not base:
+        pytest.skip("no test PostgreSQL (run `make test`)")
+    name = f"keysvc_processes_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return {"KEYSVC_DATABASE_URL": base.rsplit("/", 1)[0] + "/" + name}
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def workers(request, tmp_path_factory):
+    env = {"KEYSVC_PROCESSES": "2", **_database(request.param)}
+    state = tmp_path_factory.mktemp(f"processes-{request.param}")
+    factory = encoder.DeviceCertificateFactory()
+    ca = state.parent / f"{state.name}-ca.pem"
+    ca.write_bytes(factory.ca_pem)
+    srv = start_server(state, trust_anchors=[ca], env=env)
+    kek_s, kek_d = os.urandom(32), os.urandom(32)
+    srv.import_aes_key("P-S1SP", kek_s, purpose="S1SP_TRANSPORT", owner_id="SMSO-P")
+    srv.import_aes_key("P-DCO", kek_d, purpose="DCO_TRANSPORT", owner_id="SMSO-P")
+    installs = encoder.random_installations(2, cert_factory=factory)
+    data = encoder.build_file(installs, file_id="MGEF-P-1", originator_id="SMSO-P",
+                              s1sp_key_name="P-S1SP", s1sp_kek=kek_s, dco_key_name="P-DCO",
+                              dco_kek=kek_d)
+    entry = srv.as_("dco").dco.UnwrapMasterKeys(pb.UnwrapMasterKeysRequest(file=data)).entries[0]
+    yield srv, entry
+    assert srv.stop() == 0
+
+
+def _pids(srv) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(srv.proc.pid)], capture_output=True, text=True)
+    return sorted(int(p) for p in out.stdout.split())
+
+
+def _workers_in_log(srv) -> set[int]:
+    seen = set()
+    for line in srv.log().splitlines():
+        if line.startswith("{") and '"msg":"call"' in line:
+            seen.add(json.loads(line).get("worker"))
+    return seen
+
+
+def _load(srv, entry, clients: int = CLIENTS, calls: int = CALLS, retries: int = 0
+          ) -> list[str]:
+    """`clients` threads, each with its own connection, each making `calls` calls; an
+    UNAVAILABLE call is tried again `retries` times, as a client does."""
+    errors: list[str] = []
+    barrier = threading.Barrier(clients)
+
+    def client() -> None:
+        dco = connect(srv.target, srv.state_dir, "dco").dco
+        barrier.wait()
+        for _ in range(calls):
+            for attempt in range(retries + 1):
+                try:
+                    r = dco.VerifyMasterKey(pb.VerifyMasterKeyRequest(
+                        device_id=entry.device_id, expected_kcv=entry.kcv), timeout=30,
+                        wait_for_ready=attempt > 0 or None)
+                    assert r.match
+                    break
+                except grpc.RpcError as exc:
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE and attempt < retries:
+                        continue
+                    errors.append(f"{exc.code().name} {exc.details()}")
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return errors
+
+
+def _audit_count(srv, action: str) -> int:
+    n, token = 0, ""
+    audit = srv.as_("auditor").audit
+    while True:
+        page = audit.ListAuditEvents(pb.ListAuditEventsRequest(action=action, page_size=1000,
+                                                               page_token=token))
+        n += len(page.events)
+        token = page.next_page_token
+        if not token:
+            return n
+
+
+def test_two_worker_processes_serve_one_port(workers):
+    srv, entry = workers
+    assert len([p for p in _pids(srv)]) >= 2
+    assert not _load(srv, entry)
+    assert _workers_in_log(srv) >= {0, 1}  # connections were spread over both
+
+
+def test_workers_share_one_audit_chain_with_no_gaps_under_concurrent_load(workers):
+    srv, entry = workers
+    action = "keysvc.v1.DCOService/VerifyMasterKey"
+    before = _audit_count(srv, action)
+    assert not _load(srv, entry)
+    assert _audit_count(srv, action) - before == CLIENTS * CALLS  # events = calls
+    r = srv.as_("auditor").audit.VerifyAuditLog(pb.VerifyAuditLogRequest())
+    assert r.intact, r.detail
+
+
+def test_the_workers_audit_file_holds_the_whole_chain_whichever_worker_served(workers):
+    srv, entry = workers
+    assert not _load(srv, entry, clients=4, calls=5)
+    files = sorted((srv.state_dir / "audit").glob("audit-*.jsonl"))
+    assert len(files) == 1, files  # one file, appended by both workers under a lock
+    for f in files:
+        out = subprocess.run(
+            [sys.executable, "-m", "keysvc.cli", "audit", "verify", "--sink", str(f),
+             "--state-dir", str(srv.state_dir), "--server", srv.target],
+            cwd=ROOT, env=server_env({"COLUMNS": "400"}), capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_killed_worker_is_replaced_and_the_other_goes_on_serving(workers):
+    srv, entry = workers
+    before = _pids(srv)
+    victim = max(before)
+    os.kill(victim, signal.SIGKILL)
+    while Path(f"/proc/{victim}/status").exists() and \
+            "zombie" not in Path(f"/proc/{victim}/status").read_text():
+        time.sleep(0.05)  # (its listening socket closes as it exits)
+    # The survivor serves at once. A connection being set up while the group of listening
+    # sockets changes may be reset: the client tries again (UNAVAILABLE), as
+    # keysvc.client does, waiting for its channel to connect again.
+    assert not _load(srv, entry, clients=4, calls=5, retries=5)
+    deadline = time.monotonic() + 60
+    while "serves again" not in srv.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert victim not in _pids(srv) and len(_pids(srv)) >= len(before)
+    assert not _load(srv, entry, clients=4, calls=5, retries=2)
+    r = srv.as_("auditor").audit.VerifyAuditLog(pb.VerifyAuditLogRequest())
+    assert r.intact, r.detail
+
+
+def test_several_processes_need_a_fixed_port(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "keysvc.cli", "serve", "--state-dir",
+                          str(tmp_path), "--listen", "127.0.0.1:0", "--processes", "2"],
+                         cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "listen needs a port" in out.stderr
