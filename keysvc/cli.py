@@ -98,6 +98,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from keysvc.server import serve
     from keysvc import hardening
     hardening.harden_early()  # before any PIN is read
+    from keysvc import memory
+    memory.fewer_heaps()
     hardening.keep_pins_out_of_environ()  # may re-execute this process without them
     pins = hardening.pins_from_pipe()
     try:

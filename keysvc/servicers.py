@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from keysvc import dco, escrow, keyadmin, officers, s1sp
+from keysvc import dco, escrow, keyadmin, memory, officers, s1sp
 from keysvc.api.v1 import keysvc_pb2 as pb
 from keysvc.api.v1 import keysvc_pb2_grpc as rpc
 from keysvc.app import App, Caller
@@ -127,9 +127,12 @@ class S1SPServicer(rpc.S1SPServiceServicer):
 
     def ProcessGroupInformation(self, request: Any, context: grpc.ServicerContext) -> Any:
         _file_target(request.file)
-        result = s1sp.process_group_information(self.app, _caller(), request.file)
-        _parsed_target(result)
-        return group_result_pb(result)
+        with memory.given_back_after(request.file):
+            result = s1sp.process_group_information(self.app, _caller(), request.file)
+            _parsed_target(result)
+            response = group_result_pb(result)
+            del result
+        return response
 
     def VerifyPrepaymentKey(self, request: Any, context: grpc.ServicerContext) -> Any:
         audit_target.set(request.device_id)
@@ -169,15 +172,21 @@ class DCOServicer(rpc.DCOServiceServicer):
 
     def ValidateMasterKeys(self, request: Any, context: grpc.ServicerContext) -> Any:
         _file_target(request.file)
-        result = dco.process_master_keys(self.app, _caller(), request.file, store=False)
-        _parsed_target(result)
-        return master_keys_pb(result)
+        with memory.given_back_after(request.file):
+            result = dco.process_master_keys(self.app, _caller(), request.file, store=False)
+            _parsed_target(result)
+            response = master_keys_pb(result)
+            del result
+        return response
 
     def UnwrapMasterKeys(self, request: Any, context: grpc.ServicerContext) -> Any:
         _file_target(request.file)
-        result = dco.process_master_keys(self.app, _caller(), request.file, store=True)
-        _parsed_target(result)
-        return master_keys_pb(result)
+        with memory.given_back_after(request.file):
+            result = dco.process_master_keys(self.app, _caller(), request.file, store=True)
+            _parsed_target(result)
+            response = master_keys_pb(result)
+            del result
+        return response
 
     def VerifyMasterKey(self, request: Any, context: grpc.ServicerContext) -> Any:
         audit_target.set(request.device_id)
