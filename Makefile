@@ -6,13 +6,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STATE ?= .keysvc
 LISTEN ?= 127.0.0.1:50051
+PROCESSES ?= 1
 PROTO := protos/keysvc/api/v1/keysvc.proto
 GEN := keysvc/api/v1/keysvc_pb2.py
 
 .PHONY: run test deps system venv proto bench clean
 
 run: deps
-	$(BIN)/keysvc serve --state-dir $(STATE) --listen $(LISTEN)
+	$(BIN)/keysvc serve --state-dir $(STATE) --listen $(LISTEN) --processes $(PROCESSES)
 
 test: deps
 	@url=$$(scripts/test-postgres start) && \
