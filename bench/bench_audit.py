@@ -15,7 +15,6 @@ import argparse
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import ROOT
+from common import ROOT, audit_events, one_installation, start_serve
 
 sys.path.insert(0, str(ROOT))
 
@@ -44,40 +43,18 @@ def _checkout(rev: str) -> Path:
 
 
 def _start(src: Path, state: Path) -> tuple[subprocess.Popen, str]:
-    from tests.serverproc import free_port
-    port = free_port()
-    state.mkdir(parents=True, exist_ok=True)
-    log = open(state / "server.log", "wb")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYSVC_")
-           and k != "SOFTHSM2_CONF"}
-    env["PYTHONPATH"] = str(src)
-    proc = subprocess.Popen([sys.executable, "-m", "keysvc.cli", "serve", "--state-dir",
-                             str(state), "--listen", f"127.0.0.1:{port}"], cwd=src, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while b"listening on" not in (state / "server.log").read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError((state / "server.log").read_text()[-2000:])
-        time.sleep(0.1)
-    return proc, f"127.0.0.1:{port}"
+    return start_serve(src, state)
 
 
 def _events(state: Path) -> int:
-    db = sqlite3.connect(state / "keysvc.db")
-    try:
-        return db.execute(f"SELECT count(*) FROM audit_events WHERE action IN "
-                          f"({','.join('?' * len(ACTIONS))})", ACTIONS).fetchone()[0]
-    finally:
-        db.close()
+    return audit_events(state, ACTIONS)
 
 
 def measure(src: Path, clients: int, seconds: float) -> dict:
     import grpc
     from keysvc.api.v1 import keysvc_pb2 as pb
     from keysvc.client import connect, error_reason
-    from tests.serverproc import OAEP  # noqa: F401 (the same client set-up as the tests)
     from tests.support import encoder
-    from cryptography.hazmat.primitives import serialization
 
     work = Path(tempfile.mkdtemp(prefix="keysvc-audit-bench-"))
     state = work / "state"
@@ -86,33 +63,9 @@ def measure(src: Path, clients: int, seconds: float) -> dict:
     (state / "trust-anchors" / "ca.pem").write_bytes(factory.ca_pem)
     proc, target = _start(src, state)
     try:
-        o1, o2 = (connect(target, state, f"security-officer-{n}").admin for n in (1, 2))
-        keks = {}
-        for name, purpose in (("AB-S1SP", pb.S1SP_TRANSPORT), ("AB-DCO", pb.DCO_TRANSPORT)):
-            key = os.urandom(32)
-            job = o1.CreateImportJob(pb.CreateImportJobRequest(name=f"job {name}",
-                                                               purpose=purpose))
-            wrapped = serialization.load_pem_public_key(job.public_key_pem.encode()).encrypt(
-                key, OAEP)
-            op = o1.ImportTransportKey(pb.ImportTransportKeyRequest(
-                name=name, purpose=purpose, owner_id="SMSO-AB", owner_type=pb.SMSO,
-                expected_kcv=encoder.kcv(key), wrapped_key=wrapped,
-                import_job_id=job.import_job_id))
-            o2.ApproveOperation(pb.ApproveOperationRequest(operation_id=op.operation_id,
-                                                           request_digest=op.request_digest))
-            keks[name] = key
-        installs = encoder.random_installations(1, seed=7, cert_factory=factory)
-        data = encoder.build_file(installs, file_id="MGEF-AB-1", originator_id="SMSO-AB",
-                                  s1sp_key_name="AB-S1SP", s1sp_kek=keks["AB-S1SP"],
-                                  dco_key_name="AB-DCO", dco_kek=keks["AB-DCO"])
-        s1sp = connect(target, state, "s1sp").s1sp
-        dco = connect(target, state, "dco").dco
-        r = s1sp.ProcessGroupInformation(pb.ProcessGroupInformationRequest(file=data))
-        esme = installs[0].esme
-        prepay = next(k.kcv for i in r.installations for k in i.keys
-                      if k.device_id == esme and k.role == pb.PREPAYMENT)
-        m = dco.UnwrapMasterKeys(pb.UnwrapMasterKeysRequest(file=data))
-        mk = m.entries[0]
+        calls = one_installation(target, state, factory, "AB")
+        esme, prepay = calls["device"], calls["kcv"]
+        mk_device, mk_kcv = calls["mk_device"], calls["mk_kcv"]
         before = _events(state)
         lat: list[float] = []
         errors: list[str] = []
@@ -134,7 +87,7 @@ def measure(src: Path, clients: int, seconds: float) -> dict:
                             device_id=esme, expected_kcv=prepay), timeout=30)
                     elif k % 3 == 1:
                         c_dco.VerifyMasterKey(pb.VerifyMasterKeyRequest(
-                            device_id=mk.device_id, expected_kcv=mk.kcv), timeout=30)
+                            device_id=mk_device, expected_kcv=mk_kcv), timeout=30)
                     else:
                         c_adm.GetKey(pb.GetKeyRequest(name="AB-S1SP"), timeout=30)
                 except grpc.RpcError as exc:

@@ -20,7 +20,6 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import ROOT
+from common import ROOT, audit_events, one_installation, start_serve
 
 sys.path.insert(0, str(ROOT))
 
@@ -37,63 +36,11 @@ CLIENT_PROCESSES = 4
 
 
 def _start(state: Path, processes: int) -> tuple[subprocess.Popen, str]:
-    from tests.serverproc import free_port, server_env
-    port = free_port()
-    state.mkdir(parents=True, exist_ok=True)
-    log = open(state / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "keysvc.cli", "serve", "--state-dir",
-                             str(state), "--listen", f"127.0.0.1:{port}", "--processes",
-                             str(processes)], cwd=ROOT, env=server_env(), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while b"listening on" not in (state / "server.log").read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError((state / "server.log").read_text()[-3000:])
-        time.sleep(0.1)
-    return proc, f"127.0.0.1:{port}"
+    return start_serve(ROOT, state, "--processes", str(processes))
 
 
 def _events(state: Path) -> int:
-    db = sqlite3.connect(state / "keysvc.db")
-    try:
-        return db.execute(f"SELECT count(*) FROM audit_events WHERE action IN "
-                          f"({','.join('?' * len(ACTIONS))})", ACTIONS).fetchone()[0]
-    finally:
-        db.close()
-
-
-def _prepare(target: str, state: Path, factory) -> dict:
-    """Transport keys imported under dual control, one installation's keys stored."""
-    from cryptography.hazmat.primitives import serialization
-    from keysvc.api.v1 import keysvc_pb2 as pb
-    from keysvc.client import connect
-    from tests.serverproc import OAEP
-    from tests.support import encoder
-
-    o1, o2 = (connect(target, state, f"security-officer-{n}").admin for n in (1, 2))
-    keks = {}
-    for name, purpose in (("CORES-S1SP", pb.S1SP_TRANSPORT), ("CORES-DCO", pb.DCO_TRANSPORT)):
-        key = os.urandom(32)
-        job = o1.CreateImportJob(pb.CreateImportJobRequest(name=f"job {name}", purpose=purpose))
-        wrapped = serialization.load_pem_public_key(job.public_key_pem.encode()).encrypt(
-            key, OAEP)
-        op = o1.ImportTransportKey(pb.ImportTransportKeyRequest(
-            name=name, purpose=purpose, owner_id="SMSO-CORES", owner_type=pb.SMSO,
-            expected_kcv=encoder.kcv(key), wrapped_key=wrapped, import_job_id=job.import_job_id))
-        o2.ApproveOperation(pb.ApproveOperationRequest(operation_id=op.operation_id,
-                                                       request_digest=op.request_digest))
-        keks[name] = key
-    installs = encoder.random_installations(1, seed=18, cert_factory=factory)
-    data = encoder.build_file(installs, file_id="MGEF-CORES-1",
-                              originator_id="SMSO-CORES", s1sp_key_name="CORES-S1SP",
-                              s1sp_kek=keks["CORES-S1SP"], dco_key_name="CORES-DCO",
-                              dco_kek=keks["CORES-DCO"])
-    s1sp, dco = connect(target, state, "s1sp").s1sp, connect(target, state, "dco").dco
-    r = s1sp.ProcessGroupInformation(pb.ProcessGroupInformationRequest(file=data))
-    key = next(k for k in r.installations[0].keys if k.role == pb.PREPAYMENT)
-    m = dco.UnwrapMasterKeys(pb.UnwrapMasterKeysRequest(file=data)).entries[0]
-    return {"device": key.device_id, "kcv": key.kcv,
-            "mk_device": m.device_id, "mk_kcv": m.kcv}
+    return audit_events(state, ACTIONS)
 
 
 def _client_process(target: str, state: str, calls: dict, threads: int, seconds: float,
@@ -178,7 +125,7 @@ def measure(processes: int, clients: int, seconds: float) -> dict:
     (state / "trust-anchors" / "ca.pem").write_bytes(factory.ca_pem)
     proc, target = _start(state, processes)
     try:
-        calls = _prepare(target, state, factory)
+        calls = one_installation(target, state, factory, "CORES")
         one = _load(target, state, calls, 1, seconds)
         many = _load(target, state, calls, clients, seconds)
     finally:

@@ -42,3 +42,71 @@ def baseline_token(state: Path):
     from hsm import Token, TokenConfig
     return Token(TokenConfig(settings.pkcs11_module, settings.token_label("s1sp"),
                              settings.pin("s1sp"), pool_size=2))
+
+
+def start_serve(src: Path, state: Path, *extra: str):
+    """`keysvc serve` of the checkout `src` on `state`, as its own process group; returns
+    the process and its address once it says it listens."""
+    import subprocess
+    from tests.serverproc import free_port
+    port = free_port()
+    state.mkdir(parents=True, exist_ok=True)
+    log = open(state / "server.log", "wb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYSVC_")
+           and k != "SOFTHSM2_CONF"}
+    env["PYTHONPATH"] = str(src)
+    proc = subprocess.Popen([sys.executable, "-m", "keysvc.cli", "serve", "--state-dir",
+                             str(state), "--listen", f"127.0.0.1:{port}", *extra], cwd=src,
+                            env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while b"listening on" not in (state / "server.log").read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError((state / "server.log").read_text()[-3000:])
+        time.sleep(0.1)
+    return proc, f"127.0.0.1:{port}"
+
+
+def audit_events(state: Path, actions: tuple[str, ...]) -> int:
+    """Events of these actions in the server's SQLite chain."""
+    import sqlite3
+    db = sqlite3.connect(state / "keysvc.db")
+    try:
+        return db.execute(f"SELECT count(*) FROM audit_events WHERE action IN "
+                          f"({','.join('?' * len(actions))})", actions).fetchone()[0]
+    finally:
+        db.close()
+
+
+def one_installation(target: str, state: Path, factory, tag: str) -> dict:
+    """Transport keys `tag`-S1SP and `tag`-DCO imported under dual control (two officers)
+    and one EA installation stored by both paths: what the small-call benchmarks verify."""
+    from cryptography.hazmat.primitives import serialization
+    from keysvc.api.v1 import keysvc_pb2 as pb
+    from keysvc.client import connect
+    from tests.serverproc import OAEP
+    from tests.support import encoder
+
+    o1, o2 = (connect(target, state, f"security-officer-{n}").admin for n in (1, 2))
+    keks = {}
+    for name, purpose in ((f"{tag}-S1SP", pb.S1SP_TRANSPORT), (f"{tag}-DCO", pb.DCO_TRANSPORT)):
+        key = os.urandom(32)
+        job = o1.CreateImportJob(pb.CreateImportJobRequest(name=f"job {name}", purpose=purpose))
+        wrapped = serialization.load_pem_public_key(job.public_key_pem.encode()).encrypt(
+            key, OAEP)
+        op = o1.ImportTransportKey(pb.ImportTransportKeyRequest(
+            name=name, purpose=purpose, owner_id=f"SMSO-{tag}", owner_type=pb.SMSO,
+            expected_kcv=encoder.kcv(key), wrapped_key=wrapped, import_job_id=job.import_job_id))
+        o2.ApproveOperation(pb.ApproveOperationRequest(operation_id=op.operation_id,
+                                                       request_digest=op.request_digest))
+        keks[name] = key
+    installs = encoder.random_installations(1, seed=18, cert_factory=factory)
+    data = encoder.build_file(installs, file_id=f"MGEF-{tag}-1", originator_id=f"SMSO-{tag}",
+                              s1sp_key_name=f"{tag}-S1SP", s1sp_kek=keks[f"{tag}-S1SP"],
+                              dco_key_name=f"{tag}-DCO", dco_kek=keks[f"{tag}-DCO"])
+    s1sp, dco = connect(target, state, "s1sp").s1sp, connect(target, state, "dco").dco
+    r = s1sp.ProcessGroupInformation(pb.ProcessGroupInformationRequest(file=data))
+    key = next(k for k in r.installations[0].keys if k.role == pb.PREPAYMENT)
+    m = dco.UnwrapMasterKeys(pb.UnwrapMasterKeysRequest(file=data)).entries[0]
+    return {"device": key.device_id, "kcv": key.kcv, "mk_device": m.device_id,
+            "mk_kcv": m.kcv, "key_name": f"{tag}-S1SP"}

@@ -171,18 +171,15 @@ class DCOServicer(rpc.DCOServiceServicer):
         self.app = app
 
     def ValidateMasterKeys(self, request: Any, context: grpc.ServicerContext) -> Any:
-        _file_target(request.file)
-        with memory.given_back_after(request.file):
-            result = dco.process_master_keys(self.app, _caller(), request.file, store=False)
-            _parsed_target(result)
-            response = master_keys_pb(result)
-            del result
-        return response
+        return self._master_keys(request, store=False)
 
     def UnwrapMasterKeys(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._master_keys(request, store=True)
+
+    def _master_keys(self, request: Any, *, store: bool) -> Any:
         _file_target(request.file)
         with memory.given_back_after(request.file):
-            result = dco.process_master_keys(self.app, _caller(), request.file, store=True)
+            result = dco.process_master_keys(self.app, _caller(), request.file, store=store)
             _parsed_target(result)
             response = master_keys_pb(result)
             del result

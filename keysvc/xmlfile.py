@@ -7,7 +7,6 @@ plaintext holds key bits and schema messages would otherwise echo them.
 """
 from __future__ import annotations
 
-import base64
 import binascii
 import codecs
 import io

@@ -107,6 +107,18 @@ def postgres_url() -> str | None:
     return url
 
 
+def fresh_postgres_database(prefix: str) -> str:
+    """A new, empty database on the test PostgreSQL cluster (skips without one): its URL."""
+    import psycopg
+    base = postgres_url()
+    if not base:
+        pytest.skip("no test PostgreSQL (run `make test`)")
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return base.rsplit("/", 1)[0] + "/" + name
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_app(request, state_dir, _partitions, tmp_path) -> App:
     """The same test against both stores."""

@@ -15,16 +15,14 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import grpc
-import psycopg
 import pytest
 
 from keysvc.api.v1 import keysvc_pb2 as pb
 from keysvc.client import connect
-from tests.conftest import postgres_url
+from tests.conftest import fresh_postgres_database
 from tests.serverproc import ROOT, server_env, start_server
 from tests.support import encoder
 
@@ -34,13 +32,7 @@ CLIENTS, CALLS = 12, 15
 def _database(kind: str) -> dict[str, str]:
     if kind == "sqlite":
         return {}
-    base = postgres_url()
-    if not base:
-        pytest.skip("no test PostgreSQL (run `make test`)")
-    name = f"keysvc_processes_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return {"KEYSVC_DATABASE_URL": base.rsplit("/", 1)[0] + "/" + name}
+    return {"KEYSVC_DATABASE_URL": fresh_postgres_database("keysvc_processes")}
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

@@ -12,20 +12,14 @@ import pytest
 
 from keysvc.api.v1 import keysvc_pb2 as pb
 from keysvc.client import error_reason
-from tests.conftest import postgres_url
+from tests.conftest import fresh_postgres_database
 from tests.serverproc import start_server
 from tests.support import certs, encoder
 
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
-    base = postgres_url()
-    if not base:
-        pytest.skip("no test PostgreSQL (run `make test`)")
-    name = f"keysvc_replicas_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    url = base.rsplit("/", 1)[0] + "/" + name
+    url = fresh_postgres_database("keysvc_replicas")
     state = tmp_path_factory.mktemp("replicas")
     factory = encoder.DeviceCertificateFactory()
     ca = state.parent / f"{state.name}-ca.pem"
