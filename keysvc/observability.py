@@ -57,3 +57,5 @@ AUDIT_SINK_LAG = Gauge("keysvc_audit_sink_lag_events",
 AUDIT_FAILURES = Counter("keysvc_audit_failures_total",
                          "audit batches or waits that failed (calls failed closed)", ["reason"])
 MEMORY_LOCKED = Gauge("keysvc_memory_locked", "1 when the process memory is locked (mlockall)")
+AUDIT_FILE_CUT = Counter("keysvc_audit_file_cut_total",
+                         "times the audit file was found to end before where it had ended")

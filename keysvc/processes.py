@@ -24,6 +24,7 @@ worker has.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import select
@@ -38,6 +39,7 @@ log = logging.getLogger("keysvc.processes")
 INDEX = 0   # this process's worker index; 0 in a single-process server
 COUNT = 1   # how many workers serve the port
 GIVE_UP_AFTER = 3  # workers in a row that die before they are ready
+STOP_GRACE = 45.0  # seconds a stopping worker has (it drains calls for 30) before SIGKILL
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
@@ -56,10 +58,13 @@ class Supervisor:
         self.start_worker = start_worker
         self.children: dict[int, int] = {}   # pid -> index
         self.ready: set[int] = set()         # indexes that said they listen
+        self.respawn: dict[int, float] = {}  # index -> when to start it again
         self.stopping = False
+        self.started = False                 # every worker has been ready once
         self.failed_starts = 0
         self.codes: list[int] = []
         self._ready_r, self._ready_w = os.pipe()
+        self._pid = os.getpid()
 
     # ------------------------------------------------------------------ in the workers
     def _spawn(self, index: int) -> None:
@@ -77,8 +82,10 @@ class Supervisor:
         try:
             global INDEX, COUNT
             INDEX, COUNT = index, self.count
-            for sig in _SIGNALS:
-                signal.signal(sig, signal.SIG_DFL)  # the worker's server sets its own
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the worker's server sets its own
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)   # (a CRL reload before it serves)
+            _die_with_parent(self._pid)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             os.close(self._ready_r)
             code = self.start_worker(lambda: os.write(self._ready_w, bytes([index])))
@@ -94,53 +101,55 @@ class Supervisor:
         for sig in _SIGNALS:
             signal.signal(sig, self._forward)
         self._spawn(0)
-        if not self._wait_ready({0}):
-            return self._finish()
-        for i in range(1, self.count):
-            self._spawn(i)
-        if not self._wait_ready(set(range(self.count))):
-            return self._finish()
-        announce()
+        while not self.stopping:
+            readable, _, _ = select.select([self._ready_r], [], [], 0.2)
+            if readable:
+                for index in os.read(self._ready_r, 64):
+                    self.ready.add(index)
+                    self.failed_starts = 0
+                    if self.started:
+                        log.info("worker %d serves again", index)
+            self._reap()
+            if not self.started:
+                if 0 in self.ready and len(self.children) == 1 and self.count > 1 \
+                        and not self.respawn:
+                    for i in range(1, self.count):
+                        self._spawn(i)
+                if self.ready >= set(range(self.count)):
+                    self.started = True
+                    announce()
+            for index, at in list(self.respawn.items()):
+                if time.monotonic() >= at:
+                    del self.respawn[index]
+                    self._spawn(index)
+        return self._finish()
+
+    def _reap(self) -> None:
+        """Every worker that has ended since the last look: replaced, or (three that die
+        before they are ready in a row, or worker 0 at the first start) the end."""
         while self.children:
-            pid, status = os.wait()
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if not pid:
+                return
             index = self.children.pop(pid, None)
             if index is None:
                 continue
-            code = os.waitstatus_to_exitcode(status)
+            code = _exit_code(status)
             if self.stopping:
                 self.codes.append(code)
                 continue
-            log.error("worker %d (pid %d) ended with %d; starting another", index, pid, code)
+            was_ready = index in self.ready
             self.ready.discard(index)
-            time.sleep(1)
-            self._spawn(index)
-            if not self._wait_ready(self.ready | {index}):
-                return self._finish()
-            log.info("worker %d serves again", index)
-        return self._finish()
-
-    def _wait_ready(self, wanted: set[int]) -> bool:
-        """Until every index in `wanted` has said it listens; False if one died first (or
-        a stop was asked for)."""
-        while not wanted <= self.ready:
-            if self.stopping:
-                return False
-            readable, _, _ = select.select([self._ready_r], [], [], 0.5)
-            if readable:
-                self.ready.update(os.read(self._ready_r, 64))
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid and pid in self.children:
-                index = self.children.pop(pid)
-                if index not in self.ready:
-                    self.failed_starts += 1
-                    log.error("worker %d (pid %d) ended before it was ready (%d)", index, pid,
-                              os.waitstatus_to_exitcode(status))
-                    if self.failed_starts >= GIVE_UP_AFTER or index == 0:
-                        self._stop_all()
-                        return False
-                    self._spawn(index)
-        self.failed_starts = 0
-        return True
+            if not was_ready:
+                self.failed_starts += 1
+                if self.failed_starts >= GIVE_UP_AFTER or (index == 0 and not self.started):
+                    log.error("worker %d (pid %d) ended before it was ready (%d); stopping",
+                              index, pid, code)
+                    self.codes.append(code or 1)
+                    self._stop_all()
+                    return
+            log.error("worker %d (pid %d) ended with %d; starting another", index, pid, code)
+            self.respawn[index] = time.monotonic() + 1.0
 
     def _forward(self, signum: int, _frame: object) -> None:
         if signum != signal.SIGHUP:
@@ -156,16 +165,43 @@ class Supervisor:
         self._forward(signal.SIGTERM, None)
 
     def _finish(self) -> int:
+        """Every worker told to stop, and waited for; one still there after STOP_GRACE
+        (its calls drain for 30 s) is killed."""
         self._stop_all()
+        deadline = time.monotonic() + STOP_GRACE
         while self.children:
-            try:
-                pid, status = os.wait()
-            except ChildProcessError:
-                break
-            if self.children.pop(pid, None) is not None:
-                self.codes.append(os.waitstatus_to_exitcode(status))
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid:
+                if self.children.pop(pid, None) is not None:
+                    self.codes.append(_exit_code(status))
+                continue
+            if time.monotonic() > deadline:
+                for pid in list(self.children):
+                    log.error("worker %d (pid %d) did not stop; killed", self.children[pid],
+                              pid)
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                deadline = float("inf")
+            time.sleep(0.05)
         failed = [c for c in self.codes if c != 0]
-        return failed[0] if failed else (0 if self.ready else 1)
+        return failed[0] if failed else (0 if self.started else 1)
+
+
+def _exit_code(status: int) -> int:
+    """As a shell has it: 128 + the signal for a worker killed by one."""
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker whose supervisor is killed (SIGKILL: it cannot pass anything on) is sent
+    SIGTERM, instead of serving on alone, unsupervised, on the port."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
 
 
 def supervise(count: int, start_worker: StartWorker, announce: Callable[[], None]) -> int:

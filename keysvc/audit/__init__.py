@@ -50,6 +50,7 @@ class AuditLog:
         self._sink_dir = sink_dir
         self._sink_max_bytes, self._sink_keep = sink_max_bytes, sink_keep
         self._syslog = syslog or {}
+        self._timeout = timeout
         self._sinks: list | None = None
         self._anchor: ChainAnchor | None = None
         self.writer = AuditWriter(store, partitions.admin, self.anchor, self.sinks, timeout)
@@ -71,7 +72,8 @@ class AuditLog:
         if self._sinks is None:
             sinks: list = []
             if self.sink_path is not None:
-                sinks.append(JsonlSink(self.sink_path, self._sink_max_bytes, self._sink_keep))
+                sinks.append(JsonlSink(self.sink_path, self._sink_max_bytes, self._sink_keep,
+                                       lock_timeout=self._timeout))
             if self._syslog.get("address"):
                 sinks.append(SyslogSink(**self._syslog))
             self._sinks = sinks

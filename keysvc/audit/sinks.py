@@ -16,12 +16,18 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import json
+import logging
 import os
 import socket
 import ssl
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from keysvc.observability import AUDIT_FILE_CUT
+
+log = logging.getLogger("keysvc.audit.sinks")
 
 
 class SinkError(Exception):
@@ -31,14 +37,17 @@ class SinkError(Exception):
 class JsonlSink:
     name = "jsonl"
 
-    def __init__(self, path: Path, max_bytes: int = 64 * 1024 * 1024, keep: int = 10) -> None:
+    def __init__(self, path: Path, max_bytes: int = 64 * 1024 * 1024, keep: int = 10,
+                 lock_timeout: float = 5.0) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.keep = keep
+        self.lock_timeout = lock_timeout
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.cursor: int | None = None
         self.cursor_hash = ""
         self._seen: tuple[int, int] | None = None  # (inode, size) when the cursor was read
+        self._high: int | None = None  # the furthest this process has known the file go
         self._refresh()
 
     @contextmanager
@@ -48,18 +57,33 @@ class JsonlSink:
         The worker processes of one server (keysvc/processes.py) append to this one file:
         each takes the lock, learns how far the file goes (another worker may have written
         since), fills the gap from the chain and appends its batch. So the file holds the
-        whole chain before any call returns, whichever worker served it."""
+        whole chain before any call returns, whichever worker served it. The lock is waited
+        for no longer than a call waits for its event (anyone who can open the lock file can
+        hold it: then the calls fail closed, AUDIT_UNAVAILABLE)."""
         fd = os.open(self.path.with_name(self.path.name + ".lock"),
                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            deadline = time.monotonic() + self.lock_timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise SinkError(f"audit file {self.path.name}: its lock is held "
+                                        f"longer than {self.lock_timeout:g} s") from None
+                    time.sleep(0.0005)
             self._refresh()
             yield
         finally:
             os.close(fd)  # (and with it the lock)
 
     def _refresh(self) -> None:
-        """Read the cursor again if the file changed since this process last looked."""
+        """Read the cursor again if the file changed since this process last looked.
+
+        A file that now ends before where this process knew it to end was cut or deleted
+        on the host: the cursor stays where it was (no new start marker, no refill of the
+        cut lines), so that VerifyAuditLog names the missing events, and it is logged."""
         try:
             st = self.path.stat()
             seen: tuple[int, int] | None = (st.st_ino, st.st_size)
@@ -68,8 +92,16 @@ class JsonlSink:
         if seen is not None and seen == self._seen:
             return
         last = last_line(self.path)
-        self.cursor = int(last["seq"]) if last else None
+        cursor = int(last["seq"]) if last else None
+        if self._high is not None and (cursor is None or cursor < self._high):
+            log.error("audit file %s ends at sequence %s, before %d where it ended: it was "
+                      "cut or deleted on this host", self.path.name, cursor, self._high)
+            AUDIT_FILE_CUT.inc()
+            self._seen = seen
+            return
+        self.cursor = cursor
         self.cursor_hash = str(last.get("hash", "")) if last else ""
+        self._high = cursor
         self._seen = seen
 
     def write(self, lines: list[dict]) -> None:
@@ -92,6 +124,7 @@ class JsonlSink:
         seqs = [x for x in lines if x.get("seq")]
         if seqs:
             self.cursor, self.cursor_hash = seqs[-1]["seq"], str(seqs[-1].get("hash", ""))
+            self._high = max(self._high or 0, self.cursor)
         try:
             st = self.path.stat()
             self._seen = (st.st_ino, st.st_size)

@@ -357,7 +357,8 @@ class AuditWriter:
         self._unchained_written.update(e.id for e in fresh)
         for sink in self._sinks():
             try:
-                sink.write([line(None, e) for e in fresh])
+                with getattr(sink, "exclusive", nullcontext)():
+                    sink.write([line(None, e) for e in fresh])
             except Exception as exc:
                 log.error("audit sink %s: unchained events not written: %s", sink.name,
                           str(exc)[:200])
