@@ -90,10 +90,23 @@ def _parser() -> etree.XMLParser:
     return etree.XMLParser(**_PARSER_OPTIONS)
 
 
-def _check_bytes(data: bytes, max_bytes: int, what: str) -> None:
-    """What is refused before libxml2 sees a byte: size, DTDs and entities, not UTF-8."""
+# The fewest bytes per tag ('<') a document may have. A parsed element costs lxml about 130
+# bytes, so a flood of empty elements (`<x/>`, 4 bytes) would make a 64 MiB file into 2 GB
+# of tree. Valid documents are far sparser: an outer file's tags are 45 bytes apart or more
+# (its base64 holds none), a compact group information's 24; the limits leave half of that.
+BYTES_PER_TAG_OUTER = 24
+BYTES_PER_TAG_PLAINTEXT = 12
+
+
+def _check_bytes(data: bytes, max_bytes: int, what: str, bytes_per_tag: int) -> None:
+    """What is refused before libxml2 sees a byte: size, DTDs and entities, a flood of
+    elements, not UTF-8."""
     if len(data) > max_bytes:
         raise error("FILE_TOO_LARGE", f"{what} is {len(data)} bytes; the limit is {max_bytes}")
+    tags = data.count(b"<")
+    if tags > len(data) // bytes_per_tag + 1024:
+        raise error("FORBIDDEN_XML_CONSTRUCT", f"{what} has {tags} tags in {len(data)} bytes: "
+                                               f"more than one in {bytes_per_tag}")
     if _FORBIDDEN.search(data):
         raise error("FORBIDDEN_XML_CONSTRUCT", f"{what} carries a DTD or entity declaration")
     m = _DECL_ENCODING.match(data)
@@ -116,10 +129,10 @@ def _no_doctype(root: etree._Element, what: str) -> None:
         raise error("FORBIDDEN_XML_CONSTRUCT", f"{what} carries a DOCTYPE")
 
 
-def parse_hardened(data: bytes, *, max_bytes: int, max_depth: int,
-                   what: str = "file") -> etree._Element:
+def parse_hardened(data: bytes, *, max_bytes: int, max_depth: int, what: str = "file",
+                   bytes_per_tag: int = BYTES_PER_TAG_PLAINTEXT) -> etree._Element:
     """Parse untrusted XML bytes, or raise the api.md code for why not."""
-    _check_bytes(data, max_bytes, what)
+    _check_bytes(data, max_bytes, what, bytes_per_tag)
     try:
         root = etree.fromstring(data, _parser())
     except etree.XMLSyntaxError as exc:
@@ -129,12 +142,12 @@ def parse_hardened(data: bytes, *, max_bytes: int, max_depth: int,
 
 
 def _check_depth(root: etree._Element, max_depth: int, what: str) -> None:
-    stack = [(root, 1)]
-    while stack:
-        el, depth = stack.pop()
-        if depth > max_depth:
-            raise error("FORBIDDEN_XML_CONSTRUCT", f"{what} nests deeper than {max_depth}")
-        stack.extend((child, depth + 1) for child in el)
+    """Refuse a tree with an element deeper than `max_depth` (the root is at depth 1).
+
+    One XPath in C (an element at depth max_depth + 1 exists?): a walk in Python held a
+    tuple per element, a gigabyte for a 15 MiB flood of empty elements."""
+    if root.xpath("boolean(/*" + "/*" * max_depth + ")"):
+        raise error("FORBIDDEN_XML_CONSTRUCT", f"{what} nests deeper than {max_depth}")
 
 
 @lru_cache(maxsize=None)
@@ -265,7 +278,7 @@ def _parse_outer(data: bytes, max_bytes: int, view: str) -> tuple[etree._Element
     placeholder, so nothing of it, well-formed or garbage, reaches DCO code or decides a DCO
     outcome, and the DCO never holds the S1SP ciphertext beyond the parser's own buffer.
     """
-    _check_bytes(data, max_bytes, "file")
+    _check_bytes(data, max_bytes, "file", BYTES_PER_TAG_OUTER)
     ciphertext: str | None = None
     events = etree.iterparse(io.BytesIO(data), events=("end",),
                              tag=(_CIPHER_VALUE, _GROUP_INFORMATION), **_PARSER_OPTIONS)

@@ -99,6 +99,12 @@ HOSTILE = {
     # depth
     "deep-10000": (nested(10_000), ("FORBIDDEN_XML_CONSTRUCT", "MALFORMED_XML")),
     "deep-100": (nested(100), "FORBIDDEN_XML_CONSTRUCT"),
+    # a flood of empty elements: 2 GB of tree from 64 MiB, refused before parsing
+    "element-flood": (GOOD.replace(b"</MigrationHeader>", b"<x/>" * 200_000 +
+                                   b"</MigrationHeader>", 1), "FORBIDDEN_XML_CONSTRUCT"),
+    # wide and shallow, within the tag density: refused by the schema, walked in C
+    "wide": (GOOD.replace(b"</MigrationHeader>", b"<xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx/>"
+                          * 20_000 + b"</MigrationHeader>", 1), "SCHEMA_INVALID"),
     # encodings
     "utf-16-bytes": (GOOD.decode().encode("utf-16"), "MALFORMED_XML"),
     "utf-16-declared": (GOOD.decode().replace("UTF-8", "UTF-16").encode("utf-16"),
@@ -238,6 +244,8 @@ DP_ROOT = b"DecryptedS1SPDPGroupInformation"
     ("doctype", lambda p: b"<!DOCTYPE " + DP_ROOT + b">" + p, "FORBIDDEN_XML_CONSTRUCT"),
     ("deep", lambda p: p.replace(b"</GroupID>", b"</GroupID>" + b"<x>" * 5000 + b"</x>" * 5000,
                                  1), ("FORBIDDEN_XML_CONSTRUCT", "MALFORMED_XML")),
+    ("element-flood", lambda p: p.replace(b"</GroupID>", b"</GroupID>" + b"<x/>" * 100_000,
+                                          1), "FORBIDDEN_XML_CONSTRUCT"),
     ("utf-16", lambda p: p.decode().encode("utf-16"), "MALFORMED_XML"),
     ("latin-1-declared", lambda p: b"<?xml version='1.0' encoding='ISO-8859-1'?>" + p,
      "MALFORMED_XML"),
