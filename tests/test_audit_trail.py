@@ -398,8 +398,17 @@ def test_syslog_over_tls_receives_every_event_before_the_call_returns(tmp_path):
                                       "KEYSVC_AUDIT_SYSLOG_CA": str(state / "pki" / "ca.pem")})
     try:
         server.as_("security-officer-1").admin.ListKeys(pb.ListKeysRequest())
-        got = [x for x in (json.loads(m.split(" audit - ", 1)[1]) for m in listener.messages)
-               if "seq" in x]  # not the "sink started at" marker
+        # The server's send had returned before the call did: on loopback the bytes are then
+        # in the listener's socket. Its thread may not have read them yet: wait for it only.
+        deadline = time.monotonic() + 5
+
+        def received() -> list[dict]:
+            return [x for x in (json.loads(m.split(" audit - ", 1)[1])
+                                for m in list(listener.messages))
+                    if "seq" in x]  # not the "sink started at" marker
+        while not received() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        got = received()
         assert got and got[-1]["action"] == "keysvc.v1.KeyAdministrationService/ListKeys"
         assert all(m.startswith("<110>1 ") for m in listener.messages)
         assert all(x["seq"] and x["mac"] for x in got)
