@@ -127,10 +127,15 @@ def stored_result(app: App, file_id: str, service: str, file_digest: str,
     row = app.records.files.get(file_id, service)
     if row is None:
         stored = app.records.device_keys if service == "s1sp" else app.records.master_keys
-        if stored.has_file(file_id):  # keys of this file, but its result row is gone
+        if not stored.has_file(file_id):
+            return None
+        # Keys of this file, but no result row. The two reads are two snapshots: another
+        # call may have committed both in between. They commit together, so a row still
+        # missing when read again was removed.
+        row = app.records.files.get(file_id, service)
+        if row is None:
             raise app.records.refuse(None, f"migration_files/{service}/{file_id}",
                                      "is missing while keys stored from that file exist")
-        return None
     if row.digest != file_digest:
         raise error("FILE_ALREADY_PROCESSED",
                     f"MigrationFileID {file_id} was processed with other content")

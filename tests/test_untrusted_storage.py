@@ -523,6 +523,23 @@ def test_a_file_whose_result_row_was_deleted_is_record_seal_invalid_when_sent_ag
     assert_audited(app, "migration_files/dco/")
 
 
+def test_a_result_row_committed_between_the_two_reads_is_no_tamper(any_app, monkeypatch):
+    """The file's row and its keys commit together; a sender of the same file that read
+    "no row" just before and "keys" just after that commit gets the stored result (seen
+    with eight connections at once), not RECORD_SEAL_INVALID."""
+    app = any_app
+    m = Made(app, n=2)
+    first = dco.process_master_keys(app, S1SP, m.xml, store=True)
+    real, calls = app.records.files.get, []
+
+    def not_yet_committed(*args):
+        calls.append(args)
+        return None if len(calls) == 1 else real(*args)
+    monkeypatch.setattr(app.records.files, "get", not_yet_committed)
+    again = dco.process_master_keys(app, S1SP, m.xml, store=True)
+    assert again == first and len(calls) == 2
+
+
 def test_a_database_whose_instance_id_was_changed_does_not_start(app):
     with app.partitions.admin.session() as s:
         before = hk.data_values(s, "keysvc-instance")
