@@ -64,29 +64,46 @@ def verdict_pb(v: CertificateVerdict | None) -> pb.CertificateVerdict | None:
         device_id=v.device_id, public_key_algorithm=v.public_key_algorithm)
 
 
+# Responses of large files are built with `repeated.add(...)`, each field set once: for
+# 20,000 DCO entries 10 ms instead of 70 with a list of messages passed to the constructor
+# (upb copies each message into its parent). Enum values come from a dict, not Value().
+_STATUS = {name: pb.EntryStatus.Value(name) for name in pb.EntryStatus.keys()}
+_ROLE = {name: pb.DeviceKeyRole.Value(name) for name in pb.DeviceKeyRole.keys()}
+
+
+def _add_problems(field: Any, problems: tuple[Problem, ...]) -> None:
+    for p in problems:
+        field.add(code=p.code, message=p.message, field=p.field)
+
+
 def group_result_pb(r: GroupResult) -> pb.ProcessGroupInformationResponse:
-    return pb.ProcessGroupInformationResponse(
+    out = pb.ProcessGroupInformationResponse(
         migration_file_id=r.migration_file_id, group_id=r.group_id,
         originator_id=r.originator_id, accepted_count=r.accepted_count,
-        rejected_count=r.rejected_count,
-        installations=[pb.InstallationResult(
-            chf_identifier=i.chf_identifier, status=pb.EntryStatus.Value(i.status),
-            problems=problems_pb(i.problems), esme_device_id=i.esme_device_id,
-            gsme_device_id=i.gsme_device_id,
-            keys=[pb.DeviceKey(device_id=k.device_id, role=pb.DeviceKeyRole.Value(k.role),
-                               name=k.name, kcv=k.kcv) for k in i.keys],
-            device_certificate=verdict_pb(i.device_certificate))
-            for i in r.installations])
+        rejected_count=r.rejected_count)
+    add = out.installations.add
+    for i in r.installations:
+        m = add(chf_identifier=i.chf_identifier, status=_STATUS[i.status],
+                esme_device_id=i.esme_device_id, gsme_device_id=i.gsme_device_id)
+        _add_problems(m.problems, i.problems)
+        add_key = m.keys.add
+        for k in i.keys:
+            add_key(device_id=k.device_id, role=_ROLE[k.role], name=k.name, kcv=k.kcv)
+        if i.device_certificate is not None:
+            m.device_certificate.CopyFrom(verdict_pb(i.device_certificate))
+    return out
 
 
 def master_keys_pb(r: MasterKeysResult) -> pb.MasterKeysResult:
-    return pb.MasterKeysResult(
+    out = pb.MasterKeysResult(
         migration_file_id=r.migration_file_id, group_id=r.group_id,
-        accepted_count=r.accepted_count, rejected_count=r.rejected_count,
-        entries=[pb.MasterKeyResult(chf_identifier=e.chf_identifier, device_id=e.device_id,
-                                    status=pb.EntryStatus.Value(e.status),
-                                    problems=problems_pb(e.problems), kcv=e.kcv)
-                 for e in r.entries])
+        accepted_count=r.accepted_count, rejected_count=r.rejected_count)
+    add = out.entries.add
+    for e in r.entries:
+        m = add(chf_identifier=e.chf_identifier, device_id=e.device_id,
+                status=_STATUS[e.status], kcv=e.kcv)
+        _add_problems(m.problems, e.problems)
+    return out
 
 
 def _file_target(data: bytes) -> None:
