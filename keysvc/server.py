@@ -404,9 +404,13 @@ def build_server(app: App, listen: str) -> tuple[grpc.Server, int, HealthWatch]:
     creds = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())],
                                         root_certificates=ca.read_bytes(),
                                         require_client_auth=True)
-    port = server.add_secure_port(listen, creds)
+    try:
+        port = server.add_secure_port(listen, creds)
+    except RuntimeError:  # (newer gRPC raises where older returned 0)
+        port = 0
     if port == 0:
-        raise SystemExit(f"cannot listen on {listen}")
+        raise SystemExit(f"keysvc: cannot listen on {listen}: the address is in use (another "
+                         "server?) or not this host's")
     return server, port, watch
 
 

@@ -165,3 +165,13 @@ def test_several_processes_need_a_fixed_port(tmp_path):
                          cwd=ROOT, env=server_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "listen needs a port" in out.stderr
+
+
+def test_a_second_server_on_a_port_in_use_is_refused(workers, tmp_path):
+    """Only the workers of one keysvc share a port: SO_REUSEPORT is off for any other."""
+    srv, _ = workers
+    out = subprocess.run([sys.executable, "-m", "keysvc.cli", "serve", "--state-dir",
+                          str(tmp_path), "--listen", srv.target], cwd=ROOT, env=server_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert f"cannot listen on {srv.target}" in out.stderr
