@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import ROOT, audit_events, one_installation, start_serve
+from common import ROOT, Tally, audit_events, one_installation, start_serve
 
 sys.path.insert(0, str(ROOT))
 
@@ -51,9 +51,8 @@ def _events(state: Path) -> int:
 
 
 def measure(src: Path, clients: int, seconds: float) -> dict:
-    import grpc
     from keysvc.api.v1 import keysvc_pb2 as pb
-    from keysvc.client import connect, error_reason
+    from keysvc.client import connect
     from tests.support import encoder
 
     work = Path(tempfile.mkdtemp(prefix="keysvc-audit-bench-"))
@@ -67,9 +66,7 @@ def measure(src: Path, clients: int, seconds: float) -> dict:
         esme, prepay = calls["device"], calls["kcv"]
         mk_device, mk_kcv = calls["mk_device"], calls["mk_kcv"]
         before = _events(state)
-        lat: list[float] = []
-        errors: list[str] = []
-        lock = threading.Lock()
+        tally = Tally()
         deadline = time.monotonic() + seconds
 
         def client(i: int) -> None:
@@ -80,22 +77,15 @@ def measure(src: Path, clients: int, seconds: float) -> dict:
             k = i
             while time.monotonic() < deadline:
                 k += 1
-                t = time.perf_counter()
-                try:
-                    if k % 3 == 0:
-                        c_s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
-                            device_id=esme, expected_kcv=prepay), timeout=30)
-                    elif k % 3 == 1:
-                        c_dco.VerifyMasterKey(pb.VerifyMasterKeyRequest(
-                            device_id=mk_device, expected_kcv=mk_kcv), timeout=30)
-                    else:
-                        c_adm.GetKey(pb.GetKeyRequest(name="AB-S1SP"), timeout=30)
-                except grpc.RpcError as exc:
-                    with lock:
-                        errors.append(f"{exc.code().name} {error_reason(exc)}")
-                    continue
-                with lock:
-                    lat.append(time.perf_counter() - t)
+                if k % 3 == 0:
+                    tally.time(lambda: c_s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
+                        device_id=esme, expected_kcv=prepay), timeout=30))
+                elif k % 3 == 1:
+                    tally.time(lambda: c_dco.VerifyMasterKey(pb.VerifyMasterKeyRequest(
+                        device_id=mk_device, expected_kcv=mk_kcv), timeout=30))
+                else:
+                    tally.time(lambda: c_adm.GetKey(pb.GetKeyRequest(name="AB-S1SP"),
+                                                    timeout=30))
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
         started = time.perf_counter()
@@ -106,7 +96,7 @@ def measure(src: Path, clients: int, seconds: float) -> dict:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)
     events = _events(state) - before
-    lat.sort()
+    lat, errors = sorted(tally.latencies), tally.errors
 
     def pct(p: float) -> float:
         return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else 0.0

@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import ROOT, audit_events, one_installation, start_serve
+from common import ROOT, Tally, audit_events, one_installation, start_serve
 
 sys.path.insert(0, str(ROOT))
 
@@ -47,13 +47,10 @@ def _client_process(target: str, state: str, calls: dict, threads: int, seconds:
                     out: "mp.Queue") -> None:
     """`threads` clients, each with its own channels, until the deadline."""
     sys.path.insert(0, str(ROOT))
-    import grpc
     from keysvc.api.v1 import keysvc_pb2 as pb
-    from keysvc.client import connect, error_reason
+    from keysvc.client import connect
 
-    lat: list[float] = []
-    errors: list[str] = []
-    lock = threading.Lock()
+    tally = Tally()
     stubs = [(connect(target, Path(state), "s1sp").s1sp, connect(target, Path(state), "dco").dco)
              for _ in range(threads)]
     for s1sp, dco in stubs:  # connected (TLS handshakes done) before the clock starts
@@ -68,25 +65,17 @@ def _client_process(target: str, state: str, calls: dict, threads: int, seconds:
         time.sleep(max(0.0, start - time.monotonic()))
         while time.monotonic() < deadline:
             k += 1
-            t = time.perf_counter()
-            try:
-                if k % 2:
-                    s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
-                        device_id=calls["device"], expected_kcv=calls["kcv"]), timeout=30)
-                else:
-                    dco.VerifyMasterKey(pb.VerifyMasterKeyRequest(
-                        device_id=calls["mk_device"], expected_kcv=calls["mk_kcv"]), timeout=30)
-            except grpc.RpcError as exc:
-                with lock:
-                    errors.append(f"{exc.code().name} {error_reason(exc)}")
-                continue
-            with lock:
-                lat.append(time.perf_counter() - t)
+            if k % 2:
+                tally.time(lambda: s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
+                    device_id=calls["device"], expected_kcv=calls["kcv"]), timeout=30))
+            else:
+                tally.time(lambda: dco.VerifyMasterKey(pb.VerifyMasterKeyRequest(
+                    device_id=calls["mk_device"], expected_kcv=calls["mk_kcv"]), timeout=30))
 
     ts = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
     [t.start() for t in ts]
     [t.join() for t in ts]
-    out.put((lat, errors))
+    out.put((tally.latencies, tally.errors))
 
 
 def _load(target: str, state: Path, calls: dict, clients: int, seconds: float) -> dict:

@@ -110,3 +110,27 @@ def one_installation(target: str, state: Path, factory, tag: str) -> dict:
     m = dco.UnwrapMasterKeys(pb.UnwrapMasterKeysRequest(file=data)).entries[0]
     return {"device": key.device_id, "kcv": key.kcv, "mk_device": m.device_id,
             "mk_kcv": m.kcv, "key_name": f"{tag}-S1SP"}
+
+
+class Tally:
+    """Latencies and errors of many client threads."""
+
+    def __init__(self) -> None:
+        import threading
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+
+    def time(self, call) -> None:
+        """Make the call; its latency, or its error's code and reason, is kept."""
+        import grpc
+        from keysvc.client import error_reason
+        t = time.perf_counter()
+        try:
+            call()
+        except grpc.RpcError as exc:
+            with self._lock:
+                self.errors.append(f"{exc.code().name} {error_reason(exc)}")
+            return
+        with self._lock:
+            self.latencies.append(time.perf_counter() - t)

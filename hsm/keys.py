@@ -123,10 +123,11 @@ _GONE = (px.ObjectHandleInvalid,)
 
 
 def objects(s: Session, template: dict) -> list:
-    """The objects matching `template`. Found one at a time: when another process destroys
-    an object between C_FindObjects finding it and its class being read, python-pkcs11 ends
-    the whole search with ObjectHandleInvalid (the workers of one server, keysvc/processes.py,
-    prune audit anchors as each other search them). That object is skipped instead."""
+    """The objects matching `template`, as python-pkcs11 objects (key ceremonies and the
+    start-up reconciliation; data objects go by direct calls, `_data`). Found one at a time:
+    when another process destroys an object between C_FindObjects finding it and its class
+    being read, python-pkcs11 ends the whole search with ObjectHandleInvalid (the workers of
+    one server share the tokens, keysvc/processes.py). That object is skipped instead."""
     found = []
     with SearchIter(s.raw, template, 1) as search:
         for one in search:

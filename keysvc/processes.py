@@ -43,12 +43,6 @@ STOP_GRACE = 45.0  # seconds a stopping worker has (it drains calls for 30) befo
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
-def suffix() -> str:
-    """For what each worker needs its own of (an audit file, a metrics port): "" for
-    worker 0, so that a single-process server names things as it always has."""
-    return f"-{INDEX}" if INDEX else ""
-
-
 StartWorker = Callable[[Callable[[], None]], int]
 
 
