@@ -44,16 +44,18 @@ def baseline_token(state: Path):
                              settings.pin("s1sp"), pool_size=2))
 
 
-def start_serve(src: Path, state: Path, *extra: str):
+def start_serve(src: Path, state: Path, *extra: str, env: dict | None = None):
     """`keysvc serve` of the checkout `src` on `state`, as its own process group; returns
-    the process and its address once it says it listens."""
+    the process and its address once it says it listens. `env`: settings (KEYSVC_...)."""
     import subprocess
     from tests.serverproc import free_port
     port = free_port()
     state.mkdir(parents=True, exist_ok=True)
     log = open(state / "server.log", "wb")
+    extra_env = env
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYSVC_")
            and k != "SOFTHSM2_CONF"}
+    env = {**env, **(extra_env or {})}
     env["PYTHONPATH"] = str(src)
     proc = subprocess.Popen([sys.executable, "-m", "keysvc.cli", "serve", "--state-dir",
                              str(state), "--listen", f"127.0.0.1:{port}", *extra], cwd=src,

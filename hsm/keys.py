@@ -249,10 +249,13 @@ def key_attributes(s: Session, label: str) -> dict[str, bool]:
 
 
 # --------------------------------------------------------------------------- templates
-def _secret_template(*, token: bool, label: str | None, usage: dict, key_id: str = "") -> dict:
+def _secret_template(*, token: bool, label: str | None, usage: dict, key_id: str = "",
+                     custody: bool = False) -> dict:
     # No keysvc key derives: said explicitly, since a vendor's default may differ.
     t = {A.TOKEN: token, A.SENSITIVE: True, A.EXTRACTABLE: not token,
          A.PRIVATE: True, A.DERIVE: False, **usage}
+    if custody:
+        t.update(CUSTODY)
     if label:
         t[A.LABEL] = label
     if key_id:
@@ -287,17 +290,54 @@ PLAINTEXT_KEY_USAGE = {**DEVICE_USAGE, A.PRIVATE: False}
 MAC_USAGE = {A.SIGN: True, A.VERIFY: True}
 
 
+# A long-lived key (storage, seal, MAC) can leave the token only wrapped by a key marked
+# CKA_TRUSTED, and only the token's security officer can mark one so (PKCS#11 2.40, 4.4):
+# that is the backup ceremony's key (keysvc/custody/backup.py). Neither attribute can be
+# turned back once set (SoftHSM2 answers CKR_ATTRIBUTE_READ_ONLY), and a key holding the
+# user PIN cannot wrap it: measured in tests/test_custody.py.
+CUSTODY = {A.EXTRACTABLE: True, A.WRAP_WITH_TRUSTED: True}
+
+
+def long_lived_template(label: str, usage: dict) -> dict:
+    """A long-lived token key's attributes (what a restore unwraps it with)."""
+    return _secret_template(token=True, label=label, usage=usage, custody=True)
+
+
 # --------------------------------------------------------------------------- generation
-def generate_aes(s: Session, label: str, *, bits: int = 256, usage: dict | None = None) -> None:
-    """A persistent AES key made inside the token (storage keys)."""
+def generate_aes(s: Session, label: str, *, bits: int = 256, usage: dict | None = None,
+                 key_id: str = "") -> None:
+    """A persistent AES key made inside the token (storage and component-seal keys), which
+    only the backup ceremony can take out (CUSTODY)."""
     s.raw.generate_key(KeyType.AES, bits, label=label, store=True,
-                       template=_secret_template(token=True, label=label,
-                                                 usage=usage or STORAGE_USAGE))
+                       template=_secret_template(token=True, label=label, key_id=key_id,
+                                                 usage=usage or STORAGE_USAGE, custody=True))
 
 
-def generate_hmac(s: Session, label: str) -> None:
+def generate_hmac(s: Session, label: str, key_id: str = "") -> None:
     s.raw.generate_key(KeyType.GENERIC_SECRET, 256, label=label, store=True,
-                       template=_secret_template(token=True, label=label, usage=MAC_USAGE))
+                       template=_secret_template(token=True, label=label, usage=MAC_USAGE,
+                                                 key_id=key_id, custody=True))
+
+
+def secret_key_labels(s: Session) -> list[str]:
+    """The label of every secret key object in the token, by direct calls (a handful of
+    objects; read on every file call to find the primary storage key version)."""
+    out = []
+    for h in s.direct.find_objects(s.raw.handle, Template({A.CLASS: ObjectClass.SECRET_KEY})):
+        label = s.direct.attribute(s.raw.handle, h, A.LABEL)
+        if label is not None:
+            out.append(label.decode(errors="replace"))
+    return out
+
+
+def custody_attributes(s: Session, label: str) -> dict[str, bool]:
+    """Whether the backup ceremony can take this key out of the token."""
+    key = find_key(s, label)
+    try:
+        return {"extractable": bool(key[A.EXTRACTABLE]),
+                "wrap_with_trusted": bool(key[A.WRAP_WITH_TRUSTED])}
+    except px.PKCS11Error as exc:
+        raise _fail(exc) from None
 
 
 def generate_rsa(s: Session, label: str, bits: int = 3072, *, key_id: str = "") -> bytes:

@@ -325,3 +325,22 @@ def _quiet_close(raw: Any) -> None:
         raw.close()
     except Exception:
         pass
+
+
+@contextmanager
+def security_officer(module: str, label: str, so_pin: str) -> Iterator[Any]:
+    """A session logged in as the token's security officer, for the one thing keysvc needs
+    the SO for: marking the backup ceremony's wrapping key CKA_TRUSTED. Login state belongs
+    to the process, so this must run before any user session of this token is open in this
+    process (the backup command does it first); the server never does it."""
+    mod = _module(module)
+    with mod.lock:
+        try:
+            tok = mod.lib.get_token(token_label=label)
+            session = tok.open(rw=True, so_pin=so_pin)
+        except px.PKCS11Error as exc:
+            raise translate(exc) from None
+        try:
+            yield session
+        finally:
+            _quiet_close(session)

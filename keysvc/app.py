@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 from keysvc.audit import AuditLog
 from keysvc.certpool import CertificateChecker
@@ -37,6 +37,8 @@ class App:
     records: Records = field(init=False)
     roster: Roster = field(init=False)
     _checker: CertificateChecker | None = field(init=False, default=None)
+    # The rewrap job, in the one server process that runs it (keysvc/custody/rewrap.py).
+    rewrap: Any = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         # Through `self`, so that a test (or faketime) replacing app.clock moves the audit too.
@@ -122,6 +124,11 @@ class App:
                 log.error("audit intents not recovered at start: %s",
                           str(getattr(exc, "message", exc))[:300])
         app.load_client_crls()
+        try:
+            from keysvc.custody.backup import report_restores
+            report_restores(app)
+        except Exception as exc:
+            log.error("restores not audited at start: %s", type(exc).__name__)
         return app
 
     def load_client_crls(self) -> bool:

@@ -306,6 +306,74 @@ def cmd_admin_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_admin_rotate(args: argparse.Namespace) -> int:
+    from keysvc.api.v1 import keysvc_pb2 as pb
+    op = _stubs(args).admin.RotateKey(pb.RotateKeyRequest(partition=args.partition,
+                                                          key=args.key))
+    _table("operation", OP_COLUMNS, [_op_row(op)])
+    return 0
+
+
+def cmd_admin_destroy_version(args: argparse.Namespace) -> int:
+    from keysvc.api.v1 import keysvc_pb2 as pb
+    op = _stubs(args).admin.DestroyKeyVersion(pb.DestroyKeyVersionRequest(
+        partition=args.partition, key=args.key, version=args.version))
+    _table("operation", OP_COLUMNS, [_op_row(op)])
+    return 0
+
+
+def cmd_admin_key_versions(args: argparse.Namespace) -> int:
+    from keysvc.api.v1 import keysvc_pb2 as pb
+    r = _stubs(args).admin.ListKeyVersions(pb.ListKeyVersionsRequest(
+        partition=args.partition or ""))
+    _table("key versions", ["partition", "key", "version", "primary", "stored keys",
+                            "backed up"],
+           [[v.partition, v.key, v.version, "yes" if v.primary else "",
+             v.stored_keys, "yes" if v.backed_up else "NO"] for v in r.versions])
+    _table("backups", ["partition", "last backup", "backup id"],
+           [[b.partition, b.time.ToDatetime().isoformat() + "Z" if b.HasField("time")
+             else "never", b.backup_id] for b in r.backups])
+    return 0
+
+
+def cmd_admin_rewrap_status(args: argparse.Namespace) -> int:
+    """Rows still on older storage-key versions, as a progress bar with an ETA; --watch
+    follows it until nothing is left."""
+    import time
+
+    from keysvc.api.v1 import keysvc_pb2 as pb
+    stub = _stubs(args).admin
+
+    def read() -> dict:
+        r = stub.ListKeyVersions(pb.ListKeyVersionsRequest(partition=args.partition or ""))
+        totals: dict[str, int] = {}
+        for v in r.versions:
+            if v.key == "storage-key":
+                totals[v.partition] = totals.get(v.partition, 0) + v.stored_keys
+        return {w.partition: (w, totals.get(w.partition, 0)) for w in r.rewrap}
+    now = read()
+    if _JSON["on"] or not args.watch:
+        rows = []
+        for p, (w, total) in now.items():
+            eta = w.remaining / w.rows_per_second if w.rows_per_second else None
+            rows.append([p, total - w.remaining, total, w.remaining,
+                         f"{w.rows_per_second:.0f}", f"{eta:.0f} s" if eta else "-",
+                         w.flagged])
+        _table("rewrap", ["partition", "on primary", "stored keys", "remaining", "rows/s",
+                          "eta", "flagged"], rows)
+        return 0
+    with Progress(*Progress.get_default_columns(), console=console) as bar:
+        tasks = {p: bar.add_task(f"rewrap {p}", total=max(total, 1),
+                                 completed=total - w.remaining)
+                 for p, (w, total) in now.items()}
+        while any(w.remaining > w.flagged for w, _ in now.values()):
+            time.sleep(args.interval)
+            now = read()
+            for p, (w, total) in now.items():
+                bar.update(tasks[p], total=max(total, 1), completed=total - w.remaining)
+    return 0
+
+
 def cmd_admin_officers(args: argparse.Namespace) -> int:
     from keysvc.api.v1 import keysvc_pb2 as pb
     r = _stubs(args).admin.ListOfficers(pb.ListOfficersRequest())
@@ -621,6 +689,113 @@ def cmd_audit_new_chain(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- custody
+def _operator() -> str:
+    import getpass
+    return f"operator:{getpass.getuser()}"
+
+
+def cmd_admin_backup(args: argparse.Namespace) -> int:
+    """The backup ceremony, on the HSM's host with the PINs (keysvc/custody/backup.py)."""
+    from cryptography import x509
+
+    from keysvc import config
+    from keysvc.app import App
+    from keysvc.config import PARTITIONS
+    from keysvc.custody import backup as cb
+    from keysvc.errors import KeysvcError
+    from keysvc.identity.certificates import fingerprint
+    from keysvc.devstate import point_softhsm_at
+    settings = config.load(args.config, state_dir=args.state_dir)
+    point_softhsm_at(settings)
+    parts = list(PARTITIONS) if args.partition == "all" else [args.partition]
+    try:
+        certs = [x509.load_pem_x509_certificate(Path(f).read_bytes()) for f in args.custodian]
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"a custodian certificate cannot be read: {exc}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prepared = {}
+    try:
+        for p in parts:  # as security officer, before this process logs in as user
+            bid = cb.new_id()
+            prepared[p] = (bid, cb.prepare(settings.pkcs11_module, settings.token_label(p),
+                                           settings.so_pin(p), bid))
+    except ValueError as exc:  # no SO PIN configured
+        raise SystemExit(str(exc))
+    app = App.open(settings)
+    try:
+        roster = app.roster.current()
+        for c in certs:
+            if roster.officer(fingerprint(c)) is None or roster.denial(fingerprint(c)):
+                raise SystemExit(f"{c.subject.rfc4514_string()} is not an enrolled officer: "
+                                 "custodians are enrolled like officers (dual control)")
+        rows = []
+        for p in parts:
+            bid, secret = prepared.pop(p)
+            try:
+                b = cb.take(app.partitions.tokens[p], p, bid, secret, certs, args.threshold,
+                            app.clock())
+            except KeysvcError as exc:
+                app.audit.append(actor=_operator(), role="operator", action="custody.backup",
+                                 target=f"{p}", outcome="FAILED", code=exc.code)
+                raise SystemExit(f"{p}: {exc.code}: {exc.message}")
+            (out / f"{p}-{bid}.backup").write_bytes(b.blob)
+            for share in b.shares:
+                path = out / f"{p}-{bid}.share-{share.index}-{share.custodian[:12]}.json"
+                path.write_text(share.to_json())
+            app.audit.append(actor=_operator(), role="operator", action="custody.backup",
+                             target=f"{p} backup {bid}: {args.threshold} of {len(certs)} "
+                                    f"custodians, versions {json.dumps(b.versions)}")
+            rows.append((p, bid, f"{args.threshold} of {len(certs)}",
+                         ", ".join(f"{k} {v}" for k, v in b.versions.items())))
+        _table("backups", ["partition", "backup id", "custodians", "key versions"], rows)
+    finally:
+        for p, (bid, secret) in prepared.items():  # not taken: drop the trusted key
+            secret[:] = bytes(len(secret))
+            cb.discard(app.partitions.tokens[p], bid)
+        app.close()
+    return 0
+
+
+def cmd_admin_restore(args: argparse.Namespace) -> int:
+    """Restore a partition's keys into an empty token (the server stopped)."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from hsm import Token, TokenConfig
+    from keysvc import config
+    from keysvc.custody import backup as cb
+    from keysvc.custody import shares as sh
+    from keysvc.errors import KeysvcError
+    from keysvc.devstate import point_softhsm_at
+    settings = config.load(args.config, state_dir=args.state_dir)
+    point_softhsm_at(settings)
+    p = args.partition
+    token = Token(TokenConfig(module=settings.pkcs11_module, label=settings.token_label(p),
+                              pin=settings.pin(p)))
+    try:
+        blob = Path(args.blob).read_bytes()
+        opened = []
+        for pair in args.share:
+            share_file, _, key_file = pair.partition(":")
+            if not key_file:
+                raise SystemExit("--share takes SHARE_FILE:CUSTODIAN_KEY_FILE")
+            share = sh.Share.from_json(Path(share_file).read_bytes())
+            key = load_pem_private_key(Path(key_file).read_bytes(), password=None)
+            opened.append((share, sh.decrypt(share, key)))
+        done = cb.restore(token, p, blob, opened)
+    except KeysvcError as exc:
+        raise SystemExit(f"restore refused: {exc.code}: {exc.message}")
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"restore refused: {exc}")
+    finally:
+        token.close()
+    console.print(shown(f"{p}: restored {len(done.keys)} keys and {done.data_objects} data "
+                        f"objects from backup {done.backup_id}; the next start audits it. "
+                        "Restore every partition before starting keysvc."))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="keysvc", description=__doc__)
@@ -697,6 +872,22 @@ def build_parser() -> argparse.ArgumentParser:
                                   ("destroy", "DestroyKey", "DestroyKeyRequest")):
         admin(action, _key_state_cmd(rpc_name, req), f"{action} a key (dual control)") \
             .add_argument("name")
+    c = admin("rotate-key", cmd_admin_rotate, "a new version of a partition's storage key, "
+              "primary once approved (dual control)")
+    c.add_argument("--partition", required=True, choices=["s1sp", "dco"])
+    c.add_argument("--key", default="storage-key")
+    c = admin("destroy-key-version", cmd_admin_destroy_version, "destroy an old key version "
+              "no stored key uses (dual control)")
+    c.add_argument("--partition", required=True, choices=["s1sp", "dco"])
+    c.add_argument("--key", default="storage-key")
+    c.add_argument("--version", type=int, required=True)
+    c = admin("key-versions", cmd_admin_key_versions, "every long-lived key version, the "
+              "stored keys under each, and the last backup")
+    c.add_argument("--partition", default=None, choices=["s1sp", "dco", "admin"])
+    c = admin("rewrap-status", cmd_admin_rewrap_status, "the rewrap's progress and ETA")
+    c.add_argument("--partition", default=None, choices=["s1sp", "dco"])
+    c.add_argument("--watch", action="store_true", help="a progress bar until it is done")
+    c.add_argument("--interval", type=float, default=2.0)
     admin("officers", cmd_admin_officers, "list enrolled officers and denied keys")
     c = admin("enroll-officer", cmd_admin_enroll, "enrol an officer's certificate key "
               "(dual control)")
@@ -710,6 +901,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reason", required=True)
     c = admin("allow", cmd_admin_allow, "take a key off the deny list (dual control)")
     c.add_argument("key", help="the key's SPKI SHA-256 fingerprint, or a certificate file")
+    c = admin("backup", cmd_admin_backup, "backup ceremony: every long-lived key version, "
+              "M of N custodians (local, on the HSM's host, needs the PINs and SO PIN)")
+    c.add_argument("--config", default=None)
+    c.add_argument("--partition", required=True, choices=["s1sp", "dco", "admin", "all"])
+    c.add_argument("--custodian", action="append", required=True,
+                   help="an enrolled officer's certificate (PEM), once per custodian")
+    c.add_argument("--threshold", type=int, required=True, help="shares needed (>= 2)")
+    c.add_argument("--out", required=True, help="directory for the backup and the shares")
+    c = admin("restore", cmd_admin_restore, "restore a partition's keys into an empty "
+              "token from a backup and M shares (local, server stopped)")
+    c.add_argument("--config", default=None)
+    c.add_argument("--partition", required=True, choices=["s1sp", "dco", "admin"])
+    c.add_argument("--blob", required=True, help="the .backup file")
+    c.add_argument("--share", action="append", required=True,
+                   help="SHARE_FILE:CUSTODIAN_KEY_FILE, once per custodian present")
     c = admin("escrow-deposit", cmd_escrow_deposit, "escrow rollback certificates")
     _escrow_deposit_args(c)
     c = admin("escrow-list", cmd_escrow_list, "list escrows")
@@ -784,8 +990,8 @@ def _escrow_deposit_args(c: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `keysvc admin escrow deposit` reads as the issue spells it
-    if len(argv) >= 3 and argv[0] == "admin" and argv[1] == "escrow":
-        argv = ["admin", f"escrow-{argv[2]}", *argv[3:]]
+    if len(argv) >= 3 and argv[0] == "admin" and argv[1] in ("escrow", "rewrap"):
+        argv = ["admin", f"{argv[1]}-{argv[2]}", *argv[3:]]
     args = build_parser().parse_args(argv)  # usage errors exit 2
     _JSON["on"] = bool(getattr(args, "json", False))
     try:

@@ -130,7 +130,8 @@ IDEMPOTENT = {
                               "VerifyDeviceCertificate", "ExportDeviceKeys"],
     "keysvc.v1.DCOService": ["ValidateMasterKeys", "UnwrapMasterKeys", "VerifyMasterKey"],
     "keysvc.v1.KeyAdministrationService": ["GetOperation", "ListOperations", "ListKeys",
-                                           "GetKey", "ListEscrows", "ListOfficers"],
+                                           "GetKey", "ListEscrows", "ListOfficers",
+                                           "ListKeyVersions"],
     "keysvc.v1.AuditService": ["ListAuditEvents", "VerifyAuditLog", "ExportAuditEvents"],
 }
 # Default deadlines: files may be large; everything else is quick.

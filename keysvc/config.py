@@ -31,6 +31,11 @@ class Settings:
     s1sp_pin_file: str = ""
     dco_pin_file: str = ""
     admin_pin_file: str = ""
+    # The security officer's PINs, needed only by the backup ceremony (`keysvc admin
+    # backup`): only the SO may mark the backup key CKA_TRUSTED. The server never reads them.
+    s1sp_so_pin_file: str = ""
+    dco_so_pin_file: str = ""
+    admin_so_pin_file: str = ""
     database_url: str = ""
     tls_cert: str = ""
     tls_key: str = ""
@@ -47,6 +52,10 @@ class Settings:
     # replica; a change made on this one counts at once.
     roster_refresh_seconds: float = 1.0
     max_file_bytes: int = 64 * 1024 * 1024
+    # The rewrap job (keysvc/custody/rewrap.py): at most this many stored keys a second are
+    # moved to the primary storage-key version, in batches of `rewrap_batch`; 0 stops it.
+    rewrap_rows_per_second: float = 3000.0
+    rewrap_batch: int = 500
     max_xml_depth: int = 64
     quorum: int = 2
     hsm_pool_size: int = 8
@@ -101,6 +110,15 @@ class Settings:
         if not pin_file:
             raise ValueError(f"no PIN configured for the {partition} token "
                              f"(set KEYSVC_{partition.upper()}_PIN_FILE)")
+        return Path(pin_file).read_text().strip()
+
+    def so_pin(self, partition: str) -> str:
+        """The security officer's PIN from its file (development: the dev state's)."""
+        pin_file = getattr(self, f"{partition}_so_pin_file") or (
+            str(self.path("hsm", "pins", f"{partition}.so-pin")) if self.dev else "")
+        if not pin_file or not Path(pin_file).exists():
+            raise ValueError(f"no security officer PIN for the {partition} token "
+                             f"(set {partition}_so_pin_file)")
         return Path(pin_file).read_text().strip()
 
     @property

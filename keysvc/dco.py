@@ -16,8 +16,8 @@ from keysvc import transport
 from keysvc.app import App, Caller
 from keysvc.domain import InvalidEUI64, Problem, normalise_eui64
 from keysvc.errors import error
-from keysvc.partitions import STORAGE_KEY
-from keysvc.records.stored_keys import STORAGE_KEY_VERSION, MasterKeys, StoredKey
+from keysvc.custody import versions
+from keysvc.records.stored_keys import MasterKeys, StoredKey
 from keysvc.results import (MasterKeyResult, MasterKeysResult, master_keys_result_from_json,
                             to_json)
 from keysvc.xmlfile import read_file
@@ -64,7 +64,8 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
 
     def unwrap_all(sess) -> list[tuple[str, tuple[StoredKey, bytes] | None, list[Problem]]]:
         sess.retire_after_use()  # for the session copy of the storage key
-        storage = hk.session_copy(sess, STORAGE_KEY)
+        version, storage_label = versions.storage(sess)
+        storage = hk.session_copy(sess, storage_label)
         seal = app.records.master_keys.loop_sealer(sess) if store else None
         out = []
         for n, (e, p, q, (chf, dev)) in enumerate(
@@ -78,7 +79,7 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
             sealed = None
             if wrapped is not None and seal is not None:
                 k = StoredKey(dev, MasterKeys.ROLE, MasterKeys.NAME, chf, h.migration_file_id,
-                              STORAGE_KEY_VERSION, kcv, wrapped)
+                              version, kcv, wrapped)
                 sealed = (k, seal(k))
             out.append((kcv, sealed, found))
         return out
@@ -174,5 +175,5 @@ def verify_master_key(app: App, device_id: str, expected_kcv: str, method: str =
     keys = app.records.master_keys.get(device_id)
     if not keys:
         raise error("DEVICE_KEY_NOT_FOUND", f"no master key for {device_id}")
-    return transport.stored_key_matches(app.partitions.dco, keys[0].wrapped, expected_kcv,
+    return transport.stored_key_matches(app.partitions.dco, keys[0], expected_kcv,
                                         method)

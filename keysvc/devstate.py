@@ -65,7 +65,13 @@ def ensure_dev_state(settings: Settings) -> None:
         pin_path = state / "hsm" / "pins" / f"{partition}.pin"
         if not pin_path.exists():
             _write_private(pin_path, secrets.token_hex(12))
+        # The SO PIN is kept beside the user PIN: the backup ceremony needs it (only the SO
+        # can mark the backup key trusted), nothing else does.
+        so_path = state / "hsm" / "pins" / f"{partition}.so-pin"
+        if not so_path.exists():
+            _write_private(so_path, secrets.token_hex(12))
         subprocess.run([util, "--init-token", "--free", "--label", label,
-                        "--so-pin", secrets.token_hex(12), "--pin", pin_path.read_text().strip()],
+                        "--so-pin", so_path.read_text().strip(),
+                        "--pin", pin_path.read_text().strip()],
                        env=env, check=True, capture_output=True)
     ensure_dev_pki(state / "pki")

@@ -35,7 +35,8 @@ from keysvc import store as st
 from keysvc.app import App, Caller
 from keysvc.errors import KeysvcError, error
 from keysvc.transport import expected_kcv_of
-from keysvc.partitions import COMPONENT_SEAL_KEY, PURPOSE_PARTITION, STORAGE_KEY
+from keysvc.custody import rotation, versions
+from keysvc.partitions import COMPONENT_SEAL_KEY, PURPOSE_PARTITION
 from keysvc.records.import_jobs import ImportJobRecord
 from keysvc.records.keys import KeyRecord
 from keysvc.records.operations import OperationRecord, officer_name
@@ -200,7 +201,7 @@ def _kcv_of_unwrapped(app: App, job: ImportJobRecord, wrapped: bytes, purpose: s
             # SoftHSM2 pads odd lengths when wrapping, and CMAC refuses them: a failure of
             # either step is a key of the wrong length too.
             try:
-                length = hk.key_length(k, hk.find_key(s, STORAGE_KEY))
+                length = hk.key_length(k, hk.find_key(s, versions.storage(s)[1]))
                 kcv = hk.check_value(k)
             except HsmOperationFailed:
                 length, kcv = 0, ""
@@ -508,6 +509,8 @@ def _execute(app: App, conn, anchor, op: OperationRecord, p: dict, effects: _Tok
     now = app.clock()
     if op.kind in officers.KINDS:
         return officers.execute(app, conn, op, p, effects.roster)
+    if op.kind in rotation.KINDS:
+        return rotation.execute(app, op, p, effects)
     if op.kind in ("IMPORT_TRANSPORT_KEY", "GENERATE_RECIPIENT_KEY"):
         taken = _name_taken(app, conn, op, p["name"], p["purpose"])
         if taken:
@@ -735,6 +738,8 @@ def _request_view(app: App, op: OperationRecord, known: set[str]) -> dict:
     warnings: list[str] = []
     if op.kind in officers.KINDS:
         officers.view(app, op, view, warnings)
+    elif op.kind in rotation.KINDS:
+        rotation.view(app, op, view, warnings)
     elif op.kind == "IMPORT_TRANSPORT_KEY":
         view["algorithm"] = "AES"
         view["from_components"] = "wrapped_key" not in p

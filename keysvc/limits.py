@@ -101,6 +101,12 @@ LIMITS: dict[str, Limit] = {
     "DisableKeyRequest.name": _ID,
     "EnableKeyRequest.name": _ID,
     "DestroyKeyRequest.name": _ID,
+    "RotateKeyRequest.partition": Limit(8, "s1sp|dco", note="s1sp or dco"),
+    "RotateKeyRequest.key": _ID,
+    "DestroyKeyVersionRequest.partition": Limit(8, "s1sp|dco", note="s1sp or dco"),
+    "DestroyKeyVersionRequest.key": _ID,
+    "DestroyKeyVersionRequest.version": Limit(low=1, high=999_999),
+    "ListKeyVersionsRequest.partition": Limit(8, "|s1sp|dco", note="s1sp, dco or empty"),
     "EscrowRollbackCertificatesRequest.smso_id": _ID,
     "EscrowRollbackCertificatesRequest.group_id": Limit(
         2, "|".join(GROUP_IDS), note="one of " + ", ".join(GROUP_IDS)),

@@ -12,6 +12,7 @@ import logging
 from hsm import Token, TokenConfig
 from hsm import keys as hk
 from keysvc.config import PARTITIONS, Settings
+from keysvc.custody import versions
 
 log = logging.getLogger(__name__)
 
@@ -23,18 +24,30 @@ ESCROW_SEAL_KEY = "escrow-seal"
 # operations, import jobs, stored device or master keys, stored file results.
 RECORD_SEAL_KEY = "record-seal"
 
+# The long-lived keys of each partition's token, and how each is made: what the backup
+# ceremony takes out and a restore puts back (keysvc/custody/backup.py).
+LONG_LIVED = {"s1sp": (STORAGE_KEY, COMPONENT_SEAL_KEY, RECORD_SEAL_KEY),
+              "dco": (STORAGE_KEY, COMPONENT_SEAL_KEY, RECORD_SEAL_KEY),
+              "admin": (AUDIT_MAC_KEY, ESCROW_SEAL_KEY, RECORD_SEAL_KEY)}
+# base label -> (AES or not, usage)
+KIND = {STORAGE_KEY: (True, hk.STORAGE_USAGE), COMPONENT_SEAL_KEY: (True, hk.SEAL_USAGE),
+        AUDIT_MAC_KEY: (False, hk.MAC_USAGE), ESCROW_SEAL_KEY: (False, hk.MAC_USAGE),
+        RECORD_SEAL_KEY: (False, hk.MAC_USAGE)}
+
 # Which partition's token holds a key of each purpose.
 PURPOSE_PARTITION = {"S1SP_TRANSPORT": "s1sp", "EXPORT": "s1sp", "DCO_TRANSPORT": "dco"}
 
 
 class Partitions:
     def __init__(self, settings: Settings) -> None:
+        # The sentinel is a key never rotated: storage key version 1 may be destroyed once
+        # every row is rewrapped (keysvc/custody/rewrap.py).
         self.tokens: dict[str, Token] = {
             p: Token(TokenConfig(module=settings.pkcs11_module,
                                  label=settings.token_label(p), pin=settings.pin(p),
                                  pool_size=settings.hsm_pool_size,
                                  acquire_timeout=settings.hsm_acquire_timeout,
-                                 sentinel=STORAGE_KEY if p != "admin" else AUDIT_MAC_KEY))
+                                 sentinel=RECORD_SEAL_KEY))
             for p in PARTITIONS}
 
     @property
@@ -52,23 +65,29 @@ class Partitions:
     def for_purpose(self, purpose: str) -> Token:
         return self.tokens[PURPOSE_PARTITION[purpose]]
 
-    def bootstrap(self) -> None:
-        """Make the per-token keys on first start, inside the token, non-extractable."""
-        for name, token in self.tokens.items():
-            with token.session() as s:
-                wanted = ([STORAGE_KEY, COMPONENT_SEAL_KEY, RECORD_SEAL_KEY] if name != "admin"
-                          else [AUDIT_MAC_KEY, ESCROW_SEAL_KEY, RECORD_SEAL_KEY])
-                for label in wanted:
-                    if hk.has_key(s, label):
-                        continue
-                    log.info("generating %s in token %s", label, token.config.label)
-                    if label == STORAGE_KEY:
-                        hk.generate_aes(s, label, usage=hk.STORAGE_USAGE)
-                    elif label == COMPONENT_SEAL_KEY:
-                        hk.generate_aes(s, label, usage=hk.SEAL_USAGE)
-                    else:
-                        hk.generate_hmac(s, label)
-
     def close(self) -> None:
         for t in self.tokens.values():
             t.close()
+
+    def bootstrap(self) -> None:
+        """Make the per-token keys on first start, inside the token, sensitive and
+        extractable only by the backup ceremony (hk.CUSTODY)."""
+        for name, token in self.tokens.items():
+            with token.session() as s:
+                present = {versions.parse(label)[0] for label in hk.secret_key_labels(s)}
+                for label in LONG_LIVED[name]:
+                    if label in present:  # some version of it (version 1 may be destroyed)
+                        continue
+                    log.info("generating %s in token %s", label, token.config.label)
+                    generate(s, label)
+
+
+def generate(s: object, label: str, key_id: str = "") -> None:
+    """A new long-lived key (or version of one) as its base label's kind says; `key_id`
+    names the operation that made a rotated version."""
+    aes, usage = KIND[versions.parse(label)[0]]
+    if aes:
+        hk.generate_aes(s, label, usage=usage, key_id=key_id)
+    else:
+        hk.generate_hmac(s, label, key_id=key_id)
+

@@ -28,8 +28,8 @@ from keysvc.app import App, Caller
 from keysvc.device_certificate import CertificateVerdict
 from keysvc.domain import InvalidEUI64, Problem, normalise_eui64
 from keysvc.errors import error
-from keysvc.partitions import STORAGE_KEY
-from keysvc.records.stored_keys import STORAGE_KEY_VERSION, StoredKey
+from keysvc.custody import versions
+from keysvc.records.stored_keys import StoredKey
 from keysvc.results import (DeviceKey, GroupResult, InstallationResult,
                             group_result_from_json, to_json)
 from keysvc.xmlfile import AES256_GCM, DP_GROUPS, NSMAP, parse_plaintext, read_file
@@ -121,7 +121,7 @@ def _decrypt_in(sess, key: transport.TransportKey, ed) -> bytes:
         raise error("KEY_UNWRAP_FAILED", "the content key does not unwrap under "
                                          f"{key.name}") from None
     try:
-        if hk.key_length(content_key, hk.find_key(sess, STORAGE_KEY)) != 32:
+        if hk.key_length(content_key, hk.find_key(sess, versions.storage(sess)[1])) != 32:
             raise error("KEY_UNWRAP_FAILED", "the content key is not 256 bits")
         try:
             return hk.gcm_decrypt(content_key, ed.cipher_value[:12], ed.cipher_value[12:])
@@ -312,7 +312,8 @@ def _wrap_accepted(app: App, installations: list[_Installation], file_id: str) -
     def work(sess) -> tuple[Wrapped, list[list[tuple[str, str, str, str]]]]:
         # Pure until it returns, so that Token.run may repeat it after re-reading the token.
         sess.retire_after_use()  # for the session copy of the storage key
-        storage = hk.session_copy(sess, STORAGE_KEY)
+        version, storage_label = versions.storage(sess)
+        storage = hk.session_copy(sess, storage_label)
         seal = app.records.device_keys.loop_sealer(sess)
         rows: Wrapped = []
         done_all = []
@@ -324,7 +325,7 @@ def _wrap_accepted(app: App, installations: list[_Installation], file_id: str) -
                 for device, role, name, bits in inst.keys:
                     obj = hk.create_session_key(sess, bits, hk.PLAINTEXT_KEY_USAGE)
                     kcv = hk.check_value(obj)
-                    k = StoredKey(device, role, name, inst.chf, file_id, STORAGE_KEY_VERSION,
+                    k = StoredKey(device, role, name, inst.chf, file_id, version,
                                   kcv, hk.wrap(storage, obj))
                     hk.destroy(obj)
                     rows.append((k, seal(k)))
@@ -371,7 +372,7 @@ def verify_prepayment_key(app: App, device_id: str, expected_kcv: str,
                           method: str = "CMAC") -> bool:
     """TMAD 4.49: compare a check value computed in the HSM; the key never leaves it."""
     k = _stored_keys(app, device_id, ("PREPAYMENT",))[0]
-    return transport.stored_key_matches(app.partitions.s1sp, k.wrapped, expected_kcv, method)
+    return transport.stored_key_matches(app.partitions.s1sp, k, expected_kcv, method)
 
 
 @dataclass(frozen=True)
@@ -397,8 +398,9 @@ def export_device_keys(app: App, device_id: str, roles: list[str],
 
     def work(sess) -> list[ExportedKey]:
         out = []
-        storage, export = hk.find_key(sess, STORAGE_KEY), hk.find_key(sess, export_key_name)
+        export = hk.find_key(sess, export_key_name)
         for r in stored:
+            storage = versions.stored_row_key(sess, r.key_version)
             obj = hk.unwrap(sess, storage, r.wrapped, hk.Unwrap.AES_KW, usage=hk.DEVICE_USAGE)
             try:
                 out.append(ExportedKey(r.role, r.name, hk.check_value(obj),

@@ -319,7 +319,22 @@ class HealthWatch(threading.Thread):
         self.stopped = threading.Event()
         self.reload = threading.Event()
         self.crls_read_at = time.monotonic()
+        self.custody_read_at = 0.0
+        self._unbacked: dict[str, int] = {}
         self.ready = False  # the last check's verdict (/readyz)
+
+    def custody_if_due(self) -> None:
+        """Backup freshness, once a minute: the gauges, and a warning while a long-lived
+        key version has no backup (keysvc/custody/backup.py)."""
+        if time.monotonic() - self.custody_read_at < 60:
+            return
+        self.custody_read_at = time.monotonic()
+        from keysvc.custody.backup import freshness
+        for partition, (age, missing) in freshness(self.app).items():
+            if missing and missing != self._unbacked.get(partition):
+                log.warning("%d long-lived key versions of %s have no backup "
+                            "(keysvc admin backup)", missing, partition)
+            self._unbacked[partition] = missing
 
     def reload_crls_if_due(self) -> None:
         due = time.monotonic() - self.crls_read_at >= self.app.settings.client_crl_refresh_seconds
@@ -370,7 +385,7 @@ class HealthWatch(threading.Thread):
             except Exception as exc:
                 log.error("health check failed", extra={"code": type(exc).__name__})
             for duty in (self.app.audit.recover_intents, self.reload_crls_if_due,
-                         self._settle_roster):
+                         self._settle_roster, self.custody_if_due):
                 try:  # each on its own: one failing stops no other
                     duty()
                 except Exception as exc:
@@ -469,6 +484,12 @@ def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, 
     server, port, watch = build_server(app, listen)
     server.start()
     watch.start()
+    rewrap = None
+    if processes.INDEX == 0 and app.settings.rewrap_rows_per_second > 0:
+        from keysvc.custody.rewrap import Rewrap  # one job per server (worker 0)
+        rewrap = app.rewrap = Rewrap(app, app.settings.rewrap_rows_per_second,
+                                     app.settings.rewrap_batch)
+        rewrap.start()
     if app.settings.metrics_listen:
         host, metrics_port = app.settings.metrics_listen.rsplit(":", 1)
         start_probes(f"{host}:{int(metrics_port) + processes.INDEX}", watch)
@@ -491,6 +512,8 @@ def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, 
     signal.signal(signal.SIGHUP, _reload)
     done.wait()
     watch.stopped.set()
+    if rewrap is not None:
+        rewrap.stop()
     server.stop(grace=30).wait()
     app.close()
     log.info("stopped")

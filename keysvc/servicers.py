@@ -13,6 +13,7 @@ from keysvc import dco, escrow, keyadmin, memory, officers, s1sp
 from keysvc.api.v1 import keysvc_pb2 as pb
 from keysvc.api.v1 import keysvc_pb2_grpc as rpc
 from keysvc.app import App, Caller
+from keysvc.custody import rotation
 from keysvc.device_certificate import CertificateVerdict, verify_device_certificate
 from keysvc.domain import Problem
 from keysvc.errors import error
@@ -370,6 +371,28 @@ class KeyAdministrationServicer(rpc.KeyAdministrationServiceServicer):
         audit_target.set(request.fingerprint[:64])
         return operation_pb(officers.allow_certificate(self.app, _caller(),
                                                        request.fingerprint))
+
+    def RotateKey(self, request: Any, context: grpc.ServicerContext) -> Any:
+        audit_target.set(f"{request.partition}/{request.key}"[:64])
+        return operation_pb(rotation.request_rotation(self.app, _caller(), request.partition,
+                                                      request.key))
+
+    def DestroyKeyVersion(self, request: Any, context: grpc.ServicerContext) -> Any:
+        audit_target.set(f"{request.partition}/{request.key}@v{request.version}"[:64])
+        return operation_pb(rotation.request_destroy_version(
+            self.app, _caller(), request.partition, request.key, request.version))
+
+    def ListKeyVersions(self, request: Any, context: grpc.ServicerContext) -> Any:
+        st = rotation.status(self.app, request.partition)
+        return pb.ListKeyVersionsResponse(
+            versions=[pb.KeyVersion(partition=v.partition, key=v.key, version=v.version,
+                                    primary=v.primary, stored_keys=v.stored_keys,
+                                    backed_up=v.backed_up) for v in st.versions],
+            rewrap=[pb.RewrapProgress(partition=r.partition, remaining=r.remaining,
+                                      done=r.done, rows_per_second=r.rows_per_second,
+                                      flagged=r.flagged) for r in st.rewrap],
+            backups=[pb.BackupState(partition=b.partition, backup_id=b.backup_id,
+                                    time=ts(b.time)) for b in st.backups])
 
     def ListOfficers(self, request: Any, context: grpc.ServicerContext) -> Any:
         roster = officers.list_roster(self.app)

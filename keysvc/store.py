@@ -123,7 +123,7 @@ device_keys = Table(
     Column("kcv", String(16), nullable=False),
     Column("file_id", String(64), nullable=False, index=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("key_version", Integer, nullable=False, default=1),
+    Column("key_version", Integer, nullable=False, default=1, index=True),
     Column("seal", LargeBinary, nullable=True),
 )
 
@@ -135,7 +135,7 @@ master_keys = Table(
     Column("kcv", String(16), nullable=False),
     Column("file_id", String(64), nullable=False, index=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("key_version", Integer, nullable=False, default=1),
+    Column("key_version", Integer, nullable=False, default=1, index=True),
     Column("seal", LargeBinary, nullable=True),
 )
 

@@ -16,8 +16,9 @@ from hsm import HsmOperationFailed
 from hsm import keys as hk
 from keysvc.app import App
 from keysvc.domain import InvalidKcv, normalise_kcv
+from keysvc.custody import versions
 from keysvc.errors import error
-from keysvc.partitions import STORAGE_KEY
+from keysvc.records.stored_keys import StoredKey
 from keysvc.xmlfile import KEY_TRANSPORTS, KW_AES256, EncryptedKey, MigrationHeader
 
 R = TypeVar("R")
@@ -89,14 +90,15 @@ def unwrap(s: Any, key: TransportKey, ek: EncryptedKey, usage: dict, *,
                      hk.Unwrap.RSA_OAEP_SHA1, usage=usage)
 
 
-def stored_key_matches(token: Any, wrapped: bytes, expected_kcv: str, method: str) -> bool:
+def stored_key_matches(token: Any, stored: StoredKey, expected_kcv: str, method: str) -> bool:
     """Compare a stored key's check value, computed in the HSM from the key the row
     actually unwraps to, with the caller's (VerifyPrepaymentKey, VerifyMasterKey). The row
     was verified against its seal by the records layer before it got here."""
     expected = expected_kcv_of(expected_kcv)
 
     def work(sess) -> str:
-        storage = hk.find_key(sess, STORAGE_KEY)
+        storage = versions.stored_row_key(sess, stored.key_version)
+        wrapped = stored.wrapped
         # A CMAC check value (the usual one) on a session key made by a direct call, as the
         # per-key loops do (hsm/direct.py: python-pkcs11 adds eleven calls per key object).
         obj = hk.unwrap_session_key(sess, storage, wrapped, hk.Unwrap.AES_KW, hk.KCV_USAGE) \

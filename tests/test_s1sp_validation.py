@@ -1009,8 +1009,12 @@ def test_failed_files_leave_no_token_object(kit):
     assert token_objects(kit.app) == before
 
 
-def test_storage_key_is_not_extractable(kit):
+def test_storage_key_leaves_the_token_only_under_a_trusted_key(kit):
+    """Sensitive, and extractable only by the backup ceremony's CKA_TRUSTED key
+    (tests/test_custody.py shows a key made with the user PIN cannot wrap it)."""
     from keysvc.partitions import STORAGE_KEY
     with kit.app.partitions.s1sp.session() as s:
-        assert hk.key_attributes(s, STORAGE_KEY) == {"sensitive": True, "extractable": False}
+        assert hk.key_attributes(s, STORAGE_KEY)["sensitive"]
+        assert hk.custody_attributes(s, STORAGE_KEY) == {"extractable": True,
+                                                         "wrap_with_trusted": True}
 

@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 
 from hsm import keys as hk
 from keysvc.anchors import Anchored, newest, unpack
+from keysvc.custody import versions
 from keysvc.errors import KeysvcError
 from keysvc.records import SEALING_PARTITIONS, Records
 from keysvc.records.import_jobs import LABEL_PREFIX
@@ -37,6 +38,7 @@ from keysvc.records.keys import from_canonical as key_from
 from keysvc.records.keys import parse_anchor_payload
 from keysvc.records.operations import OperationRecord
 from keysvc.records.operations import from_canonical as operation_from
+from keysvc.partitions import KIND
 
 log = logging.getLogger("keysvc.records.reconcile")
 
@@ -217,8 +219,8 @@ def _object(records: Records, partition: str, token, label: str, key_id: str,
                 hk.destroy_with_id(s, label, key_id)
             out.orphan_pairs += 1
         return
-    if not key_id.startswith("op-"):
-        return
+    if not key_id.startswith("op-") or versions.parse(label)[0] in KIND:
+        return  # a long-lived key's version (custody/rotation.py): never from a record
     # Under the operation's row lock: an approval running elsewhere holds it until it ends.
     with records.store.tx() as conn:
         try:

@@ -15,7 +15,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from sqlalchemy import Table, select
+from sqlalchemy import Table, and_, bindparam, func, select
 
 from keysvc import store as st
 from keysvc.records.seal import _LENGTH, LoopSealer
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from keysvc.records import Records
 
 INSERT_CHUNK = 5000
-STORAGE_KEY_VERSION = 1  # the one storage key version until rotation exists
 
 
 @dataclass(frozen=True)
@@ -115,6 +114,69 @@ class _StoredKeys:
                 raise self.r.refuse(None, f"{self.table.name}/{k.device_id}/{k.role}/{k.name}",
                                     "fails its HSM seal")
         return keys
+
+    # ------------------------------------------------------------------ rewrap
+    def _key_columns(self) -> list:
+        return [c for c in self.table.primary_key.columns]
+
+    def count_by_version(self) -> dict[int, int]:
+        """Rows per storage-key version (an index lookup: see migration 0004)."""
+        with self.r.store.engine.connect() as conn:
+            rows = conn.execute(select(self.table.c.key_version, func.count())
+                                .group_by(self.table.c.key_version)).all()
+        return {int(v): int(n) for v, n in rows}
+
+    def on_older_versions(self, primary: int, limit: int, skip: frozenset = frozenset()
+                          ) -> tuple[list[StoredKey], list[str]]:
+        """Up to `limit` rows wrapped under a version older than `primary`, each verified
+        against its seal; those that fail are returned by name (and flagged), not used.
+        `skip`: rows already found bad in this run, left for an operator."""
+        order = [self.table.c.key_version, *self._key_columns()]
+        q = select(self.table).where(self.table.c.key_version < primary).order_by(*order) \
+            .limit(limit + len(skip))
+        with self.r.store.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        good, bad = [], []
+        pairs = []
+        for r in rows:
+            name = f"{self.table.name}/" + "/".join(str(getattr(r, c.name))
+                                                    for c in self._key_columns())
+            if name in skip:
+                continue
+            try:
+                pairs.append((name, self._stored(r), r.seal))
+            except (ValueError, TypeError):
+                bad.append(name)
+        ok = self.r.sealers[self.partition].valid_many(
+            [(self.canonical(k), seal) for _, k, seal in pairs]) if pairs else []
+        for (name, k, _), fine in zip(pairs, ok):
+            (good if fine else bad).append(k if fine else name)
+        for name in bad:
+            self.r.flag(name, "fails its HSM seal; not rewrapped")
+        return good[:limit], bad
+
+    def rewrapped(self, conn: Any, changes: list[tuple[StoredKey, StoredKey, bytes]]) -> int:
+        """Replace each row by its rewrapped form, only if it is still the row that was
+        read (same version and wrapped bytes): a row changed meanwhile is left for the next
+        pass. Returns the rows changed."""
+        t = self.table
+        keys = self._key_columns()
+        stmt = t.update().where(and_(*[c == bindparam(f"k_{c.name}") for c in keys],
+                                     t.c.key_version == bindparam("old_version"),
+                                     t.c.wrapped == bindparam("old_wrapped"))) \
+            .values(wrapped=bindparam("new_wrapped"), key_version=bindparam("new_version"),
+                    seal=bindparam("new_seal"))
+        params = []
+        for old, new, seal in changes:
+            cols = self._columns(old)
+            p = {f"k_{c.name}": cols[c.name] if c.name in cols else getattr(old, c.name)
+                 for c in keys}
+            p.update(old_version=old.key_version, old_wrapped=old.wrapped,
+                     new_wrapped=new.wrapped, new_version=new.key_version, new_seal=seal)
+            params.append(p)
+        if not params:
+            return 0
+        return conn.execute(stmt, params).rowcount
 
     def has_file(self, file_id: str) -> bool:
         """Whether any stored key came from this MigrationFileID (a row whose file id was

@@ -1,0 +1,181 @@
+"""Online rewrap: every stored device and master key moved from older storage-key versions
+to the primary, inside the HSM, while the service runs.
+
+Per row: C_UnwrapKey under the row's version into a session object, its CMAC check value
+computed in the HSM and compared with the row's sealed KCV, C_WrapKey under the primary,
+a new seal naming the primary; no key bits reach this process. A batch of rows is then
+written in one transaction, each row only if it is still the one that was read.
+
+- Resumable: the checkpoint is the rows themselves (each names its version). A kill -9
+  loses at most the batch in flight, which is done again; no row is done twice (the second
+  write finds the version changed and leaves it).
+- Throttled: at most `rate` rows a second (setting `rewrap_rows_per_second`), in batches
+  of `batch`, each in a session of its own and with a breath for live calls in between.
+- Visible: `keysvc_rewrap_remaining_rows{partition}`, `keysvc admin rewrap-status`, and an
+  audit event with the count per version when a partition has none left on old versions.
+- A row that fails its seal or whose check value differs is flagged (audited) and left on
+  its old version, so that its version cannot be destroyed (`rotation.py`).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+
+from hsm import keys as hk
+from keysvc.custody import versions
+
+log = logging.getLogger("keysvc.custody.rewrap")
+
+REMAINING = Gauge("keysvc_rewrap_remaining_rows",
+                  "stored keys still wrapped under an older storage-key version",
+                  ["partition"])
+DONE = Counter("keysvc_rewrap_rows_total", "stored keys rewrapped to the primary version",
+               ["partition"])
+
+
+@dataclass
+class Progress:
+    """What `rewrap status` shows for a partition (this process's view)."""
+
+    remaining: int = 0
+    done: int = 0
+    rows_per_second: float = 0.0
+    bad: set[str] = field(default_factory=set)
+    started: float = 0.0
+    reported: bool = True   # the end of the last run is audited
+
+
+def _stored(app: Any, partition: str) -> Any:
+    return app.records.device_keys if partition == "s1sp" else app.records.master_keys
+
+
+class Rewrap:
+    """The background job of one server process (worker 0 of several)."""
+
+    PARTITIONS = ("s1sp", "dco")
+
+    def __init__(self, app: Any, rate: float, batch: int = 500, idle: float = 5.0) -> None:
+        self.app = app
+        self.rate = max(1.0, rate)
+        self.batch = batch
+        self.idle = idle
+        self.progress = {p: Progress() for p in self.PARTITIONS}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ one batch
+    def primary(self, partition: str) -> int:
+        with self.app.partitions.tokens[partition].session() as s:
+            return versions.storage(s)[0]
+
+    def step(self, partition: str) -> int:
+        """Rewrap one batch of `partition`; the number of rows written (0: nothing left
+        that can be done)."""
+        stored = _stored(self.app, partition)
+        token = self.app.partitions.tokens[partition]
+        prog = self.progress[partition]
+        primary = self.primary(partition)
+        rows, bad = stored.on_older_versions(primary, self.batch, frozenset(prog.bad))
+        prog.bad.update(bad)
+        if not rows:
+            return 0
+
+        def work(sess: Any) -> list[tuple[Any, Any, bytes]]:
+            sess.retire_after_use()  # session copies of the storage keys
+            new = hk.session_copy(sess, versions.storage(sess, primary)[1])
+            old: dict[int, Any] = {}
+            seal = stored.loop_sealer(sess)
+            out = []
+            for k in rows:
+                if k.key_version not in old:
+                    old[k.key_version] = hk.session_copy(
+                        sess, versions.storage(sess, k.key_version)[1])
+                obj = hk.unwrap_session_key(sess, old[k.key_version], k.wrapped,
+                                            hk.Unwrap.AES_KW, hk.KCV_USAGE)
+                try:
+                    kcv = hk.check_value(obj)
+                    if kcv != k.kcv:
+                        out.append((k, None, b""))
+                        continue
+                    moved = type(k)(k.device_id, k.role, k.name, k.chf_identifier,
+                                    k.file_id, primary, k.kcv, hk.wrap(new, obj))
+                finally:
+                    hk.destroy(obj)
+                out.append((k, moved, seal(moved)))
+            return out
+        changes = token.run(work)
+        for k, moved, _ in changes:
+            if moved is None:
+                name = f"{stored.table.name}/{k.device_id}/{k.role}/{k.name}"
+                prog.bad.add(name)
+                self.app.records.flag(name, "its key's check value is not the one sealed; "
+                                            "not rewrapped")
+        good = [c for c in changes if c[1] is not None]
+        with self.app.store.tx() as conn:
+            n = stored.rewrapped(conn, good)
+        DONE.labels(partition).inc(n)
+        prog.done += n
+        return n
+
+    # ------------------------------------------------------------------ the job
+    def refresh(self, partition: str) -> dict[int, int]:
+        counts = _stored(self.app, partition).count_by_version()
+        primary = self.primary(partition)
+        remaining = sum(n for v, n in counts.items() if v < primary)
+        self.progress[partition].remaining = remaining
+        REMAINING.labels(partition).set(remaining)
+        return counts
+
+    def run_partition(self, partition: str, deadline: float | None = None) -> None:
+        """Rewrap until nothing is left (or the deadline or a stop)."""
+        prog = self.progress[partition]
+        self.refresh(partition)
+        if prog.remaining <= len(prog.bad):
+            return
+        prog.started, prog.reported, start_done = time.monotonic(), False, prog.done
+        while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            t0 = time.monotonic()
+            n = self.step(partition)
+            prog.remaining = max(0, prog.remaining - n)
+            REMAINING.labels(partition).set(prog.remaining)
+            elapsed = time.monotonic() - prog.started
+            prog.rows_per_second = (prog.done - start_done) / elapsed if elapsed else 0.0
+            if n == 0:
+                break
+            pause = n / self.rate - (time.monotonic() - t0)
+            if pause > 0:
+                self._stop.wait(pause)
+        counts = self.refresh(partition)
+        if prog.remaining <= len(prog.bad) and not prog.reported:
+            prog.reported = True
+            self.app.audit.append(
+                actor="keysvc", role="", action="custody.rewrap",
+                target=f"{partition}: {prog.done - start_done} rows rewrapped to storage-key "
+                       f"v{self.primary(partition)}; rows by version now "
+                       + ", ".join(f"v{v}: {n}" for v, n in sorted(counts.items()))
+                       + (f"; {len(prog.bad)} rows left on their version (flagged)"
+                          if prog.bad else ""))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="rewrap", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for p in self.PARTITIONS:
+                try:
+                    self.run_partition(p)
+                except Exception as exc:  # the HSM or database is away: try again later
+                    log.warning("rewrap of %s paused: %s", p,
+                                str(getattr(exc, "message", "")) or type(exc).__name__)
+            self._stop.wait(self.idle)

@@ -1,0 +1,201 @@
+"""RotateKey and DestroyKeyVersion: operations under dual control, like a key import.
+
+Rotating makes a new version of a partition's storage key in the token, which is primary
+from then on (new rows are wrapped under it) and which the rewrap job moves every older row
+to. An old version is destroyed only by a second operation, only when no stored row names
+it (Vault's `min_decryption_version`); the count is taken again when the operation is
+approved, and the object is destroyed after the approval commits.
+
+Decisions:
+- only the storage keys rotate for now (the keys that wrap millions of rows); the seal and
+  MAC keys have versions in their labels and in the backup, but no rotation yet;
+- a new version is never destroyed because its approval failed to commit: from the moment
+  it exists it is the primary and rows may already be wrapped under it. It is kept (CKA_ID
+  names the operation) and the rotation can be approved again or ignored;
+- the primary version cannot be destroyed.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from keysvc.custody import versions
+from keysvc.errors import error
+from keysvc.partitions import LONG_LIVED, STORAGE_KEY, generate
+
+if TYPE_CHECKING:
+    from keysvc.app import App
+    from keysvc.identity.caller import Caller
+    from keysvc.keyadmin import Operation
+
+KINDS = ("ROTATE_KEY", "DESTROY_KEY_VERSION")
+ROTATABLE = (STORAGE_KEY,)
+PARTITIONS = ("s1sp", "dco")
+
+
+def _check(partition: str, key: str) -> None:
+    if partition not in PARTITIONS or key not in LONG_LIVED.get(partition, ()):
+        raise error("KEY_NOT_FOUND", f"no long-lived key {key!r} in partition {partition!r}")
+    if key not in ROTATABLE:
+        raise error("INVALID_REQUEST", f"{key} has no rotation yet: only the storage keys "
+                                       "rotate")
+
+
+def _stored(app: App, partition: str) -> Any:
+    return app.records.device_keys if partition == "s1sp" else app.records.master_keys
+
+
+def key_versions(app: App, partition: str, key: str = STORAGE_KEY) -> list[int]:
+    with app.partitions.tokens[partition].session() as s:
+        return versions.versions(s, key)
+
+
+def rows_by_version(app: App, partition: str) -> dict[int, int]:
+    return _stored(app, partition).count_by_version()
+
+
+def request_rotation(app: App, caller: Caller, partition: str, key: str) -> Operation:
+    from keysvc import keyadmin
+    _check(partition, key)
+    return keyadmin._new_operation(app, caller, "op-" + uuid.uuid4().hex[:16], "ROTATE_KEY",
+                                   f"{partition}/{key}", partition,
+                                   {"partition": partition, "key": key})
+
+
+def _destroy_refusal(app: App, partition: str, key: str, version: int) -> tuple[str, str]:
+    """(code, why) this version may not be destroyed now, or ("", "")."""
+    present = key_versions(app, partition, key)
+    if version not in present:
+        return "KEY_NOT_FOUND", f"{key} has no version {version}"
+    if version == present[-1]:
+        return "KEY_VERSION_IN_USE", f"version {version} is the primary: rotate first"
+    rows = rows_by_version(app, partition).get(version, 0)
+    if rows:
+        return "KEY_VERSION_IN_USE", (f"{rows} stored keys are still wrapped under version "
+                                      f"{version}: wait for the rewrap")
+    return "", ""
+
+
+def request_destroy_version(app: App, caller: Caller, partition: str, key: str,
+                            version: int) -> Operation:
+    from keysvc import keyadmin
+    _check(partition, key)
+    code, why = _destroy_refusal(app, partition, key, version)
+    if code:
+        raise error(code, why)
+    return keyadmin._new_operation(app, caller, "op-" + uuid.uuid4().hex[:16],
+                                   "DESTROY_KEY_VERSION", versions.label(key, version),
+                                   partition, {"partition": partition, "key": key,
+                                               "version": version})
+
+
+def execute(app: App, op: Any, p: dict, effects: Any) -> tuple[str, str, str]:
+    """Carry out an approved ROTATE_KEY or DESTROY_KEY_VERSION (keyadmin._execute)."""
+    partition, key = p["partition"], p["key"]
+    if partition != op.partition:
+        raise app.records.refuse(None, f"operations/{op.id}", "names a key of another "
+                                                              "partition")
+    token = app.partitions.tokens[partition]
+    if op.kind == "ROTATE_KEY":
+        with token.session() as s:
+            new = versions.versions(s, key)[-1] + 1
+            generate(s, versions.label(key, new), key_id=op.id)
+        return "APPROVED", f"version {new} of {key} is primary", ""
+    version = int(p["version"])
+    code, why = _destroy_refusal(app, partition, key, version)
+    if code:
+        return "REJECTED", why, code
+    effects.to_destroy.append((token, versions.label(key, version)))
+    return "APPROVED", f"version {version} of {key} destroyed", ""
+
+
+def view(app: App, op: Any, shown: dict, warnings: list[str]) -> None:
+    """What the approving officer reads, and what to look at twice."""
+    from keysvc.custody.backup import last_backup
+    p = op.request
+    partition, key = p.get("partition", ""), p.get("key", "")
+    shown["name"] = op.target
+    shown["algorithm"] = "AES-256"
+    try:
+        present = key_versions(app, partition, key)
+        backed = (last_backup(app.partitions.tokens[partition]) or {}).get(
+            "versions", {}).get(key, [])
+    except Exception:
+        warnings.append("the token cannot be read to show the key's versions")
+        return
+    shown["reason"] = f"versions now {present}; backed up {backed or 'never'}"
+    if op.kind == "ROTATE_KEY":
+        warnings.append(f"the new version {present[-1] + 1 if present else 1} will have no "
+                        "backup until the next backup ceremony")
+    else:
+        warnings.append("destruction is final")
+        if present and present[-1] not in backed:
+            warnings.append(f"the primary version {present[-1]} has no backup: if the "
+                            "token is lost after this, every stored key is lost with it")
+
+
+# --------------------------------------------------------------------------- status
+@dataclass(frozen=True)
+class VersionInfo:
+    partition: str
+    key: str
+    version: int
+    primary: bool
+    stored_keys: int
+    backed_up: bool
+
+
+@dataclass(frozen=True)
+class RewrapInfo:
+    partition: str
+    remaining: int
+    done: int
+    rows_per_second: float
+    flagged: int
+
+
+@dataclass(frozen=True)
+class BackupInfo:
+    partition: str
+    backup_id: str
+    time: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class Status:
+    versions: list[VersionInfo]
+    rewrap: list[RewrapInfo]
+    backups: list[BackupInfo]
+
+
+def status(app: App, partition: str = "") -> Status:
+    """Every long-lived key version of the partition(s), rows per storage-key version, the
+    rewrap's progress (this process's job, if it runs one) and the last backup."""
+    from keysvc.custody.backup import last_backup
+    out, rewrap, backups = [], [], []
+    job = getattr(app, "rewrap", None)
+    for p in ([partition] if partition else list(LONG_LIVED)):
+        token = app.partitions.tokens[p]
+        with token.session() as s:
+            found = versions.all_versions(s, LONG_LIVED[p])
+        last = last_backup(token) or {}
+        backed = last.get("versions", {})
+        rows = rows_by_version(app, p) if p in PARTITIONS else {}
+        for key, vs in found.items():
+            for v in vs:
+                out.append(VersionInfo(p, key, v, v == vs[-1],
+                                       rows.get(v, 0) if key == STORAGE_KEY else 0,
+                                       v in backed.get(key, [])))
+        if p in PARTITIONS:
+            primary = found[STORAGE_KEY][-1] if found.get(STORAGE_KEY) else 0
+            prog = job.progress[p] if job is not None else None
+            rewrap.append(RewrapInfo(p, sum(n for v, n in rows.items() if v < primary),
+                                     prog.done if prog else 0,
+                                     prog.rows_per_second if prog else 0.0,
+                                     len(prog.bad) if prog else 0))
+        when = last.get("time")
+        backups.append(BackupInfo(p, last.get("backup_id", ""),
+                                  dt.datetime.fromisoformat(when) if when else None))
+    return Status(out, rewrap, backups)

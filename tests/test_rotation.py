@@ -1,0 +1,226 @@
+"""Storage-key versions (issue 15): RotateKey under dual control, the online rewrap inside
+the HSM, and DestroyKeyVersion only once no stored key uses the version.
+
+Each test module runs its own server: rotation changes the partition's primary version.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import grpc
+import pytest
+
+from keysvc.api.v1 import keysvc_pb2 as pb
+from keysvc.client import error_reason
+from tests.serverproc import start_server
+from tests.support import encoder
+from tests.support.encoder import kcv
+from tests.test_custody import keysvc, token_objects
+
+N = 400  # installations: about 1,300 stored device keys and 400 master keys
+
+
+def _file(installs, factory_keks, file_id):
+    kek_s, kek_d = factory_keks
+    return encoder.build_file(installs, file_id=file_id, originator_id="SMSO-R",
+                              s1sp_key_name="R-S1SP", s1sp_kek=kek_s, dco_key_name="R-DCO",
+                              dco_kek=kek_d)
+
+
+def _serve(work, rate: str):
+    factory = encoder.DeviceCertificateFactory()
+    (work / "ca.pem").write_bytes(factory.ca_pem)
+    srv = start_server(work / "server", trust_anchors=[work / "ca.pem"],
+                       env={"KEYSVC_REWRAP_ROWS_PER_SECOND": rate})
+    keks = os.urandom(32), os.urandom(32)
+    srv.import_aes_key("R-S1SP", keks[0], purpose="S1SP_TRANSPORT", owner_id="SMSO-R")
+    srv.import_aes_key("R-DCO", keks[1], purpose="DCO_TRANSPORT", owner_id="SMSO-R")
+    return srv, factory, keks
+
+
+def _load(srv, factory, keks, n: int, file_id: str):
+    installs = encoder.random_installations(n, cert_factory=factory)
+    data = _file(installs, keks, file_id)
+    srv.as_("s1sp").s1sp.ProcessGroupInformation(pb.ProcessGroupInformationRequest(file=data),
+                                                 timeout=120)
+    srv.as_("dco").dco.UnwrapMasterKeys(pb.UnwrapMasterKeysRequest(file=data), timeout=120)
+    return installs
+
+
+def _dual(srv, request_call, request):
+    """Officer 1 requests, officer 2 approves exactly what was shown."""
+    op = request_call(srv.as_("security-officer-1").admin)(request)
+    return srv.as_("security-officer-2").admin.ApproveOperation(pb.ApproveOperationRequest(
+        operation_id=op.operation_id, request_digest=op.request_digest))
+
+
+def rotate(srv, partition: str):
+    return _dual(srv, lambda a: a.RotateKey, pb.RotateKeyRequest(partition=partition,
+                                                                  key="storage-key"))
+
+
+def destroy_version(srv, partition: str, version: int):
+    return _dual(srv, lambda a: a.DestroyKeyVersion, pb.DestroyKeyVersionRequest(
+        partition=partition, key="storage-key", version=version))
+
+
+def versions(srv, partition: str) -> dict[int, int]:
+    r = srv.as_("security-officer-1").admin.ListKeyVersions(
+        pb.ListKeyVersionsRequest(partition=partition))
+    return {v.version: v.stored_keys for v in r.versions if v.key == "storage-key"}
+
+
+def wait_rewrapped(srv, partition: str, timeout: float = 120) -> dict[int, int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        vs = versions(srv, partition)
+        newest = max(vs)
+        if all(n == 0 for v, n in vs.items() if v < newest):
+            return vs
+        time.sleep(0.5)
+    raise AssertionError(f"rewrap of {partition} not done: {versions(srv, partition)}")
+
+
+def all_verify(srv, installs) -> bool:
+    for inst in installs:
+        if not srv.as_("s1sp").s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
+                device_id=inst.esme, expected_kcv=kcv(inst.prepay_key))).match:
+            return False
+        if not srv.as_("dco").dco.VerifyMasterKey(pb.VerifyMasterKeyRequest(
+                device_id=inst.esme, expected_kcv=kcv(inst.master_key))).match:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def rotated(tmp_path_factory):
+    srv, factory, keks = _serve(tmp_path_factory.mktemp("rotation"), "3000")
+    installs = _load(srv, factory, keks, N, "MGEF-R-1")
+    before = {p: versions(srv, p) for p in ("s1sp", "dco")}
+    ops = {p: rotate(srv, p) for p in ("s1sp", "dco")}
+    after = {p: wait_rewrapped(srv, p) for p in ("s1sp", "dco")}
+    yield srv, factory, keks, installs, before, ops, after
+    srv.stop()
+
+
+def test_rotation_is_approved_by_a_second_officer_and_makes_version_2_primary(rotated):
+    srv, _, _, _, before, ops, _ = rotated
+    assert set(before["s1sp"]) == {1} and before["s1sp"][1] > 3 * N
+    for op in ops.values():
+        assert op.state == pb.Operation.APPROVED and op.kind == "ROTATE_KEY"
+        assert "version 2" in op.message
+    r = srv.as_("security-officer-1").admin.ListKeyVersions(
+        pb.ListKeyVersionsRequest(partition="s1sp"))
+    primary = [v.version for v in r.versions if v.key == "storage-key" and v.primary]
+    assert primary == [2]
+
+
+def test_rotation_alone_is_only_a_request(rotated):
+    srv = rotated[0]
+    op = srv.as_("security-officer-1").admin.RotateKey(pb.RotateKeyRequest(
+        partition="dco", key="storage-key"))
+    assert op.state == pb.Operation.PENDING
+    assert any("no backup" in w for w in op.request.warnings)
+    assert max(versions(srv, "dco")) == 2
+
+
+def test_rewrap_moves_every_row_to_the_primary_and_every_kcv_is_unchanged(rotated):
+    srv, _, _, installs, before, _, after = rotated
+    for p in ("s1sp", "dco"):
+        assert after[p].get(1, 0) == 0 and after[p][2] == sum(before[p].values())
+    assert all_verify(srv, installs)
+
+
+def test_rewrap_end_is_audited_with_the_count_per_version(rotated):
+    srv = rotated[0]
+    events = srv.as_("auditor").audit.ListAuditEvents(pb.ListAuditEventsRequest(
+        action="custody.rewrap", page_size=10)).events
+    targets = " | ".join(e.target for e in events)
+    assert "s1sp:" in targets and "dco:" in targets and "v2:" in targets
+
+
+def test_new_files_are_wrapped_under_the_primary(rotated):
+    srv, factory, keks, _, _, _, _ = rotated
+    before = versions(srv, "s1sp")
+    installs = _load(srv, factory, keks, 3, "MGEF-R-2")
+    assert versions(srv, "s1sp")[2] > before[2] and versions(srv, "s1sp").get(1, 0) == 0
+    assert all_verify(srv, installs)
+
+
+def test_the_primary_version_cannot_be_destroyed(rotated):
+    srv = rotated[0]
+    with pytest.raises(grpc.RpcError) as e:
+        srv.as_("security-officer-1").admin.DestroyKeyVersion(pb.DestroyKeyVersionRequest(
+            partition="s1sp", key="storage-key", version=2))
+    assert error_reason(e.value) == "KEY_VERSION_IN_USE"
+
+
+def test_an_unused_old_version_is_destroyed_under_dual_control_and_keys_still_verify(rotated):
+    srv, _, _, installs, _, _, _ = rotated
+    op = destroy_version(srv, "s1sp", 1)
+    assert op.state == pb.Operation.APPROVED, op.message
+    assert "storage-key" not in token_objects(srv.state_dir, "s1sp")
+    assert "storage-key@v2" in token_objects(srv.state_dir, "s1sp")
+    assert set(versions(srv, "s1sp")) == {2}
+    assert all_verify(srv, installs[:20])
+
+
+def test_restart_after_version_1_is_gone(rotated):
+    srv, _, _, installs, _, _, _ = rotated
+    assert srv.stop() == 0
+    again = start_server(srv.state_dir)
+    try:
+        assert all_verify(again, installs[:5])
+    finally:
+        again.stop()
+
+
+# =========================================================================== without the job
+@pytest.fixture(scope="module")
+def paused(tmp_path_factory):
+    """A server whose rewrap job is off: rows stay on version 1 after a rotation."""
+    srv, factory, keks = _serve(tmp_path_factory.mktemp("paused"), "0")
+    installs = _load(srv, factory, keks, 20, "MGEF-P-1")
+    rotate(srv, "dco")
+    yield srv, installs
+    srv.stop()
+
+
+def test_a_version_that_stored_keys_use_cannot_be_destroyed(paused):
+    srv, _ = paused
+    with pytest.raises(grpc.RpcError) as e:
+        srv.as_("security-officer-1").admin.DestroyKeyVersion(pb.DestroyKeyVersionRequest(
+            partition="dco", key="storage-key", version=1))
+    assert error_reason(e.value) == "KEY_VERSION_IN_USE"
+    assert "20 stored keys" in e.value.details()
+
+
+def test_rows_on_an_old_version_still_verify_while_waiting_for_the_rewrap(paused):
+    srv, installs = paused
+    assert versions(srv, "dco") == {1: 20, 2: 0}
+    assert all_verify(srv, installs)
+
+
+def test_rewrap_killed_half_way_resumes_and_loses_and_doubles_nothing(tmp_path_factory):
+    """kill -9 while the job runs (throttled to 300 rows/s), then a restart finishes it."""
+    work = tmp_path_factory.mktemp("killed")
+    srv, factory, keks = _serve(work, "300")
+    installs = _load(srv, factory, keks, 300, "MGEF-K-1")
+    total = sum(versions(srv, "s1sp").values())
+    rotate(srv, "s1sp")
+    deadline = time.monotonic() + 60
+    while versions(srv, "s1sp").get(2, 0) < 300 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(srv.proc.pid, signal.SIGKILL)
+    srv.proc.wait()
+    again = start_server(srv.state_dir, env={"KEYSVC_REWRAP_ROWS_PER_SECOND": "3000"})
+    try:
+        mid = versions(again, "s1sp")
+        assert 0 < mid[1] < total and mid[1] + mid[2] == total
+        done = wait_rewrapped(again, "s1sp")
+        assert done == {1: 0, 2: total}
+        assert all_verify(again, installs)
+    finally:
+        again.stop()
