@@ -90,8 +90,10 @@ class App:
         return self._checker
 
     @classmethod
-    def open(cls, settings: Settings, clock: Clock = utc_now, *, recover_audit: bool = True
-             ) -> "App":
+    def open(cls, settings: Settings, clock: Clock = utc_now, *, recover_audit: bool = True,
+             backup_ceremony: bool = False) -> "App":
+        """`backup_ceremony`: opened by `keysvc admin backup`, whose own backup keys are in
+        the tokens (any other start removes such leftovers)."""
         from keysvc.devstate import ensure_dev_state, point_softhsm_at
         if settings.dev:
             ensure_dev_state(settings)
@@ -125,10 +127,16 @@ class App:
                           str(getattr(exc, "message", exc))[:300])
         app.load_client_crls()
         try:
-            from keysvc.custody.backup import report_restores
+            from keysvc.custody.backup import discard_leftovers, report_restores
             report_restores(app)
+            for name, token in partitions.tokens.items():
+                for label in ([] if backup_ceremony else discard_leftovers(token)):
+                    app.audit.append(actor="keysvc", role="", action="custody.backup_key_removed",
+                                     target=f"{name}: {label}, left by an unfinished backup "
+                                            "ceremony")
         except Exception as exc:
-            log.error("restores not audited at start: %s", type(exc).__name__)
+            log.error("restores and backup leftovers not settled at start: %s",
+                      type(exc).__name__)
         return app
 
     def load_client_crls(self) -> bool:

@@ -699,13 +699,14 @@ def cmd_admin_backup(args: argparse.Namespace) -> int:
     """The backup ceremony, on the HSM's host with the PINs (keysvc/custody/backup.py)."""
     from cryptography import x509
 
+    from hsm import Token, TokenConfig
     from keysvc import config
     from keysvc.app import App
     from keysvc.config import PARTITIONS
     from keysvc.custody import backup as cb
+    from keysvc.devstate import point_softhsm_at
     from keysvc.errors import KeysvcError
     from keysvc.identity.certificates import fingerprint
-    from keysvc.devstate import point_softhsm_at
     settings = config.load(args.config, state_dir=args.state_dir)
     point_softhsm_at(settings)
     parts = list(PARTITIONS) if args.partition == "all" else [args.partition]
@@ -713,18 +714,21 @@ def cmd_admin_backup(args: argparse.Namespace) -> int:
         certs = [x509.load_pem_x509_certificate(Path(f).read_bytes()) for f in args.custodian]
     except (OSError, ValueError) as exc:
         raise SystemExit(f"a custodian certificate cannot be read: {exc}")
+    # Checked before anything is made in a token: M of N, and N different keys.
+    if len({fingerprint(c) for c in certs}) != len(certs):
+        raise SystemExit("the same custodian is named twice: each share needs its own")
+    if not 2 <= args.threshold <= len(certs):
+        raise SystemExit(f"a backup needs 2 <= threshold <= custodians (got {args.threshold} "
+                         f"of {len(certs)})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    prepared = {}
+    prepared: dict = {}
+    app = None
     try:
         for p in parts:  # as security officer, before this process logs in as user
-            bid = cb.new_id()
-            prepared[p] = (bid, cb.prepare(settings.pkcs11_module, settings.token_label(p),
-                                           settings.so_pin(p), bid))
-    except ValueError as exc:  # no SO PIN configured
-        raise SystemExit(str(exc))
-    app = App.open(settings)
-    try:
+            prepared[p] = cb.prepare(settings.pkcs11_module, settings.token_label(p),
+                                     settings.so_pin(p), cb.new_id())
+        app = App.open(settings, backup_ceremony=True)
         roster = app.roster.current()
         for c in certs:
             if roster.officer(fingerprint(c)) is None or roster.denial(fingerprint(c)):
@@ -732,9 +736,9 @@ def cmd_admin_backup(args: argparse.Namespace) -> int:
                                  "custodians are enrolled like officers (dual control)")
         rows = []
         for p in parts:
-            bid, secret = prepared.pop(p)
+            bid = prepared[p].backup_id
             try:
-                b = cb.take(app.partitions.tokens[p], p, bid, secret, certs, args.threshold,
+                b = cb.take(app.partitions.tokens[p], p, prepared[p], certs, args.threshold,
                             app.clock())
             except KeysvcError as exc:
                 app.audit.append(actor=_operator(), role="operator", action="custody.backup",
@@ -750,24 +754,38 @@ def cmd_admin_backup(args: argparse.Namespace) -> int:
             rows.append((p, bid, f"{args.threshold} of {len(certs)}",
                          ", ".join(f"{k} {v}" for k, v in b.versions.items())))
         _table("backups", ["partition", "backup id", "custodians", "key versions"], rows)
+    except ValueError as exc:  # no SO PIN configured
+        raise SystemExit(str(exc))
     finally:
-        for p, (bid, secret) in prepared.items():  # not taken: drop the trusted key
-            secret[:] = bytes(len(secret))
-            cb.discard(app.partitions.tokens[p], bid)
-        app.close()
+        # Whatever happened: no secret kept, no backup key left in a token.
+        for prep in prepared.values():
+            prep.forget()
+        for p in prepared:
+            token = app.partitions.tokens[p] if app is not None else Token(TokenConfig(
+                module=settings.pkcs11_module, label=settings.token_label(p),
+                pin=settings.pin(p)))
+            try:
+                cb.discard_leftovers(token)
+            except Exception as exc:
+                err.print(f"keysvc: a backup key may be left in the {p} token (removed at "
+                          f"the next start): {type(exc).__name__}")
+        if app is not None:
+            app.close()
     return 0
 
 
 def cmd_admin_restore(args: argparse.Namespace) -> int:
     """Restore a partition's keys into an empty token (the server stopped)."""
+    import getpass
+
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     from hsm import Token, TokenConfig
     from keysvc import config
     from keysvc.custody import backup as cb
     from keysvc.custody import shares as sh
-    from keysvc.errors import KeysvcError
     from keysvc.devstate import point_softhsm_at
+    from keysvc.errors import KeysvcError
     settings = config.load(args.config, state_dir=args.state_dir)
     point_softhsm_at(settings)
     p = args.partition
@@ -775,24 +793,32 @@ def cmd_admin_restore(args: argparse.Namespace) -> int:
                               pin=settings.pin(p)))
     try:
         blob = Path(args.blob).read_bytes()
+        header, _ = cb.header_of(blob)
+        if args.backup_id and header["backup_id"] != args.backup_id:
+            raise SystemExit(f"restore refused: this is backup {header['backup_id']} "
+                             f"(made {header['created']}), not {args.backup_id}")
         opened = []
         for pair in args.share:
             share_file, _, key_file = pair.partition(":")
             if not key_file:
                 raise SystemExit("--share takes SHARE_FILE:CUSTODIAN_KEY_FILE")
             share = sh.Share.from_json(Path(share_file).read_bytes())
-            key = load_pem_private_key(Path(key_file).read_bytes(), password=None)
+            pem = Path(key_file).read_bytes()
+            password = None
+            if b"ENCRYPTED" in pem:  # each custodian types their own passphrase
+                password = getpass.getpass(f"passphrase of {key_file}: ").encode()
+            key = load_pem_private_key(pem, password=password)
             opened.append((share, sh.decrypt(share, key)))
         done = cb.restore(token, p, blob, opened)
     except KeysvcError as exc:
         raise SystemExit(f"restore refused: {exc.code}: {exc.message}")
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"restore refused: {exc}")
+    except (OSError, ValueError, TypeError) as exc:
+        raise SystemExit(f"restore refused: {type(exc).__name__}: {exc}")
     finally:
         token.close()
     console.print(shown(f"{p}: restored {len(done.keys)} keys and {done.data_objects} data "
-                        f"objects from backup {done.backup_id}; the next start audits it. "
-                        "Restore every partition before starting keysvc."))
+                        f"objects from backup {done.backup_id} made {done.created}; the next "
+                        "start audits it. Restore every partition before starting keysvc."))
     return 0
 
 
@@ -916,6 +942,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--blob", required=True, help="the .backup file")
     c.add_argument("--share", action="append", required=True,
                    help="SHARE_FILE:CUSTODIAN_KEY_FILE, once per custodian present")
+    c.add_argument("--backup-id", default=None,
+                   help="the backup expected (refused if the file is another, older one)")
     c = admin("escrow-deposit", cmd_escrow_deposit, "escrow rollback certificates")
     _escrow_deposit_args(c)
     c = admin("escrow-list", cmd_escrow_list, "list escrows")

@@ -207,6 +207,86 @@ def test_after_restore_every_key_version_shows_as_backed_up(restored):
     assert r.versions and all(v.backed_up for v in r.versions)
 
 
+def test_a_custodian_named_twice_is_refused_before_any_token_changes(restored):
+    drill, _ = restored
+    c = str(drill["custodians"][0][0])
+    out = keysvc("admin", "backup", "--partition", "dco", "--threshold", "2", "--out",
+                 str(drill["work"] / "twice"), "--custodian", c, "--custodian", c,
+                 state=drill["state"], check=False)
+    assert out.returncode != 0 and "named twice" in out.stderr
+    assert not any(label.startswith("keysvc-backup-")
+                   for label in token_objects(drill["state"], "dco"))
+
+
+def test_a_custodian_who_is_no_officer_is_refused_and_no_backup_key_is_left(restored):
+    drill, _ = restored
+    out = keysvc("admin", "backup", "--partition", "all", "--threshold", "2", "--out",
+                 str(drill["work"] / "stranger"), "--custodian",
+                 str(drill["custodians"][0][0]), "--custodian",
+                 str(drill["state"] / "pki" / "auditor.pem"), state=drill["state"],
+                 check=False)
+    assert out.returncode != 0 and "not an enrolled officer" in out.stderr
+    for p in ("s1sp", "dco", "admin"):
+        assert not any(label.startswith("keysvc-backup-")
+                       for label in token_objects(drill["state"], p))
+
+
+def test_the_backup_key_cannot_be_changed_or_copied_with_the_user_pin(restored):
+    """The ceremony's trusted key is an RSA public key (no secret in the token's files),
+    made by the SO unmodifiable and uncopyable: the user PIN cannot give it DECRYPT or
+    UNWRAP, or keep a trusted copy of it."""
+    drill, _ = restored
+    out = subprocess.run([sys.executable, "-c", f"""
+import pkcs11
+from pkcs11 import Attribute as A, ObjectClass
+from keysvc import config
+from keysvc.custody import backup as cb
+from keysvc.devstate import point_softhsm_at
+s = config.load(None, state_dir='{drill["state"]}')
+point_softhsm_at(s)
+cb.prepare(s.pkcs11_module, s.token_label('dco'), s.so_pin('dco'), 'probe')
+lib = pkcs11.lib(s.pkcs11_module)
+with lib.get_token(token_label=s.token_label('dco')).open(rw=True, user_pin=s.pin('dco')) as u:
+    w = u.get_key(label='keysvc-backup-probe', object_class=ObjectClass.PUBLIC_KEY)
+    print('trusted', bool(w[A.TRUSTED]), 'private', bool(w[A.PRIVATE]))
+    for attr in (A.ENCRYPT, A.VERIFY, A.WRAP):
+        try:
+            w[attr] = not w[attr]; print('changed', attr)
+        except pkcs11.exceptions.PKCS11Error:
+            pass
+    try:
+        w.copy({{A.TOKEN: True}}); print('copied')
+    except pkcs11.exceptions.PKCS11Error:
+        pass
+    w.destroy()
+"""], cwd=ROOT, env=server_env(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["trusted", "True", "private", "False"]
+
+
+def test_a_backup_key_left_in_a_token_is_removed_and_audited_at_start(drill, tmp_path):
+    """A ceremony killed between its two steps leaves the trusted key: the next start
+    destroys it."""
+    state = drill["state"]
+    subprocess.run([sys.executable, "-c", f"""
+from keysvc import config
+from keysvc.custody import backup as cb
+from keysvc.devstate import point_softhsm_at
+s = config.load(None, state_dir='{state}')
+point_softhsm_at(s)
+cb.prepare(s.pkcs11_module, s.token_label('admin'), s.so_pin('admin'), 'killed')
+"""], cwd=ROOT, env=server_env(), check=True)
+    assert "keysvc-backup-killed" in token_objects(state, "admin")
+    srv = start_server(state)
+    try:
+        assert "keysvc-backup-killed" not in token_objects(state, "admin")
+        events = srv.as_("auditor").audit.ListAuditEvents(pb.ListAuditEventsRequest(
+            action="custody.backup_key_removed", page_size=10)).events
+        assert any("keysvc-backup-killed" in e.target for e in events)
+    finally:
+        srv.stop()
+
+
 def test_restore_into_a_token_that_holds_keys_is_refused(restored):
     drill, _ = restored
     out = keysvc("admin", "restore", "--partition", "dco", *_shares(drill, "dco", [0, 1]),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import time
 
 import grpc
@@ -83,6 +84,18 @@ def wait_rewrapped(srv, partition: str, timeout: float = 120) -> dict[int, int]:
     raise AssertionError(f"rewrap of {partition} not done: {versions(srv, partition)}")
 
 
+def _row(srv, device_id: str) -> tuple:
+    with sqlite3.connect(srv.state_dir / "keysvc.db") as db:
+        return db.execute("SELECT wrapped, key_version, seal FROM device_keys WHERE "
+                          "device_id = ? AND role = 'PREPAYMENT'", (device_id,)).fetchone()
+
+
+def _put_row(srv, device_id: str, row: tuple) -> None:
+    with sqlite3.connect(srv.state_dir / "keysvc.db") as db:
+        db.execute("UPDATE device_keys SET wrapped = ?, key_version = ?, seal = ? WHERE "
+                   "device_id = ? AND role = 'PREPAYMENT'", (*row, device_id))
+
+
 def all_verify(srv, installs) -> bool:
     for inst in installs:
         if not srv.as_("s1sp").s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
@@ -98,6 +111,7 @@ def all_verify(srv, installs) -> bool:
 def rotated(tmp_path_factory):
     srv, factory, keks = _serve(tmp_path_factory.mktemp("rotation"), "3000")
     installs = _load(srv, factory, keks, N, "MGEF-R-1")
+    srv.old_row = _row(srv, installs[0].esme)  # a sealed version-1 row, for a rollback
     before = {p: versions(srv, p) for p in ("s1sp", "dco")}
     ops = {p: rotate(srv, p) for p in ("s1sp", "dco")}
     after = {p: wait_rewrapped(srv, p) for p in ("s1sp", "dco")}
@@ -157,14 +171,70 @@ def test_the_primary_version_cannot_be_destroyed(rotated):
     assert error_reason(e.value) == "KEY_VERSION_IN_USE"
 
 
+def backup(srv, partition: str) -> None:
+    pki = srv.state_dir / "pki"
+    keysvc("admin", "backup", "--partition", partition, "--threshold", "2", "--out",
+           str(srv.state_dir / "backups"), "--custodian", str(pki / "security-officer-1.pem"),
+           "--custodian", str(pki / "security-officer-2.pem"), state=srv.state_dir)
+
+
+def test_a_version_no_backup_holds_cannot_be_destroyed(rotated):
+    """The row count is the database's word: a version is destroyed only once a backup
+    holds it, so rows hidden from the count stay recoverable."""
+    srv = rotated[0]
+    with pytest.raises(grpc.RpcError) as e:
+        srv.as_("security-officer-1").admin.DestroyKeyVersion(pb.DestroyKeyVersionRequest(
+            partition="s1sp", key="storage-key", version=1))
+    assert error_reason(e.value) == "VERSION_NOT_BACKED_UP"
+
+
 def test_an_unused_old_version_is_destroyed_under_dual_control_and_keys_still_verify(rotated):
     srv, _, _, installs, _, _, _ = rotated
+    backup(srv, "s1sp")
     op = destroy_version(srv, "s1sp", 1)
     assert op.state == pb.Operation.APPROVED, op.message
     assert "storage-key" not in token_objects(srv.state_dir, "s1sp")
     assert "storage-key@v2" in token_objects(srv.state_dir, "s1sp")
     assert set(versions(srv, "s1sp")) == {2}
     assert all_verify(srv, installs[:20])
+
+
+def test_a_row_put_back_on_a_destroyed_version_is_refused_as_such(rotated):
+    """A database writer restores the sealed version-1 copy of a row after version 1 was
+    destroyed: the key cannot be read, and the call says why (not INTERNAL)."""
+    srv, _, _, installs, _, _, _ = rotated
+    inst = installs[0]
+    current = _row(srv, inst.esme)
+    _put_row(srv, inst.esme, srv.old_row)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            srv.as_("s1sp").s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
+                device_id=inst.esme, expected_kcv=kcv(inst.prepay_key)))
+        assert error_reason(e.value) == "KEY_VERSION_DESTROYED"
+        # The next rotation's rewrap flags that row and moves every other one.
+        rotate(srv, "s1sp")
+        deadline = time.monotonic() + 60
+        while versions(srv, "s1sp").get(2, 0) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert versions(srv, "s1sp")[2] == 0
+        r = srv.as_("security-officer-1").admin.ListKeyVersions(
+            pb.ListKeyVersionsRequest(partition="s1sp"))
+        assert [(w.remaining, w.flagged) for w in r.rewrap] == [(1, 1)]
+    finally:
+        _put_row(srv, inst.esme, current)
+    events = srv.as_("auditor").audit.ListAuditEvents(pb.ListAuditEventsRequest(
+        action="keysvc.v1.S1SPService/VerifyPrepaymentKey", page_size=1000)).events
+    assert any(e.code == "KEY_VERSION_DESTROYED" for e in events)
+    flagged = srv.as_("auditor").audit.ListAuditEvents(pb.ListAuditEventsRequest(
+        page_size=1000)).events
+    assert any("is destroyed; not rewrapped" in e.target for e in flagged)
+
+
+def test_a_new_version_shows_as_not_backed_up(rotated):
+    srv = rotated[0]
+    r = srv.as_("security-officer-1").admin.ListKeyVersions(
+        pb.ListKeyVersionsRequest(partition="dco"))
+    assert [v.backed_up for v in r.versions if v.key == "storage-key"] == [False, False]
 
 
 def test_restart_after_version_1_is_gone(rotated):

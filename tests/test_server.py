@@ -244,6 +244,8 @@ NAMED_RESPONSES = {"VerifyDeviceCertificate": "CertificateVerdict",
                    # keysvc additions: an officer or deny-list change is an Operation.
                    "EnrollOfficer": "Operation", "RemoveOfficer": "Operation",
                    "DenyCertificate": "Operation", "AllowCertificate": "Operation",
+                   # and a key version made or destroyed (issue 15).
+                   "RotateKey": "Operation", "DestroyKeyVersion": "Operation",
                    "ExportAuditEvents": "ChainedAuditEvent"}
 
 

@@ -2,28 +2,33 @@
 wrapped inside it, and back into an empty token with any M of N custodians.
 
 Backup (`keysvc admin backup`, on the HSM's host, with the token's PINs):
-1. A fresh 32-byte backup secret from the token's generator. From it (HKDF-SHA256, the
-   backup id in the info) come the wrapping key and the manifest key.
-2. As security officer, the wrapping key is made a token object marked CKA_TRUSTED and
-   able only to wrap. Every long-lived key is CKA_WRAP_WITH_TRUSTED (hk.CUSTODY), so this
-   is the only kind of key that can wrap one; the user PIN cannot make such a key.
+1. A fresh 32-byte backup secret from the token's generator, and a one-time RSA-3072 pair
+   made in this process (the backup pair).
+2. As security officer, the backup pair's public half is made a token object marked
+   CKA_TRUSTED that can only wrap, and can be neither changed nor copied. Every long-lived
+   key is CKA_WRAP_WITH_TRUSTED (hk.CUSTODY), so only such a key can wrap one, and the
+   user PIN cannot make one. A public key holds no secret, so nothing secret is ever in
+   the token's files for this (SoftHSM2 keeps public objects' values in clear).
 3. With the user PIN, every version of every long-lived key (`LONG_LIVED`) is wrapped
-   under it inside the token (RFC 3394), and the wrapping key is destroyed.
-4. The token's data objects (audit and record anchors, the roster, markers: integrity
-   state, not secrets) and the wrapped keys form the manifest, encrypted and bound to its
-   header with AES-256-GCM under the manifest key.
+   under it inside the token (C_WrapKey, RSA-OAEP), and the public key object is destroyed.
+4. The wrapped keys, the backup pair's private half and the token's data objects (audit
+   and record anchors, the roster, markers: integrity state, not secrets) form the
+   manifest, encrypted and bound to its header with AES-256-GCM under a key derived from
+   the secret (HKDF-SHA256, the backup id in the info).
 5. The secret is split M-of-N (custody/shares.py), each share encrypted to a custodian's
    enrolled officer certificate; the secret is zeroed.
 Restore (`keysvc admin restore`, the server stopped) does the reverse into a token that
-holds no keysvc keys: M custodians' shares rebuild the secret, the manifest must open, and
-only then is anything written; a failure half-way destroys what was written.
+holds no keysvc keys: M custodians' shares rebuild the secret, the manifest must open, the
+private half becomes a session object that can only unwrap, and only then is anything
+written; a failure half-way destroys what was written.
 
-Where key bits are outside the HSM: the backup secret and the two keys derived from it are
-in this process's memory for the ceremony (milliseconds), never on disk or in a log. The
-secret is a bytearray zeroed when done; the derived keys are Python bytes, which cannot be
-zeroed and are dropped. A share is in clear only inside `shares.decrypt`/`combine` during
-a restore. The long-lived keys themselves never leave the token in clear: they are wrapped
-and unwrapped by C_WrapKey/C_UnwrapKey.
+Where key bits are outside the HSM: the secret, the manifest key and the backup pair's
+private half are in this process's memory for the ceremony (milliseconds), never on disk in
+clear or in a log. The secret is kept in a bytearray zeroed when done; the token's random
+bytes it came from, the derived key and the private key are Python objects that cannot be
+zeroed and are dropped. A share is in clear only inside `split`/`encrypt` and, in a
+restore, between `shares.decrypt` and `combine` (zeroed after). The long-lived keys never
+leave the token in clear: they are wrapped and unwrapped by C_WrapKey/C_UnwrapKey.
 """
 from __future__ import annotations
 
@@ -31,16 +36,17 @@ import datetime as dt
 import json
 import uuid
 from base64 import b64decode, b64encode
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
 from prometheus_client import Gauge
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pkcs11 import Attribute as A
-from pkcs11 import KeyType, Mechanism, ObjectClass
+from pkcs11 import MGF, KeyType, Mechanism, ObjectClass
 
 from hsm import keys as hk
 from hsm.token import Token, security_officer
@@ -72,36 +78,64 @@ def _derive(secret: bytes | bytearray, what: str, backup_id: str) -> bytes:
                 info=f"keysvc backup {what}|{backup_id}".encode()).derive(bytes(secret))
 
 
+TRUSTED_PREFIX = "keysvc-backup-"
+OAEP = (Mechanism.SHA_1, MGF.SHA1, None)  # the OAEP this token does (SHA-256 it does not)
+
+
 def _trusted_label(backup_id: str) -> str:
-    return f"keysvc-backup-{backup_id}"
+    return f"{TRUSTED_PREFIX}{backup_id}"
 
 
 def _zero(b: bytearray) -> None:
     b[:] = bytes(len(b))
 
 
-def prepare(module: str, token_label: str, so_pin: str, backup_id: str) -> bytearray:
-    """Steps 1-2, as security officer: the backup secret, and its wrapping key in the token
-    marked trusted. Must run before this process opens the token with the user PIN."""
+def _int_bytes(v: int) -> bytes:
+    return v.to_bytes((v.bit_length() + 7) // 8, "big")
+
+
+@dataclass
+class Prepared:
+    """What step 1 leaves for step 3: the secret and the backup pair's private half."""
+
+    backup_id: str
+    secret: bytearray = field(repr=False)
+    private_key: Any = field(repr=False)
+
+    def forget(self) -> None:
+        _zero(self.secret)
+        self.private_key = None
+
+
+def prepare(module: str, token_label: str, so_pin: str, backup_id: str) -> Prepared:
+    """Steps 1-2, as security officer. Must run before this process opens the token with
+    the user PIN (login state belongs to the process)."""
+    private_key = rsa.generate_private_key(65537, 3072)
+    public = private_key.public_key().public_numbers()
     with security_officer(module, token_label, so_pin) as so:
         secret = bytearray(so.generate_random(256))
         so.create_object({
-            A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: KeyType.AES,
-            A.VALUE: _derive(secret, "wrap", backup_id), A.LABEL: _trusted_label(backup_id),
-            A.TOKEN: True, A.PRIVATE: False, A.SENSITIVE: True, A.EXTRACTABLE: False,
-            A.TRUSTED: True, A.WRAP: True, A.UNWRAP: False, A.ENCRYPT: False,
-            A.DECRYPT: False, A.SIGN: False, A.VERIFY: False, A.DERIVE: False})
-    return secret
+            A.CLASS: ObjectClass.PUBLIC_KEY, A.KEY_TYPE: KeyType.RSA,
+            A.MODULUS: _int_bytes(public.n), A.PUBLIC_EXPONENT: _int_bytes(public.e),
+            A.LABEL: _trusted_label(backup_id), A.TOKEN: True, A.PRIVATE: False,
+            A.TRUSTED: True, A.WRAP: True, A.ENCRYPT: False, A.VERIFY: False,
+            A.DERIVE: False, A.MODIFIABLE: False, A.COPYABLE: False})
+    return Prepared(backup_id, secret, private_key)
 
 
-def take(token: Token, partition: str, backup_id: str, secret: bytearray,
-         custodians: list[x509.Certificate], threshold: int,
-         now: dt.datetime) -> Backup:
+def take(token: Token, partition: str, prepared: Prepared,
+         custodians: list[x509.Certificate], threshold: int, now: dt.datetime) -> Backup:
     """Steps 3-5 with the user PIN. The secret is zeroed whatever happens."""
+    backup_id, secret = prepared.backup_id, prepared.secret
     try:
         parts = sh.split(secret, threshold, len(custodians))
-        with token.session() as s:
-            trusted = hk.find_key(s, _trusted_label(backup_id))
+        with token.session(missing_means_down=False) as s:
+            try:
+                trusted = hk.find_key(s, _trusted_label(backup_id), ObjectClass.PUBLIC_KEY)
+            except hk.HsmKeyNotFound:
+                raise error("BACKUP_NOT_POSSIBLE", "the backup key left the token during the "
+                                                   "ceremony (a server start removes "
+                                                   "leftovers): run it again") from None
             try:
                 found = versions.all_versions(s, LONG_LIVED[partition])
                 keys = []
@@ -113,23 +147,30 @@ def take(token: Token, partition: str, backup_id: str, secret: bytearray,
                             raise error("BACKUP_NOT_POSSIBLE",
                                         f"{label} in the {partition} token was made before "
                                         "keys could be backed up: rotate it first")
-                        keys.append({"label": label,
-                                     "wrapped": b64encode(hk.wrap(trusted, hk.find_key(
-                                         s, label))).decode()})
+                        wrapped = trusted.wrap_key(hk.find_key(s, label),
+                                                   mechanism=Mechanism.RSA_PKCS_OAEP,
+                                                   mechanism_param=OAEP)
+                        keys.append({"label": label, "wrapped": b64encode(wrapped).decode()})
             finally:
                 hk.destroy(trusted)
                 hk.forget(s, _trusted_label(backup_id))
             data = [{"label": label, "value": b64encode(v).decode()}
                     for label, values in sorted(hk.data_by_label(s, "").items())
-                    if label != LAST_BACKUP for v in values]
+                    if label not in (LAST_BACKUP, RESTORED) for v in values]
         header = {"format": FORMAT, "backup_id": backup_id, "partition": partition,
                   "token_label": token.config.label, "created": now.isoformat(),
                   "threshold": threshold,
                   "custodians": [fingerprint(c) for c in custodians], "versions": found}
-        manifest = json.dumps({"keys": keys, "data": data}).encode()
+        private_der = prepared.private_key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption())
+        manifest = json.dumps({"keys": keys, "data": data,
+                               "private_key": b64encode(private_der).decode()}).encode()
+        del private_der
         nonce = bytes(12)  # the manifest key is derived for this one backup and used once
         ct = AESGCM(_derive(secret, "manifest", backup_id)).encrypt(
             nonce, manifest, _aad(header))
+        del manifest
         blob = json.dumps({"header": header, "ciphertext": b64encode(ct).decode()},
                           indent=1).encode()
         out = [sh.encrypt(c, backup_id, i, p) for c, (i, p) in zip(custodians, parts)]
@@ -139,13 +180,23 @@ def take(token: Token, partition: str, backup_id: str, secret: bytearray,
                 {"backup_id": backup_id, "time": now.isoformat(), "versions": found}).encode())
         return Backup(backup_id, partition, blob, out, found)
     finally:
-        _zero(secret)
+        prepared.forget()
 
 
-def discard(token: Token, backup_id: str) -> None:
-    """Destroy a prepared trusted wrapping key that was not used (a failed ceremony)."""
+def discard_leftovers(token: Token) -> list[str]:
+    """Destroy every backup key a ceremony left in the token (it failed or was killed
+    between steps 2 and 3); returns their labels. Run by the ceremony itself when it ends
+    and at every start."""
+    gone = []
     with token.session(missing_means_down=False) as s:
-        hk.destroy_objects(s, _trusted_label(backup_id))
+        for cls in (ObjectClass.PUBLIC_KEY, ObjectClass.SECRET_KEY):
+            for obj in hk.objects(s, {A.CLASS: cls}):
+                label = obj[A.LABEL] or ""
+                if label.startswith(TRUSTED_PREFIX):
+                    hk.destroy(obj)
+                    hk.forget(s, label)
+                    gone.append(label)
+    return gone
 
 
 def report_restores(app: Any) -> None:
@@ -156,7 +207,8 @@ def report_restores(app: Any) -> None:
         for v in values:
             try:
                 d = json.loads(v)
-                detail = (f"{partition} from backup {d['backup_id']}: {d['keys']} keys, "
+                detail = (f"{partition} from backup {d['backup_id']} made {d.get('created')}"
+                          f": {d['keys']} keys, "
                           f"{d['data_objects']} data objects, {d['shares']} shares")
             except (ValueError, KeyError, TypeError):
                 detail = f"{partition}: an unreadable restore record"
@@ -217,95 +269,125 @@ def last_backup(token: Token) -> dict | None:
 @dataclass(frozen=True)
 class Restored:
     backup_id: str
+    created: str
     keys: list[str]
     data_objects: int
 
 
 def header_of(blob: bytes) -> tuple[dict, bytes]:
+    """The backup's header, each field of the type it must have, and its ciphertext."""
     try:
         d = json.loads(blob)
         header, ct = d["header"], b64decode(d["ciphertext"], validate=True)
         if header.get("format") != FORMAT:
             raise ValueError("format")
-        int(header["threshold"]), str(header["partition"]), str(header["backup_id"])
+        for name, kind in (("backup_id", str), ("partition", str), ("created", str),
+                           ("threshold", int), ("custodians", list), ("versions", dict)):
+            if not isinstance(header[name], kind):
+                raise TypeError(name)
+        if not all(isinstance(c, str) for c in header["custodians"]):
+            raise TypeError("custodians")
         return header, ct
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise error("BACKUP_INVALID", "not a keysvc backup file") from None
 
 
-def open_manifest(blob: bytes, partition: str, opened: list[tuple[sh.Share, bytes]]
-                  ) -> tuple[dict, dict, bytearray]:
-    """Check the shares against the backup and rebuild the secret; the manifest must open
-    under it (fewer or wrong shares give another secret, which its tag refuses)."""
-    header, ct = header_of(blob)
-    if header["partition"] != partition:
-        raise error("BACKUP_INVALID", f"this backup is of the {header['partition']} "
-                                      f"partition, not {partition}")
-    for share, _ in opened:
-        if share.backup_id != header["backup_id"] or share.custodian not in \
-                header["custodians"]:
-            raise error("SHARE_INVALID", f"share {share.index} belongs to another backup "
-                                         "or custodian")
-    parts = {share.index: clear for share, clear in opened}
-    if len(parts) < int(header["threshold"]):
-        raise error("NOT_ENOUGH_SHARES", f"this backup needs {header['threshold']} "
-                                         f"custodians' shares; {len(parts)} given")
-    secret = sh.combine(sorted(parts.items()))
+def open_manifest(blob: bytes, partition: str, opened: list[tuple[sh.Share, bytearray]]
+                  ) -> tuple[dict, dict]:
+    """Check the shares against the backup, rebuild the secret and open the manifest under
+    it (fewer or wrong shares give another secret, which its tag refuses). The shares in
+    clear and the secret are zeroed here."""
+    try:
+        header, ct = header_of(blob)
+        if header["partition"] != partition:
+            raise error("BACKUP_INVALID", f"this backup is of the {header['partition']} "
+                                          f"partition, not {partition}")
+        for share, _ in opened:
+            if share.backup_id != header["backup_id"] or share.custodian not in \
+                    header["custodians"]:
+                raise error("SHARE_INVALID", f"share {share.index} belongs to another "
+                                             "backup or custodian")
+        parts = {share.index: clear for share, clear in opened}
+        if len(parts) < header["threshold"]:
+            raise error("NOT_ENOUGH_SHARES", f"this backup needs {header['threshold']} "
+                                             f"custodians' shares; {len(parts)} given")
+        secret = sh.combine(sorted(parts.items()))
+    finally:
+        for _, clear in opened:
+            _zero(clear)
     try:
         manifest = json.loads(AESGCM(_derive(secret, "manifest", header["backup_id"]))
                               .decrypt(bytes(12), ct, _aad(header)))
     except Exception:
-        _zero(secret)
         raise error("BACKUP_INVALID", "the shares do not open this backup (a share or the "
                                       "file was altered)") from None
-    return header, manifest, secret
+    finally:
+        _zero(secret)
+    return header, manifest
+
+
+def _unwrapping_key(s: Any, der: bytes) -> Any:
+    """The backup pair's private half as a session object that can only unwrap."""
+    key = serialization.load_der_private_key(der, None)
+    n = key.private_numbers()
+    p = n.public_numbers
+    return s.raw.create_object({
+        A.CLASS: ObjectClass.PRIVATE_KEY, A.KEY_TYPE: KeyType.RSA, A.TOKEN: False,
+        A.PRIVATE: True, A.SENSITIVE: True, A.EXTRACTABLE: False, A.UNWRAP: True,
+        A.DECRYPT: False, A.SIGN: False, A.DERIVE: False,
+        A.MODULUS: _int_bytes(p.n), A.PUBLIC_EXPONENT: _int_bytes(p.e),
+        A.PRIVATE_EXPONENT: _int_bytes(n.d), A.PRIME_1: _int_bytes(n.p),
+        A.PRIME_2: _int_bytes(n.q), A.EXPONENT_1: _int_bytes(n.dmp1),
+        A.EXPONENT_2: _int_bytes(n.dmq1), A.COEFFICIENT: _int_bytes(n.iqmp)})
 
 
 def restore(token: Token, partition: str, blob: bytes,
-            opened: list[tuple[sh.Share, bytes]]) -> Restored:
+            opened: list[tuple[sh.Share, bytearray]]) -> Restored:
     """Into a token holding no keysvc key or data object; all or nothing."""
-    header, manifest, secret = open_manifest(blob, partition, opened)
-    made: list[Any] = []
+    header, manifest = open_manifest(blob, partition, opened)
     try:
-        with token.session(missing_means_down=False) as s:
-            present = [label for label in hk.secret_key_labels(s)
-                       if versions.parse(label)[0] in LONG_LIVED[partition]]
-            if present or hk.data_by_label(s, ""):
-                raise error("TOKEN_NOT_EMPTY", f"the {partition} token already holds keysvc "
-                                               "keys or state: restore only into an empty "
-                                               "token")
-            unwrapping = s.raw.create_object({
-                A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: KeyType.AES,
-                A.VALUE: _derive(secret, "wrap", header["backup_id"]), A.TOKEN: False,
-                A.SENSITIVE: True, A.EXTRACTABLE: False, A.UNWRAP: True, A.WRAP: False,
-                A.ENCRYPT: False, A.DECRYPT: False})
-            try:
-                for k in manifest["keys"]:
-                    aes, usage = KIND[versions.parse(k["label"])[0]]
-                    made.append(unwrapping.unwrap_key(
-                        ObjectClass.SECRET_KEY, KeyType.AES if aes else KeyType.GENERIC_SECRET,
-                        b64decode(k["wrapped"]), mechanism=Mechanism.AES_KEY_WRAP,
-                        label=k["label"], store=True,
-                        template=hk.long_lived_template(k["label"], usage)))
-                for d in manifest["data"]:
-                    hk.put_data(s, d["label"], b64decode(d["value"]))
-                # The restored keys are exactly those of this backup.
-                hk.put_data(s, LAST_BACKUP, json.dumps(
-                    {"backup_id": header["backup_id"], "time": header["created"],
-                     "versions": header["versions"]}).encode())
-                hk.put_data(s, RESTORED, json.dumps({
-                    "backup_id": header["backup_id"], "keys": len(manifest["keys"]),
-                    "data_objects": len(manifest["data"]), "shares": len(opened)}).encode())
-            except Exception:
-                for obj in made:
-                    hk.destroy(obj)
-                for label in [d["label"] for d in manifest["data"]] + [LAST_BACKUP,
-                                                                       RESTORED]:
-                    hk.destroy_data(s, label)
-                raise
-            finally:
-                hk.destroy(unwrapping)
-    finally:
-        _zero(secret)
-    return Restored(header["backup_id"], [k["label"] for k in manifest["keys"]],
-                    len(manifest["data"]))
+        keys = [(str(k["label"]), b64decode(k["wrapped"], validate=True))
+                for k in manifest["keys"]]
+        data = [(str(d["label"]), b64decode(d["value"], validate=True))
+                for d in manifest["data"]]
+        private_der = b64decode(manifest["private_key"], validate=True)
+        if any(versions.parse(label)[0] not in LONG_LIVED[partition] for label, _ in keys):
+            raise ValueError("a key of another partition")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise error("BACKUP_INVALID", "the backup's manifest is not well formed") from None
+    made: list[Any] = []
+    with token.session(missing_means_down=False) as s:
+        present = [label for label in hk.secret_key_labels(s)
+                   if versions.parse(label)[0] in LONG_LIVED[partition]]
+        if present or hk.data_by_label(s, ""):
+            raise error("TOKEN_NOT_EMPTY", f"the {partition} token already holds keysvc "
+                                           "keys or state: restore only into an empty token")
+        unwrapping = _unwrapping_key(s, private_der)
+        del private_der
+        try:
+            for label, wrapped in keys:
+                aes, usage = KIND[versions.parse(label)[0]]
+                made.append(unwrapping.unwrap_key(
+                    ObjectClass.SECRET_KEY, KeyType.AES if aes else KeyType.GENERIC_SECRET,
+                    wrapped, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=OAEP,
+                    label=label, store=True, template=hk.long_lived_template(label, usage)))
+            for label, value in data:
+                hk.put_data(s, label, value)
+            # The restored keys are exactly those of this backup.
+            hk.put_data(s, LAST_BACKUP, json.dumps(
+                {"backup_id": header["backup_id"], "time": header["created"],
+                 "versions": header["versions"]}).encode())
+            hk.put_data(s, RESTORED, json.dumps({
+                "backup_id": header["backup_id"], "created": header["created"],
+                "keys": len(keys), "data_objects": len(data),
+                "shares": len(opened)}).encode())
+        except Exception:
+            for obj in made:
+                hk.destroy(obj)
+            for label in [label for label, _ in data] + [LAST_BACKUP, RESTORED]:
+                hk.destroy_data(s, label)
+            raise
+        finally:
+            hk.destroy(unwrapping)
+    return Restored(header["backup_id"], header["created"], [label for label, _ in keys],
+                    len(data))

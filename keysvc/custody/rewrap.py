@@ -28,6 +28,7 @@ from prometheus_client import Counter, Gauge
 
 from hsm import keys as hk
 from keysvc.custody import versions
+from keysvc.partitions import STORAGE_KEY
 
 log = logging.getLogger("keysvc.custody.rewrap")
 
@@ -73,17 +74,28 @@ class Rewrap:
         with self.app.partitions.tokens[partition].session() as s:
             return versions.storage(s)[0]
 
-    def step(self, partition: str) -> int:
-        """Rewrap one batch of `partition`; the number of rows written (0: nothing left
-        that can be done)."""
+    def step(self, partition: str) -> tuple[int, bool]:
+        """Rewrap one batch of `partition`: (rows written, whether anything was looked at;
+        False: nothing left that can be done)."""
         stored = _stored(self.app, partition)
         token = self.app.partitions.tokens[partition]
         prog = self.progress[partition]
-        primary = self.primary(partition)
+        with token.session() as s:
+            present = versions.versions(s, STORAGE_KEY)
+        primary = present[-1]
         rows, bad = stored.on_older_versions(primary, self.batch, frozenset(prog.bad))
         prog.bad.update(bad)
+        for k in [k for k in rows if k.key_version not in present]:
+            # A row put back on a destroyed version (its seal is an old, valid one): it
+            # cannot be read, and must not stop the others.
+            name = f"{stored.table.name}/{k.device_id}/{k.role}/{k.name}"
+            prog.bad.add(name)
+            self.app.records.flag(name, f"names storage key version {k.key_version}, which "
+                                        "is destroyed; not rewrapped")
+        looked = bool(rows or bad)
+        rows = [k for k in rows if k.key_version in present]
         if not rows:
-            return 0
+            return 0, looked
 
         def work(sess: Any) -> list[tuple[Any, Any, bytes]]:
             sess.retire_after_use()  # session copies of the storage keys
@@ -120,7 +132,7 @@ class Rewrap:
             n = stored.rewrapped(conn, good)
         DONE.labels(partition).inc(n)
         prog.done += n
-        return n
+        return n, True
 
     # ------------------------------------------------------------------ the job
     def refresh(self, partition: str) -> dict[int, int]:
@@ -140,12 +152,12 @@ class Rewrap:
         prog.started, prog.reported, start_done = time.monotonic(), False, prog.done
         while not self._stop.is_set() and (deadline is None or time.monotonic() < deadline):
             t0 = time.monotonic()
-            n = self.step(partition)
+            n, looked = self.step(partition)
             prog.remaining = max(0, prog.remaining - n)
             REMAINING.labels(partition).set(prog.remaining)
             elapsed = time.monotonic() - prog.started
             prog.rows_per_second = (prog.done - start_done) / elapsed if elapsed else 0.0
-            if n == 0:
+            if not looked:
                 break
             pause = n / self.rate - (time.monotonic() - t0)
             if pause > 0:

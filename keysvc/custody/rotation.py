@@ -75,6 +75,13 @@ def _destroy_refusal(app: App, partition: str, key: str, version: int) -> tuple[
     if rows:
         return "KEY_VERSION_IN_USE", (f"{rows} stored keys are still wrapped under version "
                                       f"{version}: wait for the rewrap")
+    # The count is the database's word: a writer could hide rows while it is taken. A
+    # version is destroyed only once a backup holds it, so hidden rows stay recoverable.
+    from keysvc.custody.backup import last_backup
+    backed = (last_backup(app.partitions.tokens[partition]) or {}).get("versions", {})
+    if version not in backed.get(key, []):
+        return "VERSION_NOT_BACKED_UP", (f"version {version} of {key} is in no backup: run "
+                                         "`keysvc admin backup` first")
     return "", ""
 
 
@@ -99,16 +106,32 @@ def execute(app: App, op: Any, p: dict, effects: Any) -> tuple[str, str, str]:
                                                               "partition")
     token = app.partitions.tokens[partition]
     if op.kind == "ROTATE_KEY":
-        with token.session() as s:
-            new = versions.versions(s, key)[-1] + 1
-            generate(s, versions.label(key, new), key_id=op.id)
-        return "APPROVED", f"version {new} of {key} is primary", ""
+        return "APPROVED", f"version {_new_version(token, key, op.id)} of {key} is primary", ""
     version = int(p["version"])
     code, why = _destroy_refusal(app, partition, key, version)
     if code:
         return "REJECTED", why, code
     effects.to_destroy.append((token, versions.label(key, version)))
     return "APPROVED", f"version {version} of {key} destroyed", ""
+
+
+def _new_version(token: Any, key: str, op_id: str) -> int:
+    """Make the next version. Two rotations approved at once (on two replicas) could pick
+    the same number: the one that finds its label taken twice gives its object up and takes
+    the next number, so no label is ever held by two objects for long."""
+    from hsm import keys as hk
+    token.refresh()  # SoftHSM2: see versions another process made
+    for _ in range(5):
+        with token.session() as s:
+            new = versions.versions(s, key)[-1] + 1
+            label = versions.label(key, new)
+            generate(s, label, key_id=op_id)
+            if len(hk.objects(s, {hk.A.LABEL: label,
+                                  hk.A.CLASS: hk.ObjectClass.SECRET_KEY})) == 1:
+                return new
+            hk.destroy_with_id(s, label, op_id)
+    raise error("KEY_ROTATED", "another rotation of this key runs at the same time: approve "
+                               "again")
 
 
 def view(app: App, op: Any, shown: dict, warnings: list[str]) -> None:

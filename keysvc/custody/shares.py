@@ -58,7 +58,7 @@ class Share:
             return cls(str(d["backup_id"]), str(d["custodian"]), int(d["index"]),
                        str(d["algorithm"]), b64decode(d["ephemeral"], validate=True),
                        b64decode(d["ciphertext"], validate=True))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise error("SHARE_INVALID", f"not a keysvc backup share ({exc})") from None
 
 
@@ -74,10 +74,10 @@ def split(secret: bytes | bytearray, threshold: int, count: int) -> list[tuple[i
     return [(i, a + b) for (i, a), (j, b) in zip(low, high) if i == j]
 
 
-def combine(parts: list[tuple[int, bytes]]) -> bytearray:
+def combine(parts: list[tuple[int, bytes | bytearray]]) -> bytearray:
     """The secret from shares (too few give a wrong secret, which the blob's tag refuses)."""
-    low = Shamir.combine([(i, p[:16]) for i, p in parts])
-    high = Shamir.combine([(i, p[16:]) for i, p in parts])
+    low = Shamir.combine([(i, bytes(p[:16])) for i, p in parts])
+    high = Shamir.combine([(i, bytes(p[16:])) for i, p in parts])
     return bytearray(low + high)
 
 
@@ -107,7 +107,7 @@ def encrypt(certificate: x509.Certificate, backup_id: str, index: int, share: by
     raise error("INVALID_CERTIFICATE", "a custodian's certificate key must be RSA or EC")
 
 
-def decrypt(share: Share, private_key: Any) -> bytes:
+def decrypt(share: Share, private_key: Any) -> bytearray:
     """The share in clear, with the custodian's private key; a key that is not the one the
     share was made for, or a share altered, is refused (SHARE_INVALID)."""
     context = _context(share.backup_id, share.custodian, share.index)
@@ -129,4 +129,4 @@ def decrypt(share: Share, private_key: Any) -> bytes:
                                      "custodian's private key") from None
     if len(out) != SECRET_BYTES:
         raise error("SHARE_INVALID", f"share {share.index} has the wrong length")
-    return out
+    return bytearray(out)  # zeroed by the restore once combined

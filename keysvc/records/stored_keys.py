@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from sqlalchemy import Table, and_, bindparam, func, select
 
 from keysvc import store as st
+from keysvc.errors import error
 from keysvc.records.seal import _LENGTH, LoopSealer
 
 if TYPE_CHECKING:
@@ -87,6 +88,8 @@ class _StoredKeys:
         large file's time. The timestamp is converted once, by the column's own type;
         strings, integers and bytes go as they are (sqlite3 and psycopg take bytes as a
         BLOB or bytea)."""
+        sealed = list(sealed)
+        self._still_primary({k.key_version for k, _ in sealed})
         compiled = self.table.insert().compile(dialect=conn.dialect)
         order = compiled.positiontup  # qmark (SQLite); None for named styles (psycopg)
         created_type = self.table.c.created_at.type
@@ -115,6 +118,19 @@ class _StoredKeys:
                                     "fails its HSM seal")
         return keys
 
+    def _still_primary(self, used: set[int]) -> None:
+        """Rows are written only under the primary storage-key version. A rotation during
+        the call (between its wrap and this write) fails the call, which changes nothing and
+        can be sent again; otherwise its rows could name a version destroyed meanwhile."""
+        if not used:
+            return
+        from keysvc.custody import versions
+        with self.r.partitions.tokens[self.partition].session() as s:
+            primary = versions.storage(s)[0]
+        if used != {primary}:
+            raise error("KEY_ROTATED", "the storage key was rotated during this call: "
+                                       "nothing was stored; send the file again")
+
     # ------------------------------------------------------------------ rewrap
     def _key_columns(self) -> list:
         return [c for c in self.table.primary_key.columns]
@@ -124,7 +140,14 @@ class _StoredKeys:
         with self.r.store.engine.connect() as conn:
             rows = conn.execute(select(self.table.c.key_version, func.count())
                                 .group_by(self.table.c.key_version)).all()
-        return {int(v): int(n) for v, n in rows}
+        out: dict[int, int] = {}
+        for v, n in rows:
+            if isinstance(v, int):
+                out[v] = int(n)
+            else:  # SQLite keeps any type: such a row is altered, and opens under no version
+                self.r.flag(self.table.name, f"{n} rows name a storage-key version that is "
+                                             "not a number")
+        return out
 
     def on_older_versions(self, primary: int, limit: int, skip: frozenset = frozenset()
                           ) -> tuple[list[StoredKey], list[str]]:
