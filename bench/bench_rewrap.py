@@ -114,7 +114,8 @@ def _remaining(target: str, state: Path) -> tuple[int, int]:
     return w.remaining, total
 
 
-def one_database(kind: str, rows: int, rate: float, clients: int, seconds: float) -> dict:
+def one_database(kind: str, rows: int, rate: float, clients: int, seconds: float,
+                 batch: int = 250) -> dict:
     from keysvc.api.v1 import keysvc_pb2 as pb
     from keysvc.client import connect
     from tests.support import encoder
@@ -153,7 +154,8 @@ def one_database(kind: str, rows: int, rate: float, clients: int, seconds: float
         proc.wait()
         # With the job: rotate, then the same calls until every row is moved.
         proc, target = start_serve(ROOT, state, env={**env, "KEYSVC_REWRAP_ROWS_PER_SECOND":
-                                                     str(rate)})
+                                                     str(rate), "KEYSVC_REWRAP_BATCH":
+                                                     str(batch)})
         o1, o2 = (connect(target, state, f"security-officer-{n}").admin for n in (1, 2))
         stop = threading.Event()
         busy = _clients(target, state, one, stop, clients)
@@ -181,6 +183,13 @@ def one_database(kind: str, rows: int, rate: float, clients: int, seconds: float
                 "rows_per_s": total / took, "peak_rss_mib": rss,
                 "p99_quiet_ms": _p99(quiet.latencies), "p99_rewrap_ms": _p99(busy.latencies),
                 "errors": len(quiet.errors) + len(busy.errors), "calls": len(busy.latencies)}
+    except Exception:
+        log = state / "server.log"
+        lines = log.read_text().splitlines() if log.exists() else ["no server log"]
+        first = [x for x in lines if '"WARNING"' in x or '"ERROR"' in x][:20]
+        first += [x for x in lines if "Traceback" in x or "rror" in x and "call" not in x][:10]
+        print("\n".join(first or lines[-40:]), file=sys.stderr)
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -191,8 +200,9 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--rate", type=float, default=4000)
+    ap.add_argument("--rate", type=float, default=3300)
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=250, help="rows per rewrap transaction")
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--database", default="both", choices=["sqlite", "postgresql", "both"])
     a = ap.parse_args()
@@ -200,10 +210,11 @@ def main() -> None:
     if "postgresql" in kinds and not os.environ.get("KEYSVC_TEST_PG_URL"):
         print("no KEYSVC_TEST_PG_URL: PostgreSQL skipped (scripts/test-postgres start)")
         kinds.remove("postgresql")
-    print(f"rewrap of {a.rows:,} stored device keys, job throttled to {a.rate:,.0f} rows/s, "
+    print(f"rewrap of {a.rows:,} stored device keys, job throttled to {a.rate:,.0f} rows/s "
+          f"in batches of {a.batch}, "
           f"{a.clients} clients of VerifyPrepaymentKey")
     for kind in kinds:
-        r = one_database(kind, a.rows, a.rate, a.clients, a.seconds)
+        r = one_database(kind, a.rows, a.rate, a.clients, a.seconds, a.batch)
         print(f"  {r['database']:<10} {r['rows']:>9,} rows in {r['rewrap_s']:7.1f} s = "
               f"{r['rows_per_s']:6,.0f} rows/s; peak RSS {r['peak_rss_mib']:5.0f} MiB; "
               f"p99 {r['p99_quiet_ms']:.1f} ms without, {r['p99_rewrap_ms']:.1f} ms during "

@@ -63,14 +63,17 @@ def session_copy(s: Session, label: str, cls: ObjectClass = ObjectClass.SECRET_K
     SoftHSM2 decrypts a private token object's value on every use; a session copy skips
     that (about a quarter of a wrap loop's time here). The copy stays sensitive and
     non-extractable inside the token and dies with the session: use it only in a session
-    that is retired after the loop (`Session.retire_after_use`).
+    that is retired after the loop (`Session.retire_after_use`). It is labelled
+    `copy:<label>`: session objects are visible to every session of the process, and a copy
+    under the key's own label would make another thread's search by label find two.
     """
     if not s.retire:
         raise ValueError("session copies belong in a session retired after use")
     cache_key = (label, cls, "copy")
     if cache_key not in s.keys:
         try:
-            s.keys[cache_key] = find_key(s, label, cls).copy({A.TOKEN: False})
+            s.keys[cache_key] = find_key(s, label, cls).copy({A.TOKEN: False,
+                                                              A.LABEL: f"copy:{label}"})
         except px.PKCS11Error as exc:
             raise _fail(exc) from None
     return s.keys[cache_key]

@@ -54,8 +54,8 @@ class Settings:
     max_file_bytes: int = 64 * 1024 * 1024
     # The rewrap job (keysvc/custody/rewrap.py): at most this many stored keys a second are
     # moved to the primary storage-key version, in batches of `rewrap_batch`; 0 stops it.
-    rewrap_rows_per_second: float = 3000.0
-    rewrap_batch: int = 500
+    rewrap_rows_per_second: float = 3300.0
+    rewrap_batch: int = 250
     max_xml_depth: int = 64
     quorum: int = 2
     hsm_pool_size: int = 8

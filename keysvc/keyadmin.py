@@ -510,7 +510,7 @@ def _execute(app: App, conn, anchor, op: OperationRecord, p: dict, effects: _Tok
     if op.kind in officers.KINDS:
         return officers.execute(app, conn, op, p, effects.roster)
     if op.kind in rotation.KINDS:
-        return rotation.execute(app, op, p, effects)
+        return rotation.execute(app, conn, op, p, effects)
     if op.kind in ("IMPORT_TRANSPORT_KEY", "GENERATE_RECIPIENT_KEY"):
         taken = _name_taken(app, conn, op, p["name"], p["purpose"])
         if taken:

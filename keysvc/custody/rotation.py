@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from keysvc import store as st
 from keysvc.custody import versions
 from keysvc.errors import error
 from keysvc.partitions import LONG_LIVED, STORAGE_KEY, generate
@@ -98,7 +99,7 @@ def request_destroy_version(app: App, caller: Caller, partition: str, key: str,
                                                "version": version})
 
 
-def execute(app: App, op: Any, p: dict, effects: Any) -> tuple[str, str, str]:
+def execute(app: App, conn: Any, op: Any, p: dict, effects: Any) -> tuple[str, str, str]:
     """Carry out an approved ROTATE_KEY or DESTROY_KEY_VERSION (keyadmin._execute)."""
     partition, key = p["partition"], p["key"]
     if partition != op.partition:
@@ -106,6 +107,7 @@ def execute(app: App, op: Any, p: dict, effects: Any) -> tuple[str, str, str]:
                                                               "partition")
     token = app.partitions.tokens[partition]
     if op.kind == "ROTATE_KEY":
+        st.serialise(conn, f"rotate:{partition}/{key}")  # one rotation at a time, replicas too
         return "APPROVED", f"version {_new_version(token, key, op.id)} of {key} is primary", ""
     version = int(p["version"])
     code, why = _destroy_refusal(app, partition, key, version)
@@ -116,11 +118,10 @@ def execute(app: App, op: Any, p: dict, effects: Any) -> tuple[str, str, str]:
 
 
 def _new_version(token: Any, key: str, op_id: str) -> int:
-    """Make the next version. Two rotations approved at once (on two replicas) could pick
-    the same number: the one that finds its label taken twice gives its object up and takes
-    the next number, so no label is ever held by two objects for long."""
+    """Make the next version. Rotations are serialised in the database (`execute`); should
+    two still pick one number (a token that shows another process's new object late), the
+    one that finds its label held twice gives its object up and takes the next number."""
     from hsm import keys as hk
-    token.refresh()  # SoftHSM2: see versions another process made
     for _ in range(5):
         with token.session() as s:
             new = versions.versions(s, key)[-1] + 1
