@@ -214,12 +214,16 @@ def main() -> None:
           f"in batches of {a.batch}, "
           f"{a.clients} clients of VerifyPrepaymentKey")
     for kind in kinds:
-        r = one_database(kind, a.rows, a.rate, a.clients, a.seconds, a.batch)
-        print(f"  {r['database']:<10} {r['rows']:>9,} rows in {r['rewrap_s']:7.1f} s = "
-              f"{r['rows_per_s']:6,.0f} rows/s; peak RSS {r['peak_rss_mib']:5.0f} MiB; "
-              f"p99 {r['p99_quiet_ms']:.1f} ms without, {r['p99_rewrap_ms']:.1f} ms during "
-              f"(x{r['p99_rewrap_ms'] / r['p99_quiet_ms']:.2f}); {r['errors']} errors; "
-              f"seeding took {r['seed_s']:.0f} s", flush=True)
+        print(line(one_database(kind, a.rows, a.rate, a.clients, a.seconds, a.batch)),
+              flush=True)
+
+
+def line(r: dict) -> str:
+    return (f"  {r['database']:<10} {r['rows']:>9,} rows in {r['rewrap_s']:7.1f} s = "
+            f"{r['rows_per_s']:6,.0f} rows/s; peak RSS {r['peak_rss_mib']:5.0f} MiB; "
+            f"p99 {r['p99_quiet_ms']:.1f} ms without, {r['p99_rewrap_ms']:.1f} ms during "
+            f"(x{r['p99_rewrap_ms'] / r['p99_quiet_ms']:.2f}); {r['errors']} errors; "
+            f"seeding took {r['seed_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -699,7 +699,7 @@ def cmd_admin_backup(args: argparse.Namespace) -> int:
     """The backup ceremony, on the HSM's host with the PINs (keysvc/custody/backup.py)."""
     from cryptography import x509
 
-    from hsm import Token, TokenConfig
+    from hsm import HsmError, Token, TokenConfig
     from keysvc import config
     from keysvc.app import App
     from keysvc.config import PARTITIONS
@@ -740,14 +740,17 @@ def cmd_admin_backup(args: argparse.Namespace) -> int:
             try:
                 b = cb.take(app.partitions.tokens[p], p, prepared[p], certs, args.threshold,
                             app.clock())
-            except KeysvcError as exc:
+                files = {f"{p}-{bid}.backup": b.blob}
+                for share in b.shares:
+                    files[f"{p}-{bid}.share-{share.index}-{share.custodian[:12]}.json"] = \
+                        share.to_json().encode()
+                _write_durably(out, files)
+                cb.record(app.partitions.tokens[p], b)  # only now does the token count it
+            except (KeysvcError, HsmError, OSError) as exc:
+                code = getattr(exc, "code", type(exc).__name__)
                 app.audit.append(actor=_operator(), role="operator", action="custody.backup",
-                                 target=f"{p}", outcome="FAILED", code=exc.code)
-                raise SystemExit(f"{p}: {exc.code}: {exc.message}")
-            (out / f"{p}-{bid}.backup").write_bytes(b.blob)
-            for share in b.shares:
-                path = out / f"{p}-{bid}.share-{share.index}-{share.custodian[:12]}.json"
-                path.write_text(share.to_json())
+                                 target=f"{p} backup {bid}", outcome="FAILED", code=code)
+                raise SystemExit(f"{p}: {code}: {getattr(exc, 'message', exc)}")
             app.audit.append(actor=_operator(), role="operator", action="custody.backup",
                              target=f"{p} backup {bid}: {args.threshold} of {len(certs)} "
                                     f"custodians, versions {json.dumps(b.versions)}")
@@ -760,18 +763,36 @@ def cmd_admin_backup(args: argparse.Namespace) -> int:
         # Whatever happened: no secret kept, no backup key left in a token.
         for prep in prepared.values():
             prep.forget()
-        for p in prepared:
+        for p, prep in prepared.items():
             token = app.partitions.tokens[p] if app is not None else Token(TokenConfig(
                 module=settings.pkcs11_module, label=settings.token_label(p),
                 pin=settings.pin(p)))
             try:
-                cb.discard_leftovers(token)
+                cb.discard(token, prep.backup_id)
             except Exception as exc:
                 err.print(f"keysvc: a backup key may be left in the {p} token (removed at "
                           f"the next start): {type(exc).__name__}")
         if app is not None:
             app.close()
     return 0
+
+
+def _write_durably(directory: Path, files: dict[str, bytes]) -> None:
+    """Write, fsync and read back each file (and the directory entry): a backup counts
+    only once it is on disk as written."""
+    for name, data in files.items():
+        path = directory / name
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.read_bytes() != data:
+            raise OSError(f"{path} does not read back as written")
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def cmd_admin_restore(args: argparse.Namespace) -> int:

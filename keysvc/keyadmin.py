@@ -671,20 +671,35 @@ def _component_aad(op_id: str, officer: str) -> bytes:
 
 
 def _seal_component(app: App, purpose: str, op_id: str, officer: str, component: bytes) -> str:
+    """AES-GCM under the primary component-seal version; a version after the first is
+    named in front (`v2:...`), so that the component opens after a rotation."""
     token = app.partitions.for_purpose(purpose)
     iv = os.urandom(12)
     with token.session() as s:
-        ct = hk.gcm_encrypt(hk.find_key(s, COMPONENT_SEAL_KEY), iv, component,
-                            _component_aad(op_id, officer))
-    return _b64(iv + ct)
+        version = versions.primary(s, COMPONENT_SEAL_KEY)
+        ct = hk.gcm_encrypt(hk.find_key(s, versions.label(COMPONENT_SEAL_KEY, version)), iv,
+                            component, _component_aad(op_id, officer))
+    return ("" if version == 1 else f"v{version}:") + _b64(iv + ct)
+
+
+def component_version(sealed: str) -> int:
+    """The component-seal version a sealed component names (none: version 1)."""
+    head, sep, _ = sealed.partition(":")
+    return int(head[1:]) if sep and head[:1] == "v" and head[1:].isdigit() else 1
 
 
 def _unseal(app: App, purpose: str, op_id: str, officer: str, sealed: str) -> bytes:
-    raw = _unb64(sealed)
+    version = component_version(sealed)
+    raw = _unb64(sealed.partition(":")[2] if version > 1 else sealed)
     token = app.partitions.for_purpose(purpose)
     with token.session() as s:
-        return hk.gcm_decrypt(hk.find_key(s, COMPONENT_SEAL_KEY), raw[:12], raw[12:],
-                              _component_aad(op_id, officer))
+        try:
+            key = hk.find_key(s, versions.label(COMPONENT_SEAL_KEY, version))
+        except hk.HsmKeyNotFound:
+            raise error("KEY_VERSION_DESTROYED", f"the component is sealed under "
+                                                 f"component-seal version {version}, which "
+                                                 "this partition no longer has") from None
+        return hk.gcm_decrypt(key, raw[:12], raw[12:], _component_aad(op_id, officer))
 
 
 # --------------------------------------------------------------------------- reads

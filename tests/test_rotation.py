@@ -57,9 +57,8 @@ def _dual(srv, request_call, request):
         operation_id=op.operation_id, request_digest=op.request_digest))
 
 
-def rotate(srv, partition: str):
-    return _dual(srv, lambda a: a.RotateKey, pb.RotateKeyRequest(partition=partition,
-                                                                  key="storage-key"))
+def rotate(srv, partition: str, key: str = "storage-key"):
+    return _dual(srv, lambda a: a.RotateKey, pb.RotateKeyRequest(partition=partition, key=key))
 
 
 def destroy_version(srv, partition: str, version: int):
@@ -161,6 +160,39 @@ def test_new_files_are_wrapped_under_the_primary(rotated):
     installs = _load(srv, factory, keks, 3, "MGEF-R-2")
     assert versions(srv, "s1sp")[2] > before[2] and versions(srv, "s1sp").get(1, 0) == 0
     assert all_verify(srv, installs)
+
+
+def test_a_pending_component_opens_after_the_component_seal_rotates(rotated):
+    """Officer 1's component, sealed under component-seal version 1, waits for officer 2;
+    the key rotates meanwhile; version 1 cannot be destroyed while the component waits,
+    and the approval still opens it."""
+    srv = rotated[0]
+    key, c1 = os.urandom(32), os.urandom(32)
+    c2 = bytes(a ^ b for a, b in zip(key, c1))
+    o1, o2 = (srv.as_(f"security-officer-{n}").admin for n in (1, 2))
+    op = o1.ImportTransportKey(pb.ImportTransportKeyRequest(
+        name="R-FROM-COMPONENTS", purpose=pb.S1SP_TRANSPORT, owner_id="SMSO-R",
+        owner_type=pb.SMSO, expected_kcv=kcv(key), component=c1))
+    assert rotate(srv, "s1sp", "component-seal").state == pb.Operation.APPROVED
+    r = o1.ListKeyVersions(pb.ListKeyVersionsRequest(partition="s1sp"))
+    assert {(v.version, v.primary, v.stored_keys) for v in r.versions
+            if v.key == "component-seal"} == {(1, False, 1), (2, True, 0)}
+    with pytest.raises(grpc.RpcError) as e:
+        o1.DestroyKeyVersion(pb.DestroyKeyVersionRequest(partition="s1sp",
+                                                         key="component-seal", version=1))
+    assert error_reason(e.value) == "KEY_VERSION_IN_USE" and "pending" in e.value.details()
+    done = o2.ApproveOperation(pb.ApproveOperationRequest(
+        operation_id=op.operation_id, component=c2, request_digest=op.request_digest))
+    assert done.state == pb.Operation.APPROVED, done.message
+    assert o1.GetKey(pb.GetKeyRequest(name="R-FROM-COMPONENTS")).kcv == kcv(key)
+
+
+def test_seal_and_mac_keys_do_not_rotate_yet(rotated):
+    srv = rotated[0]
+    with pytest.raises(grpc.RpcError) as e:
+        srv.as_("security-officer-1").admin.RotateKey(pb.RotateKeyRequest(
+            partition="s1sp", key="record-seal"))
+    assert error_reason(e.value) == "INVALID_REQUEST"
 
 
 def test_the_primary_version_cannot_be_destroyed(rotated):
@@ -294,3 +326,13 @@ def test_rewrap_killed_half_way_resumes_and_loses_and_doubles_nothing(tmp_path_f
         assert all_verify(again, installs)
     finally:
         again.stop()
+
+
+def test_a_key_version_that_is_not_an_integer_is_malformed():
+    """SQLite keeps any type: 1.5 would convert to 1 and pass version 1's seal, yet never
+    match a version-1 row in the rewrap's compare-and-set."""
+    from keysvc.records.stored_keys import _version
+    assert _version(2) == 2
+    for bad in (1.5, "1", True, None):
+        with pytest.raises(TypeError):
+            _version(bad)

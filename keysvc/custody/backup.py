@@ -33,7 +33,9 @@ leave the token in clear: they are wrapped and unwrapped by C_WrapKey/C_UnwrapKe
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import time
 import uuid
 from base64 import b64decode, b64encode
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pkcs11 import Attribute as A
+import pkcs11.exceptions as px
 from pkcs11 import MGF, KeyType, Mechanism, ObjectClass
 
 from hsm import keys as hk
@@ -71,6 +74,7 @@ class Backup:
     blob: bytes
     shares: list[sh.Share]
     versions: dict[str, list[int]]
+    created: dt.datetime
 
 
 def _derive(secret: bytes | bytearray, what: str, backup_id: str) -> bytes:
@@ -132,10 +136,14 @@ def take(token: Token, partition: str, prepared: Prepared,
         with token.session(missing_means_down=False) as s:
             try:
                 trusted = hk.find_key(s, _trusted_label(backup_id), ObjectClass.PUBLIC_KEY)
+                mine = prepared.private_key.public_key().public_numbers()
+                if not (trusted[A.TRUSTED] and trusted[A.MODULUS] == _int_bytes(mine.n)
+                        and trusted[A.PUBLIC_EXPONENT] == _int_bytes(mine.e)):
+                    raise hk.HsmKeyNotFound("another key under the backup key's label")
             except hk.HsmKeyNotFound:
-                raise error("BACKUP_NOT_POSSIBLE", "the backup key left the token during the "
-                                                   "ceremony (a server start removes "
-                                                   "leftovers): run it again") from None
+                raise error("BACKUP_NOT_POSSIBLE", "the backup key in the token is gone or "
+                                                   "is not this ceremony's: run it again"
+                                                   ) from None
             try:
                 found = versions.all_versions(s, LONG_LIVED[partition])
                 keys = []
@@ -147,9 +155,14 @@ def take(token: Token, partition: str, prepared: Prepared,
                             raise error("BACKUP_NOT_POSSIBLE",
                                         f"{label} in the {partition} token was made before "
                                         "keys could be backed up: rotate it first")
-                        wrapped = trusted.wrap_key(hk.find_key(s, label),
-                                                   mechanism=Mechanism.RSA_PKCS_OAEP,
-                                                   mechanism_param=OAEP)
+                        try:
+                            wrapped = trusted.wrap_key(hk.find_key(s, label),
+                                                       mechanism=Mechanism.RSA_PKCS_OAEP,
+                                                       mechanism_param=OAEP)
+                        except px.PKCS11Error as exc:
+                            raise error("BACKUP_NOT_POSSIBLE", f"the HSM refused to wrap "
+                                                               f"{label} ({type(exc).__name__})"
+                                        ) from None
                         keys.append({"label": label, "wrapped": b64encode(wrapped).decode()})
             finally:
                 hk.destroy(trusted)
@@ -174,28 +187,52 @@ def take(token: Token, partition: str, prepared: Prepared,
         blob = json.dumps({"header": header, "ciphertext": b64encode(ct).decode()},
                           indent=1).encode()
         out = [sh.encrypt(c, backup_id, i, p) for c, (i, p) in zip(custodians, parts)]
-        with token.session() as s:
-            hk.destroy_data(s, LAST_BACKUP)
-            hk.put_data(s, LAST_BACKUP, json.dumps(
-                {"backup_id": backup_id, "time": now.isoformat(), "versions": found}).encode())
-        return Backup(backup_id, partition, blob, out, found)
+        del parts
+        return Backup(backup_id, partition, blob, out, found, now)
     finally:
         prepared.forget()
 
 
-def discard_leftovers(token: Token) -> list[str]:
-    """Destroy every backup key a ceremony left in the token (it failed or was killed
-    between steps 2 and 3); returns their labels. Run by the ceremony itself when it ends
-    and at every start."""
+def record(token: Token, backup: Backup) -> None:
+    """The partition's last backup, once its files are written and read back (`keysvc
+    admin backup`): what freshness and DestroyKeyVersion go by."""
+    with token.session() as s:
+        hk.destroy_data(s, LAST_BACKUP)
+        hk.put_data(s, LAST_BACKUP, json.dumps(
+            {"backup_id": backup.backup_id, "time": backup.created.isoformat(),
+             "versions": backup.versions,
+             "sha256": hashlib.sha256(backup.blob).hexdigest()}).encode())
+
+
+LEFTOVER_AFTER = 1800.0  # seconds: no ceremony takes this long; an older key is a leftover
+
+
+def discard(token: Token, backup_id: str) -> None:
+    """The ceremony's own backup key, when it ends whatever happened (never another
+    ceremony's, which may be running on the same token)."""
+    with token.session(missing_means_down=False) as s:
+        hk.destroy_objects(s, _trusted_label(backup_id))
+
+
+def discard_leftovers(token: Token, older_than: float = LEFTOVER_AFTER) -> list[str]:
+    """Destroy the backup keys that killed ceremonies left in the token (made more than
+    `older_than` seconds ago: a ceremony running now keeps its key); returns their labels.
+    Run at every start. A leftover is harmless - a public key whose private half died with
+    its ceremony - but it should not stay."""
     gone = []
+    now = time.time()
     with token.session(missing_means_down=False) as s:
         for cls in (ObjectClass.PUBLIC_KEY, ObjectClass.SECRET_KEY):
             for obj in hk.objects(s, {A.CLASS: cls}):
                 label = obj[A.LABEL] or ""
-                if label.startswith(TRUSTED_PREFIX):
-                    hk.destroy(obj)
-                    hk.forget(s, label)
-                    gone.append(label)
+                if not label.startswith(TRUSTED_PREFIX):
+                    continue
+                made = _made_at(label[len(TRUSTED_PREFIX):])
+                if made is not None and now - made < older_than:
+                    continue
+                hk.destroy(obj)
+                hk.forget(s, label)
+                gone.append(label)
     return gone
 
 
@@ -250,7 +287,14 @@ def _aad(header: dict) -> bytes:
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex[:16]
+    """A backup id that says when it was made (seconds since the epoch), so that a start
+    can tell a killed ceremony's leftover from a ceremony running now."""
+    return f"{int(time.time())}-{uuid.uuid4().hex[:12]}"
+
+
+def _made_at(backup_id: str) -> float | None:
+    head = backup_id.split("-", 1)[0]
+    return float(head) if head.isdigit() else None
 
 
 def last_backup(token: Token) -> dict | None:

@@ -85,6 +85,7 @@ class Rewrap:
         with token.session() as s:
             present = versions.versions(s, STORAGE_KEY)
         primary = present[-1]
+        before = len(prog.bad)
         rows, bad = stored.on_older_versions(primary, self.batch, frozenset(prog.bad))
         prog.bad.update(bad)
         for k in [k for k in rows if k.key_version not in present]:
@@ -94,10 +95,10 @@ class Rewrap:
             prog.bad.add(name)
             self.app.records.flag(name, f"names storage key version {k.key_version}, which "
                                         "is destroyed; not rewrapped")
-        looked = bool(rows or bad)
+        newly_bad = len(prog.bad) - before
         rows = [k for k in rows if k.key_version in present]
         if not rows:
-            return 0, looked
+            return 0, newly_bad > 0
 
         def work(sess: Any) -> list[tuple[Any, Any, bytes]]:
             sess.retire_after_use()  # session copies of the storage keys
@@ -136,7 +137,9 @@ class Rewrap:
             n = stored.rewrapped(conn, good)
         DONE.labels(partition).inc(n)
         prog.done += n
-        return n, True
+        # A pass that wrote nothing and found nothing new (rows changed under it, every
+        # time) ends here; the next pass, after the idle wait, looks again.
+        return n, n > 0 or len(prog.bad) > before
 
     # ------------------------------------------------------------------ the job
     def refresh(self, partition: str) -> dict[int, int]:

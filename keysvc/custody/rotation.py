@@ -7,8 +7,10 @@ it (Vault's `min_decryption_version`); the count is taken again when the operati
 approved, and the object is destroyed after the approval commits.
 
 Decisions:
-- only the storage keys rotate for now (the keys that wrap millions of rows); the seal and
-  MAC keys have versions in their labels and in the backup, but no rotation yet;
+- the storage keys rotate (the keys that wrap millions of rows, moved by the rewrap job),
+  and the component-seal keys (pending components name their version and end with their
+  operation); the record-seal, audit-mac and escrow-seal keys are in the backup but do not
+  rotate yet: every seal, anchor and chained event would have to name its version;
 - a new version is never destroyed because its approval failed to commit: from the moment
   it exists it is the primary and rows may already be wrapped under it. It is kept (CKA_ID
   names the operation) and the rotation can be approved again or ignored;
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from keysvc import store as st
 from keysvc.custody import versions
 from keysvc.errors import error
-from keysvc.partitions import LONG_LIVED, STORAGE_KEY, generate
+from keysvc.partitions import COMPONENT_SEAL_KEY, LONG_LIVED, STORAGE_KEY, generate
 
 if TYPE_CHECKING:
     from keysvc.app import App
@@ -32,7 +34,9 @@ if TYPE_CHECKING:
     from keysvc.keyadmin import Operation
 
 KINDS = ("ROTATE_KEY", "DESTROY_KEY_VERSION")
-ROTATABLE = (STORAGE_KEY,)
+# The storage keys (millions of rows, moved by the rewrap job) and the component-seal keys
+# (officers' pending key components, which end with their operation within a day).
+ROTATABLE = (STORAGE_KEY, COMPONENT_SEAL_KEY)
 PARTITIONS = ("s1sp", "dco")
 
 
@@ -40,8 +44,8 @@ def _check(partition: str, key: str) -> None:
     if partition not in PARTITIONS or key not in LONG_LIVED.get(partition, ()):
         raise error("KEY_NOT_FOUND", f"no long-lived key {key!r} in partition {partition!r}")
     if key not in ROTATABLE:
-        raise error("INVALID_REQUEST", f"{key} has no rotation yet: only the storage keys "
-                                       "rotate")
+        raise error("INVALID_REQUEST", f"{key} has no rotation yet: the storage and "
+                                       "component-seal keys rotate")
 
 
 def _stored(app: App, partition: str) -> Any:
@@ -55,6 +59,28 @@ def key_versions(app: App, partition: str, key: str = STORAGE_KEY) -> list[int]:
 
 def rows_by_version(app: App, partition: str) -> dict[int, int]:
     return _stored(app, partition).count_by_version()
+
+
+def pending_components_by_version(app: App, partition: str) -> dict[int, int]:
+    """Officers' components waiting in pending operations of the partition, by the
+    component-seal version that seals them (they end with their operation)."""
+    from keysvc.keyadmin import OPERATION_TTL, component_version
+    out: dict[int, int] = {}
+    now = app.clock()
+    for op, ok in app.records.operations.list():
+        if not ok or op.state != "PENDING" or op.partition != partition \
+                or op.created_at + OPERATION_TTL < now:  # expired: never approved now
+            continue
+        for c in op.payload.get("components", []) or []:
+            v = component_version(str(c.get("sealed", "")))
+            out[v] = out.get(v, 0) + 1
+    return out
+
+
+def in_use(app: App, partition: str, key: str) -> dict[int, int]:
+    """What uses each version of `key`: stored keys, or pending components."""
+    return rows_by_version(app, partition) if key == STORAGE_KEY else \
+        pending_components_by_version(app, partition)
 
 
 def request_rotation(app: App, caller: Caller, partition: str, key: str) -> Operation:
@@ -72,17 +98,21 @@ def _destroy_refusal(app: App, partition: str, key: str, version: int) -> tuple[
         return "KEY_NOT_FOUND", f"{key} has no version {version}"
     if version == present[-1]:
         return "KEY_VERSION_IN_USE", f"version {version} is the primary: rotate first"
-    rows = rows_by_version(app, partition).get(version, 0)
-    if rows:
+    rows = in_use(app, partition, key).get(version, 0)
+    if rows and key == STORAGE_KEY:
         return "KEY_VERSION_IN_USE", (f"{rows} stored keys are still wrapped under version "
                                       f"{version}: wait for the rewrap")
+    if rows:
+        return "KEY_VERSION_IN_USE", (f"{rows} pending key components are sealed under "
+                                      f"version {version}: wait for their operations to end")
     # The count is the database's word: a writer could hide rows while it is taken. A
     # version is destroyed only once a backup holds it, so hidden rows stay recoverable.
     from keysvc.custody.backup import last_backup
     backed = (last_backup(app.partitions.tokens[partition]) or {}).get("versions", {})
-    if version not in backed.get(key, []):
-        return "VERSION_NOT_BACKED_UP", (f"version {version} of {key} is in no backup: run "
-                                         "`keysvc admin backup` first")
+    for v in (version, present[-1]):  # and the primary, which holds every row now
+        if v not in backed.get(key, []):
+            return "VERSION_NOT_BACKED_UP", (f"version {v} of {key} is in no backup: run "
+                                             "`keysvc admin backup` first")
     return "", ""
 
 
@@ -207,10 +237,11 @@ def status(app: App, partition: str = "") -> Status:
         last = last_backup(token) or {}
         backed = last.get("versions", {})
         rows = rows_by_version(app, p) if p in PARTITIONS else {}
+        pending = pending_components_by_version(app, p) if p in PARTITIONS else {}
         for key, vs in found.items():
+            used = rows if key == STORAGE_KEY else pending if key == COMPONENT_SEAL_KEY else {}
             for v in vs:
-                out.append(VersionInfo(p, key, v, v == vs[-1],
-                                       rows.get(v, 0) if key == STORAGE_KEY else 0,
+                out.append(VersionInfo(p, key, v, v == vs[-1], used.get(v, 0),
                                        v in backed.get(key, [])))
         if p in PARTITIONS:
             primary = found[STORAGE_KEY][-1] if found.get(STORAGE_KEY) else 0

@@ -154,8 +154,9 @@ class _StoredKeys:
         """Up to `limit` rows wrapped under a version older than `primary`, each verified
         against its seal; those that fail are returned by name (and flagged), not used.
         `skip`: rows already found bad in this run, left for an operator."""
-        order = [self.table.c.key_version, *self._key_columns()]
-        q = select(self.table).where(self.table.c.key_version < primary).order_by(*order) \
+        # No ORDER BY: any rows on older versions will do, and the index on key_version
+        # then stops after `limit`; sorting a million candidates per batch does not.
+        q = select(self.table).where(self.table.c.key_version < primary) \
             .limit(limit + len(skip))
         with self.r.store.engine.connect() as conn:
             rows = conn.execute(q).all()
@@ -235,6 +236,15 @@ class _StoredKeys:
         return out
 
 
+def _version(value: Any) -> int:
+    """A storage-key version as the database holds it: an integer, nothing that only
+    converts to one (1.5 would open under version 1's seal yet never match a version-1
+    row again)."""
+    if type(value) is not int:
+        raise TypeError("a key_version that is not an integer")
+    return value
+
+
 def _text(*values: Any) -> None:
     """SQLite keeps whatever type is written: a field of another type is malformed."""
     for v in values:
@@ -255,7 +265,7 @@ class DeviceKeys(_StoredKeys):
     def _stored(self, r: Any) -> StoredKey:
         _text(r.device_id, r.role, r.name, r.chf_identifier, r.file_id, r.kcv)
         return StoredKey(r.device_id, r.role, r.name, r.chf_identifier, r.file_id,
-                         int(r.key_version), r.kcv, bytes(r.wrapped))
+                         _version(r.key_version), r.kcv, bytes(r.wrapped))
 
     def of_device(self, device_id: str, roles: tuple[str, ...] = ()) -> list[StoredKey]:
         where = [self.table.c.role.in_(roles)] if roles else []
@@ -275,4 +285,4 @@ class MasterKeys(_StoredKeys):
     def _stored(self, r: Any) -> StoredKey:
         _text(r.device_id, r.chf_identifier, r.file_id, r.kcv)
         return StoredKey(r.device_id, self.ROLE, self.NAME, r.chf_identifier, r.file_id,
-                         int(r.key_version), r.kcv, bytes(r.wrapped))
+                         _version(r.key_version), r.kcv, bytes(r.wrapped))
