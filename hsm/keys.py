@@ -5,6 +5,7 @@ objects (store=False) die with the session or on `destroy`, which callers do in 
 """
 from __future__ import annotations
 
+import ctypes
 import enum
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -304,6 +305,26 @@ CUSTODY = {A.EXTRACTABLE: True, A.WRAP_WITH_TRUSTED: True}
 def long_lived_template(label: str, usage: dict) -> dict:
     """A long-lived token key's attributes (what a restore unwraps it with)."""
     return _secret_template(token=True, label=label, usage=usage, custody=True)
+
+
+def create_trusted_wrapping_key(so: Session, label: str, modulus: bytes, exponent: bytes
+                                ) -> None:
+    """As security officer: an RSA public key that may wrap long-lived keys (CKA_TRUSTED),
+    with RSA-OAEP only, never to be changed or copied. Made by a direct call: python-pkcs11
+    0.10.1 crashes packing CKA_ALLOWED_MECHANISMS (measured: a segmentation fault)."""
+    allowed = ctypes.c_ulong(int(Mechanism.RSA_PKCS_OAEP))
+    template = Template({A.CLASS: ObjectClass.PUBLIC_KEY, A.KEY_TYPE: KeyType.RSA,
+                         A.TOKEN: True, A.PRIVATE: False, A.LABEL: label,
+                         A.PUBLIC_EXPONENT: exponent, A.TRUSTED: True, A.WRAP: True,
+                         A.ENCRYPT: False, A.VERIFY: False, A.DERIVE: False,
+                         A.MODIFIABLE: False, A.COPYABLE: False,
+                         A.ALLOWED_MECHANISMS: bytes(allowed)}, value_type=A.MODULUS)
+    try:
+        so.direct.create_object(so.raw.handle, template, modulus)
+    except HsmOperationFailed:
+        raise
+    except px.PKCS11Error as exc:
+        raise _fail(exc) from None
 
 
 # --------------------------------------------------------------------------- generation

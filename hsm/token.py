@@ -328,7 +328,7 @@ def _quiet_close(raw: Any) -> None:
 
 
 @contextmanager
-def security_officer(module: str, label: str, so_pin: str) -> Iterator[Any]:
+def security_officer(module: str, label: str, so_pin: str) -> Iterator[Session]:
     """A session logged in as the token's security officer, for the one thing keysvc needs
     the SO for: marking the backup ceremony's wrapping key CKA_TRUSTED. Login state belongs
     to the process, so this must run before any user session of this token is open in this
@@ -341,6 +341,6 @@ def security_officer(module: str, label: str, so_pin: str) -> Iterator[Any]:
         except px.PKCS11Error as exc:
             raise translate(exc) from None
         try:
-            yield session
+            yield Session(session, mod.direct)
         finally:
             _quiet_close(session)

@@ -233,8 +233,8 @@ def test_a_custodian_who_is_no_officer_is_refused_and_no_backup_key_is_left(rest
 
 def test_the_backup_key_cannot_be_changed_or_copied_with_the_user_pin(restored):
     """The ceremony's trusted key is an RSA public key (no secret in the token's files),
-    made by the SO unmodifiable and uncopyable: the user PIN cannot give it DECRYPT or
-    UNWRAP, or keep a trusted copy of it."""
+    made by the SO unmodifiable, uncopyable and for RSA-OAEP only: the user PIN cannot
+    change it, keep a trusted copy of it, or wrap with another mechanism."""
     drill, _ = restored
     out = subprocess.run([sys.executable, "-c", f"""
 import pkcs11
@@ -256,6 +256,11 @@ with lib.get_token(token_label=s.token_label('dco')).open(rw=True, user_pin=s.pi
             pass
     try:
         w.copy({{A.TOKEN: True}}); print('copied')
+    except pkcs11.exceptions.PKCS11Error:
+        pass
+    try:  # CKA_ALLOWED_MECHANISMS: RSA-OAEP only
+        w.wrap_key(u.get_key(label='storage-key'), mechanism=pkcs11.Mechanism.RSA_PKCS)
+        print('wrapped with PKCS#1 v1.5')
     except pkcs11.exceptions.PKCS11Error:
         pass
     w.destroy()

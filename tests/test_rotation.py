@@ -15,6 +15,7 @@ import pytest
 
 from keysvc.api.v1 import keysvc_pb2 as pb
 from keysvc.client import error_reason
+from tests.conftest import fresh_postgres_database, postgres_url
 from tests.serverproc import start_server
 from tests.support import encoder
 from tests.support.encoder import kcv
@@ -30,11 +31,11 @@ def _file(installs, factory_keks, file_id):
                               dco_kek=kek_d)
 
 
-def _serve(work, rate: str):
+def _serve(work, rate: str, env: dict | None = None):
     factory = encoder.DeviceCertificateFactory()
     (work / "ca.pem").write_bytes(factory.ca_pem)
     srv = start_server(work / "server", trust_anchors=[work / "ca.pem"],
-                       env={"KEYSVC_REWRAP_ROWS_PER_SECOND": rate})
+                       env={"KEYSVC_REWRAP_ROWS_PER_SECOND": rate, **(env or {})})
     keks = os.urandom(32), os.urandom(32)
     srv.import_aes_key("R-S1SP", keks[0], purpose="S1SP_TRANSPORT", owner_id="SMSO-R")
     srv.import_aes_key("R-DCO", keks[1], purpose="DCO_TRANSPORT", owner_id="SMSO-R")
@@ -305,10 +306,17 @@ def test_rows_on_an_old_version_still_verify_while_waiting_for_the_rewrap(paused
     assert all_verify(srv, installs)
 
 
-def test_rewrap_killed_half_way_resumes_and_loses_and_doubles_nothing(tmp_path_factory):
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_rewrap_killed_half_way_resumes_and_loses_and_doubles_nothing(tmp_path_factory,
+                                                                      database):
     """kill -9 while the job runs (throttled to 300 rows/s), then a restart finishes it."""
-    work = tmp_path_factory.mktemp("killed")
-    srv, factory, keks = _serve(work, "300")
+    env = {}
+    if database == "postgresql":
+        if not postgres_url():
+            pytest.skip("no test PostgreSQL (run `make test`)")
+        env["KEYSVC_DATABASE_URL"] = fresh_postgres_database("keysvc_rewrap")
+    work = tmp_path_factory.mktemp(f"killed-{database}")
+    srv, factory, keks = _serve(work, "300", env)
     installs = _load(srv, factory, keks, 300, "MGEF-K-1")
     total = sum(versions(srv, "s1sp").values())
     rotate(srv, "s1sp")
@@ -317,7 +325,7 @@ def test_rewrap_killed_half_way_resumes_and_loses_and_doubles_nothing(tmp_path_f
         time.sleep(0.2)
     os.killpg(srv.proc.pid, signal.SIGKILL)
     srv.proc.wait()
-    again = start_server(srv.state_dir, env={"KEYSVC_REWRAP_ROWS_PER_SECOND": "3000"})
+    again = start_server(srv.state_dir, env={"KEYSVC_REWRAP_ROWS_PER_SECOND": "3000", **env})
     try:
         mid = versions(again, "s1sp")
         assert 0 < mid[1] < total and mid[1] + mid[2] == total
@@ -336,3 +344,21 @@ def test_a_key_version_that_is_not_an_integer_is_malformed():
     for bad in (1.5, "1", True, None):
         with pytest.raises(TypeError):
             _version(bad)
+
+
+def test_rows_are_stored_only_under_the_primary_storage_key_version(app):
+    """A file whose keys were wrapped before a rotation is refused at its commit
+    (KEY_ROTATED) and stores nothing: no row may name a version that could be destroyed
+    meanwhile."""
+    import datetime as dt
+
+    from keysvc.errors import KeysvcError
+    from keysvc.records.stored_keys import StoredKey
+    k = StoredKey("10-00-00-00-00-00-99-01", "PREPAYMENT", "PrepaymentKey",
+                  "00-00-00-00-00-00-99-01", "MGEF-ROTATED", 99, "ABCDEF0123", bytes(40))
+    with pytest.raises(KeysvcError) as e:
+        with app.store.tx() as conn:
+            app.records.device_keys.insert_many(conn, [(k, bytes(32))],
+                                                dt.datetime.now(dt.timezone.utc))
+    assert e.value.code == "KEY_ROTATED"
+    assert app.records.device_keys.count_by_version().get(99, 0) == 0

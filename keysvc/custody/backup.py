@@ -117,13 +117,9 @@ def prepare(module: str, token_label: str, so_pin: str, backup_id: str) -> Prepa
     private_key = rsa.generate_private_key(65537, 3072)
     public = private_key.public_key().public_numbers()
     with security_officer(module, token_label, so_pin) as so:
-        secret = bytearray(so.generate_random(256))
-        so.create_object({
-            A.CLASS: ObjectClass.PUBLIC_KEY, A.KEY_TYPE: KeyType.RSA,
-            A.MODULUS: _int_bytes(public.n), A.PUBLIC_EXPONENT: _int_bytes(public.e),
-            A.LABEL: _trusted_label(backup_id), A.TOKEN: True, A.PRIVATE: False,
-            A.TRUSTED: True, A.WRAP: True, A.ENCRYPT: False, A.VERIFY: False,
-            A.DERIVE: False, A.MODIFIABLE: False, A.COPYABLE: False})
+        secret = bytearray(so.raw.generate_random(256))
+        hk.create_trusted_wrapping_key(so, _trusted_label(backup_id), _int_bytes(public.n),
+                                       _int_bytes(public.e))
     return Prepared(backup_id, secret, private_key)
 
 
