@@ -699,6 +699,8 @@ def cmd_admin_backup(args: argparse.Namespace) -> int:
     """The backup ceremony, on the HSM's host with the PINs (keysvc/custody/backup.py)."""
     from cryptography import x509
 
+    from pkcs11.exceptions import PKCS11Error
+
     from hsm import HsmError, Token, TokenConfig
     from keysvc import config
     from keysvc.app import App
@@ -746,7 +748,7 @@ def cmd_admin_backup(args: argparse.Namespace) -> int:
                         share.to_json().encode()
                 _write_durably(out, files)
                 cb.record(app.partitions.tokens[p], b)  # only now does the token count it
-            except (KeysvcError, HsmError, OSError) as exc:
+            except (KeysvcError, HsmError, OSError, PKCS11Error) as exc:
                 code = getattr(exc, "code", type(exc).__name__)
                 app.audit.append(actor=_operator(), role="operator", action="custody.backup",
                                  target=f"{p} backup {bid}", outcome="FAILED", code=code)
@@ -770,8 +772,8 @@ def cmd_admin_backup(args: argparse.Namespace) -> int:
             try:
                 cb.discard(token, prep.backup_id)
             except Exception as exc:
-                err.print(f"keysvc: a backup key may be left in the {p} token (removed at "
-                          f"the next start): {type(exc).__name__}")
+                err.print(f"keysvc: a backup key may be left in the {p} token (a start "
+                          f"30 minutes later or more removes it): {type(exc).__name__}")
         if app is not None:
             app.close()
     return 0
@@ -782,7 +784,9 @@ def _write_durably(directory: Path, files: dict[str, bytes]) -> None:
     only once it is on disk as written."""
     for name, data in files.items():
         path = directory / name
-        with open(path, "wb") as f:
+        # A new file of our own (no symlink followed, nothing overwritten), readable by us.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -18,8 +18,8 @@ import hashlib
 import hmac
 import json
 import logging
-import re
 import os
+import re
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -682,15 +682,21 @@ def _seal_component(app: App, purpose: str, op_id: str, officer: str, component:
     return ("" if version == 1 else f"v{version}:") + _b64(iv + ct)
 
 
+_VERSIONED_COMPONENT = re.compile(r"v([1-9][0-9]{0,5}):")
+
+
 def component_version(sealed: str) -> int:
     """The component-seal version a sealed component names (none: version 1)."""
-    head, sep, _ = sealed.partition(":")
-    return int(head[1:]) if sep and head[:1] == "v" and head[1:].isdigit() else 1
+    m = _VERSIONED_COMPONENT.match(sealed)
+    return int(m.group(1)) if m else 1
 
 
 def _unseal(app: App, purpose: str, op_id: str, officer: str, sealed: str) -> bytes:
     version = component_version(sealed)
-    raw = _unb64(sealed.partition(":")[2] if version > 1 else sealed)
+    try:
+        raw = _unb64(sealed.partition(":")[2] if version > 1 else sealed)
+    except ValueError:
+        raise error("DECRYPTION_FAILED", "a sealed key component is malformed") from None
     token = app.partitions.for_purpose(purpose)
     with token.session() as s:
         try:

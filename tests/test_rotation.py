@@ -362,3 +362,24 @@ def test_rows_are_stored_only_under_the_primary_storage_key_version(app):
                                                 dt.datetime.now(dt.timezone.utc))
     assert e.value.code == "KEY_ROTATED"
     assert app.records.device_keys.count_by_version().get(99, 0) == 0
+
+
+@pytest.mark.parametrize("table", ["device_keys", "master_keys"])
+def test_a_flagged_row_has_one_name_so_the_rewrap_skips_it_after(app, table):
+    """The rewrap flags a bad row once and skips it afterwards by name; a row and the
+    stored key read from it must be named alike (a master key's name is its device)."""
+    import datetime as dt
+
+    from sqlalchemy import select
+
+    from keysvc.records.stored_keys import StoredKey
+    stored = getattr(app.records, table)
+    k = StoredKey("10-00-00-00-00-00-98-01", "PREPAYMENT" if table == "device_keys"
+                  else stored.ROLE, "PrepaymentKey" if table == "device_keys" else stored.NAME,
+                  "00-00-00-00-00-00-98-01", "MGEF-NAMES", 1, "ABCDEF0123", bytes(40))
+    with app.store.tx() as conn:
+        stored.insert_many(conn, [(k, bytes(32))], dt.datetime.now(dt.timezone.utc))
+    with app.store.engine.connect() as conn:
+        row = conn.execute(select(stored.table).where(
+            stored.table.c.device_id == k.device_id)).one()
+    assert stored.record_name(row) == stored.record_name(k)

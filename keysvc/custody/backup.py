@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 import time
 import uuid
 from base64 import b64decode, b64encode
@@ -52,6 +53,7 @@ import pkcs11.exceptions as px
 from pkcs11 import MGF, KeyType, Mechanism, ObjectClass
 
 from hsm import keys as hk
+from hsm.errors import BROKEN_SESSION
 from hsm.token import Token, security_officer
 from keysvc.custody import shares as sh
 from keysvc.custody import versions
@@ -156,6 +158,8 @@ def take(token: Token, partition: str, prepared: Prepared,
                                                        mechanism=Mechanism.RSA_PKCS_OAEP,
                                                        mechanism_param=OAEP)
                         except px.PKCS11Error as exc:
+                            if isinstance(exc, BROKEN_SESSION):
+                                raise  # Token.session retires the session
                             raise error("BACKUP_NOT_POSSIBLE", f"the HSM refused to wrap "
                                                                f"{label} ({type(exc).__name__})"
                                         ) from None
@@ -201,6 +205,7 @@ def record(token: Token, backup: Backup) -> None:
 
 
 LEFTOVER_AFTER = 1800.0  # seconds: no ceremony takes this long; an older key is a leftover
+CLOCK_SKEW = 300.0       # seconds a ceremony's host clock may be ahead of this one
 
 
 def discard(token: Token, backup_id: str) -> None:
@@ -224,8 +229,8 @@ def discard_leftovers(token: Token, older_than: float = LEFTOVER_AFTER) -> list[
                 if not label.startswith(TRUSTED_PREFIX):
                     continue
                 made = _made_at(label[len(TRUSTED_PREFIX):])
-                if made is not None and now - made < older_than:
-                    continue
+                if made is not None and 0 <= now - made + CLOCK_SKEW < older_than:
+                    continue  # a ceremony that may be running (a future date is not)
                 hk.destroy(obj)
                 hk.forget(s, label)
                 gone.append(label)
@@ -289,8 +294,8 @@ def new_id() -> str:
 
 
 def _made_at(backup_id: str) -> float | None:
-    head = backup_id.split("-", 1)[0]
-    return float(head) if head.isdigit() else None
+    m = re.fullmatch(r"([0-9]{1,12})-[0-9a-f]{12}", backup_id)
+    return float(m.group(1)) if m else None
 
 
 def last_backup(token: Token) -> dict | None:

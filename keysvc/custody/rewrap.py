@@ -91,7 +91,7 @@ class Rewrap:
         for k in [k for k in rows if k.key_version not in present]:
             # A row put back on a destroyed version (its seal is an old, valid one): it
             # cannot be read, and must not stop the others.
-            name = f"{stored.table.name}/{k.device_id}/{k.role}/{k.name}"
+            name = stored.record_name(k)
             prog.bad.add(name)
             self.app.records.flag(name, f"names storage key version {k.key_version}, which "
                                         "is destroyed; not rewrapped")
@@ -128,7 +128,7 @@ class Rewrap:
         changes = token.run(work)
         for k, moved, _ in changes:
             if moved is None:
-                name = f"{stored.table.name}/{k.device_id}/{k.role}/{k.name}"
+                name = stored.record_name(k)
                 prog.bad.add(name)
                 self.app.records.flag(name, "its key's check value is not the one sealed; "
                                             "not rewrapped")

@@ -135,6 +135,14 @@ class _StoredKeys:
     def _key_columns(self) -> list:
         return [c for c in self.table.primary_key.columns]
 
+    def record_name(self, values: Any) -> str:
+        """`<table>/<primary key>`: how a row is named in flags, from a row or a StoredKey
+        (one name for both, so that a row flagged once is skipped after)."""
+        cols = self._columns(values) if isinstance(values, StoredKey) else None
+        return f"{self.table.name}/" + "/".join(
+            str(cols[c.name] if cols is not None else getattr(values, c.name))
+            for c in self._key_columns())
+
     def count_by_version(self) -> dict[int, int]:
         """Rows per storage-key version (an index lookup: see migration 0004)."""
         with self.r.store.engine.connect() as conn:
@@ -163,8 +171,7 @@ class _StoredKeys:
         good, bad = [], []
         pairs = []
         for r in rows:
-            name = f"{self.table.name}/" + "/".join(str(getattr(r, c.name))
-                                                    for c in self._key_columns())
+            name = self.record_name(r)
             if name in skip:
                 continue
             try:
