@@ -324,12 +324,20 @@ class HealthWatch(threading.Thread):
         self.ready = False  # the last check's verdict (/readyz)
 
     def custody_if_due(self) -> None:
-        """Backup freshness, once a minute: the gauges, and a warning while a long-lived
-        key version has no backup (keysvc/custody/backup.py)."""
+        """Once a minute: backup freshness (the gauges, and a warning while a long-lived key
+        version has no backup) and the removal of backup keys killed ceremonies left
+        (keysvc/custody/backup.py)."""
         if time.monotonic() - self.custody_read_at < 60:
             return
         self.custody_read_at = time.monotonic()
-        from keysvc.custody.backup import freshness
+        from keysvc.custody.backup import discard_leftovers, freshness
+        if processes.INDEX == 0:  # a killed ceremony's backup key, once it is 30 minutes old
+            for name, token in self.app.partitions.tokens.items():
+                for label in discard_leftovers(token):
+                    self.app.audit.append(actor="keysvc", role="",
+                                          action="custody.backup_key_removed",
+                                          target=f"{name}: {label}, left by an unfinished "
+                                                 "backup ceremony")
         for partition, (age, missing) in freshness(self.app).items():
             if missing and missing != self._unbacked.get(partition):
                 log.warning("%d long-lived key versions of %s have no backup "

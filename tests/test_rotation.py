@@ -5,6 +5,7 @@ Each test module runs its own server: rotation changes the partition's primary v
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -153,6 +154,26 @@ def test_rewrap_end_is_audited_with_the_count_per_version(rotated):
         action="custody.rewrap", page_size=10)).events
     targets = " | ".join(e.target for e in events)
     assert "s1sp:" in targets and "dco:" in targets and "v2:" in targets
+
+
+def test_cli_shows_versions_and_the_rewrap_with_its_eta(rotated):
+    """`keysvc admin key-versions` and `keysvc admin rewrap status` (the README's commands)."""
+    srv = rotated[0]
+    out = keysvc("admin", "key-versions", "--server", srv.target, "--json", state=srv.state_dir)
+    rows = _json_rows(out.stdout, "key versions")
+    assert {(r["partition"], r["key"], r["version"]) for r in rows
+            if r.get("key") == "storage-key"} >= {("s1sp", "storage-key", 2),
+                                                   ("dco", "storage-key", 2)}
+    out = keysvc("admin", "rewrap", "status", "--server", srv.target, "--json",
+                 state=srv.state_dir)
+    rows = _json_rows(out.stdout, "rewrap")
+    assert {r["partition"]: r["remaining"] for r in rows} == {"s1sp": 0, "dco": 0}
+    assert all(r["eta"] == "-" for r in rows)  # nothing left: no ETA
+
+
+def _json_rows(stdout: str, table: str) -> list[dict]:
+    return [row for line in stdout.splitlines() if line.startswith("{")
+            for t in [json.loads(line)] if t["table"] == table for row in t["rows"]]
 
 
 def test_new_files_are_wrapped_under_the_primary(rotated):
