@@ -123,8 +123,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         hardening.harden(settings.lock_memory)  # memory locks are not inherited by fork
         return serve(App.open(settings), settings.listen, on_ready=lambda _: ready(),
                      announce=False)
-    return processes.supervise(settings.processes, start_worker, lambda: print(
-        f"listening on {settings.listen} ({settings.processes} processes)", flush=True))
+    def announce() -> None:
+        from keysvc import notify
+        print(f"listening on {settings.listen} ({settings.processes} processes)", flush=True)
+        notify.notify("READY=1", f"STATUS=listening on {settings.listen} "
+                                 f"({settings.processes} processes)")
+    return processes.supervise(settings.processes, start_worker, announce)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

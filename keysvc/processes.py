@@ -34,6 +34,8 @@ import time
 import traceback
 from typing import Callable
 
+from keysvc import notify
+
 log = logging.getLogger("keysvc.processes")
 
 INDEX = 0   # this process's worker index; 0 in a single-process server
@@ -95,7 +97,9 @@ class Supervisor:
         for sig in _SIGNALS:
             signal.signal(sig, self._forward)
         self._spawn(0)
+        watchdog = notify.Watchdog()  # the supervisor is systemd's main process
         while not self.stopping:
+            watchdog.tick()
             readable, _, _ = select.select([self._ready_r], [], [], 0.2)
             if readable:
                 for index in os.read(self._ready_r, 64):
@@ -148,6 +152,7 @@ class Supervisor:
     def _forward(self, signum: int, _frame: object) -> None:
         if signum != signal.SIGHUP:
             self.stopping = True
+            notify.notify("STOPPING=1", "STATUS=draining in-flight calls")
         for pid in list(self.children):
             try:
                 os.kill(pid, signum)

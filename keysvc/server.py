@@ -30,7 +30,7 @@ from grpc_status import rpc_status
 from hsm import HsmError, HsmUnavailable
 from keysvc.api.v1 import keysvc_pb2
 from keysvc.app import App, Caller
-from keysvc import limits, processes
+from keysvc import limits, notify, processes
 from keysvc import store as st
 from keysvc.errors import ERROR_DOMAIN, KeysvcError, error
 from keysvc.observability import (HSM_IDLE, HSM_IN_USE, HSM_UP, LATENCY, REQUESTS,
@@ -387,7 +387,9 @@ class HealthWatch(threading.Thread):
         return self.app.audit.healthy()
 
     def run(self) -> None:
+        watchdog = notify.Watchdog()  # systemd's WatchdogSec: this loop is alive
         while not self.stopped.wait(self.every):
+            watchdog.tick()
             try:
                 self.check()
             except Exception as exc:
@@ -505,12 +507,15 @@ def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, 
     bound = f"{host}:{port}"
     if announce:  # (the workers of several processes: their supervisor says it once)
         print(f"listening on {bound}", flush=True)
+        notify.notify("READY=1", f"STATUS=listening on {bound}")
     if on_ready:
         on_ready(bound)
     done = threading.Event()
 
     def _stop(signum: int, _frame: Any) -> None:
         log.info("signal received; draining in-flight calls", extra={"code": str(signum)})
+        if announce:
+            notify.notify("STOPPING=1", "STATUS=draining in-flight calls")
         done.set()
     def _reload(signum: int, _frame: Any) -> None:
         log.info("SIGHUP: the client CRLs will be read again")
