@@ -30,7 +30,21 @@ DEFAULT_IDENTITY = {"admin": "security-officer-1", "s1sp": "s1sp", "dco": "dco",
 
 # --------------------------------------------------------------------------- helpers
 def _stubs(args: argparse.Namespace):
-    from keysvc.client import connect
+    """The caller's identity: --cert/--key/--ca (or KEYSVC_CERT/KEY/CA), else a certificate
+    of the development state directory (--as, or the group's default)."""
+    from keysvc.client import Stubs, connect, secure_channel
+    files = (args.cert, args.key_file, args.ca)
+    if any(files):
+        try:
+            if not all(files):
+                raise ValueError("--cert, --key and --ca (KEYSVC_CERT, KEYSVC_KEY, "
+                                 "KEYSVC_CA) go together")
+            ca, cert, key = (Path(f).read_bytes()
+                             for f in (args.ca, args.cert, args.key_file))
+        except (OSError, ValueError) as exc:  # a usage error: exit 2
+            err.print(f"keysvc: {exc}", markup=False, highlight=False)
+            raise SystemExit(2)
+        return Stubs(secure_channel(args.server, ca, cert, key, args.server_name or ""))
     identity = args.as_ or DEFAULT_IDENTITY[args.group]
     return connect(args.server, Path(args.state_dir), identity)
 
@@ -313,7 +327,7 @@ def cmd_admin_generate(args: argparse.Namespace) -> int:
 def cmd_admin_rotate(args: argparse.Namespace) -> int:
     from keysvc.api.v1 import keysvc_pb2 as pb
     op = _stubs(args).admin.RotateKey(pb.RotateKeyRequest(partition=args.partition,
-                                                          key=args.key))
+                                                          key=args.key_name))
     _table("operation", OP_COLUMNS, [_op_row(op)])
     return 0
 
@@ -321,7 +335,7 @@ def cmd_admin_rotate(args: argparse.Namespace) -> int:
 def cmd_admin_destroy_version(args: argparse.Namespace) -> int:
     from keysvc.api.v1 import keysvc_pb2 as pb
     op = _stubs(args).admin.DestroyKeyVersion(pb.DestroyKeyVersionRequest(
-        partition=args.partition, key=args.key, version=args.version))
+        partition=args.partition, key=args.key_name, version=args.version))
     _table("operation", OP_COLUMNS, [_op_row(op)])
     return 0
 
@@ -851,6 +865,56 @@ def cmd_admin_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- completion
+def cmd_completion(args: argparse.Namespace) -> int:
+    """`source <(keysvc completion bash)`: commands and options, from this parser."""
+    sys.stdout.write(bash_completion(build_parser()))
+    return 0
+
+
+def bash_completion(parser: argparse.ArgumentParser) -> str:
+    tree: dict[str, tuple[list[str], list[str]]] = {}
+
+    def walk(p: argparse.ArgumentParser, path: str) -> None:
+        subs: list[str] = []
+        opts: list[str] = []
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sp in a.choices.items():
+                    subs.append(name)
+                    walk(sp, f"{path} {name}".strip())
+            else:
+                opts.extend(o for o in a.option_strings if o.startswith("--"))
+        tree[path] = (subs, opts)
+    walk(parser, "")
+
+    def cases(pick: Callable[[list[str], list[str]], list[str]]) -> str:
+        return "\n".join(f'    "{path}") echo "{" ".join(pick(*v))}" ;;'
+                         for path, v in sorted(tree.items()))
+    return f"""# keysvc bash completion: source <(keysvc completion bash)
+_keysvc_subs() {{
+  case "$1" in
+{cases(lambda subs, opts: subs)}
+  esac
+}}
+_keysvc_words() {{
+  case "$1" in
+{cases(lambda subs, opts: subs + opts)}
+  esac
+}}
+_keysvc() {{
+  local cur="${{COMP_WORDS[COMP_CWORD]}}" path="" w
+  for w in "${{COMP_WORDS[@]:1:COMP_CWORD-1}}"; do
+    case " $(_keysvc_subs "$path") " in
+      *" $w "*) path="${{path:+$path }}$w" ;;
+    esac
+  done
+  COMPREPLY=( $(compgen -W "$(_keysvc_words "$path")" -- "$cur") )
+}}
+complete -F _keysvc keysvc
+"""
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="keysvc", description=__doc__)
@@ -885,8 +949,18 @@ def build_parser() -> argparse.ArgumentParser:
         def cmd(action: str, func: Callable, help_: str = "") -> argparse.ArgumentParser:
             c = gs.add_parser(action, help=help_)
             common(c)
-            c.add_argument("--server", default=os.environ.get("KEYSVC_SERVER",
-                                                              "127.0.0.1:50051"))
+            c.add_argument("--server", default=os.environ.get(
+                "KEYSVC_ADDR", os.environ.get("KEYSVC_SERVER", "127.0.0.1:50051")),
+                help="host:port (KEYSVC_ADDR)")
+            c.add_argument("--cert", default=os.environ.get("KEYSVC_CERT"),
+                           help="client certificate, PEM (KEYSVC_CERT)")
+            c.add_argument("--key", dest="key_file", default=os.environ.get("KEYSVC_KEY"),
+                           help="its private key, PEM (KEYSVC_KEY)")
+            c.add_argument("--ca", default=os.environ.get("KEYSVC_CA"),
+                           help="the CA that issued the server's certificate (KEYSVC_CA)")
+            c.add_argument("--server-name", default=os.environ.get("KEYSVC_SERVER_NAME"),
+                           help="the name the server's certificate must carry, if not the "
+                                "host in --server (KEYSVC_SERVER_NAME)")
             c.add_argument("--json", action="store_true",
                            help="print results as JSON lines instead of tables")
             c.add_argument("--as", dest="as_", default=None,
@@ -930,11 +1004,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = admin("rotate-key", cmd_admin_rotate, "a new version of a partition's storage key, "
               "primary once approved (dual control)")
     c.add_argument("--partition", required=True, choices=["s1sp", "dco"])
-    c.add_argument("--key", default="storage-key")
+    c.add_argument("--key-name", default="storage-key",
+                   help="storage-key or component-seal")
     c = admin("destroy-key-version", cmd_admin_destroy_version, "destroy an old key version "
               "no stored key uses (dual control)")
     c.add_argument("--partition", required=True, choices=["s1sp", "dco"])
-    c.add_argument("--key", default="storage-key")
+    c.add_argument("--key-name", default="storage-key",
+                   help="storage-key or component-seal")
     c.add_argument("--version", type=int, required=True)
     c = admin("key-versions", cmd_admin_key_versions, "every long-lived key version, the "
               "stored keys under each, and the last backup")
@@ -1024,6 +1100,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = au("export", cmd_audit_export, "the chained events as JSON lines (ExportAuditEvents)")
     c.add_argument("--since", type=int, default=0, help="the last sequence already held")
     c.add_argument("--format", default="jsonl", choices=["jsonl"])
+    comp = sub.add_parser("completion", help="print a shell completion script: "
+                          "source <(keysvc completion bash)")
+    comp.add_argument("shell", choices=["bash"])
+    comp.set_defaults(func=cmd_completion)
     nc = sub.add_parser("audit-new-chain", help="break glass: continue after the audit chain "
                         "was found behind the HSM anchor (local, needs the PINs)")
     nc.add_argument("--state-dir", default=os.environ.get("KEYSVC_STATE_DIR", ".keysvc"))

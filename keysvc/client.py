@@ -17,17 +17,28 @@ from keysvc.api.v1 import keysvc_pb2_grpc as rpc
 
 def channel(target: str, pki_dir: Path, identity: str | None,
             max_bytes: int = 256 * 1024 * 1024) -> grpc.Channel:
+    """A channel with an identity of the development state directory (its server
+    certificate is for `localhost`)."""
     ca = (pki_dir / "ca.pem").read_bytes()
     key = cert = None
     if identity:
         key = (pki_dir / f"{identity}.key").read_bytes()
         cert = (pki_dir / f"{identity}.pem").read_bytes()
+    return secure_channel(target, ca, cert, key, "localhost", max_bytes)
+
+
+def secure_channel(target: str, ca: bytes, cert: bytes | None, key: bytes | None,
+                   server_name: str = "", max_bytes: int = 256 * 1024 * 1024
+                   ) -> grpc.Channel:
+    """mTLS to `target`, trusting `ca`; `server_name`: the name the server's certificate
+    must carry when it is not the one in `target`."""
     creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
                                          certificate_chain=cert)
-    return grpc.secure_channel(target, creds, options=[
-        ("grpc.ssl_target_name_override", "localhost"),
-        ("grpc.max_receive_message_length", max_bytes),
-        ("grpc.max_send_message_length", max_bytes)])
+    options = [("grpc.max_receive_message_length", max_bytes),
+               ("grpc.max_send_message_length", max_bytes)]
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(target, creds, options=options)
 
 
 @dataclass
