@@ -1,0 +1,87 @@
+"""The wheel (issue 17): built from a checkout without generated code, installed into a
+fresh virtualenv, its client used by an S1SP and a DCO program against a real server.
+
+setup.py generates the gRPC code at build time; the runtime dependencies are what the
+runtime imports (grpcio-tools and pyasn1 are not among them).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.serverproc import ROOT
+
+CALLER = r'''
+import sys
+import keysvc
+from keysvc.api.v1 import keysvc_pb2 as pb
+from keysvc.client import Client, DeviceKeyNotFound, MalformedXml
+
+target, pki = sys.argv[1], sys.argv[2]
+assert keysvc.__file__.startswith(sys.prefix), keysvc.__file__   # the installed wheel
+s1sp = Client.from_files(target, ca=f"{pki}/ca.pem", cert=f"{pki}/s1sp.pem",
+                         key=f"{pki}/s1sp.key", server_name="localhost")
+try:
+    s1sp.s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
+        device_id="10-5B-77-0C-A9-80-36-FF", expected_kcv="8504AFD9DD"))
+except DeviceKeyNotFound as e:
+    print("s1sp", type(e).__name__, bool(e.request_id))
+dco = Client.from_files(target, ca=f"{pki}/ca.pem", cert=f"{pki}/dco.pem",
+                        key=f"{pki}/dco.key", server_name="localhost")
+try:
+    dco.dco.UnwrapMasterKeys(pb.UnwrapMasterKeysRequest(file=b"<not-a-migration-file"))
+except MalformedXml as e:
+    print("dco", type(e).__name__, bool(e.request_id))
+'''
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("wheel")
+    src = work / "src"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                             check=True).stdout.split(b"\0")
+    for name in filter(None, tracked):
+        path = Path(os.fsdecode(name))
+        if (ROOT / path).is_file():
+            (src / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / path, src / path)
+    assert not (src / "keysvc/api/v1/keysvc_pb2.py").exists()  # generated, not committed
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(work / "dist"), str(src)], check=True, timeout=300)
+    return next((work / "dist").glob("keysvc-*.whl"))
+
+
+def test_the_wheel_carries_the_generated_code_and_the_type_marker(wheel):
+    import zipfile
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"keysvc/api/v1/keysvc_pb2.py", "keysvc/api/v1/keysvc_pb2_grpc.py",
+            "keysvc/py.typed"} <= names
+
+
+def test_the_runtime_needs_neither_grpcio_tools_nor_pyasn1(wheel):
+    import zipfile
+    meta = next(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith("/METADATA"))
+    requires = [line for line in zipfile.ZipFile(wheel).read(meta).decode().splitlines()
+                if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    assert not any("grpcio-tools" in r or "pyasn1" in r for r in requires), requires
+
+
+def test_s1sp_and_dco_programs_use_the_installed_client_against_a_real_server(wheel, server,
+                                                                               tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True,
+                   timeout=600)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", CALLER, server.target,
+                          str(server.state_dir / "pki")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["s1sp DeviceKeyNotFound True",
+                                          "dco MalformedXml True"]
