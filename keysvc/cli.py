@@ -33,14 +33,14 @@ def _stubs(args: argparse.Namespace):
     """The caller's identity: --cert/--key/--ca (or KEYSVC_CERT/KEY/CA), else a certificate
     of the development state directory (--as, or the group's default)."""
     from keysvc.client import Stubs, connect, secure_channel
-    files = (args.cert, args.key_file, args.ca)
+    files = (args.tls_cert, args.tls_key, args.tls_ca)
     if any(files):
         try:
             if not all(files):
                 raise ValueError("--cert, --key and --ca (KEYSVC_CERT, KEYSVC_KEY, "
                                  "KEYSVC_CA) go together")
             ca, cert, key = (Path(f).read_bytes()
-                             for f in (args.ca, args.cert, args.key_file))
+                             for f in (args.tls_ca, args.tls_cert, args.tls_key))
         except (OSError, ValueError) as exc:  # a usage error: exit 2
             err.print(f"keysvc: {exc}", markup=False, highlight=False)
             raise SystemExit(2)
@@ -952,11 +952,11 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--server", default=os.environ.get(
                 "KEYSVC_ADDR", os.environ.get("KEYSVC_SERVER", "127.0.0.1:50051")),
                 help="host:port (KEYSVC_ADDR)")
-            c.add_argument("--cert", default=os.environ.get("KEYSVC_CERT"),
+            c.add_argument("--cert", dest="tls_cert", default=os.environ.get("KEYSVC_CERT"),
                            help="client certificate, PEM (KEYSVC_CERT)")
-            c.add_argument("--key", dest="key_file", default=os.environ.get("KEYSVC_KEY"),
+            c.add_argument("--key", dest="tls_key", default=os.environ.get("KEYSVC_KEY"),
                            help="its private key, PEM (KEYSVC_KEY)")
-            c.add_argument("--ca", default=os.environ.get("KEYSVC_CA"),
+            c.add_argument("--ca", dest="tls_ca", default=os.environ.get("KEYSVC_CA"),
                            help="the CA that issued the server's certificate (KEYSVC_CA)")
             c.add_argument("--server-name", default=os.environ.get("KEYSVC_SERVER_NAME"),
                            help="the name the server's certificate must carry, if not the "

@@ -61,3 +61,25 @@ def test_bash_completion_completes_commands_and_options(words, cword, expected):
              '_keysvc; echo "${COMPREPLY[@]}"')
     out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True)
     assert out.stdout.split() == [expected], out.stderr
+
+
+def test_no_two_options_of_a_command_share_a_destination():
+    """An option added to every command (--key for the identity) must not silently take
+    the value of a command's own option (import-key's --key-file)."""
+    import argparse
+
+    from keysvc.cli import build_parser
+    clashes = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        seen: dict[str, list[str]] = {}
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif a.option_strings:
+                if a.dest in seen:
+                    clashes.append((path, a.dest, seen[a.dest], a.option_strings))
+                seen[a.dest] = a.option_strings
+    walk(build_parser(), "keysvc")
+    assert clashes == []
