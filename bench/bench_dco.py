@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 
 def run(n: int = 1000, repeats: int = 5) -> dict:
-    from hsm import keys as hk
+    from keysvc.hsm import keys as hk
     from keysvc.api.v1 import keysvc_pb2 as pb
     from tests.support import encoder
 

@@ -39,7 +39,7 @@ def seed(state: Path, rows: int, database_url: str) -> None:
     them (create, check value, wrap, seal in the HSM), written in chunks."""
     import datetime as dt
 
-    from hsm import keys as hk
+    from keysvc.hsm import keys as hk
     from keysvc import config
     from keysvc.app import App
     from keysvc.custody import versions

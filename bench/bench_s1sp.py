@@ -7,7 +7,7 @@ verification, check values, the database transaction and mTLS.
 
 Floor (same run): the HSM work the service cannot avoid, made the fastest way we know - a
 session copy of the storage key, then per device key direct C_CreateObject, its CMAC check
-value (the KCV every result returns) and C_WrapKey (hsm/direct.py), each object destroyed
+value (the KCV every result returns) and C_WrapKey (keysvc/hsm/direct.py), each object destroyed
 after use (cheaper than keeping it). The server beats the python-pkcs11 baseline because of
 those calls; its ratio to the floor is what the service itself (parsing, validation,
 certificates, row seals, database, gRPC) costs on top of that loop.
@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 
 def run(sizes=(1, 100, 1000), repeats: int = 5) -> list[dict]:
-    from hsm import keys as hk
+    from keysvc.hsm import keys as hk
     from keysvc.api.v1 import keysvc_pb2 as pb
     from tests.support import encoder
 

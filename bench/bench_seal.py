@@ -18,7 +18,7 @@ from common import ROOT, baseline_token, best_of
 
 
 def run(rows: int = 3667, repeats: int = 5) -> dict:
-    from hsm import keys as hk
+    from keysvc.hsm import keys as hk
     from keysvc.records.seal import canonical
 
     token = baseline_token(Path(tempfile.mkdtemp(prefix="keysvc-bench-seal-")))

@@ -39,7 +39,7 @@ def baseline_token(state: Path):
     settings = config.load(env={}, state_dir=state)
     ensure_dev_state(settings)
     point_softhsm_at(settings)
-    from hsm import Token, TokenConfig
+    from keysvc.hsm import Token, TokenConfig
     return Token(TokenConfig(settings.pkcs11_module, settings.token_label("s1sp"),
                              settings.pin("s1sp"), pool_size=2))
 

@@ -24,8 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from hsm import HsmKeyNotFound
-from hsm import keys as hk
+from keysvc.hsm import HsmKeyNotFound
+from keysvc.hsm import keys as hk
 from keysvc.store import Store
 
 log = logging.getLogger("keysvc.anchors")

@@ -717,9 +717,7 @@ def cmd_admin_backup(args: argparse.Namespace) -> int:
     """The backup ceremony, on the HSM's host with the PINs (keysvc/custody/backup.py)."""
     from cryptography import x509
 
-    from pkcs11.exceptions import PKCS11Error
-
-    from hsm import HsmError, Token, TokenConfig
+    from keysvc.hsm import HsmError, Token, TokenConfig
     from keysvc import config
     from keysvc.app import App
     from keysvc.config import PARTITIONS
@@ -766,7 +764,7 @@ def cmd_admin_backup(args: argparse.Namespace) -> int:
                         share.to_json().encode()
                 _write_durably(out, files)
                 cb.record(app.partitions.tokens[p], b)  # only now does the token count it
-            except (KeysvcError, HsmError, OSError, PKCS11Error) as exc:
+            except (KeysvcError, HsmError, OSError) as exc:
                 code = getattr(exc, "code", type(exc).__name__)
                 app.audit.append(actor=_operator(), role="operator", action="custody.backup",
                                  target=f"{p} backup {bid}", outcome="FAILED", code=code)
@@ -823,7 +821,7 @@ def cmd_admin_restore(args: argparse.Namespace) -> int:
 
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    from hsm import Token, TokenConfig
+    from keysvc.hsm import Token, TokenConfig
     from keysvc import config
     from keysvc.custody import backup as cb
     from keysvc.custody import shares as sh

@@ -10,8 +10,8 @@ from collections import Counter
 
 from sqlalchemy.exc import IntegrityError
 
-from hsm import HsmOperationFailed
-from hsm import keys as hk
+from keysvc.hsm import HsmOperationFailed
+from keysvc.hsm import keys as hk
 from keysvc import transport
 from keysvc.app import App, Caller
 from keysvc.domain import InvalidEUI64, Problem, normalise_eui64

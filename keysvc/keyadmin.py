@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.cmac import CMAC
 
-from hsm import HsmKeyNotFound, HsmOperationFailed
-from hsm import keys as hk
+from keysvc.hsm import HsmKeyNotFound, HsmOperationFailed
+from keysvc.hsm import keys as hk
 from keysvc import faults, officers
 from keysvc import store as st
 from keysvc.app import App, Caller

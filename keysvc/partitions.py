@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from hsm import Token, TokenConfig
-from hsm import keys as hk
+from keysvc.hsm import Token, TokenConfig
+from keysvc.hsm import keys as hk
 from keysvc.config import PARTITIONS, Settings
 from keysvc.custody import versions
 

@@ -21,8 +21,8 @@ from typing import Callable
 from lxml import etree
 from sqlalchemy.exc import IntegrityError
 
-from hsm import HsmOperationFailed
-from hsm import keys as hk
+from keysvc.hsm import HsmOperationFailed
+from keysvc.hsm import keys as hk
 from keysvc import transport
 from keysvc.app import App, Caller
 from keysvc.device_certificate import CertificateVerdict

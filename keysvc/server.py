@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from hsm import HsmError, HsmUnavailable
+from keysvc.hsm import HsmError, HsmUnavailable
 from keysvc.api.v1 import keysvc_pb2
 from keysvc.app import App, Caller
 from keysvc import limits, notify, processes

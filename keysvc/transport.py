@@ -12,8 +12,8 @@ from typing import Any, Callable, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 
-from hsm import HsmOperationFailed
-from hsm import keys as hk
+from keysvc.hsm import HsmOperationFailed
+from keysvc.hsm import keys as hk
 from keysvc.app import App
 from keysvc.domain import InvalidKcv, normalise_kcv
 from keysvc.custody import versions
@@ -100,7 +100,7 @@ def stored_key_matches(token: Any, stored: StoredKey, expected_kcv: str, method:
         storage = versions.stored_row_key(sess, stored.key_version)
         wrapped = stored.wrapped
         # A CMAC check value (the usual one) on a session key made by a direct call, as the
-        # per-key loops do (hsm/direct.py: python-pkcs11 adds eleven calls per key object).
+        # per-key loops do (keysvc/hsm/direct.py: python-pkcs11 adds eleven calls per key object).
         obj = hk.unwrap_session_key(sess, storage, wrapped, hk.Unwrap.AES_KW, hk.KCV_USAGE) \
             if hk.Kcv(method) is hk.Kcv.CMAC else \
             hk.unwrap(sess, storage, wrapped, hk.Unwrap.AES_KW, usage=hk.KCV_USAGE)

@@ -68,6 +68,6 @@ def token_key_id(app: App, partition: str, name: str, cls=None) -> str:
     """The CKA_ID of the token object a key record must name."""
     from pkcs11 import ObjectClass
 
-    from hsm import keys as hk
+    from keysvc.hsm import keys as hk
     with app.partitions.tokens[partition].session() as s:
         return hk.object_facts(s, name, cls or ObjectClass.SECRET_KEY, {}).key_id

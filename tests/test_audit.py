@@ -107,7 +107,7 @@ def test_keysvc_never_starts_a_new_chain_silently(any_app):
 def test_the_token_holds_a_few_anchors_per_database_the_newest_at_the_head(any_app):
     from keysvc.audit.anchor import Anchor
     from keysvc.audit.writer import PRUNE_ABOVE
-    from hsm import keys as hk
+    from keysvc.hsm import keys as hk
     _events(any_app, 20)
     with any_app.partitions.admin.session() as s:
         values = hk.data_values(s, f"audit-anchor:{any_app.records.instance}")

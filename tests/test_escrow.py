@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import event, select, text
 
-from hsm import keys as hk
+from keysvc.hsm import keys as hk
 from keysvc import escrow
 from keysvc.anchors import Anchors
 from keysvc import store as st

@@ -12,8 +12,8 @@ import pytest
 from pkcs11 import Attribute, Mechanism
 from sqlalchemy import select, update
 
-from hsm import HsmOperationFailed
-from hsm import keys as hk
+from keysvc.hsm import HsmOperationFailed
+from keysvc.hsm import keys as hk
 from keysvc import keyadmin, s1sp
 from keysvc import store as st
 from keysvc.api.v1 import keysvc_pb2 as pb

@@ -10,8 +10,8 @@ import pkcs11.exceptions as px
 import pytest
 from pkcs11 import Attribute
 
-from hsm import HsmUnavailable, Token, TokenConfig
-from hsm import keys as hk
+from keysvc.hsm import HsmUnavailable, Token, TokenConfig
+from keysvc.hsm import keys as hk
 from tests.conftest import EXAMPLES
 from tests.support.encoder import kcv
 
@@ -182,7 +182,7 @@ HSM_CALLS = {
     "create_aes": lambda s, key: hk.create_aes(s, bytes(range(16)), usage=hk.KCV_USAGE),
     "check_value": lambda s, key: hk.check_value(key),
     "gcm_decrypt": lambda s, key: hk.gcm_decrypt(key, bytes(12), bytes(32)),
-    # The per-key loops' direct calls (hsm/direct.py) on the same object, by handle.
+    # The per-key loops' direct calls (keysvc/hsm/direct.py) on the same object, by handle.
     "create_session_key": lambda s, key: hk.create_session_key(s, bytes(range(16)),
                                                               hk.KCV_USAGE),
     "check_value of a SessionKey": lambda s, key: hk.check_value(hk.SessionKey(s, key.handle)),

@@ -1,8 +1,8 @@
-"""The hot loops' direct PKCS#11 calls (hsm/direct.py) against the real SoftHSM2 token.
+"""The hot loops' direct PKCS#11 calls (keysvc/hsm/direct.py) against the real SoftHSM2 token.
 
 Every key is checked with an outside witness: pyca/cryptography computes the same check
 value, key wrap and unwrap in software from the known bits. A session that dies under one
-of these calls is tested with the other hsm.keys calls in test_hsm.py.
+of these calls is tested with the other keysvc.hsm.keys calls in test_hsm.py.
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives.keywrap import (aes_key_unwrap, aes_key_unwr
                                                     aes_key_wrap, aes_key_wrap_with_padding)
 from pkcs11 import Attribute as A, KeyType, ObjectClass
 
-from hsm import HsmOperationFailed, HsmUnavailable
-from hsm import direct
-from hsm import keys as hk
-from hsm.errors import BROKEN_SESSION
+from keysvc.hsm import HsmOperationFailed, HsmUnavailable
+from keysvc.hsm import direct
+from keysvc.hsm import keys as hk
+from keysvc.hsm.errors import BROKEN_SESSION
 from tests.support.encoder import kcv
 from tests.test_hsm import EXAMPLE_KEYS
 
@@ -165,7 +165,7 @@ def test_a_loop_that_outlives_a_re_read_of_the_token_stops(app, monkeypatch):
     """After C_Finalize + C_Initialize every handle the loop holds is void, and may name
     another session's objects: the loop must not go on with them."""
     token = app.partitions.s1sp
-    monkeypatch.setattr("hsm.token.time.sleep", lambda _: token.refresh())
+    monkeypatch.setattr("keysvc.hsm.token.time.sleep", lambda _: token.refresh())
     with pytest.raises(HsmUnavailable):
         with token.session() as s:
             token.breathe()  # another caller re-reads the token meanwhile

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 from pkcs11 import Attribute
 from sqlalchemy import select
 
-from hsm import keys as hk
+from keysvc.hsm import keys as hk
 from keysvc import keyadmin, s1sp
 from keysvc import store as st
 from keysvc.device_certificate import TrustStore

@@ -7,7 +7,7 @@ import os
 import pytest
 from sqlalchemy import text
 
-from hsm import keys as hk
+from keysvc.hsm import keys as hk
 from keysvc import keyadmin
 from keysvc.errors import KeysvcError
 from keysvc.records.upgrade import MARKER, upgrade_once

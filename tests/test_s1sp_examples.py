@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from pkcs11 import ObjectClass
 
-from hsm import keys as hk
+from keysvc.hsm import keys as hk
 from keysvc import s1sp
 from keysvc import store as st
 

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 from lxml import etree
 from sqlalchemy import func, select
 
-from hsm import keys as hk
+from keysvc.hsm import keys as hk
 from keysvc import keyadmin, s1sp
 from keysvc import store as st
 from keysvc.app import App

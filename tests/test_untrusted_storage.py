@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 from sqlalchemy import func, select, text
 
-from hsm import keys as hk
+from keysvc.hsm import keys as hk
 from keysvc import dco, escrow, keyadmin, s1sp
 from keysvc import store as st
 from keysvc.device_certificate import TrustStore

@@ -23,7 +23,7 @@ from typing import Callable
 
 from sqlalchemy import select
 
-from hsm import keys as hk
+from keysvc.hsm import keys as hk
 from keysvc import store as st
 from keysvc.audit.anchor import Anchor, ChainAnchor
 from keysvc.audit.calls import CallAudit

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hsm import Token
-from hsm import keys as hk
+from keysvc.hsm import Token
+from keysvc.hsm import keys as hk
 
 LABEL = "audit-anchor:"
 LEGACY_CHECKPOINT = "audit-checkpoint:"   # before issue 14: a copy every few seconds

@@ -27,8 +27,8 @@ from typing import Any, Callable
 
 from sqlalchemy import select, update
 
-from hsm import HsmError
-from hsm import keys as hk
+from keysvc.hsm import HsmError
+from keysvc.hsm import keys as hk
 from keysvc import store as st
 from keysvc.audit.anchor import Anchor, ChainAnchor
 from keysvc.audit.chain import (GENESIS, AuditEvent, Chained, canonical, line, row_chained)

@@ -48,13 +48,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from pkcs11 import Attribute as A
-import pkcs11.exceptions as px
-from pkcs11 import MGF, KeyType, Mechanism, ObjectClass
 
-from hsm import keys as hk
-from hsm.errors import BROKEN_SESSION
-from hsm.token import Token, security_officer
+from keysvc.hsm import keys as hk
+from keysvc.hsm.token import Token, security_officer
 from keysvc.custody import shares as sh
 from keysvc.custody import versions
 from keysvc.errors import error
@@ -85,7 +81,6 @@ def _derive(secret: bytes | bytearray, what: str, backup_id: str) -> bytes:
 
 
 TRUSTED_PREFIX = "keysvc-backup-"
-OAEP = (Mechanism.SHA_1, MGF.SHA1, None)  # the OAEP this token does (SHA-256 it does not)
 
 
 def _trusted_label(backup_id: str) -> str:
@@ -94,10 +89,6 @@ def _trusted_label(backup_id: str) -> str:
 
 def _zero(b: bytearray) -> None:
     b[:] = bytes(len(b))
-
-
-def _int_bytes(v: int) -> bytes:
-    return v.to_bytes((v.bit_length() + 7) // 8, "big")
 
 
 @dataclass
@@ -120,8 +111,7 @@ def prepare(module: str, token_label: str, so_pin: str, backup_id: str) -> Prepa
     public = private_key.public_key().public_numbers()
     with security_officer(module, token_label, so_pin) as so:
         secret = bytearray(so.raw.generate_random(256))
-        hk.create_trusted_wrapping_key(so, _trusted_label(backup_id), _int_bytes(public.n),
-                                       _int_bytes(public.e))
+        hk.create_trusted_wrapping_key(so, _trusted_label(backup_id), public.n, public.e)
     return Prepared(backup_id, secret, private_key)
 
 
@@ -132,12 +122,9 @@ def take(token: Token, partition: str, prepared: Prepared,
     try:
         parts = sh.split(secret, threshold, len(custodians))
         with token.session(missing_means_down=False) as s:
+            mine = prepared.private_key.public_key().public_numbers()
             try:
-                trusted = hk.find_key(s, _trusted_label(backup_id), ObjectClass.PUBLIC_KEY)
-                mine = prepared.private_key.public_key().public_numbers()
-                if not (trusted[A.TRUSTED] and trusted[A.MODULUS] == _int_bytes(mine.n)
-                        and trusted[A.PUBLIC_EXPONENT] == _int_bytes(mine.e)):
-                    raise hk.HsmKeyNotFound("another key under the backup key's label")
+                trusted = hk.trusted_wrapping_key(s, _trusted_label(backup_id), mine.n, mine.e)
             except hk.HsmKeyNotFound:
                 raise error("BACKUP_NOT_POSSIBLE", "the backup key in the token is gone or "
                                                    "is not this ceremony's: run it again"
@@ -154,15 +141,10 @@ def take(token: Token, partition: str, prepared: Prepared,
                                         f"{label} in the {partition} token was made before "
                                         "keys could be backed up: rotate it first")
                         try:
-                            wrapped = trusted.wrap_key(hk.find_key(s, label),
-                                                       mechanism=Mechanism.RSA_PKCS_OAEP,
-                                                       mechanism_param=OAEP)
-                        except px.PKCS11Error as exc:
-                            if isinstance(exc, BROKEN_SESSION):
-                                raise  # Token.session retires the session
+                            wrapped = hk.wrap_oaep(trusted, hk.find_key(s, label))
+                        except hk.HsmOperationFailed as exc:
                             raise error("BACKUP_NOT_POSSIBLE", f"the HSM refused to wrap "
-                                                               f"{label} ({type(exc).__name__})"
-                                        ) from None
+                                                               f"{label} ({exc})") from None
                         keys.append({"label": label, "wrapped": b64encode(wrapped).decode()})
             finally:
                 hk.destroy(trusted)
@@ -220,21 +202,14 @@ def discard_leftovers(token: Token, older_than: float = LEFTOVER_AFTER) -> list[
     `older_than` seconds ago: a ceremony running now keeps its key); returns their labels.
     Run at every start. A leftover is harmless - a public key whose private half died with
     its ceremony - but it should not stay."""
-    gone = []
     now = time.time()
+
+    def left_over(label: str) -> bool:
+        made = _made_at(label[len(TRUSTED_PREFIX):])
+        # Younger than `older_than`: a ceremony that may be running (a future date is not).
+        return made is None or not 0 <= now - made + CLOCK_SKEW < older_than
     with token.session(missing_means_down=False) as s:
-        for cls in (ObjectClass.PUBLIC_KEY, ObjectClass.SECRET_KEY):
-            for obj in hk.objects(s, {A.CLASS: cls}):
-                label = obj[A.LABEL] or ""
-                if not label.startswith(TRUSTED_PREFIX):
-                    continue
-                made = _made_at(label[len(TRUSTED_PREFIX):])
-                if made is not None and 0 <= now - made + CLOCK_SKEW < older_than:
-                    continue  # a ceremony that may be running (a future date is not)
-                hk.destroy(obj)
-                hk.forget(s, label)
-                gone.append(label)
-    return gone
+        return hk.destroy_keys_labelled(s, TRUSTED_PREFIX, left_over)
 
 
 def report_restores(app: Any) -> None:
@@ -371,21 +346,6 @@ def open_manifest(blob: bytes, partition: str, opened: list[tuple[sh.Share, byte
     return header, manifest
 
 
-def _unwrapping_key(s: Any, der: bytes) -> Any:
-    """The backup pair's private half as a session object that can only unwrap."""
-    key = serialization.load_der_private_key(der, None)
-    n = key.private_numbers()
-    p = n.public_numbers
-    return s.raw.create_object({
-        A.CLASS: ObjectClass.PRIVATE_KEY, A.KEY_TYPE: KeyType.RSA, A.TOKEN: False,
-        A.PRIVATE: True, A.SENSITIVE: True, A.EXTRACTABLE: False, A.UNWRAP: True,
-        A.DECRYPT: False, A.SIGN: False, A.DERIVE: False,
-        A.MODULUS: _int_bytes(p.n), A.PUBLIC_EXPONENT: _int_bytes(p.e),
-        A.PRIVATE_EXPONENT: _int_bytes(n.d), A.PRIME_1: _int_bytes(n.p),
-        A.PRIME_2: _int_bytes(n.q), A.EXPONENT_1: _int_bytes(n.dmp1),
-        A.EXPONENT_2: _int_bytes(n.dmq1), A.COEFFICIENT: _int_bytes(n.iqmp)})
-
-
 def restore(token: Token, partition: str, blob: bytes,
             opened: list[tuple[sh.Share, bytearray]]) -> Restored:
     """Into a token holding no keysvc key or data object; all or nothing."""
@@ -407,15 +367,14 @@ def restore(token: Token, partition: str, blob: bytes,
         if present or hk.data_by_label(s, ""):
             raise error("TOKEN_NOT_EMPTY", f"the {partition} token already holds keysvc "
                                            "keys or state: restore only into an empty token")
-        unwrapping = _unwrapping_key(s, private_der)
+        unwrapping = hk.rsa_unwrapping_key(s, serialization.load_der_private_key(
+            private_der, None))
         del private_der
         try:
             for label, wrapped in keys:
                 aes, usage = KIND[versions.parse(label)[0]]
-                made.append(unwrapping.unwrap_key(
-                    ObjectClass.SECRET_KEY, KeyType.AES if aes else KeyType.GENERIC_SECRET,
-                    wrapped, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=OAEP,
-                    label=label, store=True, template=hk.long_lived_template(label, usage)))
+                made.append(hk.unwrap_long_lived(unwrapping, wrapped, label, aes=aes,
+                                                 usage=usage))
             for label, value in data:
                 hk.put_data(s, label, value)
             # The restored keys are exactly those of this backup.

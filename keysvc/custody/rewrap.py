@@ -26,7 +26,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from hsm import keys as hk
+from keysvc.hsm import keys as hk
 from keysvc.custody import versions
 from keysvc.partitions import STORAGE_KEY
 

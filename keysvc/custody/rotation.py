@@ -151,7 +151,7 @@ def _new_version(token: Any, key: str, op_id: str) -> int:
     """Make the next version. Rotations are serialised in the database (`execute`); should
     two still pick one number (a token that shows another process's new object late), the
     one that finds its label held twice gives its object up and takes the next number."""
-    from hsm import keys as hk
+    from keysvc.hsm import keys as hk
     for _ in range(5):
         with token.session() as s:
             new = versions.versions(s, key)[-1] + 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from hsm import keys as hk
+from keysvc.hsm import keys as hk
 
 _VERSIONED = re.compile(r"^(?P<base>.+?)@v(?P<n>[1-9][0-9]{0,5})$")
 

@@ -78,7 +78,7 @@ class Records:
         of its anchors (deleted escrow records would go unseen). The first start registers
         the id in the admin token; later an unknown id refuses the start. A development
         set-up may serve a new, empty database (`make run` after deleting keysvc.db)."""
-        from hsm import keys as hk
+        from keysvc.hsm import keys as hk
         label = "keysvc-instance"
         mine = self.instance
         with self.partitions.admin.session() as s:

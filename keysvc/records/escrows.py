@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
-from hsm import keys as hk
+from keysvc.hsm import keys as hk
 from keysvc import store as st
 from keysvc.anchors import SEAL_BYTES, Anchors, newest, unpack
 from keysvc.anchors import anchored as anchored_seal

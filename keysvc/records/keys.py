@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from pkcs11 import ObjectClass
 from sqlalchemy import select, update
 
-from hsm import HsmKeyNotFound
-from hsm import keys as hk
+from keysvc.hsm import HsmKeyNotFound
+from keysvc.hsm import keys as hk
 from keysvc import store as st
 from keysvc.anchors import anchored as is_anchored
 from keysvc.anchors import unpack
@@ -26,7 +26,7 @@ from keysvc.records.seal import canonical, decode, parse_utc
 if TYPE_CHECKING:
     from keysvc.records import Records
 
-# What each purpose's token object may do (hsm/keys.py says why); checked on every use.
+# What each purpose's token object may do (keysvc/hsm/keys.py says why); checked on every use.
 _AES_USAGE = {"EXPORT": hk.EXPORT_USAGE, "S1SP_TRANSPORT": hk.KEK_USAGE,
               "DCO_TRANSPORT": hk.KEK_USAGE}
 _RSA_USAGE = {hk.A.UNWRAP: True, hk.A.DECRYPT: False, hk.A.SIGN: False}

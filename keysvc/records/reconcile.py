@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.exc import IntegrityError
 
-from hsm import keys as hk
+from keysvc.hsm import keys as hk
 from keysvc.anchors import Anchored, newest, unpack
 from keysvc.custody import versions
 from keysvc.errors import KeysvcError

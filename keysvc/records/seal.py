@@ -13,7 +13,7 @@ import hmac
 import struct
 from typing import Any, Iterable
 
-from hsm import keys as hk
+from keysvc.hsm import keys as hk
 from keysvc.partitions import RECORD_SEAL_KEY
 
 
@@ -92,7 +92,7 @@ class Sealer:
 
 class LoopSealer:
     """Seals inside a per-key HSM loop: a session copy of the seal key, direct C_Sign
-    (about 18 µs a record on SoftHSM2; see hsm/direct.py for why not python-pkcs11)."""
+    (about 18 µs a record on SoftHSM2; see keysvc/hsm/direct.py for why not python-pkcs11)."""
 
     def __init__(self, session: Any) -> None:
         self.session = session

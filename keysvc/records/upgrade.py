@@ -23,7 +23,7 @@ from typing import Any, Callable
 from pkcs11 import ObjectClass
 from sqlalchemy import select, update
 
-from hsm import keys as hk
+from keysvc.hsm import keys as hk
 from keysvc import store as st
 from keysvc.records import Records
 from keysvc.records.import_jobs import _record as job_record

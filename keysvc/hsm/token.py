@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterator, TypeVar
 import pkcs11
 import pkcs11.exceptions as px
 
-from hsm.direct import Calls
-from hsm.errors import BROKEN_SESSION, HsmKeyNotFound, HsmUnavailable, translate
+from keysvc.hsm.direct import Calls
+from keysvc.hsm.errors import BROKEN_SESSION, HsmKeyNotFound, HsmUnavailable, translate
 
 
 T = TypeVar("T")
@@ -84,7 +84,7 @@ class Session:
 
     def __init__(self, raw: Any, direct: Calls) -> None:
         self.raw = raw
-        self.direct = direct  # the hot loops' calls on this session's handle (hsm/direct.py)
+        self.direct = direct  # the hot loops' calls on this session's handle (keysvc/hsm/direct.py)
         self.keys: dict[tuple, Any] = {}
         self.broken = False
         self.retire = False

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import pkcs11.exceptions as px
 
-from hsm.errors import HsmOperationFailed
+from keysvc.hsm.errors import HsmOperationFailed
 
 CK_ULONG = C.c_ulong
 CK_BBOOL = C.c_ubyte

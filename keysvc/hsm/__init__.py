@@ -3,8 +3,8 @@
 Everything above this layer talks in labels, bytes and `hsm.errors` exceptions, so that a
 production PKCS#11 module can replace SoftHSM2 without touching the service.
 """
-from hsm.errors import HsmError, HsmKeyNotFound, HsmOperationFailed, HsmUnavailable
-from hsm.token import Token, TokenConfig
+from keysvc.hsm.errors import HsmError, HsmKeyNotFound, HsmOperationFailed, HsmUnavailable
+from keysvc.hsm.token import Token, TokenConfig
 
 __all__ = ["HsmError", "HsmKeyNotFound", "HsmOperationFailed", "HsmUnavailable",
            "Token", "TokenConfig"]

@@ -14,9 +14,9 @@ from pkcs11 import MGF, Attribute, GCMParams, KeyType, Mechanism, ObjectClass
 from pkcs11._pkcs11 import SearchIter
 from pkcs11.util.rsa import encode_rsa_public_key
 
-from hsm.direct import Template
-from hsm.errors import BROKEN_SESSION, HsmKeyNotFound, HsmOperationFailed, translate
-from hsm.token import Session
+from keysvc.hsm.direct import Template
+from keysvc.hsm.errors import BROKEN_SESSION, HsmKeyNotFound, HsmOperationFailed, translate
+from keysvc.hsm.token import Session
 
 import pkcs11.exceptions as px
 
@@ -150,7 +150,7 @@ def _data_handles(s: Session, label: str | None) -> list[int]:
 
 
 def _data(s: Session, label: str) -> list[tuple[int, bytes]]:
-    """(handle, value) of each data object with this label, by direct calls (hsm/direct.py:
+    """(handle, value) of each data object with this label, by direct calls (keysvc/hsm/direct.py:
     python-pkcs11 would build a class for each, and the audit writer searches the anchors on
     every batch). One destroyed by another process after the search is skipped: it is gone,
     exactly as if the search had run a moment later."""
@@ -307,24 +307,100 @@ def long_lived_template(label: str, usage: dict) -> dict:
     return _secret_template(token=True, label=label, usage=usage, custody=True)
 
 
-def create_trusted_wrapping_key(so: Session, label: str, modulus: bytes, exponent: bytes
+def create_trusted_wrapping_key(so: Session, label: str, modulus: int, exponent: int
                                 ) -> None:
     """As security officer: an RSA public key that may wrap long-lived keys (CKA_TRUSTED),
     with RSA-OAEP only, never to be changed or copied. Made by a direct call: python-pkcs11
     0.10.1 crashes packing CKA_ALLOWED_MECHANISMS (measured: a segmentation fault)."""
-    allowed = ctypes.c_ulong(int(Mechanism.RSA_PKCS_OAEP))
+    allowed = ctypes.c_ulong(int(Mechanism.RSA_PKCS_OAEP))  # a CK_ULONG array of one
     template = Template({A.CLASS: ObjectClass.PUBLIC_KEY, A.KEY_TYPE: KeyType.RSA,
                          A.TOKEN: True, A.PRIVATE: False, A.LABEL: label,
-                         A.PUBLIC_EXPONENT: exponent, A.TRUSTED: True, A.WRAP: True,
+                         A.PUBLIC_EXPONENT: _int_bytes(exponent), A.TRUSTED: True,
+                         A.WRAP: True,
                          A.ENCRYPT: False, A.VERIFY: False, A.DERIVE: False,
                          A.MODIFIABLE: False, A.COPYABLE: False,
                          A.ALLOWED_MECHANISMS: bytes(allowed)}, value_type=A.MODULUS)
     try:
-        so.direct.create_object(so.raw.handle, template, modulus)
+        so.direct.create_object(so.raw.handle, template, _int_bytes(modulus))
     except HsmOperationFailed:
         raise
     except px.PKCS11Error as exc:
         raise _fail(exc) from None
+
+
+# --------------------------------------------------------------------------- custody
+# The backup ceremony's key operations (keysvc/custody/backup.py): RSA-OAEP with SHA-1, the
+# OAEP this token does (SoftHSM2 2.6.1 refuses SHA-256), under a one-time RSA pair.
+OAEP_SHA1 = (Mechanism.SHA_1, MGF.SHA1, None)
+
+
+def _int_bytes(v: int) -> bytes:
+    return v.to_bytes((v.bit_length() + 7) // 8, "big")
+
+
+def trusted_wrapping_key(s: Session, label: str, modulus: int, exponent: int) -> Any:
+    """The public key with this label, only if it is the one expected and marked trusted
+    (a host-file writer could put another object under the label); else HsmKeyNotFound."""
+    key = find_key(s, label, ObjectClass.PUBLIC_KEY)
+    try:
+        if key[A.TRUSTED] and key[A.MODULUS] == _int_bytes(modulus) \
+                and key[A.PUBLIC_EXPONENT] == _int_bytes(exponent):
+            return key
+    except px.PKCS11Error as exc:
+        raise _fail(exc) from None
+    raise HsmKeyNotFound(f"{label!r} is not the expected trusted key")
+
+
+def wrap_oaep(wrapping_key: Any, key: Any) -> bytes:
+    """C_WrapKey with RSA-OAEP under a (trusted) public key."""
+    try:
+        return wrapping_key.wrap_key(key, mechanism=Mechanism.RSA_PKCS_OAEP,
+                                     mechanism_param=OAEP_SHA1)
+    except px.PKCS11Error as exc:
+        raise _fail(exc) from None
+
+
+def rsa_unwrapping_key(s: Session, private_key: Any) -> Any:
+    """An RSA private key (pyca object) as a session object that can only unwrap."""
+    n = private_key.private_numbers()
+    p = n.public_numbers
+    try:
+        return s.raw.create_object({
+            A.CLASS: ObjectClass.PRIVATE_KEY, A.KEY_TYPE: KeyType.RSA, A.TOKEN: False,
+            A.PRIVATE: True, A.SENSITIVE: True, A.EXTRACTABLE: False, A.UNWRAP: True,
+            A.DECRYPT: False, A.SIGN: False, A.DERIVE: False,
+            A.MODULUS: _int_bytes(p.n), A.PUBLIC_EXPONENT: _int_bytes(p.e),
+            A.PRIVATE_EXPONENT: _int_bytes(n.d), A.PRIME_1: _int_bytes(n.p),
+            A.PRIME_2: _int_bytes(n.q), A.EXPONENT_1: _int_bytes(n.dmp1),
+            A.EXPONENT_2: _int_bytes(n.dmq1), A.COEFFICIENT: _int_bytes(n.iqmp)})
+    except px.PKCS11Error as exc:
+        raise _fail(exc) from None
+
+
+def unwrap_long_lived(unwrapping_key: Any, wrapped: bytes, label: str, *, aes: bool,
+                      usage: dict) -> Any:
+    """A long-lived key back into the token under its label (restore), RSA-OAEP."""
+    try:
+        return unwrapping_key.unwrap_key(
+            ObjectClass.SECRET_KEY, KeyType.AES if aes else KeyType.GENERIC_SECRET, wrapped,
+            mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=OAEP_SHA1, label=label,
+            store=True, template=long_lived_template(label, usage))
+    except px.PKCS11Error as exc:
+        raise _fail(exc) from None
+
+
+def destroy_keys_labelled(s: Session, prefix: str, doomed: Callable[[str], bool]) -> list[str]:
+    """Destroy the public and secret key objects whose label starts with `prefix` and is
+    `doomed`; returns their labels."""
+    gone = []
+    for cls in (ObjectClass.PUBLIC_KEY, ObjectClass.SECRET_KEY):
+        for obj in objects(s, {A.CLASS: cls}):
+            label = obj[A.LABEL] or ""
+            if label.startswith(prefix) and doomed(label):
+                destroy(obj)
+                forget(s, label)
+                gone.append(label)
+    return gone
 
 
 # --------------------------------------------------------------------------- generation
@@ -416,7 +492,7 @@ def import_rsa_private(s: Session, label: str, private_key: Any, key_id: str = "
 @dataclass(frozen=True)
 class SessionKey:
     """A session key object known by its handle alone: what the per-key loops make, so
-    that no Python class is built around each key (hsm/direct.py says why). `wrap`,
+    that no Python class is built around each key (keysvc/hsm/direct.py says why). `wrap`,
     `check_value` and `destroy` take it like any other key."""
 
     session: Session
