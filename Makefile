@@ -10,16 +10,20 @@ PROCESSES ?= 1
 PROTO := protos/keysvc/api/v1/keysvc.proto
 GEN := keysvc/api/v1/keysvc_pb2.py
 
-.PHONY: run test deps system venv proto bench clean
+.PHONY: run test lint deps system venv proto bench clean
 
 run: deps
 	$(BIN)/keysvc serve --state-dir $(STATE) --listen $(LISTEN) --processes $(PROCESSES)
 
-test: deps
+test: deps lint
 	@url=$$(scripts/test-postgres start) && \
 	  KEYSVC_TEST_PG_URL=$$url $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	  scripts/test-postgres stop; \
 	  if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc
+
+# Errors, pyflakes, line length and import order ([tool.ruff] in pyproject.toml).
+lint: venv
+	$(BIN)/ruff check keysvc tests bench setup.py
 
 bench: deps
 	$(BIN)/python bench/run.py

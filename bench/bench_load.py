@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 def run(clients: int = 32, seconds: float = 20.0, installations: int = 20) -> dict:
     import grpc
+
     from keysvc.api.v1 import keysvc_pb2 as pb
     from keysvc.client import error_reason
     from tests.serverproc import start_server

@@ -39,10 +39,10 @@ def seed(state: Path, rows: int, database_url: str) -> None:
     them (create, check value, wrap, seal in the HSM), written in chunks."""
     import datetime as dt
 
-    from keysvc.hsm import keys as hk
     from keysvc import config
     from keysvc.app import App
     from keysvc.custody import versions
+    from keysvc.hsm import keys as hk
     from keysvc.records.stored_keys import StoredKey
     env = {"KEYSVC_DATABASE_URL": database_url} if database_url else {}
     app = App.open(config.load(env=env, state_dir=state))

@@ -20,14 +20,13 @@ import tempfile
 from pathlib import Path
 
 from common import ROOT, baseline_token, bench_server, best_of
-
-from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 
 def run(sizes=(1, 100, 1000), repeats: int = 5) -> list[dict]:
-    from keysvc.hsm import keys as hk
     from keysvc.api.v1 import keysvc_pb2 as pb
+    from keysvc.hsm import keys as hk
     from tests.support import encoder
 
     work = Path(tempfile.mkdtemp(prefix="keysvc-bench-"))

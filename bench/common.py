@@ -48,6 +48,7 @@ def start_serve(src: Path, state: Path, *extra: str, env: dict | None = None):
     """`keysvc serve` of the checkout `src` on `state`, as its own process group; returns
     the process and its address once it says it listens. `env`: settings (KEYSVC_...)."""
     import subprocess
+
     from tests.serverproc import free_port
     port = free_port()
     state.mkdir(parents=True, exist_ok=True)
@@ -84,6 +85,7 @@ def one_installation(target: str, state: Path, factory, tag: str) -> dict:
     """Transport keys `tag`-S1SP and `tag`-DCO imported under dual control (two officers)
     and one EA installation stored by both paths: what the small-call benchmarks verify."""
     from cryptography.hazmat.primitives import serialization
+
     from keysvc.api.v1 import keysvc_pb2 as pb
     from keysvc.client import connect
     from tests.serverproc import OAEP
@@ -126,6 +128,7 @@ class Tally:
     def time(self, call) -> None:
         """Make the call; its latency, or its error's code and reason, is kept."""
         import grpc
+
         from keysvc.client import error_reason
         t = time.perf_counter()
         try:

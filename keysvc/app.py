@@ -10,16 +10,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from keysvc import store as st
 from keysvc.audit import AuditLog
 from keysvc.certpool import CertificateChecker
 from keysvc.clock import Clock, utc_now
 from keysvc.config import Settings
 from keysvc.device_certificate import TrustStore
-from keysvc.partitions import Partitions
 from keysvc.identity.caller import Caller  # noqa: F401 (domain code imports it from here)
 from keysvc.identity.roster import Roster
+from keysvc.partitions import Partitions
 from keysvc.records import Records
-from keysvc import store as st
 from keysvc.store import Store
 
 log = logging.getLogger(__name__)

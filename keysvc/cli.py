@@ -106,11 +106,10 @@ def _problems(problems: Iterable[Any]) -> str:
 
 # --------------------------------------------------------------------------- serve
 def cmd_serve(args: argparse.Namespace) -> int:
-    from keysvc import config
+    from keysvc import config, hardening
     from keysvc.app import App
     from keysvc.observability import configure_logging
     from keysvc.server import serve
-    from keysvc import hardening
     hardening.harden_early()  # before any PIN is read
     from keysvc import memory
     memory.fewer_heaps()
@@ -166,6 +165,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def _missing_tokens(settings: Any) -> list[str]:
     import pkcs11
+
     from keysvc.config import PARTITIONS
     try:
         labels = {t.label for t in pkcs11.lib(settings.pkcs11_module).get_tokens()}
@@ -199,6 +199,7 @@ OP_COLUMNS = ["operation", "kind", "target", "state", "requested by", "approved 
 def cmd_admin_import_key(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import padding
+
     from keysvc.api.v1 import keysvc_pb2 as pb
     s = _stubs(args)
     req = pb.ImportTransportKeyRequest(
@@ -426,6 +427,7 @@ def _fingerprint_arg(value: str) -> str:
     path = Path(value)
     if path.is_file():
         from cryptography import x509
+
         from keysvc.identity.certificates import fingerprint
         return fingerprint(x509.load_pem_x509_certificate(path.read_bytes()))
     return value
@@ -717,13 +719,13 @@ def cmd_admin_backup(args: argparse.Namespace) -> int:
     """The backup ceremony, on the HSM's host with the PINs (keysvc/custody/backup.py)."""
     from cryptography import x509
 
-    from keysvc.hsm import HsmError, Token, TokenConfig
     from keysvc import config
     from keysvc.app import App
     from keysvc.config import PARTITIONS
     from keysvc.custody import backup as cb
     from keysvc.devstate import point_softhsm_at
     from keysvc.errors import KeysvcError
+    from keysvc.hsm import HsmError, Token, TokenConfig
     from keysvc.identity.certificates import fingerprint
     settings = config.load(args.config, state_dir=args.state_dir)
     point_softhsm_at(settings)
@@ -821,12 +823,12 @@ def cmd_admin_restore(args: argparse.Namespace) -> int:
 
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    from keysvc.hsm import Token, TokenConfig
     from keysvc import config
     from keysvc.custody import backup as cb
     from keysvc.custody import shares as sh
     from keysvc.devstate import point_softhsm_at
     from keysvc.errors import KeysvcError
+    from keysvc.hsm import Token, TokenConfig
     settings = config.load(args.config, state_dir=args.state_dir)
     point_softhsm_at(settings)
     p = args.partition

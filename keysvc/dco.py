@@ -10,16 +10,15 @@ from collections import Counter
 
 from sqlalchemy.exc import IntegrityError
 
-from keysvc.hsm import HsmOperationFailed
-from keysvc.hsm import keys as hk
 from keysvc import transport
 from keysvc.app import App, Caller
+from keysvc.custody import versions
 from keysvc.domain import InvalidEUI64, Problem, normalise_eui64
 from keysvc.errors import error
-from keysvc.custody import versions
+from keysvc.hsm import HsmOperationFailed
+from keysvc.hsm import keys as hk
 from keysvc.records.stored_keys import MasterKeys, StoredKey
-from keysvc.results import (MasterKeyResult, MasterKeysResult, master_keys_result_from_json,
-                            to_json)
+from keysvc.results import MasterKeyResult, MasterKeysResult, master_keys_result_from_json, to_json
 from keysvc.xmlfile import read_file
 
 SERVICE = "dco"

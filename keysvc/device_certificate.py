@@ -95,7 +95,8 @@ class TrustStore:
                     crls.append(x509.load_pem_x509_crl(data) if b"-----BEGIN" in data
                                 else x509.load_der_x509_crl(data))
             except _PARSE_ERRORS:
-                raise CertificateParseError(f"trust store file {file.name} does not parse") from None
+                raise CertificateParseError(
+                    f"trust store file {file.name} does not parse") from None
         return cls(tuple(anchors), tuple(crls))
 
 
@@ -227,7 +228,8 @@ def _chain_problems(cert: x509.Certificate, chain: tuple[x509.Certificate, ...],
                     anchors: tuple[x509.Certificate, ...]) -> list[Problem]:
     status = _path(cert, chain, anchors, (cert,))
     if status == "signature":
-        return [_problem("CERT_SIGNATURE", "a signature on the path to the trust anchor does not verify")]
+        return [_problem("CERT_SIGNATURE",
+                         "a signature on the path to the trust anchor does not verify")]
     if status == "none":
         return [_problem("CERT_CHAIN", f"no path from issuer {cert.issuer.rfc4514_string()!r} "
                                        "to a configured trust anchor")]
@@ -272,7 +274,8 @@ def _device(cert: x509.Certificate, chf_identifier: str | None) -> tuple[str, li
 
 
 def _key_usages(usage: x509.KeyUsage) -> set[str]:
-    names = {"digitalSignature": usage.digital_signature, "nonRepudiation": usage.content_commitment,
+    names = {"digitalSignature": usage.digital_signature,
+             "nonRepudiation": usage.content_commitment,
              "keyEncipherment": usage.key_encipherment, "dataEncipherment": usage.data_encipherment,
              "keyAgreement": usage.key_agreement, "keyCertSign": usage.key_cert_sign,
              "cRLSign": usage.crl_sign}
@@ -297,7 +300,8 @@ def _key_usage_problems(cert: x509.Certificate) -> list[Problem]:
 def _ca_problems(cert: x509.Certificate) -> list[Problem]:
     constraints, usage = _ext(cert, x509.BasicConstraints), _ext(cert, x509.KeyUsage)
     if (constraints and constraints.value.ca) or (usage and usage.value.key_cert_sign):
-        return [_problem("CERT_IS_CA", "a device certificate must not be able to issue certificates")]
+        return [_problem("CERT_IS_CA",
+                         "a device certificate must not be able to issue certificates")]
     return []
 
 

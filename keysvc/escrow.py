@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
 from cryptography.hazmat.primitives.serialization import Encoding
+
 from keysvc.app import App, Caller
 from keysvc.device_certificate import CertificateParseError, load_certificate
 from keysvc.domain import InvalidEUI64, normalise_eui64

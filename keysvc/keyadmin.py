@@ -28,18 +28,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.cmac import CMAC
 
-from keysvc.hsm import HsmKeyNotFound, HsmOperationFailed
-from keysvc.hsm import keys as hk
 from keysvc import faults, officers
 from keysvc import store as st
 from keysvc.app import App, Caller
-from keysvc.errors import KeysvcError, error
-from keysvc.transport import expected_kcv_of
 from keysvc.custody import rotation, versions
+from keysvc.errors import KeysvcError, error
+from keysvc.hsm import HsmKeyNotFound, HsmOperationFailed
+from keysvc.hsm import keys as hk
 from keysvc.partitions import COMPONENT_SEAL_KEY, PURPOSE_PARTITION
 from keysvc.records.import_jobs import ImportJobRecord
 from keysvc.records.keys import KeyRecord
 from keysvc.records.operations import OperationRecord, officer_name
+from keysvc.transport import expected_kcv_of
 
 PURPOSES = ("S1SP_TRANSPORT", "DCO_TRANSPORT", "EXPORT")
 OWNER_TYPES = ("SMSO", "REQUESTING_PARTY", "S1SP")

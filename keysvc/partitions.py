@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 
-from keysvc.hsm import Token, TokenConfig
-from keysvc.hsm import keys as hk
 from keysvc.config import PARTITIONS, Settings
 from keysvc.custody import versions
+from keysvc.hsm import Token, TokenConfig
+from keysvc.hsm import keys as hk
 
 log = logging.getLogger(__name__)
 

@@ -21,17 +21,22 @@ from typing import Callable
 from lxml import etree
 from sqlalchemy.exc import IntegrityError
 
-from keysvc.hsm import HsmOperationFailed
-from keysvc.hsm import keys as hk
 from keysvc import transport
 from keysvc.app import App, Caller
+from keysvc.custody import versions
 from keysvc.device_certificate import CertificateVerdict
 from keysvc.domain import InvalidEUI64, Problem, normalise_eui64
 from keysvc.errors import error
-from keysvc.custody import versions
+from keysvc.hsm import HsmOperationFailed
+from keysvc.hsm import keys as hk
 from keysvc.records.stored_keys import StoredKey
-from keysvc.results import (DeviceKey, GroupResult, InstallationResult,
-                            group_result_from_json, to_json)
+from keysvc.results import (
+    DeviceKey,
+    GroupResult,
+    InstallationResult,
+    group_result_from_json,
+    to_json,
+)
 from keysvc.xmlfile import AES256_GCM, DP_GROUPS, NSMAP, parse_plaintext, read_file
 
 SERVICE = "s1sp"

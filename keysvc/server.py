@@ -20,23 +20,22 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import grpc
-from sqlalchemy.exc import SQLAlchemyError
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
+from sqlalchemy.exc import SQLAlchemyError
 
-from keysvc.hsm import HsmError, HsmUnavailable
-from keysvc.api.v1 import keysvc_pb2
-from keysvc.app import App, Caller
 from keysvc import limits, notify, processes
 from keysvc import store as st
+from keysvc.api.v1 import keysvc_pb2
+from keysvc.app import App, Caller
 from keysvc.errors import ERROR_DOMAIN, KeysvcError, error
-from keysvc.observability import (HSM_IDLE, HSM_IN_USE, HSM_UP, LATENCY, REQUESTS,
-                                  request_id)
+from keysvc.hsm import HsmError, HsmUnavailable
 from keysvc.identity import admit, client_cas
 from keysvc.identity.certificates import caller_from_pem
+from keysvc.observability import HSM_IDLE, HSM_IN_USE, HSM_UP, LATENCY, REQUESTS, request_id
 
 log = logging.getLogger("keysvc.server")
 

@@ -7,6 +7,7 @@ upgrade; PostgreSQL serialises the few hot spots with row locks (audit head, esc
 """
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import json
 import os
@@ -17,10 +18,19 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import datetime as dt
-
-from sqlalchemy import (Boolean, Column, Integer, LargeBinary, MetaData, String, Table, Text,
-                        create_engine, event, text)
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    text,
+)
 from sqlalchemy import DateTime as _DateTime
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.types import TypeDecorator

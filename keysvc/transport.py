@@ -12,12 +12,12 @@ from typing import Any, Callable, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 
+from keysvc.app import App
+from keysvc.custody import versions
+from keysvc.domain import InvalidKcv, normalise_kcv
+from keysvc.errors import error
 from keysvc.hsm import HsmOperationFailed
 from keysvc.hsm import keys as hk
-from keysvc.app import App
-from keysvc.domain import InvalidKcv, normalise_kcv
-from keysvc.custody import versions
-from keysvc.errors import error
 from keysvc.records.stored_keys import StoredKey
 from keysvc.xmlfile import KEY_TRANSPORTS, KW_AES256, EncryptedKey, MigrationHeader
 

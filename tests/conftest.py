@@ -84,6 +84,7 @@ def _enroll_test_officers(app: App) -> None:
     """The in-process officers are in the (shared) token's roster, as enrolled officers
     are: an approval counts only for an enrolled key."""
     from dataclasses import replace
+
     from keysvc.identity.roster import Officer
     wanted = [Officer(o.fingerprint, o.identity) for o in (OFFICER_1, OFFICER_2, OFFICER_3)]
     if all(o in app.roster.current().officers for o in wanted):

@@ -90,6 +90,7 @@ def test_keysvc_never_starts_a_new_chain_silently(any_app):
     must go on says so (`keysvc audit-new-chain`), and the new chain's first event says
     what was lost."""
     import pytest
+
     from keysvc.errors import KeysvcError
     events = _events(any_app)
     _cut_the_end(any_app, events, keep=2)
@@ -139,7 +140,9 @@ def test_a_held_audit_head_fails_the_append_closed_within_the_timeout(any_app):
     """Another writer holds the chain (an outside lock): the event is not kept, so the
     caller is told AUDIT_UNAVAILABLE after the timeout, not left waiting or told OK."""
     import time
+
     import pytest
+
     from keysvc.errors import KeysvcError
     _events(any_app, 1)
     any_app.audit.writer.timeout = 1.0
@@ -181,7 +184,9 @@ def test_reordered_events_are_found(any_app):
 def test_a_rewritten_chain_without_the_hsm_key_fails_its_mac(any_app):
     """Recomputing the hashes is not enough: the MAC key never leaves the HSM."""
     import hashlib
-    from keysvc.audit.chain import canonical as _canonical, row_event as _row_event
+
+    from keysvc.audit.chain import canonical as _canonical
+    from keysvc.audit.chain import row_event as _row_event
     events = _events(any_app, 3)
     with any_app.store.tx() as conn:
         rows = conn.execute(select(st.audit_events).order_by(st.audit_events.c.seq)).all()
@@ -222,6 +227,7 @@ def test_list_audit_events_pages_and_filters(server):
 def test_security_officers_may_read_the_audit_log_and_s1sp_may_not(server):
     import grpc
     import pytest
+
     from keysvc.client import error_reason
     server.as_("security-officer-1").audit.VerifyAuditLog(pb.VerifyAuditLogRequest())
     with pytest.raises(grpc.RpcError) as info:
@@ -234,6 +240,7 @@ def _intent_row(app, event_text: str, mac: str = "00" * 32, intent_id: str | Non
     import datetime as dt
     import json
     import uuid
+
     from keysvc import store as st
     intent_id = intent_id or str(uuid.uuid4())
     with app.store.tx() as conn:
@@ -245,6 +252,7 @@ def _intent_row(app, event_text: str, mac: str = "00" * 32, intent_id: str | Non
 
 def test_an_intent_added_in_the_database_is_not_chained_as_a_call(any_app):
     import datetime as dt
+
     from keysvc.audit.chain import AuditEvent, event_json
     forged = AuditEvent(id="forged-1", time=dt.datetime.now(dt.timezone.utc),
                         actor="security-officer-2", role="security-officer",
@@ -263,6 +271,7 @@ def test_an_intent_added_in_the_database_is_not_chained_as_a_call(any_app):
 def test_a_sealed_intent_left_by_a_crash_is_chained_beside_a_bad_one(any_app):
     import datetime as dt
     import json
+
     from keysvc.audit.chain import AuditEvent, event_json
     real = AuditEvent(id="real-1", time=dt.datetime.now(dt.timezone.utc), actor="o", role="r",
                       action="keysvc.v1.KeyAdministrationService/CreateImportJob",
@@ -281,6 +290,7 @@ def test_a_replica_reads_the_anchor_afresh_and_refuses_a_tail_another_replica_lo
     """Replica B's events are deleted and the head set back to replica A's last event: A's
     next append finds the anchor B left, and refuses to chain over the gap."""
     import pytest
+
     from keysvc.errors import KeysvcError
     other = _reopened(any_app)
     a = _events(any_app, 2)
@@ -330,6 +340,7 @@ def test_a_line_in_the_audit_file_claiming_a_later_sequence_silences_nothing(any
 
 def test_a_sink_that_fails_after_the_commit_does_not_wedge_the_writer(any_app, monkeypatch):
     import pytest
+
     from keysvc.audit.sinks import JsonlSink, SinkError
     from keysvc.errors import KeysvcError
     _events(any_app, 1)
@@ -349,7 +360,9 @@ def test_a_replica_cannot_chain_one_batch_over_a_tail_cut_from_another(any_app):
     sequences are A's, the anchor's hash is B's, and A refuses."""
     import datetime as dt
     import uuid
+
     import pytest
+
     from keysvc.audit.chain import AuditEvent
     from keysvc.errors import KeysvcError
     other = _reopened(any_app)
@@ -369,6 +382,7 @@ def test_a_row_added_beyond_the_head_neither_hides_an_intent_nor_passes_verify(a
     """A database writer adds an audit row with a real intent's id far beyond the head:
     the intent is still chained, and verify names the row."""
     import datetime as dt
+
     from keysvc.audit.chain import AuditEvent, event_json
     _events(any_app, 2)
     real = AuditEvent(id="real-2", time=dt.datetime.now(dt.timezone.utc), actor="o", role="r",
@@ -392,6 +406,7 @@ def test_a_row_added_beyond_the_head_neither_hides_an_intent_nor_passes_verify(a
 
 def test_an_intent_row_renamed_to_a_chained_events_id_is_still_chained(any_app):
     import datetime as dt
+
     from keysvc.audit.chain import AuditEvent, event_json
     chained = _events(any_app, 2)
     real = AuditEvent(id="real-3", time=dt.datetime.now(dt.timezone.utc), actor="o", role="r",
@@ -410,6 +425,7 @@ def test_every_anchor_counts_not_only_the_highest(any_app):
     """An event cut from the chain and a batch of another replica over its place: the
     older anchor still names the event that was there."""
     import pytest
+
     from keysvc.errors import KeysvcError
     other = _reopened(any_app)
     a = _events(any_app, 3)
@@ -422,6 +438,7 @@ def test_every_anchor_counts_not_only_the_highest(any_app):
 def _event_for(i: int):
     import datetime as dt
     import uuid
+
     from keysvc.audit.chain import AuditEvent
     return AuditEvent(id=str(uuid.uuid4()), time=dt.datetime.now(dt.timezone.utc), actor="b",
                       role="r", action="x", target=str(i), outcome="OK", code="OK")

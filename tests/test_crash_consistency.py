@@ -139,8 +139,8 @@ def test_an_import_job_pair_whose_row_is_gone_is_destroyed_at_start(state):
 def test_an_approval_retried_on_another_replica_replaces_the_leftover_of_its_crashed_try(app):
     """Without a restart (another replica retries): the object the crashed try left, with
     this operation's id, is replaced; the token never holds two objects of one name."""
-    from keysvc.hsm import keys as hk
     from keysvc import keyadmin
+    from keysvc.hsm import keys as hk
     from tests.conftest import OFFICER_1, OFFICER_2, unique
     key, c1 = os.urandom(32), os.urandom(32)
     name = unique("S1SP-TK")
@@ -158,9 +158,9 @@ def test_an_approval_retried_on_another_replica_replaces_the_leftover_of_its_cra
 
 
 def test_an_approval_refuses_a_name_another_object_holds(app):
-    from keysvc.hsm import keys as hk
     from keysvc import keyadmin
     from keysvc.errors import KeysvcError
+    from keysvc.hsm import keys as hk
     from tests.conftest import OFFICER_1, OFFICER_2, unique
     key, c1 = os.urandom(32), os.urandom(32)
     name = unique("S1SP-TK")

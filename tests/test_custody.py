@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pkcs11
 import pytest
-from cryptography.hazmat.primitives import serialization
 from pkcs11 import Attribute as A
 from pkcs11 import KeyType, Mechanism, ObjectClass
 

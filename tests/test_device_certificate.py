@@ -10,10 +10,22 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from keysvc.device_certificate import (CertificateParseError, CertificateVerdict, TrustStore,
-                                       load_certificate, verify_device_certificate)
-from tests.support.certs import (der, hardware_module_name, make_ca, make_crl, make_device_cert,
-                                 make_key, pem)
+from keysvc.device_certificate import (
+    CertificateParseError,
+    CertificateVerdict,
+    TrustStore,
+    load_certificate,
+    verify_device_certificate,
+)
+from tests.support.certs import (
+    der,
+    hardware_module_name,
+    make_ca,
+    make_crl,
+    make_device_cert,
+    make_key,
+    pem,
+)
 
 CHF = "00-DB-12-34-56-78-90-01"
 AT = datetime(2025, 6, 1, tzinfo=timezone.utc)
@@ -86,7 +98,8 @@ def test_serial_hex_is_whole_octets_upper_case(issuing, trust):
 # --- CERT_PARSE --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("garbage", [b"", b"not a certificate", b"\x30\x82\x01\x00garbage",
-                                     b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"])
+                                     b"-----BEGIN CERTIFICATE-----\nAAAA\n"
+                                     b"-----END CERTIFICATE-----\n"])
 def test_garbage_is_cert_parse_and_nothing_else(garbage, trust):
     verdict = verify_device_certificate(garbage, CHF, trust, at=AT)
     assert not verdict.valid
@@ -137,7 +150,8 @@ def test_unknown_issuer_is_cert_chain(issuing):
 
 
 def test_missing_intermediate_is_cert_chain(issuing, trust):
-    assert verify(device(issuing), issuing, trust, intermediates=()).problem_codes == ("CERT_CHAIN",)
+    verdict = verify(device(issuing), issuing, trust, intermediates=())
+    assert verdict.problem_codes == ("CERT_CHAIN",)
 
 
 def test_empty_trust_store_is_cert_chain(issuing):
@@ -215,7 +229,8 @@ def test_expired_is_cert_expired(issuing, trust):
 def test_not_after_99991231235959Z_means_no_expiry(issuing, trust):
     cert = device(issuing)
     assert b"99991231235959Z" in der(cert)
-    verdict = verify(cert, issuing, trust, at=datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc))
+    verdict = verify(cert, issuing, trust,
+                     at=datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc))
     assert verdict.valid and verdict.not_after is None
 
 
@@ -272,7 +287,8 @@ def test_two_hardware_module_names_are_cert_device_mismatch(issuing, trust):
 # --- CERT_KEY_USAGE and CERT_IS_CA -------------------------------------------------------
 
 def test_missing_key_usage_is_cert_key_usage(issuing, trust):
-    assert verify(device(issuing, key_usage=None), issuing, trust).problem_codes == ("CERT_KEY_USAGE",)
+    verdict = verify(device(issuing, key_usage=None), issuing, trust)
+    assert verdict.problem_codes == ("CERT_KEY_USAGE",)
 
 
 def test_non_critical_key_usage_is_cert_key_usage(issuing, trust):
@@ -283,7 +299,8 @@ def test_non_critical_key_usage_is_cert_key_usage(issuing, trust):
 @pytest.mark.parametrize("usage", [("digitalSignature", "keyAgreement"), ("keyEncipherment",),
                                    ("digitalSignature", "nonRepudiation"), ()])
 def test_key_usage_other_than_exactly_one_purpose_is_cert_key_usage(usage, issuing, trust):
-    assert verify(device(issuing, key_usage=usage), issuing, trust).problem_codes == ("CERT_KEY_USAGE",)
+    verdict = verify(device(issuing, key_usage=usage), issuing, trust)
+    assert verdict.problem_codes == ("CERT_KEY_USAGE",)
 
 
 def test_ca_flag_is_cert_is_ca(issuing, trust):
@@ -360,7 +377,8 @@ def test_trust_store_from_missing_dir_is_empty(tmp_path):
 
 
 def test_trust_store_refuses_an_unreadable_anchor(tmp_path):
-    (tmp_path / "broken.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\nAA\n-----END CERTIFICATE-----\n")
+    (tmp_path / "broken.pem").write_bytes(
+        b"-----BEGIN CERTIFICATE-----\nAA\n-----END CERTIFICATE-----\n")
     with pytest.raises(CertificateParseError):
         TrustStore.from_dir(tmp_path)
 

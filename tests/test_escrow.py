@@ -15,11 +15,11 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import event, select, text
 
-from keysvc.hsm import keys as hk
 from keysvc import escrow
-from keysvc.anchors import Anchors
 from keysvc import store as st
+from keysvc.anchors import Anchors
 from keysvc.errors import KeysvcError
+from keysvc.hsm import keys as hk
 from tests.conftest import OFFICER_1, S1SP
 from tests.support.certs import NO_EXPIRY, der, make_ca, make_device_cert, pem
 
@@ -250,7 +250,7 @@ def test_deposit_of_a_certificate_expiring_on_the_afternoon_of_valid_to_is_inval
                    certificates=[der(c)]) == "INVALID_CERTIFICATE"
 
 
-def test_deposit_of_a_certificate_expiring_at_2230_utc_on_valid_to_in_summer_is_invalid_certificate(app):
+def test_deposit_of_a_certificate_expiring_at_2230_utc_on_valid_to_in_summer_is_invalid_certificate(app):  # noqa: E501 (the rule's name)
     # 23:30 BST on valid_to: not yet the end of the London day
     c = cert(not_after=utc(2026, 7, 31, 22, 30))
     assert refusal(deposit, app, valid_from=date(2026, 7, 1), valid_to=date(2026, 7, 31),
@@ -274,7 +274,7 @@ def test_deposit_of_a_certificate_whose_not_after_is_the_last_second_of_valid_to
                    certificates=[der(cert(not_after=utc(2026, 12, 31, 23, 59, 59)))])
 
 
-def test_deposit_of_a_certificate_expiring_at_2330_utc_on_valid_to_in_winter_is_invalid_certificate(app):
+def test_deposit_of_a_certificate_expiring_at_2330_utc_on_valid_to_in_winter_is_invalid_certificate(app):  # noqa: E501 (the rule's name)
     # 23:30 GMT on 31 December: half an hour of the window is not covered
     c = cert(not_after=utc(2026, 12, 31, 23, 30))
     assert refusal(deposit, app, valid_from=date(2026, 12, 1), valid_to=date(2026, 12, 31),

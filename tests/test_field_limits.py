@@ -8,8 +8,8 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf.descriptor import FieldDescriptor as F
-from grpc_status import rpc_status
 from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from keysvc import limits
 from keysvc.api.v1 import keysvc_pb2 as pb

@@ -83,6 +83,7 @@ def test_a_certificate_worker_killed_mid_file_is_replaced_and_the_file_still_pro
     import signal
     import threading
     import time
+
     from tests.support import encoder
     factory = encoder.DeviceCertificateFactory()
     (tmp_path / "ca.pem").write_bytes(factory.ca_pem)

@@ -12,14 +12,14 @@ import pytest
 from pkcs11 import Attribute, Mechanism
 from sqlalchemy import select, update
 
-from keysvc.hsm import HsmOperationFailed
-from keysvc.hsm import keys as hk
 from keysvc import keyadmin, s1sp
 from keysvc import store as st
 from keysvc.api.v1 import keysvc_pb2 as pb
 from keysvc.client import error_reason
 from keysvc.device_certificate import TrustStore
 from keysvc.errors import KeysvcError
+from keysvc.hsm import HsmOperationFailed
+from keysvc.hsm import keys as hk
 from keysvc.partitions import STORAGE_KEY
 from tests.conftest import OFFICER_1, OFFICER_2, S1SP, unique
 from tests.keyloading import load_aes_key, wrap_for_job

@@ -17,12 +17,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keysvc import s1sp
+from keysvc import store as st
 from keysvc.api.v1 import keysvc_pb2 as pb
 from keysvc.client import error_reason
 from keysvc.errors import KeysvcError
 from tests.conftest import EXAMPLES, S1SP
 from tests.support.encoder import duplicate, plaintext_xml, set_text
-from keysvc import store as st
 from tests.test_s1sp_validation import CONTENT_CV, EK_CV, count, kit  # noqa: F401
 
 GOOD = (EXAMPLES / "ea-kw" / "file.xml").read_bytes()
@@ -57,6 +57,7 @@ def nested(depth: int) -> bytes:
 
 def cipher_text(data: bytes, path: str) -> str:
     from lxml import etree
+
     from tests.support.encoder import NSMAP
     return etree.fromstring(data).xpath(path, namespaces=NSMAP)[0].text.strip()
 

@@ -13,12 +13,16 @@ from pathlib import Path
 
 import pkcs11
 import pytest
-from cryptography.hazmat.primitives.keywrap import (aes_key_unwrap, aes_key_unwrap_with_padding,
-                                                    aes_key_wrap, aes_key_wrap_with_padding)
-from pkcs11 import Attribute as A, KeyType, ObjectClass
+from cryptography.hazmat.primitives.keywrap import (
+    aes_key_unwrap,
+    aes_key_unwrap_with_padding,
+    aes_key_wrap,
+    aes_key_wrap_with_padding,
+)
+from pkcs11 import Attribute as A
+from pkcs11 import KeyType, ObjectClass
 
-from keysvc.hsm import HsmOperationFailed, HsmUnavailable
-from keysvc.hsm import direct
+from keysvc.hsm import HsmOperationFailed, HsmUnavailable, direct
 from keysvc.hsm import keys as hk
 from keysvc.hsm.errors import BROKEN_SESSION
 from tests.support.encoder import kcv

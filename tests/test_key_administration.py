@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 from pkcs11 import Attribute
 from sqlalchemy import select
 
-from keysvc.hsm import keys as hk
 from keysvc import keyadmin, s1sp
 from keysvc import store as st
 from keysvc.device_certificate import TrustStore
 from keysvc.errors import KeysvcError
+from keysvc.hsm import keys as hk
 from tests.conftest import OFFICER_1, OFFICER_2, OFFICER_3, S1SP, unique
 from tests.keyloading import load_aes_key, wrap_for_job
 from tests.support.encoder import DeviceCertificateFactory, build_file, kcv, random_installations

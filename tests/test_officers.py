@@ -258,6 +258,7 @@ def test_officers_are_enrolled_with_the_cli_and_its_confirmation(srv, tmp_path):
 # --------------------------------------------------------------------------- from review
 def _crl_der(ca_cert, ca_key, serials, *, issuer=None, extensions=()):
     import datetime as dt
+
     from cryptography.hazmat.primitives import serialization
     now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1)
     b = (x509.CertificateRevocationListBuilder().issuer_name(issuer or ca_cert.subject)
@@ -306,6 +307,7 @@ def test_a_malformed_crl_stops_no_other_crl_and_no_start(srv, tmp_path):
 
 def test_enrolling_a_certificate_with_a_malformed_extension_is_refused(srv):
     import datetime as dt
+
     from cryptography.hazmat.primitives import serialization
     from cryptography.x509.oid import ExtensionOID, NameOID
     key = ec.generate_private_key(ec.SECP256R1())
@@ -367,6 +369,7 @@ def test_a_forged_pending_row_cannot_block_denying_a_key(srv):
 
 def test_a_reflection_stream_opened_before_a_denial_stops_at_its_next_request(srv, tmp_path):
     import queue
+
     from grpc_reflection.v1alpha import reflection_pb2
     caller, _ = issue(srv, tmp_path, "refl", cn=unique("s1sp-refl"), roles=("s1sp",))
     requests: queue.Queue = queue.Queue()
@@ -393,6 +396,7 @@ def test_an_enrolment_left_pending_by_a_crash_never_counts_and_is_dropped(app):
     import hashlib
     import time as _time
     from dataclasses import replace
+
     from keysvc.app import Caller
     from keysvc.identity import admit
     from keysvc.identity.roster import Pending
@@ -414,8 +418,10 @@ def test_an_approved_enrolment_whose_pending_entry_a_sweep_dropped_still_takes_e
     committing: the approving process settles from what it wrote, and the APPROVED
     operation takes effect."""
     from dataclasses import replace
+
     from cryptography import x509 as _x509
     from cryptography.hazmat.primitives import serialization
+
     from keysvc import keyadmin, officers
     from keysvc.pki import issue as issue_cert
     from tests.conftest import OFFICER_1, OFFICER_2
@@ -443,6 +449,7 @@ def test_settling_asks_the_token_not_the_database_row(app, monkeypatch):
     from cryptography import x509 as _x509
     from cryptography.hazmat.primitives import serialization
     from sqlalchemy import update
+
     from keysvc import keyadmin, officers
     from keysvc import store as st
     from keysvc.pki import issue as issue_cert
@@ -471,6 +478,7 @@ def test_approving_again_after_a_failed_settle_is_not_refused(app):
     import time as _time
     from dataclasses import replace
     from types import SimpleNamespace
+
     from keysvc import officers
     from keysvc.identity.roster import Pending
     fp = hashlib.sha256(os.urandom(8)).hexdigest()
@@ -489,6 +497,7 @@ def test_list_officers_shows_changes_waiting_for_their_commit(app):
     import hashlib
     import time as _time
     from dataclasses import replace
+
     from keysvc.identity.roster import Pending
     from keysvc.servicers import KeyAdministrationServicer
     fp = hashlib.sha256(os.urandom(8)).hexdigest()

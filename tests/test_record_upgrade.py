@@ -7,13 +7,12 @@ import os
 import pytest
 from sqlalchemy import text
 
-from keysvc.hsm import keys as hk
 from keysvc import keyadmin
 from keysvc.errors import KeysvcError
+from keysvc.hsm import keys as hk
 from keysvc.records.upgrade import MARKER, upgrade_once
-from tests.conftest import OFFICER_1
+from tests.conftest import OFFICER_1, unique
 from tests.keyloading import load_aes_key
-from tests.conftest import unique
 
 
 def _unseal_everything(app, name: str) -> None:

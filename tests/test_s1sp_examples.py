@@ -22,18 +22,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from pkcs11 import ObjectClass
 
-from keysvc.hsm import keys as hk
 from keysvc import s1sp
 from keysvc import store as st
-
 from keysvc.api.v1 import keysvc_pb2 as pb
 from keysvc.app import App
 from keysvc.client import error_reason
 from keysvc.device_certificate import TrustStore
 from keysvc.errors import KeysvcError
+from keysvc.hsm import keys as hk
+from keysvc.records.keys import KeyRecord
 from keysvc.results import GroupResult
 from tests.conftest import EXAMPLES, S1SP
-from keysvc.records.keys import KeyRecord
 from tests.keyloading import load_aes_key, register_key_record, token_key_id
 from tests.support.encoder import kcv
 

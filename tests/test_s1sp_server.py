@@ -23,10 +23,22 @@ from keysvc.api.v1 import keysvc_pb2 as pb
 from keysvc.client import connect, error_reason
 from tests.conftest import unique
 from tests.serverproc import ROOT, server_env
-from tests.support.encoder import (TestInstallation, encrypt_file, kcv, plaintext_xml,
-                                   random_installations, set_text)
-from tests.test_s1sp_validation import CONTENT_CV, DCO_KEK, all_key_texts, cipher_value, flip, \
-    with_cipher_value
+from tests.support.encoder import (
+    TestInstallation,
+    encrypt_file,
+    kcv,
+    plaintext_xml,
+    random_installations,
+    set_text,
+)
+from tests.test_s1sp_validation import (
+    CONTENT_CV,
+    DCO_KEK,
+    all_key_texts,
+    cipher_value,
+    flip,
+    with_cipher_value,
+)
 
 ORIGINATOR = "SMSO-SRV-01"
 

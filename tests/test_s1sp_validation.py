@@ -22,20 +22,31 @@ from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 from lxml import etree
 from sqlalchemy import func, select
 
-from keysvc.hsm import keys as hk
 from keysvc import keyadmin, s1sp
 from keysvc import store as st
 from keysvc.app import App
 from keysvc.device_certificate import TrustStore
 from keysvc.domain import normalise_eui64
 from keysvc.errors import KeysvcError
+from keysvc.hsm import keys as hk
+from keysvc.records.keys import KeyRecord
 from keysvc.results import GroupResult, InstallationResult, to_json
 from tests.conftest import S1SP, unique
-from keysvc.records.keys import KeyRecord
 from tests.keyloading import load_aes_key, register_key_record, set_key_state
-from tests.support.encoder import (NSMAP, ROOT_NON_DP, DeviceCertificateFactory, TestInstallation,
-                                   duplicate, encrypt_file, kcv, plaintext_xml,
-                                   random_installations, remove, set_attribute, set_text)
+from tests.support.encoder import (
+    NSMAP,
+    ROOT_NON_DP,
+    DeviceCertificateFactory,
+    TestInstallation,
+    duplicate,
+    encrypt_file,
+    kcv,
+    plaintext_xml,
+    random_installations,
+    remove,
+    set_attribute,
+    set_text,
+)
 
 ORIGINATOR = "SMSO-LG-01"
 RP_ORIGINATOR = "RP-SUPPLIER-07"

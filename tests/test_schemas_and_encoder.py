@@ -23,10 +23,23 @@ from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
 from lxml import etree
 
 from keysvc.schemas import GROUP_INFORMATION, MIGRATION_FILE, schema_path
-from tests.support.encoder import (ALG_KW_AES256, ALG_RSA_OAEP_MGF1P, DUMMY_CERTIFICATE_DER,
-                                   NSMAP, DeviceCertificateFactory, TestInstallation,
-                                   build_file, duplicate, encrypt_file, kcv, plaintext_xml,
-                                   random_installations, remove, set_attribute, set_text)
+from tests.support.encoder import (
+    ALG_KW_AES256,
+    ALG_RSA_OAEP_MGF1P,
+    DUMMY_CERTIFICATE_DER,
+    NSMAP,
+    DeviceCertificateFactory,
+    TestInstallation,
+    build_file,
+    duplicate,
+    encrypt_file,
+    kcv,
+    plaintext_xml,
+    random_installations,
+    remove,
+    set_attribute,
+    set_text,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "spec" / "examples"
 EXAMPLE_NAMES = ["ea-kw", "eb-oaep", "aa-kw"]

@@ -17,11 +17,11 @@ import pytest
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 from sqlalchemy import func, select, text
 
-from keysvc.hsm import keys as hk
 from keysvc import dco, escrow, keyadmin, s1sp
 from keysvc import store as st
 from keysvc.device_certificate import TrustStore
 from keysvc.errors import KeysvcError
+from keysvc.hsm import keys as hk
 from tests.conftest import OFFICER_1, OFFICER_2, OFFICER_3, S1SP, unique
 from tests.keyloading import load_aes_key, wrap_for_job
 from tests.support import encoder as enc
@@ -564,7 +564,7 @@ def test_an_approved_import_stays_intact_with_the_request_its_approvals_name(any
         assert app.records.operations.get(conn, op_id).state == "APPROVED"
 
 
-# --------------------------------------------------------------------------- start-up decides on the token's word
+# ------------------------------------------------------------- start-up decides on the token's word
 def _insert(app, table: str, row: dict) -> None:
     cols = ", ".join(row)
     sql(app, f"INSERT INTO {table} ({cols}) VALUES ({', '.join(':' + c for c in row)})", **row)

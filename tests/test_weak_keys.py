@@ -61,6 +61,7 @@ def test_an_officer_past_the_import_job_quota_is_resource_exhausted(app):
     from dataclasses import replace
 
     import grpc
+
     from tests.conftest import OFFICER_3
     app.settings = replace(app.settings, import_job_quota=2)
     for _ in range(2):

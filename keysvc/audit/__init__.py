@@ -23,15 +23,24 @@ from typing import Callable
 
 from sqlalchemy import select
 
-from keysvc.hsm import keys as hk
 from keysvc import store as st
 from keysvc.audit.anchor import Anchor, ChainAnchor
 from keysvc.audit.calls import CallAudit
-from keysvc.audit.chain import (GENESIS, AuditEvent, Chained, Verification, canonical,
-                                event_from_json, line, row_chained, row_event)
+from keysvc.audit.chain import (
+    GENESIS,
+    AuditEvent,
+    Chained,
+    Verification,
+    canonical,
+    event_from_json,
+    line,
+    row_chained,
+    row_event,
+)
 from keysvc.audit.sinks import JsonlSink, SyslogSink, first_difference, read_lines
 from keysvc.audit.writer import AuditWriter
 from keysvc.clock import Clock, utc_now
+from keysvc.hsm import keys as hk
 from keysvc.partitions import AUDIT_MAC_KEY, Partitions
 
 log = logging.getLogger("keysvc.audit")

@@ -27,13 +27,13 @@ from typing import Any, Callable
 
 from sqlalchemy import select, update
 
-from keysvc.hsm import HsmError
-from keysvc.hsm import keys as hk
 from keysvc import store as st
 from keysvc.audit.anchor import Anchor, ChainAnchor
-from keysvc.audit.chain import (GENESIS, AuditEvent, Chained, canonical, line, row_chained)
+from keysvc.audit.chain import GENESIS, AuditEvent, Chained, canonical, line, row_chained
 from keysvc.audit.sinks import SinkError
 from keysvc.errors import error
+from keysvc.hsm import HsmError
+from keysvc.hsm import keys as hk
 from keysvc.observability import AUDIT_FAILURES, AUDIT_LAG, AUDIT_SINK_LAG
 from keysvc.partitions import AUDIT_MAC_KEY
 

@@ -43,17 +43,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
-from prometheus_client import Gauge
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from prometheus_client import Gauge
 
-from keysvc.hsm import keys as hk
-from keysvc.hsm.token import Token, security_officer
 from keysvc.custody import shares as sh
 from keysvc.custody import versions
 from keysvc.errors import error
+from keysvc.hsm import keys as hk
+from keysvc.hsm.token import Token, security_officer
 from keysvc.identity.certificates import fingerprint
 from keysvc.partitions import KIND, LONG_LIVED
 

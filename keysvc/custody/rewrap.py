@@ -26,8 +26,8 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from keysvc.hsm import keys as hk
 from keysvc.custody import versions
+from keysvc.hsm import keys as hk
 from keysvc.partitions import STORAGE_KEY
 
 log = logging.getLogger("keysvc.custody.rewrap")

@@ -10,6 +10,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import pkcs11.exceptions as px
 from pkcs11 import MGF, Attribute, GCMParams, KeyType, Mechanism, ObjectClass
 from pkcs11._pkcs11 import SearchIter
 from pkcs11.util.rsa import encode_rsa_public_key
@@ -17,8 +18,6 @@ from pkcs11.util.rsa import encode_rsa_public_key
 from keysvc.hsm.direct import Template
 from keysvc.hsm.errors import BROKEN_SESSION, HsmKeyNotFound, HsmOperationFailed, translate
 from keysvc.hsm.token import Session
-
-import pkcs11.exceptions as px
 
 A = Attribute
 
@@ -457,8 +456,11 @@ def generate_rsa(s: Session, label: str, bits: int = 3072, *, key_id: str = "") 
 
 def public_key_der(pub: Any) -> bytes:
     """SubjectPublicKeyInfo DER for an RSA public key object."""
-    from cryptography.hazmat.primitives.serialization import (Encoding, PublicFormat,
-                                                              load_der_public_key)
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        PublicFormat,
+        load_der_public_key,
+    )
     pkcs1 = encode_rsa_public_key(pub)
     from asn1crypto.keys import PublicKeyInfo, RSAPublicKey
     info = PublicKeyInfo({"algorithm": {"algorithm": "rsa"},

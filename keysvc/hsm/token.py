@@ -31,7 +31,6 @@ import pkcs11.exceptions as px
 from keysvc.hsm.direct import Calls
 from keysvc.hsm.errors import BROKEN_SESSION, HsmKeyNotFound, HsmUnavailable, translate
 
-
 T = TypeVar("T")
 
 

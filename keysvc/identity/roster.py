@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+from keysvc.errors import KeysvcError, error
 from keysvc.hsm import Token
 from keysvc.hsm import keys as hk
-from keysvc.errors import KeysvcError, error
 from keysvc.records.operations import officer_name
 from keysvc.store import serialise as st_serialise
 

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 
-from keysvc.hsm import keys as hk
 from keysvc import store as st
 from keysvc.anchors import SEAL_BYTES, Anchors, newest, unpack
 from keysvc.anchors import anchored as anchored_seal
 from keysvc.domain import eui64_bytes, eui64_from_bytes
+from keysvc.hsm import keys as hk
 from keysvc.partitions import ESCROW_SEAL_KEY
 
 if TYPE_CHECKING:

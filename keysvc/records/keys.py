@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 from pkcs11 import ObjectClass
 from sqlalchemy import select, update
 
-from keysvc.hsm import HsmKeyNotFound
-from keysvc.hsm import keys as hk
 from keysvc import store as st
 from keysvc.anchors import anchored as is_anchored
 from keysvc.anchors import unpack
+from keysvc.hsm import HsmKeyNotFound
+from keysvc.hsm import keys as hk
 from keysvc.records.seal import canonical, decode, parse_utc
 
 if TYPE_CHECKING:

@@ -27,18 +27,17 @@ from dataclasses import dataclass
 
 from sqlalchemy.exc import IntegrityError
 
-from keysvc.hsm import keys as hk
 from keysvc.anchors import Anchored, newest, unpack
 from keysvc.custody import versions
 from keysvc.errors import KeysvcError
+from keysvc.hsm import keys as hk
+from keysvc.partitions import KIND
 from keysvc.records import SEALING_PARTITIONS, Records
 from keysvc.records.import_jobs import LABEL_PREFIX
-from keysvc.records.keys import KeyRecord
+from keysvc.records.keys import KeyRecord, parse_anchor_payload
 from keysvc.records.keys import from_canonical as key_from
-from keysvc.records.keys import parse_anchor_payload
 from keysvc.records.operations import OperationRecord
 from keysvc.records.operations import from_canonical as operation_from
-from keysvc.partitions import KIND
 
 log = logging.getLogger("keysvc.records.reconcile")
 

@@ -23,14 +23,13 @@ from typing import Any, Callable
 from pkcs11 import ObjectClass
 from sqlalchemy import select, update
 
-from keysvc.hsm import keys as hk
 from keysvc import store as st
+from keysvc.hsm import keys as hk
 from keysvc.records import Records
 from keysvc.records.import_jobs import _record as job_record
 from keysvc.records.keys import _record as key_record
 from keysvc.records.keys import anchor_payload
-from keysvc.records.operations import (Approval, OperationRecord, _approvals_json,
-                                       approval_statement)
+from keysvc.records.operations import Approval, OperationRecord, _approvals_json, approval_statement
 
 log = logging.getLogger("keysvc.records.upgrade")
 MARKER = "keysvc-records-sealed-v2"

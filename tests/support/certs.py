@@ -127,7 +127,8 @@ def make_device_cert(
                .not_valid_before(not_before).not_valid_after(not_after)
                .add_extension(_ski(key), critical=False)
                .add_extension(_aki(issuer_cert, issuer_key), critical=False)
-               .add_extension(x509.CertificatePolicies([x509.PolicyInformation(GB_DEVICE_POLICY, None)]),
+               .add_extension(x509.CertificatePolicies(
+                   [x509.PolicyInformation(GB_DEVICE_POLICY, None)]),
                               critical=True))
     if key_usage is not None:
         names = (key_usage,) if isinstance(key_usage, str) else tuple(key_usage)
@@ -137,7 +138,8 @@ def make_device_cert(
         builder = builder.add_extension(
             x509.SubjectAlternativeName([hardware_module_name(serial_bytes)]), critical=True)
     if ca is not None:
-        builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None),
+                                        critical=True)
     return builder.sign(issuer_key, _hash_for(issuer_key)), key
 
 
