@@ -127,13 +127,10 @@ class App:
                           str(getattr(exc, "message", exc))[:300])
         app.load_client_crls()
         try:
-            from keysvc.custody.backup import discard_leftovers, report_restores
+            from keysvc.custody.backup import remove_leftovers, report_restores
             report_restores(app)
-            for name, token in partitions.tokens.items():
-                for label in ([] if backup_ceremony else discard_leftovers(token)):
-                    app.audit.append(actor="keysvc", role="", action="custody.backup_key_removed",
-                                     target=f"{name}: {label}, left by an unfinished backup "
-                                            "ceremony")
+            if not backup_ceremony:
+                remove_leftovers(app)
         except Exception as exc:
             log.error("restores and backup leftovers not settled at start: %s",
                       type(exc).__name__)

@@ -329,14 +329,9 @@ class HealthWatch(threading.Thread):
         if time.monotonic() - self.custody_read_at < 60:
             return
         self.custody_read_at = time.monotonic()
-        from keysvc.custody.backup import discard_leftovers, freshness
+        from keysvc.custody.backup import freshness, remove_leftovers
         if processes.INDEX == 0:  # a killed ceremony's backup key, once it is 30 minutes old
-            for name, token in self.app.partitions.tokens.items():
-                for label in discard_leftovers(token):
-                    self.app.audit.append(actor="keysvc", role="",
-                                          action="custody.backup_key_removed",
-                                          target=f"{name}: {label}, left by an unfinished "
-                                                 "backup ceremony")
+            remove_leftovers(self.app)
         for partition, (age, missing) in freshness(self.app).items():
             if missing and missing != self._unbacked.get(partition):
                 log.warning("%d long-lived key versions of %s have no backup "

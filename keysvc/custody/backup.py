@@ -212,6 +212,15 @@ def discard_leftovers(token: Token, older_than: float = LEFTOVER_AFTER) -> list[
         return hk.destroy_keys_labelled(s, TRUSTED_PREFIX, left_over)
 
 
+def remove_leftovers(app: Any) -> None:
+    """`discard_leftovers` in every partition, each removal audited (at start and every
+    minute in a running server)."""
+    for name, token in app.partitions.tokens.items():
+        for label in discard_leftovers(token):
+            app.audit.append(actor="keysvc", role="", action="custody.backup_key_removed",
+                             target=f"{name}: {label}, left by an unfinished backup ceremony")
+
+
 def report_restores(app: Any) -> None:
     """At start: audit each restore done since the last start, then forget it."""
     for partition, token in app.partitions.tokens.items():

@@ -53,7 +53,8 @@ class Progress:
     reported: bool = True   # the end of the last run is audited
 
 
-def _stored(app: Any, partition: str) -> Any:
+def stored_keys(app: Any, partition: str) -> Any:
+    """The stored keys a partition's storage key wraps: device keys (S1SP), master keys."""
     return app.records.device_keys if partition == "s1sp" else app.records.master_keys
 
 
@@ -79,7 +80,7 @@ class Rewrap:
     def step(self, partition: str) -> tuple[int, bool]:
         """Rewrap one batch of `partition`: (rows written, whether anything was looked at;
         False: nothing left that can be done)."""
-        stored = _stored(self.app, partition)
+        stored = stored_keys(self.app, partition)
         token = self.app.partitions.tokens[partition]
         prog = self.progress[partition]
         with token.session() as s:
@@ -143,7 +144,7 @@ class Rewrap:
 
     # ------------------------------------------------------------------ the job
     def refresh(self, partition: str) -> dict[int, int]:
-        counts = _stored(self.app, partition).count_by_version()
+        counts = stored_keys(self.app, partition).count_by_version()
         primary = self.primary(partition)
         remaining = sum(n for v, n in counts.items() if v < primary)
         self.progress[partition].remaining = remaining

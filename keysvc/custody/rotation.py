@@ -48,17 +48,14 @@ def _check(partition: str, key: str) -> None:
                                        "component-seal keys rotate")
 
 
-def _stored(app: App, partition: str) -> Any:
-    return app.records.device_keys if partition == "s1sp" else app.records.master_keys
-
-
 def key_versions(app: App, partition: str, key: str = STORAGE_KEY) -> list[int]:
     with app.partitions.tokens[partition].session() as s:
         return versions.versions(s, key)
 
 
 def rows_by_version(app: App, partition: str) -> dict[int, int]:
-    return _stored(app, partition).count_by_version()
+    from keysvc.custody.rewrap import stored_keys
+    return stored_keys(app, partition).count_by_version()
 
 
 def pending_components_by_version(app: App, partition: str) -> dict[int, int]:

@@ -361,17 +361,8 @@ def wrap_oaep(wrapping_key: Any, key: Any) -> bytes:
 
 def rsa_unwrapping_key(s: Session, private_key: Any) -> Any:
     """An RSA private key (pyca object) as a session object that can only unwrap."""
-    n = private_key.private_numbers()
-    p = n.public_numbers
     try:
-        return s.raw.create_object({
-            A.CLASS: ObjectClass.PRIVATE_KEY, A.KEY_TYPE: KeyType.RSA, A.TOKEN: False,
-            A.PRIVATE: True, A.SENSITIVE: True, A.EXTRACTABLE: False, A.UNWRAP: True,
-            A.DECRYPT: False, A.SIGN: False, A.DERIVE: False,
-            A.MODULUS: _int_bytes(p.n), A.PUBLIC_EXPONENT: _int_bytes(p.e),
-            A.PRIVATE_EXPONENT: _int_bytes(n.d), A.PRIME_1: _int_bytes(n.p),
-            A.PRIME_2: _int_bytes(n.q), A.EXPONENT_1: _int_bytes(n.dmp1),
-            A.EXPONENT_2: _int_bytes(n.dmq1), A.COEFFICIENT: _int_bytes(n.iqmp)})
+        return s.raw.create_object({**_rsa_unwrap_only(private_key), A.TOKEN: False})
     except px.PKCS11Error as exc:
         raise _fail(exc) from None
 
@@ -472,22 +463,27 @@ def public_key_der(pub: Any) -> bytes:
 def import_rsa_private(s: Session, label: str, private_key: Any, key_id: str = "") -> None:
     """Load an RSA private key (pyca object) as an unwrap-only token object (tests, migration
     of recipient keys from another HSM's export)."""
-    n = private_key.private_numbers()
-    pn = n.public_numbers
-
-    def b(v: int) -> bytes:
-        return v.to_bytes((v.bit_length() + 7) // 8, "big")
-    s.raw.create_object({
-        A.CLASS: ObjectClass.PRIVATE_KEY, A.KEY_TYPE: KeyType.RSA, A.TOKEN: True,
-        A.LABEL: label, A.ID: key_id.encode(), A.SENSITIVE: True, A.EXTRACTABLE: False,
-        A.PRIVATE: True, A.UNWRAP: True, A.DECRYPT: False, A.SIGN: False, A.DERIVE: False,
-        A.MODULUS: b(pn.n), A.PUBLIC_EXPONENT: b(pn.e), A.PRIVATE_EXPONENT: b(n.d),
-        A.PRIME_1: b(n.p), A.PRIME_2: b(n.q), A.EXPONENT_1: b(n.dmp1),
-        A.EXPONENT_2: b(n.dmq1), A.COEFFICIENT: b(n.iqmp)})
+    pn = private_key.private_numbers().public_numbers
+    s.raw.create_object({**_rsa_unwrap_only(private_key), A.TOKEN: True, A.LABEL: label,
+                         A.ID: key_id.encode()})
     s.raw.create_object({
         A.CLASS: ObjectClass.PUBLIC_KEY, A.KEY_TYPE: KeyType.RSA, A.TOKEN: True,
         A.LABEL: label, A.ID: key_id.encode(), A.WRAP: True, A.ENCRYPT: True,
-        A.VERIFY: False, A.MODULUS: b(pn.n), A.PUBLIC_EXPONENT: b(pn.e)})
+        A.VERIFY: False, A.MODULUS: _int_bytes(pn.n), A.PUBLIC_EXPONENT: _int_bytes(pn.e)})
+
+
+def _rsa_unwrap_only(private_key: Any) -> dict:
+    """An RSA private key (pyca object) as the attributes of an object that can only
+    unwrap: sensitive, never extractable, no C_Decrypt, no signing."""
+    n = private_key.private_numbers()
+    p = n.public_numbers
+    return {A.CLASS: ObjectClass.PRIVATE_KEY, A.KEY_TYPE: KeyType.RSA, A.PRIVATE: True,
+            A.SENSITIVE: True, A.EXTRACTABLE: False, A.UNWRAP: True, A.DECRYPT: False,
+            A.SIGN: False, A.DERIVE: False,
+            A.MODULUS: _int_bytes(p.n), A.PUBLIC_EXPONENT: _int_bytes(p.e),
+            A.PRIVATE_EXPONENT: _int_bytes(n.d), A.PRIME_1: _int_bytes(n.p),
+            A.PRIME_2: _int_bytes(n.q), A.EXPONENT_1: _int_bytes(n.dmp1),
+            A.EXPONENT_2: _int_bytes(n.dmq1), A.COEFFICIENT: _int_bytes(n.iqmp)}
 
 
 # --------------------------------------------------------------------------- hot loops
