@@ -13,7 +13,7 @@ GEN := keysvc/api/v1/keysvc_pb2.py
 .PHONY: run test lint deps system venv proto bench clean
 
 run: deps
-	$(BIN)/keysvc serve --state-dir $(STATE) --listen $(LISTEN) --processes $(PROCESSES)
+	$(BIN)/keysvc serve --dev --state-dir $(STATE) --listen $(LISTEN) --processes $(PROCESSES)
 
 test: deps lint
 	@url=$$(scripts/test-postgres start) && \
@@ -21,9 +21,10 @@ test: deps lint
 	  scripts/test-postgres stop; \
 	  if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc
 
-# Errors, pyflakes, line length and import order ([tool.ruff] in pyproject.toml).
-lint: venv
+# Errors, pyflakes, line length and import order ([tool.ruff]), and types ([tool.mypy]).
+lint: venv proto
 	$(BIN)/ruff check keysvc tests bench setup.py
+	$(BIN)/mypy
 
 bench: deps
 	$(BIN)/python bench/run.py
@@ -38,7 +39,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[server,test]'
 	touch $@
 
 proto: $(GEN)

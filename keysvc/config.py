@@ -9,8 +9,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 PARTITIONS = ("s1sp", "dco", "admin")
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -88,6 +90,11 @@ class Settings:
     # Worker processes that check DeviceCertificates while the HSM wraps keys (0: inline).
     certificate_workers: int = 1
     log_level: str = "INFO"
+    # OpenTelemetry traces (keysvc/tracing.py), off when empty: an OTLP/gRPC collector,
+    # "https://host:4317" (verified against otlp_ca, else the system's CAs) or
+    # "http://host:4317" (plain: spans carry no secret, but say where time went).
+    otlp_endpoint: str = ""
+    otlp_ca: str = ""
     # mlockall at start, so that key buffers never reach swap (keysvc/hardening.py): "auto"
     # locks when the host has swap (without swap there is nothing to lock against, and
     # locking costs about 10% of small-call throughput), "true" always, "false" never.
@@ -176,6 +183,9 @@ def problems(s: Settings) -> list[str]:
         at_least(name, low)
     if s.lock_memory.lower() not in ("auto", "true", "false"):
         out.append("lock_memory must be auto, true or false")
+    if s.otlp_endpoint and not s.otlp_endpoint.startswith(("http://", "https://")):
+        out.append(f"otlp_endpoint must start with https:// or http:// "
+                   f"(it is {s.otlp_endpoint!r})")
     if s.log_level.upper() not in _LOG_LEVELS:
         out.append(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
     if ":" not in s.listen or not s.listen.rsplit(":", 1)[1].isdigit():
@@ -185,19 +195,20 @@ def problems(s: Settings) -> list[str]:
     for name in ("listen", "metrics_listen"):
         value = getattr(s, name)
         if s.dev and value and not _loopback(value):
-            out.append(f"the development set-up (no configuration file) listens on a loopback "
+            out.append(f"the development set-up (no configuration) listens on a loopback "
                        f"address only; give a configuration file for {name} {value!r}")
     if not s.dev:
         for name in ("tls_cert", "tls_key", "tls_client_ca"):
             if not getattr(s, name):
-                out.append(f"{name} is required with a configuration file")
+                out.append(f"{name} is required outside the development set-up "
+                           f"(or pass --dev)")
         for partition in PARTITIONS:
             if not (getattr(s, f"{partition}_pin") or getattr(s, f"{partition}_pin_file")):
                 out.append(f"no PIN for the {partition} token: set {partition}_pin_file "
                            f"(or KEYSVC_{partition.upper()}_PIN)")
     files = [getattr(s, n) for n in ("tls_cert", "tls_key", "tls_client_ca",
                                      "s1sp_pin_file", "dco_pin_file", "admin_pin_file",
-                                     "audit_syslog_ca")]
+                                     "audit_syslog_ca", "otlp_ca")]
     files += [f.strip() for f in s.initial_officers.split(",") if f.strip()]
     for f in files:
         if f and not os.access(f, os.R_OK):
@@ -207,38 +218,60 @@ def problems(s: Settings) -> list[str]:
     return out
 
 
-def _coerce(kind: type | str, raw: object) -> object:
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+# Settings only a deployment gives: who the server is and how it reaches its keys. Set from
+# KEYSVC_* variables without a configuration file, any of them means "this is a deployment",
+# so the development set-up (a local CA that mints officer certificates, PINs in files) does
+# not run unless asked for by --dev or KEYSVC_DEV.
+DEPLOYMENT_SETTINGS = ("pkcs11_module", "tls_cert", "tls_key", "tls_client_ca",
+                       "s1sp_pin", "dco_pin", "admin_pin", "s1sp_pin_file", "dco_pin_file",
+                       "admin_pin_file", "s1sp_token_label", "dco_token_label",
+                       "admin_token_label", "initial_officers")
+
+
+def _coerce(kind: type | str, raw: Any) -> object:
     kind = str(kind)
     if "Path" in kind:
         return Path(str(raw))
     if "bool" in kind:
-        return raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
+        if isinstance(raw, bool):
+            return raw
+        word = str(raw).strip().lower()
+        if word not in _TRUE + _FALSE:
+            raise ValueError(word)
+        return word in _TRUE
     if "int" in kind:
-        return int(raw)  # type: ignore[arg-type]
+        return int(raw)
     if "float" in kind:
-        return float(raw)  # type: ignore[arg-type]
+        return float(raw)
     return str(raw)
 
 
-def load(config_file: str | None = None, env: dict[str, str] | None = None,
+def load(config_file: str | None = None, env: Mapping[str, str] | None = None,
          **overrides: object) -> Settings:
+    """api.md: with no configuration `keysvc serve` is the development set-up. A
+    configuration is a file (--config, KEYSVC_CONFIG) or any of DEPLOYMENT_SETTINGS from the
+    environment; either turns the development set-up off unless `dev` is set explicitly."""
     env = os.environ if env is None else env
     values: dict[str, object] = {}
     config_file = config_file or env.get("KEYSVC_CONFIG")
     if config_file:
-        with open(config_file, "rb") as f:
-            values.update(tomllib.load(f))
+        with open(config_file, "rb") as toml:
+            values.update(tomllib.load(toml))
         values.setdefault("dev", False)
     for f in fields(Settings):
         key = "KEYSVC_" + f.name.upper()
         if key in env:
             values[f.name] = env[key]
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if any(name in values for name in DEPLOYMENT_SETTINGS):
+        values.setdefault("dev", False)
     known = {f.name: f.type for f in fields(Settings)}
     unknown = set(values) - set(known)
     if unknown:
         raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
-    coerced = {}
+    coerced: dict[str, Any] = {}
     for k, v in values.items():
         try:
             coerced[k] = _coerce(known[k], v)

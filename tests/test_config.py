@@ -107,3 +107,37 @@ def test_audit_list_pages_with_a_token_or_all_at_once(tmp_path):
         assert len(everything.stdout.splitlines()) >= 3
     finally:
         srv.stop()
+
+
+def test_a_deployment_configured_only_by_variables_does_not_run_the_development_set_up(
+        tmp_path):
+    """Issue 17: KEYSVC_* settings that name a deployment (TLS files, PINs, module, token
+    labels) are a configuration; the local CA and PIN files are not made, and what is missing
+    is named."""
+    from keysvc import config
+    assert config.load(env={}).dev  # api.md: no configuration at all is the development set-up
+    deployed = config.load(env={"KEYSVC_TLS_CERT": "/etc/keysvc/server.pem"})
+    assert not deployed.dev
+    assert any("tls_key is required" in p for p in config.problems(deployed))
+    assert config.load(env={"KEYSVC_TLS_CERT": "/x", "KEYSVC_DEV": "on"}).dev
+    out = subprocess.run([sys.executable, "-m", "keysvc.cli", "serve", "--state-dir",
+                          str(tmp_path), "--listen", f"127.0.0.1:{free_port()}"], cwd=ROOT,
+                         env=server_env({"KEYSVC_S1SP_PIN_FILE": "/nonexistent/s1sp.pin"}),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "tls_cert is required" in out.stderr
+    assert not (tmp_path / "pki").exists()
+
+
+def test_dev_is_explicit_when_asked_for_and_make_run_asks_for_it():
+    from keysvc import config
+    assert config.load(env={"KEYSVC_PKCS11_MODULE": "/x.so"}, dev=True).dev
+    assert "serve --dev" in (ROOT / "Makefile").read_text()
+
+
+def test_booleans_read_on_and_off_and_refuse_anything_else():
+    from keysvc import config
+    assert config.load(env={"KEYSVC_DEV": "on"}).dev is True
+    assert config.load(env={"KEYSVC_DEV": "off"}).dev is False
+    import pytest
+    with pytest.raises(ValueError, match="setting dev is not a bool"):
+        config.load(env={"KEYSVC_DEV": "maybe"})
