@@ -10,7 +10,7 @@ from collections import Counter
 
 from sqlalchemy.exc import IntegrityError
 
-from keysvc import transport
+from keysvc import tracing, transport
 from keysvc.app import App, Caller
 from keysvc.custody import versions
 from keysvc.domain import InvalidEUI64, Problem, normalise_eui64
@@ -82,7 +82,8 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
                 sealed = (k, seal(k))
             out.append((kcv, sealed, found))
         return out
-    unwrapped = app.partitions.dco.run(unwrap_all)
+    with tracing.span("hsm.unwrap_master_keys", entries=len(mf.master_key_entries)):
+        unwrapped = app.partitions.dco.run(unwrap_all)
     now = app.clock()
 
     def assemble(stored: list[list[Problem]]

@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 from sqlalchemy.exc import SQLAlchemyError
 
-from keysvc import limits, notify, processes
+from keysvc import limits, notify, processes, tracing
 from keysvc import store as st
 from keysvc.api.v1 import keysvc_pb2
 from keysvc.app import App, Caller
@@ -233,6 +233,14 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
     def _call(self, service: str, method: str, inner: Callable, request: Any,
               context: grpc.ServicerContext) -> Any:
         request_id.set(uuid.uuid4().hex[:16])
+        if not tracing.enabled():
+            return self._handle(service, method, inner, request, context, None)
+        with tracing.call_span(method, context.invocation_metadata(),
+                               request_id=request_id.get()) as current:
+            return self._handle(service, method, inner, request, context, current)
+
+    def _handle(self, service: str, method: str, inner: Callable, request: Any,
+                context: grpc.ServicerContext, current: Any) -> Any:
         audit_target.set("")
         started = time.perf_counter()
         caller = _caller(self.app, context) or Caller("", "")
@@ -267,7 +275,8 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
             # Fail closed: a call whose event is not kept returns nothing but that (a call
             # that failed anyway keeps its own reason).
             try:
-                self.app.audit.finish(call, outcome, code)
+                with tracing.span("audit.write"):
+                    self.app.audit.finish(call, outcome, code)
             except Exception as exc:
                 refusal = exc if isinstance(exc, KeysvcError) else \
                     error("AUDIT_UNAVAILABLE", "the audit trail cannot be written")
@@ -281,7 +290,9 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
         LATENCY.labels(short, code).observe(elapsed)
         log.info("call", extra={"method": short, "code": code, "actor": caller.identity,
                                 "role": caller.role, "duration_ms": round(elapsed * 1000, 2)})
+        tracing.annotate(current, role=caller.role[:64], code=code)
         if failure is not None:
+            tracing.failed(current, code)
             context.abort_with_status(rpc_status.to_status(status_for(failure)))
         return response
 
@@ -485,6 +496,7 @@ def start_probes(listen: str, watch: HealthWatch) -> None:
 def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, *,
           announce: bool = True) -> int:
     tune_gc()
+    tracing.configure(app.settings, processes.INDEX)
     server, port, watch = build_server(app, listen)
     server.start()
     watch.start()
@@ -522,6 +534,7 @@ def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, 
     if rewrap is not None:
         rewrap.stop()
     server.stop(grace=30).wait()
+    tracing.shutdown()
     app.close()
     log.info("stopped")
     return 0

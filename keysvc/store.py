@@ -35,6 +35,8 @@ from sqlalchemy import DateTime as _DateTime
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.types import TypeDecorator
 
+from keysvc import tracing
+
 metadata = MetaData()
 WRITE_WAIT_SECONDS = 30  # the longest a writer waits for the database's write lock
 
@@ -52,7 +54,7 @@ class DateTime(TypeDecorator):
     def __init__(self, timezone: bool = True) -> None:
         super().__init__(timezone=timezone)
 
-    def process_bind_param(self, value, dialect):  # type: ignore[override]
+    def process_bind_param(self, value, dialect):
         if value is None:
             return None
         if value.tzinfo is None:
@@ -60,7 +62,7 @@ class DateTime(TypeDecorator):
         value = value.astimezone(dt.timezone.utc)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
-    def process_result_value(self, value, dialect):  # type: ignore[override]
+    def process_result_value(self, value, dialect):
         if value is None:
             return None
         return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None \
@@ -268,7 +270,7 @@ class Store:
         hook = before_commit.get()
         on_commit: Callable[[], None] | None = None
         try:
-            with self._one_writer():
+            with tracing.span("db.transaction"), self._one_writer():
                 with self.engine.connect() as conn:
                     conn.info["write"] = True
                     conn.info["after"] = after

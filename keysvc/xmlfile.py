@@ -16,6 +16,7 @@ from functools import lru_cache
 
 from lxml import etree
 
+from keysvc import tracing
 from keysvc.errors import error
 from keysvc.schemas import GROUP_INFORMATION, MIGRATION_FILE, schema_path
 
@@ -164,7 +165,9 @@ def validate(root: etree._Element, schema_name: str, what: str, max_depth: int) 
     Python would cost more than the validation itself.
     """
     schema = _schema(schema_name)
-    if not schema.validate(root):
+    with tracing.span("xml.schema", schema=schema_name):
+        valid = schema.validate(root)
+    if not valid:
         _check_depth(root, max_depth, what)
         err = schema.error_log.last_error
         where = f"line {err.line}" if err is not None else "?"
@@ -300,7 +303,8 @@ def _parse_outer(data: bytes, max_bytes: int, view: str) -> tuple[etree._Element
 
 def read_file(data: bytes, *, max_bytes: int, max_depth: int, view: str) -> MigrationFile:
     """The file as `view` ('s1sp' or 'dco') may see it (see `_parse_outer`)."""
-    root, ciphertext = _parse_outer(data, max_bytes, view)
+    with tracing.span("xml.parse", what="file", view=view, bytes=len(data)):
+        root, ciphertext = _parse_outer(data, max_bytes, view)
     if root.tag != f"{{{NS}}}MigrationGroupEncryptedFile":
         _check_depth(root, max_depth, "the file")
         raise error("SCHEMA_INVALID", "the root element is not MigrationGroupEncryptedFile")
@@ -327,8 +331,9 @@ def read_file(data: bytes, *, max_bytes: int, max_depth: int, view: str) -> Migr
 def parse_plaintext(data: bytes, group_id: str, *, max_bytes: int,
                     max_depth: int) -> etree._Element:
     """The decrypted group information: hardened again (it is still outside input)."""
-    root = parse_hardened(data, max_bytes=max_bytes, max_depth=max_depth,
-                          what="the decrypted group information")
+    with tracing.span("xml.parse", what="group information", bytes=len(data)):
+        root = parse_hardened(data, max_bytes=max_bytes, max_depth=max_depth,
+                              what="the decrypted group information")
     expected = ROOT_FOR_GROUP[group_id]
     local = etree.QName(root).localname
     if etree.QName(root).namespace != NS or local not in ROOT_FOR_GROUP.values():

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import pkcs11
 import pkcs11.exceptions as px
 
+from keysvc import tracing
 from keysvc.hsm.direct import Calls
 from keysvc.hsm.errors import BROKEN_SESSION, HsmKeyNotFound, HsmUnavailable, translate
 
@@ -276,7 +277,8 @@ class Token:
         """
         mod = self._mod()
         generation = mod.generation
-        state = mod.lock._release_save()  # type: ignore[attr-defined]  (RLock, as Condition uses)
+        # RLock's own hand-over, as threading.Condition uses it
+        state = mod.lock._release_save()  # type: ignore[attr-defined]
         try:
             time.sleep(0)
         finally:
@@ -294,7 +296,8 @@ class Token:
         session objects are destroyed with the session).
         """
         try:
-            with self.session(missing_means_down=False) as s:
+            with tracing.span("hsm.session", partition=self.config.label), \
+                    self.session(missing_means_down=False) as s:
                 return work(s)
         except HsmKeyNotFound:
             self.refresh()
