@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import os
 import sys
 import unicodedata
@@ -61,6 +62,10 @@ def shown(value: Any) -> Text:
 # Exit codes: 0 done, 1 refused by keysvc (its reason printed), 2 usage or configuration,
 # 3 keysvc cannot be reached.
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+# What `keysvc[server]` adds to the client's dependencies (top-level import names).
+SERVER_MODULES = frozenset({"pkcs11", "lxml", "sqlalchemy", "alembic", "psycopg",
+                            "prometheus_client", "Crypto", "asn1crypto", "opentelemetry",
+                            "grpc_health", "grpc_reflection", "tzdata"})
 
 # `--json`: every table is printed as one JSON object per line instead, for scripts.
 _JSON = {"on": False}
@@ -105,6 +110,10 @@ def _problems(problems: Iterable[Any]) -> str:
 
 
 # --------------------------------------------------------------------------- serve
+DEV_HELP = ("the development set-up (local CA, SoftHSM2 tokens and PINs in the state "
+            "directory); the default when there is no configuration at all")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from keysvc import config, hardening
     from keysvc.app import App
@@ -114,10 +123,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from keysvc import memory
     memory.fewer_heaps()
     hardening.keep_pins_out_of_environ()  # may re-execute this process without them
-    pins = hardening.pins_from_pipe()
+    pins: dict[str, Any] = hardening.pins_from_pipe()
     try:
         settings = config.load(args.config, state_dir=args.state_dir, listen=args.listen,
-                               processes=args.processes, **pins)
+                               processes=args.processes, dev=args.dev or None, **pins)
     except (ValueError, OSError) as exc:
         err.print(f"keysvc: configuration: {exc}", markup=False, highlight=False)
         return 2
@@ -127,6 +136,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             err.print(f"keysvc: {line}", markup=False, highlight=False)
         return 2
     configure_logging(settings.log_level)
+    if settings.dev:
+        logging.getLogger("keysvc").warning(
+            "development set-up: a local CA and PINs in files under %s; not for production "
+            "(give --config or KEYSVC_* settings)", settings.state_dir)
     hardening.harden(settings.lock_memory)
     if settings.processes == 1:
         return serve(App.open(settings), settings.listen)
@@ -149,7 +162,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     configuration file, also that the PKCS#11 module shows the three token labels."""
     from keysvc import config
     try:
-        settings = config.load(args.config, state_dir=args.state_dir)
+        settings = config.load(args.config, state_dir=args.state_dir, dev=args.dev or None)
     except (ValueError, OSError) as exc:
         console.print(shown(f"problem: configuration: {exc}"), soft_wrap=True)
         return 2
@@ -178,7 +191,7 @@ def _missing_tokens(settings: Any) -> list[str]:
 def cmd_init(args: argparse.Namespace) -> int:
     from keysvc import config
     from keysvc.app import App
-    settings = config.load(args.config, state_dir=args.state_dir)
+    settings = config.load(args.config, state_dir=args.state_dir, dev=args.dev or None)
     App.open(settings).close()
     console.print(f"state directory ready: {settings.state_dir}")
     return 0
@@ -198,7 +211,7 @@ OP_COLUMNS = ["operation", "kind", "target", "state", "requested by", "approved 
 
 def cmd_admin_import_key(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import padding
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
     from keysvc.api.v1 import keysvc_pb2 as pb
     s = _stubs(args)
@@ -211,6 +224,8 @@ def cmd_admin_import_key(args: argparse.Namespace) -> int:
         job = s.admin.CreateImportJob(pb.CreateImportJobRequest(
             name=f"import {args.name}", purpose=req.purpose))
         pub = serialization.load_pem_public_key(job.public_key_pem.encode())
+        if not isinstance(pub, rsa.RSAPublicKey):
+            raise SystemExit("keysvc: the import job's key is not an RSA key; nothing sent")
         key = bytes.fromhex(Path(args.key_file).read_text().strip())
         req.wrapped_key = pub.encrypt(key, padding.OAEP(mgf=padding.MGF1(hashes.SHA1()),
                                                         algorithm=hashes.SHA1(), label=None))
@@ -284,7 +299,7 @@ def cmd_admin_approve(args: argparse.Namespace) -> int:
 def cmd_admin_operations(args: argparse.Namespace) -> int:
     from keysvc.api.v1 import keysvc_pb2 as pb
     r = _stubs(args).admin.ListOperations(pb.ListOperationsRequest(
-        state=pb.Operation.State.Value(args.state) if args.state else 0))
+        state=args.state or None))
     _table("operations", OP_COLUMNS, [_op_row(o) for o in r.operations])
     return 0
 
@@ -302,7 +317,7 @@ KEY_COLUMNS = ["name", "purpose", "algorithm", "owner / originators", "KCV", "st
 def cmd_admin_keys(args: argparse.Namespace) -> int:
     from keysvc.api.v1 import keysvc_pb2 as pb
     r = _stubs(args).admin.ListKeys(pb.ListKeysRequest(
-        purpose=pb.KeyPurpose.Value(args.purpose) if args.purpose else 0))
+        purpose=args.purpose or None))
     _table("keys", KEY_COLUMNS, _key_rows(r.keys))
     return 0
 
@@ -930,16 +945,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="server processes sharing the port (default 1; one per core "
                             "uses every core)")
     serve.add_argument("--config", default=None)
+    serve.add_argument("--dev", action="store_true", help=DEV_HELP)
     serve.set_defaults(func=cmd_serve)
     cc = sub.add_parser("config", help="configuration")
     ccs = cc.add_subparsers(dest="action", required=True)
     check = ccs.add_parser("check", help="validate the settings as `serve` would, and exit")
     common(check)
     check.add_argument("--config", default=None)
+    check.add_argument("--dev", action="store_true", help=DEV_HELP)
     check.set_defaults(func=cmd_config_check)
     init = sub.add_parser("init", help="create the development state directory and exit")
     common(init)
     init.add_argument("--config", default=None)
+    init.add_argument("--dev", action="store_true", help=DEV_HELP)
     init.set_defaults(func=cmd_init)
 
     def group(name: str, help_: str) -> Any:
@@ -1133,6 +1151,14 @@ def main(argv: list[str] | None = None) -> int:
     _JSON["on"] = bool(getattr(args, "json", False))
     try:
         return args.func(args)
+    except ModuleNotFoundError as exc:
+        # `pip install keysvc` is the client and this CLI's calls; serving and the ceremonies
+        # that talk to the token need the server's dependencies.
+        if (exc.name or "").split(".")[0] not in SERVER_MODULES:
+            raise
+        err.print(f"keysvc: this command needs the server's dependencies ({exc.name} is not "
+                  f"installed): pip install 'keysvc[server]'", markup=False, highlight=False)
+        return EXIT_USAGE
     except grpc.RpcError as exc:
         from keysvc.client import error_reason
         reason = error_reason(exc)

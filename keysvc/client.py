@@ -34,7 +34,7 @@ def secure_channel(target: str, ca: bytes, cert: bytes | None, key: bytes | None
     must carry when it is not the one in `target`."""
     creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
                                          certificate_chain=cert)
-    options = [("grpc.max_receive_message_length", max_bytes),
+    options: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", max_bytes),
                ("grpc.max_send_message_length", max_bytes)]
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
@@ -68,7 +68,7 @@ def connect(target: str, state_dir: Path, identity: str | None) -> Stubs:
 
 def error_reason(exc: grpc.RpcError) -> str:
     """The ErrorInfo reason of a failed call ("" if it carries none)."""
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    status = rpc_status.from_call(exc)
     if status is None:
         return ""
     for detail in status.details:
@@ -114,7 +114,7 @@ def error_from(exc: grpc.RpcError) -> KeysvcCallError:
     """The typed error of a failed call."""
     reason = request_id = field = ""
     retry_after = None
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    status = rpc_status.from_call(exc)
     for d in (status.details if status is not None else []):
         for kind in (error_details_pb2.ErrorInfo, error_details_pb2.RequestInfo,
                      error_details_pb2.RetryInfo, error_details_pb2.BadRequest):

@@ -16,6 +16,7 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -116,7 +117,8 @@ def deposit(app: App, caller: Caller, *, smso_id: str, group_id: str,
             raise error("INVALID_CERTIFICATE", f"certificate {i} expires "
                         f"{cert.not_valid_after_utc:%Y-%m-%d}, before valid_to {valid_to}")
         ders.append(base64.b64encode(cert.public_bytes(Encoding.DER)).decode())
-    row = {"id": "esc-" + uuid.uuid4().hex[:16], "smso_id": smso_id, "group_id": group_id,
+    row: dict[str, Any] = {
+           "id": "esc-" + uuid.uuid4().hex[:16], "smso_id": smso_id, "group_id": group_id,
            "chf_identifiers": json.dumps(chfs), "certificates": json.dumps(ders),
            "valid_from": valid_from.isoformat(), "valid_to": valid_to.isoformat(),
            "max_releases": int(max_releases), "note": note, "releases": 0, "revoked": False,

@@ -301,7 +301,7 @@ def import_transport_key(app: App, caller: Caller, *, name: str, purpose: str, o
     if bool(wrapped_key) == bool(component):
         raise error("INVALID_REQUEST", "give either wrapped_key with import_job_id, or component")
     op_id = "op-" + uuid.uuid4().hex[:16]
-    payload = {"name": name, "purpose": purpose, "owner_id": owner_id,
+    payload: dict[str, Any] = {"name": name, "purpose": purpose, "owner_id": owner_id,
                "owner_type": owner_type, "expected_kcv": expected_kcv}
     if wrapped_key:
         job = app.records.import_jobs.get(None, import_job_id)

@@ -27,10 +27,10 @@ HSM_UP = Gauge("keysvc_hsm_available", "1 when the partition's token answers", [
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-               + f".{int(record.msecs):03d}Z",
-               "level": record.levelname, "logger": record.name,
-               "msg": record.getMessage()}
+        out: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
         rid = request_id.get()
         if rid:
             out["request_id"] = rid

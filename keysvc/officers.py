@@ -85,8 +85,9 @@ def _check_enrollable(roster: RosterState, fp: str, name: str) -> None:
                                            officer_name(x.name) == officer_name(name))
            for x in roster.pending):
         raise error("OFFICER_EXISTS", "an enrolment of that key or name waits to commit")
-    if roster.officer(fp) is not None:
-        raise error("OFFICER_EXISTS", f"that key is enrolled as {roster.officer(fp).name}")
+    enrolled = roster.officer(fp)
+    if enrolled is not None:
+        raise error("OFFICER_EXISTS", f"that key is enrolled as {enrolled.name}")
     if roster.officer_named(name) is not None:
         raise error("OFFICER_EXISTS", "an officer of that name (ignoring case and spaces) "
                                       "is enrolled")

@@ -8,6 +8,7 @@ officers, and a record-seal key for the operations that change that roster.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from keysvc.config import PARTITIONS, Settings
 from keysvc.custody import versions
@@ -82,7 +83,7 @@ class Partitions:
                     generate(s, label)
 
 
-def generate(s: object, label: str, key_id: str = "") -> None:
+def generate(s: Any, label: str, key_id: str = "") -> None:
     """A new long-lived key (or version of one) as its base label's kind says; `key_id`
     names the operation that made a rotated version."""
     aes, usage = KIND[versions.parse(label)[0]]

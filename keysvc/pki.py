@@ -62,7 +62,10 @@ def ensure_dev_pki(pki_dir: Path) -> None:
     ca_pem, ca_key_path = pki_dir / "ca.pem", pki_dir / "ca.key"
     if ca_pem.exists() and ca_key_path.exists():
         ca_cert = x509.load_pem_x509_certificate(ca_pem.read_bytes())
-        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
+        loaded = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{ca_key_path} is not the development CA's P-256 key")
+        ca_key = loaded
     else:
         ca_key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)

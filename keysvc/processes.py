@@ -84,7 +84,8 @@ class Supervisor:
             _die_with_parent(self._pid)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             os.close(self._ready_r)
-            code = self.start_worker(lambda: os.write(self._ready_w, bytes([index])))
+            code = self.start_worker(lambda: None if os.write(
+                self._ready_w, bytes([index])) else None)
         except BaseException:
             traceback.print_exc()
         finally:

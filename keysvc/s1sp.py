@@ -21,7 +21,7 @@ from typing import Callable
 from lxml import etree
 from sqlalchemy.exc import IntegrityError
 
-from keysvc import transport
+from keysvc import tracing, transport
 from keysvc.app import App, Caller
 from keysvc.custody import versions
 from keysvc.device_certificate import CertificateVerdict
@@ -53,8 +53,10 @@ class _Installation:
     esme: str = ""
     gsme: str = ""
     problems: list[Problem] = field(default_factory=list)
-    # (device, role, name, bits) until wrapped; then (device, role, name, kcv). Never shown.
+    # (device, role, name, bits) until wrapped, then dropped. Never shown.
     keys: list[tuple[str, str, str, bytes]] = field(default_factory=list, repr=False)
+    # (device, role, name, kcv) of each key once wrapped.
+    kcvs: list[tuple[str, str, str, str]] = field(default_factory=list)
     verdict: CertificateVerdict | None = None
     # (CHF, ESME) as written, to pair with its MasterKeyEntry even when malformed; internal
     # only, never returned (it comes from the decrypted plaintext).
@@ -74,21 +76,28 @@ def process_group_information(app: App, caller: Caller, data: bytes) -> GroupRes
         return earlier
     transport.check_originator(h)
     ed, mf = mf.group_information, dataclasses.replace(mf, group_information=None)
+    assert ed is not None  # read_file's s1sp view always has it
     if ed.algorithm != AES256_GCM:
         raise error("UNSUPPORTED_ALGORITHM", f"content encryption {ed.algorithm!r} is not "
                                              "supported")
     key = transport.resolve_transport_key(app, ed.encrypted_key, "S1SP_TRANSPORT", h)
-    plaintext = _decrypt(app, key, ed)
+    with tracing.span("hsm.decrypt_group_information", bytes=len(ed.cipher_value)):
+        plaintext = _decrypt(app, key, ed)
     del ed  # the ciphertext: 48 MB of a 64 MiB file
     root = parse_plaintext(plaintext, h.group_id, max_bytes=s.max_file_bytes,
                            max_depth=s.max_xml_depth)
     del plaintext
-    installations, orphans, apply_certificate_verdicts = _validate(
-        app, root, h.group_id, mf.master_key_entries)
+    with tracing.span("validate_installations") as current:
+        installations, orphans, apply_certificate_verdicts = _validate(
+            app, root, h.group_id, mf.master_key_entries)
+        tracing.annotate(current, installations=len(installations))
     del root
     _reject_devices_already_stored(app, installations)
-    wrapped = _wrap_accepted(app, installations, h.migration_file_id)
-    apply_certificate_verdicts()
+    with tracing.span("hsm.wrap_device_keys") as current:
+        wrapped = _wrap_accepted(app, installations, h.migration_file_id)
+        tracing.annotate(current, keys=len(wrapped))
+    with tracing.span("certificates.verdicts"):
+        apply_certificate_verdicts()
     wrapped = _drop_rejected(installations, wrapped)
     result = GroupResult(h.migration_file_id, h.group_id, h.originator_id,
                          tuple(_result(i) for i in installations) + tuple(orphans))
@@ -253,7 +262,9 @@ def _validate(app: App, root: etree._Element, group_id: str, entries
     """Read and check every Installation; the certificate checks run in the background
     (app.certificates) while the caller wraps keys, and the returned function waits for
     them and applies their verdicts."""
-    installations, cert_indexes, cert_items = [], [], []
+    installations: list[_Installation] = []
+    cert_indexes: list[int] = []
+    cert_items: list[tuple[bytes, str | None]] = []
     for el in root.iterfind("m:Installation", NSMAP):
         inst = _read_installation(el, group_id)
         item = _certificate_input(el, inst)
@@ -340,7 +351,7 @@ def _wrap_accepted(app: App, installations: list[_Installation], file_id: str) -
 
     rows, done_all = token.run(work)
     for inst, done in zip(installations, done_all):
-        inst.keys = done  # type: ignore[assignment]  (bits dropped: only KCVs remain)
+        inst.keys, inst.kcvs = [], done  # the bits are dropped: only KCVs remain
     return rows
 
 
@@ -349,6 +360,7 @@ def _drop_rejected(installations: list[_Installation], rows: Wrapped) -> Wrapped
     for inst in installations:
         if inst.problems:
             inst.keys.clear()
+            inst.kcvs.clear()
     return [r for r in rows if r[0].chf_identifier not in rejected]
 
 
@@ -356,7 +368,7 @@ def _result(inst: _Installation) -> InstallationResult:
     ok = not inst.problems
     return InstallationResult(
         inst.chf, "ACCEPTED" if ok else "REJECTED", tuple(inst.problems), inst.esme, inst.gsme,
-        tuple(DeviceKey(d, r, n, k) for (d, r, n, k) in inst.keys) if ok else (),
+        tuple(DeviceKey(d, r, n, k) for (d, r, n, k) in inst.kcvs) if ok else (),
         inst.verdict)
 
 

@@ -212,7 +212,7 @@ class DCOServicer(rpc.DCOServiceServicer):
 
 # api.md names some responses by their RPC (GetKeyResponse, DisableKeyResponse, ...) where
 # the proto also has the shared type (KeyInfo, Operation, Escrow): same fields, same numbers.
-def _value(enum: Any, name: str) -> int:
+def _value(enum: Any, name: str) -> Any:
     """An enum's number; 0 (UNSPECIFIED) for a record shown as altered (no values)."""
     return enum.Value(name) if name in enum.keys() else 0
 

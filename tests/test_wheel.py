@@ -1,5 +1,6 @@
 """The wheel (issue 17): built from a checkout without generated code, installed into a
-fresh virtualenv, its client used by an S1SP and a DCO program against a real server.
+fresh virtualenv without the server's extra, its client used by an S1SP and a DCO program
+against a real server.
 
 setup.py generates the gRPC code at build time; the runtime dependencies are what the
 runtime imports (grpcio-tools and pyasn1 are not among them).
@@ -85,3 +86,27 @@ def test_s1sp_and_dco_programs_use_the_installed_client_against_a_real_server(wh
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["s1sp DeviceKeyNotFound True",
                                           "dco MalformedXml True"]
+    # The bare wheel is the client: none of the server's dependencies came with it, the
+    # CLI's calls work, and serving says what to install.
+    from keysvc.cli import SERVER_MODULES
+    absent = subprocess.run([str(venv / "bin" / "python"), "-c", SERVER_ONLY,
+                             *sorted(SERVER_MODULES)], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert absent.returncode == 0 and absent.stdout.split() == sorted(SERVER_MODULES), \
+        absent.stdout + absent.stderr
+    keysvc = str(venv / "bin" / "keysvc")
+    pki = server.state_dir / "pki"
+    called = subprocess.run([keysvc, "admin", "keys", "--server", server.target, "--ca",
+                             str(pki / "ca.pem"), "--cert", str(pki / "security-officer-1.pem"),
+                             "--key", str(pki / "security-officer-1.key"), "--json"],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert called.returncode == 0, called.stderr
+    serving = subprocess.run([keysvc, "serve", "--state-dir", str(tmp_path / "s")], env=env,
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert serving.returncode == 2 and "pip install 'keysvc[server]'" in serving.stderr
+
+
+SERVER_ONLY = r'''
+import importlib.util, sys
+print("\n".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
+'''

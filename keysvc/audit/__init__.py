@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import hashlib
 import hmac
@@ -19,7 +20,7 @@ import logging
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from sqlalchemy import select
 
@@ -243,12 +244,12 @@ class AuditLog:
         rows = rows[:page_size]
         return [_shown(r) for r in rows], (rows[-1].seq if more and rows else 0)
 
-    def _rows(self, q) -> list:
+    def _rows(self, q) -> builtins.list[Any]:
         """The rows of `q`; a row whose values the database cannot even hand over as their
         types (a date that is not one) comes back as its sequence and id only."""
         with self.store.engine.connect() as conn:
             try:
-                return conn.execute(q).all()
+                return builtins.list(conn.execute(q).all())
             except (ValueError, TypeError, OverflowError, UnicodeDecodeError):
                 pass
             keys = conn.execute(q.with_only_columns(st.audit_events.c.seq,
@@ -267,7 +268,7 @@ class AuditLog:
         with self.store.engine.connect() as conn:
             return conn.execute(select(st.audit_head.c.seq)).scalar() or 0
 
-    def export(self, since: int, limit: int = 1000) -> list[Chained]:
+    def export(self, since: int, limit: int = 1000) -> builtins.list[Chained]:
         """Chained events after sequence `since` (a SIEM's resumable cursor)."""
         with self.store.engine.connect() as conn:
             rows = conn.execute(select(st.audit_events).where(st.audit_events.c.seq > since)

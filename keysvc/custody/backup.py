@@ -35,11 +35,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import operator
 import re
 import time
 import uuid
 from base64 import b64decode, b64encode
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from cryptography import x509
@@ -237,7 +239,7 @@ def report_restores(app: Any) -> None:
             app.audit.append(actor="keysvc", role="", action="custody.restore",
                              target=detail)
             with token.session() as s:
-                hk.destroy_data(s, RESTORED, lambda value, v=v: value == v)
+                hk.destroy_data(s, RESTORED, partial(operator.eq, v))
 
 
 BACKUP_AGE = Gauge("keysvc_backup_age_seconds",

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import pkcs11.exceptions as px
 from pkcs11 import MGF, Attribute, GCMParams, KeyType, Mechanism, ObjectClass
-from pkcs11._pkcs11 import SearchIter
+from pkcs11._pkcs11 import SearchIter  # type: ignore[attr-defined]
 from pkcs11.util.rsa import encode_rsa_public_key
 
 from keysvc.hsm.direct import Template

@@ -83,7 +83,7 @@ def refusal(cert: x509.Certificate) -> str:
     except x509.ExtensionNotFound:
         pass
     try:
-        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        usages = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
     except x509.ExtensionNotFound:
         usages = []
     if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID
 
 from keysvc.identity.certificates import fingerprint
 from keysvc.identity.roster import Roster
@@ -41,8 +40,7 @@ def _parse(data: bytes) -> x509.CertificateRevocationList:
 
 def _number(crl: x509.CertificateRevocationList) -> int:
     try:
-        return int(crl.extensions.get_extension_for_oid(ExtensionOID.CRL_NUMBER).value
-                   .crl_number)
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
     except x509.ExtensionNotFound:
         return 0
 
@@ -63,7 +61,8 @@ def load_dir(directory: Path, cas: tuple[x509.Certificate, ...], roster: Roster,
                 raise ValueError("too large")
             crl = _parse(path.read_bytes())
             ca = next((c for c in cas if c.subject == crl.issuer
-                       and crl.is_signature_valid(c.public_key())), None)
+                       and crl.is_signature_valid(c.public_key())),  # type: ignore[arg-type]
+                      None)
             if ca is None:
                 raise ValueError("not signed by a client CA")
             revoked = {format(r.serial_number, "x") for r in crl}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
@@ -102,8 +103,8 @@ class ImportJobs:
             if ok:
                 out.append(job)
             else:
-                st.after_tx(conn, lambda i=row.id: self.r.flag(
-                    f"import_jobs/{i}", "fails its HSM seal; not purged"))
+                st.after_tx(conn, partial(self.r.flag, f"import_jobs/{row.id}",
+                                          "fails its HSM seal; not purged"))
         return out
 
     def outstanding(self, created_by: str, now: dt.datetime) -> int:

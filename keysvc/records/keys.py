@@ -8,6 +8,7 @@ the object's CKA_ID must be the record's key id and its usage flags those of the
 """
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import json
 from dataclasses import dataclass, field, replace
@@ -209,7 +210,7 @@ class Keys:
         anchor(f"key/{rec.name}", seal, old, anchor_payload(op_id, data))
         return new
 
-    def anchor_ops(self, name: str) -> list[str]:
+    def anchor_ops(self, name: str) -> builtins.list[str]:
         """The operations named by the anchors of key `name`, in every partition's token
         (a key name is one key across partitions)."""
         ops = []

@@ -9,6 +9,7 @@ hand fails at approval and at execution, and an older copy put back fails its an
 from __future__ import annotations
 
 import base64
+import builtins
 import datetime as dt
 import hashlib
 import hmac
@@ -252,7 +253,7 @@ class Operations:
             return None
         return op.state
 
-    def pending_for(self, conn: Any, target: str, kinds: list[str]) -> str | None:
+    def pending_for(self, conn: Any, target: str, kinds: builtins.list[str]) -> str | None:
         """The id of a verified pending operation on `target`. A row that fails its seal or
         anchor (a database writer's, to block a request) is reported and does not count."""
         rows = conn.execute(select(st.operations.c.id).where(

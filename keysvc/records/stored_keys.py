@@ -168,7 +168,8 @@ class _StoredKeys:
             .limit(limit + len(skip))
         with self.r.store.engine.connect() as conn:
             rows = conn.execute(q).all()
-        good, bad = [], []
+        good: list[StoredKey] = []
+        bad: list[str] = []
         pairs = []
         for r in rows:
             name = self.record_name(r)
@@ -181,7 +182,10 @@ class _StoredKeys:
         ok = self.r.sealers[self.partition].valid_many(
             [(self.canonical(k), seal) for _, k, seal in pairs]) if pairs else []
         for (name, k, _), fine in zip(pairs, ok):
-            (good if fine else bad).append(k if fine else name)
+            if fine:
+                good.append(k)
+            else:
+                bad.append(name)
         for name in bad:
             self.r.flag(name, "fails its HSM seal; not rewrapped")
         return good[:limit], bad
