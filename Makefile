@@ -46,7 +46,9 @@ proto: $(GEN)
 
 $(GEN): $(PROTO) $(VENV)/.installed
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. \
-	  --pyi_out=. $(PROTO)
+	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=. \
+	  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=. $(PROTO)
 
 clean:
-	rm -rf $(VENV) $(GEN) keysvc/api/v1/keysvc_pb2_grpc.py keysvc/api/v1/keysvc_pb2.pyi
+	rm -rf $(VENV) $(GEN) keysvc/api/v1/keysvc_pb2_grpc.py keysvc/api/v1/keysvc_pb2.pyi \
+	  keysvc/api/v1/keysvc_pb2_grpc.pyi

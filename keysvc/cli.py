@@ -299,7 +299,7 @@ def cmd_admin_approve(args: argparse.Namespace) -> int:
 def cmd_admin_operations(args: argparse.Namespace) -> int:
     from keysvc.api.v1 import keysvc_pb2 as pb
     r = _stubs(args).admin.ListOperations(pb.ListOperationsRequest(
-        state=args.state or None))
+        state=pb.Operation.State.Value(args.state or "STATE_UNSPECIFIED")))
     _table("operations", OP_COLUMNS, [_op_row(o) for o in r.operations])
     return 0
 
@@ -317,7 +317,7 @@ KEY_COLUMNS = ["name", "purpose", "algorithm", "owner / originators", "KCV", "st
 def cmd_admin_keys(args: argparse.Namespace) -> int:
     from keysvc.api.v1 import keysvc_pb2 as pb
     r = _stubs(args).admin.ListKeys(pb.ListKeysRequest(
-        purpose=args.purpose or None))
+        purpose=pb.KeyPurpose.Value(args.purpose or "KEY_PURPOSE_UNSPECIFIED")))
     _table("keys", KEY_COLUMNS, _key_rows(r.keys))
     return 0
 

@@ -1,12 +1,17 @@
-"""A gRPC client for the CLI, the tests and the benchmarks: mTLS from a state directory.
+"""keysvc's client: `Client` for the programs that call keysvc (typed stubs, typed errors
+from ErrorInfo with the request id, default deadlines, retries of idempotent calls), and
+`connect` for the CLI, the tests and the benchmarks (an identity from a development state
+directory's DIR/pki: s1sp, dco, security-officer-1, ..., exactly as other components would
+present theirs).
 
-The identity is a certificate in DIR/pki (s1sp, dco, security-officer-1, ...), exactly as
-other components would present theirs.
+Importable with `pip install keysvc` alone: nothing here needs the server's dependencies.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 from google.rpc import error_details_pb2
@@ -159,28 +164,48 @@ def service_config() -> str:
                         "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]})
 
 
+class _Method:
+    """One RPC of a stub: called (or `with_call`) with a default deadline, failing with a
+    KeysvcCallError subclass; anything else (`future`) is the stub's own."""
+
+    def __init__(self, name: str, method: Any) -> None:
+        self._name, self._method = name, method
+
+    def _deadline(self, timeout: float | None) -> float:
+        return timeout or DEADLINES.get(self._name, DEFAULT_DEADLINE)
+
+    def __call__(self, request: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        try:
+            out = self._method(request, timeout=self._deadline(timeout), **kwargs)
+        except grpc.RpcError as exc:
+            raise error_from(exc) from None
+        if hasattr(out, "__next__"):  # a stream fails as it is read
+            return _typed_stream(out)
+        return out
+
+    def with_call(self, request: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        try:
+            return self._method.with_call(request, timeout=self._deadline(timeout), **kwargs)
+        except grpc.RpcError as exc:
+            raise error_from(exc) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._method, name)
+
+
 class _Typed:
-    """A stub whose methods have a default deadline and raise KeysvcCallError subclasses."""
+    """A stub whose methods are `_Method`s. It stands in for the generated stub class (the
+    Client's properties say so), so a caller's type checker sees each RPC's request and
+    response types (mypy-protobuf's stubs, built with the package)."""
 
     def __init__(self, stub: object) -> None:
         self._stub = stub
 
-    def __getattr__(self, name: str):
-        method = getattr(self._stub, name)
-
-        def call(request, timeout: float | None = None, **kwargs):
-            try:
-                out = method(request, timeout=timeout or DEADLINES.get(name, DEFAULT_DEADLINE),
-                             **kwargs)
-            except grpc.RpcError as exc:
-                raise error_from(exc) from None
-            if hasattr(out, "__next__"):  # a stream fails as it is read
-                return _typed_stream(out)
-            return out
-        return call
+    def __getattr__(self, name: str) -> _Method:
+        return _Method(name, getattr(self._stub, name))
 
 
-def _typed_stream(stream):
+def _typed_stream(stream: Any) -> Iterator[Any]:
     try:
         yield from stream
     except grpc.RpcError as exc:
@@ -203,7 +228,8 @@ class Client:
                  server_name: str = "") -> "Client":
         creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
                                              certificate_chain=cert)
-        options = [("grpc.enable_retries", 1), ("grpc.service_config", service_config())]
+        options: list[tuple[str, int | str]] = [("grpc.enable_retries", 1),
+                                                ("grpc.service_config", service_config())]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         return cls(grpc.secure_channel(target, creds, options=options))
@@ -215,20 +241,21 @@ class Client:
                             key=Path(key).read_bytes(), server_name=server_name)
 
     @property
-    def s1sp(self):
-        return _Typed(rpc.S1SPServiceStub(self.channel))
+    def s1sp(self) -> rpc.S1SPServiceStub:
+        return cast(rpc.S1SPServiceStub, _Typed(rpc.S1SPServiceStub(self.channel)))
 
     @property
-    def dco(self):
-        return _Typed(rpc.DCOServiceStub(self.channel))
+    def dco(self) -> rpc.DCOServiceStub:
+        return cast(rpc.DCOServiceStub, _Typed(rpc.DCOServiceStub(self.channel)))
 
     @property
-    def admin(self):
-        return _Typed(rpc.KeyAdministrationServiceStub(self.channel))
+    def admin(self) -> rpc.KeyAdministrationServiceStub:
+        return cast(rpc.KeyAdministrationServiceStub,
+                    _Typed(rpc.KeyAdministrationServiceStub(self.channel)))
 
     @property
-    def audit(self):
-        return _Typed(rpc.AuditServiceStub(self.channel))
+    def audit(self) -> rpc.AuditServiceStub:
+        return cast(rpc.AuditServiceStub, _Typed(rpc.AuditServiceStub(self.channel)))
 
     def close(self) -> None:
         self.channel.close()

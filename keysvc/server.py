@@ -17,7 +17,7 @@ import time
 import uuid
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -119,10 +119,11 @@ current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("current
 
 
 def _caller(app: App, context: grpc.ServicerContext) -> Caller | None:
-    pem = (context.auth_context() or {}).get("x509_pem_cert")
-    if not pem:
+    # gRPC's auth context: property name -> list of values (bytes)
+    pems = cast("list[bytes]", (context.auth_context() or {}).get("x509_pem_cert") or [])
+    if not pems:
         return None
-    return caller_from_pem(pem[0], client_cas(app))
+    return caller_from_pem(pems[0], client_cas(app))
 
 
 # An error travels in the response trailers: one that quotes a megabyte of the caller's

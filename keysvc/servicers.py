@@ -56,9 +56,7 @@ def problems_pb(problems: tuple[Problem, ...]) -> list[pb.Problem]:
     return [pb.Problem(code=p.code, message=p.message, field=p.field) for p in problems]
 
 
-def verdict_pb(v: CertificateVerdict | None) -> pb.CertificateVerdict | None:
-    if v is None:
-        return None
+def verdict_pb(v: CertificateVerdict) -> pb.CertificateVerdict:
     return pb.CertificateVerdict(
         valid=v.valid, problems=problems_pb(v.problems), subject=v.subject, issuer=v.issuer,
         serial_hex=v.serial_hex, not_before=ts(v.not_before), not_after=ts(v.not_after),

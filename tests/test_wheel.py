@@ -73,12 +73,19 @@ def test_the_runtime_needs_neither_grpcio_tools_nor_pyasn1(wheel):
     assert not any("grpcio-tools" in r or "pyasn1" in r for r in requires), requires
 
 
-def test_s1sp_and_dco_programs_use_the_installed_client_against_a_real_server(wheel, server,
-                                                                               tmp_path):
-    venv = tmp_path / "venv"
+@pytest.fixture(scope="module")
+def bare_venv(wheel, tmp_path_factory) -> Path:
+    """A fresh virtualenv with the wheel and no extra: what a calling program installs."""
+    venv = tmp_path_factory.mktemp("bare") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True,
                    timeout=600)
+    return venv
+
+
+def test_s1sp_and_dco_programs_use_the_installed_client_against_a_real_server(
+        bare_venv, server, tmp_path):
+    venv = bare_venv
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     out = subprocess.run([str(venv / "bin" / "python"), "-c", CALLER, server.target,
                           str(server.state_dir / "pki")], cwd=tmp_path, env=env,
@@ -104,6 +111,49 @@ def test_s1sp_and_dco_programs_use_the_installed_client_against_a_real_server(wh
     serving = subprocess.run([keysvc, "serve", "--state-dir", str(tmp_path / "s")], env=env,
                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert serving.returncode == 2 and "pip install 'keysvc[server]'" in serving.stderr
+
+
+TYPED_CALLER = '''
+from keysvc.api.v1 import keysvc_pb2 as pb
+from keysvc.client import Client
+
+client = Client.from_files("keysvc:50051", ca="ca.pem", cert="s1sp.pem", key="s1sp.key")
+reply = client.s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(device_id="d"))
+match: bool = reply.match
+'''
+WRONG_REQUEST = '''
+reply = client.s1sp.VerifyPrepaymentKey(pb.VerifyMasterKeyRequest(device_id="d"))
+'''
+WRONG_FIELD = '''
+kcv: str = client.dco.VerifyMasterKey(pb.VerifyMasterKeyRequest()).kcv
+'''
+
+
+def test_a_callers_type_checker_sees_every_rpcs_request_and_response(wheel, tmp_path):
+    """The wheel is typed (py.typed, mypy-protobuf's stubs of the messages and the gRPC
+    stubs): mypy, pointed at a fresh virtualenv holding `keysvc[typing]` (the client and
+    grpcio's and protobuf's stubs), passes a right call and names a wrong request type and
+    a field the response does not have."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{wheel}[typing]"],
+                   check=True, timeout=600)
+    programs = {"right.py": TYPED_CALLER, "wrong_request.py": TYPED_CALLER + WRONG_REQUEST,
+                "wrong_field.py": TYPED_CALLER + WRONG_FIELD}
+    for name, text in programs.items():
+        (tmp_path / name).write_text(text)
+
+    def mypy(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mypy", "--python-executable",
+                               str(venv / "bin" / "python"), "--cache-dir",
+                               str(tmp_path / ".mypy"), name], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+    right = mypy("right.py")
+    assert right.returncode == 0, right.stdout
+    wrong = mypy("wrong_request.py")
+    assert wrong.returncode == 1 and "VerifyMasterKeyRequest" in wrong.stdout, wrong.stdout
+    field = mypy("wrong_field.py")
+    assert field.returncode == 1 and '"kcv"' in field.stdout, field.stdout
 
 
 SERVER_ONLY = r'''
