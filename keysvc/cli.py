@@ -135,6 +135,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for line in bad:
             err.print(f"keysvc: {line}", markup=False, highlight=False)
         return 2
+    if not settings.dev and not _tokens_present(settings):
+        return 2
     configure_logging(settings.log_level)
     if settings.dev:
         logging.getLogger("keysvc").warning(
@@ -142,7 +144,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "(give --config or KEYSVC_* settings)", settings.state_dir)
     hardening.harden(settings.lock_memory)
     if settings.processes == 1:
-        return serve(App.open(settings), settings.listen)
+        from keysvc.hsm import HsmError
+        try:
+            app = App.open(settings)
+        except HsmError as exc:  # a wrong PIN, a token gone: its label and kind, no secret
+            err.print(f"keysvc: cannot start: {exc}", markup=False, highlight=False)
+            return 1
+        return serve(app, settings.listen)
     from keysvc import processes
 
     def start_worker(ready: Callable[[], None]) -> int:
@@ -169,11 +177,31 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     bad = config.problems(settings)
     if not bad and not settings.dev:
         bad = _missing_tokens(settings)
+    if _JSON["on"]:
+        sys.stdout.write(json.dumps({"ok": not bad, "development": settings.dev,
+                                     "problems": bad}) + "\n")
+        return 2 if bad else 0
     for line in bad:
         console.print(shown(f"problem: {line}"), soft_wrap=True)
     if not bad:
         console.print("configuration ok" + (" (development set-up)" if settings.dev else ""))
     return 2 if bad else 0
+
+
+def _tokens_present(settings: Any) -> bool:
+    """`config check`'s token check before serving, in a child process: the PKCS#11 module
+    must not be initialised in a process that then forks its workers."""
+    pid = os.fork()
+    if pid == 0:  # the child: report, and leave without running the parent's clean-ups
+        code = 0
+        try:
+            for line in _missing_tokens(settings):
+                err.print(f"keysvc: {line}", markup=False, highlight=False)
+                code = 2
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    return os.waitpid(pid, 0)[1] == 0
 
 
 def _missing_tokens(settings: Any) -> list[str]:
@@ -953,6 +981,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(check)
     check.add_argument("--config", default=None)
     check.add_argument("--dev", action="store_true", help=DEV_HELP)
+    check.add_argument("--json", action="store_true", help="one JSON object: ok, problems")
     check.set_defaults(func=cmd_config_check)
     init = sub.add_parser("init", help="create the development state directory and exit")
     common(init)

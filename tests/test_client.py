@@ -43,3 +43,52 @@ def test_only_calls_safe_to_repeat_are_retried():
                   "EscrowRollbackCertificates", "EnrollOfficer", "CreateImportJob"):
         assert not any(m == never for _, m in names)
     assert config["methodConfig"][0]["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+
+
+def test_every_reason_keysvc_raises_has_its_own_exception_class():
+    """Each `error("CODE", ...)` in keysvc/ names a reason of the one table, and so a class
+    of keysvc.client (an unknown code would be INTERNAL, never a typed error)."""
+    import re
+    from pathlib import Path
+    root = Path(client.__file__).parent
+    used = {m for path in root.rglob("*.py") if "api" not in path.parts
+            for m in re.findall(r'\berror\(\s*"([A-Z_]+)"', path.read_text())}
+    assert used and used <= set(client.ERRORS), used - set(client.ERRORS)
+    for reason, cls in client.ERRORS.items():
+        assert cls.reason == reason and issubclass(cls, client.KeysvcCallError)
+        assert getattr(client, cls.__name__) is cls
+
+
+def test_real_refusals_from_every_service_reach_their_own_classes(server):
+    """One real refusal per service kind and status, each caught as its own class."""
+    officer, s1sp = _client(server, "security-officer-1"), _client(server, "s1sp")
+    dco, auditor = _client(server, "dco"), _client(server, "auditor")
+    unknown_device = "10-FF-FF-FF-FF-FF-FF-FE"
+    refusals = [
+        (lambda: officer.admin.GetOperation(pb.GetOperationRequest(operation_id="op-none")),
+         client.OperationNotFound),
+        (lambda: officer.admin.RevokeEscrow(pb.RevokeEscrowRequest(escrow_id="esc-none",
+                                                                    reason="test")),
+         client.EscrowNotFound),
+        (lambda: officer.admin.RemoveOfficer(pb.RemoveOfficerRequest(display_name="nobody")),
+         client.OfficerNotFound),
+        (lambda: s1sp.s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
+            device_id=unknown_device, expected_kcv="0000000000")), client.DeviceKeyNotFound),
+        (lambda: s1sp.s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
+            device_id="not-an-eui", expected_kcv="0000000000")), client.InvalidEui64),
+        (lambda: s1sp.s1sp.ProcessGroupInformation(pb.ProcessGroupInformationRequest(
+            file=b"<a>")), client.MalformedXml),
+        (lambda: dco.dco.UnwrapMasterKeys(pb.UnwrapMasterKeysRequest(
+            file=b"<a xmlns='urn:x'/>")), client.SchemaInvalid),
+        (lambda: dco.dco.VerifyMasterKey(pb.VerifyMasterKeyRequest(
+            device_id=unknown_device, expected_kcv="0000000000")), client.DeviceKeyNotFound),
+        (lambda: auditor.s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest()),
+         client.RoleNotPermitted),
+    ]
+    for call, cls in refusals:
+        with pytest.raises(client.KeysvcCallError, match=cls.reason) as info:
+            call()
+        assert type(info.value) is cls, (cls.__name__, info.value)
+        assert len(info.value.request_id) == 16
+    for c in (officer, s1sp, dco, auditor):
+        c.close()

@@ -36,6 +36,12 @@ def test_config_check_names_every_problem_and_passes_a_good_configuration(tmp_pa
     assert "/nope cannot be read" in bad.stdout and "tls_key is required" in bad.stdout
     good = _keysvc("config", "check", "--state-dir", str(tmp_path / "dev"))
     assert good.returncode == 0 and "configuration ok" in good.stdout
+    import json
+    as_json = _keysvc("config", "check", "--json", "--config",
+                      str(_toml(tmp_path, 'tls_cert = "/nope"')))
+    report = json.loads(as_json.stdout)
+    assert as_json.returncode == 2 and not report["ok"] and not report["development"]
+    assert "/nope cannot be read" in report["problems"]
 
 
 def test_config_check_names_a_token_that_is_not_there(tmp_path):
@@ -52,6 +58,15 @@ def test_config_check_names_a_token_that_is_not_there(tmp_path):
                          env=server_env({"SOFTHSM2_CONF": str(state / "hsm" / "softhsm2.conf"),
                                          "COLUMNS": "300"}))
     assert out.returncode == 2 and "no token labelled 'no-such-token'" in out.stdout
+    # `serve` makes the same check before it starts, and says the same (no traceback)
+    served = subprocess.run([sys.executable, "-m", "keysvc.cli", "serve", "--config",
+                             str(_toml(tmp_path, text)), "--listen", f"127.0.0.1:{free_port()}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env=server_env({"SOFTHSM2_CONF": str(state / "hsm" / "softhsm2.conf"),
+                                            "COLUMNS": "300"}))
+    assert served.returncode == 2, served.stderr
+    assert "no token labelled 'no-such-token'" in served.stderr
+    assert "Traceback" not in served.stderr
 
 
 def _toml(tmp_path, text: str):
