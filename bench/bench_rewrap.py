@@ -44,7 +44,7 @@ def seed(state: Path, rows: int, database_url: str) -> None:
     from keysvc.custody import versions
     from keysvc.hsm import keys as hk
     from keysvc.records.stored_keys import StoredKey
-    env = {"KEYSVC_DATABASE_URL": database_url} if database_url else {}
+    env = {"KEYSVC_DATABASE_URL": database_url, "KEYSVC_DEV": "on"} if database_url else {}
     app = App.open(config.load(env=env, state_dir=state))
     stored = app.records.device_keys
     now = dt.datetime.now(dt.timezone.utc)
@@ -125,7 +125,7 @@ def one_database(kind: str, rows: int, rate: float, clients: int, seconds: float
     if kind == "postgresql":
         from tests.conftest import fresh_postgres_database
         url = fresh_postgres_database("bench_rewrap")
-    env = {"KEYSVC_DATABASE_URL": url} if url else {}
+    env = {"KEYSVC_DATABASE_URL": url, "KEYSVC_DEV": "on"} if url else {}
     factory = encoder.DeviceCertificateFactory()
     (work / "ca").mkdir()
     (work / "ca" / "ca.pem").write_bytes(factory.ca_pem)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from keysvc import store as st
-from keysvc.audit import AuditLog
+from keysvc.audit.log import AuditLog
 from keysvc.certpool import CertificateChecker
 from keysvc.clock import Clock, utc_now
 from keysvc.config import Settings
@@ -112,8 +112,8 @@ class App:
         upgrade_once(app.records, also=app.records.escrows.reanchor_legacy)
         reconcile(app.records)
         app.records.escrows.roll_forward()
-        from keysvc import identity
-        identity.seed_roster(app)
+        from keysvc.identity.admission import seed_roster
+        seed_roster(app)
         try:  # roster changes a crash left pending: counted if approved, else dropped
             from keysvc.officers import settle_stale
             settle_stale(app)
@@ -140,7 +140,7 @@ class App:
         """Read the client-certificate CRLs (at start, on SIGHUP, every few minutes).
         A failure is audited and never stops the start; False tells the caller to retry
         soon."""
-        from keysvc import identity
+        from keysvc.identity.admission import client_cas
         from keysvc.identity.crls import load_dir
         unreported = getattr(self, "_crl_unreported", [])
         self._crl_unreported: list[tuple[str, str]] = []
@@ -162,7 +162,7 @@ class App:
             except Exception:
                 return False
         try:
-            result = load_dir(self.settings.client_crls, identity.client_cas(self),
+            result = load_dir(self.settings.client_crls, client_cas(self),
                               self.roster, report)
         except Exception as exc:
             log.error("client CRLs not read: %s", type(exc).__name__)

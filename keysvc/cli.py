@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import logging
 import os
+import signal
 import sys
 import unicodedata
 from pathlib import Path
@@ -141,7 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.dev:
         logging.getLogger("keysvc").warning(
             "development set-up: a local CA and PINs in files under %s; not for production "
-            "(give --config or KEYSVC_* settings)", settings.state_dir)
+            "(a deployment gives --config FILE)", settings.state_dir)
     hardening.harden(settings.lock_memory)
     if settings.processes == 1:
         from keysvc.hsm import HsmError
@@ -175,6 +176,11 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         console.print(shown(f"problem: configuration: {exc}"), soft_wrap=True)
         return 2
     bad = config.problems(settings)
+    import importlib.util
+    absent = sorted(m for m in SERVER_MODULES if importlib.util.find_spec(m) is None)
+    if absent:
+        bad.append(f"the server's dependencies are not installed ({', '.join(absent)}): "
+                   f"pip install 'keysvc[server]'")
     if not bad and not settings.dev:
         bad = _missing_tokens(settings)
     if _JSON["on"]:
@@ -188,20 +194,33 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 2 if bad else 0
 
 
+TOKEN_CHECK_SECONDS = 60
+
+
 def _tokens_present(settings: Any) -> bool:
     """`config check`'s token check before serving, in a child process: the PKCS#11 module
     must not be initialised in a process that then forks its workers."""
     pid = os.fork()
     if pid == 0:  # the child: report, and leave without running the parent's clean-ups
-        code = 0
+        code = 3  # anything unforeseen fails the check
         try:
-            for line in _missing_tokens(settings):
+            signal.alarm(TOKEN_CHECK_SECONDS)  # a PKCS#11 module that hangs
+            missing = _missing_tokens(settings)
+            for line in missing:
                 err.print(f"keysvc: {line}", markup=False, highlight=False)
-                code = 2
+            code = 2 if missing else 0
+        except BaseException as exc:
+            err.print(f"keysvc: the token check failed ({type(exc).__name__})", markup=False,
+                      highlight=False)
         finally:
             sys.stderr.flush()
             os._exit(code)
-    return os.waitpid(pid, 0)[1] == 0
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if status < 0:
+        err.print(f"keysvc: the token check was ended by signal {-status} (the PKCS#11 "
+                  f"module crashed or hung for {TOKEN_CHECK_SECONDS} s)", markup=False,
+                  highlight=False)
+    return status == 0
 
 
 def _missing_tokens(settings: Any) -> list[str]:

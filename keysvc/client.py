@@ -165,8 +165,8 @@ def service_config() -> str:
 
 
 class _Method:
-    """One RPC of a stub: called (or `with_call`) with a default deadline, failing with a
-    KeysvcCallError subclass; anything else (`future`) is the stub's own."""
+    """One RPC of a stub: called, `with_call` or `future`, with a default deadline, failing
+    with a KeysvcCallError subclass."""
 
     def __init__(self, name: str, method: Any) -> None:
         self._name, self._method = name, method
@@ -189,8 +189,27 @@ class _Method:
         except grpc.RpcError as exc:
             raise error_from(exc) from None
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._method, name)
+    def future(self, request: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """The stub's future, with the default deadline; its result() raises the typed
+        errors too."""
+        return _Future(self._method.future(request, timeout=self._deadline(timeout),
+                                           **kwargs))
+
+
+class _Future:
+    """A call's future whose result() raises a KeysvcCallError subclass."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            return self._inner.result(timeout)
+        except grpc.RpcError as exc:
+            raise error_from(exc) from None
+
+    def __getattr__(self, name: str) -> Any:  # cancel, done, add_done_callback, ...
+        return getattr(self._inner, name)
 
 
 class _Typed:

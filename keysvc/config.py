@@ -163,6 +163,9 @@ def _loopback(address: str) -> bool:
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+_DEFAULTS = Settings()
+
+
 def problems(s: Settings) -> list[str]:
     """Everything wrong with these settings, in words an operator can act on; [] if none.
     Checked at start (the server refuses to start) and by `keysvc config check`."""
@@ -183,15 +186,23 @@ def problems(s: Settings) -> list[str]:
         at_least(name, low)
     if s.lock_memory.lower() not in ("auto", "true", "false"):
         out.append("lock_memory must be auto, true or false")
-    if s.otlp_endpoint and not s.otlp_endpoint.startswith(("http://", "https://")):
-        out.append(f"otlp_endpoint must start with https:// or http:// "
-                   f"(it is {s.otlp_endpoint!r})")
+    if s.otlp_endpoint and not (s.otlp_endpoint.startswith("https://") or (
+            s.otlp_endpoint.startswith("http://")
+            and _loopback(s.otlp_endpoint.split("://", 1)[1].split("/", 1)[0]))):
+        # (not echoed: an endpoint may carry credentials)
+        out.append("otlp_endpoint must be https://HOST:PORT, or http:// to a loopback "
+                   "address only (spans say who called what, when)")
     if s.log_level.upper() not in _LOG_LEVELS:
         out.append(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
     if ":" not in s.listen or not s.listen.rsplit(":", 1)[1].isdigit():
         out.append(f"listen must be HOST:PORT (it is {s.listen!r})")
     elif s.processes > 1 and s.listen.rsplit(":", 1)[1] == "0":
         out.append("several processes share one port: listen needs a port, not 0")
+    if s.dev:
+        given = [n for n in IDENTITY_SETTINGS if getattr(s, n) != getattr(_DEFAULTS, n)]
+        if given:
+            out.append(f"the development set-up makes its own {', '.join(given)}: give them "
+                       f"in a configuration file without dev, or drop them")
     for name in ("listen", "metrics_listen"):
         value = getattr(s, name)
         if s.dev and value and not _loopback(value):
@@ -220,14 +231,26 @@ def problems(s: Settings) -> list[str]:
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
-# Settings only a deployment gives: who the server is and how it reaches its keys. Set from
-# KEYSVC_* variables without a configuration file, any of them means "this is a deployment",
-# so the development set-up (a local CA that mints officer certificates, PINs in files) does
-# not run unless asked for by --dev or KEYSVC_DEV.
-DEPLOYMENT_SETTINGS = ("pkcs11_module", "tls_cert", "tls_key", "tls_client_ca",
-                       "s1sp_pin", "dco_pin", "admin_pin", "s1sp_pin_file", "dco_pin_file",
-                       "admin_pin_file", "s1sp_token_label", "dco_token_label",
-                       "admin_token_label", "initial_officers")
+# Who the server is and how it reaches its keys: settings the development set-up makes for
+# itself (a local CA that mints officer certificates, SoftHSM2 tokens, PINs in files), so it
+# never runs with any of them given, nor with a configuration file.
+IDENTITY_SETTINGS = ("pkcs11_module", "tls_cert", "tls_key", "tls_client_ca",
+                     "s1sp_pin", "dco_pin", "admin_pin", "s1sp_pin_file", "dco_pin_file",
+                     "admin_pin_file", "s1sp_so_pin_file", "dco_so_pin_file",
+                     "admin_so_pin_file", "s1sp_token_label", "dco_token_label",
+                     "admin_token_label", "initial_officers")
+# Settings that neither name an identity nor say where state or events go: given from
+# KEYSVC_* variables they leave "no configuration" (api.md's development default) as it is.
+# Any other setting (database_url, audit_dir, audit_syslog, trust_anchors_dir, ...) is a
+# configuration, and the development set-up then runs only when asked for (--dev,
+# KEYSVC_DEV): development against PostgreSQL or a syslog collector, say.
+TUNING_SETTINGS = ("state_dir", "listen", "processes", "workers", "log_level",
+                   "lock_memory", "metrics_listen", "rewrap_rows_per_second", "rewrap_batch",
+                   "audit_timeout_seconds", "audit_file_max_bytes", "audit_file_keep",
+                   "max_file_bytes", "max_xml_depth", "hsm_pool_size", "hsm_acquire_timeout",
+                   "import_job_ttl_hours", "import_job_quota", "certificate_workers",
+                   "roster_refresh_seconds", "client_crl_refresh_seconds",
+                   "audit_checkpoint_seconds", "quorum", "otlp_endpoint", "otlp_ca", "dev")
 
 
 def _coerce(kind: type | str, raw: Any) -> object:
@@ -251,21 +274,27 @@ def _coerce(kind: type | str, raw: Any) -> object:
 def load(config_file: str | None = None, env: Mapping[str, str] | None = None,
          **overrides: object) -> Settings:
     """api.md: with no configuration `keysvc serve` is the development set-up. A
-    configuration is a file (--config, KEYSVC_CONFIG) or any of DEPLOYMENT_SETTINGS from the
-    environment; either turns the development set-up off unless `dev` is set explicitly."""
+    configuration is a file (--config, KEYSVC_CONFIG) or any setting outside
+    TUNING_SETTINGS; it turns the development set-up off unless `dev` is asked for, and a
+    file or an IDENTITY_SETTINGS value refuses `dev` (see `problems`)."""
     env = os.environ if env is None else env
     values: dict[str, object] = {}
-    config_file = config_file or env.get("KEYSVC_CONFIG")
+    if config_file is None and "KEYSVC_CONFIG" in env:
+        config_file = env["KEYSVC_CONFIG"]
+        if not config_file.strip():  # an unexpanded ${CONFIG}: never "no configuration"
+            raise ValueError("KEYSVC_CONFIG is set but empty")
     if config_file:
         with open(config_file, "rb") as toml:
             values.update(tomllib.load(toml))
-        values.setdefault("dev", False)
     for f in fields(Settings):
         key = "KEYSVC_" + f.name.upper()
         if key in env:
             values[f.name] = env[key]
     values.update({k: v for k, v in overrides.items() if v is not None})
-    if any(name in values for name in DEPLOYMENT_SETTINGS):
+    if config_file and str(values.get("dev", False)).strip().lower() in _TRUE:
+        raise ValueError("the development set-up (dev, --dev, KEYSVC_DEV) cannot run with a "
+                         "configuration file")
+    if config_file or any(name not in TUNING_SETTINGS for name in values):
         values.setdefault("dev", False)
     known = {f.name: f.type for f in fields(Settings)}
     unknown = set(values) - set(known)

@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from keysvc.errors import KeysvcError, error
-from keysvc.identity import client_cas, officer_from_pem
+from keysvc.identity.admission import client_cas, officer_from_pem
 from keysvc.identity.caller import Caller
 from keysvc.identity.roster import Denied, Officer, RosterState
 from keysvc.identity.roster import Pending as RosterPending

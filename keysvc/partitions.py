@@ -50,6 +50,9 @@ class Partitions:
                                  acquire_timeout=settings.hsm_acquire_timeout,
                                  sentinel=RECORD_SEAL_KEY))
             for p in PARTITIONS}
+        # Long-lived keys this start had to make: new tokens (keysvc/records ensure_instance
+        # refuses to pair new tokens with a database that holds records).
+        self.made: list[str] = []
 
     @property
     def s1sp(self) -> Token:
@@ -81,6 +84,7 @@ class Partitions:
                         continue
                     log.info("generating %s in token %s", label, token.config.label)
                     generate(s, label)
+                    self.made.append(f"{name}/{label}")
 
 
 def generate(s: Any, label: str, key_id: str = "") -> None:

@@ -33,7 +33,7 @@ from keysvc.api.v1 import keysvc_pb2
 from keysvc.app import App, Caller
 from keysvc.errors import ERROR_DOMAIN, KeysvcError, error
 from keysvc.hsm import HsmError, HsmUnavailable
-from keysvc.identity import admit, client_cas
+from keysvc.identity.admission import admit, client_cas
 from keysvc.identity.certificates import caller_from_pem
 from keysvc.observability import HSM_IDLE, HSM_IN_USE, HSM_UP, LATENCY, REQUESTS, request_id
 

@@ -70,7 +70,7 @@ def _partitions(state_dir):
 
 def make_app(settings_dir: Path, partitions, url: str) -> App:
     from keysvc.device_certificate import TrustStore
-    settings = config.load(env={}, state_dir=settings_dir, database_url=url)
+    settings = config.load(env={}, state_dir=settings_dir, database_url=url, dev=True)
     store = Store(url)
     if not store.is_sqlite:
         _reset_postgres(store)

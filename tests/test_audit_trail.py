@@ -395,7 +395,8 @@ def test_syslog_over_tls_receives_every_event_before_the_call_returns(tmp_path):
     listener.start()
     server = start_server(state, env={**FAST,
                                       "KEYSVC_AUDIT_SYSLOG": f"127.0.0.1:{listener.port}",
-                                      "KEYSVC_AUDIT_SYSLOG_CA": str(state / "pki" / "ca.pem")})
+                                      "KEYSVC_AUDIT_SYSLOG_CA": str(state / "pki" / "ca.pem"),
+                                      "KEYSVC_DEV": "on"})
     try:
         server.as_("security-officer-1").admin.ListKeys(pb.ListKeysRequest())
         # The server's send had returned before the call did: on loopback the bytes are then

@@ -30,6 +30,15 @@ def test_a_refusal_is_its_own_exception_class_with_the_request_id(server):
     c.close()
 
 
+def test_a_future_has_the_default_deadline_and_raises_typed_errors(server):
+    c = _client(server, "security-officer-1")
+    future = c.admin.GetKey.future(pb.GetKeyRequest(name="NO-SUCH-KEY"))
+    with pytest.raises(client.KeyNotFound):
+        future.result()
+    assert future.done()
+    c.close()
+
+
 def test_streams_raise_typed_errors_as_they_are_read(server):
     with pytest.raises(client.RoleNotPermitted):
         list(_client(server, "s1sp").audit.ExportAuditEvents(pb.ExportAuditEventsRequest()))

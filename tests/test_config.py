@@ -134,7 +134,9 @@ def test_a_deployment_configured_only_by_variables_does_not_run_the_development_
     deployed = config.load(env={"KEYSVC_TLS_CERT": "/etc/keysvc/server.pem"})
     assert not deployed.dev
     assert any("tls_key is required" in p for p in config.problems(deployed))
-    assert config.load(env={"KEYSVC_TLS_CERT": "/x", "KEYSVC_DEV": "on"}).dev
+    # the development set-up makes its own identity: asked for with one, it is refused
+    mixed = config.load(env={"KEYSVC_TLS_CERT": "/x", "KEYSVC_DEV": "on"})
+    assert any("makes its own tls_cert" in p for p in config.problems(mixed))
     out = subprocess.run([sys.executable, "-m", "keysvc.cli", "serve", "--state-dir",
                           str(tmp_path), "--listen", f"127.0.0.1:{free_port()}"], cwd=ROOT,
                          env=server_env({"KEYSVC_S1SP_PIN_FILE": "/nonexistent/s1sp.pin"}),
@@ -145,8 +147,33 @@ def test_a_deployment_configured_only_by_variables_does_not_run_the_development_
 
 def test_dev_is_explicit_when_asked_for_and_make_run_asks_for_it():
     from keysvc import config
-    assert config.load(env={"KEYSVC_PKCS11_MODULE": "/x.so"}, dev=True).dev
+    # a database, audit sink or trust anchors alone are a configuration: no development
+    # set-up (it would mint officers against that database) unless asked for
+    for name in ("KEYSVC_DATABASE_URL", "KEYSVC_AUDIT_DIR", "KEYSVC_TRUST_ANCHORS_DIR"):
+        assert not config.load(env={name: "x"}).dev
+    assert config.load(env={"KEYSVC_DATABASE_URL": "postgresql://x", "KEYSVC_DEV": "1"}).dev
+    assert config.load(env={"KEYSVC_LISTEN": "127.0.0.1:1", "KEYSVC_LOG_LEVEL": "DEBUG"}).dev
     assert "serve --dev" in (ROOT / "Makefile").read_text()
+
+
+def test_dev_refuses_a_configuration_file_and_an_empty_config_variable(tmp_path):
+    import pytest
+
+    from keysvc import config
+    with pytest.raises(ValueError, match="cannot run with a configuration file"):
+        config.load(str(_toml(tmp_path, "quorum = 2")), env={"KEYSVC_DEV": "on"})
+    with pytest.raises(ValueError, match="KEYSVC_CONFIG is set but empty"):
+        config.load(env={"KEYSVC_CONFIG": ""})
+
+
+def test_traces_go_in_the_clear_only_to_a_loopback_collector():
+    from keysvc import config
+
+    def bad(endpoint: str) -> bool:
+        return any("otlp_endpoint" in p for p in config.problems(
+            config.load(env={}, otlp_endpoint=endpoint)))
+    assert not bad("http://127.0.0.1:4317") and not bad("https://collector.example:4317")
+    assert bad("http://collector.example:4317") and bad("collector:4317")
 
 
 def test_booleans_read_on_and_off_and_refuse_anything_else():
@@ -156,3 +183,32 @@ def test_booleans_read_on_and_off_and_refuse_anything_else():
     import pytest
     with pytest.raises(ValueError, match="setting dev is not a bool"):
         config.load(env={"KEYSVC_DEV": "maybe"})
+
+
+def test_new_tokens_never_adopt_a_database_that_holds_records(tmp_path):
+    """A development set-up pointed at a deployment's database (or a token directory lost
+    beside its database) must not start: its new keys would MAC events into that chain and
+    leave every stored key unwrappable. The database is left as it was."""
+    import sqlite3
+
+    import pytest
+
+    from keysvc.api.v1 import keysvc_pb2 as pb
+    real = start_server(tmp_path / "real")
+    real.as_("security-officer-1").admin.ListKeys(pb.ListKeysRequest())
+    real.stop()
+    db = tmp_path / "real" / "keysvc.db"
+
+    def events() -> int:
+        return sqlite3.connect(db).execute("SELECT count(*) FROM audit_events").fetchone()[0]
+    before = events()
+    with pytest.raises(RuntimeError, match="the tokens are new"):
+        start_server(tmp_path / "other", env={"KEYSVC_DATABASE_URL": f"sqlite:///{db}",
+                                               "KEYSVC_DEV": "on"})
+    assert events() == before
+    again = start_server(tmp_path / "real")
+    try:
+        verdict = again.as_("auditor").audit.VerifyAuditLog(pb.VerifyAuditLogRequest())
+        assert verdict.intact
+    finally:
+        again.stop()

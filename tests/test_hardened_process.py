@@ -18,8 +18,15 @@ def hardened(tmp_path_factory):
     first.stop()
     pins = {f"KEYSVC_{p.upper()}_PIN": (state / "hsm" / "pins" / f"{p}.pin").read_text().strip()
             for p in ("s1sp", "dco", "admin")}
-    # PINs are a deployment's setting: the development set-up is asked for by name.
-    srv = start_server(state, env={**pins, "KEYSVC_LOCK_MEMORY": "true", "KEYSVC_DEV": "on"})
+    # PINs are a deployment's setting: run as one, on the development state's files.
+    pki = state / "pki"
+    config = state.parent / f"{state.name}.toml"
+    config.write_text("\n".join([
+        f'tls_cert = "{pki / "server.pem"}"', f'tls_key = "{pki / "server.key"}"',
+        f'tls_client_ca = "{pki / "ca.pem"}"', f'trust_anchors_dir = "{state / "trust-anchors"}"',
+        'lock_memory = "true"']) + "\n")
+    srv = start_server(state, env={**pins, "KEYSVC_CONFIG": str(config),
+                                   "SOFTHSM2_CONF": str(state / "hsm" / "softhsm2.conf")})
     srv.as_("security-officer-1").admin.ListKeys(pb.ListKeysRequest())  # a file or two more
     yield srv, pins
     srv.stop()

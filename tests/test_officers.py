@@ -398,7 +398,7 @@ def test_an_enrolment_left_pending_by_a_crash_never_counts_and_is_dropped(app):
     from dataclasses import replace
 
     from keysvc.app import Caller
-    from keysvc.identity import admit
+    from keysvc.identity.admission import admit
     from keysvc.identity.roster import Pending
     from keysvc.officers import settle_stale
     fp = hashlib.sha256(os.urandom(8)).hexdigest()

@@ -32,7 +32,8 @@ CLIENTS, CALLS = 12, 15
 def _database(kind: str) -> dict[str, str]:
     if kind == "sqlite":
         return {}
-    return {"KEYSVC_DATABASE_URL": fresh_postgres_database("keysvc_processes")}
+    return {"KEYSVC_DATABASE_URL": fresh_postgres_database("keysvc_processes"),
+            "KEYSVC_DEV": "on"}
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

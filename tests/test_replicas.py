@@ -24,7 +24,7 @@ def replicas(tmp_path_factory):
     factory = encoder.DeviceCertificateFactory()
     ca = state.parent / f"{state.name}-ca.pem"
     ca.write_bytes(factory.ca_pem)
-    env = {"KEYSVC_DATABASE_URL": url}
+    env = {"KEYSVC_DATABASE_URL": url, "KEYSVC_DEV": "on"}
     a = start_server(state, trust_anchors=[ca], env=env)
     b = start_server(state, trust_anchors=[ca], env=env)
     yield a, b, factory, url

@@ -336,6 +336,7 @@ def test_rewrap_killed_half_way_resumes_and_loses_and_doubles_nothing(tmp_path_f
         if not postgres_url():
             pytest.skip("no test PostgreSQL (run `make test`)")
         env["KEYSVC_DATABASE_URL"] = fresh_postgres_database("keysvc_rewrap")
+        env["KEYSVC_DEV"] = "on"
     work = tmp_path_factory.mktemp(f"killed-{database}")
     srv, factory, keks = _serve(work, "300", env)
     installs = _load(srv, factory, keks, 300, "MGEF-K-1")

@@ -23,6 +23,7 @@ from tests.serverproc import free_port, start_server
 from tests.support import encoder
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+UNSAMPLED_TRACE = "0af7651916cd43dd8448eb211c80319c"
 
 
 class Collector(ts_grpc.TraceServiceServicer):
@@ -63,8 +64,10 @@ def traced(tmp_path_factory):
     factory = encoder.DeviceCertificateFactory()
     ca = state.parent / f"{state.name}-ca.pem"
     ca.write_bytes(factory.ca_pem)
+    # OTEL_PROPAGATORS names a propagator that is not installed: keysvc uses its own
     srv = start_server(state, trust_anchors=[ca],
-                       env={"KEYSVC_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"})
+                       env={"KEYSVC_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                            "OTEL_PROPAGATORS": "b3"})
     s1sp_kek, dco_kek = os.urandom(32), os.urandom(32)
     srv.import_aes_key("TRC-S1SP", s1sp_kek, purpose="S1SP_TRANSPORT", owner_id="SMSO-T")
     srv.import_aes_key("TRC-DCO", dco_kek, purpose="DCO_TRANSPORT", owner_id="SMSO-T")
@@ -79,6 +82,13 @@ def traced(tmp_path_factory):
     s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
         device_id=installs[0].esme, expected_kcv=encoder.kcv(installs[0].prepay_key)))
     srv.as_("dco").dco.UnwrapMasterKeys(pb.UnwrapMasterKeysRequest(file=data))
+    # a caller that asks not to be sampled and sends its own trace state and baggage
+    hostile = (("traceparent", f"00-{UNSAMPLED_TRACE}-00f067aa0ba902b7-00"),
+               ("tracestate", "injected=anything-the-caller-wants"),
+               *(("baggage", f"INJECTED{i}=\"x\"") for i in range(50)))
+    s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
+        device_id=installs[0].esme, expected_kcv=encoder.kcv(installs[0].prepay_key)),
+        metadata=hostile)
     with pytest.raises(grpc.RpcError):
         s1sp.ProcessGroupInformation(pb.ProcessGroupInformationRequest(file=b"<no"))
     srv.stop()  # drains: the batched spans are flushed
@@ -87,11 +97,11 @@ def traced(tmp_path_factory):
                                              i.gsme_prepay_key, i.master_key) if k]
     secrets += [s1sp_kek, dco_kek]
     pins = [p.read_text().strip() for p in (state / "hsm" / "pins").glob("*pin")]
-    yield collector, secrets, pins
+    yield collector, secrets, pins, srv
 
 
 def test_each_call_is_a_server_span_named_after_its_method(traced):
-    collector, _, _ = traced
+    collector = traced[0]
     calls = {s.name for s in collector.spans() if s.kind == s.SPAN_KIND_SERVER}
     assert {"keysvc.v1.S1SPService/ProcessGroupInformation",
             "keysvc.v1.S1SPService/VerifyPrepaymentKey",
@@ -100,7 +110,7 @@ def test_each_call_is_a_server_span_named_after_its_method(traced):
 
 def test_a_file_call_has_children_for_parse_schema_hsm_database_certificates_and_audit(
         traced):
-    collector, _, _ = traced
+    collector = traced[0]
     spans = collector.spans()
     call = next(s for s in spans if s.name.endswith("/ProcessGroupInformation")
                 and _attrs(s).get("keysvc.code") == "OK")
@@ -118,14 +128,14 @@ def test_a_file_call_has_children_for_parse_schema_hsm_database_certificates_and
 
 
 def test_the_callers_traceparent_makes_keysvc_spans_part_of_its_trace(traced):
-    collector, _, _ = traced
+    collector = traced[0]
     call = next(s for s in collector.spans() if s.name.endswith("/ProcessGroupInformation")
                 and _attrs(s).get("keysvc.code") == "OK")
     assert call.trace_id.hex() == CALLER_TRACE
 
 
 def test_a_refused_call_is_an_error_span_with_the_code_and_no_message(traced):
-    collector, _, _ = traced
+    collector = traced[0]
     bad = next(s for s in collector.spans() if s.name.endswith("/ProcessGroupInformation")
                and _attrs(s).get("keysvc.code") == "MALFORMED_XML")
     assert bad.status.code == bad.status.STATUS_CODE_ERROR
@@ -134,7 +144,7 @@ def test_a_refused_call_is_an_error_span_with_the_code_and_no_message(traced):
 
 
 def test_no_span_carries_a_key_pin_or_plaintext(traced):
-    collector, secrets, pins = traced
+    collector, secrets, pins, _ = traced
     blob = b"".join(collector.requests)
     assert blob
     for key in secrets:
@@ -146,17 +156,45 @@ def test_no_span_carries_a_key_pin_or_plaintext(traced):
 
 
 def test_only_listed_attribute_names_are_recorded(traced):
-    collector, _, _ = traced
+    collector = traced[0]
     for s in collector.spans():
         for key in _attrs(s):
             assert key.startswith("rpc.") or key.removeprefix("keysvc.") in \
                 tracing.ATTRIBUTES, key
 
 
+def test_the_callers_trace_state_baggage_and_sampling_flag_are_not_taken(traced):
+    """Only `traceparent` is read: keysvc records every call (an unsampled caller still
+    gets spans), exports none of the caller's trace state, and never logs its baggage."""
+    collector, _, _, srv = traced
+    unsampled = [s for s in collector.spans() if s.trace_id.hex() == UNSAMPLED_TRACE]
+    assert any(s.kind == s.SPAN_KIND_SERVER for s in unsampled)
+    assert all(not s.trace_state for s in collector.spans())
+    assert b"injected" not in b"".join(collector.requests).lower()
+    assert "INJECTED" not in srv.log()
+
+
+def test_an_unknown_propagator_in_the_environment_changes_no_call(traced):
+    """OTEL_PROPAGATORS=b3 (not installed) was set for the server: every call above was
+    served, and audited."""
+    collector, _, _, srv = traced
+    assert '"code":"OK"' in srv.log() and "Propagator" not in srv.log()
+    calls = {s.name for s in collector.spans() if s.kind == s.SPAN_KIND_SERVER}
+    assert "keysvc.v1.DCOService/UnwrapMasterKeys" in calls
+
+
 # ------------------------------------------------------------------- in process, in memory
 def test_tracing_is_off_by_default_and_costs_one_shared_no_op():
     assert not tracing.enabled()
     assert tracing.span("hsm.session", keys=1) is tracing.span("db.transaction")
+
+
+def test_an_unlisted_attribute_or_a_long_value_is_refused_also_when_tracing_is_off():
+    assert not tracing.enabled()
+    with pytest.raises(ValueError, match="not in tracing.ATTRIBUTES"):
+        tracing.span("x", plaintext="no")
+    with pytest.raises(ValueError, match="a count or a short word"):
+        tracing.span("x", what="k" * 65)
 
 
 def test_spans_go_to_an_in_memory_exporter_and_refuse_unlisted_attributes(app):

@@ -108,6 +108,18 @@ def test_s1sp_and_dco_programs_use_the_installed_client_against_a_real_server(
                              "--key", str(pki / "security-officer-1.key"), "--json"],
                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert called.returncode == 0, called.stderr
+    auditor = ["--server", server.target, "--ca", str(pki / "ca.pem"), "--cert",
+               str(pki / "auditor.pem"), "--key", str(pki / "auditor.key")]
+    exported = subprocess.run([keysvc, "audit", "export", *auditor], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+    assert exported.returncode == 0 and exported.stdout.startswith("{"), exported.stderr
+    sink = next((server.state_dir / "audit").glob("audit-*.jsonl"))
+    verified = subprocess.run([keysvc, "audit", "verify", "--sink", str(sink), *auditor],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert "server's dependencies" not in verified.stderr, verified.stderr
+    imported = subprocess.run([str(venv / "bin" / "python"), "-c", CLIENT_SIDE], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert imported.returncode == 0, imported.stderr
     serving = subprocess.run([keysvc, "serve", "--state-dir", str(tmp_path / "s")], env=env,
                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert serving.returncode == 2 and "pip install 'keysvc[server]'" in serving.stderr
@@ -155,6 +167,13 @@ def test_a_callers_type_checker_sees_every_rpcs_request_and_response(wheel, tmp_
     field = mypy("wrong_field.py")
     assert field.returncode == 1 and '"kcv"' in field.stdout, field.stdout
 
+
+# What the CLI's client commands use besides keysvc.client: importable from the bare wheel.
+CLIENT_SIDE = """
+from keysvc.audit.chain import utc_text
+from keysvc.audit.sinks import first_difference, read_lines
+from keysvc.identity.certificates import fingerprint
+"""
 
 SERVER_ONLY = r'''
 import importlib.util, sys

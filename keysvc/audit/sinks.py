@@ -25,8 +25,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from keysvc.observability import AUDIT_FILE_CUT
-
 log = logging.getLogger("keysvc.audit.sinks")
 
 
@@ -96,6 +94,7 @@ class JsonlSink:
         if self._high is not None and (cursor is None or cursor < self._high):
             log.error("audit file %s ends at sequence %s, before %d where it ended: it was "
                       "cut or deleted on this host", self.path.name, cursor, self._high)
+            from keysvc.observability import AUDIT_FILE_CUT
             AUDIT_FILE_CUT.inc()
             self._seen = seen
             return

@@ -85,6 +85,13 @@ class Records:
             known = {v.decode(errors="replace") for v in hk.data_values(s, label)}
         if mine in known:
             return
+        if not known and getattr(self.partitions, "made", None) and not self._empty():
+            # New tokens beside a database that holds records wrapped and sealed under
+            # keys that are not in them: lost tokens (restore them) or the wrong database.
+            raise SystemExit(f"the tokens are new ({', '.join(self.partitions.made[:3])} "
+                             f"made now) but database instance {mine!r} holds records: "
+                             "restore the tokens (keysvc admin restore) or give this token "
+                             "set a new database; refusing to start")
         if mine == "none" or (known and not (dev and self._empty())):
             raise SystemExit(f"the database's instance id {mine!r} is not one this token set "
                              f"serves ({', '.join(sorted(known))}): a database from "
@@ -96,7 +103,8 @@ class Records:
     def _empty(self) -> bool:
         with self.store.engine.connect() as conn:
             return not any(conn.execute(select(t).limit(1)).first() for t in (
-                st.keys, st.operations, st.import_jobs, st.migration_files, st.escrows))
+                st.keys, st.operations, st.import_jobs, st.migration_files, st.escrows,
+                st.audit_events))
 
     def anchors(self, partition: str) -> Anchors:
         """Current seals of this database's changing records, in the partition's token."""
