@@ -127,7 +127,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     pins: dict[str, Any] = hardening.pins_from_pipe()
     try:
         settings = config.load(args.config, state_dir=args.state_dir, listen=args.listen,
-                               processes=args.processes, dev=args.dev or None, **pins)
+                               processes=args.processes, dev=args.dev or None,
+                               partitions=args.partitions, **pins)
     except (ValueError, OSError) as exc:
         err.print(f"keysvc: configuration: {exc}", markup=False, highlight=False)
         return 2
@@ -226,13 +227,12 @@ def _tokens_present(settings: Any) -> bool:
 def _missing_tokens(settings: Any) -> list[str]:
     import pkcs11
 
-    from keysvc.config import PARTITIONS
     try:
         labels = {t.label for t in pkcs11.lib(settings.pkcs11_module).get_tokens()}
     except Exception as exc:
         return [f"the PKCS#11 module cannot be loaded ({type(exc).__name__})"]
     return [f"no token labelled {settings.token_label(p)!r} ({p} partition)"
-            for p in PARTITIONS if settings.token_label(p) not in labels]
+            for p in settings.served if settings.token_label(p) not in labels]
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -992,6 +992,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="server processes sharing the port (default 1; one per core "
                             "uses every core)")
     serve.add_argument("--config", default=None)
+    serve.add_argument("--partitions", default=None,
+                       help="the partitions this process serves, e.g. s1sp,admin or dco,admin "
+                            "(default all): it reads only their PINs and logs in only to "
+                            "their tokens")
     serve.add_argument("--dev", action="store_true", help=DEV_HELP)
     serve.set_defaults(func=cmd_serve)
     cc = sub.add_parser("config", help="configuration")

@@ -21,6 +21,10 @@ SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 @dataclass(frozen=True)
 class Settings:
     state_dir: Path = Path(".keysvc")
+    # The partitions this process serves (`serve --partitions`): it logs in to those tokens
+    # only, reads only their PINs and serves only their services. "admin" is always among
+    # them: every call is audited with the admin token's MAC key (README, split deployment).
+    partitions: str = "s1sp,dco,admin"
     listen: str = "127.0.0.1:50051"
     dev: bool = True
     pkcs11_module: str = SOFTHSM_MODULE
@@ -104,6 +108,12 @@ class Settings:
     def path(self, *parts: str) -> Path:
         return self.state_dir.joinpath(*parts)
 
+    @property
+    def served(self) -> tuple[str, ...]:
+        """The partitions this process serves, in PARTITIONS order."""
+        named = {p.strip() for p in self.partitions.split(",") if p.strip()}
+        return tuple(p for p in PARTITIONS if p in named)
+
     def token_label(self, partition: str) -> str:
         return getattr(self, f"{partition}_token_label")
 
@@ -184,6 +194,12 @@ def problems(s: Settings) -> list[str]:
                       ("roster_refresh_seconds", 0), ("client_crl_refresh_seconds", 1),
                       ("certificate_workers", 0)):
         at_least(name, low)
+    named = [p.strip() for p in s.partitions.split(",") if p.strip()]
+    if not named or set(named) - set(PARTITIONS) or len(named) != len(set(named)):
+        out.append(f"partitions must name some of {', '.join(PARTITIONS)}, each once")
+    elif "admin" not in named:
+        out.append("partitions must include admin: every call is audited with the admin "
+                   "token's MAC key (s1sp,admin or dco,admin for one organisation)")
     if s.lock_memory.lower() not in ("auto", "true", "false"):
         out.append("lock_memory must be auto, true or false")
     if s.otlp_endpoint and not (s.otlp_endpoint.startswith("https://") or (
@@ -213,13 +229,13 @@ def problems(s: Settings) -> list[str]:
             if not getattr(s, name):
                 out.append(f"{name} is required outside the development set-up "
                            f"(or pass --dev)")
-        for partition in PARTITIONS:
+        for partition in s.served:
             if not (getattr(s, f"{partition}_pin") or getattr(s, f"{partition}_pin_file")):
                 out.append(f"no PIN for the {partition} token: set {partition}_pin_file "
                            f"(or KEYSVC_{partition.upper()}_PIN)")
-    files = [getattr(s, n) for n in ("tls_cert", "tls_key", "tls_client_ca",
-                                     "s1sp_pin_file", "dco_pin_file", "admin_pin_file",
-                                     "audit_syslog_ca", "otlp_ca")]
+    files = [getattr(s, n) for n in ("tls_cert", "tls_key", "tls_client_ca", "audit_syslog_ca",
+                                     "otlp_ca")]
+    files += [getattr(s, f"{p}_pin_file") for p in s.served]  # another's PIN is not read
     files += [f.strip() for f in s.initial_officers.split(",") if f.strip()]
     for f in files:
         if f and not os.access(f, os.R_OK):
@@ -244,7 +260,7 @@ IDENTITY_SETTINGS = ("pkcs11_module", "tls_cert", "tls_key", "tls_client_ca",
 # Any other setting (database_url, audit_dir, audit_syslog, trust_anchors_dir, ...) is a
 # configuration, and the development set-up then runs only when asked for (--dev,
 # KEYSVC_DEV): development against PostgreSQL or a syslog collector, say.
-TUNING_SETTINGS = ("state_dir", "listen", "processes", "workers", "log_level",
+TUNING_SETTINGS = ("state_dir", "partitions", "listen", "processes", "workers", "log_level",
                    "lock_memory", "metrics_listen", "rewrap_rows_per_second", "rewrap_batch",
                    "audit_timeout_seconds", "audit_file_max_bytes", "audit_file_keep",
                    "max_file_bytes", "max_xml_depth", "hsm_pool_size", "hsm_acquire_timeout",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from keysvc.config import PARTITIONS, Settings
+from keysvc.config import Settings
 from keysvc.custody import versions
 from keysvc.hsm import Token, TokenConfig
 from keysvc.hsm import keys as hk
@@ -39,17 +39,30 @@ KIND = {STORAGE_KEY: (True, hk.STORAGE_USAGE), COMPONENT_SEAL_KEY: (True, hk.SEA
 PURPOSE_PARTITION = {"S1SP_TRANSPORT": "s1sp", "EXPORT": "s1sp", "DCO_TRANSPORT": "dco"}
 
 
+class Served(dict):
+    """Per-partition things of the partitions this process serves. Another partition's is
+    not here, and asking for it is a clear refusal (FAILED_PRECONDITION
+    PARTITION_NOT_SERVED), never a KeyError: in a split deployment the other organisation's
+    process holds that token, and this one has not even read its PIN."""
+
+    def __missing__(self, partition: str) -> Any:
+        from keysvc.errors import error
+        raise error("PARTITION_NOT_SERVED", f"this process does not serve the {partition} "
+                                            f"partition (serve --partitions)")
+
+
 class Partitions:
     def __init__(self, settings: Settings) -> None:
         # The sentinel is a key never rotated: storage key version 1 may be destroyed once
         # every row is rewrapped (keysvc/custody/rewrap.py).
-        self.tokens: dict[str, Token] = {
+        self.served: tuple[str, ...] = settings.served
+        self.tokens: Served = Served({
             p: Token(TokenConfig(module=settings.pkcs11_module,
                                  label=settings.token_label(p), pin=settings.pin(p),
                                  pool_size=settings.hsm_pool_size,
                                  acquire_timeout=settings.hsm_acquire_timeout,
                                  sentinel=RECORD_SEAL_KEY))
-            for p in PARTITIONS}
+            for p in self.served})
         # Long-lived keys this start had to make: new tokens (keysvc/records ensure_instance
         # refuses to pair new tokens with a database that holds records).
         self.made: list[str] = []

@@ -443,7 +443,11 @@ class AuditServicer(rpc.AuditServiceServicer):
 
 
 def register_all(server: grpc.Server, app: App) -> None:
-    rpc.add_S1SPServiceServicer_to_server(S1SPServicer(app), server)
-    rpc.add_DCOServiceServicer_to_server(DCOServicer(app), server)
+    """The services of the partitions this process serves: a process of one organisation
+    answers the other's service UNIMPLEMENTED (gRPC's answer for a service not there)."""
+    if "s1sp" in app.partitions.tokens:
+        rpc.add_S1SPServiceServicer_to_server(S1SPServicer(app), server)
+    if "dco" in app.partitions.tokens:
+        rpc.add_DCOServiceServicer_to_server(DCOServicer(app), server)
     rpc.add_KeyAdministrationServiceServicer_to_server(KeyAdministrationServicer(app), server)
     rpc.add_AuditServiceServicer_to_server(AuditServicer(app), server)

@@ -68,6 +68,8 @@ class Rewrap:
         self.rate = max(1.0, rate)
         self.batch = batch
         self.idle = idle
+        # The storage-key partitions this process serves (one job per partition's process).
+        self.partitions = tuple(p for p in self.PARTITIONS if p in app.partitions.tokens)
         self.progress = {p: Progress() for p in self.PARTITIONS}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -192,7 +194,7 @@ class Rewrap:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            for p in self.PARTITIONS:
+            for p in self.partitions:
                 try:
                     self.run_partition(p)
                 except Exception as exc:  # the HSM or database is away: try again later

@@ -227,7 +227,7 @@ def status(app: App, partition: str = "") -> Status:
     from keysvc.custody.backup import last_backup
     out, rewrap, backups = [], [], []
     job = getattr(app, "rewrap", None)
-    for p in ([partition] if partition else list(LONG_LIVED)):
+    for p in ([partition] if partition else list(app.partitions.served)):
         token = app.partitions.tokens[p]
         with token.session() as s:
             found = versions.all_versions(s, LONG_LIVED[p])

@@ -51,7 +51,11 @@ class Records:
         # keysvc's own (a start-up roll-forward): its audit event commits with it. The App
         # sets it; without one (tools, some tests) it is a no-op.
         self.audited: Callable[[str, str], Any] = lambda action, target: nullcontext()
-        self.sealers = {p: Sealer(partitions.tokens[p]) for p in SEALING_PARTITIONS}
+        # Only the served partitions' (keysvc/partitions.py Served): a record of another
+        # partition is that partition's process's to check, never flagged here.
+        from keysvc.partitions import Served
+        self.sealers = Served({p: Sealer(partitions.tokens[p]) for p in SEALING_PARTITIONS
+                               if p in partitions.tokens})
         self._instance = ""
         self.keys = Keys(self)
         self.operations = Operations(self)
@@ -105,6 +109,10 @@ class Records:
             return not any(conn.execute(select(t).limit(1)).first() for t in (
                 st.keys, st.operations, st.import_jobs, st.migration_files, st.escrows,
                 st.audit_events))
+
+    def serves(self, partition: str) -> bool:
+        """Whether this process checks `partition`'s records (it holds its token)."""
+        return partition in self.sealers
 
     def anchors(self, partition: str) -> Anchors:
         """Current seals of this database's changing records, in the partition's token."""

@@ -201,9 +201,9 @@ class Operations:
             return None
         try:
             op = _record(row)
-            sealer = self.r.sealers[op.partition]
         except Exception:
             raise self.r.refuse(conn, where, "is malformed") from None
+        sealer = self.r.sealers[op.partition]  # another partition's: PARTITION_NOT_SERVED
         if not sealer.valid(op.canonical(), row.seal):
             raise self.r.refuse(conn, where, "fails its HSM seal")
         if not self._approvals_ok(op):
@@ -225,6 +225,8 @@ class Operations:
                 continue
             try:
                 op = _record(row)
+                if not self.r.serves(op.partition):
+                    continue  # another partition's operation: its own process lists it
                 ok = (self.r.sealers[op.partition].valid(op.canonical(), row.seal)
                       and self._approvals_ok(op)
                       and is_anchored(anchors[op.partition].get(f"op/{op.id}", []),

@@ -55,6 +55,8 @@ class Reconciled:
 def reconcile(records: Records) -> Reconciled:
     out = Reconciled()
     for partition in SEALING_PARTITIONS:
+        if not records.serves(partition):
+            continue  # reconciled by the process that serves it
         _anchored_records(records, partition, out)
         _objects(records, partition, out)
     if out != Reconciled(kept=out.kept):

@@ -42,6 +42,10 @@ def upgrade_once(records: Records, also: Callable[[], int] = lambda: 0) -> bool:
     with admin.session() as s:
         if hk.data_values(s, MARKER):
             return False
+    if any(not records.serves(p) for p in ("s1sp", "dco", "admin")) and _any_unsealed(records):
+        # Sealing needs each record's own partition: one start with every partition does it.
+        raise SystemExit("the one-time upgrade to sealed records needs every partition's "
+                         "token: start once with --partitions s1sp,dco,admin")
     n = (_keys(records) + _operations(records) + _import_jobs(records)
          + _stored(records, records.device_keys) + _stored(records, records.master_keys)
          + _files(records) + also())
@@ -50,6 +54,13 @@ def upgrade_once(records: Records, also: Callable[[], int] = lambda: 0) -> bool:
     if n:
         log.warning("upgrade: sealed %d existing records; they are trusted from now on", n)
     return True
+
+
+def _any_unsealed(records: Records) -> bool:
+    with records.store.engine.connect() as conn:
+        return any(conn.execute(select(t.c.seal).where(t.c.seal.is_(None)).limit(1)).first()
+                   for t in (st.keys, st.operations, st.import_jobs, st.device_keys,
+                             st.master_keys, st.migration_files))
 
 
 def _unsealed(conn: Any, table: Any) -> list:

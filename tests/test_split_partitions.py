@@ -1,0 +1,154 @@
+"""Separate partitions, separate processes (issue 16): the S1SP organisation runs
+`keysvc serve --partitions s1sp,admin` with the S1SP and admin PINs only, the DCO
+organisation `--partitions dco,admin` with the DCO and admin PINs only, on one database and
+one audit chain. The reference example (ea-kw) goes through both, as the README's flow.
+
+Each process is configured as a deployment would be (a configuration file naming only its
+own PIN files), on a development state made first, so nothing can hand it the other PIN.
+"""
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from keysvc.api.v1 import keysvc_pb2 as pb
+from keysvc.client import error_reason
+from tests.conftest import EXAMPLES
+from tests.serverproc import start_server
+from tests.test_master_key_memory import dump_memory
+
+EXAMPLE = EXAMPLES / "ea-kw"
+
+
+def _config(state, name: str, partitions: str) -> str:
+    pki, pins = state / "pki", state / "hsm" / "pins"
+    served = [p for p in partitions.split(",")]
+    path = state.parent / f"{state.name}-{name}.toml"
+    path.write_text("\n".join([
+        f'state_dir = "{state}"', f'partitions = "{partitions}"',
+        f'tls_cert = "{pki / "server.pem"}"', f'tls_key = "{pki / "server.key"}"',
+        f'tls_client_ca = "{pki / "ca.pem"}"', f'trust_anchors_dir = "{state / "trust-anchors"}"',
+        *(f'{p}_pin_file = "{pins / (p + ".pin")}"' for p in served)]) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    state = tmp_path_factory.mktemp("split")
+    start_server(state, trust_anchors=[EXAMPLE / "device_ca.pem"]).stop()  # tokens, PKI
+    env = {"SOFTHSM2_CONF": str(state / "hsm" / "softhsm2.conf")}
+    s1sp = start_server(state, env={**env, "KEYSVC_CONFIG": _config(state, "s1sp",
+                                                                    "s1sp,admin")})
+    dco = start_server(state, env={**env, "KEYSVC_CONFIG": _config(state, "dco", "dco,admin")})
+    expect = json.loads((EXAMPLE / "expect.json").read_text())
+    for srv, field, purpose in ((s1sp, "s1sp_transport_key", "S1SP_TRANSPORT"),
+                                (dco, "dco_transport_key", "DCO_TRANSPORT")):
+        srv.import_aes_key(expect[field]["name"], bytes.fromhex(expect[field]["hex"]),
+                           purpose=purpose, owner_id=expect["originator_id"])
+    data = (EXAMPLE / "file.xml").read_bytes()
+    group = s1sp.as_("s1sp").s1sp.ProcessGroupInformation(
+        pb.ProcessGroupInformationRequest(file=data))
+    masters = dco.as_("dco").dco.UnwrapMasterKeys(pb.UnwrapMasterKeysRequest(file=data))
+    yield s1sp, dco, expect, group, masters, state
+    s1sp.stop()
+    dco.stop()
+
+
+def _reason(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), error_reason(info.value)
+
+
+def test_each_organisation_processes_its_half_of_the_reference_example(split):
+    s1sp, dco, expect, group, masters, _ = split
+    got = {f"{k.device_id}/{k.name}": k.kcv for i in group.installations for k in i.keys}
+    assert got == {where: k["kcv_cmac"] for i in expect["installations"]
+                   for where, k in i["keys"].items()}
+    assert {e.device_id: e.kcv for e in masters.entries} == {
+        device: m["kcv_cmac"] for device, m in expect["master_keys"].items()}
+    device, master = next(iter(expect["master_keys"].items()))
+    assert dco.as_("dco").dco.VerifyMasterKey(pb.VerifyMasterKeyRequest(
+        device_id=device, expected_kcv=master["kcv_cmac"])).match
+    prepay = next((where.split("/")[0], k) for i in expect["installations"]
+                  for where, k in i["keys"].items() if where.endswith("/PrepaymentKey"))
+    assert s1sp.as_("s1sp").s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
+        device_id=prepay[0], expected_kcv=prepay[1]["kcv_cmac"])).match
+
+
+def test_a_process_does_not_serve_the_other_organisations_service(split):
+    s1sp, dco, _, _, _, _ = split
+    data = (EXAMPLE / "file.xml").read_bytes()
+    code, _ = _reason(lambda: s1sp.as_("dco").dco.UnwrapMasterKeys(
+        pb.UnwrapMasterKeysRequest(file=data)))
+    assert code == grpc.StatusCode.UNIMPLEMENTED
+    code, _ = _reason(lambda: dco.as_("s1sp").s1sp.VerifyPrepaymentKey(
+        pb.VerifyPrepaymentKeyRequest(device_id="10-5B-77-0C-A9-80-36-9A",
+                                      expected_kcv="8504AFD9DD")))
+    assert code == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_a_ceremony_for_the_other_partition_is_refused_clearly(split):
+    s1sp, dco, _, _, _, _ = split
+    officer = s1sp.as_("security-officer-1").admin
+    assert _reason(lambda: officer.CreateImportJob(pb.CreateImportJobRequest(
+        name="job x", purpose=pb.KeyPurpose.Value("DCO_TRANSPORT")))) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "PARTITION_NOT_SERVED")
+    other = dco.as_("security-officer-1").admin
+    assert _reason(lambda: other.GetKey(pb.GetKeyRequest(name="S1SP-TK-EA-0101"))) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "PARTITION_NOT_SERVED")
+
+
+def test_each_lists_its_own_keys_and_flags_none_of_the_others(split):
+    s1sp, dco, expect, _, _, _ = split
+    mine = {k.name for k in s1sp.as_("security-officer-1").admin.ListKeys(
+        pb.ListKeysRequest()).keys}
+    theirs = {k.name for k in dco.as_("security-officer-1").admin.ListKeys(
+        pb.ListKeysRequest()).keys}
+    assert expect["s1sp_transport_key"]["name"] in mine - theirs
+    assert expect["dco_transport_key"]["name"] in theirs - mine
+    events = s1sp.as_("auditor").audit.ListAuditEvents(pb.ListAuditEventsRequest(
+        action="record.seal_invalid", page_size=100)).events
+    assert not events  # another partition's record is never taken for a tampered one
+
+
+def test_both_processes_write_one_intact_audit_chain(split):
+    s1sp, dco, _, _, _, _ = split
+    for srv in (s1sp, dco):
+        verdict = srv.as_("auditor").audit.VerifyAuditLog(pb.VerifyAuditLogRequest())
+        assert verdict.intact and verdict.events_checked > 10
+    actions = {e.action for e in dco.as_("auditor").audit.ListAuditEvents(
+        pb.ListAuditEventsRequest(page_size=1000)).events}
+    assert {"keysvc.v1.S1SPService/ProcessGroupInformation",
+            "keysvc.v1.DCOService/UnwrapMasterKeys"} <= actions
+
+
+def test_the_dco_process_holds_no_s1sp_pin_and_no_s1sp_or_master_key(split, tmp_path):
+    """Its memory, read from outside: neither the S1SP PIN (never read), nor a device key
+    of the file (DCO never decrypts the S1SP half), nor a master key (unwrapped in the
+    token). The admin PIN is there by design (README: the admin partition in a split)."""
+    _, dco, expect, _, _, state = split
+    how, regions = dump_memory(dco.proc.pid, tmp_path)
+    s1sp_pin = (state / "hsm" / "pins" / "s1sp.pin").read_text().strip().encode()
+    dco_pin = (state / "hsm" / "pins" / "dco.pin").read_text().strip().encode()
+    assert any(dco_pin in r for r in regions), f"control: the DCO PIN is seen ({how})"
+    assert not any(s1sp_pin in r for r in regions)
+    secrets = [bytes.fromhex(k["hex"]) for i in expect["installations"]
+               for k in i["keys"].values()]
+    secrets += [bytes.fromhex(m["hex"]) for m in expect["master_keys"].values()]
+    secrets.append(bytes.fromhex(expect["s1sp_transport_key"]["hex"]))
+    for key in secrets:
+        for form in (key, key.hex().encode(), key.hex().upper().encode()):
+            assert not any(form in r for r in regions), f"a key is in memory ({how})"
+
+
+def test_partitions_must_include_admin_and_name_known_ones():
+    from keysvc import config
+
+    def problems(value: str) -> list[str]:
+        return [p for p in config.problems(config.load(env={}, partitions=value))
+                if "partitions" in p]
+    assert not problems("s1sp,admin") and not problems("dco,admin") and not problems("admin")
+    assert problems("s1sp") and problems("s1sp,hsm,admin") and problems("dco,dco,admin")
