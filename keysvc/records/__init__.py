@@ -114,6 +114,19 @@ class Records:
         """Whether this process checks `partition`'s records (it holds its token)."""
         return partition in self.sealers
 
+    def elsewhere(self, partition: str) -> bool:
+        """A record of a partition this process does not serve: the other organisation's
+        process checks it. A partition that is no partition at all is not elsewhere: that
+        record was altered, and is refused (or flagged) here like any other."""
+        return partition in SEALING_PARTITIONS and partition not in self.sealers
+
+    def served_sealer(self, partition: str) -> Sealer | None:
+        """The partition's sealer; None for a value that is no partition (the caller
+        refuses the record); PARTITION_NOT_SERVED for another process's partition."""
+        if self.elsewhere(partition):
+            return self.sealers[partition]  # raises PARTITION_NOT_SERVED
+        return self.sealers.get(partition)
+
     def anchors(self, partition: str) -> Anchors:
         """Current seals of this database's changing records, in the partition's token."""
         return Anchors(self.partitions.tokens[partition], f"rec:{self.instance}:")

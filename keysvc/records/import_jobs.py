@@ -80,8 +80,8 @@ class ImportJobs:
             job = _record(row)
         except Exception:
             raise self.r.refuse(conn, f"import_jobs/{job_id}", "is malformed") from None
-        sealer = self.r.sealers[job.partition]  # another partition's: PARTITION_NOT_SERVED
-        if not sealer.valid(job.canonical(), row.seal):
+        sealer = self.r.served_sealer(job.partition)
+        if sealer is None or not sealer.valid(job.canonical(), row.seal):
             raise self.r.refuse(conn, f"import_jobs/{job_id}", "fails its HSM seal")
         return job
 
@@ -97,7 +97,7 @@ class ImportJobs:
                 st.import_jobs.c.expires_at < cutoff), "import_jobs", one=False):
             try:
                 job = _record(row)
-                if not self.r.serves(job.partition):
+                if self.r.elsewhere(job.partition):
                     continue  # the process serving that partition purges it
                 ok = self.r.sealers[job.partition].valid(job.canonical(), row.seal)
             except Exception:

@@ -203,8 +203,8 @@ class Operations:
             op = _record(row)
         except Exception:
             raise self.r.refuse(conn, where, "is malformed") from None
-        sealer = self.r.sealers[op.partition]  # another partition's: PARTITION_NOT_SERVED
-        if not sealer.valid(op.canonical(), row.seal):
+        sealer = self.r.served_sealer(op.partition)  # another's: PARTITION_NOT_SERVED
+        if sealer is None or not sealer.valid(op.canonical(), row.seal):
             raise self.r.refuse(conn, where, "fails its HSM seal")
         if not self._approvals_ok(op):
             raise self.r.refuse(conn, where, "holds an approval that is not a sealed "
@@ -225,7 +225,7 @@ class Operations:
                 continue
             try:
                 op = _record(row)
-                if not self.r.serves(op.partition):
+                if self.r.elsewhere(op.partition):
                     continue  # another partition's operation: its own process lists it
                 ok = (self.r.sealers[op.partition].valid(op.canonical(), row.seal)
                       and self._approvals_ok(op)
