@@ -99,19 +99,30 @@ class App:
             ensure_dev_state(settings)
         point_softhsm_at(settings)
         store = Store(settings.db_url)
-        store.migrate()
         partitions = Partitions(settings)
-        partitions.bootstrap()
-        trust = TrustStore.from_dir(settings.trust_anchors)
-        log.info("trust anchors loaded: %d, CRLs: %d", len(trust.anchors), len(trust.crls))
-        app = cls(settings, store, partitions, trust, clock,
-                  cert_workers=settings.certificate_workers)
-        from keysvc.records.reconcile import reconcile
-        from keysvc.records.upgrade import upgrade_once
-        app.records.ensure_instance(dev=settings.dev)
-        upgrade_once(app.records, also=app.records.escrows.reanchor_legacy)
-        reconcile(app.records)
-        app.records.escrows.roll_forward()
+        with store.starting():  # one process at a time (replicas, split processes)
+            store.migrate()
+            from keysvc.records import holds_records_of
+            for partition in partitions.new_tokens():
+                if holds_records_of(store, partition):
+                    # Rows wrapped, sealed or MACed under keys a new token cannot have:
+                    # lost tokens (restore them), or the wrong database.
+                    raise SystemExit(
+                        f"the {partition} token is new (none of its keys) but the database "
+                        "holds its records: restore the token (keysvc admin restore) or give "
+                        "it a new database; refusing to start")
+            partitions.bootstrap()
+            trust = TrustStore.from_dir(settings.trust_anchors)
+            log.info("trust anchors loaded: %d, CRLs: %d", len(trust.anchors),
+                     len(trust.crls))
+            app = cls(settings, store, partitions, trust, clock,
+                      cert_workers=settings.certificate_workers)
+            from keysvc.records.reconcile import reconcile
+            from keysvc.records.upgrade import upgrade_once
+            app.records.ensure_instance(dev=settings.dev)
+            upgrade_once(app.records, also=app.records.escrows.reanchor_legacy)
+            reconcile(app.records)
+            app.records.escrows.roll_forward()
         from keysvc.identity.admission import seed_roster
         seed_roster(app)
         try:  # roster changes a crash left pending: counted if approved, else dropped

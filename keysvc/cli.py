@@ -783,7 +783,6 @@ def cmd_admin_backup(args: argparse.Namespace) -> int:
 
     from keysvc import config
     from keysvc.app import App
-    from keysvc.config import PARTITIONS
     from keysvc.custody import backup as cb
     from keysvc.devstate import point_softhsm_at
     from keysvc.errors import KeysvcError
@@ -791,7 +790,11 @@ def cmd_admin_backup(args: argparse.Namespace) -> int:
     from keysvc.identity.certificates import fingerprint
     settings = config.load(args.config, state_dir=args.state_dir)
     point_softhsm_at(settings)
-    parts = list(PARTITIONS) if args.partition == "all" else [args.partition]
+    # A split configuration backs up its own partitions (their PINs are the ones it has).
+    parts = list(settings.served) if args.partition == "all" else [args.partition]
+    if set(parts) - set(settings.served):
+        raise SystemExit(f"the {args.partition} partition is not among this configuration's "
+                         f"partitions ({settings.partitions})")
     try:
         certs = [x509.load_pem_x509_certificate(Path(f).read_bytes()) for f in args.custodian]
     except (OSError, ValueError) as exc:

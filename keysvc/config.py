@@ -200,6 +200,11 @@ def problems(s: Settings) -> list[str]:
     elif "admin" not in named:
         out.append("partitions must include admin: every call is audited with the admin "
                    "token's MAC key (s1sp,admin or dco,admin for one organisation)")
+    for partition in set(PARTITIONS) - set(s.served):
+        for name in (f"{partition}_pin", f"{partition}_pin_file"):
+            if getattr(s, name):
+                out.append(f"{name} is given to a process that does not serve {partition}: "
+                           f"remove it (a process holds its own partitions' PINs only)")
     if s.lock_memory.lower() not in ("auto", "true", "false"):
         out.append("lock_memory must be auto, true or false")
     if s.otlp_endpoint and not (s.otlp_endpoint.startswith("https://") or (
@@ -266,7 +271,7 @@ TUNING_SETTINGS = ("state_dir", "partitions", "listen", "processes", "workers", 
                    "max_file_bytes", "max_xml_depth", "hsm_pool_size", "hsm_acquire_timeout",
                    "import_job_ttl_hours", "import_job_quota", "certificate_workers",
                    "roster_refresh_seconds", "client_crl_refresh_seconds",
-                   "audit_checkpoint_seconds", "quorum", "otlp_endpoint", "otlp_ca", "dev")
+                   "audit_checkpoint_seconds", "dev")
 
 
 def _coerce(kind: type | str, raw: Any) -> object:

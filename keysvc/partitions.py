@@ -63,9 +63,6 @@ class Partitions:
                                  acquire_timeout=settings.hsm_acquire_timeout,
                                  sentinel=RECORD_SEAL_KEY))
             for p in self.served})
-        # Long-lived keys this start had to make: new tokens (keysvc/records ensure_instance
-        # refuses to pair new tokens with a database that holds records).
-        self.made: list[str] = []
 
     @property
     def s1sp(self) -> Token:
@@ -86,6 +83,18 @@ class Partitions:
         for t in self.tokens.values():
             t.close()
 
+    def new_tokens(self) -> list[str]:
+        """The served partitions whose token holds none of its long-lived keys yet (a
+        token made for this start, or re-initialised): looked at before `bootstrap` makes
+        any, so the answer is the same at every start until then."""
+        out = []
+        for name, token in self.tokens.items():
+            with token.session() as s:
+                present = {versions.parse(label)[0] for label in hk.secret_key_labels(s)}
+            if not present & set(LONG_LIVED[name]):
+                out.append(name)
+        return out
+
     def bootstrap(self) -> None:
         """Make the per-token keys on first start, inside the token, sensitive and
         extractable only by the backup ceremony (hk.CUSTODY)."""
@@ -97,7 +106,6 @@ class Partitions:
                         continue
                     log.info("generating %s in token %s", label, token.config.label)
                     generate(s, label)
-                    self.made.append(f"{name}/{label}")
 
 
 def generate(s: Any, label: str, key_id: str = "") -> None:

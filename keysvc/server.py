@@ -186,15 +186,49 @@ def status_for(exc: KeysvcError) -> status_pb2.Status:
                              details=packed)
 
 
+# The services of one partition: in a process that does not serve it (serve --partitions)
+# their calls are answered FAILED_PRECONDITION PARTITION_NOT_SERVED, audited like any call.
+PARTITION_SERVICES = {"keysvc.v1.S1SPService": "s1sp", "keysvc.v1.DCOService": "dco"}
+
+
+def _partition_of(method: str) -> str | None:
+    parts = method.split("/")
+    return PARTITION_SERVICES.get(parts[1]) if len(parts) > 2 else None
+
+
+def served_services(app: App) -> list[str]:
+    """The keysvc services this process registers (and reports in health)."""
+    return [s for s in SERVICE_ROLES
+            if PARTITION_SERVICES.get(s) in (None, *app.partitions.tokens)]
+
+
 class KeysvcInterceptor(grpc.ServerInterceptor):
     def __init__(self, app: App) -> None:
         self.app = app
+
+    def _not_served(self, method: str) -> Any:
+        """A call to the other organisation's service: the role check and the audit event
+        as for any call, then PARTITION_NOT_SERVED (its request is never decoded)."""
+        service, partition = method.split("/")[1], _partition_of(method)
+
+        def refuse(_request: Any, _context: grpc.ServicerContext) -> Any:
+            raise error("PARTITION_NOT_SERVED", f"this process does not serve the {partition} "
+                                                f"partition (serve --partitions)")
+
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            return self._call(service, method, refuse, request, context)
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped, request_deserializer=lambda raw: raw,
+            response_serializer=lambda message: b"")
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         if handler is not None and handler.stream_stream is not None \
                 and details.method.split("/")[1] in REFLECTION_SERVICES:
             return _reflection_needs_a_role(self.app, handler)
+        if handler is None and _partition_of(details.method) not in (
+                None, *self.app.partitions.tokens):
+            return self._not_served(details.method)
         if handler is None or (handler.unary_unary is None and handler.unary_stream is None):
             return handler
         method = details.method  # "/keysvc.v1.S1SPService/ProcessGroupInformation"
@@ -370,7 +404,7 @@ class HealthWatch(threading.Thread):
         ok = ok and self._audit_ok()
         status = (health_pb2.HealthCheckResponse.SERVING if ok
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
-        for svc in ("", *SERVICE_ROLES):
+        for svc in ("", *served_services(self.app)):
             self.servicer.set(svc, status)
         self.ready = ok
         return ok

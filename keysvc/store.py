@@ -335,6 +335,34 @@ class Store:
                 time.sleep(nap)
                 nap = min(nap * 2, 0.001)
 
+    @contextmanager
+    def starting(self) -> Iterator[None]:
+        """One process at a time through start-up: migrations, the first long-lived keys,
+        the instance registration, the one-time upgrade and reconciliation. Two processes
+        starting together on new tokens would otherwise each make `audit-mac` (a label
+        then found twice: the token looks lost). SQLite: a lock file beside the database;
+        PostgreSQL: a session advisory lock (replicas on other hosts)."""
+        if self.is_sqlite:
+            if self._lock_path is None:
+                yield
+                return
+            fd = os.open(self._lock_path.replace(".writer-lock", ".start-lock"),
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # (closing releases the lock)
+            return
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(hashtext('keysvc-start'))"))
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(hashtext('keysvc-start'))"))
+                conn.commit()
+
     def close(self) -> None:
         self.engine.dispose()
         if self._lock_fd is not None:

@@ -117,9 +117,29 @@ def span(name: str, **attributes: Any) -> contextlib.AbstractContextManager[Any]
     if _tracer is None or not _in_call():
         return _NOOP
     # An exception's text is not recorded: the call span carries keysvc's code instead.
-    return _tracer.start_as_current_span(name, attributes=_attributes(attributes),
-                                         record_exception=False,
-                                         set_status_on_exception=False)
+    return _guarded(lambda: _tracer.start_as_current_span(
+        name, attributes=_attributes(attributes), record_exception=False,
+        set_status_on_exception=False))
+
+
+@contextlib.contextmanager
+def _guarded(make: Any) -> Iterator[Any]:
+    """A span whose start or end fails is logged (by type) and skipped: tracing never
+    decides a call (around the audit write, a failure would otherwise fail the call)."""
+    try:
+        started = make()
+        current = started.__enter__()
+    except Exception as exc:
+        log.warning("span not traced: %s", type(exc).__name__)
+        yield None
+        return
+    try:
+        yield current
+    finally:
+        try:
+            started.__exit__(None, None, None)
+        except Exception as exc:
+            log.warning("span not ended: %s", type(exc).__name__)
 
 
 def _in_call() -> bool:
@@ -140,7 +160,7 @@ def call_span(method: str, metadata: Any, **attributes: Any) -> Iterator[Any]:
     if _tracer is None:
         yield None
         return
-    try:
+    def start() -> Any:
         from opentelemetry.trace import SpanKind
         parent = None
         traceparent = next((v for k, v in (metadata or ()) if k == "traceparent"
@@ -150,21 +170,11 @@ def call_span(method: str, metadata: Any, **attributes: Any) -> Iterator[Any]:
         service, _, short = method.lstrip("/").partition("/")
         attrs = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": short,
                  **_attributes(attributes)}
-        started = _tracer.start_as_current_span(
+        return _tracer.start_as_current_span(
             method.lstrip("/"), context=parent, kind=SpanKind.SERVER, attributes=attrs,
             record_exception=False, set_status_on_exception=False)
-        current = started.__enter__()
-    except Exception as exc:  # tracing never decides a call: it goes on untraced
-        log.warning("call not traced: %s", type(exc).__name__)
-        yield None
-        return
-    try:
+    with _guarded(start) as current:  # tracing never decides a call
         yield current
-    finally:
-        try:
-            started.__exit__(None, None, None)
-        except Exception as exc:
-            log.warning("call span not ended: %s", type(exc).__name__)
 
 
 def failed(current: Any, code: str) -> None:

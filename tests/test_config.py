@@ -202,9 +202,10 @@ def test_new_tokens_never_adopt_a_database_that_holds_records(tmp_path):
     def events() -> int:
         return sqlite3.connect(db).execute("SELECT count(*) FROM audit_events").fetchone()[0]
     before = events()
-    with pytest.raises(RuntimeError, match="the tokens are new"):
-        start_server(tmp_path / "other", env={"KEYSVC_DATABASE_URL": f"sqlite:///{db}",
-                                               "KEYSVC_DEV": "on"})
+    for _ in range(2):  # and the refused start made nothing that lets the next one in
+        with pytest.raises(RuntimeError, match="token is new .* holds its records"):
+            start_server(tmp_path / "other", env={"KEYSVC_DATABASE_URL": f"sqlite:///{db}",
+                                                   "KEYSVC_DEV": "on"})
     assert events() == before
     again = start_server(tmp_path / "real")
     try:

@@ -25,9 +25,11 @@ EXAMPLE = EXAMPLES / "ea-kw"
 def _config(state, name: str, partitions: str) -> str:
     pki, pins = state / "pki", state / "hsm" / "pins"
     served = [p for p in partitions.split(",")]
+    officers = ",".join(str(pki / f"security-officer-{i}.pem") for i in (1, 2))
     path = state.parent / f"{state.name}-{name}.toml"
     path.write_text("\n".join([
         f'state_dir = "{state}"', f'partitions = "{partitions}"',
+        f'initial_officers = "{officers}"',
         f'tls_cert = "{pki / "server.pem"}"', f'tls_key = "{pki / "server.key"}"',
         f'tls_client_ca = "{pki / "ca.pem"}"', f'trust_anchors_dir = "{state / "trust-anchors"}"',
         *(f'{p}_pin_file = "{pins / (p + ".pin")}"' for p in served)]) + "\n")
@@ -79,15 +81,29 @@ def test_each_organisation_processes_its_half_of_the_reference_example(split):
 
 
 def test_a_process_does_not_serve_the_other_organisations_service(split):
+    """The other organisation's service is refused as any call is: the role first, then
+    PARTITION_NOT_SERVED, each audited; health does not report it."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
     s1sp, dco, _, _, _, _ = split
     data = (EXAMPLE / "file.xml").read_bytes()
-    code, _ = _reason(lambda: s1sp.as_("dco").dco.UnwrapMasterKeys(
-        pb.UnwrapMasterKeysRequest(file=data)))
-    assert code == grpc.StatusCode.UNIMPLEMENTED
-    code, _ = _reason(lambda: dco.as_("s1sp").s1sp.VerifyPrepaymentKey(
+    assert _reason(lambda: s1sp.as_("dco").dco.UnwrapMasterKeys(
+        pb.UnwrapMasterKeysRequest(file=data))) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "PARTITION_NOT_SERVED")
+    assert _reason(lambda: dco.as_("s1sp").s1sp.VerifyPrepaymentKey(
         pb.VerifyPrepaymentKeyRequest(device_id="10-5B-77-0C-A9-80-36-9A",
-                                      expected_kcv="8504AFD9DD")))
-    assert code == grpc.StatusCode.UNIMPLEMENTED
+                                      expected_kcv="8504AFD9DD"))) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "PARTITION_NOT_SERVED")
+    assert _reason(lambda: dco.as_("dco").s1sp.VerifyPrepaymentKey(
+        pb.VerifyPrepaymentKeyRequest()))[1] == "ROLE_NOT_PERMITTED"
+    events = dco.as_("auditor").audit.ListAuditEvents(pb.ListAuditEventsRequest(
+        action="keysvc.v1.S1SPService/VerifyPrepaymentKey", page_size=100)).events
+    assert {e.code for e in events} >= {"PARTITION_NOT_SERVED", "ROLE_NOT_PERMITTED"}
+    health = health_pb2_grpc.HealthStub(dco.as_("auditor").channel)
+    assert health.Check(health_pb2.HealthCheckRequest(
+        service="keysvc.v1.DCOService")).status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as info:
+        health.Check(health_pb2.HealthCheckRequest(service="keysvc.v1.S1SPService"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_a_ceremony_for_the_other_partition_is_refused_clearly(split):
@@ -152,3 +168,91 @@ def test_partitions_must_include_admin_and_name_known_ones():
                 if "partitions" in p]
     assert not problems("s1sp,admin") and not problems("dco,admin") and not problems("admin")
     assert problems("s1sp") and problems("s1sp,hsm,admin") and problems("dco,dco,admin")
+    # another organisation's PIN, even handed over, is refused rather than kept
+    given = config.problems(config.load(env={"KEYSVC_S1SP_PIN": "1234"},
+                                        partitions="dco,admin"))
+    assert any("s1sp_pin is given to a process that does not serve s1sp" in p for p in given)
+
+
+def test_two_processes_starting_together_on_new_tokens_make_each_key_once(tmp_path):
+    """Start-up runs one process at a time (Store.starting): the two organisations'
+    processes, or two replicas, started at once on new tokens make one `audit-mac`, not
+    two (a label found twice makes the token look lost)."""
+    import threading
+
+    from keysvc import config
+    from keysvc.devstate import ensure_dev_state
+    for round_ in range(3):
+        state = tmp_path / f"round{round_}"
+        ensure_dev_state(config.load(env={}, state_dir=state))  # tokens and PKI, no keys
+        env = {"SOFTHSM2_CONF": str(state / "hsm" / "softhsm2.conf")}
+        started: dict[str, object] = {}
+
+        def start(name: str, partitions: str) -> None:
+            started[name] = start_server(state, env={
+                **env, "KEYSVC_CONFIG": _config(state, name, partitions)})
+        threads = [threading.Thread(target=start, args=a)
+                   for a in (("s1sp", "s1sp,admin"), ("dco", "dco,admin"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        try:
+            assert set(started) == {"s1sp", "dco"}
+            for srv in started.values():
+                verdict = srv.as_("auditor").audit.VerifyAuditLog(pb.VerifyAuditLogRequest())
+                assert verdict.intact
+        finally:
+            for srv in started.values():
+                srv.stop()
+
+
+def test_a_reinitialised_partition_token_beside_its_records_does_not_start(tmp_path):
+    """A new S1SP token (re-initialised, or another one under the label) beside an admin
+    token that knows the database, and a database that holds S1SP records: refused, at
+    every start, before anything is made in it."""
+    import shutil
+    import subprocess
+    state = tmp_path / "state"
+    srv = start_server(state)
+    srv.import_aes_key("REINIT-S1SP", bytes(range(32)), purpose="S1SP_TRANSPORT",
+                       owner_id="SMSO-R")
+    srv.stop()
+    env = {"SOFTHSM2_CONF": str(state / "hsm" / "softhsm2.conf"),
+           "PATH": "/usr/bin:/bin"}
+    pins = state / "hsm" / "pins"
+    util = shutil.which("softhsm2-util")
+    subprocess.run([util, "--delete-token", "--token", "keysvc-s1sp"], env=env, check=True,
+                   capture_output=True)
+    subprocess.run([util, "--init-token", "--free", "--label", "keysvc-s1sp", "--so-pin",
+                    (pins / "s1sp.so-pin").read_text().strip(), "--pin",
+                    (pins / "s1sp.pin").read_text().strip()], env=env, check=True,
+                   capture_output=True)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="the s1sp token is new"):
+            start_server(state)
+
+
+def test_a_row_moved_to_the_other_partition_is_an_altered_record_here(split):
+    """A database writer moves the S1SP transport key's row to the DCO partition, so that
+    the S1SP process would skip it: its anchor is in the S1SP token, so it is refused
+    there as altered (RECORD_SEAL_INVALID, audited), not answered PARTITION_NOT_SERVED."""
+    import sqlite3
+    s1sp, _, expect, _, _, state = split
+    name = expect["s1sp_transport_key"]["name"]
+    db = sqlite3.connect(state / "keysvc.db")
+    db.execute("UPDATE keys SET partition='dco' WHERE name=?", (name,))
+    db.commit()
+    try:
+        officer = s1sp.as_("security-officer-1").admin
+        assert _reason(lambda: officer.GetKey(pb.GetKeyRequest(name=name))) == (
+            grpc.StatusCode.FAILED_PRECONDITION, "RECORD_SEAL_INVALID")
+        listed = officer.ListKeys(pb.ListKeysRequest()).keys
+        assert any(not k.seal_intact for k in listed)
+        flagged = s1sp.as_("auditor").audit.ListAuditEvents(pb.ListAuditEventsRequest(
+            action="record.seal_invalid", page_size=100)).events
+        assert any(name in e.target for e in flagged)
+    finally:
+        db.execute("UPDATE keys SET partition='s1sp' WHERE name=?", (name,))
+        db.commit()
+        db.close()

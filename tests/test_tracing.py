@@ -67,7 +67,7 @@ def traced(tmp_path_factory):
     # OTEL_PROPAGATORS names a propagator that is not installed: keysvc uses its own
     srv = start_server(state, trust_anchors=[ca],
                        env={"KEYSVC_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-                            "OTEL_PROPAGATORS": "b3"})
+                            "OTEL_PROPAGATORS": "b3", "KEYSVC_DEV": "on"})
     s1sp_kek, dco_kek = os.urandom(32), os.urandom(32)
     srv.import_aes_key("TRC-S1SP", s1sp_kek, purpose="S1SP_TRANSPORT", owner_id="SMSO-T")
     srv.import_aes_key("TRC-DCO", dco_kek, purpose="DCO_TRANSPORT", owner_id="SMSO-T")

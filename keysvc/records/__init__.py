@@ -33,6 +33,21 @@ SEALING_PARTITIONS = ("s1sp", "dco", "admin")
 OnTamper = Callable[[str, str], None]   # (record, what is wrong)
 
 
+def holds_records_of(store: st.Store, partition: str) -> bool:
+    """Whether the database holds anything sealed, wrapped or MACed by `partition`'s
+    token: a new token beside it could never read it (App.open refuses that pairing)."""
+    mine = {"s1sp": [st.device_keys], "dco": [st.master_keys],
+            "admin": [st.audit_events, st.escrows]}[partition]
+    with store.engine.connect() as conn:
+        if any(conn.execute(select(t).limit(1)).first() for t in mine):
+            return True
+        return any(conn.execute(select(t).where(column == partition).limit(1)).first()
+                   for t, column in ((st.keys, st.keys.c.partition),
+                                     (st.operations, st.operations.c.partition),
+                                     (st.import_jobs, st.import_jobs.c.partition),
+                                     (st.migration_files, st.migration_files.c.service)))
+
+
 class Records:
     """The repositories, sharing one store, the partitions' sealers and anchors."""
 
@@ -89,13 +104,6 @@ class Records:
             known = {v.decode(errors="replace") for v in hk.data_values(s, label)}
         if mine in known:
             return
-        if not known and getattr(self.partitions, "made", None) and not self._empty():
-            # New tokens beside a database that holds records wrapped and sealed under
-            # keys that are not in them: lost tokens (restore them) or the wrong database.
-            raise SystemExit(f"the tokens are new ({', '.join(self.partitions.made[:3])} "
-                             f"made now) but database instance {mine!r} holds records: "
-                             "restore the tokens (keysvc admin restore) or give this token "
-                             "set a new database; refusing to start")
         if mine == "none" or (known and not (dev and self._empty())):
             raise SystemExit(f"the database's instance id {mine!r} is not one this token set "
                              f"serves ({', '.join(sorted(known))}): a database from "
@@ -114,16 +122,28 @@ class Records:
         """Whether this process checks `partition`'s records (it holds its token)."""
         return partition in self.sealers
 
-    def elsewhere(self, partition: str) -> bool:
+    def elsewhere(self, partition: str, record_id: str = "",
+                  anchored: dict[str, dict[str, list[bytes]]] | None = None) -> bool:
         """A record of a partition this process does not serve: the other organisation's
-        process checks it. A partition that is no partition at all is not elsewhere: that
-        record was altered, and is refused (or flagged) here like any other."""
-        return partition in SEALING_PARTITIONS and partition not in self.sealers
+        process checks it. Not elsewhere, but altered (refused or flagged here like any
+        other): a partition that is no partition at all, and a record that a served token
+        anchors (`record_id`, e.g. "key/NAME": a row of ours moved to the other partition).
+        `anchored`: the served partitions' anchors, when a listing has read them all."""
+        if partition not in SEALING_PARTITIONS or partition in self.sealers:
+            return False
+        for served in self.sealers:
+            if not record_id:
+                break
+            held = (anchored.get(served, {}).get(record_id) if anchored is not None
+                    else self.anchors(served).newest(record_id))
+            if held:
+                return False
+        return True
 
-    def served_sealer(self, partition: str) -> Sealer | None:
-        """The partition's sealer; None for a value that is no partition (the caller
-        refuses the record); PARTITION_NOT_SERVED for another process's partition."""
-        if self.elsewhere(partition):
+    def served_sealer(self, partition: str, record_id: str = "") -> Sealer | None:
+        """The partition's sealer; None for a record altered as `elsewhere` says (the
+        caller refuses it); PARTITION_NOT_SERVED for another process's record."""
+        if self.elsewhere(partition, record_id):
             return self.sealers[partition]  # raises PARTITION_NOT_SERVED
         return self.sealers.get(partition)
 

@@ -142,7 +142,7 @@ class Keys:
                 continue
             try:
                 rec = _record(row)
-                if self.r.elsewhere(rec.partition):
+                if self.r.elsewhere(rec.partition, f"key/{rec.name}", anchored):
                     continue  # another partition's record: its own process lists it
                 ok = self._seal_ok(rec, row.seal) and is_anchored(
                     anchored.get(rec.partition, {}).get(f"key/{rec.name}", []), row.seal)
@@ -165,7 +165,7 @@ class Keys:
             rec = _record(row)
         except Exception:
             raise self.r.refuse(conn, where, "is malformed") from None
-        self.r.served_sealer(rec.partition)  # another partition's: PARTITION_NOT_SERVED
+        self.r.served_sealer(rec.partition, f"key/{rec.name}")  # PARTITION_NOT_SERVED
         if not self._seal_ok(rec, row.seal):
             raise self.r.refuse(conn, where, "fails its HSM seal")
         if not self.r.anchors(rec.partition).holds(f"key/{rec.name}", bytes(row.seal)):

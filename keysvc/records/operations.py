@@ -203,7 +203,7 @@ class Operations:
             op = _record(row)
         except Exception:
             raise self.r.refuse(conn, where, "is malformed") from None
-        sealer = self.r.served_sealer(op.partition)  # another's: PARTITION_NOT_SERVED
+        sealer = self.r.served_sealer(op.partition, f"op/{op.id}")  # PARTITION_NOT_SERVED
         if sealer is None or not sealer.valid(op.canonical(), row.seal):
             raise self.r.refuse(conn, where, "fails its HSM seal")
         if not self._approvals_ok(op):
@@ -225,7 +225,7 @@ class Operations:
                 continue
             try:
                 op = _record(row)
-                if self.r.elsewhere(op.partition):
+                if self.r.elsewhere(op.partition, f"op/{op.id}", anchors):
                     continue  # another partition's operation: its own process lists it
                 ok = (self.r.sealers[op.partition].valid(op.canonical(), row.seal)
                       and self._approvals_ok(op)
