@@ -31,24 +31,26 @@ DEFAULT_IDENTITY = {"admin": "security-officer-1", "s1sp": "s1sp", "dco": "dco",
 
 
 # --------------------------------------------------------------------------- helpers
-def _stubs(args: argparse.Namespace):
-    """The caller's identity: --cert/--key/--ca (or KEYSVC_CERT/KEY/CA), else a certificate
-    of the development state directory (--as, or the group's default)."""
-    from keysvc.client import Stubs, connect, secure_channel
+def _stubs(args: argparse.Namespace) -> Any:
+    """keysvc.client's Client (deadlines, retries of idempotent calls, typed errors) as the
+    caller's identity: --cert/--key/--ca (or KEYSVC_CERT/KEY/CA), else a certificate of the
+    development state directory (--as, or the group's default)."""
+    from keysvc.client import Client
     files = (args.tls_cert, args.tls_key, args.tls_ca)
-    if any(files):
-        try:
+    try:
+        if any(files):
             if not all(files):
                 raise ValueError("--cert, --key and --ca (KEYSVC_CERT, KEYSVC_KEY, "
                                  "KEYSVC_CA) go together")
             ca, cert, key = (Path(f).read_bytes()
                              for f in (args.tls_ca, args.tls_cert, args.tls_key))
-        except (OSError, ValueError) as exc:  # a usage error: exit 2
-            err.print(f"keysvc: {exc}", markup=False, highlight=False)
-            raise SystemExit(2)
-        return Stubs(secure_channel(args.server, ca, cert, key, args.server_name or ""))
-    identity = args.as_ or DEFAULT_IDENTITY[args.group]
-    return connect(args.server, Path(args.state_dir), identity)
+            return Client.from_pem(args.server, ca=ca, cert=cert, key=key,
+                                   server_name=args.server_name or "")
+        identity = args.as_ or DEFAULT_IDENTITY[args.group]
+        return Client.for_identity(args.server, args.state_dir, identity)
+    except (OSError, ValueError) as exc:  # a usage error: exit 2
+        err.print(f"keysvc: {exc}", markup=False, highlight=False)
+        raise SystemExit(2)
 
 
 def shown(value: Any) -> Text:
@@ -563,7 +565,7 @@ def cmd_escrow_revoke(args: argparse.Namespace) -> int:
 def _process_files(args: argparse.Namespace, call: Callable[[bytes], Any],
                    rows_of: Callable[[Path, Any], list[list[Any]]], columns: list[str],
                    title: str) -> int:
-    from keysvc.client import error_reason
+    from keysvc.client import KeysvcCallError
     files = _files(args.path)
     rows: list[list[Any]] = []
     failures = 0
@@ -572,10 +574,10 @@ def _process_files(args: argparse.Namespace, call: Callable[[bytes], Any],
         for f in files:
             try:
                 rows += rows_of(f, call(f.read_bytes()))
-            except grpc.RpcError as exc:
+            except KeysvcCallError as exc:
                 failures += 1
-                rows.append([f.name, "", "FILE REJECTED", error_reason(exc) or exc.code().name,
-                             exc.details()] + [""] * (len(columns) - 5))
+                rows.append([f.name, "", "FILE REJECTED", exc.reason or exc.status.name,
+                             exc.message] + [""] * (len(columns) - 5))
             progress.advance(task)
     _table(title, columns, rows)
     accepted = sum(1 for r in rows if r[2] == "ACCEPTED")
@@ -1198,6 +1200,7 @@ def _escrow_deposit_args(c: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from keysvc.client import KeysvcCallError
     argv = list(sys.argv[1:] if argv is None else argv)
     # `keysvc admin escrow deposit` reads as the issue spells it
     if len(argv) >= 3 and argv[0] == "admin" and argv[1] in ("escrow", "rewrap"):
@@ -1214,7 +1217,16 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"keysvc: this command needs the server's dependencies ({exc.name} is not "
                   f"installed): pip install 'keysvc[server]'", markup=False, highlight=False)
         return EXIT_USAGE
-    except grpc.RpcError as exc:
+    except KeysvcCallError as exc:
+        if not exc.reason and exc.status in (grpc.StatusCode.UNAVAILABLE,
+                                             grpc.StatusCode.DEADLINE_EXCEEDED):
+            err.print(f"[red]error[/red]: cannot reach keysvc at "
+                      f"{shown(getattr(args, 'server', '?'))}: {exc.status.name}")
+            return EXIT_UNREACHABLE
+        err.print(Text.assemble(("error", "red"), f": {exc.status.name} {exc.reason}: ",
+                                shown(exc.message)))
+        return EXIT_REFUSED
+    except grpc.RpcError as exc:  # a raw stub's (none of the commands above use one)
         from keysvc.client import error_reason
         reason = error_reason(exc)
         if not reason and exc.code() in (grpc.StatusCode.UNAVAILABLE,

@@ -19,9 +19,11 @@ from grpc_status import rpc_status
 
 from keysvc.api.v1 import keysvc_pb2_grpc as rpc
 
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
 
 def channel(target: str, pki_dir: Path, identity: str | None,
-            max_bytes: int = 256 * 1024 * 1024) -> grpc.Channel:
+            max_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
     """A channel with an identity of the development state directory (its server
     certificate is for `localhost`)."""
     ca = (pki_dir / "ca.pem").read_bytes()
@@ -33,7 +35,7 @@ def channel(target: str, pki_dir: Path, identity: str | None,
 
 
 def secure_channel(target: str, ca: bytes, cert: bytes | None, key: bytes | None,
-                   server_name: str = "", max_bytes: int = 256 * 1024 * 1024
+                   server_name: str = "", max_bytes: int = MAX_MESSAGE_BYTES
                    ) -> grpc.Channel:
     """mTLS to `target`, trusting `ca`; `server_name`: the name the server's certificate
     must carry when it is not the one in `target`."""
@@ -244,14 +246,28 @@ class Client:
 
     @classmethod
     def from_pem(cls, target: str, *, ca: bytes, cert: bytes, key: bytes,
-                 server_name: str = "") -> "Client":
+                 server_name: str = "", max_bytes: int = MAX_MESSAGE_BYTES) -> "Client":
+        """`max_bytes`: the largest message either way (a 64 MiB file goes up, and the
+        result of a file of 30,000 installations, some 10 MB, comes back: gRPC's own
+        limit for what it receives is 4 MiB)."""
         creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
                                              certificate_chain=cert)
-        options: list[tuple[str, int | str]] = [("grpc.enable_retries", 1),
-                                                ("grpc.service_config", service_config())]
+        options: list[tuple[str, int | str]] = [
+            ("grpc.enable_retries", 1), ("grpc.service_config", service_config()),
+            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.max_send_message_length", max_bytes)]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         return cls(grpc.secure_channel(target, creds, options=options))
+
+    @classmethod
+    def for_identity(cls, target: str, state_dir: str | Path, identity: str) -> "Client":
+        """An identity of a development state directory (DIR/pki/NAME.pem, .key; its
+        server certificate names `localhost`)."""
+        pki = Path(state_dir) / "pki"
+        return cls.from_pem(target, ca=(pki / "ca.pem").read_bytes(),
+                            cert=(pki / f"{identity}.pem").read_bytes(),
+                            key=(pki / f"{identity}.key").read_bytes(), server_name="localhost")
 
     @classmethod
     def from_files(cls, target: str, *, ca: str | Path, cert: str | Path, key: str | Path,

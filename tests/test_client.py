@@ -101,3 +101,18 @@ def test_real_refusals_from_every_service_reach_their_own_classes(server):
         assert len(info.value.request_id) == 16
     for c in (officer, s1sp, dco, auditor):
         c.close()
+
+
+def test_the_client_receives_a_large_file_result_and_sends_a_large_file(monkeypatch):
+    """gRPC receives 4 MiB by default; a file of 30,000 installations gives a result of
+    some 10 MB and is 55 MB itself. The Client (and so the CLI) allows 256 MiB both ways."""
+    seen = {}
+
+    def channel(target, creds, options=()):
+        seen.update(options)
+        return "channel"
+    monkeypatch.setattr(client.grpc, "secure_channel", channel)
+    client.Client.from_pem("x:1", ca=b"", cert=b"", key=b"")
+    assert seen["grpc.max_receive_message_length"] == 256 * 1024 * 1024
+    assert seen["grpc.max_send_message_length"] == 256 * 1024 * 1024
+    assert seen["grpc.enable_retries"] == 1
