@@ -100,6 +100,21 @@ class Server:
         o2.ApproveOperation(pb.ApproveOperationRequest(operation_id=op.operation_id,
                                                        request_digest=op.request_digest))
 
+    def keyed_file(self, prefix: str, originator_id: str, installs: list, file_id: str
+                   ) -> tuple[bytes, list[bytes]]:
+        """PREFIX-S1SP and PREFIX-DCO transport keys imported under dual control, and a
+        file of `installs` under them: (the file, the two transport keys)."""
+        from tests.support import encoder
+        s1sp_kek, dco_kek = os.urandom(32), os.urandom(32)
+        self.import_aes_key(f"{prefix}-S1SP", s1sp_kek, purpose="S1SP_TRANSPORT",
+                            owner_id=originator_id)
+        self.import_aes_key(f"{prefix}-DCO", dco_kek, purpose="DCO_TRANSPORT",
+                            owner_id=originator_id)
+        data = encoder.build_file(installs, file_id=file_id, originator_id=originator_id,
+                                  s1sp_key_name=f"{prefix}-S1SP", s1sp_kek=s1sp_kek,
+                                  dco_key_name=f"{prefix}-DCO", dco_kek=dco_kek)
+        return data, [s1sp_kek, dco_kek]
+
     def enroll(self, certificate_pem: bytes, name: str = "") -> pb.Operation:
         """Officer 1 requests the enrolment of a certificate's key, officer 2 approves."""
         o1, o2 = self.as_("security-officer-1").admin, self.as_("security-officer-2").admin

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
 
 import pytest
@@ -21,18 +20,13 @@ def observed(tmp_path_factory):
     port = free_port()
     srv = start_server(state, trust_anchors=[ca],
                        env={"KEYSVC_METRICS_LISTEN": f"127.0.0.1:{port}"})
-    s1sp_kek, dco_kek = os.urandom(32), os.urandom(32)
-    srv.import_aes_key("OBS-S1SP", s1sp_kek, purpose="S1SP_TRANSPORT", owner_id="SMSO-O")
-    srv.import_aes_key("OBS-DCO", dco_kek, purpose="DCO_TRANSPORT", owner_id="SMSO-O")
     installs = encoder.random_installations(3, cert_factory=factory)
-    data = encoder.build_file(installs, file_id="MGEF-OBS-1", originator_id="SMSO-O",
-                              s1sp_key_name="OBS-S1SP", s1sp_kek=s1sp_kek,
-                              dco_key_name="OBS-DCO", dco_kek=dco_kek)
+    data, keks = srv.keyed_file("OBS", "SMSO-O", installs, "MGEF-OBS-1")
     srv.as_("s1sp").s1sp.ProcessGroupInformation(pb.ProcessGroupInformationRequest(file=data))
     srv.as_("dco").dco.UnwrapMasterKeys(pb.UnwrapMasterKeysRequest(file=data))
     secrets = [k for i in installs for k in (i.auth_key, i.enc_key, i.prepay_key,
                                              i.gsme_prepay_key, i.master_key) if k]
-    secrets += [s1sp_kek, dco_kek]
+    secrets += keks
     yield srv, f"http://127.0.0.1:{port}/metrics", secrets
     srv.stop()
 

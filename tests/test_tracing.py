@@ -8,7 +8,6 @@ the test process; the server is a real `keysvc serve` exporting to it.
 from __future__ import annotations
 
 import base64
-import os
 import threading
 from concurrent import futures
 
@@ -68,13 +67,8 @@ def traced(tmp_path_factory):
     srv = start_server(state, trust_anchors=[ca],
                        env={"KEYSVC_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
                             "OTEL_PROPAGATORS": "b3", "KEYSVC_DEV": "on"})
-    s1sp_kek, dco_kek = os.urandom(32), os.urandom(32)
-    srv.import_aes_key("TRC-S1SP", s1sp_kek, purpose="S1SP_TRANSPORT", owner_id="SMSO-T")
-    srv.import_aes_key("TRC-DCO", dco_kek, purpose="DCO_TRANSPORT", owner_id="SMSO-T")
     installs = encoder.random_installations(3, cert_factory=factory)
-    data = encoder.build_file(installs, file_id="MGEF-TRC-1", originator_id="SMSO-T",
-                              s1sp_key_name="TRC-S1SP", s1sp_kek=s1sp_kek,
-                              dco_key_name="TRC-DCO", dco_kek=dco_kek)
+    data, keks = srv.keyed_file("TRC", "SMSO-T", installs, "MGEF-TRC-1")
     traceparent = (("traceparent", f"00-{CALLER_TRACE}-00f067aa0ba902b7-01"),)
     s1sp = srv.as_("s1sp").s1sp
     s1sp.ProcessGroupInformation(pb.ProcessGroupInformationRequest(file=data),
@@ -95,7 +89,7 @@ def traced(tmp_path_factory):
     grpc_server.stop(0)
     secrets = [k for i in installs for k in (i.auth_key, i.enc_key, i.prepay_key,
                                              i.gsme_prepay_key, i.master_key) if k]
-    secrets += [s1sp_kek, dco_kek]
+    secrets += keks
     pins = [p.read_text().strip() for p in (state / "hsm" / "pins").glob("*pin")]
     yield collector, secrets, pins, srv
 
