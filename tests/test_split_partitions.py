@@ -174,18 +174,24 @@ def test_partitions_must_include_admin_and_name_known_ones():
     assert any("s1sp_pin is given to a process that does not serve s1sp" in p for p in given)
 
 
-def test_two_processes_starting_together_on_new_tokens_make_each_key_once(tmp_path):
-    """Start-up runs one process at a time (Store.starting): the two organisations'
-    processes, or two replicas, started at once on new tokens make one `audit-mac`, not
-    two (a label found twice makes the token look lost)."""
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_two_processes_starting_together_on_new_tokens_make_each_key_once(tmp_path,
+                                                                          database):
+    """Start-up runs one process at a time (Store.starting: a lock file for SQLite, an
+    advisory lock for PostgreSQL): the two organisations' processes, or two replicas,
+    started at once on new tokens make one `audit-mac`, not two (a label found twice makes
+    the token look lost), and migrate the database once."""
     import threading
 
     from keysvc import config
     from keysvc.devstate import ensure_dev_state
+    from tests.conftest import fresh_postgres_database
     for round_ in range(3):
         state = tmp_path / f"round{round_}"
         ensure_dev_state(config.load(env={}, state_dir=state))  # tokens and PKI, no keys
         env = {"SOFTHSM2_CONF": str(state / "hsm" / "softhsm2.conf")}
+        if database == "postgresql":
+            env["KEYSVC_DATABASE_URL"] = fresh_postgres_database("keysvc_split")
         started: dict[str, object] = {}
 
         def start(name: str, partitions: str) -> None:
