@@ -18,6 +18,7 @@ from keysvc.config import Settings
 from keysvc.device_certificate import TrustStore
 from keysvc.identity.caller import Caller  # noqa: F401 (domain code imports it from here)
 from keysvc.identity.roster import Roster
+from keysvc.identity.vouched import Vouched
 from keysvc.partitions import Partitions
 from keysvc.records import Records
 from keysvc.store import Store
@@ -36,6 +37,7 @@ class App:
     audit: AuditLog = field(init=False)
     records: Records = field(init=False)
     roster: Roster = field(init=False)
+    vouched: Vouched = field(init=False)
     _checker: CertificateChecker | None = field(init=False, default=None)
     # The rewrap job, in the one server process that runs it (keysvc/custody/rewrap.py).
     rewrap: Any = field(init=False, default=None)
@@ -54,6 +56,7 @@ class App:
                     "timeout": s.audit_timeout_seconds} if s.audit_syslog else None)
         self.roster = Roster(self.partitions.admin, self.settings.roster_refresh_seconds,
                              self.store)
+        self.vouched = Vouched(self.partitions.tokens, self.settings.roster_refresh_seconds)
         self.records.audited = self._audited_effect
 
     @contextmanager
@@ -123,8 +126,9 @@ class App:
             upgrade_once(app.records, also=app.records.escrows.reanchor_legacy)
             reconcile(app.records)
             app.records.escrows.roll_forward()
-        from keysvc.identity.admission import seed_roster
+        from keysvc.identity.admission import seed_roster, seed_vouched
         seed_roster(app)
+        seed_vouched(app)
         try:  # roster changes a crash left pending: counted if approved, else dropped
             from keysvc.officers import settle_stale
             settle_stale(app)

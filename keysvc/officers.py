@@ -203,6 +203,12 @@ def execute(app: App, conn: Any, op: OperationRecord, p: dict,
         return done.result
     if op.kind in ("ENROLL_OFFICER", "ALLOW_CERTIFICATE"):
         pending.append(next(x for x in written.pending if x.op_id == op.id))
+    # One organisation's process vouches for the officers it enrols (its own token), and
+    # stops vouching for those it removes (keysvc/identity/vouched.py).
+    if op.kind == "ENROLL_OFFICER":
+        app.vouched.add(fp)
+    elif op.kind == "REMOVE_OFFICER":
+        app.vouched.remove(fp)
     return "APPROVED", "", ""
 
 

@@ -239,6 +239,34 @@ def test_a_reinitialised_partition_token_beside_its_records_does_not_start(tmp_p
             start_server(state)
 
 
+def test_an_officer_counts_only_where_its_own_organisations_token_vouches_for_it(split):
+    """Both processes hold the admin PIN, so the roster (in the admin token) is shared
+    trust. An officer enrolled through the DCO process (or written into the roster by
+    whoever holds the admin PIN) is enrolled there, and refused by the S1SP process, whose
+    own token does not vouch for it: it never counts towards an S1SP ceremony."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from keysvc.pki import issue
+    s1sp, dco, _, _, _, state = split
+    pki = state / "pki"
+    ca = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
+    cert, key = issue(ca, ca_key, "dco-officer-3", role="security-officer")
+    (pki / "dco-officer-3.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (pki / "dco-officer-3.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    assert dco.enroll(cert.public_bytes(serialization.Encoding.PEM)).state == \
+        pb.Operation.State.Value("APPROVED")
+    dco.as_("dco-officer-3").admin.ListKeys(pb.ListKeysRequest())  # counts at the DCO
+    import time
+    time.sleep(1.2)  # the S1SP process reads the shared roster again
+    code, reason = _reason(lambda: s1sp.as_("dco-officer-3").admin.ListKeys(
+        pb.ListKeysRequest()))
+    assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "OFFICER_NOT_ENROLLED")
+
+
 def test_a_row_moved_to_the_other_partition_is_an_altered_record_here(split):
     """A database writer moves the S1SP transport key's row to the DCO partition, so that
     the S1SP process would skip it: its anchor is in the S1SP token, so it is refused

@@ -41,6 +41,10 @@ def admit(app: App, caller: Caller) -> Caller:
         if officer is None:
             raise error("OFFICER_NOT_ENROLLED", "this certificate's key is not an enrolled "
                         f"security officer (fingerprint {caller.fingerprint[:16]}...)")
+        if not app.vouched.counts(caller.fingerprint):
+            raise error("OFFICER_NOT_ENROLLED", f"this officer is not one the "
+                        f"{app.vouched.partition} token vouches for (enrolled through "
+                        "another organisation's process): ask this organisation's officers")
         return replace(caller, identity=officer.name)
     return caller
 
@@ -121,6 +125,30 @@ def seed_roster(app: App) -> None:
     app.roster.seed(officers)
     log.info("enrolled the first %d officers: %s", len(officers),
              ", ".join(o.name for o in officers))
+
+
+def seed_vouched(app: App) -> None:
+    """At the first start of one organisation's process (keysvc/identity/vouched.py): the
+    officers its own token vouches for are its configured `initial_officers`, which must be
+    enrolled already (the roster is shared)."""
+    if not app.vouched.applies or app.vouched.exists():
+        return
+    files = initial_officer_files(app)
+    if not files:
+        raise SystemExit(f"a process of the {app.vouched.partition} organisation alone needs "
+                         "initial_officers: the officers its own token vouches for")
+    roster, cas, vouched = app.roster.current(), client_cas(app), []
+    for f in files:
+        try:
+            officer = officer_from_pem(f.read_bytes(), cas)
+        except Exception as exc:
+            raise SystemExit(f"initial officer {f}: {getattr(exc, 'message', exc)}") from None
+        if roster.officer(officer.fingerprint) is None:
+            raise SystemExit(f"initial officer {f} is not enrolled (the roster is shared: "
+                             "enrol it first)")
+        vouched.append(officer.fingerprint)
+    app.vouched.seed(vouched)
+    log.info("the %s token vouches for %d officers", app.vouched.partition, len(vouched))
 
 
 __all__ = ["admit", "seed_roster", "officer_from_pem", "Officer", "Roster", "RosterState"]
