@@ -44,16 +44,30 @@ def _fail(exc: Exception) -> Exception:
 
 
 # --------------------------------------------------------------------------- lookup
+# Private objects only: a session that never logged in (anyone who can reach the token
+# through its module: a process holding another partition's PIN, a tool) can still make
+# *public* token objects, and one labelled like ours must never be taken for ours (a public
+# `storage-key@v9` of known value would become the primary storage key; a public roster
+# would enrol officers). keysvc makes every secret and private key and data object private.
+PRIVATE_ONLY = {A.PRIVATE: True}
+
+
 def find_key(s: Session, label: str, cls: ObjectClass = ObjectClass.SECRET_KEY) -> Any:
-    """The persistent object with this label, cached per session."""
+    """The persistent object with this label, cached per session (a secret or private key:
+    private objects only; a public key is public by nature)."""
     cache_key = (label, cls)
     key = s.keys.get(cache_key)
     if key is None:
+        template = {A.CLASS: cls, A.LABEL: label}
+        if cls != ObjectClass.PUBLIC_KEY:
+            template.update(PRIVATE_ONLY)
         try:
-            key = s.raw.get_key(object_class=cls, label=label)
-        except (px.NoSuchKey, px.MultipleObjectsReturned):
-            raise HsmKeyNotFound(f"no single key object labelled {label!r}") from None
-        s.keys[cache_key] = key
+            found = objects(s, template)
+        except px.PKCS11Error as exc:
+            raise _fail(exc) from None
+        if len(found) != 1:
+            raise HsmKeyNotFound(f"no single key object labelled {label!r}")
+        key = s.keys[cache_key] = found[0]
     return key
 
 
@@ -142,7 +156,7 @@ def objects(s: Session, template: dict) -> list:
 
 
 def _data_handles(s: Session, label: str | None) -> list[int]:
-    attrs: dict = {A.CLASS: ObjectClass.DATA}
+    attrs: dict = {A.CLASS: ObjectClass.DATA, A.TOKEN: True, **PRIVATE_ONLY}
     if label is not None:
         attrs[A.LABEL] = label
     return s.direct.find_objects(s.raw.handle, Template(attrs))
@@ -413,7 +427,8 @@ def secret_key_labels(s: Session) -> list[str]:
     """The label of every secret key object in the token, by direct calls (a handful of
     objects; read on every file call to find the primary storage key version)."""
     out = []
-    for h in s.direct.find_objects(s.raw.handle, Template({A.CLASS: ObjectClass.SECRET_KEY})):
+    for h in s.direct.find_objects(s.raw.handle, Template({A.CLASS: ObjectClass.SECRET_KEY,
+                                                          A.PRIVATE: True})):
         label = s.direct.attribute(s.raw.handle, h, A.LABEL)
         if label is not None:
             out.append(label.decode(errors="replace"))

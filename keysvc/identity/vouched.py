@@ -67,8 +67,11 @@ class Vouched:
         for value in raw:
             try:
                 doc = json.loads(value)
-                out.append((int(doc["generation"]), frozenset(map(str, doc["officers"]))))
-            except (ValueError, KeyError, TypeError):
+                generation, officers = doc["generation"], doc["officers"]
+                if type(generation) is not int or not isinstance(officers, list):
+                    continue
+                out.append((generation, frozenset(map(str, officers))))
+            except Exception:
                 continue  # only this organisation's PIN writes here; unreadable is no vote
         return sorted(out, key=lambda v: v[0])
 
