@@ -41,6 +41,14 @@ log = logging.getLogger("keysvc.officers")
 
 KINDS = ("ENROLL_OFFICER", "REMOVE_OFFICER", "DENY_CERTIFICATE", "ALLOW_CERTIFICATE")
 PARTITION = "admin"
+
+
+def partition_of_roster_ops(app: App) -> str:
+    """Where this process's roster operations live: the admin partition, or, in a process
+    of one organisation, that organisation's own partition, so that their requests and
+    approvals are sealed and anchored by a token only that organisation opens (the admin
+    record-seal is shared trust in a split deployment: the other side could forge them)."""
+    return app.vouched.partition or PARTITION
 FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 # A reason an approver reads: printable ASCII, no control character.
 REASON = re.compile(r"[ -~]{0,256}")
@@ -54,7 +62,7 @@ def _new(app: App, caller: Caller, kind: str, target: str, payload: dict) -> Ope
     if pending:
         raise error("OFFICER_EXISTS", f"operation {pending} already waits on {target!r}")
     return keyadmin._new_operation(app, caller, "op-" + uuid.uuid4().hex[:16], kind, target,
-                                   PARTITION, payload)
+                                   partition_of_roster_ops(app), payload)
 
 
 def _fingerprint(value: str) -> str:
@@ -106,7 +114,8 @@ def remove_officer(app: App, caller: Caller, display_name: str) -> Operation:
 
 
 def _check_quorum_kept(app: App, roster: RosterState, fp: str) -> None:
-    left = [o for o in roster.usable_officers() if o.fingerprint != fp]
+    left = [o for o in roster.usable_officers()
+            if o.fingerprint != fp and app.vouched.counts(o.fingerprint)]
     if len(left) < app.settings.quorum:
         raise error("OFFICERS_BELOW_QUORUM", f"removing that officer would leave {len(left)} "
                     f"usable officers, fewer than the quorum of {app.settings.quorum}; "
@@ -146,7 +155,8 @@ def counts(app: App, approval: Approval) -> bool:
         issuer, _, serial = approval.cert.partition(":")
         if roster.serial_revoked(issuer, serial):
             return False
-    return roster.officer(approval.key) is not None and roster.denial(approval.key) is None
+    return (roster.officer(approval.key) is not None and roster.denial(approval.key) is None
+            and app.vouched.counts(approval.key))  # one organisation's process: its own
 
 
 class _Unchanged(Exception):
@@ -176,16 +186,19 @@ def execute(app: App, conn: Any, op: OperationRecord, p: dict,
         if op.kind == "ENROLL_OFFICER":
             mine = st.officer(fp)
             if mine is not None and mine.name == p["name"]:
+                _vouch(app, op, fp, True)
                 raise _Unchanged("APPROVED", "already enrolled")
             _refused_unless(lambda: _check_enrollable(st, fp, p["name"]))
             return replace(st, pending=(*st.pending, RosterPending(
                 op.id, op.kind, fp, p["name"], time.time())))
         if op.kind == "REMOVE_OFFICER":
             if st.officer(fp) is None:
+                _vouch(app, op, fp, False)
                 raise _Unchanged("APPROVED", "already removed")
             _refused_unless(lambda: _check_quorum_kept(app, st, fp))
             return replace(st, officers=tuple(o for o in st.officers if o.fingerprint != fp))
         if op.kind == "DENY_CERTIFICATE":
+            _vouch(app, op, fp, False)
             if st.denial(fp) is not None:
                 raise _Unchanged("APPROVED", "already denied")
             return replace(st, denied=(*st.denied, Denied(fp, p["reason"])))
@@ -203,13 +216,20 @@ def execute(app: App, conn: Any, op: OperationRecord, p: dict,
         return done.result
     if op.kind in ("ENROLL_OFFICER", "ALLOW_CERTIFICATE"):
         pending.append(next(x for x in written.pending if x.op_id == op.id))
-    # One organisation's process vouches for the officers it enrols (its own token), and
-    # stops vouching for those it removes (keysvc/identity/vouched.py).
-    if op.kind == "ENROLL_OFFICER":
-        app.vouched.add(fp)
-    elif op.kind == "REMOVE_OFFICER":
-        app.vouched.remove(fp)
+    if op.kind in ("ENROLL_OFFICER", "REMOVE_OFFICER"):
+        _vouch(app, op, fp, op.kind == "ENROLL_OFFICER")
     return "APPROVED", "", ""
+
+
+def _vouch(app: App, op: OperationRecord, fp: str, enrolled: bool) -> None:
+    """One organisation's process vouches (its own token) for the officers it enrols, and
+    stops for those it removes or denies (keysvc/identity/vouched.py). Only an operation of
+    its own partition vouches: one in the admin partition may be forged by the other side.
+    Withdrawing is always done."""
+    if not enrolled:
+        app.vouched.remove(fp)
+    elif op.partition == app.vouched.partition:
+        app.vouched.add(fp)
 
 
 def settle(app: App, op_id: str, written: RosterPending | None = None) -> str:
@@ -227,7 +247,11 @@ def settle(app: App, op_id: str, written: RosterPending | None = None) -> str:
         rest = tuple(x for x in st.pending if x.op_id != op_id)
         # The token's word on the operation, not the database's: a row a database writer
         # alters cannot turn a quorum-approved change into a dropped one, nor the reverse.
-        state = app.records.operations.anchored_state(op_id, PARTITION)
+        anchored = [app.records.operations.anchored_state(op_id, p)
+                    for p in dict.fromkeys((partition_of_roster_ops(app), PARTITION))]
+        if app.vouched.applies and all(s is None for s in anchored):
+            raise _Unchanged("", "")  # maybe the other organisation's: its process settles
+        state = next((s for s in anchored if s is not None), None)
         if state != "APPROVED":
             if not any(x.op_id == op_id for x in st.pending):
                 raise _Unchanged("", "")  # nothing pending, nothing approved: nothing to do

@@ -196,6 +196,13 @@ def _partition_of(method: str) -> str | None:
     return PARTITION_SERVICES.get(parts[1]) if len(parts) > 2 else None
 
 
+def _exists(method: str) -> bool:
+    """A method of keysvc's API (an unknown one is UNIMPLEMENTED, and no audit action)."""
+    _, service, name = method.split("/", 2)
+    found = keysvc_pb2.DESCRIPTOR.services_by_name.get(service.rsplit(".", 1)[-1])
+    return found is not None and name in found.methods_by_name
+
+
 def served_services(app: App) -> list[str]:
     """The keysvc services this process registers (and reports in health)."""
     return [s for s in SERVICE_ROLES
@@ -227,7 +234,7 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
                 and details.method.split("/")[1] in REFLECTION_SERVICES:
             return _reflection_needs_a_role(self.app, handler)
         if handler is None and _partition_of(details.method) not in (
-                None, *self.app.partitions.tokens):
+                None, *self.app.partitions.tokens) and _exists(details.method):
             return self._not_served(details.method)
         if handler is None or (handler.unary_unary is None and handler.unary_stream is None):
             return handler
@@ -412,6 +419,11 @@ class HealthWatch(threading.Thread):
     def _settle_roster(self) -> None:
         from keysvc.officers import settle_stale
         settle_stale(self.app)
+        roster = self.app.roster.current()
+        denied = {d.fingerprint for d in roster.denied}
+        self.app.vouched.prune({o.fingerprint for o in roster.officers} - denied
+                               | {x.fingerprint for x in roster.pending
+                                  if x.kind == "ENROLL_OFFICER"})
 
     def _audit_ok(self) -> bool:
         """NOT_SERVING while the audit trail fails (calls fail closed anyway). While it

@@ -485,7 +485,7 @@ def test_approving_again_after_a_failed_settle_is_not_refused(app):
     name = unique("Again Officer")
     app.roster.change(lambda st: replace(st, pending=(*st.pending, Pending(
         "op-again", "ENROLL_OFFICER", fp, name, _time.time()))))
-    op = SimpleNamespace(id="op-again", kind="ENROLL_OFFICER")
+    op = SimpleNamespace(id="op-again", kind="ENROLL_OFFICER", partition="admin")
     written: list = []
     assert officers.execute(app, None, op, {"fingerprint": fp, "name": name}, written)[0] \
         == "APPROVED"
