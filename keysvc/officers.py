@@ -225,7 +225,10 @@ def _vouch(app: App, op: OperationRecord, fp: str, enrolled: bool) -> None:
     """One organisation's process vouches (its own token) for the officers it enrols, and
     stops for those it removes or denies (keysvc/identity/vouched.py). Only an operation of
     its own partition vouches: one in the admin partition may be forged by the other side.
-    Withdrawing is always done."""
+    Withdrawing is always done. Nothing else withdraws: what the other side does to the
+    shared roster (a removal, a denial, a lost roster) must not end this organisation's
+    vouches for good; its own removals and denials are operations of its own partition,
+    executed here."""
     if not enrolled:
         app.vouched.remove(fp)
     elif op.partition == app.vouched.partition:

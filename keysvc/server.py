@@ -419,11 +419,6 @@ class HealthWatch(threading.Thread):
     def _settle_roster(self) -> None:
         from keysvc.officers import settle_stale
         settle_stale(self.app)
-        roster = self.app.roster.current()
-        denied = {d.fingerprint for d in roster.denied}
-        self.app.vouched.prune({o.fingerprint for o in roster.officers} - denied
-                               | {x.fingerprint for x in roster.pending
-                                  if x.kind == "ENROLL_OFFICER"})
 
     def _audit_ok(self) -> bool:
         """NOT_SERVING while the audit trail fails (calls fail closed anyway). While it

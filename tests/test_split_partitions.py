@@ -290,3 +290,29 @@ def test_a_row_moved_to_the_other_partition_is_an_altered_record_here(split):
         db.execute("UPDATE keys SET partition='s1sp' WHERE name=?", (name,))
         db.commit()
         db.close()
+
+
+def test_what_the_other_side_does_to_the_shared_roster_never_locks_this_side_out(split):
+    """The DCO's officers deny an officer both sides share, then allow it again: while
+    denied it is refused everywhere (the deny list is shared), and once allowed the S1SP
+    process counts it again. The S1SP token's vouches end only by S1SP's own operations."""
+    import time
+
+    from cryptography import x509
+
+    from keysvc.identity.certificates import fingerprint
+    s1sp, dco, _, _, _, state = split
+    fp = fingerprint(x509.load_pem_x509_certificate(
+        (state / "pki" / "security-officer-1.pem").read_bytes()))
+    requester, approver = dco.as_("dco-officer-3").admin, dco.as_("security-officer-2").admin
+
+    def dual(op: pb.Operation) -> None:
+        approver.ApproveOperation(pb.ApproveOperationRequest(
+            operation_id=op.operation_id, request_digest=op.request_digest))
+    dual(requester.DenyCertificate(pb.DenyCertificateRequest(fingerprint=fp, reason="test")))
+    time.sleep(1.2)
+    assert _reason(lambda: s1sp.as_("security-officer-1").admin.ListKeys(
+        pb.ListKeysRequest()))[1] == "CERTIFICATE_REVOKED"
+    dual(requester.AllowCertificate(pb.AllowCertificateRequest(fingerprint=fp)))
+    time.sleep(2.5)  # the pending allowance settles, and the S1SP side reads the roster
+    s1sp.as_("security-officer-1").admin.ListKeys(pb.ListKeysRequest())

@@ -52,15 +52,6 @@ class Vouched:
         if self.token is not None and not self._versions():
             self._write(0, frozenset(fingerprints))
 
-    def prune(self, keep: Iterable[str]) -> None:
-        """Withdraw the vouch of every key not in `keep` (the roster's officers and pending
-        enrolments, less denied keys): a key that left the roster through the other
-        organisation's process is not vouched for again if that side re-enrols it."""
-        if self.applies:
-            wanted = frozenset(keep)
-            if self._read()[1] - wanted:
-                self._change(lambda now: now & wanted)
-
     def add(self, fingerprint: str) -> None:
         self._change(lambda now: now | {fingerprint})
 
