@@ -1076,16 +1076,16 @@ def build_parser() -> argparse.ArgumentParser:
                                   ("destroy", "DestroyKey", "DestroyKeyRequest")):
         admin(action, _key_state_cmd(rpc_name, req), f"{action} a key (dual control)") \
             .add_argument("name")
-    c = admin("rotate-key", cmd_admin_rotate, "a new version of a partition's storage key, "
-              "primary once approved (dual control)")
-    c.add_argument("--partition", required=True, choices=["s1sp", "dco"])
-    c.add_argument("--key-name", default="storage-key",
-                   help="storage-key or component-seal")
+    rotatable = ("storage-key or component-seal (s1sp, dco); audit-mac or escrow-seal "
+                 "(admin)")
+    c = admin("rotate-key", cmd_admin_rotate, "a new version of a long-lived key, primary "
+              "once approved (dual control)")
+    c.add_argument("--partition", required=True, choices=["s1sp", "dco", "admin"])
+    c.add_argument("--key-name", default="storage-key", help=rotatable)
     c = admin("destroy-key-version", cmd_admin_destroy_version, "destroy an old key version "
-              "no stored key uses (dual control)")
-    c.add_argument("--partition", required=True, choices=["s1sp", "dco"])
-    c.add_argument("--key-name", default="storage-key",
-                   help="storage-key or component-seal")
+              "nothing uses (dual control)")
+    c.add_argument("--partition", required=True, choices=["s1sp", "dco", "admin"])
+    c.add_argument("--key-name", default="storage-key", help=rotatable)
     c.add_argument("--version", type=int, required=True)
     c = admin("key-versions", cmd_admin_key_versions, "every long-lived key version, the "
               "stored keys under each, and the last backup")

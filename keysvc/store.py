@@ -167,6 +167,8 @@ escrows = Table(
     Column("deposited_by", String(128), nullable=False),
     Column("deposited_at", DateTime(timezone=True), nullable=False),
     Column("seal", LargeBinary, nullable=False),
+    # the escrow-seal version the seal was made with (inside the seal from version 2 on)
+    Column("seal_version", Integer, nullable=False, default=1, server_default="1"),
 )
 
 escrow_chfs = Table(
@@ -206,7 +208,7 @@ audit_events = Table(
     Column("code", String(64), nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
-    Column("mac", String(64), nullable=False),
+    Column("mac", String(80), nullable=False),  # "v<n>:" and 64 hex digits (versions.tagged)
 )
 
 # A call's audit event written inside the transaction of its effect (keysvc/audit/calls.py),

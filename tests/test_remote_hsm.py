@@ -2,11 +2,16 @@
 
 `p11-kit server` exposes a SoftHSM2 token on a Unix socket and `p11-kit-client.so` is the
 module a process then loads, as a network HSM's is. The client serialises a mechanism only
-if its list knows the mechanism's parameters, and p11-kit 0.24.1 (Debian 12) refuses, with
-CKR_MECHANISM_INVALID before anything reaches the socket, the three mechanisms the
-migration profile is made of: AES key wrap (RFC 3394, the files' transport wrapping),
-AES-GCM (the group information) and AES-CMAC (every KCV). This test is the witness: it
-fails on the day a p11-kit carries them, which is the day the remote mode can be built.
+if its list knows the mechanism's parameters, and refuses the others with
+CKR_MECHANISM_INVALID before anything reaches the socket:
+- p11-kit 0.24.1 (Debian 12, and bookworm-backports has nothing newer) refuses AES key wrap
+  (RFC 3394 and 5649, the files' transport wrapping), AES-GCM (the group information) and
+  AES-CMAC (every KCV);
+- upstream 0.25.0 added CMAC, GCM and CBC, but no release up to 0.26.4 carries
+  CKM_AES_KEY_WRAP or CKM_AES_KEY_WRAP_PAD (read in p11-kit's rpc-message.c; measured with
+  Debian 13's 0.25.5 in a chroot), and Debian 13's packages need a newer glibc than 12's.
+This test is the witness: it fails on the day AES key wrap crosses the socket, which is the
+day the remote mode can be built on Debian's packages.
 """
 from __future__ import annotations
 
@@ -70,5 +75,6 @@ def test_p11_kit_client_refuses_the_profiles_mechanisms_so_remote_mode_waits(tmp
     assert probe.returncode == 0, probe.stderr
     seen = dict(line.split() for line in probe.stdout.splitlines())
     assert seen["AES_ECB"] == "ok"  # the socket works
-    assert {seen[m] for m in ("AES_CMAC", "AES_GCM", "AES_KEY_WRAP")} == {"refused"}, (
-        f"p11-kit now carries {seen}: the remote-HSM mode of issue 16 can be built")
+    assert seen["AES_KEY_WRAP"] == "refused", (
+        f"p11-kit now carries {seen}: the remote-HSM mode of issue 16 can be built "
+        "(check AES-CMAC and AES-GCM too)")

@@ -209,7 +209,7 @@ def test_a_pending_component_opens_after_the_component_seal_rotates(rotated):
     assert o1.GetKey(pb.GetKeyRequest(name="R-FROM-COMPONENTS")).kcv == kcv(key)
 
 
-def test_seal_and_mac_keys_do_not_rotate_yet(rotated):
+def test_the_record_seal_keys_do_not_rotate(rotated):
     srv = rotated[0]
     with pytest.raises(grpc.RpcError) as e:
         srv.as_("security-officer-1").admin.RotateKey(pb.RotateKeyRequest(

@@ -42,7 +42,7 @@ def _count(app, table) -> int:
 def test_schema_migrations_are_versioned_and_apply_twice_without_change(any_app):
     any_app.store.migrate()
     with any_app.store.engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0005"
 
 
 def test_same_file_on_eight_threads_at_once_is_stored_once(any_app):

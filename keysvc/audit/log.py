@@ -14,7 +14,6 @@ from __future__ import annotations
 import builtins
 import datetime as dt
 import hashlib
-import hmac
 import json
 import logging
 import uuid
@@ -22,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from keysvc import store as st
 from keysvc.audit.anchor import Anchor, ChainAnchor
@@ -41,7 +40,7 @@ from keysvc.audit.chain import (
 from keysvc.audit.sinks import JsonlSink, SyslogSink, first_difference, read_lines
 from keysvc.audit.writer import AuditWriter
 from keysvc.clock import Clock, utc_now
-from keysvc.hsm import keys as hk
+from keysvc.custody.versions import MacKeys, untagged
 from keysvc.partitions import AUDIT_MAC_KEY, Partitions
 
 log = logging.getLogger("keysvc.audit")
@@ -107,8 +106,12 @@ class AuditLog:
         """An intent is MACed in the HSM as it is written: a row a database writer adds or
         edits is not chained as if a call had made it."""
         with self.partitions.admin.session() as s:
-            return hk.hmac_sha256(hk.find_key(s, AUDIT_MAC_KEY),
-                                  b"audit-intent\x1f" + event_text.encode()).hex()
+            return MacKeys(s, AUDIT_MAC_KEY).make(b"audit-intent\x1f" + event_text.encode())
+
+    def intent_valid(self, event_text: str, mac: Any) -> bool:
+        with self.partitions.admin.session() as s:
+            return MacKeys(s, AUDIT_MAC_KEY).check(b"audit-intent\x1f" + event_text.encode(),
+                                                   mac)
 
     def finish(self, call: CallAudit, outcome: str, code: str) -> None:
         """The call's events: its committed intents and, if it failed or changed nothing,
@@ -168,7 +171,7 @@ class AuditLog:
         try:
             wrapper = json.loads(text or "")
             e = event_from_json(wrapper["event"])
-            if hmac.compare_digest(self.intent_mac(wrapper["event"]), str(wrapper["mac"])):
+            if self.intent_valid(wrapper["event"], wrapper["mac"]):
                 return e
         except Exception:
             pass
@@ -198,16 +201,33 @@ class AuditLog:
             return set()
         out = set()
         with self.partitions.admin.session() as s:
-            key = hk.find_key(s, AUDIT_MAC_KEY)
+            keys = MacKeys(s, AUDIT_MAC_KEY)
             for r in rows:
                 try:
                     e = replace(by_id[r.id], sequence=0)
                     digest = hashlib.sha256(canonical(r.seq, e, r.prev_hash)).hexdigest()
-                    if digest == r.hash and hmac.compare_digest(
-                            hk.hmac_sha256(key, bytes.fromhex(digest)).hex(), r.mac):
+                    if digest == r.hash and keys.check(bytes.fromhex(digest), r.mac):
                         out.add(r.id)
                 except Exception:
                     continue
+        return out
+
+    def count_by_mac_version(self, versions: builtins.list[int]) -> dict[int, int]:
+        """Chained events and pending intents by the audit-mac version their MAC names
+        (a count for each of `versions`; a rare call: each is a scan of the table)."""
+        mac = st.audit_events.c.mac
+        out = {}
+        with self.store.engine.connect() as conn:
+            for v in versions:
+                named = ~mac.like("v%") if v == 1 else mac.like(f"v{v}:%")
+                out[v] = conn.execute(select(func.count()).select_from(st.audit_events)
+                                      .where(named)).scalar() or 0
+            for (text,) in conn.execute(select(st.audit_intents.c.event)):
+                try:
+                    v = untagged(json.loads(text)["mac"])[0]
+                except (ValueError, TypeError, KeyError):
+                    continue
+                out[v] = out.get(v, 0) + 1
         return out
 
     def new_chain(self, reason: str) -> AuditEvent:
@@ -294,19 +314,27 @@ class AuditLog:
             q = q.where(st.audit_events.c.seq <= head.seq)
         rows = self._rows(q)
         legacy = self.anchor().legacy_checkpoints(rows[0].id if rows else "")
-        checked, prev, expected_seq = 0, GENESIS, 1
+        checked, prev, expected_seq, version = 0, GENESIS, 1, 1
         hashes: dict[int, tuple[str, str]] = {}
         with self.partitions.admin.session() as s:
-            mac_key = hk.find_key(s, AUDIT_MAC_KEY)
+            keys = MacKeys(s, AUDIT_MAC_KEY)
             for n, r in enumerate(rows, 1):
                 if n % 1024 == 0:
                     self.partitions.admin.breathe()  # a long log must not stall appends
                 try:
                     e = row_event(r)
                     digest = hashlib.sha256(canonical(r.seq, e, r.prev_hash)).hexdigest()
+                    # An event MACed under an older audit-mac version than one before it
+                    # is not keysvc's: once a version is primary, no writer uses an older
+                    # one (AuditWriter), so an old version, even lost, forges nothing later.
+                    named = untagged(r.mac)[0]
+                    if named < version:
+                        return Verification(False, checked + 1, r.id, (
+                            f"event {r.seq} names audit-mac version {named}, older than "
+                            f"version {version} of an event before it: not keysvc's"))
                     good = (r.seq == expected_seq and r.prev_hash == prev and digest == r.hash
-                            and hmac.compare_digest(
-                                hk.hmac_sha256(mac_key, bytes.fromhex(digest)).hex(), r.mac))
+                            and keys.check(bytes.fromhex(digest), r.mac))
+                    version = named
                     if r.seq in legacy and legacy[r.seq] != {r.hash}:
                         good = False
                     if r.seq in at_seq and at_seq[r.seq] != {r.hash}:

@@ -14,7 +14,6 @@ carry their hash, link and MAC.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import queue
 import threading
@@ -31,9 +30,9 @@ from keysvc import store as st
 from keysvc.audit.anchor import Anchor, ChainAnchor
 from keysvc.audit.chain import GENESIS, AuditEvent, Chained, canonical, line, row_chained
 from keysvc.audit.sinks import SinkError
+from keysvc.custody.versions import MacKeys, untagged
 from keysvc.errors import error
 from keysvc.hsm import HsmError
-from keysvc.hsm import keys as hk
 from keysvc.observability import AUDIT_FAILURES, AUDIT_LAG, AUDIT_SINK_LAG
 from keysvc.partitions import AUDIT_MAC_KEY
 
@@ -257,12 +256,13 @@ class AuditWriter:
             out: list[Chained] = []
             first = seq + 1
             with self.token.session() as s:
-                key = hk.find_key(s, AUDIT_MAC_KEY)
+                keys = MacKeys(s, AUDIT_MAC_KEY)
+                self._check_version(conn, seq, keys.primary)
                 rows = []
                 for e in events:
                     seq += 1
                     digest = hashlib.sha256(canonical(seq, e, prev)).hexdigest()
-                    mac = hk.hmac_sha256_direct(s, key, bytes.fromhex(digest)).hex()
+                    mac = keys.make(bytes.fromhex(digest))
                     rows.append(dict(seq=seq, id=e.id, time=e.time, actor=e.actor, role=e.role,
                                      action=e.action, target=e.target, outcome=e.outcome,
                                      code=e.code, prev_hash=prev, hash=digest, mac=mac))
@@ -288,6 +288,23 @@ class AuditWriter:
                 raise ChainRefused("the database did not keep the audit events as written "
                                    "(a trigger or rule drops or alters them)")
         return out
+
+    @staticmethod
+    def _check_version(conn: Any, head: int, primary: int) -> None:
+        """Never chain under an older audit-mac version than the chain's last event names
+        (VerifyAuditLog refuses that): a process whose view of the token has not yet shown
+        a rotation made elsewhere waits for it rather than going back."""
+        if not head:
+            return
+        last = conn.execute(select(st.audit_events.c.mac).where(
+            st.audit_events.c.seq == head)).scalar()
+        try:
+            named = untagged(last)[0]
+        except ValueError:
+            return  # a malformed row: VerifyAuditLog names it; the chain goes on
+        if named > primary:
+            raise ChainRefused(f"the audit chain's last event names audit-mac version "
+                               f"{named}, newer than this token's primary ({primary})")
 
     def _deliver(self, chained: list[Chained]) -> None:
         for sink in self._sinks():
@@ -335,14 +352,13 @@ class AuditWriter:
         """Rows copied from the database into a sink must be the chain: consecutive, each
         hash its own, linked to the next, MACed by the HSM."""
         with self.token.session() as s:
-            key = hk.find_key(s, AUDIT_MAC_KEY)
+            keys = MacKeys(s, AUDIT_MAC_KEY)
             for i, c in enumerate(gap):
                 digest = hashlib.sha256(canonical(c.event.sequence, c.event, c.prev_hash)
                                         ).hexdigest()
                 follows = gap[i + 1].prev_hash if i + 1 < len(gap) else next_prev
                 if (c.event.sequence != start + i or digest != c.hash or follows != c.hash
-                        or not hmac.compare_digest(
-                            hk.hmac_sha256(key, bytes.fromhex(digest)).hex(), c.mac)):
+                        or not keys.check(bytes.fromhex(digest), c.mac)):
                     raise ChainRefused(f"audit event {c.event.sequence} in the database fails "
                                        "its hash, link or MAC; it is not copied to the sinks")
 

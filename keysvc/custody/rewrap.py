@@ -71,6 +71,7 @@ class Rewrap:
         # The storage-key partitions this process serves (one job per partition's process).
         self.partitions = tuple(p for p in self.PARTITIONS if p in app.partitions.tokens)
         self.progress = {p: Progress() for p in self.PARTITIONS}
+        self.bad_escrows: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -183,6 +184,38 @@ class Rewrap:
                        + (f"; {len(prog.bad)} rows left on their version (flagged)"
                           if prog.bad else ""))
 
+    def reseal_escrows(self) -> int:
+        """Escrow records sealed under an older escrow-seal version, sealed again under the
+        primary (a handful of records: one transaction each, no throttle). A record that
+        fails its seal or anchor is flagged once and left on its version, which then cannot
+        be destroyed."""
+        from keysvc.partitions import ESCROW_SEAL_KEY
+        from keysvc.records.escrows import EscrowTampered
+        escrows = self.app.records.escrows
+        with self.app.partitions.admin.session() as s:
+            primary = versions.primary(s, ESCROW_SEAL_KEY)
+        done, tried = 0, set(self.bad_escrows)  # each record once a pass
+        while not self._stop.is_set():
+            ids = escrows.on_older_versions(primary, frozenset(tried))
+            if not ids:
+                break
+            for eid in ids:
+                tried.add(eid)
+                try:
+                    done += escrows.reseal(eid, primary)
+                except EscrowTampered:
+                    self.bad_escrows.add(eid)
+                    self.app.records.flag(f"escrows/{eid}", "fails its HSM seal or anchor; "
+                                                            "not sealed again")
+        if done:
+            counts = escrows.count_by_version()
+            self.app.audit.append(
+                actor="keysvc", role="", action="custody.rewrap",
+                target=f"admin: {done} escrow records sealed again under escrow-seal "
+                       f"v{primary}; records by version now "
+                       + ", ".join(f"v{v}: {n}" for v, n in sorted(counts.items())))
+        return done
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="rewrap", daemon=True)
         self._thread.start()
@@ -200,4 +233,9 @@ class Rewrap:
                 except Exception as exc:  # the HSM or database is away: try again later
                     log.warning("rewrap of %s paused: %s", p,
                                 str(getattr(exc, "message", "")) or type(exc).__name__)
+            try:
+                self.reseal_escrows()
+            except Exception as exc:
+                log.warning("escrow re-seal paused: %s",
+                            str(getattr(exc, "message", "")) or type(exc).__name__)
             self._stop.wait(self.idle)

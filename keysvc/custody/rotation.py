@@ -7,10 +7,19 @@ it (Vault's `min_decryption_version`); the count is taken again when the operati
 approved, and the object is destroyed after the approval commits.
 
 Decisions:
-- the storage keys rotate (the keys that wrap millions of rows, moved by the rewrap job),
-  and the component-seal keys (pending components name their version and end with their
-  operation); the record-seal, audit-mac and escrow-seal keys are in the backup but do not
-  rotate yet: every seal, anchor and chained event would have to name its version;
+- what rotates, and what moves its users to the primary:
+  - the storage keys (millions of rows): the rewrap job re-wraps every row inside the HSM;
+  - the component-seal keys: pending components name their version and end with their
+    operation within a day;
+  - audit-mac (admin): each event's MAC names its version; events are evidence and are
+    never MACed again, but no event may name an older version than one before it
+    (VerifyAuditLog), so an old version, even stolen, cannot add to the chain after a
+    rotation. A version is destroyed only when no event or pending intent names it;
+  - escrow-seal (admin): each record names its version inside its seal; the rewrap job
+    seals every record again under the primary, its anchor moved on with it;
+- the record-seal keys do not rotate: every sealed record of every kind (stored keys,
+  operations, keys, files, import jobs, anchors) would have to be sealed again; they are
+  in every backup like the others;
 - a new version is never destroyed because its approval failed to commit: from the moment
   it exists it is the primary and rows may already be wrapped under it. It is kept (CKA_ID
   names the operation) and the rotation can be approved again or ignored;
@@ -26,7 +35,14 @@ from typing import TYPE_CHECKING, Any
 from keysvc import store as st
 from keysvc.custody import versions
 from keysvc.errors import error
-from keysvc.partitions import COMPONENT_SEAL_KEY, LONG_LIVED, STORAGE_KEY, generate
+from keysvc.partitions import (
+    AUDIT_MAC_KEY,
+    COMPONENT_SEAL_KEY,
+    ESCROW_SEAL_KEY,
+    LONG_LIVED,
+    STORAGE_KEY,
+    generate,
+)
 
 if TYPE_CHECKING:
     from keysvc.app import App
@@ -34,18 +50,20 @@ if TYPE_CHECKING:
     from keysvc.keyadmin import Operation
 
 KINDS = ("ROTATE_KEY", "DESTROY_KEY_VERSION")
-# The storage keys (millions of rows, moved by the rewrap job) and the component-seal keys
-# (officers' pending key components, which end with their operation within a day).
-ROTATABLE = (STORAGE_KEY, COMPONENT_SEAL_KEY)
-PARTITIONS = ("s1sp", "dco")
+ROTATABLE = (STORAGE_KEY, COMPONENT_SEAL_KEY, AUDIT_MAC_KEY, ESCROW_SEAL_KEY)
+PARTITIONS = ("s1sp", "dco")   # the partitions with a storage key (and a rewrap)
+# what each key's versions are used by, as ListKeyVersions names it
+USED_BY = {STORAGE_KEY: "stored keys", COMPONENT_SEAL_KEY: "pending key components",
+           AUDIT_MAC_KEY: "audit events", ESCROW_SEAL_KEY: "escrow records"}
 
 
 def _check(partition: str, key: str) -> None:
-    if partition not in PARTITIONS or key not in LONG_LIVED.get(partition, ()):
+    if key not in LONG_LIVED.get(partition, ()):
         raise error("KEY_NOT_FOUND", f"no long-lived key {key!r} in partition {partition!r}")
     if key not in ROTATABLE:
-        raise error("INVALID_REQUEST", f"{key} has no rotation yet: the storage and "
-                                       "component-seal keys rotate")
+        raise error("INVALID_REQUEST", f"{key} does not rotate: every sealed record would "
+                                       "have to be sealed again (see `keysvc admin "
+                                       "key-versions` for the keys that do)")
 
 
 def key_versions(app: App, partition: str, key: str = STORAGE_KEY) -> list[int]:
@@ -75,9 +93,16 @@ def pending_components_by_version(app: App, partition: str) -> dict[int, int]:
 
 
 def in_use(app: App, partition: str, key: str) -> dict[int, int]:
-    """What uses each version of `key`: stored keys, or pending components."""
-    return rows_by_version(app, partition) if key == STORAGE_KEY else \
-        pending_components_by_version(app, partition)
+    """What uses each version of `key` (USED_BY)."""
+    if key == STORAGE_KEY:
+        return rows_by_version(app, partition)
+    if key == COMPONENT_SEAL_KEY:
+        return pending_components_by_version(app, partition)
+    if key == AUDIT_MAC_KEY:
+        return app.audit.count_by_mac_version(key_versions(app, partition, key))
+    if key == ESCROW_SEAL_KEY:
+        return app.records.escrows.count_by_version()
+    return {}
 
 
 def request_rotation(app: App, caller: Caller, partition: str, key: str) -> Operation:
@@ -96,12 +121,13 @@ def _destroy_refusal(app: App, partition: str, key: str, version: int) -> tuple[
     if version == present[-1]:
         return "KEY_VERSION_IN_USE", f"version {version} is the primary: rotate first"
     rows = in_use(app, partition, key).get(version, 0)
-    if rows and key == STORAGE_KEY:
-        return "KEY_VERSION_IN_USE", (f"{rows} stored keys are still wrapped under version "
-                                      f"{version}: wait for the rewrap")
     if rows:
-        return "KEY_VERSION_IN_USE", (f"{rows} pending key components are sealed under "
-                                      f"version {version}: wait for their operations to end")
+        wait = {STORAGE_KEY: "wait for the rewrap",
+                COMPONENT_SEAL_KEY: "wait for their operations to end",
+                ESCROW_SEAL_KEY: "wait for the rewrap to seal them again",
+                AUDIT_MAC_KEY: "the audit trail is kept as it was written"}[key]
+        return "KEY_VERSION_IN_USE", (f"{rows} {USED_BY[key]} still use version {version} "
+                                      f"of {key}: {wait}")
     # The count is the database's word: a writer could hide rows while it is taken. A
     # version is destroyed only once a backup holds it, so hidden rows stay recoverable.
     from keysvc.custody.backup import last_backup
@@ -234,9 +260,9 @@ def status(app: App, partition: str = "") -> Status:
         last = last_backup(token) or {}
         backed = last.get("versions", {})
         rows = rows_by_version(app, p) if p in PARTITIONS else {}
-        pending = pending_components_by_version(app, p) if p in PARTITIONS else {}
         for key, vs in found.items():
-            used = rows if key == STORAGE_KEY else pending if key == COMPONENT_SEAL_KEY else {}
+            used = rows if key == STORAGE_KEY else \
+                in_use(app, p, key) if key in ROTATABLE else {}
             for v in vs:
                 out.append(VersionInfo(p, key, v, v == vs[-1], used.get(v, 0),
                                        v in backed.get(key, [])))

@@ -75,3 +75,59 @@ def storage(s: Any, version: int | None = None) -> tuple[int, str]:
     from keysvc.partitions import STORAGE_KEY
     v = primary(s, STORAGE_KEY) if version is None else version
     return v, label(STORAGE_KEY, v)
+
+
+# A MAC or seal kept as text names its version in front, from version 2 on ("v2:<hex>");
+# version 1 is bare hex, as every MAC made before versions existed. The version in front is
+# not inside the MAC, and need not be: a MAC made under one version does not verify under
+# another, so renaming it only makes it fail.
+_TAGGED = re.compile(r"^v(?P<n>[1-9][0-9]{0,5}):(?P<mac>[0-9a-f]{64})$")
+_BARE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def tagged(version: int, mac: bytes) -> str:
+    return mac.hex() if version == 1 else f"v{version}:{mac.hex()}"
+
+
+def untagged(text: str) -> tuple[int, bytes]:
+    """(version, MAC) of a `tagged` text; ValueError if it is not one."""
+    if not isinstance(text, str):
+        raise ValueError("a tagged MAC is text")
+    m = _TAGGED.match(text)
+    if m:
+        return int(m["n"]), bytes.fromhex(m["mac"])
+    if _BARE.match(text):
+        return 1, bytes.fromhex(text)
+    raise ValueError("not a tagged MAC")
+
+
+class MacKeys:
+    """The versions of one HMAC key (audit-mac, escrow-seal) within one session: new MACs
+    under the primary, each check under the version it names. A version the token does not
+    hold (destroyed, or named by a forged row) makes its check fail, never raise."""
+
+    def __init__(self, s: Any, base: str) -> None:
+        self.s = s
+        self.base = base
+        self.primary = primary(s, base)
+        self._keys: dict[int, Any] = {}
+
+    def key(self, version: int) -> Any:
+        if version not in self._keys:
+            self._keys[version] = hk.find_key(self.s, label(self.base, version))
+        return self._keys[version]
+
+    def mac(self, data: bytes, version: int | None = None) -> bytes:
+        return hk.hmac_sha256_direct(self.s, self.key(version or self.primary), data)
+
+    def make(self, data: bytes) -> str:
+        """A tagged MAC under the primary version."""
+        return tagged(self.primary, self.mac(data))
+
+    def check(self, data: bytes, text: Any) -> bool:
+        import hmac
+        try:
+            version, mac = untagged(text)
+            return hmac.compare_digest(self.mac(data, version), mac)
+        except (ValueError, hk.HsmKeyNotFound):
+            return False

@@ -15,12 +15,15 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from keysvc import store as st
 from keysvc.anchors import SEAL_BYTES, Anchors, newest, unpack
 from keysvc.anchors import anchored as anchored_seal
+from keysvc.custody import versions
+from keysvc.custody.versions import MacKeys
 from keysvc.domain import eui64_bytes, eui64_from_bytes
+from keysvc.hsm import HsmKeyNotFound
 from keysvc.hsm import keys as hk
 from keysvc.partitions import ESCROW_SEAL_KEY
 
@@ -50,10 +53,23 @@ def canonical(row: dict) -> bytes:
                                   "certificates", "valid_from", "valid_to", "max_releases",
                                   "note", "releases", "revoked", "deposited_by")}
     fields["revoked"] = bool(fields["revoked"])
+    version = _version(row)
+    if version != 1:  # inside the seal from version 2 on; records sealed before stay valid
+        fields["seal_version"] = version
     t = row["deposited_at"]
     t = t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
     fields["deposited_at"] = t.astimezone(dt.timezone.utc).isoformat()
     return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _version(row: dict) -> int:
+    """The escrow-seal version a row names; a value that is no version is an altered row."""
+    v = row.get("seal_version", 1)
+    if v is None:
+        return 1
+    if type(v) is not int or v < 1:
+        raise ValueError("seal_version is not a version")
+    return v
 
 
 def payload(row: dict) -> bytes:
@@ -94,8 +110,16 @@ class Escrows:
         return Anchors(self.r.partitions.admin, f"{ANCHOR_PREFIX}{self.r.instance}:")
 
     def seal(self, row: dict) -> bytes:
+        """The seal of `row` under the version it names."""
         with self.r.partitions.admin.session() as s:
-            return hk.hmac_sha256(hk.find_key(s, ESCROW_SEAL_KEY), canonical(row))
+            return MacKeys(s, ESCROW_SEAL_KEY).mac(canonical(row), _version(row))
+
+    def sealed(self, row: dict) -> dict:
+        """`row` named and sealed under the primary escrow-seal version (every write)."""
+        with self.r.partitions.admin.session() as s:
+            keys = MacKeys(s, ESCROW_SEAL_KEY)
+            new = {**row, "seal_version": keys.primary}
+            return {**new, "seal": keys.mac(canonical(new))}
 
     def intact(self, row: dict, anchored: dict[str, list[bytes]] | None = None) -> bool:
         """The seal is valid for this content and is the record's newest anchored one.
@@ -105,7 +129,7 @@ class Escrows:
             seal = bytes(row["seal"])
             if not hmac.compare_digest(self.seal(row), seal):
                 return False
-        except _UNPARSABLE:
+        except (*_UNPARSABLE, HsmKeyNotFound):  # a version the token does not hold
             return False
         if anchored is not None:
             return anchored_seal(anchored.get(row["id"], []), seal)
@@ -182,7 +206,7 @@ class Escrows:
 
     # ------------------------------------------------------------------ writes
     def insert(self, row: dict, chfs: list[str]) -> None:
-        row["seal"] = self.seal(row)
+        row.update(self.sealed(row))
         with self.anchors().tx(self.r.store) as (conn, anchor):
             conn.execute(st.escrows.insert().values(**row))
             conn.execute(st.escrow_chfs.insert(), [{"escrow_id": row["id"],
@@ -193,15 +217,38 @@ class Escrows:
         """Releases or revocation of a row read verified and locked in this transaction;
         returns the new row. Compare-and-set on the release count: never release twice."""
         old_seal = bytes(row["seal"])
-        new = {**row, **changes}
-        new["seal"] = self.seal(new)
+        new = self.sealed({**row, **changes})
         changed = conn.execute(update(st.escrows).where(
-            st.escrows.c.id == row["id"], st.escrows.c.releases == row["releases"])
-            .values(**changes, seal=new["seal"])).rowcount
+            st.escrows.c.id == row["id"], st.escrows.c.releases == row["releases"],
+            st.escrows.c.seal == old_seal)
+            .values(**changes, seal=new["seal"], seal_version=new["seal_version"])).rowcount
         if changed != 1:
             return {}
         anchor(row["id"], new["seal"], old_seal, payload(new))
         return new
+
+    def count_by_version(self) -> dict[int, int]:
+        """Escrow records by the escrow-seal version they name (the database's word)."""
+        with self.r.store.engine.connect() as conn:
+            return {int(v): int(n) for v, n in conn.execute(
+                select(st.escrows.c.seal_version, func.count()).group_by(
+                    st.escrows.c.seal_version)) if isinstance(v, int)}
+
+    def on_older_versions(self, primary: int, skip: frozenset[str]) -> list[str]:
+        with self.r.store.engine.connect() as conn:
+            return [r.id for r in conn.execute(select(st.escrows.c.id).where(
+                st.escrows.c.seal_version < primary).limit(len(skip) + 100))
+                if r.id not in skip]
+
+    def reseal(self, escrow_id: str, primary: int) -> bool:
+        """Seal a record again under the primary escrow-seal version, its anchor moved on
+        with it (the rewrap job, after a rotation). A record that fails its seal or anchor
+        raises EscrowTampered and is left as it is."""
+        with self.anchors().tx(self.r.store) as (conn, anchor):
+            row = self.one_for_update(conn, escrow_id)
+            if row is None or _version(row) >= primary:
+                return False
+            return bool(self.change(conn, anchor, row))
 
     def add_release(self, conn: Any, escrow_id: str, actor: str, reason: str,
                     time: dt.datetime) -> None:
@@ -241,18 +288,25 @@ class Escrows:
         if not self.intact(row, {eid: values}):
             moved = {**row, "releases": int.from_bytes(a.payload[:4], "big"),
                      "revoked": a.payload[4:5] == b"\1"}
-            try:
-                ok = hmac.compare_digest(self.seal(moved), a.seal)
-            except _UNPARSABLE:
-                ok = False
-            if not ok:
+            # under the row's version, or another (a crash amid a re-seal to the primary)
+            with self.r.partitions.admin.session() as s:
+                held = versions.versions(s, ESCROW_SEAL_KEY)
+            for v in held:
+                moved["seal_version"] = v
+                try:
+                    if hmac.compare_digest(self.seal(moved), a.seal):
+                        break
+                except (*_UNPARSABLE, HsmKeyNotFound):
+                    continue
+            else:
                 return 0
             with self.r.audited("record.rolled_forward", f"escrows/{eid}: releases "
                                 f"{moved['releases']}, revoked {moved['revoked']}, rolled "
                                 "forward to the token's newest anchor"):
                 with self.r.store.tx() as conn:
                     conn.execute(update(st.escrows).where(st.escrows.c.id == eid).values(
-                        releases=moved["releases"], revoked=moved["revoked"], seal=a.seal))
+                        releases=moved["releases"], revoked=moved["revoked"], seal=a.seal,
+                        seal_version=moved["seal_version"]))
                     if anchors.newest(eid) != [a]:  # a release elsewhere decided it meanwhile
                         raise _Moved()
             log.warning("escrow %s rolled forward to the token's newest anchor", eid)
@@ -281,7 +335,7 @@ class Escrows:
                 if r["id"] in anchored or not hmac.compare_digest(self.seal(r),
                                                                   bytes(r["seal"])):
                     continue
-            except _UNPARSABLE:
+            except (*_UNPARSABLE, HsmKeyNotFound):
                 continue
             legacy = old.get(f"{ANCHOR_PREFIX}{r['id']}")
             if legacy is None or any(hmac.compare_digest(v[:SEAL_BYTES], bytes(r["seal"]))
