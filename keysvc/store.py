@@ -151,6 +151,13 @@ master_keys = Table(
     Column("seal", LargeBinary, nullable=True),
 )
 
+def undecodable(exc: BaseException) -> bool:
+    """SQLite keeps bytes that are no UTF-8 in a text column, and its driver refuses to
+    hand them over (OperationalError "Could not decode ..."): an altered row, not a
+    database that is away."""
+    return "Could not decode" in str(getattr(exc, "orig", exc))
+
+
 escrows = Table(
     "escrows", metadata,
     Column("id", String(64), primary_key=True),

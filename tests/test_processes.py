@@ -139,6 +139,42 @@ def test_the_workers_audit_file_holds_the_whole_chain_whichever_worker_served(wo
         assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_after_the_admin_keys_rotate_every_worker_chains_seals_and_verifies(workers):
+    """audit-mac and escrow-seal version 2 are made by whichever worker approves; the
+    other's view of the token shows it only after re-reading the token, which it does when
+    the chain's last event or an escrow names a version it does not know."""
+    import datetime as dt
+
+    from tests.test_rotation import rotate
+    srv, entry = workers
+    inst = encoder.random_installations(1, cert_factory=encoder.DeviceCertificateFactory())[0]
+    today = dt.date.today()
+
+    def day(d: dt.date) -> pb.Date:
+        return pb.Date(year=d.year, month=d.month, day=d.day)
+    srv.as_("security-officer-1").admin.EscrowRollbackCertificates(
+        pb.EscrowRollbackCertificatesRequest(
+            smso_id="SMSO-P", group_id="EA", chf_identifiers=[inst.chf],
+            certificates=[inst.certificate_der], valid_from=day(today - dt.timedelta(days=1)),
+            valid_to=day(today + dt.timedelta(days=1))))
+    for key in ("audit-mac", "escrow-seal"):
+        assert rotate(srv, "admin", key).state == pb.Operation.APPROVED
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = srv.as_("security-officer-1").admin.ListKeyVersions(
+            pb.ListKeyVersionsRequest(partition="admin"))
+        if [v.stored_keys for v in r.versions if v.key == "escrow-seal"] == [0, 1]:
+            break
+        time.sleep(0.5)
+    assert not _load(srv, entry)
+    for _ in range(8):  # each a new connection: both workers release
+        s1sp = connect(srv.target, srv.state_dir, "s1sp").s1sp
+        assert s1sp.ReleaseRollbackCertificates(pb.ReleaseRollbackCertificatesRequest(
+            chf_identifier=inst.chf, reason="after rotation")).certificates
+    r = srv.as_("auditor").audit.VerifyAuditLog(pb.VerifyAuditLogRequest())
+    assert r.intact, r.detail
+
+
 def test_a_killed_worker_is_replaced_and_the_other_goes_on_serving(workers):
     srv, entry = workers
     before = _pids(srv)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
 
 from keysvc import store as st
 from keysvc.audit.anchor import Anchor, ChainAnchor
@@ -40,7 +41,7 @@ from keysvc.audit.chain import (
 from keysvc.audit.sinks import JsonlSink, SyslogSink, first_difference, read_lines
 from keysvc.audit.writer import AuditWriter
 from keysvc.clock import Clock, utc_now
-from keysvc.custody.versions import MacKeys, untagged
+from keysvc.custody.versions import MacKeys, newest_named, see, untagged
 from keysvc.partitions import AUDIT_MAC_KEY, Partitions
 
 log = logging.getLogger("keysvc.audit")
@@ -109,6 +110,7 @@ class AuditLog:
             return MacKeys(s, AUDIT_MAC_KEY).make(b"audit-intent\x1f" + event_text.encode())
 
     def intent_valid(self, event_text: str, mac: Any) -> bool:
+        see(self.partitions.admin, AUDIT_MAC_KEY, newest_named([mac]))
         with self.partitions.admin.session() as s:
             return MacKeys(s, AUDIT_MAC_KEY).check(b"audit-intent\x1f" + event_text.encode(),
                                                    mac)
@@ -200,6 +202,7 @@ class AuditLog:
         except Exception:
             return set()
         out = set()
+        see(self.partitions.admin, AUDIT_MAC_KEY, newest_named(r.mac for r in rows))
         with self.partitions.admin.session() as s:
             keys = MacKeys(s, AUDIT_MAC_KEY)
             for r in rows:
@@ -222,10 +225,13 @@ class AuditLog:
                 named = ~mac.like("v%") if v == 1 else mac.like(f"v{v}:%")
                 out[v] = conn.execute(select(func.count()).select_from(st.audit_events)
                                       .where(named)).scalar() or 0
-            for (text,) in conn.execute(select(st.audit_intents.c.event)):
+            ids = [r.id for r in conn.execute(select(st.audit_intents.c.id))]
+            for intent_id in ids:  # one by one: a row that cannot be read is skipped
                 try:
-                    v = untagged(json.loads(text)["mac"])[0]
-                except (ValueError, TypeError, KeyError):
+                    text = conn.execute(select(st.audit_intents.c.event).where(
+                        st.audit_intents.c.id == intent_id)).scalar()
+                    v = untagged(json.loads(text or "")["mac"])[0]
+                except Exception:  # altered (not even text, or nested past any limit)
                     continue
                 out[v] = out.get(v, 0) + 1
         return out
@@ -272,6 +278,9 @@ class AuditLog:
                 return builtins.list(conn.execute(q).all())
             except (ValueError, TypeError, OverflowError, UnicodeDecodeError):
                 pass
+            except DBAPIError as exc:
+                if not st.undecodable(exc):
+                    raise
             keys = conn.execute(q.with_only_columns(st.audit_events.c.seq,
                                                     st.audit_events.c.id)).all()
             out = []
@@ -280,6 +289,10 @@ class AuditLog:
                     out.append(conn.execute(select(st.audit_events).where(
                         st.audit_events.c.seq == k.seq)).one())
                 except (ValueError, TypeError, OverflowError, UnicodeDecodeError):
+                    out.append(k)
+                except DBAPIError as exc:
+                    if not st.undecodable(exc):
+                        raise
                     out.append(k)
             return out
 
@@ -316,6 +329,8 @@ class AuditLog:
         legacy = self.anchor().legacy_checkpoints(rows[0].id if rows else "")
         checked, prev, expected_seq, version = 0, GENESIS, 1, 1
         hashes: dict[int, tuple[str, str]] = {}
+        see(self.partitions.admin, AUDIT_MAC_KEY,
+            newest_named(getattr(r, "mac", "") for r in rows))
         with self.partitions.admin.session() as s:
             keys = MacKeys(s, AUDIT_MAC_KEY)
             for n, r in enumerate(rows, 1):

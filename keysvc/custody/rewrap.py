@@ -184,29 +184,35 @@ class Rewrap:
                        + (f"; {len(prog.bad)} rows left on their version (flagged)"
                           if prog.bad else ""))
 
-    def reseal_escrows(self) -> int:
-        """Escrow records sealed under an older escrow-seal version, sealed again under the
-        primary (a handful of records: one transaction each, no throttle). A record that
-        fails its seal or anchor is flagged once and left on its version, which then cannot
-        be destroyed."""
+    def reseal_escrows(self, most: int = 1000) -> int:
+        """Escrow records sealed under another escrow-seal version than the primary, sealed
+        again under it (a handful of records: one transaction each, at most `most` looked at
+        a pass). A record that fails its seal or anchor, or cannot even be read, is left on
+        its version, which then cannot be destroyed; each pass audits those it met first
+        in one event, not one each (a database writer's junk rows must not flood the log)."""
         from keysvc.partitions import ESCROW_SEAL_KEY
-        from keysvc.records.escrows import EscrowTampered
         escrows = self.app.records.escrows
         with self.app.partitions.admin.session() as s:
             primary = versions.primary(s, ESCROW_SEAL_KEY)
-        done, tried = 0, set(self.bad_escrows)  # each record once a pass
-        while not self._stop.is_set():
-            ids = escrows.on_older_versions(primary, frozenset(tried))
+        done, looked, after, bad = 0, 0, "", []
+        while not self._stop.is_set() and looked < most:
+            ids = escrows.not_on_primary(primary, after)
             if not ids:
                 break
             for eid in ids:
-                tried.add(eid)
+                after, looked = eid, looked + 1
+                if eid in self.bad_escrows:
+                    continue
                 try:
                     done += escrows.reseal(eid, primary)
-                except EscrowTampered:
+                except Exception:  # altered, unreadable, or the HSM or database away
                     self.bad_escrows.add(eid)
-                    self.app.records.flag(f"escrows/{eid}", "fails its HSM seal or anchor; "
-                                                            "not sealed again")
+                    bad.append(eid)
+        if bad:
+            self.app.records.flag(f"escrows/{bad[0]}", (
+                f"and {len(bad) - 1} more escrow records " if len(bad) > 1 else "") +
+                f"fail their HSM seal or anchor or cannot be read; not sealed again under "
+                f"escrow-seal v{primary}")
         if done:
             counts = escrows.count_by_version()
             self.app.audit.append(

@@ -14,7 +14,7 @@ Decisions:
   - audit-mac (admin): each event's MAC names its version; events are evidence and are
     never MACed again, but no event may name an older version than one before it
     (VerifyAuditLog), so an old version, even stolen, cannot add to the chain after a
-    rotation. A version is destroyed only when no event or pending intent names it;
+    rotation. Its versions are never destroyed (VerifyAuditLog needs them all);
   - escrow-seal (admin): each record names its version inside its seal; the rewrap job
     seals every record again under the primary, its anchor moved on with it;
 - the record-seal keys do not rotate: every sealed record of every kind (stored keys,
@@ -120,6 +120,20 @@ def _destroy_refusal(app: App, partition: str, key: str, version: int) -> tuple[
         return "KEY_NOT_FOUND", f"{key} has no version {version}"
     if version == present[-1]:
         return "KEY_VERSION_IN_USE", f"version {version} is the primary: rotate first"
+    if key == AUDIT_MAC_KEY:
+        # Every version that was primary MACed events, and events are never deleted; a
+        # count of them is the database's word, which a writer could make 0.
+        return "KEY_VERSION_IN_USE", ("audit-mac versions are never destroyed: the audit "
+                                      "trail is kept as it was written, and VerifyAuditLog "
+                                      "needs every version that MACed it")
+    if key == ESCROW_SEAL_KEY:
+        # The token's anchors, not the database's count, say which records exist.
+        unsettled = app.records.escrows.not_on(present[-1])
+        if unsettled:
+            return "KEY_VERSION_IN_USE", (
+                f"{len(unsettled)} escrow records are not yet sealed under the primary "
+                f"escrow-seal version {present[-1]} (e.g. {sorted(unsettled)[0]}): wait for "
+                "the rewrap; an altered or missing record keeps every older version")
     rows = in_use(app, partition, key).get(version, 0)
     if rows:
         wait = {STORAGE_KEY: "wait for the rewrap",

@@ -81,7 +81,7 @@ def storage(s: Any, version: int | None = None) -> tuple[int, str]:
 # version 1 is bare hex, as every MAC made before versions existed. The version in front is
 # not inside the MAC, and need not be: a MAC made under one version does not verify under
 # another, so renaming it only makes it fail.
-_TAGGED = re.compile(r"^v(?P<n>[1-9][0-9]{0,5}):(?P<mac>[0-9a-f]{64})$")
+_TAGGED = re.compile(r"^v(?P<n>[2-9]|[1-9][0-9]{1,5}):(?P<mac>[0-9a-f]{64})$")
 _BARE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -90,7 +90,8 @@ def tagged(version: int, mac: bytes) -> str:
 
 
 def untagged(text: str) -> tuple[int, bytes]:
-    """(version, MAC) of a `tagged` text; ValueError if it is not one."""
+    """(version, MAC) of a `tagged` text; ValueError if it is not exactly what `tagged`
+    makes (no "v1:" alias of a version-1 MAC: a count of bare hex is version 1's count)."""
     if not isinstance(text, str):
         raise ValueError("a tagged MAC is text")
     m = _TAGGED.match(text)
@@ -99,6 +100,33 @@ def untagged(text: str) -> tuple[int, bytes]:
     if _BARE.match(text):
         return 1, bytes.fromhex(text)
     raise ValueError("not a tagged MAC")
+
+
+def see(token: Any, base: str, version: int) -> None:
+    """Make this process's view of the token show `version` of `base`, if the token has it.
+
+    Another process (a worker, a replica, the other organisation's process) may have made
+    it; SoftHSM2 can show another process's new object only after re-reading the token
+    (`Token.run` does that once). A version the token still does not have is left to the
+    check that needs it, which then fails (a forged or destroyed version)."""
+    def work(s: Any) -> None:
+        if version > primary(s, base):
+            raise hk.HsmKeyNotFound(label(base, version))
+    try:
+        token.run(work)
+    except hk.HsmKeyNotFound:
+        pass
+
+
+def newest_named(texts: Any) -> int:
+    """The newest version that any of these tagged MACs names (1 if none parses)."""
+    top = 1
+    for t in texts:
+        try:
+            top = max(top, untagged(t)[0])
+        except ValueError:
+            continue
+    return top
 
 
 class MacKeys:

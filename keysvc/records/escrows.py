@@ -16,6 +16,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import DBAPIError
 
 from keysvc import store as st
 from keysvc.anchors import SEAL_BYTES, Anchors, newest, unpack
@@ -110,9 +111,16 @@ class Escrows:
         return Anchors(self.r.partitions.admin, f"{ANCHOR_PREFIX}{self.r.instance}:")
 
     def seal(self, row: dict) -> bytes:
-        """The seal of `row` under the version it names."""
-        with self.r.partitions.admin.session() as s:
-            return MacKeys(s, ESCROW_SEAL_KEY).mac(canonical(row), _version(row))
+        """The seal of `row` under the version it names (HsmKeyNotFound: a version the
+        token does not hold, even read again)."""
+        version = _version(row)
+
+        def work(s: Any) -> bytes:
+            keys = MacKeys(s, ESCROW_SEAL_KEY)
+            if version > keys.primary:  # made by another process: Token.run re-reads
+                raise HsmKeyNotFound(f"escrow-seal version {version}")
+            return keys.mac(canonical(row), version)
+        return self.r.partitions.admin.run(work)
 
     def sealed(self, row: dict) -> dict:
         """`row` named and sealed under the primary escrow-seal version (every write)."""
@@ -142,6 +150,10 @@ class Escrows:
             return [dict(r._mapping) for r in conn.execute(query)]
         except _UNPARSABLE:
             raise EscrowTampered(where) from None
+        except DBAPIError as exc:
+            if st.undecodable(exc):
+                raise EscrowTampered(where) from None
+            raise
 
     # ------------------------------------------------------------------ reads
     def for_chf(self, conn: Any, chf: str) -> list[dict]:
@@ -234,11 +246,35 @@ class Escrows:
                 select(st.escrows.c.seal_version, func.count()).group_by(
                     st.escrows.c.seal_version)) if isinstance(v, int)}
 
-    def on_older_versions(self, primary: int, skip: frozenset[str]) -> list[str]:
+    def not_on(self, primary: int) -> set[str]:
+        """Records the token anchors whose row is missing, altered, or not sealed under
+        `primary`: while there is one, no older escrow-seal version may be destroyed (the
+        anchors are the token's word on which records exist; a row count is not)."""
+        anchored = self.anchors().all()
+        try:
+            with self.r.store.engine.connect() as conn:
+                rows = {r["id"]: r for r in self.rows(conn, select(st.escrows), "escrows")}
+        except EscrowTampered:
+            return set(anchored) or {"escrows"}
+        out = set()
+        for eid, values in anchored.items():
+            row = rows.get(eid)
+            try:
+                ok = row is not None and _version(row) == primary \
+                    and self.intact(row, {eid: values})
+            except Exception:
+                ok = False
+            if not ok:
+                out.add(eid)
+        return out
+
+    def not_on_primary(self, primary: int, after: str, limit: int = 100) -> list[str]:
+        """Ids of rows naming another version than `primary`, in id order after `after`."""
         with self.r.store.engine.connect() as conn:
-            return [r.id for r in conn.execute(select(st.escrows.c.id).where(
-                st.escrows.c.seal_version < primary).limit(len(skip) + 100))
-                if r.id not in skip]
+            return [r.id for r in conn.execute(
+                select(st.escrows.c.id).where(st.escrows.c.seal_version != primary,
+                                              st.escrows.c.id > after)
+                .order_by(st.escrows.c.id).limit(limit))]
 
     def reseal(self, escrow_id: str, primary: int) -> bool:
         """Seal a record again under the primary escrow-seal version, its anchor moved on
@@ -246,7 +282,7 @@ class Escrows:
         raises EscrowTampered and is left as it is."""
         with self.anchors().tx(self.r.store) as (conn, anchor):
             row = self.one_for_update(conn, escrow_id)
-            if row is None or _version(row) >= primary:
+            if row is None or _version(row) == primary:
                 return False
             return bool(self.change(conn, anchor, row))
 
