@@ -94,9 +94,10 @@ class App:
 
     @classmethod
     def open(cls, settings: Settings, clock: Clock = utc_now, *, recover_audit: bool = True,
-             backup_ceremony: bool = False) -> "App":
+             backup_ceremony: bool = False, helper: bool = False) -> "App":
         """`backup_ceremony`: opened by `keysvc admin backup`, whose own backup keys are in
-        the tokens (any other start removes such leftovers)."""
+        the tokens (any other start removes such leftovers). `helper`: a server's helper
+        process (the rewrap job), which leaves the start's duties to its server."""
         from keysvc.devstate import ensure_dev_state, point_softhsm_at
         if settings.dev:
             ensure_dev_state(settings)
@@ -126,6 +127,8 @@ class App:
             upgrade_once(app.records, also=app.records.escrows.reanchor_legacy)
             reconcile(app.records)
             app.records.escrows.roll_forward()
+        if helper:
+            return app
         from keysvc.identity.admission import seed_roster, seed_vouched
         seed_roster(app)
         seed_vouched(app)

@@ -81,7 +81,7 @@ class Supervisor:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the worker's server sets its own
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)   # (a CRL reload before it serves)
-            _die_with_parent(self._pid)
+            die_with_parent(self._pid)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             os.close(self._ready_r)
             code = self.start_worker(lambda: None if os.write(
@@ -195,7 +195,7 @@ def _exit_code(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
     """A worker whose supervisor is killed (SIGKILL: it cannot pass anything on) is sent
     SIGTERM, instead of serving on alone, unsupervised, on the port."""
     libc = ctypes.CDLL(None, use_errno=True)

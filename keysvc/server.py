@@ -544,9 +544,10 @@ def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, 
     watch.start()
     rewrap = None
     if processes.INDEX == 0 and app.settings.rewrap_rows_per_second > 0:
-        from keysvc.custody.rewrap import Rewrap  # one job per server (worker 0)
-        rewrap = app.rewrap = Rewrap(app, app.settings.rewrap_rows_per_second,
-                                     app.settings.rewrap_batch)
+        # one job per server (worker 0), in a process of its own at the lowest priority
+        from keysvc.custody.rewrap_process import RewrapProcess
+        rewrap = app.rewrap = RewrapProcess(app.settings, app.settings.rewrap_rows_per_second,
+                                            app.settings.rewrap_batch)
         rewrap.start()
     if app.settings.metrics_listen:
         host, metrics_port = app.settings.metrics_listen.rsplit(":", 1)

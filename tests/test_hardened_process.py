@@ -59,6 +59,32 @@ def test_the_process_says_it_is_not_dumpable_and_whether_memory_is_locked(harden
         assert int(locked.split()[1]) > 0
 
 
+def test_the_rewrap_runs_in_a_hardened_child_at_the_lowest_priority(hardened):
+    """Its own process (keysvc/custody/rewrap_process.py): nice 19, no core, no PIN in its
+    environment, and it says it is not dumpable."""
+    import subprocess
+    import time
+    srv, pins = hardened
+    deadline, child = time.monotonic() + 30, None
+    while child is None and time.monotonic() < deadline:
+        kids = subprocess.run(["pgrep", "-P", str(srv.proc.pid)], capture_output=True,
+                              text=True).stdout.split()
+        child = next((int(k) for k in kids if
+                      open(f"/proc/{k}/comm").read().strip() == "keysvc-rewrap"), None)
+        time.sleep(0.2)
+    assert child is not None, "no rewrap process"
+    assert int(open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[16]) == 19
+    limits = open(f"/proc/{child}/limits").read()
+    core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"]
+    seen = open(f"/proc/{child}/environ", "rb").read()
+    assert all(pin.encode() not in seen for pin in pins.values())
+    deadline = time.monotonic() + 30
+    while srv.log().count("process hardened: dumpable=0") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert srv.log().count("process hardened: dumpable=0") == 2
+
+
 def test_every_file_the_server_makes_is_private(hardened):
     srv, _ = hardened
     made = [srv.state_dir / "keysvc.db", *(srv.state_dir / "audit").iterdir()]
@@ -81,7 +107,8 @@ def _workers(pid: int) -> list[int]:
             cmd = open(f"/proc/{child}/cmdline", "rb").read()
         except OSError:
             continue
-        if int(stat_fields[1]) == pid and b"spawn_main" in cmd:
+        if int(stat_fields[1]) == pid and b"spawn_main" in cmd \
+                and open(f"/proc/{child}/comm").read().strip() != "keysvc-rewrap":
             out.append(int(child))
     return out
 

@@ -16,6 +16,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -63,6 +64,7 @@ class AuditLog:
         self._timeout = timeout
         self._sinks: list | None = None
         self._anchor: ChainAnchor | None = None
+        self._mac_counts: tuple[tuple[int, ...], float, dict[int, int]] | None = None
         self.writer = AuditWriter(store, partitions.admin, self.anchor, self.sinks, timeout)
 
     # ------------------------------------------------------------------ parts
@@ -215,9 +217,22 @@ class AuditLog:
                     continue
         return out
 
+    COUNT_TTL = 60.0  # seconds a count by version is shown again before it is taken anew
+
     def count_by_mac_version(self, versions: builtins.list[int]) -> dict[int, int]:
-        """Chained events and pending intents by the audit-mac version their MAC names
-        (a count for each of `versions`; a rare call: each is a scan of the table)."""
+        """Chained events and pending intents by the audit-mac version their MAC names,
+        for ListKeyVersions (informational: audit-mac versions are never destroyed). Each
+        count is a scan of the table, so it is taken at most once a minute (`rewrap status
+        --watch` asks every second)."""
+        now = time.monotonic()
+        cached = self._mac_counts
+        if cached and cached[0] == tuple(versions) and now - cached[1] < self.COUNT_TTL:
+            return dict(cached[2])
+        out = self._count_by_mac_version(versions)
+        self._mac_counts = (tuple(versions), now, out)
+        return dict(out)
+
+    def _count_by_mac_version(self, versions: builtins.list[int]) -> dict[int, int]:
         mac = st.audit_events.c.mac
         out = {}
         with self.store.engine.connect() as conn:

@@ -52,6 +52,10 @@ class Progress:
     started: float = 0.0
     reported: bool = True   # the end of the last run is audited
 
+    @property
+    def flagged(self) -> int:
+        return len(self.bad)
+
 
 def stored_keys(app: Any, partition: str) -> Any:
     """The stored keys a partition's storage key wraps: device keys (S1SP), master keys."""
@@ -63,8 +67,12 @@ class Rewrap:
 
     PARTITIONS = ("s1sp", "dco")
 
-    def __init__(self, app: Any, rate: float, batch: int = 500, idle: float = 5.0) -> None:
+    def __init__(self, app: Any, rate: float, batch: int = 500, idle: float = 5.0,
+                 shared: dict[str, Any] | None = None) -> None:
+        """`shared`: per partition, the shared memory a parent process reads the progress
+        from (keysvc/custody/rewrap_process.py)."""
         self.app = app
+        self.shared = shared or {}
         self.rate = max(1.0, rate)
         self.batch = batch
         self.idle = idle
@@ -152,7 +160,15 @@ class Rewrap:
         remaining = sum(n for v, n in counts.items() if v < primary)
         self.progress[partition].remaining = remaining
         REMAINING.labels(partition).set(remaining)
+        self._share(partition)
         return counts
+
+    def _share(self, partition: str) -> None:
+        """The progress where the parent process reads it (if there is one)."""
+        values = self.shared.get(partition)
+        if values is not None:
+            prog = self.progress[partition]
+            values[:] = [prog.done, prog.rows_per_second, prog.flagged, prog.remaining]
 
     def run_partition(self, partition: str, deadline: float | None = None) -> None:
         """Rewrap until nothing is left (or the deadline or a stop)."""
@@ -168,6 +184,7 @@ class Rewrap:
             REMAINING.labels(partition).set(prog.remaining)
             elapsed = time.monotonic() - prog.started
             prog.rows_per_second = (prog.done - start_done) / elapsed if elapsed else 0.0
+            self._share(partition)
             if not looked:
                 break
             pause = n / self.rate - (time.monotonic() - t0)

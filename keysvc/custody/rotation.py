@@ -286,7 +286,7 @@ def status(app: App, partition: str = "") -> Status:
             rewrap.append(RewrapInfo(p, sum(n for v, n in rows.items() if v < primary),
                                      prog.done if prog else 0,
                                      prog.rows_per_second if prog else 0.0,
-                                     len(prog.bad) if prog else 0))
+                                     prog.flagged if prog else 0))
         when = last.get("time")
         backups.append(BackupInfo(p, last.get("backup_id", ""),
                                   dt.datetime.fromisoformat(when) if when else None))

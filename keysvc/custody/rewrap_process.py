@@ -1,0 +1,137 @@
+"""The online rewrap in a process of its own, at the lowest CPU priority.
+
+Why not a thread of the serving process: the job is about half Python (seals, rows,
+batches) and holds the interpreter lock between its HSM calls, so live calls queue behind
+it for the lock. Measured with bench/bench_rewrap.py (100,000 rows, 4 clients of
+VerifyPrepaymentKey, the same run): as a thread the live calls' p99 rose x1.95-2.29 on
+SQLite and x1.81-2.81 on PostgreSQL; in its own process at nice 19, x1.73-1.80 and
+x1.50-1.51, at the same 3,300 rows/s (the scheduler hands the job the CPU the live calls
+leave).
+
+The child is spawned (never forked: PKCS#11 sessions and database connections do not
+survive a fork), opens the same state as a replica does, logs in with the same PINs
+(handed over in the spawn pipe, never in the environment), hardens itself like the
+server, and dies with its parent (PR_SET_PDEATHSIG). Its progress reaches the parent in
+shared memory, for `rewrap status` and the parent's metrics. A child that dies is started
+again after a pause; the rows are the checkpoint, so nothing is lost or done twice.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from dataclasses import replace
+from typing import Any
+
+from keysvc.custody.rewrap import DONE, REMAINING, Rewrap
+
+log = logging.getLogger("keysvc.custody.rewrap")
+
+RESTART_AFTER = 5.0  # seconds before a child that died is started again
+# shared progress per partition: done, rows per second, flagged rows, remaining rows
+DONE_AT, RATE_AT, FLAGGED_AT, REMAINING_AT = range(4)
+
+
+class SharedProgress:
+    """One partition's progress as the parent reads it (the fields of rewrap.Progress that
+    `rotation.status` shows)."""
+
+    def __init__(self, values: Any) -> None:
+        self.values = values
+
+    @property
+    def done(self) -> int:
+        return int(self.values[DONE_AT])
+
+    @property
+    def rows_per_second(self) -> float:
+        return float(self.values[RATE_AT])
+
+    @property
+    def flagged(self) -> int:
+        return int(self.values[FLAGGED_AT])
+
+
+class RewrapProcess:
+    """The parent's handle on the child: start, watch (restart, metrics), stop."""
+
+    def __init__(self, settings: Any, rate: float, batch: int) -> None:
+        self._ctx = multiprocessing.get_context("spawn")
+        self._settings = replace(settings, certificate_workers=0, processes=1)
+        self._rate, self._batch = rate, batch
+        self._shared = {p: self._ctx.Array("d", 4, lock=False) for p in Rewrap.PARTITIONS}
+        self.progress = {p: SharedProgress(v) for p, v in self._shared.items()}
+        self._proc: Any = None
+        self._stop = threading.Event()
+        self._reported = {p: 0 for p in Rewrap.PARTITIONS}
+
+    def start(self) -> None:
+        self._spawn()
+        threading.Thread(target=self._watch, name="rewrap-watch", daemon=True).start()
+
+    def _spawn(self) -> None:
+        self._proc = self._ctx.Process(target=child_main, name="keysvc-rewrap", daemon=True,
+                                       args=(self._settings, self._rate, self._batch,
+                                             self._shared, os.getpid()))
+        self._proc.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(1.0):
+            for p, values in self._shared.items():
+                REMAINING.labels(p).set(values[REMAINING_AT])
+                done = int(values[DONE_AT])
+                if done > self._reported[p]:
+                    DONE.labels(p).inc(done - self._reported[p])
+                self._reported[p] = done
+            if self._proc is not None and not self._proc.is_alive() \
+                    and not self._stop.is_set():
+                log.warning("the rewrap process ended (exit code %s); starting it again in "
+                            "%.0f s", self._proc.exitcode, RESTART_AFTER)
+                if not self._stop.wait(RESTART_AFTER):
+                    self._spawn()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._proc is None:
+            return
+        self._proc.terminate()  # SIGTERM: the batch in flight ends, then the job
+        self._proc.join(15)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+
+
+def child_main(settings: Any, rate: float, batch: int, shared: dict[str, Any],
+               parent: int) -> None:
+    """The child: hardened, lowest priority, the job until SIGTERM or its parent's end."""
+    from keysvc import hardening
+    from keysvc.app import App
+    from keysvc.observability import configure_logging
+    from keysvc.processes import die_with_parent
+    hardening.harden_early()
+    configure_logging(settings.log_level)
+    hardening.harden(settings.lock_memory)
+    die_with_parent(parent)
+    _name(b"keysvc-rewrap")  # what ps and /proc/PID/comm show
+    os.nice(19)
+    job_stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: job_stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides (^C reaches both)
+    app = App.open(settings, helper=True)
+    try:
+        job = Rewrap(app, rate, batch, shared=shared)
+        job._stop = job_stop
+        job._loop()
+    finally:
+        app.close()
+
+
+def _name(name: bytes) -> None:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(15, name, 0, 0, 0)  # PR_SET_NAME
