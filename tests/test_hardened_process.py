@@ -59,19 +59,30 @@ def test_the_process_says_it_is_not_dumpable_and_whether_memory_is_locked(harden
         assert int(locked.split()[1]) > 0
 
 
+def _rewrap_child(pid: int, not_: int = 0) -> int | None:
+    import subprocess
+    import time
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                              text=True).stdout.split()
+        for k in kids:
+            try:
+                if int(k) != not_ and open(f"/proc/{k}/comm").read().strip() == \
+                        "keysvc-rewrap":
+                    return int(k)
+            except OSError:
+                continue
+        time.sleep(0.2)
+    return None
+
+
 def test_the_rewrap_runs_in_a_hardened_child_at_the_lowest_priority(hardened):
     """Its own process (keysvc/custody/rewrap_process.py): nice 19, no core, no PIN in its
     environment, and it says it is not dumpable."""
-    import subprocess
     import time
     srv, pins = hardened
-    deadline, child = time.monotonic() + 30, None
-    while child is None and time.monotonic() < deadline:
-        kids = subprocess.run(["pgrep", "-P", str(srv.proc.pid)], capture_output=True,
-                              text=True).stdout.split()
-        child = next((int(k) for k in kids if
-                      open(f"/proc/{k}/comm").read().strip() == "keysvc-rewrap"), None)
-        time.sleep(0.2)
+    child = _rewrap_child(srv.proc.pid)
     assert child is not None, "no rewrap process"
     assert int(open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[16]) == 19
     limits = open(f"/proc/{child}/limits").read()
@@ -83,6 +94,18 @@ def test_the_rewrap_runs_in_a_hardened_child_at_the_lowest_priority(hardened):
     while srv.log().count("process hardened: dumpable=0") < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert srv.log().count("process hardened: dumpable=0") == 2
+
+
+def test_a_rewrap_process_that_dies_is_started_again(hardened):
+    import signal
+    srv, _ = hardened
+    child = _rewrap_child(srv.proc.pid)
+    assert child is not None
+    os.kill(child, signal.SIGKILL)
+    again = _rewrap_child(srv.proc.pid, not_=child)
+    assert again is not None and again != child
+    assert "the rewrap process ended" in srv.log()
+    srv.as_("auditor").audit.VerifyAuditLog(pb.VerifyAuditLogRequest())  # the server serves
 
 
 def test_every_file_the_server_makes_is_private(hardened):
