@@ -51,6 +51,8 @@ class Progress:
     bad: set[str] = field(default_factory=set)
     started: float = 0.0
     reported: bool = True   # the end of the last run is audited
+    cursor: tuple | None = None  # the primary key of the last row read in this pass
+    pass_done: int = 0           # rows this pass moved
 
     @property
     def flagged(self) -> int:
@@ -63,7 +65,7 @@ def stored_keys(app: Any, partition: str) -> Any:
 
 
 class Rewrap:
-    """The background job of one server process (worker 0 of several)."""
+    """The background job of one server (run in a process of its own by worker 0)."""
 
     PARTITIONS = ("s1sp", "dco")
 
@@ -81,7 +83,6 @@ class Rewrap:
         self.progress = {p: Progress() for p in self.PARTITIONS}
         self.bad_escrows: set[str] = set()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ one batch
     def primary(self, partition: str) -> int:
@@ -97,8 +98,15 @@ class Rewrap:
         with token.session() as s:
             present = versions.versions(s, STORAGE_KEY)
         primary = present[-1]
-        before = len(prog.bad)
-        rows, bad = stored.on_older_versions(primary, self.batch, frozenset(prog.bad))
+        rows, bad, last = stored.on_older_versions(primary, self.batch, frozenset(prog.bad),
+                                                   prog.cursor)
+        if last is None:
+            # The end of the table: once more from its start if this pass moved rows (a
+            # row changed under it is behind the cursor now), else done.
+            again = prog.cursor is not None and prog.pass_done > 0
+            prog.cursor, prog.pass_done = None, 0
+            return 0, again
+        prog.cursor = last
         prog.bad.update(bad)
         for k in [k for k in rows if k.key_version not in present]:
             # A row put back on a destroyed version (its seal is an old, valid one): it
@@ -107,10 +115,9 @@ class Rewrap:
             prog.bad.add(name)
             self.app.records.flag(name, f"names storage key version {k.key_version}, which "
                                         "is destroyed; not rewrapped")
-        newly_bad = len(prog.bad) - before
         rows = [k for k in rows if k.key_version in present]
         if not rows:
-            return 0, newly_bad > 0
+            return 0, True  # read on from the cursor
 
         def work(sess: Any) -> list[tuple[Any, Any, bytes]]:
             sess.retire_after_use()  # session copies of the storage keys
@@ -149,9 +156,8 @@ class Rewrap:
             n = stored.rewrapped(conn, good)
         DONE.labels(partition).inc(n)
         prog.done += n
-        # A pass that wrote nothing and found nothing new (rows changed under it, every
-        # time) ends here; the next pass, after the idle wait, looks again.
-        return n, n > 0 or len(prog.bad) > before
+        prog.pass_done += n
+        return n, True  # rows changed under it are found again by the next pass
 
     # ------------------------------------------------------------------ the job
     def refresh(self, partition: str) -> dict[int, int]:
@@ -239,16 +245,9 @@ class Rewrap:
                        + ", ".join(f"v{v}: {n}" for v, n in sorted(counts.items())))
         return done
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="rewrap", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
+    def run(self, stop: threading.Event) -> None:
+        """The job, until `stop` is set (its own process: keysvc/custody/rewrap_process.py)."""
+        self._stop = stop
         while not self._stop.is_set():
             for p in self.partitions:
                 try:

@@ -125,9 +125,7 @@ def child_main(settings: Any, rate: float, batch: int, shared: dict[str, Any],
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides (^C reaches both)
     app = App.open(settings, helper=True)
     try:
-        job = Rewrap(app, rate, batch, shared=shared)
-        job._stop = job_stop
-        job._loop()
+        Rewrap(app, rate, batch, shared=shared).run(job_stop)
     finally:
         app.close()
 

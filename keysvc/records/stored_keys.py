@@ -15,7 +15,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from sqlalchemy import Table, and_, bindparam, func, select
+from sqlalchemy import Table, and_, bindparam, func, select, tuple_
 
 from keysvc import store as st
 from keysvc.errors import error
@@ -157,17 +157,25 @@ class _StoredKeys:
                                              "not a number")
         return out
 
-    def on_older_versions(self, primary: int, limit: int, skip: frozenset = frozenset()
-                          ) -> tuple[list[StoredKey], list[str]]:
-        """Up to `limit` rows wrapped under a version older than `primary`, each verified
-        against its seal; those that fail are returned by name (and flagged), not used.
-        `skip`: rows already found bad in this run, left for an operator."""
-        # No ORDER BY: any rows on older versions will do, and the index on key_version
-        # then stops after `limit`; sorting a million candidates per batch does not.
-        q = select(self.table).where(self.table.c.key_version < primary) \
-            .limit(limit + len(skip))
+    def on_older_versions(self, primary: int, limit: int, skip: frozenset = frozenset(),
+                          after: tuple | None = None
+                          ) -> tuple[list[StoredKey], list[str], tuple | None]:
+        """Up to `limit` rows wrapped under a version older than `primary`, in primary-key
+        order after `after`, each verified against its seal; those that fail are returned
+        by name (and flagged), not used. `skip`: rows already found bad in this run, left
+        for an operator. Also returns the key of the last row read (the next `after`).
+
+        In key order from a cursor, each batch reads on from where the last one stopped:
+        an index scan of key_version would, on PostgreSQL, walk past every row already
+        moved (their old index entries stay until vacuum) again at each batch."""
+        keys = self._key_columns()
+        q = select(self.table).where(self.table.c.key_version < primary)
+        if after is not None:
+            q = q.where(tuple_(*keys) > tuple_(*after))
+        q = q.order_by(*keys).limit(limit)
         with self.r.store.engine.connect() as conn:
             rows = conn.execute(q).all()
+        last = tuple(getattr(rows[-1], c.name) for c in keys) if rows else None
         good: list[StoredKey] = []
         bad: list[str] = []
         pairs = []
@@ -188,7 +196,7 @@ class _StoredKeys:
                 bad.append(name)
         for name in bad:
             self.r.flag(name, "fails its HSM seal; not rewrapped")
-        return good[:limit], bad
+        return good, bad, last
 
     def rewrapped(self, conn: Any, changes: list[tuple[StoredKey, StoredKey, bytes]]) -> int:
         """Replace each row by its rewrapped form, only if it is still the row that was
