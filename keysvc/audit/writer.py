@@ -33,7 +33,7 @@ from keysvc.audit.chain import GENESIS, AuditEvent, Chained, canonical, line, ro
 from keysvc.audit.sinks import SinkError
 from keysvc.custody.versions import MacKeys, newest_named, see
 from keysvc.errors import error
-from keysvc.hsm import HsmError, HsmKeyNotFound
+from keysvc.hsm import HsmError
 from keysvc.observability import AUDIT_FAILURES, AUDIT_LAG, AUDIT_SINK_LAG
 from keysvc.partitions import AUDIT_MAC_KEY
 
@@ -84,6 +84,7 @@ class AuditWriter:
         self.busy_since: float | None = None   # when the batch being written was taken
         self._retry: list[AuditEvent] = []
         self._unchained_written: set[str] = set()
+        self._mac_primary = 1  # the newest audit-mac version this process's token showed
         # The highest anchor seen in the token: read at the first batch, then learnt from
         # each batch's own anchor write (which sees every anchor of the label).
         self._known: Anchor | None = None
@@ -256,11 +257,18 @@ class AuditWriter:
                 conn.execute(st.audit_head.insert().values(id=1, seq=0, hash=GENESIS))
             first = seq + 1
             named = self._head_version(conn, seq)
-
-            def macs(s: Any) -> tuple[list[dict], list[Chained]]:
+            if named > self._mac_primary:  # made by another process: read the token again
+                see(self.token, AUDIT_MAC_KEY, named)
+            with self.token.session() as s:
                 keys = MacKeys(s, AUDIT_MAC_KEY)
-                if keys.primary < named:  # made by another process: Token.run re-reads
-                    raise HsmKeyNotFound(f"audit-mac version {named}")
+                self._mac_primary = keys.primary
+                if keys.primary < named:
+                    # Not even after reading the token again: the last event's MAC is
+                    # forged (a database writer's). Chained on under the primary, and
+                    # VerifyAuditLog names that event: one edited cell stops no call.
+                    log.error("the audit chain's last event names audit-mac version %d, "
+                              "which the token does not hold: a forged row "
+                              "(VerifyAuditLog names it)", named)
                 rows, out, at, link = [], [], seq, prev
                 for e in events:
                     at += 1
@@ -271,18 +279,6 @@ class AuditWriter:
                                      code=e.code, prev_hash=link, hash=digest, mac=mac))
                     out.append(Chained(replace(e, sequence=at), link, digest, mac))
                     link = digest
-                return rows, out
-            try:
-                rows, out = self.token.run(macs)
-            except HsmKeyNotFound:
-                # Not even after re-reading the token: the last event's MAC is forged (a
-                # database writer's). Chained on under the primary; VerifyAuditLog names
-                # that event, and one edited cell does not stop every audited call.
-                log.error("the audit chain's last event names audit-mac version %d, which "
-                          "the token does not hold: a forged row (VerifyAuditLog names it)",
-                          named)
-                named = 1
-                rows, out = self.token.run(macs)
             if out:
                 seq, prev = out[-1].event.sequence, out[-1].hash
             conn.execute(st.audit_events.insert(), rows)

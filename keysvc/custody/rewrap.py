@@ -82,6 +82,7 @@ class Rewrap:
         self.partitions = tuple(p for p in self.PARTITIONS if p in app.partitions.tokens)
         self.progress = {p: Progress() for p in self.PARTITIONS}
         self.bad_escrows: set[str] = set()
+        self._escrow_cursor = ""  # the id where the last re-seal pass stopped
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ one batch
@@ -209,33 +210,47 @@ class Rewrap:
 
     def reseal_escrows(self, most: int = 1000) -> int:
         """Escrow records sealed under another escrow-seal version than the primary, sealed
-        again under it (a handful of records: one transaction each, at most `most` looked at
-        a pass). A record that fails its seal or anchor, or cannot even be read, is left on
-        its version, which then cannot be destroyed; each pass audits those it met first
-        in one event, not one each (a database writer's junk rows must not flood the log)."""
+        again under it (a handful of records: one transaction each, at most `most` a pass,
+        in id order from where the last pass stopped, so that no number of altered rows
+        starves the others). A record that fails its seal or anchor is left on its version,
+        which then cannot be destroyed; each pass audits those it met in one event (a
+        database writer's junk rows must not flood the log). A database or HSM that is
+        away pauses the pass: no record is called altered for that."""
         from keysvc.partitions import ESCROW_SEAL_KEY
+        from keysvc.records.escrows import EscrowTampered
         escrows = self.app.records.escrows
         with self.app.partitions.admin.session() as s:
             primary = versions.primary(s, ESCROW_SEAL_KEY)
-        done, looked, after, bad = 0, 0, "", []
-        while not self._stop.is_set() and looked < most:
-            ids = escrows.not_on_primary(primary, after)
-            if not ids:
-                break
-            for eid in ids:
-                after, looked = eid, looked + 1
-                if eid in self.bad_escrows:
-                    continue
-                try:
-                    done += escrows.reseal(eid, primary)
-                except Exception:  # altered, unreadable, or the HSM or database away
-                    self.bad_escrows.add(eid)
-                    bad.append(eid)
-        if bad:
-            self.app.records.flag(f"escrows/{bad[0]}", (
-                f"and {len(bad) - 1} more escrow records " if len(bad) > 1 else "") +
-                f"fail their HSM seal or anchor or cannot be read; not sealed again under "
-                f"escrow-seal v{primary}")
+        done, tried, bad = 0, 0, []
+        try:
+            while not self._stop.is_set() and tried < most:
+                ids = [i for i in escrows.not_on_primary(primary, self._escrow_cursor)]
+                if not ids:
+                    if not self._escrow_cursor:
+                        break
+                    self._escrow_cursor = ""  # the end: from the start next pass
+                    break
+                for eid in ids:
+                    self._escrow_cursor = eid
+                    if eid in self.bad_escrows:
+                        continue
+                    tried += 1
+                    try:
+                        done += escrows.reseal(eid, primary)
+                    except EscrowTampered:
+                        self.bad_escrows.add(eid)
+                        bad.append(eid)
+        except EscrowTampered:  # the table holds an id that cannot even be read
+            if "escrows" not in self.bad_escrows:
+                self.bad_escrows.add("escrows")
+                self.app.records.flag("escrows", "holds an escrow id that cannot be read; "
+                                                 "records are not sealed again until it goes")
+        finally:
+            if bad:
+                self.app.records.flag(f"escrows/{bad[0]}", (
+                    f"and {len(bad) - 1} more escrow records " if len(bad) > 1 else "") +
+                    "fail their HSM seal or anchor or cannot be read; not sealed again "
+                    f"under escrow-seal v{primary}")
         if done:
             counts = escrows.count_by_version()
             self.app.audit.append(

@@ -9,6 +9,7 @@ be pointed at another version without failing its seal check.
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 from keysvc.hsm import keys as hk
@@ -24,7 +25,7 @@ def label(base: str, version: int) -> str:
 
 def parse(text: str) -> tuple[str, int]:
     """(base, version) of a label; a label without a version suffix is version 1."""
-    m = _VERSIONED.match(text)
+    m = _VERSIONED.fullmatch(text)
     return (m["base"], int(m["n"])) if m else (text, 1)
 
 
@@ -94,28 +95,39 @@ def untagged(text: str) -> tuple[int, bytes]:
     makes (no "v1:" alias of a version-1 MAC: a count of bare hex is version 1's count)."""
     if not isinstance(text, str):
         raise ValueError("a tagged MAC is text")
-    m = _TAGGED.match(text)
+    m = _TAGGED.fullmatch(text)
     if m:
         return int(m["n"]), bytes.fromhex(m["mac"])
-    if _BARE.match(text):
+    if _BARE.fullmatch(text):
         return 1, bytes.fromhex(text)
     raise ValueError("not a tagged MAC")
+
+
+REREAD_BACKOFF = 60.0  # seconds a version found missing after a re-read is not looked for
+_missing: dict[tuple[str, str, int], float] = {}
 
 
 def see(token: Any, base: str, version: int) -> None:
     """Make this process's view of the token show `version` of `base`, if the token has it.
 
     Another process (a worker, a replica, the other organisation's process) may have made
-    it; SoftHSM2 can show another process's new object only after re-reading the token
-    (`Token.run` does that once). A version the token still does not have is left to the
-    check that needs it, which then fails (a forged or destroyed version)."""
-    def work(s: Any) -> None:
+    it, and SoftHSM2 can show another process's new object only after the token is read
+    again, which re-initialises the module and makes every long call in flight start over.
+    A version the database names is the database's word, so the token is read again only
+    for the next version after the primary (rotations make one at a time), and at most
+    once a minute for each version it then still lacks. A version the token does not have
+    is left to the check that needs it, which fails (a forged or destroyed version)."""
+    with token.session() as s:
+        known = primary(s, base)
+    if version <= known or version > known + 1:
+        return
+    key = (str(getattr(getattr(token, "config", None), "label", id(token))), base, version)
+    if time.monotonic() - _missing.get(key, -REREAD_BACKOFF) < REREAD_BACKOFF:
+        return
+    token.refresh()
+    with token.session() as s:
         if version > primary(s, base):
-            raise hk.HsmKeyNotFound(label(base, version))
-    try:
-        token.run(work)
-    except hk.HsmKeyNotFound:
-        pass
+            _missing[key] = time.monotonic()
 
 
 def newest_named(texts: Any) -> int:

@@ -114,13 +114,9 @@ class Escrows:
         """The seal of `row` under the version it names (HsmKeyNotFound: a version the
         token does not hold, even read again)."""
         version = _version(row)
-
-        def work(s: Any) -> bytes:
-            keys = MacKeys(s, ESCROW_SEAL_KEY)
-            if version > keys.primary:  # made by another process: Token.run re-reads
-                raise HsmKeyNotFound(f"escrow-seal version {version}")
-            return keys.mac(canonical(row), version)
-        return self.r.partitions.admin.run(work)
+        versions.see(self.r.partitions.admin, ESCROW_SEAL_KEY, version)  # another process's
+        with self.r.partitions.admin.session() as s:
+            return MacKeys(s, ESCROW_SEAL_KEY).mac(canonical(row), version)
 
     def sealed(self, row: dict) -> dict:
         """`row` named and sealed under the primary escrow-seal version (every write)."""
@@ -269,12 +265,18 @@ class Escrows:
         return out
 
     def not_on_primary(self, primary: int, after: str, limit: int = 100) -> list[str]:
-        """Ids of rows naming another version than `primary`, in id order after `after`."""
+        """Ids of rows naming another version than `primary`, in id order after `after`
+        (EscrowTampered: an id that cannot even be read)."""
         with self.r.store.engine.connect() as conn:
-            return [r.id for r in conn.execute(
-                select(st.escrows.c.id).where(st.escrows.c.seal_version != primary,
-                                              st.escrows.c.id > after)
-                .order_by(st.escrows.c.id).limit(limit))]
+            try:
+                return [r.id for r in conn.execute(
+                    select(st.escrows.c.id).where(st.escrows.c.seal_version != primary,
+                                                  st.escrows.c.id > after)
+                    .order_by(st.escrows.c.id).limit(limit))]
+            except DBAPIError as exc:
+                if st.undecodable(exc):
+                    raise EscrowTampered("escrows") from None
+                raise
 
     def reseal(self, escrow_id: str, primary: int) -> bool:
         """Seal a record again under the primary escrow-seal version, its anchor moved on
