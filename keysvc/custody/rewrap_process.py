@@ -1,12 +1,11 @@
 """The online rewrap in a process of its own, at the lowest CPU priority.
 
 Why not a thread of the serving process: the job is about half Python (seals, rows,
-batches) and holds the interpreter lock between its HSM calls, so live calls queue behind
-it for the lock. Measured with bench/bench_rewrap.py (100,000 rows, 4 clients of
-VerifyPrepaymentKey, the same run): as a thread the live calls' p99 rose x1.95-2.29 on
-SQLite and x1.81-2.81 on PostgreSQL; in its own process at nice 19, x1.73-1.80 and
-x1.50-1.51, at the same 3,300 rows/s (the scheduler hands the job the CPU the live calls
-leave).
+batches) and holds the interpreter lock between its HSM calls, so live calls queued behind
+it for the lock. Measured with bench/bench_rewrap.py (4 clients of VerifyPrepaymentKey, the
+same run each), the live calls' p99 during the job against without it: as a thread x1.95-2.29
+on SQLite and x1.81-2.81 on PostgreSQL (100,000 rows), x2.18 and x3.86 (1,000,000); in its
+own process at nice 19 x1.31-1.80 and x1.50-1.67 (100,000), x1.93 and x2.64 (1,000,000).
 
 The child is spawned (never forked: PKCS#11 sessions and database connections do not
 survive a fork), opens the same state as a replica does, logs in with the same PINs
