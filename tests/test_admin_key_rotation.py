@@ -70,13 +70,17 @@ def verify(srv) -> pb.VerifyAuditLogResponse:
     return srv.as_("auditor").audit.VerifyAuditLog(pb.VerifyAuditLogRequest())
 
 
-@pytest.fixture(scope="module")
-def rotated(tmp_path_factory):
-    work = tmp_path_factory.mktemp("admin-rotation")
+def serve(work):
+    """A development server whose rewrap job runs (and seals escrows again)."""
     factory = encoder.DeviceCertificateFactory()
     (work / "ca.pem").write_bytes(factory.ca_pem)
     srv = start_server(work / "server", trust_anchors=[work / "ca.pem"],
                        env={"KEYSVC_REWRAP_ROWS_PER_SECOND": "3000"})
+    return srv, factory
+
+
+def escrow(srv, factory) -> tuple[str, str]:
+    """A new escrow record, released from two days ago to two days on: (id, CHF)."""
     inst = encoder.random_installations(1, cert_factory=factory)[0]
     today = dt.date.today()
     eid = srv.as_("security-officer-1").admin.EscrowRollbackCertificates(
@@ -85,12 +89,33 @@ def rotated(tmp_path_factory):
             certificates=[inst.certificate_der],
             valid_from=_date(today - dt.timedelta(days=2)),
             valid_to=_date(today + dt.timedelta(days=2)))).escrow_id
+    return eid, inst.chf
+
+
+def refused_with(rotated, row: tuple) -> None:
+    """The escrow row replaced by `row` (seal, seal_version, releases) is refused as
+    altered, and put back after."""
+    srv, eid = rotated["srv"], rotated["eid"]
+    current = escrow_row(srv, eid)
+    put_escrow_row(srv, eid, row)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            release(srv, rotated["chf"])
+        assert error_reason(e.value) == "ESCROW_SEAL_INVALID"
+    finally:
+        put_escrow_row(srv, eid, current)
+
+
+@pytest.fixture(scope="module")
+def rotated(tmp_path_factory):
+    srv, factory = serve(tmp_path_factory.mktemp("admin-rotation"))
+    eid, chf = escrow(srv, factory)
     old_escrow = escrow_row(srv, eid)  # sealed under escrow-seal version 1
     ops = {k: rotate(srv, "admin", k) for k in ("audit-mac", "escrow-seal")}
     deadline = time.monotonic() + 60
     while admin_versions(srv, "escrow-seal").get(1, (0, 1))[1] and time.monotonic() < deadline:
         time.sleep(0.5)
-    yield {"srv": srv, "eid": eid, "chf": inst.chf, "old_escrow": old_escrow, "ops": ops}
+    yield {"srv": srv, "eid": eid, "chf": chf, "old_escrow": old_escrow, "ops": ops}
     srv.stop()
 
 
@@ -138,27 +163,12 @@ def test_escrows_are_sealed_again_under_the_primary_escrow_seal_version(rotated)
 
 def test_an_escrow_copy_sealed_under_the_old_version_put_back_is_refused(rotated):
     """An older, validly sealed copy (version 1) is not the record's anchored seal."""
-    srv, eid = rotated["srv"], rotated["eid"]
-    current = escrow_row(srv, eid)
-    put_escrow_row(srv, eid, rotated["old_escrow"])
-    try:
-        with pytest.raises(grpc.RpcError) as e:
-            release(srv, rotated["chf"])
-        assert error_reason(e.value) == "ESCROW_SEAL_INVALID"
-    finally:
-        put_escrow_row(srv, eid, current)
+    refused_with(rotated, rotated["old_escrow"])
 
 
 def test_a_seal_version_that_is_not_a_version_is_an_altered_record(rotated):
-    srv, eid = rotated["srv"], rotated["eid"]
-    current = escrow_row(srv, eid)
-    put_escrow_row(srv, eid, (current[0], "two", current[2]))
-    try:
-        with pytest.raises(grpc.RpcError) as e:
-            release(srv, rotated["chf"])
-        assert error_reason(e.value) == "ESCROW_SEAL_INVALID"
-    finally:
-        put_escrow_row(srv, eid, current)
+    current = escrow_row(rotated["srv"], rotated["eid"])
+    refused_with(rotated, (current[0], "two", current[2]))
 
 
 def test_an_unused_escrow_seal_version_is_destroyed_once_backed_up(rotated):
@@ -177,15 +187,7 @@ def test_an_unused_escrow_seal_version_is_destroyed_once_backed_up(rotated):
 
 def test_an_escrow_naming_a_destroyed_version_is_refused_as_altered(rotated):
     """The version-1 copy put back after version 1 is gone: refused, never INTERNAL."""
-    srv, eid = rotated["srv"], rotated["eid"]
-    current = escrow_row(srv, eid)
-    put_escrow_row(srv, eid, rotated["old_escrow"])
-    try:
-        with pytest.raises(grpc.RpcError) as e:
-            release(srv, rotated["chf"])
-        assert error_reason(e.value) == "ESCROW_SEAL_INVALID"
-    finally:
-        put_escrow_row(srv, eid, current)
+    refused_with(rotated, rotated["old_escrow"])
 
 
 def test_the_record_seal_does_not_rotate(rotated):

@@ -17,31 +17,17 @@ from keysvc.api.v1 import keysvc_pb2 as pb
 from keysvc.client import error_reason
 from keysvc.custody.versions import untagged
 from tests.serverproc import start_server
-from tests.support import encoder
-from tests.test_admin_key_rotation import _date, admin_versions, db, destroy, release, verify
+from tests.test_admin_key_rotation import (
+    admin_versions,
+    db,
+    destroy,
+    escrow,
+    release,
+    serve,
+    verify,
+)
 from tests.test_custody import keysvc
 from tests.test_rotation import backup, rotate
-
-
-def serve(work):
-    factory = encoder.DeviceCertificateFactory()
-    (work / "ca.pem").write_bytes(factory.ca_pem)
-    srv = start_server(work / "server", trust_anchors=[work / "ca.pem"],
-                       env={"KEYSVC_REWRAP_ROWS_PER_SECOND": "3000"})
-    return srv, factory
-
-
-def escrow(srv, factory) -> tuple[str, str]:
-    import datetime as dt
-    inst = encoder.random_installations(1, cert_factory=factory)[0]
-    today = dt.date.today()
-    eid = srv.as_("security-officer-1").admin.EscrowRollbackCertificates(
-        pb.EscrowRollbackCertificatesRequest(
-            smso_id="SMSO-A", group_id="EA", chf_identifiers=[inst.chf],
-            certificates=[inst.certificate_der],
-            valid_from=_date(today - dt.timedelta(days=2)),
-            valid_to=_date(today + dt.timedelta(days=2)))).escrow_id
-    return eid, inst.chf
 
 
 def reason(fn) -> str:
