@@ -124,11 +124,11 @@ class App:
             from keysvc.records.reconcile import reconcile
             from keysvc.records.upgrade import upgrade_once
             app.records.ensure_instance(dev=settings.dev)
+            if helper:  # the start's duties are its server's, done before it was started
+                return app
             upgrade_once(app.records, also=app.records.escrows.reanchor_legacy)
             reconcile(app.records)
             app.records.escrows.roll_forward()
-        if helper:
-            return app
         from keysvc.identity.admission import seed_roster, seed_vouched
         seed_roster(app)
         seed_vouched(app)

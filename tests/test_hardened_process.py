@@ -2,12 +2,16 @@
 would: no core dumps, no PIN in /proc/PID/environ, every file it makes private to it."""
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import stat
+from dataclasses import dataclass
 
 import pytest
 
 from keysvc.api.v1 import keysvc_pb2 as pb
+from keysvc.config import Settings
 from tests.serverproc import start_server
 
 
@@ -176,3 +180,37 @@ def test_a_certificate_worker_killed_mid_file_is_replaced_and_the_file_still_pro
         assert _workers(srv.proc.pid) and worker not in _workers(srv.proc.pid)
     finally:
         srv.stop()
+
+
+@dataclass(frozen=True)
+class SpySettings(Settings):
+    """Settings that, unpickled in the rewrap process, write down what they carry."""
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        (state["state_dir"] / "spy.json").write_text(json.dumps({
+            "dumpable": ctypes.CDLL(None).prctl(3, 0, 0, 0, 0),
+            "pins": [state.get(f"{p}_pin", "") for p in ("s1sp", "dco", "admin")]}))
+
+
+def test_the_rewrap_process_is_handed_no_pin_before_it_is_hardened(tmp_path):
+    """The spawn hands its arguments over before the child can harden itself: the PINs
+    are not among them, and follow in a pipe once the child says it is hardened."""
+    import time
+
+    from keysvc.custody.rewrap_process import RewrapProcess
+    settings = SpySettings(state_dir=tmp_path, s1sp_pin="PIN-1111", dco_pin="PIN-2222",
+                           admin_pin="PIN-0000", database_url=f"sqlite:///{tmp_path}/x.db")
+    job = RewrapProcess(settings, 10, 10)
+    job._spawn()
+    try:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "spy.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen = json.loads((tmp_path / "spy.json").read_text())
+        assert seen["pins"] == ["", "", ""]
+    finally:
+        job._stop.set()
+        job._proc.kill()
+        job._proc.join(5)

@@ -53,6 +53,7 @@ class Progress:
     reported: bool = True   # the end of the last run is audited
     cursor: tuple | None = None  # the primary key of the last row read in this pass
     pass_done: int = 0           # rows this pass moved
+    primary: int = 0             # the storage-key version this run moves rows to
 
     @property
     def flagged(self) -> int:
@@ -181,6 +182,10 @@ class Rewrap:
         """Rewrap until nothing is left (or the deadline or a stop)."""
         prog = self.progress[partition]
         self.refresh(partition)
+        primary = self.primary(partition)
+        if primary != prog.primary:  # a new rotation: rows flagged before are looked at again
+            prog.bad.clear()
+            prog.primary, prog.cursor, prog.pass_done = primary, None, 0
         if prog.remaining <= len(prog.bad):
             return
         prog.started, prog.reported, start_done = time.monotonic(), False, prog.done

@@ -29,6 +29,8 @@ from keysvc.custody.rewrap import DONE, REMAINING, Rewrap
 log = logging.getLogger("keysvc.custody.rewrap")
 
 RESTART_AFTER = 5.0  # seconds before a child that died is started again
+HANDSHAKE_SECONDS = 60.0  # a child that has not asked for its PINs by then is left to die
+PIN_PARTITIONS = ("s1sp", "dco", "admin")
 # shared progress per partition: done, rows per second, flagged rows, remaining rows
 DONE_AT, RATE_AT, FLAGGED_AT, REMAINING_AT = range(4)
 
@@ -58,7 +60,11 @@ class RewrapProcess:
 
     def __init__(self, settings: Any, rate: float, batch: int) -> None:
         self._ctx = multiprocessing.get_context("spawn")
-        self._settings = replace(settings, certificate_workers=0, processes=1)
+        # The PINs are not in what the spawn hands over (the child unpickles that before it
+        # can harden itself): they follow in a pipe once the child says it is hardened.
+        self._pins = {f"{p}_pin": getattr(settings, f"{p}_pin") for p in PIN_PARTITIONS}
+        self._settings = replace(settings, certificate_workers=0, processes=1,
+                                 **{k: "" for k in self._pins})
         self._rate, self._batch = rate, batch
         self._shared = {p: self._ctx.Array("d", 4, lock=False) for p in Rewrap.PARTITIONS}
         self.progress = {p: SharedProgress(v) for p, v in self._shared.items()}
@@ -67,16 +73,25 @@ class RewrapProcess:
         self._reported = {p: 0 for p in Rewrap.PARTITIONS}
 
     def start(self) -> None:
-        self._spawn()
         threading.Thread(target=self._watch, name="rewrap-watch", daemon=True).start()
 
     def _spawn(self) -> None:
+        ours, theirs = self._ctx.Pipe()
         self._proc = self._ctx.Process(target=child_main, name="keysvc-rewrap", daemon=True,
                                        args=(self._settings, self._rate, self._batch,
-                                             self._shared, os.getpid()))
+                                             self._shared, os.getpid(), theirs))
         self._proc.start()
+        theirs.close()
+        try:
+            if ours.poll(HANDSHAKE_SECONDS) and ours.recv() == "hardened":
+                ours.send(self._pins)
+        except (EOFError, OSError):
+            pass  # it died before asking: the watch starts it again
+        finally:
+            ours.close()
 
     def _watch(self) -> None:
+        self._spawn()
         while not self._stop.wait(1.0):
             for p, values in self._shared.items():
                 REMAINING.labels(p).set(values[REMAINING_AT])
@@ -107,18 +122,22 @@ class RewrapProcess:
 
 
 def child_main(settings: Any, rate: float, batch: int, shared: dict[str, Any],
-               parent: int) -> None:
-    """The child: hardened, lowest priority, the job until SIGTERM or its parent's end."""
+               parent: int, pins: Any) -> None:
+    """The child: hardened, lowest priority, the job until SIGTERM or its parent's end. It
+    asks for the PINs only once it is hardened (not dumpable, no core, private files)."""
     from keysvc import hardening
-    from keysvc.app import App
+    hardening.harden_early()
     from keysvc.observability import configure_logging
     from keysvc.processes import die_with_parent
-    hardening.harden_early()
     configure_logging(settings.log_level)
     hardening.harden(settings.lock_memory)
     die_with_parent(parent)
     _name(b"keysvc-rewrap")  # what ps and /proc/PID/comm show
     os.nice(19)
+    pins.send("hardened")
+    settings = replace(settings, **pins.recv())
+    pins.close()
+    from keysvc.app import App
     job_stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: job_stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides (^C reaches both)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from sqlalchemy import Table, and_, bindparam, func, select, tuple_
+from sqlalchemy.exc import DBAPIError
 
 from keysvc import store as st
 from keysvc.errors import error
@@ -173,11 +174,16 @@ class _StoredKeys:
         if after is not None:
             q = q.where(tuple_(*keys) > tuple_(*after))
         q = q.order_by(*keys).limit(limit)
-        with self.r.store.engine.connect() as conn:
-            rows = conn.execute(q).all()
-        last = tuple(getattr(rows[-1], c.name) for c in keys) if rows else None
-        good: list[StoredKey] = []
         bad: list[str] = []
+        with self.r.store.engine.connect() as conn:
+            try:
+                rows = conn.execute(q).all()
+                last = tuple(getattr(rows[-1], c.name) for c in keys) if rows else None
+            except DBAPIError as exc:
+                if not st.undecodable(exc):
+                    raise
+                rows, last = self._readable(conn, q.with_only_columns(*keys), bad)
+        good: list[StoredKey] = []
         pairs = []
         for r in rows:
             name = self.record_name(r)
@@ -197,6 +203,32 @@ class _StoredKeys:
         for name in bad:
             self.r.flag(name, "fails its HSM seal; not rewrapped")
         return good, bad, last
+
+    def _readable(self, conn: Any, keys_query: Any, bad: list[str]
+                  ) -> tuple[list[Any], tuple | None]:
+        """A batch holding a row SQLite cannot hand over (text that is not UTF-8): each row
+        read on its own, by its key; those that fail are named in `bad` (altered records),
+        and the cursor moves past them. A key that cannot be read either stops the job
+        here, said as such (the table holds a row no key names)."""
+        try:
+            key_rows = conn.execute(keys_query).all()
+        except DBAPIError as exc:
+            if st.undecodable(exc):
+                raise error("RECORD_SEAL_INVALID", f"{self.table.name} holds a row whose key "
+                                                   "cannot be read; the rewrap stops there")
+            raise
+        cols = self._key_columns()
+        out = []
+        for k in key_rows:
+            try:
+                out.append(conn.execute(select(self.table).where(
+                    *[c == getattr(k, c.name) for c in cols])).one())
+            except DBAPIError as exc:
+                if not st.undecodable(exc):
+                    raise
+                bad.append(self.record_name(k))
+        last = tuple(getattr(key_rows[-1], c.name) for c in cols) if key_rows else None
+        return out, last
 
     def rewrapped(self, conn: Any, changes: list[tuple[StoredKey, StoredKey, bytes]]) -> int:
         """Replace each row by its rewrapped form, only if it is still the row that was
