@@ -70,6 +70,7 @@ class RewrapProcess:
         self.progress = {p: SharedProgress(v) for p, v in self._shared.items()}
         self._proc: Any = None
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._reported = {p: 0 for p in Rewrap.PARTITIONS}
 
     def start(self) -> None:
@@ -77,10 +78,14 @@ class RewrapProcess:
 
     def _spawn(self) -> None:
         ours, theirs = self._ctx.Pipe()
-        self._proc = self._ctx.Process(target=child_main, name="keysvc-rewrap", daemon=True,
-                                       args=(self._settings, self._rate, self._batch,
-                                             self._shared, os.getpid(), theirs))
-        self._proc.start()
+        with self._lock:  # never a child started after stop() looked
+            if self._stop.is_set():
+                return
+            self._proc = self._ctx.Process(
+                target=child_main, name="keysvc-rewrap", daemon=True,
+                args=(self._settings, self._rate, self._batch, self._shared, os.getpid(),
+                      theirs))
+            self._proc.start()
         theirs.close()
         try:
             if ours.poll(HANDSHAKE_SECONDS) and ours.recv() == "hardened":
@@ -111,14 +116,16 @@ class RewrapProcess:
         return self._proc.pid if self._proc is not None else None
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._proc is None:
+        with self._lock:
+            self._stop.set()
+            proc = self._proc
+        if proc is None:
             return
-        self._proc.terminate()  # SIGTERM: the batch in flight ends, then the job
-        self._proc.join(15)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(5)
+        proc.terminate()  # SIGTERM: the batch in flight ends, then the job
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
 
 
 def child_main(settings: Any, rate: float, batch: int, shared: dict[str, Any],
@@ -138,10 +145,10 @@ def child_main(settings: Any, rate: float, batch: int, shared: dict[str, Any],
     settings = replace(settings, **pins.recv())
     pins.close()
     from keysvc.app import App
-    job_stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: job_stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides (^C reaches both)
-    app = App.open(settings, helper=True)
+    app = App.open(settings, helper=True)  # a SIGTERM meanwhile ends it at once
+    job_stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: job_stop.set())  # the batch in flight ends
     try:
         Rewrap(app, rate, batch, shared=shared).run(job_stop)
     finally:
