@@ -229,7 +229,7 @@ class Rewrap:
         done, tried, bad = 0, 0, []
         try:
             while not self._stop.is_set() and tried < most:
-                ids = [i for i in escrows.not_on_primary(primary, self._escrow_cursor)]
+                ids = escrows.not_on_primary(primary, self._escrow_cursor)
                 if not ids:
                     if not self._escrow_cursor:
                         break

@@ -111,10 +111,6 @@ class RewrapProcess:
                 if not self._stop.wait(RESTART_AFTER):
                     self._spawn()
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
     def stop(self) -> None:
         with self._lock:
             self._stop.set()

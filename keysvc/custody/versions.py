@@ -8,6 +8,7 @@ be pointed at another version without failing its seal check.
 """
 from __future__ import annotations
 
+import hmac
 import re
 import time
 from typing import Any
@@ -165,7 +166,6 @@ class MacKeys:
         return tagged(self.primary, self.mac(data))
 
     def check(self, data: bytes, text: Any) -> bool:
-        import hmac
         try:
             version, mac = untagged(text)
             return hmac.compare_digest(self.mac(data, version), mac)
