@@ -82,13 +82,15 @@ def _rewrap_child(pid: int, not_: int = 0) -> int | None:
 
 
 def test_the_rewrap_runs_in_a_hardened_child_at_the_lowest_priority(hardened):
-    """Its own process (keysvc/custody/rewrap_process.py): nice 19, no core, no PIN in its
-    environment, and it says it is not dumpable."""
+    """Its own process (keysvc/custody/rewrap_process.py): SCHED_IDLE at nice 19, no core,
+    no PIN in its environment, and it says it is not dumpable."""
     import time
     srv, pins = hardened
     child = _rewrap_child(srv.proc.pid)
     assert child is not None, "no rewrap process"
-    assert int(open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[16]) == 19
+    fields = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()
+    assert int(fields[16]) == 19  # nice
+    assert int(fields[38]) == os.SCHED_IDLE  # policy: runs only on a core nobody wants
     limits = open(f"/proc/{child}/limits").read()
     core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
     assert core.split()[4:6] == ["0", "0"]
