@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client import Counter, Gauge
 
@@ -71,10 +71,13 @@ class Rewrap:
     PARTITIONS = ("s1sp", "dco")
 
     def __init__(self, app: Any, rate: float, batch: int = 500, idle: float = 5.0,
-                 shared: dict[str, Any] | None = None) -> None:
+                 shared: dict[str, Any] | None = None,
+                 hsm_loop: Callable[[Callable[[], Any]], Any] | None = None) -> None:
         """`shared`: per partition, the shared memory a parent process reads the progress
-        from (keysvc/custody/rewrap_process.py)."""
+        from; `hsm_loop`: what runs each batch's HSM work (the rewrap process's SCHED_IDLE
+        thread: keysvc/custody/rewrap_process.py)."""
         self.app = app
+        self.hsm_loop = hsm_loop or (lambda fn: fn())
         self.shared = shared or {}
         self.rate = max(1.0, rate)
         self.batch = batch
@@ -146,7 +149,7 @@ class Rewrap:
                     hk.destroy(obj)
                 out.append((k, moved, seal(moved)))
             return out
-        changes = token.run(work)
+        changes = self.hsm_loop(lambda: token.run(work))
         for k, moved, _ in changes:
             if moved is None:
                 name = stored.record_name(k)

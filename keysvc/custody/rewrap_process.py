@@ -7,11 +7,15 @@ same run each), the live calls' p99 during the job against without it: as a thre
 on SQLite and x1.81-2.81 on PostgreSQL (100,000 rows), x2.18 and x3.86 (1,000,000); in its
 own process at nice 19 x1.31-1.80 and x1.50-1.67 (100,000), x1.93 and x2.64 (1,000,000).
 
-The lowest priority is SCHED_IDLE (nice 19 where that is refused): the kernel runs the job
-only on a core nothing else wants, and a live call that wakes preempts it at once, where a
-nice-19 process keeps its slice. On PostgreSQL, 300,000 rows, two runs each: nice 19 2,902
-and 2,987 rows/s, p99 during 57.8 and 58.6 ms; SCHED_IDLE 3,178 and 3,197 rows/s, 50.4 and
-59.0 ms. On a machine whose cores are all busy the job waits: live calls come first.
+The HSM loop (unwrap, check value, wrap, seal: most of the job's CPU) runs in a thread of
+its own under SCHED_IDLE: the kernel runs it only on a core nothing else wants, and a live
+call that wakes preempts it at once, where a nice-19 thread keeps its slice. On PostgreSQL,
+300,000 rows, two runs each: nice 19 2,902 and 2,987 rows/s, p99 during 57.8 and 58.6 ms;
+SCHED_IDLE 3,178 and 3,197 rows/s, 50.4 and 59.0 ms. The rest (reading rows, the batch's
+transaction, audit events) stays at nice 19: a thread that holds a database lock (SQLite's
+one writer lock) must not be starved by a busy machine while live calls wait on that lock,
+and the HSM thread holds no lock another process waits for (its token's module lock is
+this process's own). An unprivileged thread cannot leave SCHED_IDLE, hence two threads.
 
 The child is spawned (never forked: PKCS#11 sessions and database connections do not
 survive a fork), opens the same state as a replica does, logs in with the same PINs
@@ -25,14 +29,16 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import queue
 import signal
 import threading
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from keysvc.custody.rewrap import DONE, REMAINING, Rewrap
 
 log = logging.getLogger("keysvc.custody.rewrap")
+T = TypeVar("T")
 
 RESTART_AFTER = 5.0  # seconds before a child that died is started again
 HANDSHAKE_SECONDS = 60.0  # a child that has not asked for its PINs by then is left to die
@@ -130,13 +136,33 @@ class RewrapProcess:
             proc.join(5)
 
 
-def lowest_priority() -> None:
-    """SCHED_IDLE: run only where no other process wants the core (see above)."""
-    os.nice(19)
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError) as exc:  # not Linux, or refused: nice 19 stays
-        log.info("rewrap process at nice 19 (SCHED_IDLE refused: %s)", type(exc).__name__)
+class IdleThread:
+    """Runs functions in one thread under SCHED_IDLE (see above); the caller waits."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._serve, name="rewrap-hsm", daemon=True).start()
+
+    def _serve(self) -> None:
+        try:  # this thread only (Linux: the policy is per thread)
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError) as exc:  # not Linux, or refused: nice 19 stays
+            log.info("rewrap HSM thread at nice 19 (SCHED_IDLE refused: %s)",
+                     type(exc).__name__)
+        while True:
+            fn, done = self._jobs.get()
+            try:
+                done.put((True, fn()))
+            except BaseException as exc:
+                done.put((False, exc))
+
+    def __call__(self, fn: Callable[[], T]) -> T:
+        done: queue.Queue = queue.Queue(maxsize=1)
+        self._jobs.put((fn, done))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
 
 
 def child_main(settings: Any, rate: float, batch: int, shared: dict[str, Any],
@@ -151,7 +177,7 @@ def child_main(settings: Any, rate: float, batch: int, shared: dict[str, Any],
     hardening.harden(settings.lock_memory)
     die_with_parent(parent)
     _name(b"keysvc-rewrap")  # what ps and /proc/PID/comm show
-    lowest_priority()
+    os.nice(19)
     pins.send("hardened")
     settings = replace(settings, **pins.recv())
     pins.close()
@@ -161,7 +187,7 @@ def child_main(settings: Any, rate: float, batch: int, shared: dict[str, Any],
     job_stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: job_stop.set())  # the batch in flight ends
     try:
-        Rewrap(app, rate, batch, shared=shared).run(job_stop)
+        Rewrap(app, rate, batch, shared=shared, hsm_loop=IdleThread()).run(job_stop)
     finally:
         app.close()
 
