@@ -15,7 +15,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from sqlalchemy import Table, and_, bindparam, func, select, tuple_
+from sqlalchemy import Table, and_, bindparam, func, select, text, tuple_
 from sqlalchemy.exc import DBAPIError
 
 from keysvc import store as st
@@ -145,8 +145,14 @@ class _StoredKeys:
             for c in self._key_columns())
 
     def count_by_version(self) -> dict[int, int]:
-        """Rows per storage-key version (an index lookup: see migration 0004)."""
+        """Rows per storage-key version (an index lookup: see migration 0004).
+
+        On PostgreSQL in one process, not a parallel scan: at a million rows that takes
+        both cores for tens of ms, and `rewrap status --watch` asks every 2 s while live
+        calls run (measured with bench/bench_rewrap.py)."""
         with self.r.store.engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
             rows = conn.execute(select(self.table.c.key_version, func.count())
                                 .group_by(self.table.c.key_version)).all()
         out: dict[int, int] = {}
