@@ -31,7 +31,7 @@ from keysvc import store as st
 from keysvc.audit.anchor import Anchor, ChainAnchor
 from keysvc.audit.chain import GENESIS, AuditEvent, Chained, canonical, line, row_chained
 from keysvc.audit.sinks import SinkError
-from keysvc.custody.versions import MacKeys, newest_named, see
+from keysvc.custody.versions import MacKeys, made_here, newest_named, see
 from keysvc.errors import error
 from keysvc.hsm import HsmError
 from keysvc.observability import AUDIT_FAILURES, AUDIT_LAG, AUDIT_SINK_LAG
@@ -44,6 +44,7 @@ MAX_BATCH = 512
 # the next batch, so that the chain catches up with the sink; at most this many are kept.
 MAX_RETRY = 10_000
 NOT_RETRIED = ("audit.probe",)
+MAC_KEYS_FRESH = 1.0  # seconds the audit-mac versions found in the token are kept
 # Anchors older than the newest are removed once there are more than this many (each is
 # checked against the chain at every batch while it stays).
 PRUNE_ABOVE = 8   # the health probe says "works again" only when it does
@@ -85,6 +86,9 @@ class AuditWriter:
         self._retry: list[AuditEvent] = []
         self._unchained_written: set[str] = set()
         self._mac_primary = 1  # the newest audit-mac version this process's token showed
+        self._keys: MacKeys | None = None  # kept for MAC_KEYS_FRESH seconds (_mac_keys)
+        self._keys_mark: tuple[int, int] = (-1, -1)
+        self._keys_at = 0.0
         # The highest anchor seen in the token: read at the first batch, then learnt from
         # each batch's own anchor write (which sees every anchor of the label).
         self._known: Anchor | None = None
@@ -117,6 +121,15 @@ class AuditWriter:
                     self._thread = threading.Thread(target=self._run, daemon=True,
                                                     name="audit-writer")
                     self._thread.start()
+
+    def wait_idle(self) -> None:
+        """Until no batch is queued or being written (at most `timeout` seconds): the
+        rewrap process hands its HSM loop to a starved thread only then
+        (keysvc/custody/rewrap_process.py)."""
+        deadline = time.monotonic() + self.timeout
+        while (self.busy_since is not None or not self._queue.empty()) \
+                and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def healthy(self) -> bool:
         """False while the last batch failed, or the one being written has taken longer
@@ -260,7 +273,7 @@ class AuditWriter:
             if named > self._mac_primary:  # made by another process: read the token again
                 see(self.token, AUDIT_MAC_KEY, named)
             with self.token.session() as s:
-                keys = MacKeys(s, AUDIT_MAC_KEY)
+                keys = self._mac_keys(s, named)
                 self._mac_primary = keys.primary
                 if keys.primary < named:
                     # Not even after reading the token again: the last event's MAC is
@@ -301,6 +314,22 @@ class AuditWriter:
                 raise ChainRefused("the database did not keep the audit events as written "
                                    "(a trigger or rule drops or alters them)")
         return out
+
+    def _mac_keys(self, s: Any, named: int) -> MacKeys:
+        """The audit-mac versions, found in the token at most every MAC_KEYS_FRESH seconds:
+        finding them means reading every secret key's label, 1.5 ms of each batch's 12 ms
+        under load (bench/bench_cores.py), while a version is added a few times a year.
+        Found again at once when this process made a version, when the module was
+        re-initialised (stale handles), or when the chain's last event names a newer
+        version than the one kept (another process rotated): no event is ever chained
+        under an older version than the one before it."""
+        keys, mark = self._keys, (self.token.generation, made_here(AUDIT_MAC_KEY))
+        if keys is None or keys.primary < named or mark != self._keys_mark \
+                or time.monotonic() - self._keys_at > MAC_KEYS_FRESH:
+            keys = self._keys = MacKeys(s, AUDIT_MAC_KEY)
+            self._keys_mark, self._keys_at = mark, time.monotonic()
+        keys.s = s  # token objects' handles hold across sessions; the MACs use this one
+        return keys
 
     @staticmethod
     def _head_version(conn: Any, head: int) -> int:

@@ -13,9 +13,15 @@ call that wakes preempts it at once, where a nice-19 thread keeps its slice. On 
 300,000 rows, two runs each: nice 19 2,902 and 2,987 rows/s, p99 during 57.8 and 58.6 ms;
 SCHED_IDLE 3,178 and 3,197 rows/s, 50.4 and 59.0 ms. The rest (reading rows, the batch's
 transaction, audit events) stays at nice 19: a thread that holds a database lock (SQLite's
-one writer lock) must not be starved by a busy machine while live calls wait on that lock,
-and the HSM thread holds no lock another process waits for (its token's module lock is
-this process's own). An unprivileged thread cannot leave SCHED_IDLE, hence two threads.
+one writer lock) must not be starved by a busy machine while live calls wait on that lock.
+The HSM thread holds no lock another process waits for, but one step removed it could:
+it holds this process's PKCS#11 module lock, and this process's audit writer takes the
+database's writer lock (or the chain head's row lock) before it asks for the module. So a
+batch goes to the HSM thread only once the audit writer is idle; while the HSM thread
+works, nothing else in this process writes audit events (the main thread waits for it).
+SoftHSM2's own file locks, taken for microseconds when a token object is read, are the
+one lock it may hold that another process could want. An unprivileged thread cannot
+leave SCHED_IDLE, hence two threads.
 
 The child is spawned (never forked: PKCS#11 sessions and database connections do not
 survive a fork), opens the same state as a replica does, logs in with the same PINs
@@ -137,11 +143,18 @@ class RewrapProcess:
 
 
 class IdleThread:
-    """Runs functions in one thread under SCHED_IDLE (see above); the caller waits."""
+    """Runs functions in one thread under SCHED_IDLE (see above); the caller waits. A batch
+    starts only once `quiet` returns (this process's audit writer idle)."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: Callable[[], None] = lambda: None) -> None:
         self._jobs: queue.Queue = queue.Queue()
-        threading.Thread(target=self._serve, name="rewrap-hsm", daemon=True).start()
+        self._quiet = quiet
+        self._thread = self._start()
+
+    def _start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._serve, name="rewrap-hsm", daemon=True)
+        thread.start()
+        return thread
 
     def _serve(self) -> None:
         try:  # this thread only (Linux: the policy is per thread)
@@ -157,9 +170,18 @@ class IdleThread:
                 done.put((False, exc))
 
     def __call__(self, fn: Callable[[], T]) -> T:
+        if not self._thread.is_alive():  # it died (with an earlier batch)
+            self._thread = self._start()
+        self._quiet()
         done: queue.Queue = queue.Queue(maxsize=1)
         self._jobs.put((fn, done))
-        ok, value = done.get()
+        while True:
+            try:
+                ok, value = done.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive():  # the batch is lost, not the job
+                    raise RuntimeError("the rewrap's HSM thread ended") from None
         if not ok:
             raise value
         return value
@@ -185,9 +207,13 @@ def child_main(settings: Any, rate: float, batch: int, shared: dict[str, Any],
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides (^C reaches both)
     app = App.open(settings, helper=True)  # a SIGTERM meanwhile ends it at once
     job_stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: job_stop.set())  # the batch in flight ends
+    # The batch in flight ends. Set from a thread: Event.set inside a signal handler can
+    # deadlock on the Event's own lock if the signal lands inside Event.wait.
+    signal.signal(signal.SIGTERM,
+                  lambda *_: threading.Thread(target=job_stop.set, daemon=True).start())
     try:
-        Rewrap(app, rate, batch, shared=shared, hsm_loop=IdleThread()).run(job_stop)
+        Rewrap(app, rate, batch, shared=shared,
+               hsm_loop=IdleThread(app.audit.writer.wait_idle)).run(job_stop)
     finally:
         app.close()
 

@@ -196,6 +196,7 @@ def _new_version(token: Any, key: str, op_id: str) -> int:
             generate(s, label, key_id=op_id)
             if len(hk.objects(s, {hk.A.LABEL: label,
                                   hk.A.CLASS: hk.ObjectClass.SECRET_KEY})) == 1:
+                versions.made(key)
                 return new
             hk.destroy_with_id(s, label, op_id)
     raise error("KEY_ROTATED", "another rotation of this key runs at the same time: approve "

@@ -104,6 +104,19 @@ def untagged(text: str) -> tuple[int, bytes]:
     raise ValueError("not a tagged MAC")
 
 
+_made: dict[str, int] = {}  # base -> versions this process made (keysvc/custody/rotation.py)
+
+
+def made(base: str) -> None:
+    """This process made a new version of `base`: views of the versions kept for a while
+    (the audit writer's) read the token again at once."""
+    _made[base] = _made.get(base, 0) + 1
+
+
+def made_here(base: str) -> int:
+    return _made.get(base, 0)
+
+
 REREAD_BACKOFF = 60.0  # seconds a version found missing after a re-read is not looked for
 _missing: dict[tuple[str, str, int], float] = {}
 

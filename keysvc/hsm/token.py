@@ -198,6 +198,12 @@ class Token:
 
 
     @property
+    def generation(self) -> int:
+        """The module generation this token's object handles belong to (a re-initialise
+        makes every handle found before it stale)."""
+        return self._generation
+
+    @property
     def idle(self) -> int:
         return self._idle.qsize()
 
