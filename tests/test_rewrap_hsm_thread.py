@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from keysvc.audit import writer as w
+from keysvc.audit.chain import AuditEvent
 from keysvc.custody.rewrap_process import IdleThread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,3 +132,51 @@ def test_a_batch_starts_only_once_this_process_audit_writer_is_idle(app):
     writer.busy_since = None
     t.join(5)
     assert started
+
+
+def _writer(timeout: float) -> w.AuditWriter:
+    return w.AuditWriter(store=None, token=None, anchor=lambda: None, sinks=lambda: [],
+                         timeout=timeout)
+
+
+def _event() -> AuditEvent:
+    import datetime as dt
+    return AuditEvent(id="e1", time=dt.datetime.now(dt.timezone.utc), actor="keysvc",
+                      role="", action="x", target="", outcome="OK", code="")
+
+
+def test_wait_idle_does_not_return_between_the_writers_get_and_busy_since(monkeypatch):
+    """The writer has taken a batch (queue empty) but not yet set busy_since: wait_idle
+    must not call that idle. Made deterministic by holding the writer in AUDIT_LAG.set,
+    the first call after queue.get in `_run`."""
+    writer = _writer(timeout=2.0)
+    in_window, leave = threading.Event(), threading.Event()
+
+    class Lag:
+        def set(self, _v):
+            if threading.current_thread().name == "audit-writer":  # _run, after get
+                in_window.set()
+                leave.wait(5)
+    monkeypatch.setattr(w, "AUDIT_LAG", Lag())
+    monkeypatch.setattr(writer, "_batch", lambda batch: None)
+    t = threading.Thread(target=lambda: writer.submit([_event()]), daemon=True)
+    t.start()
+    assert in_window.wait(5)
+    t0 = time.monotonic()
+    writer.wait_idle()
+    waited = time.monotonic() - t0
+    leave.set()
+    t.join(5)
+    assert waited > 0.2, "wait_idle called the writer idle while it held a taken batch"
+
+
+def test_an_hsm_batch_does_not_start_when_wait_idle_gives_up():
+    """A writer busy longer than its timeout (a stalled database or sink): the batch is
+    refused (the job pauses and tries again), not started beside it."""
+    writer = _writer(timeout=0.3)
+    writer.busy_since = time.monotonic()
+    idle = IdleThread(writer.wait_idle)
+    started: list[float] = []
+    with pytest.raises(RuntimeError, match="audit writer is still writing"):
+        idle(lambda: started.append(time.monotonic()))
+    assert not started, "the HSM batch started while the audit writer was still busy"

@@ -32,8 +32,10 @@ from keysvc.audit.anchor import Anchor, ChainAnchor
 from keysvc.audit.chain import GENESIS, AuditEvent, Chained, canonical, line, row_chained
 from keysvc.audit.sinks import SinkError
 from keysvc.custody.versions import MacKeys, made_here, newest_named, see
+from keysvc.custody.versions import label as versions_label
 from keysvc.errors import error
 from keysvc.hsm import HsmError
+from keysvc.hsm import keys as hk
 from keysvc.observability import AUDIT_FAILURES, AUDIT_LAG, AUDIT_SINK_LAG
 from keysvc.partitions import AUDIT_MAC_KEY
 
@@ -81,6 +83,8 @@ class AuditWriter:
         self._queue: queue.Queue[Pending] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._in_flight = 0  # events submitted whose callers are not woken yet (wait_idle)
         self.failing_since: float | None = None
         self.busy_since: float | None = None   # when the batch being written was taken
         self._retry: list[AuditEvent] = []
@@ -103,6 +107,8 @@ class AuditWriter:
             raise RuntimeError("an audit event is waited for inside a write transaction")
         p = Pending(list(events), intents, alone, intent_ids=intent_ids)
         self._start()
+        with self._idle:
+            self._in_flight += 1
         self._queue.put(p)
         AUDIT_LAG.set(self._queue.qsize())
         if not p.done.wait(self.timeout):
@@ -122,14 +128,14 @@ class AuditWriter:
                                                     name="audit-writer")
                     self._thread.start()
 
-    def wait_idle(self) -> None:
-        """Until no batch is queued or being written (at most `timeout` seconds): the
-        rewrap process hands its HSM loop to a starved thread only then
-        (keysvc/custody/rewrap_process.py)."""
-        deadline = time.monotonic() + self.timeout
-        while (self.busy_since is not None or not self._queue.empty()) \
-                and time.monotonic() < deadline:
-            time.sleep(0.005)
+    def wait_idle(self) -> bool:
+        """Whether no event is waiting, taken or being written, within `timeout` seconds:
+        the rewrap process hands its HSM loop to a starved thread only then
+        (keysvc/custody/rewrap_process.py). Counted from `submit` to the caller woken,
+        so the moment between the writer taking a batch and writing it counts too."""
+        with self._idle:
+            return self._idle.wait_for(
+                lambda: self._in_flight == 0 and self.busy_since is None, self.timeout)
 
     def healthy(self) -> bool:
         """False while the last batch failed, or the one being written has taken longer
@@ -159,6 +165,9 @@ class AuditWriter:
                     self._batch(batch)
             for p in taken:
                 p.done.set()
+            with self._idle:
+                self._in_flight -= len(taken)
+                self._idle.notify_all()
 
     def _batch(self, batch: list[Pending]) -> None:
         self.busy_since = time.monotonic()
@@ -325,11 +334,24 @@ class AuditWriter:
         under an older version than the one before it."""
         keys, mark = self._keys, (self.token.generation, made_here(AUDIT_MAC_KEY))
         if keys is None or keys.primary < named or mark != self._keys_mark \
-                or time.monotonic() - self._keys_at > MAC_KEYS_FRESH:
+                or time.monotonic() - self._keys_at > MAC_KEYS_FRESH \
+                or not self._still_names(s, keys):
             keys = self._keys = MacKeys(s, AUDIT_MAC_KEY)
             self._keys_mark, self._keys_at = mark, time.monotonic()
         keys.s = s  # token objects' handles hold across sessions; the MACs use this one
         return keys
+
+    @staticmethod
+    def _still_names(s: Any, keys: MacKeys) -> bool:
+        """The kept handle of the primary still names that key in this session: SoftHSM2
+        keeps a token object's handle for every session and never reuses one, but PKCS#11
+        promises a handle only to the session that found it. One call, not a scan."""
+        try:
+            held = s.direct.attribute(s.raw.handle, keys.key(keys.primary).handle,
+                                      hk.A.LABEL)
+        except Exception:
+            return False
+        return held == versions_label(AUDIT_MAC_KEY, keys.primary).encode()
 
     @staticmethod
     def _head_version(conn: Any, head: int) -> int:

@@ -146,7 +146,7 @@ class IdleThread:
     """Runs functions in one thread under SCHED_IDLE (see above); the caller waits. A batch
     starts only once `quiet` returns (this process's audit writer idle)."""
 
-    def __init__(self, quiet: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, quiet: Callable[[], bool] = lambda: True) -> None:
         self._jobs: queue.Queue = queue.Queue()
         self._quiet = quiet
         self._thread = self._start()
@@ -171,8 +171,11 @@ class IdleThread:
 
     def __call__(self, fn: Callable[[], T]) -> T:
         if not self._thread.is_alive():  # it died (with an earlier batch)
+            self._jobs = queue.Queue()  # a batch it left is not run later by its successor
             self._thread = self._start()
-        self._quiet()
+        if not self._quiet():
+            raise RuntimeError("this process's audit writer is still writing (the database "
+                               "or a sink is slow); the batch waits")
         done: queue.Queue = queue.Queue(maxsize=1)
         self._jobs.put((fn, done))
         while True:
