@@ -32,7 +32,7 @@ from keysvc.audit.anchor import Anchor, ChainAnchor
 from keysvc.audit.chain import GENESIS, AuditEvent, Chained, canonical, line, row_chained
 from keysvc.audit.sinks import SinkError
 from keysvc.custody.versions import MacKeys, made_here, newest_named, see
-from keysvc.custody.versions import label as versions_label
+from keysvc.custody.versions import label as version_label
 from keysvc.errors import error
 from keysvc.hsm import HsmError
 from keysvc.hsm import keys as hk
@@ -351,7 +351,7 @@ class AuditWriter:
                                       hk.A.LABEL)
         except Exception:
             return False
-        return held == versions_label(AUDIT_MAC_KEY, keys.primary).encode()
+        return held == version_label(AUDIT_MAC_KEY, keys.primary).encode()
 
     @staticmethod
     def _head_version(conn: Any, head: int) -> int:

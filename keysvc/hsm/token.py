@@ -196,7 +196,6 @@ class Token:
         finally:
             mod.lock.release()
 
-
     @property
     def generation(self) -> int:
         """The module generation this token's object handles belong to (a re-initialise
