@@ -26,6 +26,7 @@ import bench_load  # noqa: E402
 import bench_rewrap  # noqa: E402
 import bench_s1sp  # noqa: E402
 import bench_seal  # noqa: E402
+import bench_store_lock  # noqa: E402
 
 
 def main() -> None:
@@ -56,6 +57,9 @@ def main() -> None:
     print("== Sealing stored keys: an HMAC per row against one MAC per batch (1,000 "
           "installations' rows)")
     print(bench_seal.line(bench_seal.run()))
+    print("== SoftHSM2's file store, two processes: token writes while another searches")
+    for r in bench_store_lock.run(3 if args.quick else 10):
+        print(bench_store_lock.line(r))
     print("== Load: 32 clients, mixed")
     r = bench_load.run(seconds=5 if args.quick else 20)
     print(f"{r['calls']} calls in {r['seconds']:.1f}s: {r['throughput']:.0f} calls/s, "

@@ -266,7 +266,7 @@ def _taken_in_tokens(app: App, name: str, op_id: str) -> str:
     for partition in PARTITIONS_WITH_KEYS:
         if partition not in app.partitions.tokens:
             continue  # another process's token: the key records and anchors below still count
-        with app.partitions.tokens[partition].session() as s:
+        with app.partitions.tokens[partition].session() as s, s.store.shared():
             others = [o for o in s.raw.get_objects({hk.A.LABEL: name})
                       if not op_id or bytes(o[hk.A.ID] or b"") != op_id.encode()]
         if others:

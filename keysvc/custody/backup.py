@@ -384,8 +384,9 @@ def restore(token: Token, partition: str, blob: bytes,
         try:
             for label, wrapped in keys:
                 aes, usage = KIND[versions.parse(label)[0]]
-                made.append(hk.unwrap_long_lived(unwrapping, wrapped, label, aes=aes,
-                                                 usage=usage))
+                with s.store.exclusive():
+                    made.append(hk.unwrap_long_lived(unwrapping, wrapped, label, aes=aes,
+                                                     usage=usage))
             for label, value in data:
                 hk.put_data(s, label, value)
             # The restored keys are exactly those of this backup.

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import functools
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Concatenate, ContextManager, ParamSpec, TypeVar
 
 import pkcs11.exceptions as px
 from pkcs11 import MGF, Attribute, GCMParams, KeyType, Mechanism, ObjectClass
@@ -20,6 +22,32 @@ from keysvc.hsm.errors import BROKEN_SESSION, HsmKeyNotFound, HsmOperationFailed
 from keysvc.hsm.token import Session
 
 A = Attribute
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+# Every function below that searches the token's objects or reads their attributes holds
+# the token's store lock shared, and every one that writes a token object holds it
+# exclusively (keysvc/hsm/store_lock.py says why: SoftHSM2 2.6.1's file store lets one
+# process's search spoil another's write). Using a key, and session objects, need neither.
+def _reads(fn: Callable[Concatenate[Session, P], R]) -> Callable[Concatenate[Session, P], R]:
+    @functools.wraps(fn)
+    def held(s: Session, *args: P.args, **kwargs: P.kwargs) -> R:
+        with s.store.shared():
+            return fn(s, *args, **kwargs)
+    return held
+
+
+def _writes(fn: Callable[Concatenate[Session, P], R]) -> Callable[Concatenate[Session, P], R]:
+    @functools.wraps(fn)
+    def held(s: Session, *args: P.args, **kwargs: P.kwargs) -> R:
+        with s.store.exclusive():
+            return fn(s, *args, **kwargs)
+    return held
+
+
+def _writes_if(s: Session, token: bool) -> ContextManager[None]:
+    return s.store.exclusive() if token else nullcontext()
 
 
 class Unwrap(enum.Enum):
@@ -71,6 +99,7 @@ def find_key(s: Session, label: str, cls: ObjectClass = ObjectClass.SECRET_KEY) 
     return key
 
 
+@_reads
 def session_copy(s: Session, label: str, cls: ObjectClass = ObjectClass.SECRET_KEY) -> Any:
     """A session copy (C_CopyObject) of a token key, for a loop of many operations.
 
@@ -110,6 +139,7 @@ def forget(s: Session, label: str) -> None:
         del s.keys[k]
 
 
+@_writes
 def destroy_objects(s: Session, label: str) -> int:
     """Destroy every object (secret, private, public) with this label."""
     n = 0
@@ -121,6 +151,7 @@ def destroy_objects(s: Session, label: str) -> int:
 
 
 # --------------------------------------------------------------------------- data objects
+@_writes
 def put_data(s: Session, label: str, value: bytes) -> None:
     """A private, unmodifiable token data object: state the database's writers cannot
     change or roll back (they can neither log in to the token nor restore it).
@@ -139,6 +170,7 @@ def put_data(s: Session, label: str, value: bytes) -> None:
 _GONE = (px.ObjectHandleInvalid,)
 
 
+@_reads
 def objects(s: Session, template: dict) -> list:
     """The objects matching `template`, as python-pkcs11 objects (key ceremonies and the
     start-up reconciliation; data objects go by direct calls, `_data`). Found one at a time:
@@ -162,6 +194,7 @@ def _data_handles(s: Session, label: str | None) -> list[int]:
     return s.direct.find_objects(s.raw.handle, Template(attrs))
 
 
+@_reads
 def _data(s: Session, label: str) -> list[tuple[int, bytes]]:
     """(handle, value) of each data object with this label, by direct calls (keysvc/hsm/direct.py:
     python-pkcs11 would build a class for each, and the audit writer searches the anchors on
@@ -180,6 +213,7 @@ def data_values(s: Session, label: str) -> list[bytes]:
     return [v for _, v in _data(s, label)]
 
 
+@_reads
 def data_by_label(s: Session, prefix: str) -> dict[str, list[bytes]]:
     """Every data object whose label starts with `prefix`: label -> values, one search."""
     out: dict[str, list[bytes]] = {}
@@ -193,6 +227,7 @@ def data_by_label(s: Session, prefix: str) -> dict[str, list[bytes]]:
     return out
 
 
+@_writes
 def destroy_data(s: Session, label: str, doomed: Callable[[bytes], bool] = lambda v: True
                  ) -> None:
     """Destroy the data objects with this label whose value is `doomed`."""
@@ -216,6 +251,7 @@ class ObjectFacts:
     usage: dict  # Attribute -> bool, for the attributes the record's purpose fixes
 
 
+@_reads
 def object_facts(s: Session, label: str, cls: ObjectClass, usage: dict) -> ObjectFacts:
     """CKA_ID and the usage flags named in `usage` of the one object with this label."""
     key = find_key(s, label, cls)
@@ -226,6 +262,7 @@ def object_facts(s: Session, label: str, cls: ObjectClass, usage: dict) -> Objec
         raise _fail(exc) from None
 
 
+@_reads
 def objects_with_ids(s: Session) -> list[tuple[str, ObjectClass, str]]:
     """(label, class, CKA_ID) of every key object in the token, for reconciliation."""
     out = []
@@ -235,6 +272,7 @@ def objects_with_ids(s: Session) -> list[tuple[str, ObjectClass, str]]:
     return out
 
 
+@_writes
 def destroy_with_id(s: Session, label: str, key_id: str) -> int:
     """Destroy every key object with this label whose CKA_ID is `key_id`."""
     n = 0
@@ -247,6 +285,7 @@ def destroy_with_id(s: Session, label: str, key_id: str) -> int:
     return n
 
 
+@_writes
 def set_id(s: Session, label: str, key_id: str) -> int:
     """Give every key object with this label the CKA_ID `key_id` (upgrade of objects made
     before key ids existed)."""
@@ -260,6 +299,7 @@ def set_id(s: Session, label: str, key_id: str) -> int:
     return n
 
 
+@_reads
 def key_attributes(s: Session, label: str) -> dict[str, bool]:
     key = find_key(s, label)
     return {"sensitive": bool(key[A.SENSITIVE]), "extractable": bool(key[A.EXTRACTABLE])}
@@ -320,6 +360,7 @@ def long_lived_template(label: str, usage: dict) -> dict:
     return _secret_template(token=True, label=label, usage=usage, custody=True)
 
 
+@_writes
 def create_trusted_wrapping_key(so: Session, label: str, modulus: int, exponent: int
                                 ) -> None:
     """As security officer: an RSA public key that may wrap long-lived keys (CKA_TRUSTED),
@@ -351,6 +392,7 @@ def _int_bytes(v: int) -> bytes:
     return v.to_bytes((v.bit_length() + 7) // 8, "big")
 
 
+@_reads
 def trusted_wrapping_key(s: Session, label: str, modulus: int, exponent: int) -> Any:
     """The public key with this label, only if it is the one expected and marked trusted
     (a host-file writer could put another object under the label); else HsmKeyNotFound."""
@@ -383,7 +425,8 @@ def rsa_unwrapping_key(s: Session, private_key: Any) -> Any:
 
 def unwrap_long_lived(unwrapping_key: Any, wrapped: bytes, label: str, *, aes: bool,
                       usage: dict) -> Any:
-    """A long-lived key back into the token under its label (restore), RSA-OAEP."""
+    """A long-lived key back into the token under its label (restore), RSA-OAEP; the caller
+    holds the store lock exclusively (`Session.store`)."""
     try:
         return unwrapping_key.unwrap_key(
             ObjectClass.SECRET_KEY, KeyType.AES if aes else KeyType.GENERIC_SECRET, wrapped,
@@ -393,6 +436,7 @@ def unwrap_long_lived(unwrapping_key: Any, wrapped: bytes, label: str, *, aes: b
         raise _fail(exc) from None
 
 
+@_writes
 def destroy_keys_labelled(s: Session, prefix: str, doomed: Callable[[str], bool]) -> list[str]:
     """Destroy the public and secret key objects whose label starts with `prefix` and is
     `doomed`; returns their labels."""
@@ -408,6 +452,7 @@ def destroy_keys_labelled(s: Session, prefix: str, doomed: Callable[[str], bool]
 
 
 # --------------------------------------------------------------------------- generation
+@_writes
 def generate_aes(s: Session, label: str, *, bits: int = 256, usage: dict | None = None,
                  key_id: str = "") -> None:
     """A persistent AES key made inside the token (storage and component-seal keys), which
@@ -417,12 +462,14 @@ def generate_aes(s: Session, label: str, *, bits: int = 256, usage: dict | None 
                                                  usage=usage or STORAGE_USAGE, custody=True))
 
 
+@_writes
 def generate_hmac(s: Session, label: str, key_id: str = "") -> None:
     s.raw.generate_key(KeyType.GENERIC_SECRET, 256, label=label, store=True,
                        template=_secret_template(token=True, label=label, usage=MAC_USAGE,
                                                  key_id=key_id, custody=True))
 
 
+@_reads
 def secret_key_labels(s: Session) -> list[str]:
     """The label of every secret key object in the token, by direct calls (a handful of
     objects; read on every file call to find the primary storage key version)."""
@@ -435,6 +482,7 @@ def secret_key_labels(s: Session) -> list[str]:
     return out
 
 
+@_reads
 def custody_attributes(s: Session, label: str) -> dict[str, bool]:
     """Whether the backup ceremony can take this key out of the token."""
     key = find_key(s, label)
@@ -445,6 +493,7 @@ def custody_attributes(s: Session, label: str) -> dict[str, bool]:
         raise _fail(exc) from None
 
 
+@_writes
 def generate_rsa(s: Session, label: str, bits: int = 3072, *, key_id: str = "") -> bytes:
     """A persistent RSA pair whose private half can only unwrap (C_UnwrapKey with
     RSA-OAEP): a key that could C_Decrypt would hand the plaintext to this process.
@@ -475,6 +524,7 @@ def public_key_der(pub: Any) -> bytes:
                                                          PublicFormat.SubjectPublicKeyInfo)
 
 
+@_writes
 def import_rsa_private(s: Session, label: str, private_key: Any, key_id: str = "") -> None:
     """Load an RSA private key (pyca object) as an unwrap-only token object (tests, migration
     of recipient keys from another HSM's export)."""
@@ -547,10 +597,11 @@ def create_aes(s: Session, value: bytes, *, token: bool = False, label: str | No
                usage: dict | None = None, key_id: str = "") -> Any:
     """Turn clear key bytes into a key object; the caller drops its copy right after."""
     try:
-        return s.raw.create_object({
-            A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: KeyType.AES, A.VALUE: value,
-            **_secret_template(token=token, label=label, usage=usage or DEVICE_USAGE,
-                               key_id=key_id)})
+        with _writes_if(s, token):
+            return s.raw.create_object({
+                A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: KeyType.AES, A.VALUE: value,
+                **_secret_template(token=token, label=label, usage=usage or DEVICE_USAGE,
+                                   key_id=key_id)})
     except px.PKCS11Error as exc:
         raise _fail(exc) from None
 
@@ -561,11 +612,12 @@ def unwrap(s: Session, unwrapping_key: Any, wrapped: bytes, how: Unwrap, *,
     """C_UnwrapKey into the token: the key bits never reach this process."""
     mech, param = _unwrap_mechanism(how)
     try:
-        return unwrapping_key.unwrap_key(
-            ObjectClass.SECRET_KEY, KeyType.AES, wrapped, mechanism=mech,
-            mechanism_param=param, label=label, store=token,
-            template=_secret_template(token=token, label=label,
-                                      usage=usage or CONTENT_USAGE, key_id=key_id))
+        with _writes_if(s, token):
+            return unwrapping_key.unwrap_key(
+                ObjectClass.SECRET_KEY, KeyType.AES, wrapped, mechanism=mech,
+                mechanism_param=param, label=label, store=token,
+                template=_secret_template(token=token, label=label,
+                                          usage=usage or CONTENT_USAGE, key_id=key_id))
     except px.PKCS11Error as exc:
         raise _fail(exc) from None
 

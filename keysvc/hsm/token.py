@@ -31,6 +31,7 @@ import pkcs11.exceptions as px
 from keysvc import tracing
 from keysvc.hsm.direct import Calls
 from keysvc.hsm.errors import BROKEN_SESSION, HsmKeyNotFound, HsmUnavailable, translate
+from keysvc.hsm.store_lock import StoreLock, for_token
 
 T = TypeVar("T")
 
@@ -82,9 +83,10 @@ class Session:
     lives here; it saves a C_FindObjects round trip on every device key wrap.
     """
 
-    def __init__(self, raw: Any, direct: Calls) -> None:
+    def __init__(self, raw: Any, direct: Calls, store: StoreLock) -> None:
         self.raw = raw
         self.direct = direct  # the hot loops' calls on this session's handle (keysvc/hsm/direct.py)
+        self.store = store    # held around token-object searches and writes (store_lock.py)
         self.keys: dict[tuple, Any] = {}
         self.broken = False
         self.retire = False
@@ -107,6 +109,7 @@ class Token:
         self._generation = -1          # the module generation our handles belong to
         self._down_since: float | None = None
         self.in_use = 0
+        self.store = for_token(config.module, config.label, config.acquire_timeout)
 
     # ------------------------------------------------------------------ lifecycle
     def _mod(self) -> _Module:
@@ -130,17 +133,21 @@ class Token:
                     raise HsmUnavailable(f"token {self.config.label} unavailable")
                 mod.reinitialize()             # SoftHSM2 re-reads its tokens only here
             try:
-                self._token = mod.lib.get_token(token_label=self.config.label)
-                try:
-                    self._anchor = self._token.open(rw=True, user_pin=self.config.pin)
-                except px.UserAlreadyLoggedIn:
-                    self._anchor = self._token.open(rw=True)
+                with self.store.exclusive():  # C_Login rewrites the token's own file
+                    self._open_anchor(mod)
             except Exception as exc:
                 self._down_since = time.monotonic()
                 raise HsmUnavailable(
                     f"token {self.config.label} unavailable ({type(exc).__name__})") from None
             self._generation = mod.generation
             self._down_since = None
+
+    def _open_anchor(self, mod: _Module) -> None:
+        self._token = mod.lib.get_token(token_label=self.config.label)
+        try:
+            self._anchor = self._token.open(rw=True, user_pin=self.config.pin)
+        except px.UserAlreadyLoggedIn:
+            self._anchor = self._token.open(rw=True)
 
     def _drop_stale_handles(self) -> None:
         """Forget sessions of a previous module generation WITHOUT closing them: after
@@ -187,7 +194,7 @@ class Token:
         if not mod.lock.acquire(blocking=False):
             return self._anchor is not None
         try:
-            with self.session() as s:
+            with self.session() as s, self.store.shared():
                 if self.config.sentinel:
                     s.raw.get_key(label=self.config.sentinel)
             return True
@@ -236,7 +243,7 @@ class Token:
                 s = self._idle.get_nowait()
             except queue.Empty:
                 try:
-                    s = Session(self._token.open(rw=True), self._mod().direct)
+                    s = Session(self._token.open(rw=True), self._mod().direct, self.store)
                 except Exception as exc:
                     self.mark_down()
                     raise translate(exc) from None
@@ -321,7 +328,8 @@ class Token:
 
     def _sentinel_present(self, s: Session) -> bool:
         try:
-            s.raw.get_key(label=self.config.sentinel)
+            with self.store.shared():
+                s.raw.get_key(label=self.config.sentinel)
             return True
         except Exception:
             return False
@@ -341,13 +349,15 @@ def security_officer(module: str, label: str, so_pin: str) -> Iterator[Session]:
     to the process, so this must run before any user session of this token is open in this
     process (the backup command does it first); the server never does it."""
     mod = _module(module)
+    store = for_token(module, label, 5.0)
     with mod.lock:
         try:
-            tok = mod.lib.get_token(token_label=label)
-            session = tok.open(rw=True, so_pin=so_pin)
+            with store.exclusive():
+                tok = mod.lib.get_token(token_label=label)
+                session = tok.open(rw=True, so_pin=so_pin)
         except px.PKCS11Error as exc:
             raise translate(exc) from None
         try:
-            yield Session(session, mod.direct)
+            yield Session(session, mod.direct, store)
         finally:
             _quiet_close(session)

@@ -120,7 +120,8 @@ def _import_jobs(records: Records) -> int:
         rows = _unsealed(conn, st.import_jobs)
         for row in rows:
             job = job_record(row)
-            with records.partitions.tokens[job.partition].session() as s:
+            with records.partitions.tokens[job.partition].session() as s, \
+                    s.store.exclusive():
                 for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
                     for o in s.raw.get_objects({hk.A.LABEL: job.label, hk.A.CLASS: cls}):
                         o[hk.A.ID] = job.id.encode()

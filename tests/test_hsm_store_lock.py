@@ -1,0 +1,123 @@
+"""The token store lock (keysvc/hsm/store_lock.py): SoftHSM2 2.6.1's file store lets one
+process's search spoil another's token write, so keysvc's processes take turns on it.
+
+Real SoftHSM2 throughout; the two-process rule runs keysvc.hsm in two fresh processes on a
+token of its own (tests/support/store_race.py). `python -m bench.bench_store_lock` shows
+the same load without the lock: searches fail and new keys come back empty.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from keysvc.hsm import HsmUnavailable
+from keysvc.hsm import keys as hk
+from keysvc.hsm.store_lock import StoreLock, for_token
+from tests.support.encoder import kcv
+
+ROOT = Path(__file__).resolve().parent.parent
+SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+def race_token(tmp_path: Path) -> dict:
+    """A SoftHSM2 token of its own (label `race`), as the environment of a process using it."""
+    (tmp_path / "tokens").mkdir()
+    conf = tmp_path / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tmp_path / 'tokens'}\n"
+                    "objectstore.backend = file\nlog.level = ERROR\n")
+    env = {**os.environ, "SOFTHSM2_CONF": str(conf), "RACE_PIN": "1234"}
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "race",
+                    "--so-pin", "5678", "--pin", "1234"], env=env, check=True,
+                   capture_output=True)
+    return env
+
+
+def race(env: dict, seconds: float, *extra: str) -> tuple[dict, dict, dict]:
+    """(search counts, create counts, a fresh process's view of the token)."""
+    def start(role: str, secs: float) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "tests.support.store_race", role,
+                                 str(secs), *extra], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, text=True)
+    search, create = start("search", seconds), start("create", seconds)
+    out = [json.loads(p.communicate(timeout=seconds + 60)[0]) for p in (search, create)]
+    check = start("check", 0)
+    return out[0], out[1], json.loads(check.communicate(timeout=60)[0])
+
+
+def test_keys_made_while_another_process_searches_the_token_stay_whole(tmp_path):
+    searched, created, token = race(race_token(tmp_path), 6)
+    assert searched["failures"] == {} and created["failures"] == {}
+    assert created["unreadable"] == 0
+    assert token == {label: [32] for label in created["kept"]}
+    # Neither side starves the other: the writer's turnstile against a stream of searches.
+    assert searched["searches"] > 10 and created["made"] > 10
+
+
+@contextmanager
+def held_by_another_process(lock: StoreLock, op: int):
+    """The lock file taken as another process would: a separate open file (flock conflicts
+    between open files, in one process as in two)."""
+    assert lock.path is not None
+    fd = os.open(lock.path, os.O_RDWR)
+    fcntl.flock(fd, op)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture()
+def impatient(app):
+    token = app.partitions.s1sp
+    before, token.store.timeout = token.store.timeout, 0.3
+    yield token
+    token.store.timeout = before
+
+
+def test_a_search_waits_while_another_process_writes_the_token(impatient):
+    with impatient.session() as s:
+        hk.secret_key_labels(s)  # opens the lock file
+        with held_by_another_process(impatient.store, fcntl.LOCK_EX):
+            with pytest.raises(HsmUnavailable, match="another process holds its object store"):
+                hk.secret_key_labels(s)
+        assert hk.secret_key_labels(s)
+
+
+def test_a_token_write_waits_while_another_process_searches_the_token(impatient):
+    with impatient.session() as s:
+        hk.secret_key_labels(s)
+        with held_by_another_process(impatient.store, fcntl.LOCK_SH):
+            assert hk.secret_key_labels(s)  # searches share
+            with pytest.raises(HsmUnavailable):
+                hk.put_data(s, "store-lock-test", b"x")
+        assert not hk.data_values(s, "store-lock-test")
+
+
+def test_using_keys_and_session_objects_takes_no_store_lock(impatient):
+    with impatient.session() as s:
+        hk.secret_key_labels(s)
+        with held_by_another_process(impatient.store, fcntl.LOCK_EX):
+            s.retire_after_use()
+            value = os.urandom(16)
+            key = hk.create_session_key(s, value, hk.PLAINTEXT_KEY_USAGE)
+            assert hk.check_value(key) == kcv(value, "CMAC")
+            hk.destroy(key)
+
+
+def test_only_softhsm2_with_a_file_store_is_locked(tmp_path, monkeypatch):
+    conf = tmp_path / "softhsm2.conf"
+    (tmp_path / "tokens").mkdir()
+    monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
+    conf.write_text(f"directories.tokendir = {tmp_path / 'tokens'}\n")
+    assert for_token(SOFTHSM, "s1sp", 1.0).path == tmp_path / "tokens" / ".keysvc-store-s1sp.lock"
+    assert for_token("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so", "s1sp", 1.0).path \
+        is None
+    conf.write_text(f"directories.tokendir = {tmp_path / 'tokens'}\nobjectstore.backend = db\n")
+    assert for_token(SOFTHSM, "s1sp", 1.0).path is None
