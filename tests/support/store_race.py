@@ -15,8 +15,8 @@ import time
 from collections import Counter
 
 from keysvc.hsm import Token, TokenConfig, store_lock
-from keysvc.hsm import token as hsm_token
 from keysvc.hsm import keys as hk
+from keysvc.hsm import token as hsm_token
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 KEEP_EVERY = 100
