@@ -572,7 +572,11 @@ def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGHUP, _reload)
-    done.wait()
+    # In steps: a signal the kernel hands to another thread (the main thread had one
+    # pending already) runs its Python handler only when the main thread next runs Python,
+    # and a SIGTERM once waited here for good (tests/test_server.py, session 11).
+    while not done.wait(1.0):
+        pass
     watch.stopped.set()
     if rewrap is not None:
         rewrap.stop()
