@@ -50,7 +50,7 @@ class App:
             self.store, self.partitions, lambda: self.clock(),
             instance=lambda: self.records.instance, timeout=s.audit_timeout_seconds,
             sink_dir=s.audit_files, sink_max_bytes=s.audit_file_max_bytes,
-            sink_keep=s.audit_file_keep,
+            sink_keep=s.audit_file_keep, anchor_slots=s.path("audit-anchor-slots"),
             syslog={"address": s.audit_syslog, "ca_file": s.audit_syslog_ca,
                     "cert_file": s.audit_syslog_cert, "key_file": s.audit_syslog_key,
                     "timeout": s.audit_timeout_seconds} if s.audit_syslog else None)
@@ -195,6 +195,7 @@ class App:
         return True
 
     def close(self) -> None:
+        self.audit.close()
         if self._checker is not None:
             self._checker.close()
         self.partitions.close()

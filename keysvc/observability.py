@@ -52,6 +52,9 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 AUDIT_LAG = Gauge("keysvc_audit_queue_events", "calls waiting for the audit writer")
+AUDIT_ANCHORS = Gauge("keysvc_audit_anchor_objects",
+                      "audit anchors in the admin token (one per writer slot ever used, and "
+                      "fixed ones); every batch reads them all")
 AUDIT_SINK_LAG = Gauge("keysvc_audit_sink_lag_events",
                        "events chained in the database and not yet in a sink", ["sink"])
 AUDIT_FAILURES = Counter("keysvc_audit_failures_total",

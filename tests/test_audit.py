@@ -105,17 +105,62 @@ def test_keysvc_never_starts_a_new_chain_silently(any_app):
     assert app.audit.verify(sink=None).events_checked == 5
 
 
-def test_the_token_holds_a_few_anchors_per_database_the_newest_at_the_head(any_app):
+def test_each_writer_moves_one_anchor_object_which_names_the_head(any_app):
+    """20 batches leave one anchor object in the token, not 20: the writer rewrites its
+    label (keysvc/audit/anchor.py), and no fixed anchor is made."""
     from keysvc.audit.anchor import Anchor
-    from keysvc.audit.writer import PRUNE_ABOVE
     from keysvc.hsm import keys as hk
     _events(any_app, 20)
+    label = f"audit-anchor:{any_app.records.instance}"
     with any_app.partitions.admin.session() as s:
-        values = hk.data_values(s, f"audit-anchor:{any_app.records.instance}")
+        moving = hk.moving(s, label)
+        fixed = hk.data_values(s, label)
     with any_app.store.engine.connect() as conn:
         head = conn.execute(select(st.audit_head)).one()
-    assert max((Anchor.decode(v) for v in values), key=lambda a: a.seq) == Anchor(20, head.hash)
-    assert len(values) <= PRUNE_ABOVE + 1
+    slot = any_app.audit.anchor().slots.name()
+    assert [lbl for _, lbl in moving] == [f"{label}@{slot}@20:{head.hash}".encode()]
+    assert fixed == [] and any_app.audit.anchor().read() == Anchor(20, head.hash)
+
+
+def _moving_anchors(app) -> list[bytes]:
+    from keysvc.hsm import keys as hk
+    with app.partitions.admin.session() as s:
+        return [lbl for _, lbl in hk.moving(s, f"audit-anchor:{app.records.instance}")]
+
+
+def test_an_anchor_another_writer_destroyed_is_made_again(any_app):
+    """A writer whose anchor object another process pruned (or `audit new-chain` replaced)
+    makes a new one at its next batch: no call fails, and the token names the head."""
+    from keysvc.hsm import keys as hk
+    _events(any_app, 3)
+    with any_app.partitions.admin.session() as s:
+        for h, _ in hk.moving(s, f"audit-anchor:{any_app.records.instance}"):
+            hk.destroy_moving(s, h)
+    assert _moving_anchors(any_app) == []
+    _events(any_app, 2)
+    with any_app.store.engine.connect() as conn:
+        head = conn.execute(select(st.audit_head)).one()
+    slot = any_app.audit.anchor().slots.name()
+    assert _moving_anchors(any_app) == [
+        f"audit-anchor:{any_app.records.instance}@{slot}@5:{head.hash}".encode()]
+    assert any_app.audit.verify().intact
+
+
+def test_a_fixed_anchor_beyond_the_head_still_counts(any_app):
+    """Anchors written before they moved (and the form a restore writes back) are read as
+    well: one beyond the chain's head means the chain was cut, and the append is refused."""
+    import pytest
+
+    from keysvc.audit.anchor import Anchor
+    from keysvc.errors import KeysvcError
+    from keysvc.hsm import keys as hk
+    _events(any_app)
+    with any_app.partitions.admin.session() as s:
+        hk.put_data(s, f"audit-anchor:{any_app.records.instance}", Anchor(9, "ab" * 32).encode())
+    with pytest.raises(KeysvcError) as info:
+        _events(any_app, 1)
+    assert info.value.code == "AUDIT_UNAVAILABLE" and "HSM anchor" in info.value.message
+    assert "HSM anchor" in any_app.audit.verify().detail
 
 
 def test_verifying_while_events_are_appended_raises_no_alarm(any_app, monkeypatch):

@@ -197,6 +197,20 @@ def test_after_restore_the_audit_log_is_intact_and_tells_of_backup_and_restore(r
     assert actions.count("custody.backup") == 3 and actions.count("custody.restore") == 3
 
 
+def test_the_audit_anchor_is_backed_up_and_restored_in_fixed_form(restored):
+    """The restarted server moves an anchor of its own; those restored beside it are the
+    backup's, written back as fixed objects (keysvc/audit/anchor.py `fixed_form`), and
+    VerifyAuditLog (intact, above) found it in the chain."""
+    drill, srv = restored
+    anchors = [label for label in token_objects(drill["state"], "admin")
+               if label.startswith("audit-anchor:")]
+    fixed = [label for label in anchors if "@" not in label]
+    moving = [label for label in anchors if "@" in label]
+    # (One per writer at the backup: the server's, and the backup command's own.)
+    assert fixed and len(set(fixed)) == 1 and len(moving) == 1
+    assert moving[0].startswith(fixed[0] + "@")
+
+
 def test_after_restore_every_key_version_shows_as_backed_up(restored):
     """Backup freshness: the last backup's id and time, and every version it holds."""
     drill, srv = restored

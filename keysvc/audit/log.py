@@ -53,12 +53,14 @@ class AuditLog:
     def __init__(self, store: st.Store, partitions: Partitions, clock: Clock = utc_now, *,
                  instance: Callable[[], str] = lambda: "none", timeout: float = 5.0,
                  sink_dir: Path | None = None, sink_max_bytes: int = 64 * 1024 * 1024,
-                 sink_keep: int = 10, syslog: dict | None = None) -> None:
+                 sink_keep: int = 10, syslog: dict | None = None,
+                 anchor_slots: Path = Path(".keysvc/audit-anchor-slots")) -> None:
         self.store = store
         self.partitions = partitions
         self.clock = clock
         self._instance = instance
         self._sink_dir = sink_dir
+        self._anchor_slots = anchor_slots
         self._sink_max_bytes, self._sink_keep = sink_max_bytes, sink_keep
         self._syslog = syslog or {}
         self._timeout = timeout
@@ -70,7 +72,8 @@ class AuditLog:
     # ------------------------------------------------------------------ parts
     def anchor(self) -> ChainAnchor:
         if self._anchor is None:
-            self._anchor = ChainAnchor(self.partitions.admin, self._instance())
+            self._anchor = ChainAnchor(self.partitions.admin, self._instance(),
+                                       self._anchor_slots)
         return self._anchor
 
     @property
@@ -90,6 +93,11 @@ class AuditLog:
                 sinks.append(SyslogSink(**self._syslog))
             self._sinks = sinks
         return self._sinks
+
+    def close(self) -> None:
+        """Give up this process's anchor slot (a writer used again takes one anew)."""
+        if self._anchor is not None:
+            self._anchor.release()
 
     def healthy(self) -> bool:
         return self.writer.healthy()
@@ -260,7 +268,7 @@ class AuditLog:
             head = conn.execute(select(st.audit_head)).first()
         seq, digest = (head.seq, head.hash) if head is not None else (0, GENESIS)
         self.anchor().reset(Anchor(seq, digest))
-        self.writer._known, self.writer._known_read = Anchor(seq, digest), True
+        self.writer.new_chain(Anchor(seq, digest))
         lost = (f"the HSM anchor named sequence {anchor.seq} ({anchor.hash[:16]}...)"
                 if anchor else "no HSM anchor")
         return self.append(actor="keysvc", role="", action="audit.new_chain",

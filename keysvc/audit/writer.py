@@ -28,7 +28,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 
 from keysvc import store as st
-from keysvc.audit.anchor import Anchor, ChainAnchor
+from keysvc.audit.anchor import MAX_SEQ, Anchor, ChainAnchor, ChainRefused
 from keysvc.audit.chain import GENESIS, AuditEvent, Chained, canonical, line, row_chained
 from keysvc.audit.sinks import SinkError
 from keysvc.custody.versions import MacKeys, made_here, newest_named, see
@@ -36,7 +36,7 @@ from keysvc.custody.versions import label as version_label
 from keysvc.errors import error
 from keysvc.hsm import HsmError
 from keysvc.hsm import keys as hk
-from keysvc.observability import AUDIT_FAILURES, AUDIT_LAG, AUDIT_SINK_LAG
+from keysvc.observability import AUDIT_ANCHORS, AUDIT_FAILURES, AUDIT_LAG, AUDIT_SINK_LAG
 from keysvc.partitions import AUDIT_MAC_KEY
 
 log = logging.getLogger("keysvc.audit.writer")
@@ -47,14 +47,6 @@ MAX_BATCH = 512
 MAX_RETRY = 10_000
 NOT_RETRIED = ("audit.probe",)
 MAC_KEYS_FRESH = 1.0  # seconds the audit-mac versions found in the token are kept
-# Anchors older than the newest are removed once there are more than this many (each is
-# checked against the chain at every batch while it stays).
-PRUNE_ABOVE = 8   # the health probe says "works again" only when it does
-
-
-class ChainRefused(Exception):
-    """The database chain is behind or unlike the HSM anchor, or does not keep what is
-    written: cut, erased, suppressed or forged."""
 
 
 class AfterCommit(Exception):
@@ -98,6 +90,7 @@ class AuditWriter:
         self._known: Anchor | None = None
         self._known_read = False
         self._verified: set[Anchor] = set()  # anchors matched against the chain already
+        self._wrong: list[Anchor] = []  # anchors the chain did not hold at the last batch
 
     # ------------------------------------------------------------------ callers' side
     def submit(self, events: list[AuditEvent], *, intents: bool = False,
@@ -219,27 +212,82 @@ class AuditWriter:
 
     def _anchor_batch(self, chained: list[Chained]) -> None:
         """Anchor the batch; every other anchor in the token must be in the chain with its
-        hash (another replica's, written out of order, or an older one of this chain), else
-        the chain was cut or replaced: refused, and that anchor kept as the evidence. An
-        anchor this process wrote or already matched is matched again only before it is
-        pruned (VerifyAuditLog matches every one each time)."""
+        hash (another writer's, moved since this one last looked, or an older fixed one),
+        else the chain was cut or replaced: refused, and that anchor kept as the evidence.
+        What this writer knows only ever rises (`_raise_known`): a refusal never lets the
+        next batch start below an anchor it has seen."""
         last = chained[-1]
         mine = Anchor(last.event.sequence, last.hash)
-        seen = self._anchor().write(mine)
-        self._verified.add(mine)
+        anchor = self._anchor()
+        seen = anchor.write(mine)
+        AUDIT_ANCHORS.set(len(seen))
+        self._raise_known(seen)
         genesis = Anchor(0, GENESIS)  # a new chain's start holds always
+        self._verified = {mine} | (self._verified & set(seen))  # only what is still there
         self._match([a for a in seen if a not in self._verified and a != genesis])
-        highest = max(seen, key=lambda a: a.seq)
-        self._known = highest
-        if len(seen) > PRUNE_ABOVE:  # older anchors go in bulk: one token search less a batch
-            older = [a for a in seen if a.seq < highest.seq and a != genesis]
-            self._match(older)
+        if anchor.prunable:  # more fixed anchors (older kinds, restores) than are kept
+            highest = max(seen, key=lambda a: a.seq)
             try:  # housekeeping: the batch is anchored; what stays is pruned next time
-                self._anchor().prune(highest, set(older) | {genesis})
+                anchor.prune(highest, {a for a in seen if a.seq < highest.seq})
             except HsmError as exc:
                 log.warning("older audit anchors not pruned this time: %s", exc)
+
+    def new_chain(self, head: Anchor | None) -> None:
+        """`keysvc audit new-chain` moved the anchor to `head`: the one time what this
+        writer knows goes down."""
+        self._known, self._known_read, self._wrong, self._verified = head, True, [], set()
+
+    def _hold_floor(self, conn: Any, seq: int) -> None:
+        """The chain ending at `seq` reaches the highest anchor this writer knows and holds
+        it, and every anchor found wrong before; else refused (once the token's anchors
+        were replaced by a PIN holder, against the new ones)."""
+        for attempt in range(2):
+            known = self._known
+            why = self._below_floor(conn, seq, known)
+            if why is None:
+                self._wrong = []   # every anchor refused before holds now
                 return
-            self._verified = {highest}
+            if attempt or known is None or not self._token_went_back(known):
+                raise ChainRefused(why)
+
+    def _below_floor(self, conn: Any, seq: int, known: Anchor | None) -> str | None:
+        if known is not None and seq < known.seq:
+            return (f"the audit chain in the database ends at sequence {seq} but the HSM "
+                    f"anchor says {known.seq}: events were cut, erased or suppressed. keysvc "
+                    "will not start a new chain silently (see `keysvc audit-new-chain`)")
+        for a in ([known] if known is not None and known.seq else []) + self._wrong:
+            at = conn.execute(select(st.audit_events.c.hash).where(
+                st.audit_events.c.seq == a.seq)).scalar()
+            if at != a.hash:
+                return (f"the audit chain in the database differs from the HSM anchor at "
+                        f"sequence {a.seq}: events were replaced")
+        return None
+
+    def _token_went_back(self, known: Anchor) -> bool:
+        """Whether the token's anchors were replaced: this writer's own object is gone, or
+        every anchor is below what it knew. Only a PIN holder can do either (`keysvc audit
+        new-chain`, a restore), since no writer moves an anchor back or destroys a moving
+        one, and the database's holder cannot touch the token. Then this writer follows the
+        token, as a restarted one would, rather than refusing until it is restarted. Asked
+        twice, and never to no anchor at all: a token that shows nothing is not followed."""
+        anchor = self._anchor()
+        views = []
+        for _ in range(2):
+            now = anchor.read()
+            if now is None or (not anchor.replaced() and now.seq >= known.seq):
+                return False
+            views.append(now)
+        if views[0] != views[1]:
+            return False
+        log.warning("the HSM anchor went back from sequence %d to %s (audit new-chain, or a "
+                    "restore): following it", known.seq, now.seq if now else "none")
+        self.new_chain(now)
+        self._anchor().forget()
+        return True
+
+    def _raise_known(self, anchors: list[Anchor]) -> None:
+        self._known = max(anchors + ([self._known] if self._known else []),
+                          key=lambda a: a.seq, default=None)
 
     def _match(self, anchors: list[Anchor]) -> None:
         """Each of these anchors is in the chain with its hash, or the batch is refused."""
@@ -251,30 +299,26 @@ class AuditWriter:
                                          [a.seq for a in anchors]))).all())
         wrong = [a for a in anchors if held.get(a.seq) != a.hash]
         if wrong:
-            self._known = max(wrong, key=lambda a: a.seq)
+            self._wrong = wrong   # checked again before the next batch commits anything
             raise ChainRefused(f"the HSM anchor at sequence {wrong[0].seq} is not in the "
                                "audit chain in the database: events were cut or replaced")
         self._verified.update(anchors)
 
     def _commit(self, events: list[AuditEvent], intent_ids: list[str]) -> list[Chained]:
+        # The slot first: a writer that could not anchor must not chain (a broken slot
+        # directory would otherwise leave events the token never heard of).
+        self._anchor().slots.name()
         if not self._known_read:
             self._known, self._known_read = self._anchor().read(), True
-        known = self._known
         with self.store.tx() as conn:
             head = conn.execute(select(st.audit_head).where(st.audit_head.c.id == 1)
                                 .with_for_update()).first()
             seq, prev = (head.seq, head.hash) if head is not None else (0, GENESIS)
-            if known is not None and seq < known.seq:
-                raise ChainRefused(
-                    f"the audit chain in the database ends at sequence {seq} but the HSM "
-                    f"anchor says {known.seq}: events were cut, erased or suppressed. keysvc "
-                    "will not start a new chain silently (see `keysvc audit-new-chain`)")
-            if known is not None and known.seq:
-                at = conn.execute(select(st.audit_events.c.hash).where(
-                    st.audit_events.c.seq == known.seq)).scalar()
-                if at != known.hash:
-                    raise ChainRefused(f"the audit chain in the database differs from the HSM "
-                                       f"anchor at sequence {known.seq}: events were replaced")
+            if Anchor.parse(f"{seq}:{prev}") != Anchor(seq, prev) or seq > MAX_SEQ // 2:
+                raise ChainRefused(f"the database's audit head ({str(seq)[:24]}) is not a "
+                                   "position in a chain: it was edited")
+            self._head_is_last_event(conn, seq, prev)
+            self._hold_floor(conn, seq)
             if head is None:
                 conn.execute(st.audit_head.insert().values(id=1, seq=0, hash=GENESIS))
             first = seq + 1
@@ -352,6 +396,19 @@ class AuditWriter:
         except Exception:
             return False
         return held == version_label(AUDIT_MAC_KEY, keys.primary).encode()
+
+    @staticmethod
+    def _head_is_last_event(conn: Any, seq: int, prev: str) -> None:
+        """The head names the chain's last event, with its hash, and no event lies beyond
+        it; else the head was edited, and chaining on would fork the chain (VerifyAuditLog
+        would then name this writer's own event) or collide with a row."""
+        rows = conn.execute(select(st.audit_events.c.seq, st.audit_events.c.hash)
+                            .where(st.audit_events.c.seq >= max(seq, 1))
+                            .order_by(st.audit_events.c.seq).limit(2)).all()
+        expected = [(seq, prev)] if seq else []
+        if (seq == 0 and prev != GENESIS) or [tuple(r) for r in rows] != expected:
+            raise ChainRefused(f"the database's audit head (sequence {seq}) is not the "
+                               "chain's last event: it or the events were edited")
 
     @staticmethod
     def _head_version(conn: Any, head: int) -> int:

@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from prometheus_client import Gauge
 
+from keysvc.audit.anchor import fixed_form
 from keysvc.custody import shares as sh
 from keysvc.custody import versions
 from keysvc.errors import error
@@ -151,9 +152,11 @@ def take(token: Token, partition: str, prepared: Prepared,
             finally:
                 hk.destroy(trusted)
                 hk.forget(s, _trusted_label(backup_id))
-            data = [{"label": label, "value": b64encode(v).decode()}
+            # (A moving audit anchor goes in its fixed form, which a restore writes back.)
+            data = [{"label": name, "value": b64encode(value).decode()}
                     for label, values in sorted(hk.data_by_label(s, "").items())
-                    if label not in (LAST_BACKUP, RESTORED) for v in values]
+                    if label not in (LAST_BACKUP, RESTORED) for v in values
+                    for name, value in [fixed_form(label, v)]]
         header = {"format": FORMAT, "backup_id": backup_id, "partition": partition,
                   "token_label": token.config.label, "created": now.isoformat(),
                   "threshold": threshold,

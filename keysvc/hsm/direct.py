@@ -164,9 +164,16 @@ class Calls:
         self._find_final = C.CFUNCTYPE(_RV, CK_ULONG)(f.C_FindObjectsFinal)
         self._get_attribute = C.CFUNCTYPE(_RV, CK_ULONG, CK_ULONG, _P(CK_ATTRIBUTE), CK_ULONG)(
             f.C_GetAttributeValue)
+        self._set_attribute = C.CFUNCTYPE(_RV, CK_ULONG, CK_ULONG, _P(CK_ATTRIBUTE), CK_ULONG)(
+            f.C_SetAttributeValue)
 
-    def create_object(self, session: int, template: Template, value: bytes) -> int:
-        """C_CreateObject with `value` as CKA_VALUE; our copy of it is zeroed at once."""
+    def create_object(self, session: int, template: Template, value: bytes | None) -> int:
+        """C_CreateObject with `value` as CKA_VALUE (our copy of it is zeroed at once), or
+        with `template` alone when it has no value slot."""
+        if value is None:
+            handle = CK_ULONG()
+            _check(self._create(session, template.array, template.count, C.byref(handle)))
+            return handle.value
         buf = C.create_string_buffer(value, len(value))
         try:
             handle = CK_ULONG()
@@ -195,6 +202,17 @@ class Calls:
 
     def destroy_object(self, session: int, handle: int) -> None:
         _check(self._destroy(session, handle))
+
+    def set_attribute(self, session: int, handle: int, kind: int, value: bytes) -> bool:
+        """C_SetAttributeValue of one attribute; False if the object is gone (another
+        process destroyed it after this one found it)."""
+        buf = C.create_string_buffer(value, len(value))
+        attr = CK_ATTRIBUTE(kind, C.addressof(buf), len(value))
+        rv = self._set_attribute(session, handle, C.byref(attr), 1)
+        if rv == CKR_OBJECT_HANDLE_INVALID:
+            return False
+        _check(rv)
+        return True
 
     def find_objects(self, session: int, template: Template) -> list[int]:
         """Every handle matching `template`: the token's data objects (audit anchors, the
