@@ -245,6 +245,7 @@ def destroy_data(s: Session, label: str, doomed: Callable[[bytes], bool] = lambd
 
 
 # ------------------------------------------------------------------ moving data objects
+@_writes
 def put_moving(s: Session, application: str, label: str) -> int:
     """A private token data object whose label alone changes afterwards (`move`); found by
     its CKA_APPLICATION, which is fixed at creation. For state written very often (the
@@ -256,6 +257,7 @@ def put_moving(s: Session, application: str, label: str) -> int:
     return s.direct.create_object(s.raw.handle, template, None)
 
 
+@_reads
 def moving(s: Session, application: str) -> list[tuple[int, bytes]]:
     """(handle, label) of each moving data object of this application, found afresh. One
     destroyed by another process after the search is skipped (see `_data`)."""
@@ -269,6 +271,7 @@ def moving(s: Session, application: str) -> list[tuple[int, bytes]]:
     return out
 
 
+@_reads
 def moving_label(s: Session, handle: int, application: str) -> bytes | None:
     """The label of the moving object kept at `handle`, or None when that handle is gone or
     now names something else: a kept handle is checked before it is moved, because a
@@ -282,6 +285,7 @@ def moving_label(s: Session, handle: int, application: str) -> bytes | None:
     return s.direct.attribute(s.raw.handle, handle, A.LABEL)
 
 
+@_writes
 def move(s: Session, handle: int, label: str) -> bool:
     """Set the moving object's label; False when it is gone (another process destroyed it:
     SoftHSM2 answers CKR_OBJECT_HANDLE_INVALID, or an error if it had the file open)."""
@@ -291,6 +295,7 @@ def move(s: Session, handle: int, label: str) -> bool:
         return False
 
 
+@_writes
 def destroy_moving(s: Session, handle: int) -> None:
     """Destroy a moving object; one another process destroyed first is gone as wanted."""
     try:
