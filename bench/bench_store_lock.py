@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_store_lock.py [seconds]
 
-One process makes token keys (and destroys most), the other searches the token's labels,
+One process makes token keys and data objects (and destroys most), the other searches,
 both through keysvc.hsm (tests/support/store_race.py). Without the lock SoftHSM2 2.6.1
 fails some searches and spoils some new keys (empty label, no value); with it neither
 happens, and the cost shows as the rates of both sides, in the same run.
@@ -24,8 +24,9 @@ def run(seconds: float = 10.0) -> list[dict]:
         with tempfile.TemporaryDirectory() as d:
             searched, created, token = race(race_token(Path(d)), seconds,
                                             *(["nolock"] if mode == "nolock" else []))
-        spoiled = sum(n for label, sizes in token.items() for n in [len(sizes)]
-                      if label not in created["kept"])
+        kept = set(created["kept"])
+        spoiled = sum(len(sizes) for label, sizes in token["keys"].items() if label not in kept) \
+            + token["unlabelled_data"]
         out.append({"mode": mode, "searches_per_s": searched["searches"] / seconds,
                     "search_failures": sum(searched["failures"].values()),
                     "keys_per_s": created["made"] / seconds,
@@ -36,7 +37,7 @@ def run(seconds: float = 10.0) -> list[dict]:
 
 def line(r: dict) -> str:
     return (f"  {r['mode']:>6}: {r['searches_per_s']:7.0f} searches/s "
-            f"({r['search_failures']} failed), {r['keys_per_s']:5.0f} token keys/s "
+            f"({r['search_failures']} failed), {r['keys_per_s']:5.0f} key+data pairs/s "
             f"({r['create_failures']} failed, {r['unreadable']} unreadable at once, "
             f"{r['spoiled_left']} spoiled objects left)")
 

@@ -229,8 +229,10 @@ def _tokens_present(settings: Any) -> bool:
 def _missing_tokens(settings: Any) -> list[str]:
     import pkcs11
 
-    try:
-        labels = {t.label for t in pkcs11.lib(settings.pkcs11_module).get_tokens()}
+    from keysvc.hsm.store_lock import for_tokens
+    try:  # C_Initialize and the token list read every token's file (store_lock.py)
+        with for_tokens(settings.pkcs11_module, timeout=15.0).shared():
+            labels = {t.label for t in pkcs11.lib(settings.pkcs11_module).get_tokens()}
     except Exception as exc:
         return [f"the PKCS#11 module cannot be loaded ({type(exc).__name__})"]
     return [f"no token labelled {settings.token_label(p)!r} ({p} partition)"

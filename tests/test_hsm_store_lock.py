@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from keysvc.hsm import HsmUnavailable
+from keysvc.hsm import HsmUnavailable, Token, TokenConfig
 from keysvc.hsm import keys as hk
-from keysvc.hsm.store_lock import StoreLock, for_token
+from keysvc.hsm.store_lock import StoreBusy, StoreLock, for_token
+from keysvc.hsm.token import _module
 from tests.support.encoder import kcv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,13 +52,15 @@ def race(env: dict, seconds: float, *extra: str) -> tuple[dict, dict, dict]:
     return out[0], out[1], json.loads(check.communicate(timeout=60)[0])
 
 
-def test_keys_made_while_another_process_searches_the_token_stay_whole(tmp_path):
+def test_objects_made_while_another_process_searches_the_token_stay_whole(tmp_path):
     searched, created, token = race(race_token(tmp_path), 6)
     assert searched["failures"] == {} and created["failures"] == {}
     assert created["unreadable"] == 0
-    assert token == {label: [32] for label in created["kept"]}
+    assert token["keys"] == {label: [32] for label in created["kept"]}
+    assert token["data"] == {"d" + label: [label] for label in created["kept"]}
+    assert token["unlabelled_data"] == 0
     # Neither side starves the other: the writer's turnstile against a stream of searches.
-    assert searched["searches"] > 10 and created["made"] > 10
+    assert searched["searches"] > 100 and created["made"] > 100
 
 
 @contextmanager
@@ -85,7 +88,7 @@ def test_a_search_waits_while_another_process_writes_the_token(impatient):
     with impatient.session() as s:
         hk.secret_key_labels(s)  # opens the lock file
         with held_by_another_process(impatient.store, fcntl.LOCK_EX):
-            with pytest.raises(HsmUnavailable, match="another process holds its object store"):
+            with pytest.raises(StoreBusy, match="another process holds its object store"):
                 hk.secret_key_labels(s)
         assert hk.secret_key_labels(s)
 
@@ -95,7 +98,7 @@ def test_a_token_write_waits_while_another_process_searches_the_token(impatient)
         hk.secret_key_labels(s)
         with held_by_another_process(impatient.store, fcntl.LOCK_SH):
             assert hk.secret_key_labels(s)  # searches share
-            with pytest.raises(HsmUnavailable):
+            with pytest.raises(StoreBusy, match="another process holds its object store"):
                 hk.put_data(s, "store-lock-test", b"x")
         assert not hk.data_values(s, "store-lock-test")
 
@@ -111,13 +114,63 @@ def test_using_keys_and_session_objects_takes_no_store_lock(impatient):
             hk.destroy(key)
 
 
+def test_a_login_waits_while_another_process_reads_the_token_list(app):
+    """Every C_Login rewrites its token's own file, which the slot list and C_Initialize of
+    every other process read: logins hold the token-list lock exclusively."""
+    s1sp = app.partitions.s1sp.config
+    mod = _module(s1sp.module)
+    fresh = Token(TokenConfig(s1sp.module, s1sp.label, s1sp.pin))
+    before, mod.tokens.timeout = mod.tokens.timeout, 0.3
+    try:
+        with held_by_another_process(mod.tokens, fcntl.LOCK_SH):
+            with pytest.raises(StoreBusy, match="the token list"):
+                with fresh.session():
+                    pass
+        with fresh.session() as s:  # busy was not down: no wait, no re-initialise
+            assert hk.secret_key_labels(s)
+    finally:
+        mod.tokens.timeout = before
+        fresh.close()
+
+
+def test_the_health_check_calls_a_token_another_process_is_writing_alive(impatient):
+    with impatient.session() as s:
+        hk.secret_key_labels(s)
+    with held_by_another_process(impatient.store, fcntl.LOCK_EX):
+        assert impatient.check()
+
+
+def test_a_search_inside_a_write_shares_its_hold_and_a_write_inside_a_search_is_refused(
+        impatient):
+    with impatient.session() as s:
+        with s.store.exclusive():
+            assert hk.secret_key_labels(s)
+        with s.store.shared(), pytest.raises(RuntimeError, match="a write inside a search"):
+            hk.put_data(s, "store-lock-test", b"x")
+
+
 def test_only_softhsm2_with_a_file_store_is_locked(tmp_path, monkeypatch):
     conf = tmp_path / "softhsm2.conf"
-    (tmp_path / "tokens").mkdir()
+    tokens = tmp_path / "tokens"
     monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
-    conf.write_text(f"directories.tokendir = {tmp_path / 'tokens'}\n")
-    assert for_token(SOFTHSM, "s1sp", 1.0).path == tmp_path / "tokens" / ".keysvc-store-s1sp.lock"
-    assert for_token("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so", "s1sp", 1.0).path \
-        is None
-    conf.write_text(f"directories.tokendir = {tmp_path / 'tokens'}\nobjectstore.backend = db\n")
+    conf.write_text(f"directories.tokendir = {tokens}\n")
+    assert for_token(SOFTHSM, "s1sp", 1.0).path == tokens / ".keysvc-store-s1sp.lock"
+    # read as SoftHSM2 reads it: a comment after a value, spaces, other settings
+    conf.write_text(f"# tokens\ndirectories.tokendir = {tokens}   # ours\n"
+                    "objectstore.backend = file # the default\nlog.level = INFO\n")
+    assert for_token(SOFTHSM, "s1sp", 1.0).path == tokens / ".keysvc-store-s1sp.lock"
+    # the module under another name is still SoftHSM2
+    (tmp_path / "hsm.so").symlink_to(SOFTHSM)
+    assert for_token(str(tmp_path / "hsm.so"), "s1sp", 1.0).path is not None
+    # another vendor's module, or SoftHSM2's database store: that store serialises itself
+    assert for_token("/opt/vendor/lib/libvendorpkcs11.so", "s1sp", 1.0).path is None
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = db\n")
     assert for_token(SOFTHSM, "s1sp", 1.0).path is None
+
+
+def test_the_store_lock_file_cannot_be_a_symlink(tmp_path):
+    (tmp_path / "elsewhere").write_text("")
+    (tmp_path / "store.lock").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(HsmUnavailable, match="cannot open its store lock .*ELOOP"):
+        with StoreLock(tmp_path / "store.lock", "token t").shared():
+            pass

@@ -389,7 +389,9 @@ class AuditWriter:
     def _still_names(s: Any, keys: MacKeys) -> bool:
         """The kept handle of the primary still names that key in this session: SoftHSM2
         keeps a token object's handle for every session and never reuses one, but PKCS#11
-        promises a handle only to the session that found it. One call, not a scan."""
+        promises a handle only to the session that found it. One call, not a scan, and
+        no store lock (keysvc/hsm/store_lock.py): the MAC key is never written after it is
+        made, and reading one object that does not change spoils nothing (measured)."""
         try:
             held = s.direct.attribute(s.raw.handle, keys.key(keys.primary).handle,
                                       hk.A.LABEL)

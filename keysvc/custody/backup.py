@@ -150,7 +150,8 @@ def take(token: Token, partition: str, prepared: Prepared,
                                                                f"{label} ({exc})") from None
                         keys.append({"label": label, "wrapped": b64encode(wrapped).decode()})
             finally:
-                hk.destroy(trusted)
+                with s.store.exclusive():  # a token object
+                    hk.destroy(trusted)
                 hk.forget(s, _trusted_label(backup_id))
             # (A moving audit anchor goes in its fixed form, which a restore writes back.)
             data = [{"label": name, "value": b64encode(value).decode()}
@@ -401,8 +402,9 @@ def restore(token: Token, partition: str, blob: bytes,
                 "keys": len(keys), "data_objects": len(data),
                 "shares": len(opened)}).encode())
         except Exception:
-            for obj in made:
-                hk.destroy(obj)
+            with s.store.exclusive():  # token objects
+                for obj in made:
+                    hk.destroy(obj)
             for label in [label for label, _ in data] + [LAST_BACKUP, RESTORED]:
                 hk.destroy_data(s, label)
             raise

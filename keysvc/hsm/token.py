@@ -31,7 +31,7 @@ import pkcs11.exceptions as px
 from keysvc import tracing
 from keysvc.hsm.direct import Calls
 from keysvc.hsm.errors import BROKEN_SESSION, HsmKeyNotFound, HsmUnavailable, translate
-from keysvc.hsm.store_lock import StoreLock, for_token
+from keysvc.hsm.store_lock import StoreBusy, StoreLock, for_token, for_tokens
 
 T = TypeVar("T")
 
@@ -40,7 +40,10 @@ class _Module:
     """A loaded PKCS#11 module: its lock, and a generation bumped by every re-initialise."""
 
     def __init__(self, path: str) -> None:
-        self.lib = pkcs11.lib(path)
+        # C_Initialize reads every token's own file, which another process's login rewrites
+        self.tokens = for_tokens(path, timeout=15.0)
+        with self.tokens.shared():
+            self.lib = pkcs11.lib(path)
         self.direct = Calls(path)  # after pkcs11.lib: the module is loaded and initialised
         self.lock = threading.RLock()
         self.generation = 0
@@ -48,7 +51,8 @@ class _Module:
     def reinitialize(self) -> None:
         with self.lock:
             try:
-                self.lib.reinitialize()
+                with self.tokens.shared():
+                    self.lib.reinitialize()
             finally:
                 self.generation += 1
 
@@ -133,8 +137,10 @@ class Token:
                     raise HsmUnavailable(f"token {self.config.label} unavailable")
                 mod.reinitialize()             # SoftHSM2 re-reads its tokens only here
             try:
-                with self.store.exclusive():  # C_Login rewrites the token's own file
-                    self._open_anchor(mod)
+                with mod.tokens.exclusive():  # the slot list reads every token's own file,
+                    self._open_anchor(mod)    # and C_Login rewrites this one's
+            except StoreBusy:
+                raise                         # busy, not down: no re-initialise next time
             except Exception as exc:
                 self._down_since = time.monotonic()
                 raise HsmUnavailable(
@@ -184,6 +190,7 @@ class Token:
         with self._lock:
             self._forget_sessions()
             self._down_since = None
+            self.store.close()
 
     def check(self) -> bool:
         """For health checks: can we borrow a session and see the sentinel key?
@@ -194,10 +201,12 @@ class Token:
         if not mod.lock.acquire(blocking=False):
             return self._anchor is not None
         try:
-            with self.session() as s, self.store.shared():
+            with self.session() as s, self.store.shared(timeout=0.0):
                 if self.config.sentinel:
                     s.raw.get_key(label=self.config.sentinel)
             return True
+        except StoreBusy:
+            return True  # another process is writing the token: a busy token is a live one
         except (HsmUnavailable, HsmKeyNotFound):
             return False
         finally:
@@ -331,6 +340,8 @@ class Token:
             with self.store.shared():
                 s.raw.get_key(label=self.config.sentinel)
             return True
+        except StoreBusy:
+            raise  # busy is not lost
         except Exception:
             return False
 
@@ -349,15 +360,17 @@ def security_officer(module: str, label: str, so_pin: str) -> Iterator[Session]:
     to the process, so this must run before any user session of this token is open in this
     process (the backup command does it first); the server never does it."""
     mod = _module(module)
-    store = for_token(module, label, 5.0)
+    store = for_token(module, label, 15.0)
     with mod.lock:
         try:
-            with store.exclusive():
+            with mod.tokens.exclusive():
                 tok = mod.lib.get_token(token_label=label)
                 session = tok.open(rw=True, so_pin=so_pin)
         except px.PKCS11Error as exc:
+            store.close()
             raise translate(exc) from None
         try:
             yield Session(session, mod.direct, store)
         finally:
             _quiet_close(session)
+            store.close()
