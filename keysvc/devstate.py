@@ -12,7 +12,10 @@ import subprocess
 from pathlib import Path
 
 from keysvc.config import PARTITIONS, Settings
+from keysvc.hsm.store_lock import StoreLock
 from keysvc.pki import ensure_dev_pki
+
+DEV_TOKENS_WAIT = 60.0  # seconds another process may hold the token list (a login: ms)
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "softhsm-config" / "softhsm2.conf.in"
 _FALLBACK_TEMPLATE = """directories.tokendir = @TOKENDIR@
@@ -54,6 +57,20 @@ def ensure_dev_state(settings: Settings) -> None:
         raise SystemExit("softhsm2-util not found: run `apt-get install -y softhsm2` "
                          "(or `make run`, which installs it)")
     env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
+    # The token list's lock (keysvc/hsm/store_lock.py): a listing made while another
+    # process logs in can miss that token, and this would then make a second one.
+    tokens = StoreLock((state / "hsm" / "tokens").resolve() / ".keysvc-tokens.lock",
+                       "the token list", timeout=DEV_TOKENS_WAIT)
+    try:
+        with tokens.exclusive():
+            _ensure_dev_tokens(settings, util, env)
+    finally:
+        tokens.close()
+    ensure_dev_pki(state / "pki")
+
+
+def _ensure_dev_tokens(settings: Settings, util: str, env: dict[str, str]) -> None:
+    state = settings.state_dir
     shown = subprocess.run([util, "--show-slots"], env=env, capture_output=True,
                            text=True, check=True).stdout
     present = {line.split(":", 1)[1].strip() for line in shown.splitlines()
@@ -74,4 +91,3 @@ def ensure_dev_state(settings: Settings) -> None:
                         "--so-pin", so_path.read_text().strip(),
                         "--pin", pin_path.read_text().strip()],
                        env=env, check=True, capture_output=True)
-    ensure_dev_pki(state / "pki")

@@ -174,3 +174,34 @@ def test_the_store_lock_file_cannot_be_a_symlink(tmp_path):
     with pytest.raises(HsmUnavailable, match="cannot open its store lock .*ELOOP"):
         with StoreLock(tmp_path / "store.lock", "token t").shared():
             pass
+
+
+def test_a_busy_token_list_re_reads_nothing_and_voids_no_handle(app):
+    mod = _module(app.partitions.s1sp.config.module)
+    before, mod.tokens.timeout = mod.tokens.timeout, 0.2
+    generation = mod.generation
+    try:
+        with held_by_another_process(mod.tokens, fcntl.LOCK_EX):
+            with pytest.raises(StoreBusy):
+                mod.reinitialize()
+        assert mod.generation == generation
+    finally:
+        mod.tokens.timeout = before
+
+
+def test_the_development_set_up_lists_and_makes_tokens_holding_the_token_list(
+        tmp_path, monkeypatch):
+    """A listing made while another process logs in can miss that token, and a second
+    token of the same label would follow."""
+    from keysvc import config, devstate
+    settings = config.load(env={}, state_dir=tmp_path / "state")
+    tokens = tmp_path / "state" / "hsm" / "tokens"
+    tokens.mkdir(parents=True)
+    monkeypatch.setattr(devstate, "DEV_TOKENS_WAIT", 0.2)
+    lock = StoreLock(tokens.resolve() / ".keysvc-tokens.lock", "the token list")
+    assert lock.path is not None
+    lock.path.touch()
+    with held_by_another_process(lock, fcntl.LOCK_SH):
+        with pytest.raises(StoreBusy, match="the token list"):
+            devstate.ensure_dev_state(settings)
+    assert not [p for p in tokens.iterdir() if p.is_dir()]  # no token made meanwhile

@@ -35,6 +35,7 @@ import fcntl
 import os
 import secrets
 import stat
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,6 +231,9 @@ class ChainAnchor:
         self._written: str | None = None           # ... and the label it wrote it as
         self._pid = os.getpid()   # a forked child moves an object of its own slot
         self.prunable = False   # the last write saw more than FIXED_KEPT fixed anchors
+        # `release` waits for a write under way: a slot freed in the middle of one would
+        # let another process adopt the object this write is about to move.
+        self._writing = threading.Lock()
 
     def read(self) -> Anchor | None:
         """The newest anchor (highest sequence), or None before the first batch."""
@@ -257,6 +261,10 @@ class ChainAnchor:
         from its slot's last process, or made again when it is gone); returns every anchor
         of the chain now in the token (another writer's beside it: the writer checks them).
         Never backwards: a chain that ends below what this writer anchored is refused."""
+        with self._writing:
+            return self._write(anchor)
+
+    def _write(self, anchor: Anchor) -> list[Anchor]:
         if self._last is not None and anchor.seq <= self._last.seq:
             raise ChainRefused(f"the audit chain's new head {anchor.seq} is not past this "
                                f"writer's anchor at {self._last.seq}: events were cut")
@@ -292,8 +300,9 @@ class ChainAnchor:
 
     def release(self) -> None:
         """Give up the slot, and with it the object: another process may adopt it now."""
-        self.slots.release()
-        self._mine = self._written = None
+        with self._writing:
+            self.slots.release()
+            self._mine = self._written = None
 
     def forget(self) -> None:
         """The token's anchors were replaced (`audit new-chain`, a restore): this writer's

@@ -498,19 +498,22 @@ def unwrap_long_lived(unwrapping_key: Any, wrapped: bytes, label: str, *, aes: b
         raise _fail(exc) from None
 
 
-@_writes
 def destroy_keys_labelled(s: Session, prefix: str, doomed: Callable[[str], bool]) -> list[str]:
     """Destroy the public and secret key objects whose label starts with `prefix` and is
-    `doomed`; returns their labels."""
-    gone = []
+    `doomed`; returns their labels. The scan shares the store (it runs every minute, and
+    usually finds nothing); only a destruction takes it alone, finding its objects afresh."""
+    found = []
     for cls in (ObjectClass.PUBLIC_KEY, ObjectClass.SECRET_KEY):
         for obj in objects(s, {A.CLASS: cls}):
             label = obj[A.LABEL] or ""
             if label.startswith(prefix) and doomed(label):
+                found.append((cls, label))
+    for cls, label in found:
+        with s.store.exclusive():
+            for obj in objects(s, {A.CLASS: cls, A.LABEL: label}):
                 destroy(obj)
-                forget(s, label)
-                gone.append(label)
-    return gone
+        forget(s, label)
+    return [label for _, label in found]
 
 
 # --------------------------------------------------------------------------- generation

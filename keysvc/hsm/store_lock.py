@@ -83,10 +83,11 @@ class StoreLock:
         if self._held:  # shared to exclusive would drop the shared hold (flock converts
             raise RuntimeError("store lock: a write inside a search")  # by letting go)
         self._take(mode, self.timeout if timeout is None else timeout)
+        fd = self._fds[0]
         try:
             yield
         finally:
-            fcntl.flock(self._fds[0], fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
             self._held = NONE
 
     def _files(self) -> tuple[int, int]:

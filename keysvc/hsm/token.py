@@ -49,10 +49,9 @@ class _Module:
         self.generation = 0
 
     def reinitialize(self) -> None:
-        with self.lock:
+        with self.lock, self.tokens.shared():  # busy: nothing re-read, no handle void
             try:
-                with self.tokens.shared():
-                    self.lib.reinitialize()
+                self.lib.reinitialize()
             finally:
                 self.generation += 1
 
@@ -136,6 +135,7 @@ class Token:
                 if time.monotonic() - self._down_since < self.config.retry_after:
                     raise HsmUnavailable(f"token {self.config.label} unavailable")
                 mod.reinitialize()             # SoftHSM2 re-reads its tokens only here
+                self._down_since = None        # re-read: a busy login next is not a fault
             try:
                 with mod.tokens.exclusive():  # the slot list reads every token's own file,
                     self._open_anchor(mod)    # and C_Login rewrites this one's
@@ -190,7 +190,14 @@ class Token:
         with self._lock:
             self._forget_sessions()
             self._down_since = None
-            self.store.close()
+        # The store lock's files only once no thread of ours is inside a held section
+        # (every one is, under the module lock): closing them would let go of the lock.
+        mod = self._module
+        if mod is not None and mod.lock.acquire(timeout=self.config.acquire_timeout):
+            try:
+                self.store.close()
+            finally:
+                mod.lock.release()
 
     def check(self) -> bool:
         """For health checks: can we borrow a session and see the sentinel key?
@@ -201,12 +208,14 @@ class Token:
         if not mod.lock.acquire(blocking=False):
             return self._anchor is not None
         try:
-            with self.session() as s, self.store.shared(timeout=0.0):
+            with self.session() as s:
                 if self.config.sentinel:
-                    s.raw.get_key(label=self.config.sentinel)
+                    try:
+                        with self.store.shared(timeout=0.0):
+                            s.raw.get_key(label=self.config.sentinel)
+                    except StoreBusy:
+                        pass  # another process is writing the token: busy is alive
             return True
-        except StoreBusy:
-            return True  # another process is writing the token: a busy token is a live one
         except (HsmUnavailable, HsmKeyNotFound):
             return False
         finally:
@@ -340,8 +349,8 @@ class Token:
             with self.store.shared():
                 s.raw.get_key(label=self.config.sentinel)
             return True
-        except StoreBusy:
-            raise  # busy is not lost
+        except HsmUnavailable:
+            raise  # busy (or its lock file unusable) is not lost
         except Exception:
             return False
 

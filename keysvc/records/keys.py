@@ -20,7 +20,7 @@ from sqlalchemy import select, update
 from keysvc import store as st
 from keysvc.anchors import anchored as is_anchored
 from keysvc.anchors import unpack
-from keysvc.hsm import HsmKeyNotFound
+from keysvc.hsm import HsmKeyNotFound, HsmUnavailable
 from keysvc.hsm import keys as hk
 from keysvc.records.seal import canonical, decode, parse_utc
 
@@ -146,6 +146,8 @@ class Keys:
                     continue  # another partition's record: its own process lists it
                 ok = self._seal_ok(rec, row.seal) and is_anchored(
                     anchored.get(rec.partition, {}).get(f"key/{rec.name}", []), row.seal)
+            except HsmUnavailable:
+                raise  # the HSM busy or down is not a record that fails its seal
             except Exception:
                 ok = False
             if not ok:

@@ -22,6 +22,7 @@ from sqlalchemy import select, update
 from keysvc import store as st
 from keysvc.anchors import anchored as is_anchored
 from keysvc.errors import KeysvcError
+from keysvc.hsm import HsmUnavailable
 from keysvc.records.seal import canonical, decode, parse_utc
 
 if TYPE_CHECKING:
@@ -231,6 +232,8 @@ class Operations:
                       and self._approvals_ok(op)
                       and is_anchored(anchors[op.partition].get(f"op/{op.id}", []),
                                       row.seal))
+            except HsmUnavailable:
+                raise  # the HSM busy or down is not a record that fails its seal
             except Exception:
                 ok = False
             if not ok:
