@@ -229,12 +229,17 @@ def _tokens_present(settings: Any) -> bool:
 def _missing_tokens(settings: Any) -> list[str]:
     import pkcs11
 
-    from keysvc.hsm.store_lock import for_tokens
+    from keysvc.hsm.store_lock import StoreBusy, for_tokens
+    tokens = for_tokens(settings.pkcs11_module, timeout=15.0)
     try:  # C_Initialize and the token list read every token's file (store_lock.py)
-        with for_tokens(settings.pkcs11_module, timeout=15.0).shared():
+        with tokens.shared():
             labels = {t.label for t in pkcs11.lib(settings.pkcs11_module).get_tokens()}
+    except StoreBusy as exc:
+        return [str(exc)]
     except Exception as exc:
         return [f"the PKCS#11 module cannot be loaded ({type(exc).__name__})"]
+    finally:
+        tokens.close()
     return [f"no token labelled {settings.token_label(p)!r} ({p} partition)"
             for p in settings.served if settings.token_label(p) not in labels]
 
