@@ -229,12 +229,13 @@ def _tokens_present(settings: Any) -> bool:
 def _missing_tokens(settings: Any) -> list[str]:
     import pkcs11
 
-    from keysvc.hsm.store_lock import StoreBusy, for_tokens
+    from keysvc.hsm import HsmUnavailable
+    from keysvc.hsm.store_lock import for_tokens
     tokens = for_tokens(settings.pkcs11_module, timeout=15.0)
     try:  # C_Initialize and the token list read every token's file (store_lock.py)
         with tokens.shared():
             labels = {t.label for t in pkcs11.lib(settings.pkcs11_module).get_tokens()}
-    except StoreBusy as exc:
+    except HsmUnavailable as exc:  # the token list busy, or its lock file unusable
         return [str(exc)]
     except Exception as exc:
         return [f"the PKCS#11 module cannot be loaded ({type(exc).__name__})"]

@@ -207,23 +207,37 @@ def test_the_development_set_up_lists_and_makes_tokens_holding_the_token_list(
     assert not [p for p in tokens.iterdir() if p.is_dir()]  # no token made meanwhile
 
 
-def test_an_rsa_pair_is_generated_aside_and_copied_into_the_token_whole(impatient):
-    """Generating takes 0.3 to 0.7 s, so it happens in session objects and only the copies
-    hold the store alone; the token's pair is what generating it there would have made:
-    made in the HSM (CKA_LOCAL), never extractable, always sensitive, unwrap only."""
-    label = f"store-lock-rsa-{os.getpid()}"
+@pytest.mark.parametrize("locked", [True, False], ids=["copied-in", "made-in-token"])
+def test_an_rsa_pair_is_made_unwrap_only_and_unmodifiable_however_it_reaches_the_token(
+        impatient, locked):
+    """With the store lock (SoftHSM2's file store) the pair is generated as session objects
+    and only the copies hold the store alone (generating takes 0.3 to 0.7 s); without it,
+    generated in the token. Either way the token's pair is what generating it there makes:
+    made in the HSM (CKA_LOCAL), never extractable, always sensitive, unwrap only, and
+    unmodifiable, so no session can turn decryption on."""
+    label = f"store-lock-rsa-{locked}-{os.getpid()}"
     with impatient.session() as s:
-        der = hk.generate_rsa(s, label, 2048, key_id="job-1")
+        if not locked:
+            s.store = StoreLock(None, "token t")
         try:
+            der = hk.generate_rsa(s, label, 2048, key_id="job-1")
             priv = hk.find_private_key(s, label)
             pub = hk.find_key(s, label, hk.ObjectClass.PUBLIC_KEY)
             assert hk.public_key_der(pub) == der
             assert all(priv[a] for a in (hk.A.TOKEN, hk.A.LOCAL, hk.A.SENSITIVE,
                                          hk.A.ALWAYS_SENSITIVE, hk.A.NEVER_EXTRACTABLE,
                                          hk.A.PRIVATE, hk.A.UNWRAP))
-            assert not any(priv[a] for a in (hk.A.EXTRACTABLE, hk.A.DECRYPT, hk.A.SIGN))
+            assert not any(priv[a] for a in (hk.A.EXTRACTABLE, hk.A.DECRYPT, hk.A.SIGN,
+                                             hk.A.SIGN_RECOVER, hk.A.DERIVE,
+                                             hk.A.MODIFIABLE))
             assert bytes(priv[hk.A.ID]) == bytes(pub[hk.A.ID]) == b"job-1"
-            # no session half left behind
-            assert len(hk.objects(s, {hk.A.LABEL: label})) == 2
+            with pytest.raises(Exception):
+                priv[hk.A.DECRYPT] = True
+            with pytest.raises(Exception):
+                priv.copy({hk.A.DECRYPT: True, hk.A.TOKEN: False})
+            found = [(o[hk.A.CLASS], o[hk.A.TOKEN]) for o in hk.objects(s, {hk.A.LABEL: label})]
+            assert sorted(found) == [(hk.ObjectClass.PUBLIC_KEY, True),
+                                     (hk.ObjectClass.PRIVATE_KEY, True)]
         finally:
+            s.store = impatient.store
             hk.destroy_objects(s, label)

@@ -560,28 +560,50 @@ def custody_attributes(s: Session, label: str) -> dict[str, bool]:
 
 def generate_rsa(s: Session, label: str, bits: int = 3072, *, key_id: str = "") -> bytes:
     """A persistent RSA pair whose private half can only unwrap (C_UnwrapKey with
-    RSA-OAEP): a key that could C_Decrypt would hand the plaintext to this process.
+    RSA-OAEP): a key that could C_Decrypt would hand the plaintext to this process, so
+    the private half is also unmodifiable (no C_SetAttributeValue can give it CKA_DECRYPT).
     `key_id` (CKA_ID) names the operation or import job that made it. Returns the public
     half as SPKI DER.
 
-    Generated as session objects and copied into the token (C_CopyObject keeps every
-    attribute, CKA_LOCAL and CKA_NEVER_EXTRACTABLE included): generating takes 0.3 to
-    0.7 s, and only the copies need the token's store alone (store_lock.py)."""
+    Where the token's store is locked (SoftHSM2's file store, store_lock.py), the pair is
+    generated as session objects and copied into the token: generating takes 0.3 to
+    0.7 s, and only the copies need the store alone (C_CopyObject keeps every attribute,
+    CKA_LOCAL and CKA_NEVER_EXTRACTABLE included: tests/test_hsm_store_lock.py). A token
+    without that lock gets the pair generated in it at once, as not every HSM copies
+    private keys."""
+    public = {A.LABEL: label, A.WRAP: True, A.ENCRYPT: True, A.VERIFY: False}
+    private = {A.LABEL: label, A.SENSITIVE: True, A.EXTRACTABLE: False, A.PRIVATE: True,
+               A.UNWRAP: True, A.DECRYPT: False, A.SIGN: False, A.SIGN_RECOVER: False,
+               A.DERIVE: False}
+    kid = key_id.encode() or None
+    if s.store.path is None:
+        pub, _ = s.raw.generate_keypair(
+            KeyType.RSA, bits, label=label, store=True, id=kid,
+            public_template={A.TOKEN: True, **public},
+            private_template={A.TOKEN: True, A.MODIFIABLE: False, **private})
+        return public_key_der(pub)
+    s.retire_after_use()  # closing the session destroys the session halves, whatever happens
     pub, priv = s.raw.generate_keypair(
-        KeyType.RSA, bits, label=label, store=False, id=key_id.encode() or None,
-        public_template={A.TOKEN: False, A.LABEL: label, A.WRAP: True, A.ENCRYPT: True,
-                         A.VERIFY: False},
-        private_template={A.TOKEN: False, A.LABEL: label, A.SENSITIVE: True,
-                          A.EXTRACTABLE: False, A.PRIVATE: True, A.UNWRAP: True,
-                          A.DECRYPT: False, A.SIGN: False, A.DERIVE: False})
+        KeyType.RSA, bits, label=label, store=False, id=kid,
+        public_template={A.TOKEN: False, **public},
+        private_template={A.TOKEN: False, **private})
     try:
+        der = public_key_der(pub)
         with s.store.exclusive():
-            kept = pub.copy({A.TOKEN: True})
-            priv.copy({A.TOKEN: True})
-        return public_key_der(kept)
-    finally:
-        destroy(pub)
-        destroy(priv)
+            made = []
+            try:
+                made.append(pub.copy({A.TOKEN: True}))
+                made.append(priv.copy({A.TOKEN: True, A.MODIFIABLE: False}))
+            except BaseException:
+                for obj in made:  # never half a pair in the token
+                    destroy(obj)
+                raise
+        return der
+    finally:  # the session halves, now (a search by label must find the token's only)
+        try:
+            destroy(pub)
+        finally:
+            destroy(priv)
 
 
 def public_key_der(pub: Any) -> bytes:
