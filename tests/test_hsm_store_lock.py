@@ -241,3 +241,23 @@ def test_an_rsa_pair_is_made_unwrap_only_and_unmodifiable_however_it_reaches_the
         finally:
             s.store = impatient.store
             hk.destroy_objects(s, label)
+
+
+def test_a_new_session_waits_while_another_process_logs_in_and_busy_is_not_down(app):
+    """C_OpenSession reads the token's own file, which a login elsewhere rewrites."""
+    s1sp = app.partitions.s1sp.config
+    mod = _module(s1sp.module)
+    fresh = Token(TokenConfig(s1sp.module, s1sp.label, s1sp.pin, retry_after=60.0))
+    before, mod.tokens.timeout = mod.tokens.timeout, 0.3
+    try:
+        with fresh.session() as s:
+            s.retire_after_use()  # the next borrow opens a new session
+        with held_by_another_process(mod.tokens, fcntl.LOCK_EX):
+            with pytest.raises(StoreBusy, match="the token list"):
+                with fresh.session():
+                    pass
+        with fresh.session() as s:  # not marked down: no 60 s wait
+            assert hk.secret_key_labels(s)
+    finally:
+        mod.tokens.timeout = before
+        fresh.close()

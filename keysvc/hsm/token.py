@@ -260,8 +260,12 @@ class Token:
             try:
                 s = self._idle.get_nowait()
             except queue.Empty:
+                mod = self._mod()
                 try:
-                    s = Session(self._token.open(rw=True), self._mod().direct, self.store)
+                    with mod.tokens.shared():  # C_OpenSession reads the token's own file
+                        s = Session(self._token.open(rw=True), mod.direct, self.store)
+                except StoreBusy:
+                    raise                      # busy, not down
                 except Exception as exc:
                     self.mark_down()
                     raise translate(exc) from None
