@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from keysvc.config import PARTITIONS, Settings
-from keysvc.hsm.store_lock import StoreLock
+from keysvc.hsm.store_lock import token_list_lock
 from keysvc.pki import ensure_dev_pki
 
 DEV_TOKENS_WAIT = 60.0  # seconds another process may hold the token list (a login: ms)
@@ -59,8 +59,7 @@ def ensure_dev_state(settings: Settings) -> None:
     env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
     # The token list's lock (keysvc/hsm/store_lock.py): a listing made while another
     # process logs in can miss that token, and this would then make a second one.
-    tokens = StoreLock((state / "hsm" / "tokens").resolve() / ".keysvc-tokens.lock",
-                       "the token list", timeout=DEV_TOKENS_WAIT)
+    tokens = token_list_lock((state / "hsm" / "tokens").resolve(), DEV_TOKENS_WAIT)
     try:
         with tokens.exclusive():
             _ensure_dev_tokens(settings, util, env)

@@ -19,7 +19,7 @@ import pytest
 
 from keysvc.hsm import HsmUnavailable, Token, TokenConfig
 from keysvc.hsm import keys as hk
-from keysvc.hsm.store_lock import StoreBusy, StoreLock, for_token
+from keysvc.hsm.store_lock import StoreBusy, StoreLock, for_token, token_list_lock
 from keysvc.hsm.token import _module
 from tests.support.encoder import kcv
 
@@ -198,7 +198,7 @@ def test_the_development_set_up_lists_and_makes_tokens_holding_the_token_list(
     tokens = tmp_path / "state" / "hsm" / "tokens"
     tokens.mkdir(parents=True)
     monkeypatch.setattr(devstate, "DEV_TOKENS_WAIT", 0.2)
-    lock = StoreLock(tokens.resolve() / ".keysvc-tokens.lock", "the token list")
+    lock = token_list_lock(tokens.resolve(), 1.0)
     assert lock.path is not None
     lock.path.touch()
     with held_by_another_process(lock, fcntl.LOCK_SH):

@@ -31,20 +31,18 @@ R = TypeVar("R")
 # the token's store lock shared, and every one that writes a token object holds it
 # exclusively (keysvc/hsm/store_lock.py says why: SoftHSM2 2.6.1's file store lets one
 # process's search spoil another's write). Using a key, and session objects, need neither.
-def _reads(fn: Callable[Concatenate[Session, P], R]) -> Callable[Concatenate[Session, P], R]:
-    @functools.wraps(fn)
-    def held(s: Session, *args: P.args, **kwargs: P.kwargs) -> R:
-        with s.store.shared():
-            return fn(s, *args, **kwargs)
-    return held
+def _holding(exclusive: bool) -> Callable[[Callable[Concatenate[Session, P], R]],
+                                          Callable[Concatenate[Session, P], R]]:
+    def decorate(fn: Callable[Concatenate[Session, P], R]) -> Callable[Concatenate[Session, P], R]:
+        @functools.wraps(fn)
+        def held(s: Session, *args: P.args, **kwargs: P.kwargs) -> R:
+            with s.store.exclusive() if exclusive else s.store.shared():
+                return fn(s, *args, **kwargs)
+        return held
+    return decorate
 
 
-def _writes(fn: Callable[Concatenate[Session, P], R]) -> Callable[Concatenate[Session, P], R]:
-    @functools.wraps(fn)
-    def held(s: Session, *args: P.args, **kwargs: P.kwargs) -> R:
-        with s.store.exclusive():
-            return fn(s, *args, **kwargs)
-    return held
+_reads, _writes = _holding(exclusive=False), _holding(exclusive=True)
 
 
 def _writes_if(s: Session, token: bool) -> ContextManager[None]:

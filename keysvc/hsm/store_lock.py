@@ -141,15 +141,13 @@ class StoreLock:
                 os.close(fd)
         self._fds, self._held = (-1, -1), NONE
 
-    def _forget_after_fork(self) -> None:
-        """In a forked child: drop our copies of the parent's files without unlocking them
-        (the parent's holds stay the parent's)."""
-        self.close()
 
 
 def _after_fork_in_child() -> None:
+    """Drop our copies of the parent's files without unlocking them (closing a copy lets go
+    of nothing: the parent's holds stay the parent's)."""
     for lock in list(_ALL):
-        lock._forget_after_fork()
+        lock.close()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -213,6 +211,11 @@ def for_tokens(module: str, timeout: float) -> StoreLock:
     tokendir = softhsm_token_dir(module)
     if tokendir is None:
         return StoreLock(None, "the token list")
+    return token_list_lock(tokendir, timeout)
+
+
+def token_list_lock(tokendir: Path, timeout: float) -> StoreLock:
+    """The token list's lock of a known token directory (the development set-up's)."""
     return StoreLock(tokendir / ".keysvc-tokens.lock", "the token list", timeout)
 
 
