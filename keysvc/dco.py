@@ -65,7 +65,7 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
         sess.retire_after_use()  # for the session copy of the storage key
         version, storage_label = versions.storage(sess)
         storage = hk.session_copy(sess, storage_label)
-        seal = app.records.master_keys.loop_sealer(sess) if store else None
+        sealer = app.records.master_keys.tree_sealer(sess) if store else None
         out = []
         for n, (e, p, q, (chf, dev)) in enumerate(
                 zip(mf.master_key_entries, problems, stored_before, ids), 1):
@@ -75,13 +75,15 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
             kcv, wrapped = ("", None) if p or q else _unwrap_one(
                 sess, keys[(e.encrypted_key.key_name, e.encrypted_key.algorithm)], e,
                 storage, store, found)
-            sealed = None
-            if wrapped is not None and seal is not None:
+            k = None
+            if wrapped is not None and sealer is not None:
                 k = StoredKey(dev, MasterKeys.ROLE, MasterKeys.NAME, chf, h.migration_file_id,
                               version, kcv, wrapped)
-                sealed = (k, seal(k))
-            out.append((kcv, sealed, found))
-        return out
+                sealer.add(k)
+            out.append((kcv, k, found))
+        seals = iter(sealer.finish() if sealer is not None else ())  # in the order added
+        return [(kcv, (k, next(seals)) if k is not None else None, found)
+                for kcv, k, found in out]
     with tracing.span("hsm.unwrap_master_keys", entries=len(mf.master_key_entries)):
         unwrapped = app.partitions.dco.run(unwrap_all)
     now = app.clock()

@@ -128,8 +128,8 @@ class Rewrap:
             sess.retire_after_use()  # session copies of the storage keys
             new = hk.session_copy(sess, versions.storage(sess, primary)[1])
             old: dict[int, Any] = {}
-            seal = stored.loop_sealer(sess)
-            out = []
+            sealer = stored.tree_sealer(sess)
+            out: list[tuple[Any, Any]] = []
             for n, k in enumerate(rows, 1):
                 if n % BREATHE_EVERY == 0:
                     token.breathe()  # live calls reach the HSM between a few rows
@@ -141,14 +141,17 @@ class Rewrap:
                 try:
                     kcv = hk.check_value(obj)
                     if kcv != k.kcv:
-                        out.append((k, None, b""))
+                        out.append((k, None))
                         continue
                     moved = type(k)(k.device_id, k.role, k.name, k.chf_identifier,
                                     k.file_id, primary, k.kcv, hk.wrap(new, obj))
                 finally:
                     hk.destroy(obj)
-                out.append((k, moved, seal(moved)))
-            return out
+                sealer.add(moved)
+                out.append((k, moved))
+            seals = iter(sealer.finish())  # the moved rows', in their order
+            return [(k, moved, next(seals) if moved is not None else b"")
+                    for k, moved in out]
         changes = self.hsm_loop(lambda: token.run(work))
         for k, moved, _ in changes:
             if moved is None:

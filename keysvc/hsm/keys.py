@@ -98,7 +98,6 @@ def find_key(s: Session, label: str, cls: ObjectClass = ObjectClass.SECRET_KEY) 
     return key
 
 
-@_reads
 def session_copy(s: Session, label: str, cls: ObjectClass = ObjectClass.SECRET_KEY) -> Any:
     """A session copy (C_CopyObject) of a token key, for a loop of many operations.
 
@@ -112,13 +111,18 @@ def session_copy(s: Session, label: str, cls: ObjectClass = ObjectClass.SECRET_K
     if not s.retire:
         raise ValueError("session copies belong in a session retired after use")
     cache_key = (label, cls, "copy")
-    if cache_key not in s.keys:
-        try:
-            s.keys[cache_key] = find_key(s, label, cls).copy({A.TOKEN: False,
-                                                              A.LABEL: f"copy:{label}"})
-        except px.PKCS11Error as exc:
-            raise _fail(exc) from None
-    return s.keys[cache_key]
+    copy = s.keys.get(cache_key)
+    if copy is None:  # (a copy already made takes no lock: loops ask once per key)
+        copy = s.keys[cache_key] = _copy_of(s, label, cls)
+    return copy
+
+
+@_reads
+def _copy_of(s: Session, label: str, cls: ObjectClass) -> Any:
+    try:
+        return find_key(s, label, cls).copy({A.TOKEN: False, A.LABEL: f"copy:{label}"})
+    except px.PKCS11Error as exc:
+        raise _fail(exc) from None
 
 
 def find_private_key(s: Session, label: str) -> Any:

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 from keysvc.hsm import keys as hk
 from keysvc.partitions import RECORD_SEAL_KEY
+from keysvc.records import tree_seal
 
 
 def utc_text(t: dt.datetime) -> str:
@@ -82,21 +83,19 @@ class Sealer:
     def valid(self, data: bytes, seal: Any) -> bool:
         return self.valid_many([(data, seal)])[0]
 
-    def valid_many(self, pairs: list[tuple[bytes, Any]]) -> list[bool]:
+    def valid_many(self, pairs: list[tuple[bytes, Any]], *, trees: bool = False
+                   ) -> list[bool]:
         """Each (record, seal) pair: does the seal verify? A seal column holding anything
-        but bytes (SQLite keeps any type) does not."""
-        made = self.seal_many(d for d, _ in pairs)
-        return [isinstance(s, (bytes, bytearray, memoryview)) and
-                hmac.compare_digest(m, bytes(s)) for m, (_, s) in zip(made, pairs)]
-
-
-class LoopSealer:
-    """Seals inside a per-key HSM loop: a session copy of the seal key, direct C_Sign
-    (about 18 µs a record on SoftHSM2; see keysvc/hsm/direct.py for why not python-pkcs11)."""
-
-    def __init__(self, session: Any) -> None:
-        self.session = session
-        self.key = hk.session_copy(session, RECORD_SEAL_KEY)
-
-    def __call__(self, data: bytes) -> bytes:
-        return hk.hmac_sha256_direct(self.session, self.key, data)
+        but bytes (SQLite keeps any type) does not. `trees`: a tree seal (tree_seal.py) is
+        accepted too; records sealed together share one root, MACed once here."""
+        wanted: list[tuple[bytes, bytes] | None] = []  # (message to MAC, MAC the seal holds)
+        for data, seal in pairs:
+            if not isinstance(seal, (bytes, bytearray, memoryview)):
+                wanted.append(None)
+            elif trees and tree_seal.is_tree_seal(seal):
+                wanted.append(tree_seal.opened(data, bytes(seal)))
+            else:
+                wanted.append((data, bytes(seal)))
+        messages = list(dict.fromkeys(w[0] for w in wanted if w is not None))
+        made = dict(zip(messages, self.seal_many(messages)))
+        return [w is not None and hmac.compare_digest(made[w[0]], w[1]) for w in wanted]

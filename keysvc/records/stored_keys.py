@@ -13,14 +13,15 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from sqlalchemy import Table, and_, bindparam, func, select, text, tuple_
 from sqlalchemy.exc import DBAPIError
 
 from keysvc import store as st
 from keysvc.errors import error
-from keysvc.records.seal import _LENGTH, LoopSealer
+from keysvc.records.seal import _LENGTH
+from keysvc.records.tree_seal import TreeSealer
 
 if TYPE_CHECKING:
     from keysvc.records import Records
@@ -63,10 +64,10 @@ class _StoredKeys:
                  k.kcv.encode(), k.wrapped]
         return b"".join([_LENGTH(len(b)) + b for b in parts])
 
-    def loop_sealer(self, session: Any) -> Callable[[StoredKey], bytes]:
-        """Seals rows inside the per-key HSM loop (a session retired after use)."""
-        mac = LoopSealer(session)
-        return lambda k: mac(self.canonical(k))
+    def tree_sealer(self, session: Any) -> TreeSealer[StoredKey]:
+        """Seals rows inside the per-key HSM loop (a session retired after use), 16 under
+        one HMAC (tree_seal.py)."""
+        return TreeSealer(session, self.canonical)
 
     def row(self, k: StoredKey, seal: bytes, created_at: dt.datetime) -> dict:
         row = self._columns(k)
@@ -112,7 +113,7 @@ class _StoredKeys:
         except (ValueError, TypeError):
             raise self.r.refuse(None, where_, "is malformed") from None
         ok = self.r.sealers[self.partition].valid_many(
-            [(self.canonical(k), r.seal) for k, r in zip(keys, rows)])
+            [(self.canonical(k), r.seal) for k, r in zip(keys, rows)], trees=True)
         for k, good in zip(keys, ok):
             if not good:
                 raise self.r.refuse(None, f"{self.table.name}/{k.device_id}/{k.role}/{k.name}",
@@ -200,7 +201,7 @@ class _StoredKeys:
             except (ValueError, TypeError):
                 bad.append(name)
         ok = self.r.sealers[self.partition].valid_many(
-            [(self.canonical(k), seal) for _, k, seal in pairs]) if pairs else []
+            [(self.canonical(k), seal) for _, k, seal in pairs], trees=True) if pairs else []
         for (name, k, _), fine in zip(pairs, ok):
             if fine:
                 good.append(k)
@@ -284,7 +285,7 @@ class _StoredKeys:
             except (ValueError, TypeError):
                 raise self.r.refuse(None, self.table.name, "is malformed") from None
             ok = self.r.sealers[self.partition].valid_many(
-                [(self.canonical(k), r.seal) for k, r in zip(keys, rows)])
+                [(self.canonical(k), r.seal) for k, r in zip(keys, rows)], trees=True)
             for k, good in zip(keys, ok):
                 if not good:
                     raise self.r.refuse(None, f"{self.table.name}/{k.device_id}/{k.role}/"
