@@ -27,12 +27,16 @@ def _caller() -> Caller:
     return current_caller.get()
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
 def ts(t: dt.datetime | None) -> Timestamp | None:
+    """A Timestamp, exact to the microsecond (a naive time is local, as astimezone reads
+    it). By hand, not Timestamp.FromDatetime: a large file's results carry thousands."""
     if t is None:
         return None
-    out = Timestamp()
-    out.FromDatetime(t.astimezone(dt.timezone.utc).replace(tzinfo=None))
-    return out
+    d = (t if t.tzinfo is not None else t.astimezone()) - _EPOCH
+    return Timestamp(seconds=d.days * 86400 + d.seconds, nanos=d.microseconds * 1000)
 
 
 def from_ts(t: Timestamp) -> dt.datetime:
