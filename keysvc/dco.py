@@ -61,11 +61,10 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
     # ValidateMasterKeys gives the verdict UnwrapMasterKeys would, this one included.
     stored_before = _devices_already_stored(app, ids, h.migration_file_id)
 
-    def unwrap_all(sess) -> list[tuple[str, tuple[StoredKey, bytes] | None, list[Problem]]]:
+    def unwrap_all(sess) -> list[tuple[str, StoredKey | None, list[Problem]]]:
         sess.retire_after_use()  # for the session copy of the storage key
         version, storage_label = versions.storage(sess)
         storage = hk.session_copy(sess, storage_label)
-        sealer = app.records.master_keys.tree_sealer(sess) if store else None
         out = []
         for n, (e, p, q, (chf, dev)) in enumerate(
                 zip(mf.master_key_entries, problems, stored_before, ids), 1):
@@ -76,25 +75,21 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
                 sess, keys[(e.encrypted_key.key_name, e.encrypted_key.algorithm)], e,
                 storage, store, found)
             k = None
-            if wrapped is not None and sealer is not None:
+            if wrapped is not None:
                 k = StoredKey(dev, MasterKeys.ROLE, MasterKeys.NAME, chf, h.migration_file_id,
                               version, kcv, wrapped)
-                sealer.add(k)
             out.append((kcv, k, found))
-        seals = iter(sealer.finish() if sealer is not None else ())  # in the order added
-        return [(kcv, (k, next(seals)) if k is not None else None, found)
-                for kcv, k, found in out]
+        return out
     with tracing.span("hsm.unwrap_master_keys", entries=len(mf.master_key_entries)):
         unwrapped = app.partitions.dco.run(unwrap_all)
     now = app.clock()
 
-    def assemble(stored: list[list[Problem]]
-                 ) -> tuple[MasterKeysResult, list[tuple[StoredKey, bytes]]]:
+    def assemble(stored: list[list[Problem]]) -> tuple[MasterKeysResult, list[StoredKey]]:
         entries, rows = [], []
-        for (chf, dev), p, q, (kcv, sealed, found) in zip(ids, problems, stored, unwrapped):
+        for (chf, dev), p, q, (kcv, k, found) in zip(ids, problems, stored, unwrapped):
             p = p + q + found
-            if sealed is not None and not p:
-                rows.append(sealed)
+            if k is not None and not p:
+                rows.append(k)
             entries.append(MasterKeyResult(chf, dev, "REJECTED" if p else "ACCEPTED",
                                            tuple(p), "" if p else kcv))
         return MasterKeysResult(h.migration_file_id, h.group_id, tuple(entries)), rows
@@ -104,8 +99,12 @@ def process_master_keys(app: App, caller: Caller, data: bytes, *,
         return result
 
     def store_result() -> MasterKeysResult | None:
+        # Sealed once the rows to store are final, and again after a re-assembly: only the
+        # rows stored may share a seal tree (StoredKeys.sealed).
+        sealed = app.records.master_keys.sealed(rows)
+
         def write_rows(conn) -> None:
-            app.records.master_keys.insert_many(conn, rows, now)
+            app.records.master_keys.insert_many(conn, sealed, now)
         return transport.store_once(app, h.migration_file_id, SERVICE, file_digest,
                                     to_json(result), write_rows, master_keys_result_from_json)
     try:

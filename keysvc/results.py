@@ -93,6 +93,8 @@ def _plain(value: object) -> object:
         return [v if type(v) in _LEAVES else _plain(v) for v in value]  # type: ignore[attr-defined]
     names = _FIELDS.get(t)
     if names is None:
+        if isinstance(value, (tuple, list)):  # a subclass (a NamedTuple, say)
+            return [_plain(v) for v in value]
         if not hasattr(value, "__dataclass_fields__"):
             return value
         names = _FIELDS[t] = tuple(value.__dataclass_fields__)

@@ -102,9 +102,10 @@ def process_group_information(app: App, caller: Caller, data: bytes) -> GroupRes
     result = GroupResult(h.migration_file_id, h.group_id, h.originator_id,
                          tuple(_result(i) for i in installations) + tuple(orphans))
     now = app.clock()
+    sealed = app.records.device_keys.sealed(wrapped)  # only the rows stored share trees
 
     def write_rows(conn) -> None:
-        app.records.device_keys.insert_many(conn, wrapped, now)
+        app.records.device_keys.insert_many(conn, sealed, now)
     try:
         raced = transport.store_once(app, h.migration_file_id, SERVICE, file_digest,
                                      to_json(result), write_rows, group_result_from_json)
@@ -115,6 +116,7 @@ def process_group_information(app: App, caller: Caller, data: bytes) -> GroupRes
         wrapped = _drop_rejected(installations, wrapped)
         result = GroupResult(h.migration_file_id, h.group_id, h.originator_id,
                              tuple(_result(i) for i in installations) + tuple(orphans))
+        sealed = app.records.device_keys.sealed(wrapped)  # sealed again: fewer rows now
         raced = transport.store_again(app, lambda: transport.store_once(
             app, h.migration_file_id, SERVICE, file_digest, to_json(result), write_rows,
             group_result_from_json))
@@ -343,14 +345,13 @@ def _reject_devices_already_stored(app: App, installations: list[_Installation])
 
 
 # --------------------------------------------------------------------------- wrapping
-Wrapped = list[tuple[StoredKey, bytes]]  # each stored key with its seal
+Wrapped = list[StoredKey]  # sealed once the rows to store are final (`StoredKeys.sealed`)
 
 
 def _wrap_accepted(app: App, installations: list[_Installation], file_id: str) -> Wrapped:
     """Each key of a so-far valid installation: into the token, check value, wrap under the
-    storage key, seal the row to what it is (device, role, name, file), destroy. Rows of
-    installations whose certificate then fails are dropped before anything is stored
-    (`_drop_rejected`)."""
+    storage key, destroy. Rows of installations whose certificate then fails are dropped
+    (`_drop_rejected`) before the rest are sealed and stored."""
     token = app.partitions.s1sp
 
     def work(sess) -> tuple[Wrapped, list[list[tuple[str, str, str, str]]]]:
@@ -358,8 +359,7 @@ def _wrap_accepted(app: App, installations: list[_Installation], file_id: str) -
         sess.retire_after_use()  # for the session copy of the storage key
         version, storage_label = versions.storage(sess)
         storage = hk.session_copy(sess, storage_label)
-        sealer = app.records.device_keys.tree_sealer(sess)
-        stored: list[StoredKey] = []
+        rows: list[StoredKey] = []
         done_all = []
         for n, inst in enumerate(installations, 1):
             if n % BREATHE_EVERY == 0:
@@ -372,11 +372,10 @@ def _wrap_accepted(app: App, installations: list[_Installation], file_id: str) -
                     k = StoredKey(device, role, name, inst.chf, file_id, version,
                                   kcv, hk.wrap(storage, obj))
                     hk.destroy(obj)
-                    sealer.add(k)
-                    stored.append(k)
+                    rows.append(k)
                     done.append((device, role, name, kcv))
             done_all.append(done)
-        return list(zip(stored, sealer.finish())), done_all
+        return rows, done_all
 
     rows, done_all = token.run(work)
     for inst, done in zip(installations, done_all):
@@ -390,7 +389,7 @@ def _drop_rejected(installations: list[_Installation], rows: Wrapped) -> Wrapped
         if inst.problems:
             inst.keys.clear()
             inst.kcvs.clear()
-    return [r for r in rows if r[0].chf_identifier not in rejected]
+    return [r for r in rows if r.chf_identifier not in rejected]
 
 
 def _result(inst: _Installation) -> InstallationResult:

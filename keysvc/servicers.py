@@ -35,7 +35,7 @@ def ts(t: dt.datetime | None) -> Timestamp | None:
     it). By hand, not Timestamp.FromDatetime: a large file's results carry thousands."""
     if t is None:
         return None
-    d = (t if t.tzinfo is not None else t.astimezone()) - _EPOCH
+    d = (t if t.utcoffset() is not None else t.astimezone()) - _EPOCH
     return Timestamp(seconds=d.days * 86400 + d.seconds, nanos=d.microseconds * 1000)
 
 

@@ -813,6 +813,8 @@ def test_two_files_keying_one_device_at_once_store_it_once_and_reject_it_in_the_
     winner_file = (ra if ra.installations[0].status == "ACCEPTED" else rb).migration_file_id
     assert {row.file_id for row in device_rows(kit.app, st.device_keys.c.device_id ==
                                                a[0].esme)} == {winner_file}
+    from tests.test_tree_seals import assert_only_stored_rows_share_trees
+    assert_only_stored_rows_share_trees(kit.app, "device_keys")  # the loser sealed again
     assert device_rows(kit.app, st.device_keys.c.chf_identifier == loser.chf_identifier) == []
     # what each call returned is what is stored for it
     for r in out:

@@ -51,7 +51,19 @@ def test_every_leaf_of_a_tree_opens_to_the_one_root_that_was_maced(n):
 
 def test_the_root_message_is_the_records_canonical_encoding_of_its_own_kind():
     root = os.urandom(32)
-    assert tree_seal.root_message(root) == canonical(tree_seal.KIND, root)
+    assert tree_seal.root_message(root, 16) == canonical(tree_seal.KIND, 16, root)
+
+
+def test_a_seal_header_changed_to_another_leaf_count_does_not_open():
+    """The count is inside the MAC: a header naming another count (one that walks the same
+    path for this leaf) gives another message."""
+    datas = [os.urandom(40) for _ in range(10)]
+    seals = tree_seal.seals(datas, lambda m: b"M" * 32)
+    good = tree_seal.opened(datas[0], seals[0])
+    for count in (9, 11, 12, 16):
+        s = bytearray(seals[0])
+        s[2] = count
+        assert tree_seal.opened(datas[0], bytes(s)) != good
 
 
 def test_a_leaf_opens_only_with_its_own_record_place_and_path():
@@ -170,3 +182,54 @@ def test_device_keys_of_one_file_share_roots_and_each_verifies_alone(any_app):
     assert len({s[3:tree_seal.HEADER] for s in seals}) == 2
     for i in insts:
         assert s1sp.verify_prepayment_key(any_app, i.esme, enc.kcv(i.prepay_key))
+
+
+# --------------------------------------------------------------------------- only rows stored
+def assert_only_stored_rows_share_trees(app, table: str) -> None:
+    """Every tree's leaves are all in the table: a row sealed and then dropped would share
+    a tree with stored rows, and its seal could be rebuilt from theirs."""
+    from collections import Counter
+    seals = list(_seals(app, table).values())
+    per_root = Counter(s[3:tree_seal.HEADER] for s in seals)
+    for s in seals:
+        assert s[2] == per_root[s[3:tree_seal.HEADER]], (table, s[2], per_root)
+
+
+def test_an_installation_whose_certificate_fails_shares_no_seal_tree(any_app):
+    """Its keys are wrapped while the certificates are checked; it is rejected after, and
+    the rows are sealed only then."""
+    from keysvc.device_certificate import TrustStore
+    from tests.test_s1sp_validation import FACTORY, KW_KEY, KW_NAME, Kit, ensure_key
+    any_app.trust = TrustStore(anchors=(FACTORY.ca_cert,))
+    ensure_key(any_app, KW_NAME, aes=KW_KEY, purpose="S1SP_TRANSPORT")
+    kit = Kit(any_app)
+    insts = kit.installations(3)
+    insts[1].certificate_der = FACTORY(insts[0].chf)  # names another CHF
+    result = kit.process(kit.file(insts))
+    assert [i.status for i in result.installations] == ["ACCEPTED", "REJECTED", "ACCEPTED"]
+    assert_only_stored_rows_share_trees(any_app, "device_keys")
+
+
+def test_master_keys_assembled_again_after_a_race_share_no_seal_tree(app, monkeypatch):
+    """Another file stores one of the devices between the check and the write: the entries
+    are assembled again, and sealed again, without it."""
+    from tests.test_dco import ORIGINATOR
+    first = Made(app, n=3)
+    dco.process_master_keys(app, DCO, first.xml, store=True)
+    m = Made(app, n=3)
+    m.insts[1].esme = first.insts[0].esme
+    m.xml = enc.build_file(m.insts, group_id="EA", file_id=m.file_id, originator_type="SMSO",
+                           originator_id=ORIGINATOR, s1sp_key_name="S1SP-NOT-LOADED",
+                           s1sp_kek=os.urandom(32), dco_key_name=m.key_name, dco_kek=m.kek)
+    check = dco._devices_already_stored
+    calls = []
+
+    def stale_first(app_, ids, file_id):
+        calls.append(1)
+        got = check(app_, ids, file_id)
+        return [[] for _ in got] if len(calls) == 1 else got  # the first check misses it
+    monkeypatch.setattr(dco, "_devices_already_stored", stale_first)
+    r = dco.process_master_keys(app, DCO, m.xml, store=True)
+    assert [e.status for e in r.entries] == ["ACCEPTED", "REJECTED", "ACCEPTED"]
+    assert len(calls) == 2
+    assert_only_stored_rows_share_trees(app, "master_keys")

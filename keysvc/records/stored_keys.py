@@ -65,9 +65,27 @@ class _StoredKeys:
         return b"".join([_LENGTH(len(b)) + b for b in parts])
 
     def tree_sealer(self, session: Any) -> TreeSealer[StoredKey]:
-        """Seals rows inside the per-key HSM loop (a session retired after use), 16 under
-        one HMAC (tree_seal.py)."""
+        """Seals rows inside an HSM loop (a session retired after use), 16 under one HMAC
+        (tree_seal.py)."""
         return TreeSealer(session, self.canonical)
+
+    def sealed(self, keys: list[StoredKey]) -> list[tuple[StoredKey, bytes]]:
+        """Each row with its tree seal, made once the rows to store are final. Only rows
+        that are stored may share a tree: a member's seal can be rebuilt from any other
+        member's seal and its own fields, so a row sealed and then dropped (a certificate
+        that fails, a device another file stored first) could be put in by a database
+        writer with a seal that verifies."""
+        if not keys:
+            return []
+        token = self.r.partitions.tokens[self.partition]
+
+        def work(sess: Any) -> list[tuple[StoredKey, bytes]]:
+            sess.retire_after_use()  # for the session copy of the seal key
+            sealer = self.tree_sealer(sess)
+            for k in keys:
+                sealer.add(k)
+            return list(zip(keys, sealer.finish()))
+        return token.run(work)
 
     def row(self, k: StoredKey, seal: bytes, created_at: dt.datetime) -> dict:
         row = self._columns(k)

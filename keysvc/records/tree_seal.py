@@ -7,7 +7,8 @@ the service cannot avoid). A file of 35,000 installations writes 140,000 rows.
 How: the rows written together are the leaves of a small Merkle tree (SHA-256, leaves and
 nodes hashed apart as RFC 6962 does: 0x00 before a leaf, 0x01 before two children); the
 token MACs only the root, under the same record-seal key and through the same canonical
-encoding as every other record (kind "record-seal-tree", no record's kind). Each row's seal
+encoding as every other record (kind "record-seal-tree", no record's kind, with the leaf
+count). Each row's seal
 is that MAC with the row's place in the tree and the sibling hashes up to the root:
 
     0x01 | leaf index (1 byte) | leaf count (1 byte) | root MAC (32) | siblings (32 each)
@@ -46,13 +47,17 @@ def _node(left: bytes, right: bytes) -> bytes:
     return _sha256(b"\x01" + left + right).digest()
 
 
-_ROOT = struct.pack(">I", len(KIND)) + KIND.encode() + struct.pack(">I", 32)
+_LENGTH = struct.Struct(">I").pack
+_KIND = _LENGTH(len(KIND)) + KIND.encode()
 
 
-def root_message(root: bytes) -> bytes:
-    """What the token MACs for a tree: `seal.canonical(KIND, root)`, the records' own
-    encoding (spelt out here, as seal.py imports this module)."""
-    return _ROOT + root
+def root_message(root: bytes, count: int) -> bytes:
+    """What the token MACs for a tree: `seal.canonical(KIND, count, root)`, the records'
+    own encoding (spelt out here, as seal.py imports this module). The leaf count is in it,
+    so that a seal's header cannot be changed to another count that happens to walk the
+    same path."""
+    n = str(count).encode()
+    return _KIND + _LENGTH(len(n)) + n + _LENGTH(32) + root
 
 
 def _paths(leaves: list[bytes]) -> tuple[bytes, list[list[bytes]]]:
@@ -81,7 +86,7 @@ def seals(datas: list[bytes], mac: Callable[[bytes], bytes]) -> list[bytes]:
     """The tree seals of up to LEAVES records (canonical encodings), `mac` made in the token."""
     assert 0 < len(datas) <= LEAVES
     root, paths = _paths([leaf(d) for d in datas])
-    head = mac(root_message(root))
+    head = mac(root_message(root, len(datas)))
     n = len(datas)
     return [bytes((FORMAT, i, n)) + head + b"".join(p) for i, p in enumerate(paths)]
 
@@ -95,6 +100,7 @@ def opened(data: bytes, seal: bytes) -> tuple[bytes, bytes] | None:
     """(the root message the token must MAC, the MAC the seal holds), or None for a seal that
     cannot be this record's in any tree (a malformed place or path)."""
     index, count = seal[1], seal[2]
+    leaves = count
     if not 0 <= index < count <= LEAVES or (len(seal) - HEADER) % 32:
         return None
     siblings = [seal[k:k + 32] for k in range(HEADER, len(seal), 32)]
@@ -109,7 +115,7 @@ def opened(data: bytes, seal: bytes) -> tuple[bytes, bytes] | None:
         index, count = index // 2, (count + 1) // 2
     if used != len(siblings):
         return None
-    return root_message(h), seal[3:HEADER]
+    return root_message(h, leaves), seal[3:HEADER]
 
 
 T = TypeVar("T")
@@ -121,10 +127,11 @@ class TreeSealer(Generic[T]):
     seals the rest and returns every seal in the order the records were added. It runs in
     the loop's session, which the caller retires after use (the key copy goes with it)."""
 
-    def __init__(self, session: Any, encode: Callable[[T], bytes]) -> None:
+    def __init__(self, session: Any, encode: Callable[[T], bytes],
+                 key_label: str = RECORD_SEAL_KEY) -> None:
         self.session = session
         self.encode = encode
-        self.key = hk.session_copy(session, RECORD_SEAL_KEY)
+        self.key = hk.session_copy(session, key_label)
         self._pending: list[bytes] = []
         self._done: list[bytes] = []
 
