@@ -151,12 +151,13 @@ class Records:
         """Current seals of this database's changing records, in the partition's token."""
         return Anchors(self.partitions.tokens[partition], f"rec:{self.instance}:")
 
-    def fetch(self, conn: Any, query: Any, record: str, *, one: bool = True) -> Any:
+    def fetch(self, conn: Any, query: Any, record: str, *, one: bool = True,
+              params: dict | None = None) -> Any:
         """Run a read; a value the database cannot even hand over as its type (a date
         that is not a date, say) is a malformed record, refused like an altered one."""
         def run(c: Any) -> Any:
             try:
-                result = c.execute(query)
+                result = c.execute(query, params)
                 return result.first() if one else result.all()
             except (ValueError, TypeError, OverflowError, UnicodeDecodeError):
                 raise self.refuse(conn, record, "is malformed") from None

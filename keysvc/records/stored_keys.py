@@ -20,13 +20,14 @@ from sqlalchemy.exc import DBAPIError
 
 from keysvc import store as st
 from keysvc.errors import error
-from keysvc.records.seal import _LENGTH
+from keysvc.records.encoding import LENGTH
 from keysvc.records.tree_seal import TreeSealer
 
 if TYPE_CHECKING:
     from keysvc.records import Records
 
 INSERT_CHUNK = 5000
+_READS: dict[tuple[str, bool], Any] = {}  # table, by role -> a read of a device's rows
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class _StoredKeys:
         parts = [self.kind.encode(), k.device_id.encode(), k.role.encode(), k.name.encode(),
                  k.chf_identifier.encode(), k.file_id.encode(), str(k.key_version).encode(),
                  k.kcv.encode(), k.wrapped]
-        return b"".join([_LENGTH(len(b)) + b for b in parts])
+        return b"".join([LENGTH(len(b)) + b for b in parts])
 
     def tree_sealer(self, session: Any) -> TreeSealer[StoredKey]:
         """Seals rows inside an HSM loop (a session retired after use), 16 under one HMAC
@@ -120,12 +121,12 @@ class _StoredKeys:
             params = [tuple(r[c] for c in order) for r in rows] if order else rows
             conn.exec_driver_sql(str(compiled), params)
 
-    def get(self, device_id: str, where: list | None = None) -> list[StoredKey]:
-        """Every stored key of the device (narrowed by `where`), each verified; a row that
-        fails refuses the whole call."""
-        q = select(self.table).where(self.table.c.device_id == device_id, *(where or []))
+    def get(self, device_id: str, roles: tuple[str, ...] = ()) -> list[StoredKey]:
+        """Every stored key of the device (of these roles, if given), each verified; a row
+        that fails refuses the whole call."""
         where_ = f"{self.table.name}/{device_id}"
-        rows = self.r.fetch(None, q, where_, one=False)
+        rows = self.r.fetch(None, self._of_device(bool(roles)), where_, one=False,
+                            params={"device_id": device_id, "roles": list(roles)})
         try:
             keys = [self._stored(r) for r in rows]
         except (ValueError, TypeError):
@@ -137,6 +138,18 @@ class _StoredKeys:
                 raise self.r.refuse(None, f"{self.table.name}/{k.device_id}/{k.role}/{k.name}",
                                     "fails its HSM seal")
         return keys
+
+    def _of_device(self, by_role: bool) -> Any:
+        """The read of a device's rows, built once: each Verify call makes it, and building
+        a statement costs SQLAlchemy three times what running a built one does."""
+        q = _READS.get((self.table.name, by_role))
+        if q is None:
+            c = self.table.c
+            q = select(self.table).where(c.device_id == bindparam("device_id"))
+            if by_role:
+                q = q.where(c.role.in_(bindparam("roles", expanding=True)))
+            _READS[(self.table.name, by_role)] = q
+        return q
 
     def _still_primary(self, used: set[int]) -> None:
         """Rows are written only under the primary storage-key version. A rotation during
@@ -344,8 +357,7 @@ class DeviceKeys(_StoredKeys):
                          _version(r.key_version), r.kcv, bytes(r.wrapped))
 
     def of_device(self, device_id: str, roles: tuple[str, ...] = ()) -> list[StoredKey]:
-        where = [self.table.c.role.in_(roles)] if roles else []
-        return sorted(self.get(device_id, where), key=lambda k: (k.role, k.name))
+        return sorted(self.get(device_id, roles), key=lambda k: (k.role, k.name))
 
 
 class MasterKeys(_StoredKeys):
