@@ -57,7 +57,6 @@ def seed(state: Path, rows: int, database_url: str) -> None:
                 sess.retire_after_use()
                 version, label = versions.storage(sess)
                 storage = hk.session_copy(sess, label)
-                sealer = stored.tree_sealer(sess)
                 out = []
                 for i in range(start, start + n):
                     obj = hk.create_session_key(sess, os.urandom(16), hk.PLAINTEXT_KEY_USAGE)
@@ -66,10 +65,9 @@ def seed(state: Path, rows: int, database_url: str) -> None:
                                   "00-00-00-00-00-00-00-01", "MGEF-SEED", version,
                                   hk.check_value(obj), hk.wrap(storage, obj))
                     hk.destroy(obj)
-                    sealer.add(k)
                     out.append(k)
-                return list(zip(out, sealer.finish()))
-            sealed = app.partitions.s1sp.run(work)
+                return out
+            sealed = stored.sealed(app.partitions.s1sp.run(work))
             with app.store.tx() as conn:
                 stored.insert_many(conn, sealed, now)
     finally:

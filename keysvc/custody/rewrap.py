@@ -124,11 +124,10 @@ class Rewrap:
         if not rows:
             return 0, True  # read on from the cursor
 
-        def work(sess: Any) -> list[tuple[Any, Any, bytes]]:
+        def work(sess: Any) -> list[tuple[Any, Any]]:
             sess.retire_after_use()  # session copies of the storage keys
             new = hk.session_copy(sess, versions.storage(sess, primary)[1])
             old: dict[int, Any] = {}
-            sealer = stored.tree_sealer(sess)
             out: list[tuple[Any, Any]] = []
             for n, k in enumerate(rows, 1):
                 if n % BREATHE_EVERY == 0:
@@ -147,19 +146,19 @@ class Rewrap:
                                     k.file_id, primary, k.kcv, hk.wrap(new, obj))
                 finally:
                     hk.destroy(obj)
-                sealer.add(moved)
                 out.append((k, moved))
-            seals = iter(sealer.finish())  # the moved rows', in their order
-            return [(k, moved, next(seals) if moved is not None else b"")
-                    for k, moved in out]
+            return out
         changes = self.hsm_loop(lambda: token.run(work))
-        for k, moved, _ in changes:
+        for k, moved in changes:
             if moved is None:
                 name = stored.record_name(k)
                 prog.bad.add(name)
                 self.app.records.flag(name, "its key's check value is not the one sealed; "
                                             "not rewrapped")
-        good = [c for c in changes if c[1] is not None]
+        olds = [k for k, moved in changes if moved is not None]
+        # Sealed as S1SP and DCO seal theirs, once the rows to write are final.
+        sealed = self.hsm_loop(lambda: stored.sealed([m for _, m in changes if m is not None]))
+        good = [(k, moved, seal) for k, (moved, seal) in zip(olds, sealed)]
         with self.app.store.tx() as conn:
             n = stored.rewrapped(conn, good)
         DONE.labels(partition).inc(n)

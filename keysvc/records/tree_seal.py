@@ -8,8 +8,8 @@ How: the rows written together are the leaves of a small Merkle tree (SHA-256, l
 nodes hashed apart as RFC 6962 does: 0x00 before a leaf, 0x01 before two children); the
 token MACs only the root, under the same record-seal key and through the same canonical
 encoding as every other record (kind "record-seal-tree", no record's kind, with the leaf
-count). Each row's seal
-is that MAC with the row's place in the tree and the sibling hashes up to the root:
+count). Each row's seal is that MAC with the row's place in the tree and the sibling
+hashes up to the root:
 
     0x01 | leaf index (1 byte) | leaf count (1 byte) | root MAC (32) | siblings (32 each)
 
@@ -26,11 +26,11 @@ more in the database), and one HMAC per 16 rows (bench/bench_s1sp.py, bench_dco.
 from __future__ import annotations
 
 import hashlib
-import struct
 from typing import Any, Callable, Generic, TypeVar
 
 from keysvc.hsm import keys as hk
 from keysvc.partitions import RECORD_SEAL_KEY
+from keysvc.records.encoding import canonical
 
 LEAVES = 16  # rows under one root: one HMAC per 16 rows, 4 siblings in each seal
 FORMAT = 1
@@ -47,17 +47,13 @@ def _node(left: bytes, right: bytes) -> bytes:
     return _sha256(b"\x01" + left + right).digest()
 
 
-_LENGTH = struct.Struct(">I").pack
-_KIND = _LENGTH(len(KIND)) + KIND.encode()
 
 
 def root_message(root: bytes, count: int) -> bytes:
-    """What the token MACs for a tree: `seal.canonical(KIND, count, root)`, the records'
-    own encoding (spelt out here, as seal.py imports this module). The leaf count is in it,
-    so that a seal's header cannot be changed to another count that happens to walk the
+    """What the token MACs for a tree, in the records' own encoding. The leaf count is in
+    it, so that a seal's header cannot be changed to another count that happens to walk the
     same path."""
-    n = str(count).encode()
-    return _KIND + _LENGTH(len(n)) + n + _LENGTH(32) + root
+    return canonical(KIND, count, root)
 
 
 def _paths(leaves: list[bytes]) -> tuple[bytes, list[list[bytes]]]:
