@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, baseline_token, bench_server, best_of
+from common import ROOT, baseline_token, bench_server, best_of_each
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 
@@ -66,9 +66,7 @@ def run(n: int = 1000, repeats: int = 5) -> dict:
             r = stub.UnwrapMasterKeys(pb.UnwrapMasterKeysRequest(file=next(it)))
             assert r.accepted_count == n, r.entries[0].problems
 
-        t_base = best_of(repeats, baseline)
-        t_floor = best_of(repeats, floor)
-        t_server = best_of(repeats, through_server)
+        t_base, t_floor, t_server = best_of_each(repeats, baseline, floor, through_server)
         return {"entries": n, "server_per_s": n / t_server, "baseline_per_s": n / t_base,
                 "ratio": t_server / t_base, "floor_per_s": n / t_floor,
                 "floor_ratio": t_server / t_floor}

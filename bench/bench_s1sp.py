@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, baseline_token, bench_server, best_of
+from common import ROOT, baseline_token, bench_server, best_of_each
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
@@ -99,9 +99,7 @@ def run(sizes=(1, 100, 1000), repeats: int = 5) -> list[dict]:
                         hk.wrap(storage, obj)
                         hk.destroy(obj)
 
-            t_base = best_of(repeats, baseline)
-            t_floor = best_of(repeats, floor)
-            t_server = best_of(repeats, through_server)
+            t_base, t_floor, t_server = best_of_each(repeats, baseline, floor, through_server)
             results.append({"installations": n, "server_s": t_server, "baseline_s": t_base,
                             "server_per_s": n / t_server, "baseline_per_s": n / t_base,
                             "ratio": t_server / t_base, "floor_per_s": n / t_floor,
