@@ -439,7 +439,7 @@ def export_device_keys(app: App, device_id: str, roles: list[str],
         raise error("WRONG_KEY_PURPOSE", f"{export_key_name!r} is not an EXPORT key")
     if k.state != "ENABLED":
         raise error("TRANSPORT_KEY_DISABLED", f"export key {export_key_name!r} is disabled")
-    stored = _stored_keys(app, device_id, tuple(roles))
+    stored = _stored_keys(app, device_id, tuple(sorted(set(roles))))
 
     def work(sess) -> list[ExportedKey]:
         out = []

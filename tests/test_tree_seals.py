@@ -116,6 +116,25 @@ def test_a_seal_moved_to_another_row_of_its_own_tree_is_record_seal_invalid(mast
     assert dco.verify_master_key(app, b.esme, enc.kcv(b.master_key))  # its owner still opens
 
 
+def test_a_sealed_row_of_another_device_answered_by_the_database_is_refused(master_keys,
+                                                                            monkeypatch):
+    """The WHERE of a read is the database's word: a database server that answers with
+    another device's (well-sealed) row is refused, not believed."""
+    app, m = master_keys
+    a, b = m.insts[0], m.insts[1]
+    real = app.records.fetch
+
+    def lying(conn, query, record, *, one=True, params=None):
+        asked = dict(params or {})
+        if asked.get("device_id") == a.esme:
+            asked["device_id"] = b.esme
+        return real(conn, query, record, one=one, params=asked)
+    monkeypatch.setattr(app.records, "fetch", lying)
+    refused(dco.verify_master_key, app, a.esme, enc.kcv(b.master_key))
+    assert_audited(app, "master_keys/" + b.esme)
+    assert dco.verify_master_key(app, b.esme, enc.kcv(b.master_key))
+
+
 @pytest.mark.parametrize("edit", ["place", "sibling", "root", "short", "long", "format"])
 def test_an_edited_tree_seal_is_record_seal_invalid_never_internal(master_keys, edit):
     app, m = master_keys

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from keysvc.records import Records
 
 INSERT_CHUNK = 5000
-_READS: dict[tuple[str, bool], Any] = {}  # table, by role -> a read of a device's rows
+_READS: dict[tuple[Table, bool], Any] = {}  # table, by role -> a read of a device's rows
 
 
 @dataclass(frozen=True)
@@ -137,18 +137,23 @@ class _StoredKeys:
             if not good:
                 raise self.r.refuse(None, f"{self.table.name}/{k.device_id}/{k.role}/{k.name}",
                                     "fails its HSM seal")
+            if k.device_id != device_id or (roles and k.role not in roles):
+                # Sealed, but not what was asked for: the read's WHERE is the database's
+                # word, and the database is not trusted.
+                raise self.r.refuse(None, f"{self.table.name}/{k.device_id}/{k.role}/{k.name}",
+                                    f"was returned for {device_id}")
         return keys
 
     def _of_device(self, by_role: bool) -> Any:
         """The read of a device's rows, built once: each Verify call makes it, and building
         a statement costs SQLAlchemy three times what running a built one does."""
-        q = _READS.get((self.table.name, by_role))
+        q = _READS.get((self.table, by_role))
         if q is None:
             c = self.table.c
             q = select(self.table).where(c.device_id == bindparam("device_id"))
             if by_role:
                 q = q.where(c.role.in_(bindparam("roles", expanding=True)))
-            _READS[(self.table.name, by_role)] = q
+            _READS[(self.table, by_role)] = q
         return q
 
     def _still_primary(self, used: set[int]) -> None:

@@ -47,8 +47,6 @@ def _node(left: bytes, right: bytes) -> bytes:
     return _sha256(b"\x01" + left + right).digest()
 
 
-
-
 def root_message(root: bytes, count: int) -> bytes:
     """What the token MACs for a tree, in the records' own encoding. The leaf count is in
     it, so that a seal's header cannot be changed to another count that happens to walk the
