@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 STATE ?= .keysvc
 LISTEN ?= 127.0.0.1:50051
 PROCESSES ?= 1
+# Test processes (pytest-xdist): one per core; each has its own tokens and PostgreSQL database.
+TEST_WORKERS ?= auto
 PROTO := protos/keysvc/api/v1/keysvc.proto
 GEN := keysvc/api/v1/keysvc_pb2.py
 
@@ -17,7 +19,8 @@ run: deps
 
 test: deps lint
 	@url=$$(scripts/test-postgres start) && \
-	  KEYSVC_TEST_PG_URL=$$url $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	  KEYSVC_TEST_PG_URL=$$url $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+	    $(PYTEST_ARGS); rc=$$?; \
 	  scripts/test-postgres stop; \
 	  if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc
 

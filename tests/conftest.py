@@ -7,7 +7,9 @@ PKCS11_MODULE / KEYSVC_* variables may point the suite at another PKCS#11 module
 """
 from __future__ import annotations
 
+import functools
 import os
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -101,11 +103,23 @@ def app(state_dir, _partitions, tmp_path) -> App:
 
 
 def postgres_url() -> str | None:
-    """The test PostgreSQL (make test starts one); in CI its absence is a failure."""
+    """The test PostgreSQL (make test starts one); in CI its absence is a failure. Each
+    pytest-xdist worker has a database of its own (tests reset the schema they use)."""
     url = os.environ.get("KEYSVC_TEST_PG_URL")
     if not url and os.environ.get("CI"):
         pytest.fail("KEYSVC_TEST_PG_URL is not set: run the suite with `make test`")
-    return url
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    return _worker_database(url, worker) if url and worker else url
+
+
+@functools.lru_cache(maxsize=None)
+def _worker_database(base: str, worker: str) -> str:
+    import psycopg
+    name = f"keysvc_test_{re.sub(r'[^a-z0-9]', '', worker.lower())}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
+    return base.rsplit("/", 1)[0] + "/" + name
 
 
 def fresh_postgres_database(prefix: str) -> str:

@@ -927,7 +927,7 @@ def test_exported_device_keys_unwrap_under_the_export_key_to_the_device_keys(kit
     (KW_NAME, "WRONG_KEY_PURPOSE"),
     (DCO_NAME, "WRONG_KEY_PURPOSE"),
     ("NO-SUCH-EXPORT-KEY", "UNKNOWN_TRANSPORT_KEY"),
-])
+], ids=["s1sp-transport-key", "dco-transport-key", "unknown-key"])  # the names are random
 def test_export_under_a_key_that_is_not_an_export_key_is_refused(kit, export_key, name, code):
     ensure_key(kit.app, DCO_NAME, aes=DCO_KEY, purpose="DCO_TRANSPORT")
     insts = kit.installations(1)
