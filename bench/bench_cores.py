@@ -11,6 +11,11 @@ server; the figures are what this machine does with both on it.
 Targets (2 cores): with 64 clients, >= 1,000 calls/s, p99 <= 100 ms, >= 1.7x the
 throughput of 1 client, 0 errors, audit events = calls.
 
+Beside each 64-client figure: the CPU each call cost the server (all its processes) and the
+clients, and the *transport floor*: the same clients calling the unaudited health check of
+the same server (gRPC, mTLS and the interceptor, nothing else), which is as far as these
+calls could go on this machine.
+
     .venv/bin/python bench/bench_cores.py [--seconds 20] [--clients 64] [--processes 2]
 """
 from __future__ import annotations
@@ -45,17 +50,25 @@ def _events(state: Path) -> int:
 
 def _client_process(target: str, state: str, calls: dict, threads: int, seconds: float,
                     out: "mp.Queue") -> None:
-    """`threads` clients, each with its own channels, until the deadline."""
+    """`threads` clients, each with its own channels, until the deadline. `calls` empty:
+    health checks (the transport floor)."""
     sys.path.insert(0, str(ROOT))
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     from keysvc.api.v1 import keysvc_pb2 as pb
     from keysvc.client import connect
 
     tally = Tally()
     stubs = [(connect(target, Path(state), "s1sp").s1sp, connect(target, Path(state), "dco").dco)
              for _ in range(threads)]
+    health = [health_pb2_grpc.HealthStub(connect(target, Path(state), "s1sp").channel)
+              for _ in range(threads)] if not calls else []
     for s1sp, dco in stubs:  # connected (TLS handshakes done) before the clock starts
-        dco.VerifyMasterKey(pb.VerifyMasterKeyRequest(device_id=calls["mk_device"],
-                                                      expected_kcv=calls["mk_kcv"]))
+        if calls:
+            dco.VerifyMasterKey(pb.VerifyMasterKeyRequest(device_id=calls["mk_device"],
+                                                          expected_kcv=calls["mk_kcv"]))
+    for h in health:
+        h.Check(health_pb2.HealthCheckRequest())
     start = time.monotonic() + 0.5
     deadline = start + seconds
 
@@ -65,7 +78,9 @@ def _client_process(target: str, state: str, calls: dict, threads: int, seconds:
         time.sleep(max(0.0, start - time.monotonic()))
         while time.monotonic() < deadline:
             k += 1
-            if k % 2:
+            if not calls:
+                tally.time(lambda: health[i].Check(health_pb2.HealthCheckRequest(), timeout=30))
+            elif k % 2:
                 tally.time(lambda: s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
                     device_id=calls["device"], expected_kcv=calls["kcv"]), timeout=30))
             else:
@@ -78,12 +93,31 @@ def _client_process(target: str, state: str, calls: dict, threads: int, seconds:
     out.put((tally.latencies, tally.errors))
 
 
-def _load(target: str, state: Path, calls: dict, clients: int, seconds: float) -> dict:
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes so far (a process gone counts nothing)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _server_pids(proc: subprocess.Popen) -> list[int]:
+    kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    return [proc.pid, *[int(k) for k in kids.stdout.split()]]
+
+
+def _load(target: str, state: Path, calls: dict, clients: int, seconds: float,
+          server: list[int] = ()) -> dict:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = min(CLIENT_PROCESSES, clients)
     per = [clients // procs + (i < clients % procs) for i in range(procs)]
     before = _events(state)
+    cpu_before, mine_before = _cpu_seconds(server), os.times()
     ps = [ctx.Process(target=_client_process, args=(target, str(state), calls, n, seconds, out))
           for n in per]
     [p.start() for p in ps]
@@ -94,6 +128,10 @@ def _load(target: str, state: Path, calls: dict, clients: int, seconds: float) -
         lat += got_lat
         errors += got_err
     [p.join() for p in ps]
+    mine = os.times()
+    server_cpu = _cpu_seconds(server) - cpu_before  # (clients' set-up included: a bound)
+    client_cpu = (mine.children_user + mine.children_system
+                  - mine_before.children_user - mine_before.children_system)
     time.sleep(0.5)
     events = _events(state) - before - clients  # (less one warm-up call per client)
     lat.sort()
@@ -102,7 +140,9 @@ def _load(target: str, state: Path, calls: dict, clients: int, seconds: float) -
         return lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else 0.0
     return {"clients": clients, "calls": len(lat), "errors": errors,
             "throughput": len(lat) / seconds, "p50_ms": pct(0.5), "p99_ms": pct(0.99),
-            "events": events, "calls_made": len(lat) + len(errors)}
+            "events": events, "calls_made": len(lat) + len(errors),
+            "server_ms": server_cpu * 1000 / max(1, len(lat)),
+            "client_ms": client_cpu * 1000 / max(1, len(lat))}
 
 
 def measure(processes: int, clients: int, seconds: float) -> dict:
@@ -115,8 +155,10 @@ def measure(processes: int, clients: int, seconds: float) -> dict:
     proc, target = _start(state, processes)
     try:
         calls = one_installation(target, state, factory, "CORES")
+        pids = _server_pids(proc)
         one = _load(target, state, calls, 1, seconds)
-        many = _load(target, state, calls, clients, seconds)
+        many = _load(target, state, calls, clients, seconds, pids)
+        floor = _load(target, state, {}, clients, seconds, pids)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         rc = proc.wait(60)
@@ -124,17 +166,21 @@ def measure(processes: int, clients: int, seconds: float) -> dict:
         print(f"    (errors: the server's state and log are kept in {state})")
     else:
         shutil.rmtree(work, ignore_errors=True)
-    return {"processes": processes, "one": one, "many": many, "rc": rc,
+    return {"processes": processes, "one": one, "many": many, "floor": floor, "rc": rc,
             "scaling": many["throughput"] / one["throughput"] if one["throughput"] else 0.0}
 
 
 def line(r: dict) -> str:
-    m, o = r["many"], r["one"]
+    m, o, f = r["many"], r["one"], r["floor"]
     return (f"  {r['processes']} process{'es' if r['processes'] > 1 else '  '}: 1 client "
             f"{o['throughput']:5.0f} calls/s; {m['clients']} clients {m['throughput']:5.0f} "
             f"calls/s, p50 {m['p50_ms']:5.1f} ms, p99 {m['p99_ms']:6.1f} ms, x{r['scaling']:.2f} "
             f"of 1 client, errors {len(m['errors']) + len(o['errors'])}, events "
-            f"{m['events'] + o['events']} / calls {m['calls_made'] + o['calls_made']}")
+            f"{m['events'] + o['events']} / calls {m['calls_made'] + o['calls_made']}\n"
+            f"               CPU a call: server {m['server_ms']:.2f} ms, clients "
+            f"{m['client_ms']:.2f} ms; transport floor (unaudited health checks) "
+            f"{f['throughput']:5.0f} calls/s (server {f['server_ms']:.2f} ms, clients "
+            f"{f['client_ms']:.2f} ms a call), errors {len(f['errors'])}")
 
 
 def run(clients: int = 64, seconds: float = 20.0, processes: int = 2) -> list[dict]:
