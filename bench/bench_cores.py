@@ -12,9 +12,9 @@ Targets (2 cores): with 64 clients, >= 1,000 calls/s, p99 <= 100 ms, >= 1.7x the
 throughput of 1 client, 0 errors, audit events = calls.
 
 Beside each 64-client figure: the CPU each call cost the server (all its processes) and the
-clients, and the *transport floor*: the same clients calling the unaudited health check of
-the same server (gRPC, mTLS and the interceptor, nothing else), which is as far as these
-calls could go on this machine.
+clients, the server's context switches a call, and the *transport floor*: the same clients
+calling the unaudited health check of the same server (gRPC, mTLS and the interceptor,
+nothing else), which is as far as these calls could go on this machine.
 
     .venv/bin/python bench/bench_cores.py [--seconds 20] [--clients 64] [--processes 2]
 """
@@ -105,6 +105,27 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def _switches(pids: list[int]) -> int:
+    """Context switches (voluntary and not) of every thread of these processes so far: each
+    is a hand-over of the GIL, a lock or the CPU, the cost session 15 found most between
+    an audited call (~33 in a worker) and the health check (~14)."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                for row in (task / "status").read_text().splitlines():
+                    name, _, value = row.partition(":")
+                    if name.endswith("ctxt_switches"):  # voluntary_ and nonvoluntary_
+                        total += int(value)
+            except (OSError, ValueError):
+                pass
+    return total
+
+
 def _server_pids(proc: subprocess.Popen) -> list[int]:
     kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
     return [proc.pid, *[int(k) for k in kids.stdout.split()]]
@@ -118,6 +139,7 @@ def _load(target: str, state: Path, calls: dict, clients: int, seconds: float,
     per = [clients // procs + (i < clients % procs) for i in range(procs)]
     before = _events(state)
     cpu_before, mine_before = _cpu_seconds(server), os.times()
+    switches_before = _switches(server)
     ps = [ctx.Process(target=_client_process, args=(target, str(state), calls, n, seconds, out))
           for n in per]
     [p.start() for p in ps]
@@ -130,6 +152,7 @@ def _load(target: str, state: Path, calls: dict, clients: int, seconds: float,
     [p.join() for p in ps]
     mine = os.times()
     server_cpu = _cpu_seconds(server) - cpu_before  # (clients' set-up included: a bound)
+    switches = _switches(server) - switches_before
     client_cpu = (mine.children_user + mine.children_system
                   - mine_before.children_user - mine_before.children_system)
     time.sleep(0.5)
@@ -142,7 +165,8 @@ def _load(target: str, state: Path, calls: dict, clients: int, seconds: float,
             "throughput": len(lat) / seconds, "p50_ms": pct(0.5), "p99_ms": pct(0.99),
             "events": events, "calls_made": len(lat) + len(errors),
             "server_ms": server_cpu * 1000 / max(1, len(lat)),
-            "client_ms": client_cpu * 1000 / max(1, len(lat))}
+            "client_ms": client_cpu * 1000 / max(1, len(lat)),
+            "switches": switches / max(1, len(lat))}
 
 
 def measure(processes: int, clients: int, seconds: float) -> dict:
@@ -177,10 +201,11 @@ def line(r: dict) -> str:
             f"calls/s, p50 {m['p50_ms']:5.1f} ms, p99 {m['p99_ms']:6.1f} ms, x{r['scaling']:.2f} "
             f"of 1 client, errors {len(m['errors']) + len(o['errors'])}, events "
             f"{m['events'] + o['events']} / calls {m['calls_made'] + o['calls_made']}\n"
-            f"               CPU a call: server {m['server_ms']:.2f} ms, clients "
-            f"{m['client_ms']:.2f} ms; transport floor (unaudited health checks) "
-            f"{f['throughput']:5.0f} calls/s (server {f['server_ms']:.2f} ms, clients "
-            f"{f['client_ms']:.2f} ms a call), errors {len(f['errors'])}")
+            f"               a call: server {m['server_ms']:.2f} ms CPU and {m['switches']:.0f} "
+            f"context switches, clients {m['client_ms']:.2f} ms CPU; transport floor "
+            f"(unaudited health checks) {f['throughput']:5.0f} calls/s (server "
+            f"{f['server_ms']:.2f} ms and {f['switches']:.0f}, clients {f['client_ms']:.2f} "
+            f"ms a call), errors {len(f['errors'])}")
 
 
 def run(clients: int = 64, seconds: float = 20.0, processes: int = 2) -> list[dict]:
