@@ -461,3 +461,22 @@ def test_a_call_that_failed_unavailable_says_when_to_retry(srv):
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)
                for d in rpc_status.from_call(info.value).details)
+
+
+def test_the_event_of_a_call_that_changed_nothing_names_its_target(srv):
+    """The event of a call that changed nothing names what it was about (the servicer's
+    target): a refused lookup of a device, of a key. (An independent review in session 15
+    found a server change that dropped it, and no test that noticed.)"""
+    device = "10-00-00-00-00-00-00-77"
+    with pytest.raises(grpc.RpcError):
+        srv.as_("s1sp").s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
+            device_id=device, expected_kcv="000000"))
+    with pytest.raises(grpc.RpcError):
+        srv.as_("security-officer-1").admin.GetKey(pb.GetKeyRequest(name="NO-SUCH-KEY-XYZ"))
+    def events(action: str) -> list:
+        return list(srv.as_("auditor").audit.ListAuditEvents(pb.ListAuditEventsRequest(
+            action=action, page_size=1000)).events)
+    assert any(e.target == device and e.code == "DEVICE_KEY_NOT_FOUND"
+               for e in events("keysvc.v1.S1SPService/VerifyPrepaymentKey"))
+    assert any(e.target == "NO-SUCH-KEY-XYZ" and e.code == "KEY_NOT_FOUND"
+               for e in events("keysvc.v1.KeyAdministrationService/GetKey"))
