@@ -53,6 +53,43 @@ UNAUDITED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerRe
 DENIALS = ("ROLE_NOT_PERMITTED", "CERTIFICATE_NOT_ACCEPTED", "CERTIFICATE_REVOKED",
            "OFFICER_NOT_ENROLLED")
 
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+
+
+class HealthStreams:
+    """The open health Watch streams. A Watch streams each change of status and never ends
+    by itself: it runs as the servicer made it, non-blocking (an open stream holds no
+    thread), and the server ends the open ones when it stops, once they were told
+    NOT_SERVING (else the drain would wait its whole grace for them)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: set[Callable[[Any], None]] = set()
+
+    def handler(self, handler: Any) -> Any:
+        inner = handler.unary_stream
+
+        def watch(request: Any, context: grpc.ServicerContext,
+                  send: Callable[[Any], None]) -> Any:
+            with self._lock:
+                self._open.add(send)
+            context.add_callback(lambda: self._forget(send))
+            return inner(request, context, send_response_callback=send)
+        watch.experimental_non_blocking = True  # type: ignore[attr-defined]
+        return grpc.unary_stream_rpc_method_handler(
+            watch, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+    def _forget(self, send: Callable[[Any], None]) -> None:
+        with self._lock:
+            self._open.discard(send)
+
+    def end(self) -> None:
+        with self._lock:
+            ending, self._open = self._open, set()
+        for send in ending:
+            send(None)  # the end of the stream (status OK)
+
 REFLECTION_SERVICES = ("grpc.reflection.v1alpha.ServerReflection",
                        "grpc.reflection.v1.ServerReflection")
 
@@ -210,8 +247,8 @@ def served_services(app: App) -> list[str]:
 
 
 class KeysvcInterceptor(grpc.ServerInterceptor):
-    def __init__(self, app: App) -> None:
-        self.app = app
+    def __init__(self, app: App, health_streams: HealthStreams) -> None:
+        self.app, self.health_streams = app, health_streams
 
     def _not_served(self, method: str) -> Any:
         """A call to the other organisation's service: the role check and the audit event
@@ -230,6 +267,12 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
+        if handler is not None and details.method == HEALTH_WATCH:
+            # Not audited (as Check). Gathered like the audited streams, each Watch never
+            # sent a status and held one of the `workers` threads for as long as it was
+            # open: any certificate from the client CA could stop every call of a worker
+            # with 16 of them (review, session 16).
+            return self.health_streams.handler(handler)
         if handler is not None and handler.stream_stream is not None \
                 and details.method.split("/")[1] in REFLECTION_SERVICES:
             return _reflection_needs_a_role(self.app, handler)
@@ -314,18 +357,18 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
         if failure is not None:
             outcome = "DENIED" if code in DENIALS else "ERROR"
         if audited:
-            # Fail closed: a call whose event is not kept returns nothing but that (a call
-            # that failed anyway keeps its own reason).
+            # Fail closed: a call whose event is not kept returns nothing but that, also
+            # one that failed anyway: its own reason (KEY_NOT_FOUND, say) would answer
+            # a question nothing recorded (review, session 16). The log keeps it.
             try:
                 with tracing.span("audit.write"):
                     self.app.audit.finish(call, outcome, code)
             except Exception as exc:
                 refusal = exc if isinstance(exc, KeysvcError) else \
                     error("AUDIT_UNAVAILABLE", "the audit trail cannot be written")
-                log.error("audit not kept; the call fails closed",
+                log.error("audit not kept; the call (which ended %s) fails closed", code,
                           extra={"method": method.rsplit("/", 1)[-1], "code": refusal.code})
-                if failure is None:
-                    failure, code, response = refusal, refusal.code, None
+                failure, code, response = refusal, refusal.code, None
         elapsed = time.perf_counter() - started
         short = method.rsplit("/", 1)[-1]
         REQUESTS.labels(short, code).inc()
@@ -365,9 +408,11 @@ class HealthWatch(threading.Thread):
     chained, and the client CRLs are read again every `client_crl_refresh_seconds` or when
     `reload` is set (SIGHUP)."""
 
-    def __init__(self, app: App, servicer: health.HealthServicer, every: float = 1.0) -> None:
+    def __init__(self, app: App, servicer: health.HealthServicer, every: float = 1.0,
+                 streams: HealthStreams | None = None) -> None:
         super().__init__(daemon=True, name="health-watch")
         self.app, self.servicer, self.every = app, servicer, every
+        self.streams = streams or HealthStreams()
         self.stopped = threading.Event()
         self.reload = threading.Event()
         self.crls_read_at = time.monotonic()
@@ -454,8 +499,9 @@ def build_server(app: App, listen: str) -> tuple[grpc.Server, int, HealthWatch]:
     from keysvc.servicers import register_all
     s = app.settings
     max_msg = s.max_file_bytes * 2 + (1 << 20)
+    streams = HealthStreams()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=s.workers),
-                         interceptors=[KeysvcInterceptor(app)],
+                         interceptors=[KeysvcInterceptor(app, streams)],
                          options=[("grpc.max_receive_message_length", max_msg),
                                   ("grpc.max_send_message_length", max_msg),
                                   # gRPC allows a second server on a bound port by default:
@@ -468,7 +514,7 @@ def build_server(app: App, listen: str) -> tuple[grpc.Server, int, HealthWatch]:
              for n in keysvc_pb2.DESCRIPTOR.services_by_name]
     reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME],
                                         server)
-    watch = HealthWatch(app, health_servicer)
+    watch = HealthWatch(app, health_servicer, streams=streams)
     watch.check()
     # The port last: it listens from here on, and a connection that arrives before the
     # server starts (a worker process joining the others' port) waits the shortest time.
@@ -578,9 +624,14 @@ def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, 
     while not done.wait(1.0):
         pass
     watch.stopped.set()
+    # NOT_SERVING from here on, to Check and to every open Watch: a balancer sends no new
+    # calls to a server that drains.
+    watch.servicer.enter_graceful_shutdown()
     if rewrap is not None:
         rewrap.stop()
-    server.stop(grace=30).wait()
+    stopped = server.stop(grace=30)  # no new call from here on
+    watch.streams.end()
+    stopped.wait()
     tracing.shutdown()
     app.close()
     log.info("stopped")

@@ -160,6 +160,25 @@ def test_an_outside_write_lock_fails_calls_closed_in_bounded_time_and_health_say
     assert _verify(srv).intact
 
 
+def test_a_call_that_failed_anyway_answers_only_audit_unavailable_when_its_event_is_lost(srv):
+    """Fail closed means nothing but AUDIT_UNAVAILABLE, also for a call that failed anyway:
+    a lookup made while the audit trail cannot be written must not say whether the key or
+    the device exists, which no event would record. (Review, session 16: it said
+    KEY_NOT_FOUND.)"""
+    lock = _db(srv)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        assert _reason(lambda: srv.as_("security-officer-1").admin.GetKey(pb.GetKeyRequest(
+            name="NO-SUCH-KEY-WHILE-LOCKED"))) == "AUDIT_UNAVAILABLE"
+        assert _reason(lambda: srv.as_("s1sp").s1sp.VerifyPrepaymentKey(
+            pb.VerifyPrepaymentKeyRequest(device_id="10-00-00-00-00-00-00-78",
+                                          expected_kcv="000000"))) == "AUDIT_UNAVAILABLE"
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert _until(lambda: _health(srv) == health_pb2.HealthCheckResponse.SERVING)
+
+
 def _cli(*args: str, server=None) -> subprocess.CompletedProcess:
     """`keysvc ARGS`, against `server` if given, wide enough that no line wraps."""
     where = ["--state-dir", str(server.state_dir), "--server", server.target] if server else []

@@ -109,6 +109,22 @@ def test_health_reports_serving(server):
     assert health_check(ch, "keysvc.v1.S1SPService") == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_a_health_watch_streams_its_status_and_holds_no_thread(server):
+    """Watch sends the status at once, and open Watch streams hold no thread: more of them
+    than the server has (`workers`, 16) leave every call answering. (Gathered like an
+    audited stream, a Watch sent nothing and held a thread for good: any certificate from
+    the client CA could stop a worker's calls; review, session 16.)"""
+    stub = health_pb2_grpc.HealthStub(server.as_("auditor").channel)
+    watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(24)]
+    try:
+        assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.SERVING] * 24
+        assert health_check(server.as_("s1sp").channel) == health_pb2.HealthCheckResponse.SERVING
+        server.as_("security-officer-1").admin.ListKeys(pb.ListKeysRequest(), timeout=10)
+    finally:
+        for w in watches:
+            w.cancel()
+
+
 def test_reflection_lists_the_s1sp_service(server):
     services = ProtoReflectionDescriptorDatabase(server.as_("s1sp").channel).get_services()
     assert "keysvc.v1.S1SPService" in services
@@ -141,7 +157,7 @@ def test_every_call_allowed_or_denied_appends_one_audit_event_and_the_log_verifi
 
 
 # --------------------------------------------------------------------------- shutdown
-def test_sigterm_drains_the_call_in_flight_and_exits_zero(tmp_path):
+def test_sigterm_drains_the_call_in_flight_tells_health_watchers_and_exits_zero(tmp_path):
     srv = start_server(tmp_path / "state")
     try:
         name, kek = unique("S1SP-TK"), os.urandom(32)
@@ -151,6 +167,9 @@ def test_sigterm_drains_the_call_in_flight_and_exits_zero(tmp_path):
                          dco_key_name="DCO-UNUSED", dco_kek=os.urandom(32))
         call = srv.as_("s1sp").s1sp.ProcessGroupInformation.future(
             pb.ProcessGroupInformationRequest(file=big), timeout=60)
+        watch = health_pb2_grpc.HealthStub(srv.as_("auditor").channel).Watch(
+            health_pb2.HealthCheckRequest(), timeout=60)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         # SIGTERM once the call is being processed (about 3 s of HSM work), not while the
         # file is still being received: the server logs a file's arrival.
         deadline = time.monotonic() + 30
@@ -158,6 +177,9 @@ def test_sigterm_drains_the_call_in_flight_and_exits_zero(tmp_path):
             time.sleep(0.02)
         srv.proc.send_signal(signal.SIGTERM)
 
+        # A balancer watching health hears NOT_SERVING at once, then its stream ends (an
+        # open Watch never ends by itself: the drain would wait its whole grace for it).
+        assert [r.status for r in watch] == [health_pb2.HealthCheckResponse.NOT_SERVING]
         assert call.result().accepted_count == 6000
         assert srv.proc.wait(30) == 0
     finally:
