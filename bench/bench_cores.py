@@ -35,13 +35,31 @@ from pathlib import Path
 from common import ROOT, Tally, audit_events, one_installation, start_serve
 
 sys.path.insert(0, str(ROOT))
+from tests.serverproc import free_port  # noqa: E402
 
 ACTIONS = ("keysvc.v1.S1SPService/VerifyPrepaymentKey", "keysvc.v1.DCOService/VerifyMasterKey")
 CLIENT_PROCESSES = 4
 
 
-def _start(state: Path, processes: int) -> tuple[subprocess.Popen, str]:
-    return start_serve(ROOT, state, "--processes", str(processes))
+def _start(state: Path, processes: int, metrics: int) -> tuple[subprocess.Popen, str]:
+    return start_serve(ROOT, state, "--processes", str(processes),
+                       env={"KEYSVC_METRICS_LISTEN": f"127.0.0.1:{metrics}"})
+
+
+def _batches(metrics: int, processes: int) -> tuple[float, float]:
+    """Audit batches written and the events they held so far, over every worker (worker i
+    serves its metrics on the port + i): how well the writers group the calls' events."""
+    import urllib.request
+    batches = events = 0.0
+    for i in range(processes):
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics + i}/metrics",
+                                      timeout=10).read().decode()
+        for row in body.splitlines():
+            if row.startswith("keysvc_audit_batch_events_count "):
+                batches += float(row.split()[1])
+            elif row.startswith("keysvc_audit_batch_events_sum "):
+                events += float(row.split()[1])
+    return batches, events
 
 
 def _events(state: Path) -> int:
@@ -132,7 +150,7 @@ def _server_pids(proc: subprocess.Popen) -> list[int]:
 
 
 def _load(target: str, state: Path, calls: dict, clients: int, seconds: float,
-          server: list[int] = ()) -> dict:
+          server: list[int] = (), metrics: tuple[int, int] | None = None) -> dict:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = min(CLIENT_PROCESSES, clients)
@@ -140,6 +158,7 @@ def _load(target: str, state: Path, calls: dict, clients: int, seconds: float,
     before = _events(state)
     cpu_before, mine_before = _cpu_seconds(server), os.times()
     switches_before = _switches(server)
+    batches_before = _batches(*metrics) if metrics else (0.0, 0.0)
     ps = [ctx.Process(target=_client_process, args=(target, str(state), calls, n, seconds, out))
           for n in per]
     [p.start() for p in ps]
@@ -157,6 +176,8 @@ def _load(target: str, state: Path, calls: dict, clients: int, seconds: float,
                   - mine_before.children_user - mine_before.children_system)
     time.sleep(0.5)
     events = _events(state) - before - clients  # (less one warm-up call per client)
+    batches_after = _batches(*metrics) if metrics else (0.0, 0.0)
+    batches = batches_after[0] - batches_before[0]
     lat.sort()
 
     def pct(p: float) -> float:
@@ -166,7 +187,8 @@ def _load(target: str, state: Path, calls: dict, clients: int, seconds: float,
             "events": events, "calls_made": len(lat) + len(errors),
             "server_ms": server_cpu * 1000 / max(1, len(lat)),
             "client_ms": client_cpu * 1000 / max(1, len(lat)),
-            "switches": switches / max(1, len(lat))}
+            "switches": switches / max(1, len(lat)),
+            "per_batch": (batches_after[1] - batches_before[1]) / batches if batches else 0.0}
 
 
 def measure(processes: int, clients: int, seconds: float) -> dict:
@@ -176,12 +198,13 @@ def measure(processes: int, clients: int, seconds: float) -> dict:
     from tests.support import encoder
     factory = encoder.DeviceCertificateFactory()
     (state / "trust-anchors" / "ca.pem").write_bytes(factory.ca_pem)
-    proc, target = _start(state, processes)
+    metrics = free_port()  # (and the next processes - 1 ports, one a worker)
+    proc, target = _start(state, processes, metrics)
     try:
         calls = one_installation(target, state, factory, "CORES")
         pids = _server_pids(proc)
         one = _load(target, state, calls, 1, seconds)
-        many = _load(target, state, calls, clients, seconds, pids)
+        many = _load(target, state, calls, clients, seconds, pids, (metrics, processes))
         floor = _load(target, state, {}, clients, seconds, pids)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -202,7 +225,8 @@ def line(r: dict) -> str:
             f"of 1 client, errors {len(m['errors']) + len(o['errors'])}, events "
             f"{m['events'] + o['events']} / calls {m['calls_made'] + o['calls_made']}\n"
             f"               a call: server {m['server_ms']:.2f} ms CPU and {m['switches']:.0f} "
-            f"context switches, clients {m['client_ms']:.2f} ms CPU; transport floor "
+            f"context switches, {m['per_batch']:.1f} events an audit batch, clients "
+            f"{m['client_ms']:.2f} ms CPU; transport floor "
             f"(unaudited health checks) {f['throughput']:5.0f} calls/s (server "
             f"{f['server_ms']:.2f} ms and {f['switches']:.0f}, clients {f['client_ms']:.2f} "
             f"ms a call), errors {len(f['errors'])}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 
 import pytest
@@ -47,6 +48,16 @@ def test_metrics_count_requests_per_rpc_and_outcome_code(observed):
     assert 'keysvc_requests_total{code="OK",method="ProcessGroupInformation"} 1.0' in body
     assert 'keysvc_requests_total{code="OK",method="UnwrapMasterKeys"} 1.0' in body
     assert 'keysvc_request_seconds_bucket{code="OK",le="0.5",method="UnwrapMasterKeys"}' in body
+
+
+def test_metrics_count_the_events_each_audit_batch_holds(observed):
+    """How well the audit writer groups the calls' events (each batch has a fixed cost):
+    batches counted, and every event of them."""
+    _, url, _ = observed
+    body = _scrape(url)
+    batches = float(re.search(r"^keysvc_audit_batch_events_count (\S+)$", body, re.M)[1])
+    events = float(re.search(r"^keysvc_audit_batch_events_sum (\S+)$", body, re.M)[1])
+    assert batches >= 2 and events >= batches  # ProcessGroupInformation, UnwrapMasterKeys
 
 
 def test_metrics_report_hsm_session_pool_gauges(observed):

@@ -36,7 +36,13 @@ from keysvc.custody.versions import label as version_label
 from keysvc.errors import error
 from keysvc.hsm import HsmError
 from keysvc.hsm import keys as hk
-from keysvc.observability import AUDIT_ANCHORS, AUDIT_FAILURES, AUDIT_LAG, AUDIT_SINK_LAG
+from keysvc.observability import (
+    AUDIT_ANCHORS,
+    AUDIT_BATCH,
+    AUDIT_FAILURES,
+    AUDIT_LAG,
+    AUDIT_SINK_LAG,
+)
 from keysvc.partitions import AUDIT_MAC_KEY
 
 log = logging.getLogger("keysvc.audit.writer")
@@ -217,6 +223,7 @@ class AuditWriter:
         except Exception:
             self._unchained(events)  # the sink keeps them: they happened
             raise
+        AUDIT_BATCH.observe(len(chained))
         by_id = {c.event.id: c.event for c in chained}
         for p in batch:
             p.chained = [by_id[e.id] for e in p.events]
