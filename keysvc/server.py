@@ -359,7 +359,8 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
         if audited:
             # Fail closed: a call whose event is not kept returns nothing but that, also
             # one that failed anyway: its own reason (KEY_NOT_FOUND, say) would answer
-            # a question nothing recorded (review, session 16). The log keeps it.
+            # a question nothing recorded (review, session 16); the log keeps it. Only an
+            # outage keeps its own reason (HSM_UNAVAILABLE: the cause, about no key).
             try:
                 with tracing.span("audit.write"):
                     self.app.audit.finish(call, outcome, code)
@@ -368,7 +369,8 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
                     error("AUDIT_UNAVAILABLE", "the audit trail cannot be written")
                 log.error("audit not kept; the call (which ended %s) fails closed", code,
                           extra={"method": method.rsplit("/", 1)[-1], "code": refusal.code})
-                failure, code, response = refusal, refusal.code, None
+                if failure is None or failure.status != grpc.StatusCode.UNAVAILABLE:
+                    failure, code, response = refusal, refusal.code, None
         elapsed = time.perf_counter() - started
         short = method.rsplit("/", 1)[-1]
         REQUESTS.labels(short, code).inc()
