@@ -100,6 +100,7 @@ _REASONS: dict[str, type[KeysvcError]] = {
     "AUDIT_UNAVAILABLE": Unavailable,
     "DATABASE_UNAVAILABLE": Unavailable,
     "IMPORT_JOB_QUOTA": ResourceExhausted,
+    "TOO_MANY_STREAMS": ResourceExhausted,
 }
 
 

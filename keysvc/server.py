@@ -54,47 +54,72 @@ DENIALS = ("ROLE_NOT_PERMITTED", "CERTIFICATE_NOT_ACCEPTED", "CERTIFICATE_REVOKE
            "OFFICER_NOT_ENROLLED")
 
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+# Streams that stay open for as long as their client likes, and how many of each a process
+# holds at once (a balancer or two watch health; reflection is a person with grpcurl).
+HEALTH_WATCH_STREAMS = 8
+REFLECTION_STREAMS = 4
 
 
-class HealthStreams:
-    """The open health Watch streams. A Watch streams each change of status and never ends
-    by itself: it runs as the servicer made it, non-blocking (an open stream holds no
-    thread), and the server ends the open ones when it stops, once they were told
-    NOT_SERVING (else the drain would wait its whole grace for them)."""
+class LongStreams:
+    """Streams that stay open as long as their client likes (health's Watch, reflection):
+    each holds a thread while open, from a few of its own, never one of the calls'
+    (`workers`), and at most `limit` are open at once; one more is refused RESOURCE_EXHAUSTED
+    TOO_MANY_STREAMS. Held in the calls' threads, 16 of them stopped every call of a worker
+    (review, session 16). Blocking, as gRPC runs a servicer by default: the health
+    servicer's non-blocking Watch sends under its lock, which a closing stream's callback
+    needs on gRPC's one polling thread, and deadlocked the server (the same review).
+    `closing`: each stream ends after the item it sends next (a stop's NOT_SERVING)."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open: set[Callable[[Any], None]] = set()
+    def __init__(self, kind: str, limit: int) -> None:
+        self.kind, self.limit = kind, limit
+        self.pool = futures.ThreadPoolExecutor(max_workers=limit + 1,  # (+1: to refuse)
+                                               thread_name_prefix=kind)
+        self._open = threading.BoundedSemaphore(limit)
+        self.closing = threading.Event()
 
-    def handler(self, handler: Any) -> Any:
-        inner = handler.unary_stream
+    def guard(self, behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            if not self._open.acquire(blocking=False):
+                failure = error("TOO_MANY_STREAMS", f"at most {self.limit} {self.kind} "
+                                                    f"streams are open at once")
+                context.abort_with_status(rpc_status.to_status(status_for(failure)))
+            try:
+                for item in behavior(request, context):
+                    yield item
+                    if self.closing.is_set():
+                        return
+            finally:
+                self._open.release()
+        guarded.experimental_thread_pool = self.pool  # type: ignore[attr-defined]
+        return guarded
 
-        def watch(request: Any, context: grpc.ServicerContext,
-                  send: Callable[[Any], None]) -> Any:
-            with self._lock:
-                self._open.add(send)
-            context.add_callback(lambda: self._forget(send))
-            return inner(request, context, send_response_callback=send)
-        watch.experimental_non_blocking = True  # type: ignore[attr-defined]
-        return grpc.unary_stream_rpc_method_handler(
-            watch, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+    def close(self) -> None:
+        self.closing.set()
+        self.pool.shutdown(wait=False)
 
-    def _forget(self, send: Callable[[Any], None]) -> None:
-        with self._lock:
-            self._open.discard(send)
 
-    def end(self) -> None:
-        with self._lock:
-            ending, self._open = self._open, set()
-        for send in ending:
-            send(None)  # the end of the stream (status OK)
+def _health_watch(app: App, handler: Any, streams: LongStreams) -> Any:
+    """Watch a service this process reports, or the server (""): any other name is
+    answered SERVICE_UNKNOWN at once and not kept (the servicer keeps every name it was
+    asked to watch, for good: 8 MiB names grew a server by 200 MiB)."""
+    inner = handler.unary_stream
+
+    def watch(request: Any, context: grpc.ServicerContext) -> Any:
+        if request.service not in ("", *served_services(app)):
+            yield health_pb2.HealthCheckResponse(
+                status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            return
+        yield from inner(request, context)
+    return grpc.unary_stream_rpc_method_handler(
+        streams.guard(watch), request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)
+
 
 REFLECTION_SERVICES = ("grpc.reflection.v1alpha.ServerReflection",
                        "grpc.reflection.v1.ServerReflection")
 
 
-def _reflection_needs_a_role(app: App, handler: Any) -> Any:
+def _reflection_needs_a_role(app: App, handler: Any, streams: LongStreams) -> Any:
     """Reflection (a stream) lists every service: only to a certificate that is accepted,
     names a role and is admitted (not revoked; an officer enrolled). Not audited, like
     health: tools poll it."""
@@ -116,7 +141,7 @@ def _reflection_needs_a_role(app: App, handler: Any) -> Any:
                 yield r
         return inner(admitted(), context)
     return grpc.stream_stream_rpc_method_handler(
-        wrapped, request_deserializer=handler.request_deserializer,
+        streams.guard(wrapped), request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer)
 
 
@@ -247,8 +272,8 @@ def served_services(app: App) -> list[str]:
 
 
 class KeysvcInterceptor(grpc.ServerInterceptor):
-    def __init__(self, app: App, health_streams: HealthStreams) -> None:
-        self.app, self.health_streams = app, health_streams
+    def __init__(self, app: App, watches: LongStreams, reflections: LongStreams) -> None:
+        self.app, self.watches, self.reflections = app, watches, reflections
 
     def _not_served(self, method: str) -> Any:
         """A call to the other organisation's service: the role check and the audit event
@@ -271,11 +296,11 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
             # Not audited (as Check). Gathered like the audited streams, each Watch never
             # sent a status and held one of the `workers` threads for as long as it was
             # open: any certificate from the client CA could stop every call of a worker
-            # with 16 of them (review, session 16).
-            return self.health_streams.handler(handler)
+            # with 16 of them (review, session 16). Now in threads of its own.
+            return _health_watch(self.app, handler, self.watches)
         if handler is not None and handler.stream_stream is not None \
                 and details.method.split("/")[1] in REFLECTION_SERVICES:
-            return _reflection_needs_a_role(self.app, handler)
+            return _reflection_needs_a_role(self.app, handler, self.reflections)
         if handler is None and _partition_of(details.method) not in (
                 None, *self.app.partitions.tokens) and _exists(details.method):
             return self._not_served(details.method)
@@ -411,10 +436,11 @@ class HealthWatch(threading.Thread):
     `reload` is set (SIGHUP)."""
 
     def __init__(self, app: App, servicer: health.HealthServicer, every: float = 1.0,
-                 streams: HealthStreams | None = None) -> None:
+                 streams: tuple[LongStreams, ...] = ()) -> None:
         super().__init__(daemon=True, name="health-watch")
         self.app, self.servicer, self.every = app, servicer, every
-        self.streams = streams or HealthStreams()
+        self.streams = streams  # (ended at a stop)
+        self._status: int | None = None  # the status last set
         self.stopped = threading.Event()
         self.reload = threading.Event()
         self.crls_read_at = time.monotonic()
@@ -458,8 +484,10 @@ class HealthWatch(threading.Thread):
         ok = ok and self._audit_ok()
         status = (health_pb2.HealthCheckResponse.SERVING if ok
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
-        for svc in ("", *served_services(self.app)):
-            self.servicer.set(svc, status)
+        if status != self._status:  # (a Watch hears of a change, not of every check)
+            for svc in ("", *served_services(self.app)):
+                self.servicer.set(svc, status)
+            self._status = status
         self.ready = ok
         return ok
 
@@ -501,9 +529,10 @@ def build_server(app: App, listen: str) -> tuple[grpc.Server, int, HealthWatch]:
     from keysvc.servicers import register_all
     s = app.settings
     max_msg = s.max_file_bytes * 2 + (1 << 20)
-    streams = HealthStreams()
+    watches = LongStreams("health-watch", HEALTH_WATCH_STREAMS)
+    reflections = LongStreams("reflection", REFLECTION_STREAMS)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=s.workers),
-                         interceptors=[KeysvcInterceptor(app, streams)],
+                         interceptors=[KeysvcInterceptor(app, watches, reflections)],
                          options=[("grpc.max_receive_message_length", max_msg),
                                   ("grpc.max_send_message_length", max_msg),
                                   # gRPC allows a second server on a bound port by default:
@@ -516,7 +545,7 @@ def build_server(app: App, listen: str) -> tuple[grpc.Server, int, HealthWatch]:
              for n in keysvc_pb2.DESCRIPTOR.services_by_name]
     reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME],
                                         server)
-    watch = HealthWatch(app, health_servicer, streams=streams)
+    watch = HealthWatch(app, health_servicer, streams=(watches, reflections))
     watch.check()
     # The port last: it listens from here on, and a connection that arrives before the
     # server starts (a worker process joining the others' port) waits the shortest time.
@@ -626,14 +655,17 @@ def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, 
     while not done.wait(1.0):
         pass
     watch.stopped.set()
-    # NOT_SERVING from here on, to Check and to every open Watch: a balancer sends no new
-    # calls to a server that drains.
+    # NOT_SERVING from here on, to Check and to every open Watch, whose stream then ends: a
+    # balancer sends no new calls to a server that drains, and the drain waits for no
+    # Watch.
+    for streams in watch.streams:
+        streams.closing.set()
     watch.servicer.enter_graceful_shutdown()
     if rewrap is not None:
         rewrap.stop()
-    stopped = server.stop(grace=30)  # no new call from here on
-    watch.streams.end()
-    stopped.wait()
+    server.stop(grace=30).wait()
+    for streams in watch.streams:
+        streams.close()
     tracing.shutdown()
     app.close()
     log.info("stopped")

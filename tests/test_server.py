@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import grpc
@@ -109,20 +110,73 @@ def test_health_reports_serving(server):
     assert health_check(ch, "keysvc.v1.S1SPService") == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_a_health_watch_streams_its_status_and_holds_no_thread(server):
-    """Watch sends the status at once, and open Watch streams hold no thread: more of them
-    than the server has (`workers`, 16) leave every call answering. (Gathered like an
-    audited stream, a Watch sent nothing and held a thread for good: any certificate from
-    the client CA could stop a worker's calls; review, session 16.)"""
+def test_health_watch_streams_in_threads_of_its_own_at_most_eight_at_once(server):
+    """Watch sends the status at once. Open Watch streams hold threads of their own, never
+    the calls' (`workers`, 16), at most 8 at once (one more: RESOURCE_EXHAUSTED
+    TOO_MANY_STREAMS), and opening and cancelling them again and again stops nothing.
+    (Review, session 16: gathered like an audited stream, 16 Watches stopped every call;
+    run non-blocking, a cancel deadlocked the server.)"""
+    serving = health_pb2.HealthCheckResponse.SERVING
     stub = health_pb2_grpc.HealthStub(server.as_("auditor").channel)
-    watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(24)]
+    watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(8)]
     try:
-        assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.SERVING] * 24
-        assert health_check(server.as_("s1sp").channel) == health_pb2.HealthCheckResponse.SERVING
+        assert [next(w).status for w in watches] == [serving] * 8
+        with pytest.raises(grpc.RpcError) as refused:
+            next(stub.Watch(health_pb2.HealthCheckRequest(), timeout=10))
+        assert error_info(refused.value).reason == "TOO_MANY_STREAMS"
         server.as_("security-officer-1").admin.ListKeys(pb.ListKeysRequest(), timeout=10)
     finally:
         for w in watches:
             w.cancel()
+    unexpected: list[str] = []
+
+    def churn() -> None:
+        for _ in range(40):
+            try:
+                w = stub.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+                next(w)
+                w.cancel()
+            except grpc.RpcError as exc:
+                if error_info(exc).reason != "TOO_MANY_STREAMS":
+                    unexpected.append(str(exc.code()))
+    churners = [threading.Thread(target=churn) for _ in range(3)]
+    [t.start() for t in churners]
+    [t.join(60) for t in churners]
+    assert unexpected == []
+    assert health_check(server.as_("s1sp").channel) == serving
+    server.as_("security-officer-1").admin.ListKeys(pb.ListKeysRequest(), timeout=10)
+
+
+def test_health_watch_of_a_service_it_does_not_report_answers_unknown_and_ends(server):
+    """Any other name than a service this process reports (or "") is answered at once and
+    not kept (the health servicer keeps every name it watched, for good)."""
+    stub = health_pb2_grpc.HealthStub(server.as_("auditor").channel)
+    answers = stub.Watch(health_pb2.HealthCheckRequest(service="x" * 100_000), timeout=10)
+    assert [a.status for a in answers] == [health_pb2.HealthCheckResponse.SERVICE_UNKNOWN]
+
+
+def test_reflection_streams_hold_threads_of_their_own_at_most_four_at_once(server):
+    """Reflection streams wait for their client's next request in threads of their own,
+    at most 4 at once: 16 idle ones held every thread of the calls (review, session 16)."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.as_("s1sp").channel)
+    hold = threading.Event()
+
+    def requests():
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        hold.wait(30)
+    streams = [stub.ServerReflectionInfo(requests(), timeout=30) for _ in range(4)]
+    try:
+        for s in streams:
+            next(s)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(stub.ServerReflectionInfo(requests(), timeout=10))
+        assert error_info(refused.value).reason == "TOO_MANY_STREAMS"
+        server.as_("security-officer-1").admin.ListKeys(pb.ListKeysRequest(), timeout=10)
+    finally:
+        hold.set()
+        for s in streams:
+            s.cancel()
 
 
 def test_reflection_lists_the_s1sp_service(server):
