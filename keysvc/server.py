@@ -17,7 +17,7 @@ import time
 import uuid
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, Callable, cast
+from typing import Any, Callable, Iterator, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -68,7 +68,7 @@ class LongStreams:
     (review, session 16). Blocking, as gRPC runs a servicer by default: the health
     servicer's non-blocking Watch sends under its lock, which a closing stream's callback
     needs on gRPC's one polling thread, and deadlocked the server (the same review).
-    `closing`: each stream ends after the item it sends next (a stop's NOT_SERVING)."""
+    `closing`: each stream ends after the item it sends next (at a stop)."""
 
     def __init__(self, kind: str, limit: int) -> None:
         self.kind, self.limit = kind, limit
@@ -98,18 +98,61 @@ class LongStreams:
         self.pool.shutdown(wait=False)
 
 
-def _health_watch(app: App, handler: Any, streams: LongStreams) -> Any:
+class HealthNow:
+    """The process's health as Watch streams it: set by HealthWatch when it changes,
+    NOT_SERVING for good once the server stops. keysvc's own Watch, not the health
+    servicer's: that one keeps a stream cancelled before its close callback was added, for
+    good (a review made 153 of 1,500 quickly cancelled Watches stay), and sends under a
+    lock its callbacks need."""
+
+    def __init__(self) -> None:
+        self.status = health_pb2.HealthCheckResponse.NOT_SERVING  # (until the first check)
+        self.stopping = False
+        self.changed = threading.Condition()
+
+    def set(self, status: int) -> None:
+        with self.changed:
+            if not self.stopping:
+                self.status = status
+                self.changed.notify_all()
+
+    def _wake(self) -> None:
+        with self.changed:  # (held only to read or set the status, never while sending)
+            self.changed.notify_all()
+
+    def stop(self) -> None:
+        with self.changed:
+            self.stopping, self.status = True, health_pb2.HealthCheckResponse.NOT_SERVING
+            self.changed.notify_all()
+
+    def watch(self, context: grpc.ServicerContext) -> Iterator[Any]:
+        """The status now, then each change, until the client goes (its stream wakes, and
+        the stream's thread is free) or the server stops (whose NOT_SERVING is the last
+        item)."""
+        context.add_callback(self._wake)  # (False when it went already: is_active says)
+        sent = None
+        while context.is_active():
+            with self.changed:
+                if self.status == sent and not self.stopping:
+                    self.changed.wait(1.0)
+                    continue
+                status, last = self.status, self.stopping
+            yield health_pb2.HealthCheckResponse(status=status)
+            sent = status
+            if last:
+                return
+
+
+def _health_watch(app: App, handler: Any, streams: LongStreams, now: HealthNow) -> Any:
     """Watch a service this process reports, or the server (""): any other name is
-    answered SERVICE_UNKNOWN at once and not kept (the servicer keeps every name it was
-    asked to watch, for good: 8 MiB names grew a server by 200 MiB)."""
-    inner = handler.unary_stream
+    answered SERVICE_UNKNOWN at once (and nothing is kept for it)."""
 
     def watch(request: Any, context: grpc.ServicerContext) -> Any:
         if request.service not in ("", *served_services(app)):
             yield health_pb2.HealthCheckResponse(
                 status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
             return
-        yield from inner(request, context)
+        yield from now.watch(context)
     return grpc.unary_stream_rpc_method_handler(
         streams.guard(watch), request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer)
@@ -130,6 +173,10 @@ def _reflection_needs_a_role(app: App, handler: Any, streams: LongStreams) -> An
         if caller.refusal or not caller.role:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           caller.refusal or "reflection needs a role")
+        try:  # before the stream holds one of the few reflection threads
+            admit(app, caller)
+        except KeysvcError as exc:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, exc.message)
         def admitted() -> Any:
             """Each message of the stream is admitted anew: a stream opened before its key
             was denied stops at the next request."""
@@ -272,8 +319,9 @@ def served_services(app: App) -> list[str]:
 
 
 class KeysvcInterceptor(grpc.ServerInterceptor):
-    def __init__(self, app: App, watches: LongStreams, reflections: LongStreams) -> None:
-        self.app, self.watches, self.reflections = app, watches, reflections
+    def __init__(self, app: App, watches: LongStreams, reflections: LongStreams,
+                 now: HealthNow) -> None:
+        self.app, self.watches, self.reflections, self.now = app, watches, reflections, now
 
     def _not_served(self, method: str) -> Any:
         """A call to the other organisation's service: the role check and the audit event
@@ -297,7 +345,7 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
             # sent a status and held one of the `workers` threads for as long as it was
             # open: any certificate from the client CA could stop every call of a worker
             # with 16 of them (review, session 16). Now in threads of its own.
-            return _health_watch(self.app, handler, self.watches)
+            return _health_watch(self.app, handler, self.watches, self.now)
         if handler is not None and handler.stream_stream is not None \
                 and details.method.split("/")[1] in REFLECTION_SERVICES:
             return _reflection_needs_a_role(self.app, handler, self.reflections)
@@ -383,9 +431,9 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
             outcome = "DENIED" if code in DENIALS else "ERROR"
         if audited:
             # Fail closed: a call whose event is not kept returns nothing but that, also
-            # one that failed anyway: its own reason (KEY_NOT_FOUND, say) would answer
-            # a question nothing recorded (review, session 16); the log keeps it. Only an
-            # outage keeps its own reason (HSM_UNAVAILABLE: the cause, about no key).
+            # one that failed anyway: its own reason would answer, unrecorded, a question
+            # (KEY_NOT_FOUND against DATABASE_UNAVAILABLE: whether a key exists; review,
+            # session 16). The log keeps it; health tells the outage.
             try:
                 with tracing.span("audit.write"):
                     self.app.audit.finish(call, outcome, code)
@@ -394,8 +442,7 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
                     error("AUDIT_UNAVAILABLE", "the audit trail cannot be written")
                 log.error("audit not kept; the call (which ended %s) fails closed", code,
                           extra={"method": method.rsplit("/", 1)[-1], "code": refusal.code})
-                if failure is None or failure.status != grpc.StatusCode.UNAVAILABLE:
-                    failure, code, response = refusal, refusal.code, None
+                failure, code, response = refusal, refusal.code, None
         elapsed = time.perf_counter() - started
         short = method.rsplit("/", 1)[-1]
         REQUESTS.labels(short, code).inc()
@@ -436,11 +483,12 @@ class HealthWatch(threading.Thread):
     `reload` is set (SIGHUP)."""
 
     def __init__(self, app: App, servicer: health.HealthServicer, every: float = 1.0,
-                 streams: tuple[LongStreams, ...] = ()) -> None:
+                 streams: tuple[LongStreams, ...] = (), now: HealthNow | None = None) -> None:
         super().__init__(daemon=True, name="health-watch")
         self.app, self.servicer, self.every = app, servicer, every
         self.streams = streams  # (ended at a stop)
         self._status: int | None = None  # the status last set
+        self.now = now or HealthNow()
         self.stopped = threading.Event()
         self.reload = threading.Event()
         self.crls_read_at = time.monotonic()
@@ -487,6 +535,7 @@ class HealthWatch(threading.Thread):
         if status != self._status:  # (a Watch hears of a change, not of every check)
             for svc in ("", *served_services(self.app)):
                 self.servicer.set(svc, status)
+            self.now.set(status)
             self._status = status
         self.ready = ok
         return ok
@@ -531,8 +580,9 @@ def build_server(app: App, listen: str) -> tuple[grpc.Server, int, HealthWatch]:
     max_msg = s.max_file_bytes * 2 + (1 << 20)
     watches = LongStreams("health-watch", HEALTH_WATCH_STREAMS)
     reflections = LongStreams("reflection", REFLECTION_STREAMS)
+    now = HealthNow()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=s.workers),
-                         interceptors=[KeysvcInterceptor(app, watches, reflections)],
+                         interceptors=[KeysvcInterceptor(app, watches, reflections, now)],
                          options=[("grpc.max_receive_message_length", max_msg),
                                   ("grpc.max_send_message_length", max_msg),
                                   # gRPC allows a second server on a bound port by default:
@@ -545,7 +595,7 @@ def build_server(app: App, listen: str) -> tuple[grpc.Server, int, HealthWatch]:
              for n in keysvc_pb2.DESCRIPTOR.services_by_name]
     reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME],
                                         server)
-    watch = HealthWatch(app, health_servicer, streams=(watches, reflections))
+    watch = HealthWatch(app, health_servicer, streams=(watches, reflections), now=now)
     watch.check()
     # The port last: it listens from here on, and a connection that arrives before the
     # server starts (a worker process joining the others' port) waits the shortest time.
@@ -660,6 +710,7 @@ def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, 
     # Watch.
     for streams in watch.streams:
         streams.closing.set()
+    watch.now.stop()
     watch.servicer.enter_graceful_shutdown()
     if rewrap is not None:
         rewrap.stop()

@@ -25,8 +25,9 @@ def fault_server(tmp_path):
     srv.stop()
 
 
-def test_unusable_token_fails_fast_with_hsm_unavailable_and_recovers_without_restart(
-        fault_server):
+def test_unusable_token_fails_fast_and_closed_and_recovers_without_restart(fault_server):
+    """Its audit event cannot be kept either (the admin token is gone too): the call says
+    only AUDIT_UNAVAILABLE, and the log line names the HSM's failure."""
     token_dirs = [d for d in (fault_server.state_dir / "hsm" / "tokens").iterdir()]
     assert _health(fault_server) == health_pb2.HealthCheckResponse.SERVING
     moved = [d.rename(d.with_name(d.name + ".away")) for d in token_dirs]
@@ -38,10 +39,11 @@ def test_unusable_token_fails_fast_with_hsm_unavailable_and_recovers_without_res
                 fault_server.as_("auditor").audit.VerifyAuditLog(pb.VerifyAuditLogRequest(),
                                                                   timeout=10)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert error_reason(info.value) == "HSM_UNAVAILABLE"
+            assert error_reason(info.value) == "AUDIT_UNAVAILABLE"
             assert time.monotonic() - started < 5
         assert _wait_for(lambda: _health(fault_server)
                          == health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert "(which ended HSM_UNAVAILABLE) fails closed" in fault_server.log()
     finally:
         for d in moved:
             d.rename(d.with_name(d.name[:-len(".away")]))
