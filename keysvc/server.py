@@ -68,7 +68,7 @@ class LongStreams:
     (review, session 16). Blocking, as gRPC runs a servicer by default: the health
     servicer's non-blocking Watch sends under its lock, which a closing stream's callback
     needs on gRPC's one polling thread, and deadlocked the server (the same review).
-    `closing`: each stream ends after the item it sends next (at a stop)."""
+    `closing`: each stream ends after the item it sends next (once the server stopped)."""
 
     def __init__(self, kind: str, limit: int) -> None:
         self.kind, self.limit = kind, limit
@@ -589,7 +589,13 @@ def build_server(app: App, listen: str) -> tuple[grpc.Server, int, HealthWatch]:
                                   ("grpc.max_send_message_length", max_msg),
                                   # gRPC allows a second server on a bound port by default:
                                   # only the workers of one keysvc may share it.
-                                  ("grpc.so_reuseport", int(processes.COUNT > 1))])
+                                  ("grpc.so_reuseport", int(processes.COUNT > 1)),
+                                  # A client gone without a word (its host down, a NAT
+                                  # that forgot it) is noticed within 80 s, not gRPC's
+                                  # 2 h: a Watch waiting for a change would hold its
+                                  # stream for that long (review, session 16).
+                                  ("grpc.keepalive_time_ms", 60_000),
+                                  ("grpc.keepalive_timeout_ms", 20_000)])
     register_all(server, app)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -710,11 +716,9 @@ def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, 
     if announce:
         notify.notify("STOPPING=1", "STATUS=draining in-flight calls")
     watch.stopped.set()
-    # NOT_SERVING from here on, to Check and to every open Watch, whose stream then ends: a
-    # balancer sends no new calls to a server that drains, and the drain waits for no
-    # Watch.
-    for streams in watch.streams:
-        streams.closing.set()
+    # NOT_SERVING from here on, to Check and to every open Watch, whose stream then ends
+    # (HealthNow, as its last item): a balancer sends no new calls to a server that
+    # drains, and the drain waits for no Watch.
     watch.now.stop()
     watch.servicer.enter_graceful_shutdown()
     if rewrap is not None:
