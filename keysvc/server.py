@@ -67,15 +67,13 @@ class LongStreams:
     TOO_MANY_STREAMS. Held in the calls' threads, 16 of them stopped every call of a worker
     (review, session 16). Blocking, as gRPC runs a servicer by default: the health
     servicer's non-blocking Watch sends under its lock, which a closing stream's callback
-    needs on gRPC's one polling thread, and deadlocked the server (the same review).
-    `closing`: each stream ends after the item it sends next (once the server stopped)."""
+    needs on gRPC's one polling thread, and deadlocked the server (the same review)."""
 
     def __init__(self, kind: str, limit: int) -> None:
         self.kind, self.limit = kind, limit
         self.pool = futures.ThreadPoolExecutor(max_workers=limit + 1,  # (+1: to refuse)
                                                thread_name_prefix=kind)
         self._open = threading.BoundedSemaphore(limit)
-        self.closing = threading.Event()
 
     def guard(self, behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
         def guarded(request: Any, context: grpc.ServicerContext) -> Any:
@@ -84,17 +82,14 @@ class LongStreams:
                                                     f"streams are open at once")
                 context.abort_with_status(rpc_status.to_status(status_for(failure)))
             try:
-                for item in behavior(request, context):
-                    yield item
-                    if self.closing.is_set():
-                        return
+                yield from behavior(request, context)
             finally:
                 self._open.release()
         guarded.experimental_thread_pool = self.pool  # type: ignore[attr-defined]
         return guarded
 
     def close(self) -> None:
-        self.closing.set()
+        """After the server stopped (each stream ended or cancelled): the idle threads go."""
         self.pool.shutdown(wait=False)
 
 
