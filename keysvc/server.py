@@ -7,6 +7,8 @@ and appends one audit event per call, allowed or denied.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import gc
 import logging
@@ -63,21 +65,23 @@ def _reflection_needs_a_role(app: App, handler: Any) -> Any:
     health: tools poll it."""
     inner = handler.stream_stream
 
-    def wrapped(requests: Any, context: grpc.ServicerContext) -> Any:
+    async def wrapped(requests: Any, context: Any) -> Any:
         caller = _caller(app, context) or Caller("", "", "", "no client certificate")
         if caller.refusal or not caller.role:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          caller.refusal or "reflection needs a role")
-        def admitted() -> Any:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                caller.refusal or "reflection needs a role")
+
+        async def admitted() -> Any:
             """Each message of the stream is admitted anew: a stream opened before its key
             was denied stops at the next request."""
-            for r in requests:
+            async for r in requests:
                 try:
                     admit(app, caller)
                 except KeysvcError as exc:
-                    context.abort(grpc.StatusCode.PERMISSION_DENIED, exc.message)
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, exc.message)
                 yield r
-        return inner(admitted(), context)
+        async for response in inner(admitted(), context):
+            yield response
     return grpc.stream_stream_rpc_method_handler(
         wrapped, request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer)
@@ -118,7 +122,7 @@ audit_target: contextvars.ContextVar[str] = contextvars.ContextVar("audit_target
 current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("current_caller")
 
 
-def _caller(app: App, context: grpc.ServicerContext) -> Caller | None:
+def _caller(app: App, context: Any) -> Caller | None:
     # gRPC's auth context: property name -> list of values (bytes)
     pems = cast("list[bytes]", (context.auth_context() or {}).get("x509_pem_cert") or [])
     if not pems:
@@ -209,27 +213,64 @@ def served_services(app: App) -> list[str]:
             if PARTITION_SERVICES.get(s) in (None, *app.partitions.tokens)]
 
 
-class KeysvcInterceptor(grpc.ServerInterceptor):
-    def __init__(self, app: App) -> None:
-        self.app = app
+class _Seen:
+    """What the synchronous part of a call reads from gRPC's context, read on the event loop
+    (the aio context belongs to it) and handed to the thread that does the work."""
+
+    def __init__(self, context: Any) -> None:
+        self._auth = context.auth_context()
+        self._metadata = context.invocation_metadata()
+
+    def auth_context(self) -> Any:
+        return self._auth
+
+    def invocation_metadata(self) -> Any:
+        return self._metadata
+
+
+@dataclass
+class _Done:
+    """A call's work done (in a thread), its audit event still to be kept (on the loop)."""
+    caller: Caller
+    call: Any
+    audited: bool
+    started: float
+    current: Any
+    spans: contextlib.ExitStack
+    response: Any = None
+    failure: KeysvcError | None = None
+    code: str = "OK"
+    outcome: str = "OK"
+
+
+class KeysvcInterceptor(grpc.aio.ServerInterceptor):
+    """Every keysvc call in three steps (issue 18): its work in a thread of `pool`, its
+    audit event awaited on the event loop, its answer. A call waiting for its event holds
+    no thread: with the synchronous server each waiting call held one of the pool's, and
+    those threads handing the GIL, the HSM lock and the connection pool to each other cost
+    a worker about 33 context switches a call (bench/bench_cores.py)."""
+
+    def __init__(self, app: App, pool: futures.ThreadPoolExecutor) -> None:
+        self.app, self.pool = app, pool
 
     def _not_served(self, method: str) -> Any:
         """A call to the other organisation's service: the role check and the audit event
         as for any call, then PARTITION_NOT_SERVED (its request is never decoded)."""
         service, partition = method.split("/")[1], _partition_of(method)
 
-        def refuse(_request: Any, _context: grpc.ServicerContext) -> Any:
+        def refuse(_request: Any, _context: Any) -> Any:
             raise error("PARTITION_NOT_SERVED", f"this process does not serve the {partition} "
                                                 f"partition (serve --partitions)")
 
-        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            return self._call(service, method, refuse, request, context)
+        async def wrapped(request: Any, context: Any) -> Any:
+            return await self._call(service, method, refuse, request, context)
         return grpc.unary_unary_rpc_method_handler(
             wrapped, request_deserializer=lambda raw: raw,
             response_serializer=lambda message: b"")
 
-    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(details)
+    async def intercept_service(self, continuation: Callable,
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
         if handler is not None and handler.stream_stream is not None \
                 and details.method.split("/")[1] in REFLECTION_SERVICES:
             return _reflection_needs_a_role(self.app, handler)
@@ -240,6 +281,8 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
             return handler
         method = details.method  # "/keysvc.v1.S1SPService/ProcessGroupInformation"
         service = method.split("/")[1]
+        if service in UNAUDITED_SERVICES:  # health: synchronous, in gRPC's own pool
+            return handler
         streams = handler.unary_unary is None
         # A stream's items are gathered before the first is sent, so that the call is
         # audited (fail closed) before anything leaves (ExportAuditEvents: bounded by limit).
@@ -247,7 +290,7 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
             else handler.unary_unary
         decode = _tolerant(handler.request_deserializer)
 
-        def decoded(request: Any, context: grpc.ServicerContext) -> Any:
+        def decoded(request: Any, context: Any) -> Any:
             """Runs after the role check: an undecodable request is INVALID_REQUEST (and
             audited), never gRPC's INTERNAL, and a caller of the wrong role learns nothing
             from it."""
@@ -258,11 +301,12 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
                 limits.check(request)  # every field bounded (keysvc/limits.py)
             return inner(request, context)
 
-        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            return self._call(service, method, decoded, request, context)
+        async def wrapped(request: Any, context: Any) -> Any:
+            return await self._call(service, method, decoded, request, context)
 
-        def wrapped_stream(request: Any, context: grpc.ServicerContext) -> Any:
-            yield from self._call(service, method, decoded, request, context)
+        async def wrapped_stream(request: Any, context: Any) -> Any:
+            for item in await self._call(service, method, decoded, request, context):
+                yield item
 
         if streams:
             return grpc.unary_stream_rpc_method_handler(
@@ -272,31 +316,51 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
             wrapped, request_deserializer=decode,
             response_serializer=handler.response_serializer)
 
-    def _call(self, service: str, method: str, inner: Callable, request: Any,
-              context: grpc.ServicerContext) -> Any:
-        request_id.set(uuid.uuid4().hex[:16])
-        if not tracing.enabled():
-            return self._handle(service, method, inner, request, context, None)
-        with tracing.call_span(method, context.invocation_metadata(),
-                               request_id=request_id.get()) as current:
-            return self._handle(service, method, inner, request, context, current)
+    async def _call(self, service: str, method: str, inner: Callable, request: Any,
+                    context: Any) -> Any:
+        # The call's context variables (request id, caller, audit target, trace span) live
+        # in `ctx`, entered by the thread doing the work and again on the loop.
+        ctx = contextvars.copy_context()
+        seen = _Seen(context)
+        done = await asyncio.get_running_loop().run_in_executor(
+            self.pool, ctx.run, self._work, service, method, inner, request, seen)
+        if done.audited:
+            # Fail closed: a call whose event is not kept returns nothing but that (a call
+            # that failed anyway keeps its own reason).
+            audit_span = ctx.run(lambda: tracing.span("audit.write"))
+            ctx.run(audit_span.__enter__)
+            try:
+                await self.app.audit.finish_async(done.call, done.outcome, done.code)
+            except Exception as exc:
+                ctx.run(self._audit_failed, done, method, exc)
+            finally:
+                ctx.run(audit_span.__exit__, None, None, None)
+        status = ctx.run(self._end, done, method)
+        if status is not None:
+            await context.abort_with_status(status)
+        return done.response
 
-    def _handle(self, service: str, method: str, inner: Callable, request: Any,
-                context: grpc.ServicerContext, current: Any) -> Any:
+    def _work(self, service: str, method: str, inner: Callable, request: Any,
+              context: _Seen) -> _Done:
+        request_id.set(uuid.uuid4().hex[:16])
+        spans = contextlib.ExitStack()
+        current = spans.enter_context(tracing.call_span(
+            method, context.invocation_metadata(), request_id=request_id.get())) \
+            if tracing.enabled() else None
         audit_target.set("")
         started = time.perf_counter()
         caller = _caller(self.app, context) or Caller("", "")
         audited = service not in UNAUDITED_SERVICES
         call = self.app.audit.call(caller.identity, caller.role, method.lstrip("/"),
                                    audit_target.get)
+        done = _Done(caller, call, audited, started, current, spans)
         # Each write transaction of this call carries its audit event (keysvc/audit/calls.py).
         hook = st.before_commit.set(call.before_commit) if audited else None
-        code, outcome, response, failure = "OK", "OK", None, None
         try:
             if caller.refusal and audited:
                 raise error("CERTIFICATE_NOT_ACCEPTED", caller.refusal)
             if audited:
-                caller = admit(self.app, caller)  # revoked? an officer enrolled? (each call)
+                done.caller = caller = admit(self.app, caller)  # revoked? enrolled? (each call)
                 call.actor = caller.identity
             # Deny by default: a service without a role entry is refused to every caller.
             allowed = SERVICE_ROLES.get(service, frozenset())
@@ -304,39 +368,43 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
                 raise error("ROLE_NOT_PERMITTED",
                             f"role {caller.role[:64] or '(none)'} may not call {service}")
             current_caller.set(caller)
-            response = inner(request, context)
+            done.response = inner(request, context)
         except Exception as exc:
-            failure = _failure(exc, method)
-            code = failure.code
+            done.failure = _failure(exc, method)
+            done.code = done.failure.code
         finally:
             if hook is not None:
                 st.before_commit.reset(hook)
-        if failure is not None:
-            outcome = "DENIED" if code in DENIALS else "ERROR"
-        if audited:
-            # Fail closed: a call whose event is not kept returns nothing but that (a call
-            # that failed anyway keeps its own reason).
-            try:
-                with tracing.span("audit.write"):
-                    self.app.audit.finish(call, outcome, code)
-            except Exception as exc:
-                refusal = exc if isinstance(exc, KeysvcError) else \
-                    error("AUDIT_UNAVAILABLE", "the audit trail cannot be written")
-                log.error("audit not kept; the call fails closed",
-                          extra={"method": method.rsplit("/", 1)[-1], "code": refusal.code})
-                if failure is None:
-                    failure, code, response = refusal, refusal.code, None
-        elapsed = time.perf_counter() - started
+        if done.failure is not None:
+            done.outcome = "DENIED" if done.code in DENIALS else "ERROR"
+        return done
+
+    @staticmethod
+    def _audit_failed(done: _Done, method: str, exc: Exception) -> None:
+        refusal = exc if isinstance(exc, KeysvcError) else \
+            error("AUDIT_UNAVAILABLE", "the audit trail cannot be written")
+        log.error("audit not kept; the call fails closed",
+                  extra={"method": method.rsplit("/", 1)[-1], "code": refusal.code})
+        if done.failure is None:
+            done.failure, done.code, done.response = refusal, refusal.code, None
+
+    @staticmethod
+    def _end(done: _Done, method: str) -> Any:
+        """The call's log line, metrics and span; the status it fails with, if it does."""
+        elapsed = time.perf_counter() - done.started
         short = method.rsplit("/", 1)[-1]
-        REQUESTS.labels(short, code).inc()
-        LATENCY.labels(short, code).observe(elapsed)
-        log.info("call", extra={"method": short, "code": code, "actor": caller.identity,
-                                "role": caller.role, "duration_ms": round(elapsed * 1000, 2)})
-        tracing.annotate(current, role=caller.role[:64], code=code)
-        if failure is not None:
-            tracing.failed(current, code)
-            context.abort_with_status(rpc_status.to_status(status_for(failure)))
-        return response
+        REQUESTS.labels(short, done.code).inc()
+        LATENCY.labels(short, done.code).observe(elapsed)
+        log.info("call", extra={"method": short, "code": done.code,
+                                "actor": done.caller.identity, "role": done.caller.role,
+                                "duration_ms": round(elapsed * 1000, 2)})
+        tracing.annotate(done.current, role=done.caller.role[:64], code=done.code)
+        status = None
+        if done.failure is not None:
+            tracing.failed(done.current, done.code)
+            status = rpc_status.to_status(status_for(done.failure))
+        done.spans.close()
+        return status
 
 
 def _failure(exc: Exception, method: str) -> KeysvcError:
@@ -450,17 +518,21 @@ class HealthWatch(threading.Thread):
 
 
 # --------------------------------------------------------------------------- server
-def build_server(app: App, listen: str) -> tuple[grpc.Server, int, HealthWatch]:
+def build_server(app: App, listen: str) -> tuple[grpc.aio.Server, int, HealthWatch]:
     from keysvc.servicers import register_all
     s = app.settings
     max_msg = s.max_file_bytes * 2 + (1 << 20)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=s.workers),
-                         interceptors=[KeysvcInterceptor(app)],
-                         options=[("grpc.max_receive_message_length", max_msg),
-                                  ("grpc.max_send_message_length", max_msg),
-                                  # gRPC allows a second server on a bound port by default:
-                                  # only the workers of one keysvc may share it.
-                                  ("grpc.so_reuseport", int(processes.COUNT > 1))])
+    # The keysvc calls' work runs in `calls`; health and reflection (synchronous servicers,
+    # not audited) in gRPC's own pool of the same size.
+    calls = futures.ThreadPoolExecutor(max_workers=s.workers, thread_name_prefix="call")
+    server = grpc.aio.server(
+        futures.ThreadPoolExecutor(max_workers=s.workers, thread_name_prefix="grpc"),
+        interceptors=[KeysvcInterceptor(app, calls)],
+        options=[("grpc.max_receive_message_length", max_msg),
+                 ("grpc.max_send_message_length", max_msg),
+                 # gRPC allows a second server on a bound port by default: only the workers
+                 # of one keysvc may share it.
+                 ("grpc.so_reuseport", int(processes.COUNT > 1))])
     register_all(server, app)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -539,8 +611,13 @@ def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, 
           announce: bool = True) -> int:
     tune_gc()
     tracing.configure(app.settings, processes.INDEX)
+    return asyncio.run(_serve(app, listen, on_ready, announce))
+
+
+async def _serve(app: App, listen: str, on_ready: Callable[[str], None] | None,
+                 announce: bool) -> int:
     server, port, watch = build_server(app, listen)
-    server.start()
+    await server.start()
     watch.start()
     rewrap = None
     if processes.INDEX == 0 and app.settings.rewrap_rows_per_second > 0:
@@ -559,28 +636,26 @@ def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, 
         notify.notify("READY=1", f"STATUS=listening on {bound}")
     if on_ready:
         on_ready(bound)
-    done = threading.Event()
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
 
-    def _stop(signum: int, _frame: Any) -> None:
+    def _stop(signum: int) -> None:
         log.info("signal received; draining in-flight calls", extra={"code": str(signum)})
         if announce:
             notify.notify("STOPPING=1", "STATUS=draining in-flight calls")
         done.set()
-    def _reload(signum: int, _frame: Any) -> None:
+
+    def _reload() -> None:
         log.info("SIGHUP: the client CRLs will be read again")
         watch.reload.set()
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGHUP, _reload)
-    # In steps: a signal the kernel hands to another thread (the main thread had one
-    # pending already) runs its Python handler only when the main thread next runs Python,
-    # and a SIGTERM once waited here for good (tests/test_server.py, session 11).
-    while not done.wait(1.0):
-        pass
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _stop, int(sig))
+    loop.add_signal_handler(signal.SIGHUP, _reload)
+    await done.wait()
     watch.stopped.set()
     if rewrap is not None:
-        rewrap.stop()
-    server.stop(grace=30).wait()
+        await loop.run_in_executor(None, rewrap.stop)
+    await server.stop(grace=30)
     tracing.shutdown()
     app.close()
     log.info("stopped")

@@ -131,6 +131,12 @@ class AuditLog:
         intents, final = call.events(outcome, code)
         self.writer.submit(intents + ([final] if final else []), intents=bool(intents))
 
+    async def finish_async(self, call: CallAudit, outcome: str, code: str) -> None:
+        """`finish` for a call served by an event loop."""
+        intents, final = call.events(outcome, code)
+        await self.writer.submit_async(intents + ([final] if final else []),
+                                       intents=bool(intents))
+
     def recover_intents(self, older_than: float | None = None) -> int:
         """Chain the intents a crash left (their effects committed, their events not yet
         chained). At start and periodically. An intent younger than twice the audit timeout

@@ -13,6 +13,7 @@ carry their hash, link and MAC.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import queue
@@ -80,6 +81,7 @@ class Pending:
     chained: list[AuditEvent] = field(default_factory=list)
     failure: str = ""
     cancelled: bool = False
+    then: Callable[[], object] | None = None  # called by the writer once `done` is set
 
 
 class AuditWriter:
@@ -112,19 +114,47 @@ class AuditWriter:
     def submit(self, events: list[AuditEvent], *, intents: bool = False,
                alone: bool = False, intent_ids: list[str] | None = None) -> list[AuditEvent]:
         """Chain `events`; returns them with their sequences, or raises AUDIT_UNAVAILABLE."""
+        p = self._enqueue(Pending(list(events), intents, alone, intent_ids=intent_ids))
+        if not p.done.wait(self.timeout):
+            self._gave_up(p)
+        return self._answer(p)
+
+    async def submit_async(self, events: list[AuditEvent], *,
+                           intents: bool = False) -> list[AuditEvent]:
+        """`submit` for a call served by an event loop (keysvc/server.py): the loop goes on
+        serving while the batch is written, and no thread is held waiting."""
+        loop = asyncio.get_running_loop()
+        settled = loop.create_future()
+
+        def settle() -> None:
+            if not settled.done():
+                settled.set_result(None)
+        p = self._enqueue(Pending(list(events), intents,
+                                  then=lambda: loop.call_soon_threadsafe(settle)))
+        try:
+            await asyncio.wait_for(settled, self.timeout)
+        except asyncio.TimeoutError:
+            self._gave_up(p)
+        return self._answer(p)
+
+    def _enqueue(self, p: Pending) -> Pending:
         if st.in_write_tx():
             raise RuntimeError("an audit event is waited for inside a write transaction")
-        p = Pending(list(events), intents, alone, intent_ids=intent_ids)
         self._start()
         with self._idle:
             self._in_flight += 1
         self._queue.put(p)
         AUDIT_LAG.set(self._queue.qsize())
-        if not p.done.wait(self.timeout):
-            p.cancelled = True
-            AUDIT_FAILURES.labels("timeout").inc()
-            raise error("AUDIT_UNAVAILABLE", f"the audit trail did not take the event within "
-                                             f"{self.timeout:g} s; nothing is returned")
+        return p
+
+    def _gave_up(self, p: Pending) -> None:
+        p.cancelled = True
+        AUDIT_FAILURES.labels("timeout").inc()
+        raise error("AUDIT_UNAVAILABLE", f"the audit trail did not take the event within "
+                                         f"{self.timeout:g} s; nothing is returned")
+
+    @staticmethod
+    def _answer(p: Pending) -> list[AuditEvent]:
         if p.failure:
             raise error("AUDIT_UNAVAILABLE", p.failure)
         return p.chained
@@ -174,6 +204,8 @@ class AuditWriter:
                     self._batch(batch)
             for p in taken:
                 p.done.set()
+                if p.then is not None:
+                    p.then()
             with self._idle:
                 self._in_flight -= len(taken)
                 self._idle.notify_all()
