@@ -213,6 +213,13 @@ def served_services(app: App) -> list[str]:
             if PARTITION_SERVICES.get(s) in (None, *app.partitions.tokens)]
 
 
+# Small calls whose work runs on the event loop itself (a fraction of a millisecond of CPU,
+# no file): a hop to a pool thread and back costs them more than the work. (PROTOTYPE: a file
+# call holding the HSM lock would stall the loop meanwhile.)
+INLINE = frozenset({"/keysvc.v1.S1SPService/VerifyPrepaymentKey",
+                    "/keysvc.v1.DCOService/VerifyMasterKey"})
+
+
 class _Seen:
     """What the synchronous part of a call reads from gRPC's context, read on the event loop
     (the aio context belongs to it) and handed to the thread that does the work."""
@@ -322,8 +329,11 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
         # in `ctx`, entered by the thread doing the work and again on the loop.
         ctx = contextvars.copy_context()
         seen = _Seen(context)
-        done = await asyncio.get_running_loop().run_in_executor(
-            self.pool, ctx.run, self._work, service, method, inner, request, seen)
+        if method in INLINE:
+            done = ctx.run(self._work, service, method, inner, request, seen)
+        else:
+            done = await asyncio.get_running_loop().run_in_executor(
+                self.pool, ctx.run, self._work, service, method, inner, request, seen)
         if done.audited:
             # Fail closed: a call whose event is not kept returns nothing but that (a call
             # that failed anyway keeps its own reason).

@@ -185,13 +185,19 @@ class AuditWriter:
 
     # ------------------------------------------------------------------ writer's side
     def _run(self) -> None:
+        last = 0
+        import os as _os
+        delay = float(_os.environ.get("PROTOTYPE_COMMIT_DELAY", "0"))  # seconds (session 15)
         while True:
             taken = [self._queue.get()]
+            if last > 1 and delay:
+                time.sleep(delay)
             while len(taken) < MAX_BATCH:
                 try:
                     taken.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            last = sum(len(p.events) for p in taken)
             AUDIT_LAG.set(self._queue.qsize())
             # A call that gave up before its (read-only) event was taken is not chained:
             # it returned nothing. An intent is chained whatever: its effect committed.
