@@ -329,6 +329,13 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
         # in `ctx`, entered by the thread doing the work and again on the loop.
         ctx = contextvars.copy_context()
         seen = _Seen(context)
+        # At work until its event is queued: a batch of the audit writer waits for it.
+        with self.app.audit.writer.working() as work:
+            return await self._served(ctx, seen, work, service, method, inner, request,
+                                      context)
+
+    async def _served(self, ctx: contextvars.Context, seen: _Seen, work: Any, service: str,
+                      method: str, inner: Callable, request: Any, context: Any) -> Any:
         if method in INLINE:
             done = ctx.run(self._work, service, method, inner, request, seen)
         else:
@@ -340,7 +347,7 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             audit_span = ctx.run(lambda: tracing.span("audit.write"))
             ctx.run(audit_span.__enter__)
             try:
-                await self.app.audit.finish_async(done.call, done.outcome, done.code)
+                await self.app.audit.finish_async(done.call, done.outcome, done.code, work)
             except Exception as exc:
                 ctx.run(self._audit_failed, done, method, exc)
             finally:

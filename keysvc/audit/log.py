@@ -40,7 +40,7 @@ from keysvc.audit.chain import (
     row_event,
 )
 from keysvc.audit.sinks import JsonlSink, SyslogSink, first_difference, read_lines
-from keysvc.audit.writer import AuditWriter
+from keysvc.audit.writer import AuditWriter, Work
 from keysvc.clock import Clock, utc_now
 from keysvc.custody.versions import MacKeys, newest_named, see, untagged
 from keysvc.partitions import AUDIT_MAC_KEY, Partitions
@@ -54,7 +54,8 @@ class AuditLog:
                  instance: Callable[[], str] = lambda: "none", timeout: float = 5.0,
                  sink_dir: Path | None = None, sink_max_bytes: int = 64 * 1024 * 1024,
                  sink_keep: int = 10, syslog: dict | None = None,
-                 anchor_slots: Path = Path(".keysvc/audit-anchor-slots")) -> None:
+                 anchor_slots: Path = Path(".keysvc/audit-anchor-slots"),
+                 commit_delay: float = 0.0) -> None:
         self.store = store
         self.partitions = partitions
         self.clock = clock
@@ -67,7 +68,8 @@ class AuditLog:
         self._sinks: list | None = None
         self._anchor: ChainAnchor | None = None
         self._mac_counts: tuple[tuple[int, ...], float, dict[int, int]] | None = None
-        self.writer = AuditWriter(store, partitions.admin, self.anchor, self.sinks, timeout)
+        self.writer = AuditWriter(store, partitions.admin, self.anchor, self.sinks, timeout,
+                                  commit_delay)
 
     # ------------------------------------------------------------------ parts
     def anchor(self) -> ChainAnchor:
@@ -131,11 +133,13 @@ class AuditLog:
         intents, final = call.events(outcome, code)
         self.writer.submit(intents + ([final] if final else []), intents=bool(intents))
 
-    async def finish_async(self, call: CallAudit, outcome: str, code: str) -> None:
-        """`finish` for a call served by an event loop."""
+    async def finish_async(self, call: CallAudit, outcome: str, code: str,
+                           work: Work | None = None) -> None:
+        """`finish` for a call served by an event loop. `work`: the call as counted at
+        work (AuditWriter.working)."""
         intents, final = call.events(outcome, code)
         await self.writer.submit_async(intents + ([final] if final else []),
-                                       intents=bool(intents))
+                                       intents=bool(intents), work=work)
 
     def recover_intents(self, older_than: float | None = None) -> int:
         """Chain the intents a crash left (their effects committed, their events not yet
