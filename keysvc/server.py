@@ -347,7 +347,10 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             audit_span = ctx.run(lambda: tracing.span("audit.write"))
             ctx.run(audit_span.__enter__)
             try:
-                await self.app.audit.finish_async(done.call, done.outcome, done.code, work)
+                # The events built in the call's context: their target is set there.
+                intents, final = ctx.run(done.call.events, done.outcome, done.code)
+                await self.app.audit.writer.submit_async(
+                    intents + ([final] if final else []), intents=bool(intents), work=work)
             except Exception as exc:
                 ctx.run(self._audit_failed, done, method, exc)
             finally:

@@ -260,7 +260,10 @@ class AuditWriter:
             for p in taken:
                 p.done.set()
                 if p.then is not None:
-                    p.then()
+                    try:  # (a loop already closed, at the end of a stop)
+                        p.then()
+                    except RuntimeError:
+                        pass
             with self._idle:
                 self._in_flight -= len(taken)
                 self._idle.notify_all()
