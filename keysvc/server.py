@@ -329,36 +329,42 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
         # in `ctx`, entered by the thread doing the work and again on the loop.
         ctx = contextvars.copy_context()
         seen = _Seen(context)
-        # At work until its event is queued: a batch of the audit writer waits for it.
-        with self.app.audit.writer.working() as work:
-            return await self._served(ctx, seen, work, service, method, inner, request,
-                                      context)
-
-    async def _served(self, ctx: contextvars.Context, seen: _Seen, work: Any, service: str,
-                      method: str, inner: Callable, request: Any, context: Any) -> Any:
-        if method in INLINE:
-            done = ctx.run(self._work, service, method, inner, request, seen)
-        else:
-            done = await asyncio.get_running_loop().run_in_executor(
-                self.pool, ctx.run, self._work, service, method, inner, request, seen)
-        if done.audited:
-            # Fail closed: a call whose event is not kept returns nothing but that (a call
-            # that failed anyway keeps its own reason).
-            audit_span = ctx.run(lambda: tracing.span("audit.write"))
-            ctx.run(audit_span.__enter__)
-            try:
-                # The events built in the call's context: their target is set there.
-                intents, final = ctx.run(done.call.events, done.outcome, done.code)
-                await self.app.audit.writer.submit_async(
-                    intents + ([final] if final else []), intents=bool(intents), work=work)
-            except Exception as exc:
-                ctx.run(self._audit_failed, done, method, exc)
-            finally:
-                ctx.run(audit_span.__exit__, None, None, None)
-        status = ctx.run(self._end, done, method)
+        # Shielded: a client that cancels, or whose deadline passes, stops waiting for the
+        # answer but not the call: its work ends, its event is kept, it is logged, as with
+        # the synchronous server (review, session 15).
+        whole = asyncio.get_running_loop().create_task(
+            self._whole(ctx, seen, service, method, inner, request))
+        response, status = await asyncio.shield(whole)
         if status is not None:
             await context.abort_with_status(status)
-        return done.response
+        return response
+
+    async def _whole(self, ctx: contextvars.Context, seen: _Seen, service: str, method: str,
+                     inner: Callable, request: Any) -> tuple[Any, Any]:
+        """The call's work, its audit event and its log line: (response, failure status)."""
+        # At work until its event is queued: a batch of the audit writer waits for it.
+        with self.app.audit.writer.working() as work:
+            if method in INLINE:
+                done = ctx.run(self._work, service, method, inner, request, seen)
+            else:
+                done = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, ctx.run, self._work, service, method, inner, request, seen)
+            if done.audited:
+                # Fail closed: a call whose event is not kept returns nothing but that (a
+                # call that failed anyway keeps its own reason).
+                audit_span = ctx.run(lambda: tracing.span("audit.write"))
+                ctx.run(audit_span.__enter__)
+                try:
+                    # The events built in the call's context: their target is set there.
+                    intents, final = ctx.run(done.call.events, done.outcome, done.code)
+                    await self.app.audit.writer.submit_async(
+                        intents + ([final] if final else []), intents=bool(intents),
+                        work=work)
+                except Exception as exc:
+                    ctx.run(self._audit_failed, done, method, exc)
+                finally:
+                    ctx.run(audit_span.__exit__, None, None, None)
+        return done.response, ctx.run(self._end, done, method)
 
     def _work(self, service: str, method: str, inner: Callable, request: Any,
               context: _Seen) -> _Done:
