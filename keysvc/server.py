@@ -59,14 +59,17 @@ REFLECTION_SERVICES = ("grpc.reflection.v1alpha.ServerReflection",
                        "grpc.reflection.v1.ServerReflection")
 
 
-def _reflection_needs_a_role(app: App, handler: Any) -> Any:
+def _reflection_needs_a_role(app: App, handler: Any, pool: futures.Executor) -> Any:
     """Reflection (a stream) lists every service: only to a certificate that is accepted,
     names a role and is admitted (not revoked; an officer enrolled). Not audited, like
-    health: tools poll it."""
+    health: tools poll it. The caller's checks read the database: in `pool`, never on the
+    event loop, which a stalled database would stop for every call."""
     inner = handler.stream_stream
 
     async def wrapped(requests: Any, context: Any) -> Any:
-        caller = _caller(app, context) or Caller("", "", "", "no client certificate")
+        loop = asyncio.get_running_loop()
+        caller = await loop.run_in_executor(pool, _caller, app, _Seen(context)) \
+            or Caller("", "", "", "no client certificate")
         if caller.refusal or not caller.role:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 caller.refusal or "reflection needs a role")
@@ -76,7 +79,7 @@ def _reflection_needs_a_role(app: App, handler: Any) -> Any:
             was denied stops at the next request."""
             async for r in requests:
                 try:
-                    admit(app, caller)
+                    await loop.run_in_executor(pool, admit, app, caller)
                 except KeysvcError as exc:
                     await context.abort(grpc.StatusCode.PERMISSION_DENIED, exc.message)
                 yield r
@@ -213,13 +216,6 @@ def served_services(app: App) -> list[str]:
             if PARTITION_SERVICES.get(s) in (None, *app.partitions.tokens)]
 
 
-# Small calls whose work runs on the event loop itself (a fraction of a millisecond of CPU,
-# no file): a hop to a pool thread and back costs them more than the work. (PROTOTYPE: a file
-# call holding the HSM lock would stall the loop meanwhile.)
-INLINE = frozenset({"/keysvc.v1.S1SPService/VerifyPrepaymentKey",
-                    "/keysvc.v1.DCOService/VerifyMasterKey"})
-
-
 class _Seen:
     """What the synchronous part of a call reads from gRPC's context, read on the event loop
     (the aio context belongs to it) and handed to the thread that does the work."""
@@ -280,7 +276,7 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is not None and handler.stream_stream is not None \
                 and details.method.split("/")[1] in REFLECTION_SERVICES:
-            return _reflection_needs_a_role(self.app, handler)
+            return _reflection_needs_a_role(self.app, handler, self.pool)
         if handler is None and _partition_of(details.method) not in (
                 None, *self.app.partitions.tokens) and _exists(details.method):
             return self._not_served(details.method)
@@ -344,11 +340,12 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
         """The call's work, its audit event and its log line: (response, failure status)."""
         # At work until its event is queued: a batch of the audit writer waits for it.
         with self.app.audit.writer.working() as work:
-            if method in INLINE:
-                done = ctx.run(self._work, service, method, inner, request, seen)
-            else:
-                done = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, ctx.run, self._work, service, method, inner, request, seen)
+            # Never on the loop itself, not even a small call: the HSM's lock (a file call
+            # holds it between breaths), an exhausted session pool or a stalled database
+            # would stop every call of the process (review, session 15; measured in
+            # session 16: the two Verify calls inline gained nothing over the pool).
+            done = await asyncio.get_running_loop().run_in_executor(
+                self.pool, ctx.run, self._work, service, method, inner, request, seen)
             if done.audited:
                 # Fail closed: a call whose event is not kept returns nothing but that (a
                 # call that failed anyway keeps its own reason).
@@ -544,7 +541,10 @@ class HealthWatch(threading.Thread):
 
 
 # --------------------------------------------------------------------------- server
-def build_server(app: App, listen: str) -> tuple[grpc.aio.Server, int, HealthWatch]:
+def build_server(app: App, listen: str) -> tuple[grpc.aio.Server, int, HealthWatch,
+                                                 futures.ThreadPoolExecutor]:
+    """The server, its port, its health watch and the pool its calls' work runs in (shut
+    down after the server, once its last call has drained)."""
     from keysvc.servicers import register_all
     s = app.settings
     max_msg = s.max_file_bytes * 2 + (1 << 20)
@@ -581,7 +581,7 @@ def build_server(app: App, listen: str) -> tuple[grpc.aio.Server, int, HealthWat
     if port == 0:
         raise SystemExit(f"keysvc: cannot listen on {listen}: the address is in use (another "
                          "server?) or not this host's")
-    return server, port, watch
+    return server, port, watch, calls
 
 
 # Garbage collection: a 1,000-entry file allocates some 10^5 short-lived objects (parsed
@@ -642,7 +642,7 @@ def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, 
 
 async def _serve(app: App, listen: str, on_ready: Callable[[str], None] | None,
                  announce: bool) -> int:
-    server, port, watch = build_server(app, listen)
+    server, port, watch, calls = build_server(app, listen)
     await server.start()
     watch.start()
     rewrap = None
@@ -682,6 +682,7 @@ async def _serve(app: App, listen: str, on_ready: Callable[[str], None] | None,
     if rewrap is not None:
         await loop.run_in_executor(None, rewrap.stop)
     await server.stop(grace=30)
+    calls.shutdown(wait=True)
     tracing.shutdown()
     app.close()
     log.info("stopped")

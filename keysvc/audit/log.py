@@ -40,7 +40,7 @@ from keysvc.audit.chain import (
     row_event,
 )
 from keysvc.audit.sinks import JsonlSink, SyslogSink, first_difference, read_lines
-from keysvc.audit.writer import AuditWriter, Work
+from keysvc.audit.writer import AuditWriter
 from keysvc.clock import Clock, utc_now
 from keysvc.custody.versions import MacKeys, newest_named, see, untagged
 from keysvc.partitions import AUDIT_MAC_KEY, Partitions
@@ -132,14 +132,6 @@ class AuditLog:
         its outcome. Returns once they are kept; raises AUDIT_UNAVAILABLE otherwise."""
         intents, final = call.events(outcome, code)
         self.writer.submit(intents + ([final] if final else []), intents=bool(intents))
-
-    async def finish_async(self, call: CallAudit, outcome: str, code: str,
-                           work: Work | None = None) -> None:
-        """`finish` for a call served by an event loop. `work`: the call as counted at
-        work (AuditWriter.working)."""
-        intents, final = call.events(outcome, code)
-        await self.writer.submit_async(intents + ([final] if final else []),
-                                       intents=bool(intents), work=work)
 
     def recover_intents(self, older_than: float | None = None) -> int:
         """Chain the intents a crash left (their effects committed, their events not yet
