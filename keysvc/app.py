@@ -51,6 +51,7 @@ class App:
             instance=lambda: self.records.instance, timeout=s.audit_timeout_seconds,
             sink_dir=s.audit_files, sink_max_bytes=s.audit_file_max_bytes,
             sink_keep=s.audit_file_keep, anchor_slots=s.path("audit-anchor-slots"),
+            commit_delay=s.audit_commit_delay_ms / 1000,
             syslog={"address": s.audit_syslog, "ca_file": s.audit_syslog_ca,
                     "cert_file": s.audit_syslog_cert, "key_file": s.audit_syslog_key,
                     "timeout": s.audit_timeout_seconds} if s.audit_syslog else None)

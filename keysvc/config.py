@@ -75,6 +75,9 @@ class Settings:
     # How long a call waits for its audit event to be chained and in every sink before it
     # fails closed (UNAVAILABLE AUDIT_UNAVAILABLE).
     audit_timeout_seconds: float = 5.0
+    # Group commit: while other calls of the process are at their work, a batch of audit
+    # events waits up to this long for theirs (keysvc/audit/writer.py). 0: never waits.
+    audit_commit_delay_ms: float = 20.0
     # The JSON-lines sink: audit-<database instance>.jsonl in this directory, rotated at
     # audit_file_max_bytes, audit_file_keep files kept.
     audit_dir: str = ""
@@ -184,6 +187,9 @@ def problems(s: Settings) -> list[str]:
     def at_least(name: str, low: float) -> None:
         if getattr(s, name) < low:
             out.append(f"{name} must be at least {low:g} (it is {getattr(s, name)!r})")
+    if not 0 <= s.audit_commit_delay_ms <= s.audit_timeout_seconds * 100:
+        out.append("audit_commit_delay_ms must be from 0 to a tenth of audit_timeout_seconds "
+                   f"(it is {s.audit_commit_delay_ms!r})")
     if s.quorum < 2:
         out.append(f"quorum must be at least 2: dual control (it is {s.quorum})")
     for name, low in (("processes", 1), ("workers", 1), ("hsm_pool_size", 1),
@@ -267,10 +273,10 @@ IDENTITY_SETTINGS = ("pkcs11_module", "tls_cert", "tls_key", "tls_client_ca",
 # KEYSVC_DEV): development against PostgreSQL or a syslog collector, say.
 TUNING_SETTINGS = ("state_dir", "partitions", "listen", "processes", "workers", "log_level",
                    "lock_memory", "metrics_listen", "rewrap_rows_per_second", "rewrap_batch",
-                   "audit_timeout_seconds", "audit_file_max_bytes", "audit_file_keep",
-                   "max_file_bytes", "max_xml_depth", "hsm_pool_size", "hsm_acquire_timeout",
-                   "import_job_ttl_hours", "import_job_quota", "certificate_workers",
-                   "roster_refresh_seconds", "client_crl_refresh_seconds",
+                   "audit_timeout_seconds", "audit_commit_delay_ms", "audit_file_max_bytes",
+                   "audit_file_keep", "max_file_bytes", "max_xml_depth", "hsm_pool_size",
+                   "hsm_acquire_timeout", "import_job_ttl_hours", "import_job_quota",
+                   "certificate_workers", "roster_refresh_seconds", "client_crl_refresh_seconds",
                    "audit_checkpoint_seconds", "dev")
 
 

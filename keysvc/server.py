@@ -7,6 +7,8 @@ and appends one audit event per call, allowed or denied.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import gc
 import logging
@@ -17,7 +19,7 @@ import time
 import uuid
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, cast
+from typing import Any, AsyncIterator, Callable, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -31,6 +33,7 @@ from keysvc import limits, notify, processes, tracing
 from keysvc import store as st
 from keysvc.api.v1 import keysvc_pb2
 from keysvc.app import App, Caller
+from keysvc.audit.writer import at_work
 from keysvc.errors import ERROR_DOMAIN, KeysvcError, error
 from keysvc.hsm import HsmError, HsmUnavailable
 from keysvc.identity.admission import admit, client_cas
@@ -61,95 +64,117 @@ REFLECTION_STREAMS = 4
 
 
 class LongStreams:
-    """Streams that stay open as long as their client likes (health's Watch, reflection):
-    each holds a thread while open, from a few of its own, never one of the calls'
-    (`workers`), and at most `limit` are open at once; one more is refused RESOURCE_EXHAUSTED
-    TOO_MANY_STREAMS. Held in the calls' threads, 16 of them stopped every call of a worker
-    (review, session 16). Blocking, as gRPC runs a servicer by default: the health
-    servicer's non-blocking Watch sends under its lock, which a closing stream's callback
-    needs on gRPC's one polling thread, and deadlocked the server (the same review)."""
+    """Streams that stay open as long as their client likes (health's Watch, reflection): at
+    most `limit` are open at once, and one more is refused RESOURCE_EXHAUSTED
+    TOO_MANY_STREAMS. On the event loop an open stream holds no thread (on the synchronous
+    server each held one, and 16 of them stopped every call of a worker: review, session
+    16); the limit bounds what a client may keep open. At a stop every stream still open is
+    ended (`end`): the drain waits for no client that is only listening."""
 
     def __init__(self, kind: str, limit: int) -> None:
         self.kind, self.limit = kind, limit
-        self.pool = futures.ThreadPoolExecutor(max_workers=limit + 1,  # (+1: to refuse)
-                                               thread_name_prefix=kind)
-        self._open = threading.BoundedSemaphore(limit)
+        self._open = 0  # (read and changed on the loop only)
+        self.ending = asyncio.Event()  # set at a stop: a stream that waits for its client ends
 
-    def guard(self, behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
-        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
-            if not self._open.acquire(blocking=False):
-                failure = error("TOO_MANY_STREAMS", f"at most {self.limit} {self.kind} "
-                                                    f"streams are open at once")
-                context.abort_with_status(rpc_status.to_status(status_for(failure)))
-            try:
-                yield from behavior(request, context)
-            finally:
-                self._open.release()
-        guarded.experimental_thread_pool = self.pool  # type: ignore[attr-defined]
-        return guarded
+    @contextlib.asynccontextmanager
+    async def held(self, context: Any) -> AsyncIterator[None]:
+        """One stream open for as long as the block runs (in the stream's task)."""
+        if self._open >= self.limit:
+            failure = error("TOO_MANY_STREAMS", f"at most {self.limit} {self.kind} streams "
+                                                f"are open at once")
+            await context.abort_with_status(rpc_status.to_status(status_for(failure)))
+        self._open += 1
+        try:
+            yield
+        finally:
+            self._open -= 1
 
-    def close(self) -> None:
-        """After the server stopped (each stream ended or cancelled): the idle threads go."""
-        self.pool.shutdown(wait=False)
+    def end(self) -> None:
+        """At a stop, on the loop: every stream that waits for its client's next message
+        ends (`until_ending`), so that the drain does not wait its grace for an idle
+        grpcurl. (Cancelling the stream's task did not end it: gRPC then sends no status.)"""
+        self.ending.set()
+
+    async def until_ending(self, messages: Any) -> AsyncIterator[Any]:
+        """The client's messages, until it half-closes or the server stops."""
+        incoming = messages.__aiter__()
+        ending = asyncio.ensure_future(self.ending.wait())
+        try:
+            while True:
+                message = asyncio.ensure_future(incoming.__anext__())
+                await asyncio.wait({message, ending}, return_when=asyncio.FIRST_COMPLETED)
+                if not message.done():
+                    message.cancel()
+                    return
+                try:
+                    item = message.result()
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            ending.cancel()
 
 
 class HealthNow:
-    """The process's health as Watch streams it: set by HealthWatch when it changes,
-    NOT_SERVING for good once the server stops. keysvc's own Watch, not the health
+    """The process's health as Watch streams it: set by HealthWatch (a thread) when it
+    changes, NOT_SERVING for good once the server stops. keysvc's own Watch, not the health
     servicer's: that one keeps a stream cancelled before its close callback was added, for
-    good (a review made 153 of 1,500 quickly cancelled Watches stay), and sends under a
-    lock its callbacks need."""
+    good (a review made 153 of 1,500 quickly cancelled Watches stay), and under grpc.aio
+    its synchronous Watch held a thread that no cancel freed (review, session 16)."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
         self.status = health_pb2.HealthCheckResponse.NOT_SERVING  # (until the first check)
         self.stopping = False
-        self.changed = threading.Condition()
+        self._changed = asyncio.Event()  # replaced at each change; the old one is set
 
     def set(self, status: int) -> None:
-        with self.changed:
-            if not self.stopping:
-                self.status = status
-                self.changed.notify_all()
-
-    def _wake(self) -> None:
-        with self.changed:  # (held only to read or set the status, never while sending)
-            self.changed.notify_all()
+        """From any thread."""
+        try:
+            self.loop.call_soon_threadsafe(self._set, status, False)
+        except RuntimeError:  # (the loop closed: the server has stopped)
+            pass
 
     def stop(self) -> None:
-        with self.changed:
-            self.stopping, self.status = True, health_pb2.HealthCheckResponse.NOT_SERVING
-            self.changed.notify_all()
+        """On the loop: NOT_SERVING, the last item of every Watch."""
+        self._set(health_pb2.HealthCheckResponse.NOT_SERVING, True)
 
-    def watch(self, context: grpc.ServicerContext) -> Iterator[Any]:
-        """The status now, then each change, until the client goes (its stream wakes, and
-        the stream's thread is free) or the server stops (whose NOT_SERVING is the last
-        item)."""
-        context.add_callback(self._wake)  # (False when it went already: is_active says)
+    def _set(self, status: int, stopping: bool) -> None:
+        if self.stopping:
+            return
+        self.status, self.stopping = status, stopping
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def watch(self) -> AsyncIterator[Any]:
+        """The status now, then each change, until the client goes (gRPC cancels the
+        stream's task) or the server stops (whose NOT_SERVING is the last item)."""
         sent = None
-        while context.is_active():
-            with self.changed:
-                if self.status == sent and not self.stopping:
-                    self.changed.wait(1.0)
-                    continue
-                status, last = self.status, self.stopping
-            yield health_pb2.HealthCheckResponse(status=status)
-            sent = status
-            if last:
-                return
+        while True:
+            changed = self._changed
+            if self.status != sent or self.stopping:
+                sent, last = self.status, self.stopping
+                yield health_pb2.HealthCheckResponse(status=sent)
+                if last:
+                    return
+                continue
+            await changed.wait()
 
 
 def _health_watch(app: App, handler: Any, streams: LongStreams, now: HealthNow) -> Any:
     """Watch a service this process reports, or the server (""): any other name is
     answered SERVICE_UNKNOWN at once (and nothing is kept for it)."""
 
-    def watch(request: Any, context: grpc.ServicerContext) -> Any:
+    async def watch(request: Any, context: Any) -> Any:
         if request.service not in ("", *served_services(app)):
             yield health_pb2.HealthCheckResponse(
                 status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
             return
-        yield from now.watch(context)
+        async with streams.held(context):
+            async for item in now.watch():
+                yield item
     return grpc.unary_stream_rpc_method_handler(
-        streams.guard(watch), request_deserializer=handler.request_deserializer,
+        watch, request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer)
 
 
@@ -157,33 +182,40 @@ REFLECTION_SERVICES = ("grpc.reflection.v1alpha.ServerReflection",
                        "grpc.reflection.v1.ServerReflection")
 
 
-def _reflection_needs_a_role(app: App, handler: Any, streams: LongStreams) -> Any:
+def _reflection_needs_a_role(app: App, handler: Any, streams: LongStreams,
+                             pool: futures.Executor) -> Any:
     """Reflection (a stream) lists every service: only to a certificate that is accepted,
     names a role and is admitted (not revoked; an officer enrolled). Not audited, like
-    health: tools poll it."""
+    health: tools poll it. The caller's checks read the database: in `pool`, never on the
+    event loop, which a stalled database would stop for every call."""
     inner = handler.stream_stream
 
-    def wrapped(requests: Any, context: grpc.ServicerContext) -> Any:
-        caller = _caller(app, context) or Caller("", "", "", "no client certificate")
+    async def wrapped(requests: Any, context: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        caller = await loop.run_in_executor(pool, _caller, app, _Seen(context)) \
+            or Caller("", "", "", "no client certificate")
         if caller.refusal or not caller.role:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          caller.refusal or "reflection needs a role")
-        try:  # before the stream holds one of the few reflection threads
-            admit(app, caller)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                caller.refusal or "reflection needs a role")
+        try:  # before the stream takes one of the few reflection streams
+            await loop.run_in_executor(pool, admit, app, caller)
         except KeysvcError as exc:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, exc.message)
-        def admitted() -> Any:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, exc.message)
+
+        async def admitted() -> Any:
             """Each message of the stream is admitted anew: a stream opened before its key
             was denied stops at the next request."""
-            for r in requests:
+            async for r in streams.until_ending(requests):
                 try:
-                    admit(app, caller)
+                    await loop.run_in_executor(pool, admit, app, caller)
                 except KeysvcError as exc:
-                    context.abort(grpc.StatusCode.PERMISSION_DENIED, exc.message)
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, exc.message)
                 yield r
-        return inner(admitted(), context)
+        async with streams.held(context):
+            async for response in inner(admitted(), context):
+                yield response
     return grpc.stream_stream_rpc_method_handler(
-        streams.guard(wrapped), request_deserializer=handler.request_deserializer,
+        wrapped, request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer)
 
 
@@ -222,7 +254,7 @@ audit_target: contextvars.ContextVar[str] = contextvars.ContextVar("audit_target
 current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("current_caller")
 
 
-def _caller(app: App, context: grpc.ServicerContext) -> Caller | None:
+def _caller(app: App, context: Any) -> Caller | None:
     # gRPC's auth context: property name -> list of values (bytes)
     pems = cast("list[bytes]", (context.auth_context() or {}).get("x509_pem_cert") or [])
     if not pems:
@@ -313,37 +345,80 @@ def served_services(app: App) -> list[str]:
             if PARTITION_SERVICES.get(s) in (None, *app.partitions.tokens)]
 
 
-class KeysvcInterceptor(grpc.ServerInterceptor):
-    def __init__(self, app: App, watches: LongStreams, reflections: LongStreams,
-                 now: HealthNow) -> None:
-        self.app, self.watches, self.reflections, self.now = app, watches, reflections, now
+class _Seen:
+    """What the synchronous part of a call reads from gRPC's context, read on the event loop
+    (the aio context belongs to it) and handed to the thread that does the work."""
+
+    def __init__(self, context: Any) -> None:
+        self._auth = context.auth_context()
+        self._metadata = context.invocation_metadata()
+
+    def auth_context(self) -> Any:
+        return self._auth
+
+    def invocation_metadata(self) -> Any:
+        return self._metadata
+
+
+@dataclass
+class _Done:
+    """A call's work done (in a thread), its audit event still to be kept (on the loop)."""
+    caller: Caller
+    call: Any
+    audited: bool
+    started: float
+    current: Any
+    spans: contextlib.ExitStack
+    response: Any = None
+    failure: KeysvcError | None = None
+    code: str = "OK"
+    outcome: str = "OK"
+
+
+class KeysvcInterceptor(grpc.aio.ServerInterceptor):
+    """Every keysvc call in three steps (issue 18): its work in a thread of `pool`, its
+    audit event awaited on the event loop, its answer. A call waiting for its event holds
+    no thread: with the synchronous server each waiting call held one of the pool's, and
+    those threads handing the GIL, the HSM lock and the connection pool to each other cost
+    a worker about 33 context switches a call (bench/bench_cores.py)."""
+
+    def __init__(self, app: App, pool: futures.ThreadPoolExecutor, watches: LongStreams,
+                 reflections: LongStreams, now: HealthNow) -> None:
+        self.app, self.pool = app, pool
+        self.watches, self.reflections, self.now = watches, reflections, now
+        self._calls: set[asyncio.Task] = set()  # calls not ended yet (on the loop)
+
+    async def drain(self, timeout: float) -> None:
+        """After the server stopped: the calls it no longer waits for (their client went,
+        or the grace ended) finish their work, event and log line. At a stop they once
+        lost both (review, session 16)."""
+        if self._calls:
+            await asyncio.wait(set(self._calls), timeout=timeout)
 
     def _not_served(self, method: str) -> Any:
         """A call to the other organisation's service: the role check and the audit event
         as for any call, then PARTITION_NOT_SERVED (its request is never decoded)."""
         service, partition = method.split("/")[1], _partition_of(method)
 
-        def refuse(_request: Any, _context: grpc.ServicerContext) -> Any:
+        def refuse(_request: Any, _context: Any) -> Any:
             raise error("PARTITION_NOT_SERVED", f"this process does not serve the {partition} "
                                                 f"partition (serve --partitions)")
 
-        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            return self._call(service, method, refuse, request, context)
+        async def wrapped(request: Any, context: Any) -> Any:
+            return await self._call(service, method, refuse, request, context)
         return grpc.unary_unary_rpc_method_handler(
             wrapped, request_deserializer=lambda raw: raw,
             response_serializer=lambda message: b"")
 
-    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(details)
+    async def intercept_service(self, continuation: Callable,
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
         if handler is not None and details.method == HEALTH_WATCH:
-            # Not audited (as Check). Gathered like the audited streams, each Watch never
-            # sent a status and held one of the `workers` threads for as long as it was
-            # open: any certificate from the client CA could stop every call of a worker
-            # with 16 of them (review, session 16). Now in threads of its own.
+            # Not audited (as Check); keysvc's own, on the loop (HealthNow).
             return _health_watch(self.app, handler, self.watches, self.now)
         if handler is not None and handler.stream_stream is not None \
                 and details.method.split("/")[1] in REFLECTION_SERVICES:
-            return _reflection_needs_a_role(self.app, handler, self.reflections)
+            return _reflection_needs_a_role(self.app, handler, self.reflections, self.pool)
         if handler is None and _partition_of(details.method) not in (
                 None, *self.app.partitions.tokens) and _exists(details.method):
             return self._not_served(details.method)
@@ -351,6 +426,8 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
             return handler
         method = details.method  # "/keysvc.v1.S1SPService/ProcessGroupInformation"
         service = method.split("/")[1]
+        if service in UNAUDITED_SERVICES:  # health: synchronous, in gRPC's own pool
+            return handler
         streams = handler.unary_unary is None
         # A stream's items are gathered before the first is sent, so that the call is
         # audited (fail closed) before anything leaves (ExportAuditEvents: bounded by limit).
@@ -358,7 +435,7 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
             else handler.unary_unary
         decode = _tolerant(handler.request_deserializer)
 
-        def decoded(request: Any, context: grpc.ServicerContext) -> Any:
+        def decoded(request: Any, context: Any) -> Any:
             """Runs after the role check: an undecodable request is INVALID_REQUEST (and
             audited), never gRPC's INTERNAL, and a caller of the wrong role learns nothing
             from it."""
@@ -369,11 +446,12 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
                 limits.check(request)  # every field bounded (keysvc/limits.py)
             return inner(request, context)
 
-        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            return self._call(service, method, decoded, request, context)
+        async def wrapped(request: Any, context: Any) -> Any:
+            return await self._call(service, method, decoded, request, context)
 
-        def wrapped_stream(request: Any, context: grpc.ServicerContext) -> Any:
-            yield from self._call(service, method, decoded, request, context)
+        async def wrapped_stream(request: Any, context: Any) -> Any:
+            for item in await self._call(service, method, decoded, request, context):
+                yield item
 
         if streams:
             return grpc.unary_stream_rpc_method_handler(
@@ -383,31 +461,76 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
             wrapped, request_deserializer=decode,
             response_serializer=handler.response_serializer)
 
-    def _call(self, service: str, method: str, inner: Callable, request: Any,
-              context: grpc.ServicerContext) -> Any:
-        request_id.set(uuid.uuid4().hex[:16])
-        if not tracing.enabled():
-            return self._handle(service, method, inner, request, context, None)
-        with tracing.call_span(method, context.invocation_metadata(),
-                               request_id=request_id.get()) as current:
-            return self._handle(service, method, inner, request, context, current)
+    async def _call(self, service: str, method: str, inner: Callable, request: Any,
+                    context: Any) -> Any:
+        # The call's context variables (request id, caller, audit target, trace span) live
+        # in `ctx`, entered by the thread doing the work and again on the loop.
+        ctx = contextvars.copy_context()
+        seen = _Seen(context)
+        # Shielded: a client that cancels, or whose deadline passes, stops waiting for the
+        # answer but not the call: its work ends, its event is kept, it is logged, as with
+        # the synchronous server (review, session 15).
+        whole = asyncio.get_running_loop().create_task(
+            self._whole(ctx, seen, service, method, inner, request))
+        self._calls.add(whole)  # (until it ends, whatever its client does: `drain`)
+        whole.add_done_callback(self._calls.discard)
+        response, status = await asyncio.shield(whole)
+        if status is not None:
+            await context.abort_with_status(status)
+        return response
 
-    def _handle(self, service: str, method: str, inner: Callable, request: Any,
-                context: grpc.ServicerContext, current: Any) -> Any:
+    async def _whole(self, ctx: contextvars.Context, seen: _Seen, service: str, method: str,
+                     inner: Callable, request: Any) -> tuple[Any, Any]:
+        """The call's work, its audit event and its log line: (response, failure status)."""
+        # At work until its event is queued: a batch of the audit writer waits for it.
+        with self.app.audit.writer.working() as work:
+            ctx.run(at_work.set, work)  # (its own events chained before its end: `submit`)
+            # Never on the loop itself, not even a small call: the HSM's lock (a file call
+            # holds it between breaths), an exhausted session pool or a stalled database
+            # would stop every call of the process (review, session 15; measured in
+            # session 16: the two Verify calls inline gained nothing over the pool).
+            done = await asyncio.get_running_loop().run_in_executor(
+                self.pool, ctx.run, self._work, service, method, inner, request, seen)
+            if done.audited:
+                # Fail closed: a call whose event is not kept returns nothing but that, also
+                # one that failed anyway: its own reason would answer, unrecorded, a question
+                # (KEY_NOT_FOUND against DATABASE_UNAVAILABLE: whether a key exists; review,
+                # session 16). The log keeps it; health tells the outage.
+                audit_span = ctx.run(lambda: tracing.span("audit.write"))
+                ctx.run(audit_span.__enter__)
+                try:
+                    # The events built in the call's context: their target is set there.
+                    intents, final = ctx.run(done.call.events, done.outcome, done.code)
+                    await self.app.audit.writer.submit_async(
+                        intents + ([final] if final else []), intents=bool(intents),
+                        work=work)
+                except Exception as exc:
+                    ctx.run(self._audit_failed, done, method, exc)
+                finally:
+                    ctx.run(audit_span.__exit__, None, None, None)
+        return done.response, ctx.run(self._end, done, method)
+
+    def _work(self, service: str, method: str, inner: Callable, request: Any,
+              context: _Seen) -> _Done:
+        request_id.set(uuid.uuid4().hex[:16])
+        spans = contextlib.ExitStack()
+        current = spans.enter_context(tracing.call_span(
+            method, context.invocation_metadata(), request_id=request_id.get())) \
+            if tracing.enabled() else None
         audit_target.set("")
         started = time.perf_counter()
         caller = _caller(self.app, context) or Caller("", "")
         audited = service not in UNAUDITED_SERVICES
         call = self.app.audit.call(caller.identity, caller.role, method.lstrip("/"),
                                    audit_target.get)
+        done = _Done(caller, call, audited, started, current, spans)
         # Each write transaction of this call carries its audit event (keysvc/audit/calls.py).
         hook = st.before_commit.set(call.before_commit) if audited else None
-        code, outcome, response, failure = "OK", "OK", None, None
         try:
             if caller.refusal and audited:
                 raise error("CERTIFICATE_NOT_ACCEPTED", caller.refusal)
             if audited:
-                caller = admit(self.app, caller)  # revoked? an officer enrolled? (each call)
+                done.caller = caller = admit(self.app, caller)  # revoked? enrolled? (each call)
                 call.actor = caller.identity
             # Deny by default: a service without a role entry is refused to every caller.
             allowed = SERVICE_ROLES.get(service, frozenset())
@@ -415,40 +538,42 @@ class KeysvcInterceptor(grpc.ServerInterceptor):
                 raise error("ROLE_NOT_PERMITTED",
                             f"role {caller.role[:64] or '(none)'} may not call {service}")
             current_caller.set(caller)
-            response = inner(request, context)
+            done.response = inner(request, context)
         except Exception as exc:
-            failure = _failure(exc, method)
-            code = failure.code
+            done.failure = _failure(exc, method)
+            done.code = done.failure.code
         finally:
             if hook is not None:
                 st.before_commit.reset(hook)
-        if failure is not None:
-            outcome = "DENIED" if code in DENIALS else "ERROR"
-        if audited:
-            # Fail closed: a call whose event is not kept returns nothing but that, also
-            # one that failed anyway: its own reason would answer, unrecorded, a question
-            # (KEY_NOT_FOUND against DATABASE_UNAVAILABLE: whether a key exists; review,
-            # session 16). The log keeps it; health tells the outage.
-            try:
-                with tracing.span("audit.write"):
-                    self.app.audit.finish(call, outcome, code)
-            except Exception as exc:
-                refusal = exc if isinstance(exc, KeysvcError) else \
-                    error("AUDIT_UNAVAILABLE", "the audit trail cannot be written")
-                log.error("audit not kept; the call (which ended %s) fails closed", code,
-                          extra={"method": method.rsplit("/", 1)[-1], "code": refusal.code})
-                failure, code, response = refusal, refusal.code, None
-        elapsed = time.perf_counter() - started
+        if done.failure is not None:
+            done.outcome = "DENIED" if done.code in DENIALS else "ERROR"
+        return done
+
+    @staticmethod
+    def _audit_failed(done: _Done, method: str, exc: Exception) -> None:
+        refusal = exc if isinstance(exc, KeysvcError) else \
+            error("AUDIT_UNAVAILABLE", "the audit trail cannot be written")
+        log.error("audit not kept; the call (which ended %s) fails closed", done.code,
+                  extra={"method": method.rsplit("/", 1)[-1], "code": refusal.code})
+        done.failure, done.code, done.response = refusal, refusal.code, None
+
+    @staticmethod
+    def _end(done: _Done, method: str) -> Any:
+        """The call's log line, metrics and span; the status it fails with, if it does."""
+        elapsed = time.perf_counter() - done.started
         short = method.rsplit("/", 1)[-1]
-        REQUESTS.labels(short, code).inc()
-        LATENCY.labels(short, code).observe(elapsed)
-        log.info("call", extra={"method": short, "code": code, "actor": caller.identity,
-                                "role": caller.role, "duration_ms": round(elapsed * 1000, 2)})
-        tracing.annotate(current, role=caller.role[:64], code=code)
-        if failure is not None:
-            tracing.failed(current, code)
-            context.abort_with_status(rpc_status.to_status(status_for(failure)))
-        return response
+        REQUESTS.labels(short, done.code).inc()
+        LATENCY.labels(short, done.code).observe(elapsed)
+        log.info("call", extra={"method": short, "code": done.code,
+                                "actor": done.caller.identity, "role": done.caller.role,
+                                "duration_ms": round(elapsed * 1000, 2)})
+        tracing.annotate(done.current, role=done.caller.role[:64], code=done.code)
+        status = None
+        if done.failure is not None:
+            tracing.failed(done.current, done.code)
+            status = rpc_status.to_status(status_for(done.failure))
+        done.spans.close()
+        return status
 
 
 def _failure(exc: Exception, method: str) -> KeysvcError:
@@ -477,13 +602,13 @@ class HealthWatch(threading.Thread):
     chained, and the client CRLs are read again every `client_crl_refresh_seconds` or when
     `reload` is set (SIGHUP)."""
 
-    def __init__(self, app: App, servicer: health.HealthServicer, every: float = 1.0,
-                 streams: tuple[LongStreams, ...] = (), now: HealthNow | None = None) -> None:
+    def __init__(self, app: App, servicer: health.HealthServicer, now: HealthNow,
+                 streams: tuple[LongStreams, ...] = (), every: float = 1.0) -> None:
         super().__init__(daemon=True, name="health-watch")
         self.app, self.servicer, self.every = app, servicer, every
         self.streams = streams  # (ended at a stop)
         self._status: int | None = None  # the status last set
-        self.now = now or HealthNow()
+        self.now = now
         self.stopped = threading.Event()
         self.reload = threading.Event()
         self.crls_read_at = time.monotonic()
@@ -571,26 +696,34 @@ class HealthWatch(threading.Thread):
 
 
 # --------------------------------------------------------------------------- server
-def build_server(app: App, listen: str) -> tuple[grpc.Server, int, HealthWatch]:
+def build_server(app: App, listen: str) -> tuple[grpc.aio.Server, int, HealthWatch,
+                                                 KeysvcInterceptor]:
+    """The server, its port, its health watch and its interceptor (whose calls, and the
+    pool they work in, outlast the server's stop: `KeysvcInterceptor.drain`)."""
     from keysvc.servicers import register_all
     s = app.settings
     max_msg = s.max_file_bytes * 2 + (1 << 20)
     watches = LongStreams("health-watch", HEALTH_WATCH_STREAMS)
     reflections = LongStreams("reflection", REFLECTION_STREAMS)
-    now = HealthNow()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=s.workers),
-                         interceptors=[KeysvcInterceptor(app, watches, reflections, now)],
-                         options=[("grpc.max_receive_message_length", max_msg),
-                                  ("grpc.max_send_message_length", max_msg),
-                                  # gRPC allows a second server on a bound port by default:
-                                  # only the workers of one keysvc may share it.
-                                  ("grpc.so_reuseport", int(processes.COUNT > 1)),
-                                  # A client gone without a word (its host down, a NAT
-                                  # that forgot it) is noticed within 80 s, not gRPC's
-                                  # 2 h: a Watch waiting for a change would hold its
-                                  # stream for that long (review, session 16).
-                                  ("grpc.keepalive_time_ms", 60_000),
-                                  ("grpc.keepalive_timeout_ms", 20_000)])
+    now = HealthNow(asyncio.get_running_loop())
+    # The keysvc calls' work runs in `calls`; health's Check (a synchronous servicer, not
+    # audited) in gRPC's own pool. A call waiting for its request message, its audit event
+    # or its client holds no thread: 16 calls that never sent their message held all of the
+    # synchronous server's and stopped every call of a worker (review, session 16).
+    calls = futures.ThreadPoolExecutor(max_workers=s.workers, thread_name_prefix="call")
+    server = grpc.aio.server(
+        futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="grpc"),
+        interceptors=[interceptor := KeysvcInterceptor(app, calls, watches, reflections, now)],
+        options=[("grpc.max_receive_message_length", max_msg),
+                 ("grpc.max_send_message_length", max_msg),
+                 # gRPC allows a second server on a bound port by default: only the workers
+                 # of one keysvc may share it.
+                 ("grpc.so_reuseport", int(processes.COUNT > 1)),
+                 # A client gone without a word (its host down, a NAT that forgot it) is
+                 # noticed within 80 s, not gRPC's 2 h: a Watch waiting for a change would
+                 # hold its stream for that long (review, session 16).
+                 ("grpc.keepalive_time_ms", 60_000),
+                 ("grpc.keepalive_timeout_ms", 20_000)])
     register_all(server, app)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -598,7 +731,7 @@ def build_server(app: App, listen: str) -> tuple[grpc.Server, int, HealthWatch]:
              for n in keysvc_pb2.DESCRIPTOR.services_by_name]
     reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME],
                                         server)
-    watch = HealthWatch(app, health_servicer, streams=(watches, reflections), now=now)
+    watch = HealthWatch(app, health_servicer, now, streams=(watches, reflections))
     watch.check()
     # The port last: it listens from here on, and a connection that arrives before the
     # server starts (a worker process joining the others' port) waits the shortest time.
@@ -613,7 +746,7 @@ def build_server(app: App, listen: str) -> tuple[grpc.Server, int, HealthWatch]:
     if port == 0:
         raise SystemExit(f"keysvc: cannot listen on {listen}: the address is in use (another "
                          "server?) or not this host's")
-    return server, port, watch
+    return server, port, watch, interceptor
 
 
 # Garbage collection: a 1,000-entry file allocates some 10^5 short-lived objects (parsed
@@ -669,8 +802,13 @@ def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, 
           announce: bool = True) -> int:
     tune_gc()
     tracing.configure(app.settings, processes.INDEX)
-    server, port, watch = build_server(app, listen)
-    server.start()
+    return asyncio.run(_serve(app, listen, on_ready, announce))
+
+
+async def _serve(app: App, listen: str, on_ready: Callable[[str], None] | None,
+                 announce: bool) -> int:
+    server, port, watch, interceptor = build_server(app, listen)
+    await server.start()
     watch.start()
     rewrap = None
     if processes.INDEX == 0 and app.settings.rewrap_rows_per_second > 0:
@@ -689,24 +827,19 @@ def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, 
         notify.notify("READY=1", f"STATUS=listening on {bound}")
     if on_ready:
         on_ready(bound)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # On the loop (asyncio's handlers run there, not between two bytecodes of whatever the
+    # main thread was doing, which once deadlocked on a lock it held: session 16).
     signals: list[int] = []
 
-    def _stop(signum: int, _frame: Any) -> None:
-        # Nothing that takes a lock: the handler runs in the main thread between two of
-        # its bytecodes, maybe while it holds one. It called Event.set on the Event the
-        # main thread was waiting on, whose lock that wait holds for a moment each second:
-        # a worker of the suite then waited for good (session 16).
+    def _stop(signum: int) -> None:
         signals.append(signum)
-    def _reload(signum: int, _frame: Any) -> None:
-        watch.reload.set()  # (an Event the main thread never waits on)
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGHUP, _reload)
-    # In steps: a signal the kernel hands to another thread (the main thread had one
-    # pending already) runs its Python handler only when the main thread next runs Python,
-    # and a SIGTERM once waited here for good (tests/test_server.py, session 11).
-    while not signals:
-        time.sleep(0.2)
+        stopping.set()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _stop, int(sig))
+    loop.add_signal_handler(signal.SIGHUP, watch.reload.set)
+    await stopping.wait()
     log.info("signal received; draining in-flight calls", extra={"code": str(signals[0])})
     if announce:
         notify.notify("STOPPING=1", "STATUS=draining in-flight calls")
@@ -717,10 +850,14 @@ def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, 
     watch.now.stop()
     watch.servicer.enter_graceful_shutdown()
     if rewrap is not None:
-        rewrap.stop()
-    server.stop(grace=30).wait()
+        await loop.run_in_executor(None, rewrap.stop)
     for streams in watch.streams:
-        streams.close()
+        streams.end()  # (an idle reflection stream: the drain would wait its whole grace)
+    await server.stop(grace=30)
+    # Calls whose client went (cancel, deadline, the grace ended) still finish their work,
+    # event and log line; then the pool's threads go.
+    await interceptor.drain(timeout=30)
+    await loop.run_in_executor(None, interceptor.pool.shutdown, True)
     tracing.shutdown()
     app.close()
     log.info("stopped")

@@ -446,7 +446,7 @@ class AuditServicer(rpc.AuditServiceServicer):
                                          detail=v.detail)
 
 
-def register_all(server: grpc.Server, app: App) -> None:
+def register_all(server: grpc.aio.Server, app: App) -> None:
     """The services of the partitions this process serves: a process of one organisation
     answers the other's service UNIMPLEMENTED (gRPC's answer for a service not there)."""
     if "s1sp" in app.partitions.tokens:

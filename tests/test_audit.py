@@ -487,3 +487,60 @@ def _event_for(i: int):
     from keysvc.audit.chain import AuditEvent
     return AuditEvent(id=str(uuid.uuid4()), time=dt.datetime.now(dt.timezone.utc), actor="b",
                       role="r", action="x", target=str(i), outcome="OK", code="OK")
+
+
+# Group commit (issue 18): a batch waits, at most audit_commit_delay_ms, for the events of
+# calls still at work, so that calls arriving together share one batch.
+def test_a_batch_waits_for_the_event_of_a_call_still_at_work(app):
+    import threading
+    import time
+    w = app.audit.writer
+    w.timeout, w.commit_delay = 30.0, 10.0
+    _events(app, 1)  # the writer started
+    before = w.batches
+    work = w.working()
+    first: list = []
+    t = threading.Thread(target=lambda: first.extend(_events(app, 1)))
+    t.start()
+    time.sleep(0.3)
+    assert not first  # its batch waits for the call at work
+    [mine] = w.submit([app.audit.call("dco", "dco", "keysvc.v1.DCOService/VerifyMasterKey",
+                                      lambda: "x").event("OK", "OK")], work=work)
+    t.join(30)
+    assert w.batches - before == 1  # one batch for both
+    assert mine.sequence == first[0].sequence + 1
+
+
+def test_a_lone_call_waits_for_no_other(app):
+    """No call at work: the batch goes at once, though the delay is longer than a caller
+    waits (else this append would fail closed)."""
+    w = app.audit.writer
+    w.timeout, w.commit_delay = 5.0, 60.0
+    assert _events(app, 2)
+    assert app.audit.verify().intact
+
+
+def test_a_batch_waits_no_longer_than_the_commit_delay(app):
+    """A call at work that never ends (a large file, a stuck HSM call) holds no batch
+    longer than the delay."""
+    w = app.audit.writer
+    w.timeout, w.commit_delay = 5.0, 0.5
+    with w.working():
+        assert _events(app, 2)
+    assert app.audit.verify().intact
+
+
+def test_a_call_at_work_that_chains_an_event_of_its_own_does_not_wait_for_itself(app):
+    """An event a call chains before its end (a ceremony's step, a seal failure) is waited
+    for by the call itself: its batch does not wait for that call to finish its work (with
+    a delay longer than a caller waits, it would fail closed)."""
+    from keysvc.audit.writer import at_work
+    w = app.audit.writer
+    w.timeout, w.commit_delay = 5.0, 60.0
+    with w.working() as work:
+        mine = at_work.set(work)
+        try:
+            assert _events(app, 2)
+        finally:
+            at_work.reset(mine)
+    assert app.audit.verify().intact

@@ -213,3 +213,12 @@ def test_new_tokens_never_adopt_a_database_that_holds_records(tmp_path):
         assert verdict.intact
     finally:
         again.stop()
+
+
+def test_an_audit_commit_delay_over_a_tenth_of_the_audit_timeout_is_refused():
+    """A batch that waited longer would fail its callers closed for waiting."""
+    from keysvc import config
+    bad = config.problems(config.load(env={}, audit_commit_delay_ms=600.0))
+    assert any("audit_commit_delay_ms" in p for p in bad)
+    assert not [p for p in config.problems(config.load(env={}, audit_commit_delay_ms=0.0))
+                if "audit_commit_delay_ms" in p]

@@ -110,12 +110,12 @@ def test_health_reports_serving(server):
     assert health_check(ch, "keysvc.v1.S1SPService") == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_health_watch_streams_in_threads_of_its_own_at_most_eight_at_once(server):
-    """Watch sends the status at once. Open Watch streams hold threads of their own, never
-    the calls' (`workers`, 16), at most 8 at once (one more: RESOURCE_EXHAUSTED
-    TOO_MANY_STREAMS), and opening and cancelling them again and again stops nothing.
-    (Review, session 16: gathered like an audited stream, 16 Watches stopped every call;
-    run non-blocking, a cancel deadlocked the server.)"""
+def test_health_watch_streams_at_most_eight_at_once_and_calls_go_on(server):
+    """Watch sends the status at once. At most 8 Watch streams are open at once (one more:
+    RESOURCE_EXHAUSTED TOO_MANY_STREAMS), they hold none of the calls' threads, and opening
+    and cancelling them again and again stops nothing. (Review, session 16: gathered like
+    an audited stream, 16 Watches stopped every call; run non-blocking, a cancel deadlocked
+    the server.)"""
     serving = health_pb2.HealthCheckResponse.SERVING
     stub = health_pb2_grpc.HealthStub(server.as_("auditor").channel)
     watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(8)]
@@ -176,9 +176,10 @@ def test_health_watch_of_a_service_it_does_not_report_answers_unknown_and_ends(s
     assert [a.status for a in answers] == [health_pb2.HealthCheckResponse.SERVICE_UNKNOWN]
 
 
-def test_reflection_streams_hold_threads_of_their_own_at_most_four_at_once(server):
-    """Reflection streams wait for their client's next request in threads of their own,
-    at most 4 at once: 16 idle ones held every thread of the calls (review, session 16)."""
+def test_reflection_streams_at_most_four_at_once_and_calls_go_on(server):
+    """At most 4 reflection streams wait for their client's next request at once, holding
+    none of the calls' threads: 16 idle ones held every thread of the calls (review,
+    session 16)."""
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
     stub = reflection_pb2_grpc.ServerReflectionStub(server.as_("s1sp").channel)
     hold = threading.Event()
@@ -198,6 +199,42 @@ def test_reflection_streams_hold_threads_of_their_own_at_most_four_at_once(serve
         hold.set()
         for s in streams:
             s.cancel()
+
+
+def test_calls_whose_message_never_comes_hold_no_thread_and_stop_no_call(server):
+    """A call whose client opens it and never sends its request message holds nothing that
+    other calls need: 40 such calls of a keysvc method (2.5x the 16 `workers`), 12 such
+    Watches and 6 such reflection streams, and calls, Check and Watch still answer at once.
+    (Review, session 16: the synchronous server gave each call its thread before its
+    message came, and 16 of them stopped every call of a worker, unaudited; 9 such Watches
+    made later Watches wait.)"""
+    channel = server.as_("dco").channel
+    never = threading.Event()
+
+    def nothing():
+        never.wait(60)
+        return
+        yield  # (a generator that sends no message)
+    silent = [channel.stream_unary("/keysvc.v1.DCOService/VerifyMasterKey").future(
+        nothing(), timeout=60) for _ in range(40)]
+    silent += [channel.stream_stream(path)(nothing(), timeout=60) for path in
+               ["/grpc.health.v1.Health/Watch"] * 12
+               + ["/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"] * 6]
+    try:
+        time.sleep(1)  # (every one of them open at the server)
+        officer = server.as_("security-officer-1").admin
+        for _ in range(20):
+            officer.ListKeys(pb.ListKeysRequest(), timeout=5)
+        assert health_check(server.as_("s1sp").channel) == \
+            health_pb2.HealthCheckResponse.SERVING
+        watch = health_pb2_grpc.HealthStub(server.as_("auditor").channel).Watch(
+            health_pb2.HealthCheckRequest(), timeout=5)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+    finally:
+        for call in silent:
+            call.cancel()
+        never.set()
 
 
 def test_reflection_lists_the_s1sp_service(server):
@@ -262,6 +299,51 @@ def test_sigterm_drains_the_call_in_flight_tells_health_watchers_and_exits_zero(
     log = srv.log()
     assert log.index("draining in-flight calls") < log.index('"method":"ProcessGroupInformation"')
     assert '"msg":"stopped"' in log
+
+
+def test_sigterm_finishes_audits_and_logs_a_call_whose_client_gave_up_and_ends_idle_streams(
+        tmp_path):
+    """A client that cancels while the server drains stops waiting for its answer, not the
+    call: its work ends, its audit event is kept and its log line written before the
+    process exits. An idle reflection stream is ended at once, so that the
+    drain does not wait its whole grace (30 s) for it. (Review, session 16: on the first
+    aio server such calls lost their event and log line at a stop.)"""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    srv = start_server(tmp_path / "state")
+    try:
+        name, kek = unique("S1SP-TK"), os.urandom(32)
+        srv.import_aes_key(name, kek, purpose="S1SP_TRANSPORT", owner_id="SMSO-LG-01")
+        big = build_file(random_installations(6000, group="AA"), group_id="AA",
+                         file_id=unique("MGEF"), s1sp_key_name=name, s1sp_kek=kek,
+                         dco_key_name="DCO-UNUSED", dco_kek=os.urandom(32))
+        idle = threading.Event()
+
+        def requests():
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+            idle.wait(60)
+        stream = reflection_pb2_grpc.ServerReflectionStub(srv.as_("s1sp").channel)\
+            .ServerReflectionInfo(requests(), timeout=60)
+        next(stream)
+        call = srv.as_("s1sp").s1sp.ProcessGroupInformation.future(
+            pb.ProcessGroupInformationRequest(file=big), timeout=60)
+        deadline = time.monotonic() + 30
+        while '"msg":"file received"' not in srv.log() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        srv.proc.send_signal(signal.SIGTERM)
+        call.cancel()
+        assert list(stream) == []  # (ended, where it would wait for its next request)
+        idle.set()
+        assert srv.proc.wait(20) == 0  # (not the 30 s grace)
+    finally:
+        assert srv.stop() == 0
+    log = srv.log()
+    assert re.search(r'"method":"ProcessGroupInformation","code":"OK"', log), log[-2000:]
+    again = start_server(tmp_path / "state")
+    try:
+        assert [(e.actor, e.outcome) for e in audit_events(again)
+                if e.action.endswith("/ProcessGroupInformation")] == [("s1sp", "OK")]
+    finally:
+        again.stop()
 
 
 def test_with_no_flags_it_keeps_its_state_in_dot_keysvc_and_listens_on_127_0_0_1_50051(

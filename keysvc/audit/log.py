@@ -54,7 +54,8 @@ class AuditLog:
                  instance: Callable[[], str] = lambda: "none", timeout: float = 5.0,
                  sink_dir: Path | None = None, sink_max_bytes: int = 64 * 1024 * 1024,
                  sink_keep: int = 10, syslog: dict | None = None,
-                 anchor_slots: Path = Path(".keysvc/audit-anchor-slots")) -> None:
+                 anchor_slots: Path = Path(".keysvc/audit-anchor-slots"),
+                 commit_delay: float = 0.0) -> None:
         self.store = store
         self.partitions = partitions
         self.clock = clock
@@ -67,7 +68,8 @@ class AuditLog:
         self._sinks: list | None = None
         self._anchor: ChainAnchor | None = None
         self._mac_counts: tuple[tuple[int, ...], float, dict[int, int]] | None = None
-        self.writer = AuditWriter(store, partitions.admin, self.anchor, self.sinks, timeout)
+        self.writer = AuditWriter(store, partitions.admin, self.anchor, self.sinks, timeout,
+                                  commit_delay)
 
     # ------------------------------------------------------------------ parts
     def anchor(self) -> ChainAnchor:

@@ -13,16 +13,18 @@ carry their hash, link and MAC.
 """
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import hashlib
 import logging
 import queue
 import threading
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import DBAPIError
@@ -86,14 +88,56 @@ class Pending:
     chained: list[AuditEvent] = field(default_factory=list)
     failure: str = ""
     cancelled: bool = False
+    then: Callable[[], object] | None = None  # called by the writer once `done` is set
+
+
+class Work:
+    """One call counted as at work by `AuditWriter.working`, until `done` (once)."""
+
+    def __init__(self, writer: "AuditWriter") -> None:
+        self._writer, self._open = writer, True
+
+    def done(self) -> None:
+        if self._open:
+            self._open = False
+            self._writer._left()
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Not counted while the call itself waits for a batch (an event of its own it
+        chains before its end, `submit`): the batch would otherwise wait its whole delay for
+        the very call that waits for it."""
+        if not self._open:
+            yield
+            return
+        self._writer._left()
+        try:
+            yield
+        finally:
+            with self._writer._work:
+                self._writer._working += 1
+
+    def __enter__(self) -> "Work":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.done()
+
+
+# The call at work in this context (keysvc/server.py sets it for the call's work).
+at_work: contextvars.ContextVar[Work | None] = contextvars.ContextVar("at_work", default=None)
 
 
 class AuditWriter:
     def __init__(self, store: st.Store, token: Any, anchor: Callable[[], ChainAnchor],
-                 sinks: Callable[[], list], timeout: float) -> None:
+                 sinks: Callable[[], list], timeout: float, commit_delay: float = 0.0) -> None:
         self.store, self.token = store, token
         self._anchor, self._sinks = anchor, sinks
         self.timeout = timeout
+        self.commit_delay = commit_delay
+        self._working = 0  # calls of this process at their work: their events are to come
+        self._work = threading.Condition()
+        self.batches = 0  # batches written (or failed), for the tests and benchmarks
         self._queue: queue.Queue[Pending] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -116,21 +160,84 @@ class AuditWriter:
 
     # ------------------------------------------------------------------ callers' side
     def submit(self, events: list[AuditEvent], *, intents: bool = False,
-               alone: bool = False, intent_ids: list[str] | None = None) -> list[AuditEvent]:
-        """Chain `events`; returns them with their sequences, or raises AUDIT_UNAVAILABLE."""
+               alone: bool = False, intent_ids: list[str] | None = None,
+               work: Work | None = None) -> list[AuditEvent]:
+        """Chain `events`; returns them with their sequences, or raises AUDIT_UNAVAILABLE.
+        `work`: the call whose events these are, counted as at work until they are queued
+        (not after: a batch woken by the last call at work must find its event)."""
+        mine = at_work.get()
+        with mine.waiting() if mine is not None and work is None else nullcontext():
+            p = self._enqueue(Pending(list(events), intents, alone, intent_ids=intent_ids),
+                              work)
+            if not p.done.wait(self.timeout):
+                self._gave_up(p)
+        return self._answer(p)
+
+    async def submit_async(self, events: list[AuditEvent], *, intents: bool = False,
+                           work: Work | None = None) -> list[AuditEvent]:
+        """`submit` for a call served by an event loop (keysvc/server.py): the loop goes on
+        serving while the batch is written, and no thread is held waiting."""
+        loop = asyncio.get_running_loop()
+        settled = loop.create_future()
+
+        def settle() -> None:
+            if not settled.done():
+                settled.set_result(None)
+        p = self._enqueue(Pending(list(events), intents,
+                                  then=lambda: loop.call_soon_threadsafe(settle)), work)
+        try:
+            await asyncio.wait_for(settled, self.timeout)
+        except asyncio.TimeoutError:
+            self._gave_up(p)
+        return self._answer(p)
+
+    def _enqueue(self, p: Pending, work: Work | None = None) -> Pending:
         if st.in_write_tx():
             raise RuntimeError("an audit event is waited for inside a write transaction")
-        p = Pending(list(events), intents, alone, intent_ids=intent_ids)
         self._start()
         with self._idle:
             self._in_flight += 1
         self._queue.put(p)
+        if work is not None:
+            work.done()
         AUDIT_LAG.set(self._queue.qsize())
-        if not p.done.wait(self.timeout):
-            p.cancelled = True
-            AUDIT_FAILURES.labels("timeout").inc()
-            raise error("AUDIT_UNAVAILABLE", f"the audit trail did not take the event within "
-                                             f"{self.timeout:g} s; nothing is returned")
+        return p
+
+    def working(self) -> Work:
+        """A call at its work: its event is to come (keysvc/server.py). While any is, a
+        batch waits for them (`_wait_for_working`); the call stops counting once its event
+        is queued (`submit`'s `work`), or when it ends without one."""
+        with self._work:
+            self._working += 1
+        return Work(self)
+
+    def _left(self) -> None:
+        with self._work:
+            self._working -= 1
+            if not self._working:
+                self._work.notify_all()
+
+    def _wait_for_working(self) -> None:
+        """Group commit, as PostgreSQL's commit_delay with commit_siblings: while calls of
+        this process are still at their work, the batch waits for their events, at most
+        `commit_delay` seconds. A batch costs about 2.8 ms of CPU however few events it
+        holds, and 0.2 ms more an event (measured in-process), and each is a round of
+        hand-overs between the writer's thread and the event loop: under load, fewer and
+        larger batches leave the calls more of the machine (bench/bench_cores.py). A lone
+        call waits for nothing: no other is at work."""
+        if self.commit_delay <= 0:
+            return
+        with self._work:
+            self._work.wait_for(lambda: not self._working, self.commit_delay)
+
+    def _gave_up(self, p: Pending) -> None:
+        p.cancelled = True
+        AUDIT_FAILURES.labels("timeout").inc()
+        raise error("AUDIT_UNAVAILABLE", f"the audit trail did not take the event within "
+                                         f"{self.timeout:g} s; nothing is returned")
+
+    @staticmethod
+    def _answer(p: Pending) -> list[AuditEvent]:
         if p.failure:
             raise error("AUDIT_UNAVAILABLE", p.failure)
         return p.chained
@@ -163,6 +270,7 @@ class AuditWriter:
     def _run(self) -> None:
         while True:
             taken = [self._queue.get()]
+            self._wait_for_working()
             while len(taken) < MAX_BATCH:
                 try:
                     taken.append(self._queue.get_nowait())
@@ -180,12 +288,18 @@ class AuditWriter:
                     self._batch(batch)
             for p in taken:
                 p.done.set()
+                if p.then is not None:
+                    try:  # (a loop already closed, at the end of a stop)
+                        p.then()
+                    except RuntimeError:
+                        pass
             with self._idle:
                 self._in_flight -= len(taken)
                 self._idle.notify_all()
 
     def _batch(self, batch: list[Pending]) -> None:
         self.busy_since = time.monotonic()
+        self.batches += 1
         try:
             self._write(batch)
             self.failing_since = None
