@@ -57,6 +57,9 @@ _ID = Limit(64, IDENTIFIER, note="letters, digits, `.` `_` `-`, starting with a 
 _EUI = Limit(32, note="an EUI-64 (INVALID_EUI64 otherwise)")
 _KCV = Limit(64, note="hex")
 _CERT = 16 * 1024
+# A whole request without a migration file, checked before it is parsed: the largest the
+# table allows is about 300 KiB (an escrow of 16 certificates and 1,000 CHF identifiers).
+REQUEST_BYTES = 1024 * 1024
 _FILE = Limit(0, note="the `max_file_bytes` setting (64 MiB), then the schema")
 _TEXT = Limit(4096, TEXT, note="no control or bidirectional-override characters")
 _REASON = Limit(1024, TEXT, note="no control or bidirectional-override characters")

@@ -99,12 +99,12 @@ class LongStreams:
         """The client's messages, until it half-closes or the server stops."""
         incoming = messages.__aiter__()
         ending = asyncio.ensure_future(self.ending.wait())
+        message: asyncio.Future | None = None
         try:
             while True:
                 message = asyncio.ensure_future(incoming.__anext__())
                 await asyncio.wait({message, ending}, return_when=asyncio.FIRST_COMPLETED)
                 if not message.done():
-                    message.cancel()
                     return
                 try:
                     item = message.result()
@@ -113,6 +113,8 @@ class LongStreams:
                 yield item
         finally:
             ending.cancel()
+            if message is not None and not message.done():
+                message.cancel()  # (the stream ends, or its client went)
 
 
 class HealthNow:
@@ -166,6 +168,9 @@ def _health_watch(app: App, handler: Any, streams: LongStreams, now: HealthNow) 
     answered SERVICE_UNKNOWN at once (and nothing is kept for it)."""
 
     async def watch(request: Any, context: Any) -> Any:
+        refused = _refused_request(request)
+        if refused is not None:
+            await context.abort_with_status(rpc_status.to_status(status_for(refused)))
         if request.service not in ("", *served_services(app)):
             yield health_pb2.HealthCheckResponse(
                 status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
@@ -174,7 +179,22 @@ def _health_watch(app: App, handler: Any, streams: LongStreams, now: HealthNow) 
             async for item in now.watch():
                 yield item
     return grpc.unary_stream_rpc_method_handler(
-        watch, request_deserializer=handler.request_deserializer,
+        watch, request_deserializer=_bounded(handler.request_deserializer),
+        response_serializer=handler.response_serializer)
+
+
+def _health_check(handler: Any) -> Any:
+    """The health servicer's Check (synchronous: in gRPC's own pool), its request bounded."""
+    inner = handler.unary_unary
+
+    def check(request: Any, context: Any) -> Any:
+        refused = _refused_request(request)
+        if refused is not None:  # (gRPC's synchronous context under aio: no abort_with_status)
+            status = rpc_status.to_status(status_for(refused))
+            context.abort(status.code, status.details, status.trailing_metadata)
+        return inner(request, context)
+    return grpc.unary_unary_rpc_method_handler(
+        check, request_deserializer=_bounded(handler.request_deserializer),
         response_serializer=handler.response_serializer)
 
 
@@ -206,6 +226,9 @@ def _reflection_needs_a_role(app: App, handler: Any, streams: LongStreams,
             """Each message of the stream is admitted anew: a stream opened before its key
             was denied stops at the next request."""
             async for r in streams.until_ending(requests):
+                refused = _refused_request(r)
+                if refused is not None:
+                    await context.abort_with_status(rpc_status.to_status(status_for(refused)))
                 try:
                     await loop.run_in_executor(pool, admit, app, caller)
                 except KeysvcError as exc:
@@ -215,11 +238,16 @@ def _reflection_needs_a_role(app: App, handler: Any, streams: LongStreams,
             async for response in inner(admitted(), context):
                 yield response
     return grpc.stream_stream_rpc_method_handler(
-        wrapped, request_deserializer=handler.request_deserializer,
+        wrapped, request_deserializer=_bounded(handler.request_deserializer),
         response_serializer=handler.response_serializer)
 
 
 UNDECODABLE = object()  # a request that is not valid protobuf (or UTF-8)
+OVERSIZED = object()    # a request of health or reflection over REQUEST_BYTES_UNAUDITED
+
+# A health or reflection request is a few bytes: parsed on the event loop, anything larger
+# is refused unparsed (INVALID_REQUEST).
+REQUEST_BYTES_UNAUDITED = 4096
 
 
 @dataclass(frozen=True)
@@ -232,21 +260,65 @@ class FileRequest:
     file: bytes
 
 
-def _tolerant(decode: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """The method's deserializer, never raising: what does not decode is UNDECODABLE, for
-    `decoded` to refuse once the caller's role is known."""
+class Undecoded:
+    """A request as gRPC received it. gRPC runs a deserializer on the event loop, before
+    the role check: parsing 120 MiB of unknown fields there (0.9 s) stopped every call of
+    the process, from any client certificate (review, session 17). So an audited call's
+    request is decoded in the calls' pool, after the role check (`_decode`)."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    def take(self) -> bytes:
+        raw, self.raw = self.raw, b""  # (held once: by the caller of take)
+        return raw
+
+
+def _decode(decode: Callable[[bytes], Any], request: Undecoded) -> Any:
+    """The message, or INVALID_REQUEST: one that does not decode (protobuf or UTF-8), or,
+    for a method that takes no migration file, one over `limits.REQUEST_BYTES` (checked
+    before parsing). A migration-file request becomes a FileRequest."""
+    raw = request.take()
+    fields = [f.name for f in decode.__self__.DESCRIPTOR.fields]  # type: ignore[attr-defined]
+    if fields != ["file"] and len(raw) > limits.REQUEST_BYTES:
+        raise error("INVALID_REQUEST", f"the request is {len(raw)} bytes; one without a "
+                                       f"migration file is at most {limits.REQUEST_BYTES}")
+    try:
+        message = decode(raw)
+    except Exception:
+        raise error("INVALID_REQUEST", "the request does not decode (protobuf or UTF-8)")
+    del raw
+    if fields == ["file"]:
+        return FileRequest(message.file)
+    return message
+
+
+def _bounded(decode: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A health or reflection deserializer (on the event loop): OVERSIZED past
+    REQUEST_BYTES_UNAUDITED, unparsed; UNDECODABLE where it does not decode."""
     if decode is None:
         return None
 
     def deserialize(raw: bytes) -> Any:
+        if len(raw) > REQUEST_BYTES_UNAUDITED:
+            return OVERSIZED
         try:
-            message = decode(raw)
+            return decode(raw)
         except Exception:
             return UNDECODABLE
-        if [f.name for f in message.DESCRIPTOR.fields] == ["file"]:
-            return FileRequest(message.file)
-        return message
     return deserialize
+
+
+def _refused_request(request: Any) -> KeysvcError | None:
+    """INVALID_REQUEST for a health or reflection request `_bounded` refused."""
+    if request is OVERSIZED:
+        return error("INVALID_REQUEST", f"a health or reflection request is at most "
+                                        f"{REQUEST_BYTES_UNAUDITED} bytes")
+    if request is UNDECODABLE:
+        return error("INVALID_REQUEST", "the request does not decode (protobuf or UTF-8)")
+    return None
 
 
 # What the servicer names as the call's target, for its audit event.
@@ -387,13 +459,25 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
         self.app, self.pool = app, pool
         self.watches, self.reflections, self.now = watches, reflections, now
         self._calls: set[asyncio.Task] = set()  # calls not ended yet (on the loop)
+        self.started_at = 0.0  # when the loop last started a call (`quiet`)
 
-    async def drain(self, timeout: float) -> None:
+    async def drain(self, timeout: float) -> int:
         """After the server stopped: the calls it no longer waits for (their client went,
         or the grace ended) finish their work, event and log line. At a stop they once
-        lost both (review, session 16)."""
+        lost both (review, session 16). Returns how many are still at work."""
         if self._calls:
             await asyncio.wait(set(self._calls), timeout=timeout)
+        return len(self._calls)
+
+    async def quiet(self, *, still: float = 0.25, longest: float = 5.0) -> None:
+        """At a stop, before the server's: serve (NOT_SERVING) until no call has started for
+        `still` seconds, at most `longest`. Calls gRPC had taken that the loop had not
+        started yet were answered CANCELLED by the stop, unaudited and not retried (124 of
+        150 in a review's burst, session 17); a balancer needs a moment to see
+        NOT_SERVING."""
+        end = time.monotonic() + longest
+        while time.monotonic() < end and time.monotonic() - self.started_at < still:
+            await asyncio.sleep(0.05)
 
     def _not_served(self, method: str) -> Any:
         """A call to the other organisation's service: the role check and the audit event
@@ -412,6 +496,7 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Callable,
                                 details: grpc.HandlerCallDetails) -> Any:
+        self.started_at = time.monotonic()
         handler = await continuation(details)
         if handler is not None and details.method == HEALTH_WATCH:
             # Not audited (as Check); keysvc's own, on the loop (HealthNow).
@@ -426,25 +511,23 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = details.method  # "/keysvc.v1.S1SPService/ProcessGroupInformation"
         service = method.split("/")[1]
-        if service in UNAUDITED_SERVICES:  # health: synchronous, in gRPC's own pool
-            return handler
+        if service in UNAUDITED_SERVICES:  # health's Check: synchronous, in gRPC's own pool
+            return _health_check(handler)
         streams = handler.unary_unary is None
         # A stream's items are gathered before the first is sent, so that the call is
         # audited (fail closed) before anything leaves (ExportAuditEvents: bounded by limit).
         inner = (lambda r, c: list(handler.unary_stream(r, c))) if streams \
             else handler.unary_unary
-        decode = _tolerant(handler.request_deserializer)
+        decode = handler.request_deserializer
 
-        def decoded(request: Any, context: Any) -> Any:
-            """Runs after the role check: an undecodable request is INVALID_REQUEST (and
-            audited), never gRPC's INTERNAL, and a caller of the wrong role learns nothing
-            from it."""
-            if request is UNDECODABLE:
-                raise error("INVALID_REQUEST", "the request does not decode (protobuf or "
-                                               "UTF-8)")
-            if service.startswith("keysvc.") and not isinstance(request, FileRequest):
-                limits.check(request)  # every field bounded (keysvc/limits.py)
-            return inner(request, context)
+        def decoded(request: Undecoded, context: Any) -> Any:
+            """Runs after the role check, in the calls' pool: an undecodable request is
+            INVALID_REQUEST (and audited), never gRPC's INTERNAL, and a caller of the wrong
+            role learns nothing from it."""
+            message = _decode(decode, request)
+            if not isinstance(message, FileRequest):
+                limits.check(message)  # every field bounded (keysvc/limits.py)
+            return inner(message, context)
 
         async def wrapped(request: Any, context: Any) -> Any:
             return await self._call(service, method, decoded, request, context)
@@ -455,10 +538,10 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
 
         if streams:
             return grpc.unary_stream_rpc_method_handler(
-                wrapped_stream, request_deserializer=decode,
+                wrapped_stream, request_deserializer=Undecoded,
                 response_serializer=handler.response_serializer)
         return grpc.unary_unary_rpc_method_handler(
-            wrapped, request_deserializer=decode,
+            wrapped, request_deserializer=Undecoded,
             response_serializer=handler.response_serializer)
 
     async def _call(self, service: str, method: str, inner: Callable, request: Any,
@@ -615,6 +698,7 @@ class HealthWatch(threading.Thread):
         self.custody_read_at = 0.0
         self._unbacked: dict[str, int] = {}
         self.ready = False  # the last check's verdict (/readyz)
+        self.beat = time.monotonic()  # when `run` last went round
 
     def custody_if_due(self) -> None:
         """Once a minute: backup freshness (the gauges, and a warning while a long-lived key
@@ -680,9 +764,8 @@ class HealthWatch(threading.Thread):
         return self.app.audit.healthy()
 
     def run(self) -> None:
-        watchdog = notify.Watchdog()  # systemd's WatchdogSec: this loop is alive
         while not self.stopped.wait(self.every):
-            watchdog.tick()
+            self.beat = time.monotonic()  # (systemd's watchdog: `_heartbeat`)
             try:
                 self.check()
             except Exception as exc:
@@ -798,6 +881,18 @@ def start_probes(listen: str, watch: HealthWatch) -> None:
     threading.Thread(target=httpd.serve_forever, daemon=True, name="probes").start()
 
 
+async def _heartbeat(watch: HealthWatch) -> None:
+    """systemd's WatchdogSec, told from the event loop while the health thread goes round
+    too: a loop stopped by one call's work (or the health thread by a duty) is noticed, and
+    the process restarted. Ticked from the health thread alone, a stuck loop was not
+    (review, session 17)."""
+    watchdog = notify.Watchdog()
+    while True:
+        if time.monotonic() - watch.beat < max(30.0, 3 * watch.every):
+            watchdog.tick()
+        await asyncio.sleep(1.0)
+
+
 def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, *,
           announce: bool = True) -> int:
     tune_gc()
@@ -808,8 +903,23 @@ def serve(app: App, listen: str, on_ready: Callable[[str], None] | None = None, 
 async def _serve(app: App, listen: str, on_ready: Callable[[str], None] | None,
                  announce: bool) -> int:
     server, port, watch, interceptor = build_server(app, listen)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # On the loop (asyncio's handlers run there, not between two bytecodes of whatever the
+    # main thread was doing, which once deadlocked on a lock it held: session 16), and
+    # before the server starts: a SIGTERM just after READY killed the process (review,
+    # session 17).
+    signals: list[int] = []
+
+    def _stop(signum: int) -> None:
+        signals.append(signum)
+        stopping.set()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _stop, int(sig))
+    loop.add_signal_handler(signal.SIGHUP, watch.reload.set)
     await server.start()
     watch.start()
+    heartbeat = loop.create_task(_heartbeat(watch))
     rewrap = None
     if processes.INDEX == 0 and app.settings.rewrap_rows_per_second > 0:
         # one job per server (worker 0), in a process of its own at the lowest priority
@@ -827,18 +937,6 @@ async def _serve(app: App, listen: str, on_ready: Callable[[str], None] | None,
         notify.notify("READY=1", f"STATUS=listening on {bound}")
     if on_ready:
         on_ready(bound)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    # On the loop (asyncio's handlers run there, not between two bytecodes of whatever the
-    # main thread was doing, which once deadlocked on a lock it held: session 16).
-    signals: list[int] = []
-
-    def _stop(signum: int) -> None:
-        signals.append(signum)
-        stopping.set()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _stop, int(sig))
-    loop.add_signal_handler(signal.SIGHUP, watch.reload.set)
     await stopping.wait()
     log.info("signal received; draining in-flight calls", extra={"code": str(signals[0])})
     if announce:
@@ -853,11 +951,15 @@ async def _serve(app: App, listen: str, on_ready: Callable[[str], None] | None,
         await loop.run_in_executor(None, rewrap.stop)
     for streams in watch.streams:
         streams.end()  # (an idle reflection stream: the drain would wait its whole grace)
+    await interceptor.quiet()
     await server.stop(grace=30)
     # Calls whose client went (cancel, deadline, the grace ended) still finish their work,
     # event and log line; then the pool's threads go.
-    await interceptor.drain(timeout=30)
-    await loop.run_in_executor(None, interceptor.pool.shutdown, True)
+    left = await interceptor.drain(timeout=30)
+    if left:
+        log.error("%d calls still at work 30 s after the drain; they are abandoned", left)
+    heartbeat.cancel()
+    await loop.run_in_executor(None, lambda: interceptor.pool.shutdown(wait=not left))
     tracing.shutdown()
     app.close()
     log.info("stopped")

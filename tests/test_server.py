@@ -170,9 +170,10 @@ def test_health_watch_streams_are_left_when_their_clients_go_even_at_once(server
 
 def test_health_watch_of_a_service_it_does_not_report_answers_unknown_and_ends(server):
     """Any other name than a service this process reports (or "") is answered at once and
-    not kept (the health servicer keeps every name it watched, for good)."""
+    not kept (the health servicer keeps every name it watched, for good; a request over
+    4 KiB is refused unread)."""
     stub = health_pb2_grpc.HealthStub(server.as_("auditor").channel)
-    answers = stub.Watch(health_pb2.HealthCheckRequest(service="x" * 100_000), timeout=10)
+    answers = stub.Watch(health_pb2.HealthCheckRequest(service="x" * 4000), timeout=10)
     assert [a.status for a in answers] == [health_pb2.HealthCheckResponse.SERVICE_UNKNOWN]
 
 
@@ -235,6 +236,50 @@ def test_calls_whose_message_never_comes_hold_no_thread_and_stop_no_call(server)
         for call in silent:
             call.cancel()
         never.set()
+
+
+def _unknown_fields(size: int) -> bytes:
+    """A protobuf message of one unknown length-delimited field (number 2047) of `size`
+    bytes: every parser takes it, and parsing it is the work."""
+    def varint(n: int) -> bytes:
+        out = b""
+        while n >= 0x80:
+            out, n = out + bytes([n & 0x7F | 0x80]), n >> 7
+        return out + bytes([n])
+    return varint(2047 << 3 | 2) + varint(size) + b"\0" * size
+
+
+def test_a_request_without_a_file_over_a_mebibyte_is_refused_unparsed_and_audited(server):
+    """gRPC runs a deserializer on the event loop, before the role check: 120 MiB of
+    unknown fields took 0.9 s to parse there, and four of them stopped every call for
+    seconds, from any certificate (review, session 17). A request is now decoded in the
+    calls' pool after the role check, and one over `limits.REQUEST_BYTES` (1 MiB) for a
+    method that takes no migration file is INVALID_REQUEST unparsed, audited; health and
+    reflection requests over 4 KiB are refused unparsed too."""
+    big = _unknown_fields(2 * 1024 * 1024)
+    method = "/keysvc.v1.KeyAdministrationService/ListKeys"
+    before = last_audit_seq(server)
+    with pytest.raises(grpc.RpcError) as refused:
+        server.as_("security-officer-1").channel.unary_unary(method)(big, timeout=30)
+    assert error_info(refused.value).reason == "INVALID_REQUEST"
+    assert "1048576" in refused.value.details()
+    with pytest.raises(grpc.RpcError) as denied:  # (the role first: nothing parsed for it)
+        server.as_("dco").channel.unary_unary(method)(big, timeout=30)
+    assert error_info(denied.value).reason == "ROLE_NOT_PERMITTED"
+    small = _unknown_fields(1000)  # (unknown fields are allowed: a newer client's)
+    server.as_("security-officer-1").channel.unary_unary(method)(small, timeout=30)
+    assert [(e.actor, e.code) for e in audit_events(server, before)][1:] == [
+        ("security-officer-1", "INVALID_REQUEST"), ("dco", "ROLE_NOT_PERMITTED"),
+        ("security-officer-1", "OK")]
+    channel = server.as_("dco").channel
+    for path in ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"):
+        with pytest.raises(grpc.RpcError) as refused:
+            call = channel.unary_stream(path) if path.endswith("Watch") else \
+                channel.unary_unary(path)
+            answer = call(_unknown_fields(8192), timeout=10)
+            next(answer) if path.endswith("Watch") else answer
+        assert error_info(refused.value).reason == "INVALID_REQUEST"
+    assert health_check(channel) == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_reflection_lists_the_s1sp_service(server):
@@ -344,6 +389,45 @@ def test_sigterm_finishes_audits_and_logs_a_call_whose_client_gave_up_and_ends_i
                 if e.action.endswith("/ProcessGroupInformation")] == [("s1sp", "OK")]
     finally:
         again.stop()
+
+
+def test_sigterm_as_soon_as_it_listens_drains_and_exits_zero(tmp_path):
+    """The signal handlers are there before the port listens: a SIGTERM right after
+    READY killed the first aio server (exit -15; review, session 17)."""
+    for i in range(3):
+        srv = start_server(tmp_path / f"state-{i}")
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(30) == 0
+        assert '"msg":"stopped"' in srv.log()
+
+
+def test_sigterm_in_a_burst_of_calls_cancels_none_it_had_taken(tmp_path):
+    """Calls the server had taken but not started when SIGTERM came are served, not
+    answered CANCELLED (which no client retries, and which tells a client making a change
+    nothing): it serves on, NOT_SERVING, until no call has started for a quarter of a
+    second. (Review, session 17: 124 of 150 CANCELLED.) Calls that come after its port
+    closed are UNAVAILABLE, which a client retries."""
+    srv = start_server(tmp_path / "state")
+    try:
+        officer = srv.as_("security-officer-1").admin
+        officer.ListKeys(pb.ListKeysRequest(), timeout=30)
+        calls = [officer.ListKeys.future(pb.ListKeysRequest(), timeout=60)
+                 for _ in range(300)]
+        time.sleep(0.15)
+        srv.proc.send_signal(signal.SIGTERM)
+        codes = []
+        for c in calls:
+            try:
+                c.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+        assert srv.proc.wait(30) == 0
+    finally:
+        srv.stop()
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+    served = srv.log().count('"method":"ListKeys","code":"OK"')
+    assert served == codes.count(grpc.StatusCode.OK) + 1
 
 
 def test_with_no_flags_it_keeps_its_state_in_dot_keysvc_and_listens_on_127_0_0_1_50051(
