@@ -394,11 +394,26 @@ def test_sigterm_finishes_audits_and_logs_a_call_whose_client_gave_up_and_ends_i
 def test_sigterm_as_soon_as_it_listens_drains_and_exits_zero(tmp_path):
     """The signal handlers are there before the port listens: a SIGTERM right after
     READY killed the first aio server (exit -15; review, session 17)."""
-    for i in range(3):
-        srv = start_server(tmp_path / f"state-{i}")
-        srv.proc.send_signal(signal.SIGTERM)
-        assert srv.proc.wait(30) == 0
-        assert '"msg":"stopped"' in srv.log()
+    import sys
+
+    from tests.serverproc import free_port
+    for i in range(4):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "keysvc.cli", "serve", "--state-dir",
+             str(tmp_path / f"state-{i}"), "--listen", f"127.0.0.1:{free_port()}"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, env=server_env(None),
+            start_new_session=True)
+        try:
+            for line in proc.stdout:  # (SIGTERM the moment it says so)
+                if line.startswith(b"listening on"):
+                    proc.send_signal(signal.SIGTERM)
+                    break
+            rest = proc.stdout.read()
+            assert proc.wait(30) == 0
+            assert b'"msg":"stopped"' in rest
+        finally:
+            proc.kill()
+            proc.wait()
 
 
 def test_sigterm_in_a_burst_of_calls_cancels_none_it_had_taken(tmp_path):
