@@ -20,15 +20,20 @@ channel share one worker.
 The supervisor holds no key, no session and no connection. It forwards SIGTERM, SIGINT and
 SIGHUP, replaces a worker that dies (one that dies before it is ready three times running
 stops the service: that is a configuration error, not bad luck), and exits when every
-worker has.
+worker has. It tells systemd's watchdog only while every ready worker beats (`beat`, from
+its event loop), and kills and replaces one that has not for STALE_AFTER seconds: told
+blindly, a frozen worker kept its share of the port's connections, and 7 of 8 new ones
+timed out (review, session 17).
 """
 from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import os
 import select
 import signal
+import struct
 import sys
 import time
 import traceback
@@ -41,7 +46,21 @@ log = logging.getLogger("keysvc.processes")
 INDEX = 0   # this process's worker index; 0 in a single-process server
 COUNT = 1   # how many workers serve the port
 GIVE_UP_AFTER = 3  # workers in a row that die before they are ready
-STOP_GRACE = 45.0  # seconds a stopping worker has (it drains calls for 30) before SIGKILL
+STOP_GRACE = 45.0  # seconds a stopping worker has (it drains calls for 40) before SIGKILL
+STALE_AFTER = 30.0  # seconds without a beat after which a ready worker is replaced (or
+#                    systemd's WatchdogSec, when shorter)
+BEATS: mmap.mmap | None = None  # each worker's last beat (CLOCK_MONOTONIC), shared
+
+
+def beat() -> None:
+    """This worker is alive: its event loop and its health thread go round (server.py)."""
+    if BEATS is not None:
+        struct.pack_into("d", BEATS, 8 * INDEX, time.monotonic())
+
+
+def _last_beat(index: int) -> float:
+    assert BEATS is not None
+    return struct.unpack_from("d", BEATS, 8 * index)[0]
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
@@ -61,11 +80,16 @@ class Supervisor:
         self.codes: list[int] = []
         self._ready_r, self._ready_w = os.pipe()
         self._pid = os.getpid()
+        interval = notify.watchdog_interval()  # (half of WatchdogSec)
+        self.stale_after = min(STALE_AFTER, 2 * interval) if interval else STALE_AFTER
+        global BEATS
+        BEATS = self.beats = mmap.mmap(-1, 8 * count)  # (anonymous, shared with the workers)
 
     # ------------------------------------------------------------------ in the workers
     def _spawn(self, index: int) -> None:
         if self.stopping:
             return
+        struct.pack_into("d", self.beats, 8 * index, time.monotonic())  # (a start: no silence)
         # Signals wait while the child is between fork and its own handlers: a SIGTERM in
         # that window would otherwise run the supervisor's handler in the child.
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
@@ -100,7 +124,8 @@ class Supervisor:
         self._spawn(0)
         watchdog = notify.Watchdog()  # the supervisor is systemd's main process
         while not self.stopping:
-            watchdog.tick()
+            if self._all_beat():
+                watchdog.tick()
             readable, _, _ = select.select([self._ready_r], [], [], 0.2)
             if readable:
                 for index in os.read(self._ready_r, 64):
@@ -122,6 +147,23 @@ class Supervisor:
                     del self.respawn[index]
                     self._spawn(index)
         return self._finish()
+
+    def _all_beat(self) -> bool:
+        """Every ready worker beat within `stale_after`; one that did not is killed (and
+        replaced by `_reap`)."""
+        fresh = True
+        for pid, index in list(self.children.items()):
+            silent = time.monotonic() - _last_beat(index)
+            if index in self.ready and silent > self.stale_after:
+                log.error("worker %d (pid %d) has not beaten for %.0f s; killed", index, pid,
+                          silent)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                struct.pack_into("d", self.beats, 8 * index, time.monotonic())  # (once)
+                fresh = False
+        return fresh
 
     def _reap(self) -> None:
         """Every worker that has ended since the last look: replaced, or (three that die

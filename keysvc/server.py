@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import gc
 import logging
+import os
 import re
 import signal
 import threading
@@ -276,23 +277,43 @@ class Undecoded:
         return raw
 
 
-def _decode(decode: Callable[[bytes], Any], request: Undecoded) -> Any:
+def _decode(decode: Callable[[bytes], Any], request: Undecoded, max_file_bytes: int) -> Any:
     """The message, or INVALID_REQUEST: one that does not decode (protobuf or UTF-8), or,
     for a method that takes no migration file, one over `limits.REQUEST_BYTES` (checked
-    before parsing). A migration-file request becomes a FileRequest."""
+    before parsing). A migration-file request becomes a FileRequest (`_file_request`)."""
     raw = request.take()
     fields = [f.name for f in decode.__self__.DESCRIPTOR.fields]  # type: ignore[attr-defined]
-    if fields != ["file"] and len(raw) > limits.REQUEST_BYTES:
+    if fields == ["file"]:
+        return _file_request(raw, max_file_bytes)
+    if len(raw) > limits.REQUEST_BYTES:
         raise error("INVALID_REQUEST", f"the request is {len(raw)} bytes; one without a "
                                        f"migration file is at most {limits.REQUEST_BYTES}")
     try:
-        message = decode(raw)
+        return decode(raw)
     except Exception:
         raise error("INVALID_REQUEST", "the request does not decode (protobuf or UTF-8)")
-    del raw
-    if fields == ["file"]:
-        return FileRequest(message.file)
-    return message
+
+
+def _file_request(raw: bytes, max_file_bytes: int) -> FileRequest:
+    """A migration-file request read by hand: its one field (1, bytes: tag 0x0a, a length,
+    the file) and nothing else. protobuf's parser holds the GIL for the whole message, and
+    120 MiB of small unknown fields beside a file stopped every call of the process for a
+    second (review, session 17); a slice is also one copy of the file fewer."""
+    if len(raw) > max_file_bytes + 16:
+        raise error("FILE_TOO_LARGE", f"the request is {len(raw)} bytes; the limit of its "
+                                      f"file is {max_file_bytes}")
+    if not raw:
+        return FileRequest(b"")
+    length, shift, at = 0, 0, 1
+    while raw[0] == 0x0A and at < min(len(raw), 11):
+        byte = raw[at]
+        at, length, shift = at + 1, length | (byte & 0x7F) << shift, shift + 7
+        if not byte & 0x80:
+            if at + length == len(raw):
+                return FileRequest(raw[at:])
+            break
+    raise error("INVALID_REQUEST", "a migration-file request holds its file (field 1) and "
+                                   "nothing else")
 
 
 def _bounded(decode: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
@@ -496,7 +517,8 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Callable,
                                 details: grpc.HandlerCallDetails) -> Any:
-        self.started_at = time.monotonic()
+        if details.method.split("/")[1] in SERVICE_ROLES:  # (health, reflection: not calls)
+            self.started_at = time.monotonic()
         handler = await continuation(details)
         if handler is not None and details.method == HEALTH_WATCH:
             # Not audited (as Check); keysvc's own, on the loop (HealthNow).
@@ -524,7 +546,7 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             """Runs after the role check, in the calls' pool: an undecodable request is
             INVALID_REQUEST (and audited), never gRPC's INTERNAL, and a caller of the wrong
             role learns nothing from it."""
-            message = _decode(decode, request)
+            message = _decode(decode, request, self.app.settings.max_file_bytes)
             if not isinstance(message, FileRequest):
                 limits.check(message)  # every field bounded (keysvc/limits.py)
             return inner(message, context)
@@ -832,6 +854,13 @@ def build_server(app: App, listen: str) -> tuple[grpc.aio.Server, int, HealthWat
     return server, port, watch, interceptor
 
 
+# At a stop: the in-flight calls drain until STOP_GRACE seconds after the signal; calls
+# whose client went finish until STOP_BUDGET (under processes.STOP_GRACE, when a worker that
+# has not stopped is killed).
+STOP_GRACE = 30.0
+STOP_BUDGET = 40.0
+
+
 # Garbage collection: a 1,000-entry file allocates some 10^5 short-lived objects (parsed
 # elements, per-key records and rows); with CPython's default first threshold (700) the
 # collector runs hundreds of times a file and each older-generation pass walks every live
@@ -890,6 +919,7 @@ async def _heartbeat(watch: HealthWatch) -> None:
     while True:
         if time.monotonic() - watch.beat < max(30.0, 3 * watch.every):
             watchdog.tick()
+            processes.beat()  # (several processes: their supervisor tells systemd)
         await asyncio.sleep(1.0)
 
 
@@ -951,15 +981,24 @@ async def _serve(app: App, listen: str, on_ready: Callable[[str], None] | None,
         await loop.run_in_executor(None, rewrap.stop)
     for streams in watch.streams:
         streams.end()  # (an idle reflection stream: the drain would wait its whole grace)
+    # The stop's budget, 40 s from here (a worker is killed at processes.STOP_GRACE, 45 s):
+    # calls that started, at most 5 s; the calls in flight, until 30 s; calls whose client
+    # went (cancel, deadline, the grace ended) finish their work, event and log line, until
+    # 40 s.
+    began = time.monotonic()
     await interceptor.quiet()
-    await server.stop(grace=30)
-    # Calls whose client went (cancel, deadline, the grace ended) still finish their work,
-    # event and log line; then the pool's threads go.
-    left = await interceptor.drain(timeout=30)
-    if left:
-        log.error("%d calls still at work 30 s after the drain; they are abandoned", left)
+    await server.stop(grace=max(1.0, STOP_GRACE - (time.monotonic() - began)))
+    left = await interceptor.drain(timeout=max(1.0, STOP_BUDGET - (time.monotonic() - began)))
     heartbeat.cancel()
-    await loop.run_in_executor(None, lambda: interceptor.pool.shutdown(wait=not left))
+    if left:
+        # Closing the HSM and the database under them, or waiting for them, would be worse:
+        # the process ends now. A call with an effect committed its audit intent with it,
+        # and the next start chains it (keysvc/audit/calls.py).
+        log.error("%d calls still at work %g s after the signal; the process ends without "
+                  "them", left, STOP_BUDGET)
+        logging.shutdown()
+        os._exit(1)
+    await loop.run_in_executor(None, interceptor.pool.shutdown, True)
     tracing.shutdown()
     app.close()
     log.info("stopped")

@@ -196,6 +196,31 @@ def test_a_killed_worker_is_replaced_and_the_other_goes_on_serving(workers):
     assert r.intact, r.detail
 
 
+def test_a_frozen_worker_is_killed_and_replaced(tmp_path):
+    """A worker whose event loop stops beating (here SIGSTOP) for systemd's WatchdogSec
+    (at most 30 s) is killed and replaced, and the supervisor tells systemd's watchdog
+    nothing meanwhile. Told blindly, a frozen worker kept its share of the port's new
+    connections, and 7 of 8 timed out (review, session 17)."""
+    srv = start_server(tmp_path / "state", env={"KEYSVC_PROCESSES": "2",
+                                                "WATCHDOG_USEC": "4000000"})
+    try:
+        victim = max(_pids(srv))
+        os.kill(victim, signal.SIGSTOP)
+        deadline = time.monotonic() + 60
+        while "serves again" not in srv.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "has not beaten" in srv.log()
+        assert victim not in _pids(srv)
+        for _ in range(8):  # (new connections: the kernel spreads them over both workers)
+            officer = connect(srv.target, srv.state_dir, "security-officer-1")
+            try:
+                officer.admin.ListKeys(pb.ListKeysRequest(), timeout=10)
+            finally:
+                officer.channel.close()
+    finally:
+        assert srv.stop() == 0
+
+
 def test_several_processes_need_a_fixed_port(tmp_path):
     out = subprocess.run([sys.executable, "-m", "keysvc.cli", "serve", "--state-dir",
                           str(tmp_path), "--listen", "127.0.0.1:0", "--processes", "2"],
