@@ -81,7 +81,9 @@ class Supervisor:
         self._ready_r, self._ready_w = os.pipe()
         self._pid = os.getpid()
         interval = notify.watchdog_interval()  # (half of WatchdogSec)
-        self.stale_after = min(STALE_AFTER, 2 * interval) if interval else STALE_AFTER
+        # (never under 5 s: a worker beats every second, and a busy core delays a beat)
+        self.stale_after = max(5.0, min(STALE_AFTER, 2 * interval)) if interval \
+            else STALE_AFTER
         global BEATS
         BEATS = self.beats = mmap.mmap(-1, 8 * count)  # (anonymous, shared with the workers)
 
@@ -108,8 +110,11 @@ class Supervisor:
             die_with_parent(self._pid)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             os.close(self._ready_r)
-            code = self.start_worker(lambda: None if os.write(
-                self._ready_w, bytes([index])) else None)
+            def ready() -> None:
+                beat()  # (before it says so: a start longer than the silence allowed is no
+                #          silence; review, session 17)
+                os.write(self._ready_w, bytes([index]))
+            code = self.start_worker(ready)
         except BaseException:
             traceback.print_exc()
         finally:
@@ -130,6 +135,7 @@ class Supervisor:
             if readable:
                 for index in os.read(self._ready_r, 64):
                     self.ready.add(index)
+                    struct.pack_into("d", self.beats, 8 * index, time.monotonic())
                     self.failed_starts = 0
                     if self.started:
                         log.info("worker %d serves again", index)

@@ -420,6 +420,13 @@ def status_for(exc: KeysvcError) -> status_pb2.Status:
 PARTITION_SERVICES = {"keysvc.v1.S1SPService": "s1sp", "keysvc.v1.DCOService": "dco"}
 
 
+def _service_of(method: str) -> str:
+    """"keysvc.v1.S1SPService" of "/keysvc.v1.S1SPService/VerifyPrepaymentKey"; "" of a
+    path that names no method (any client may send one: UNIMPLEMENTED, never a crash)."""
+    parts = method.split("/")
+    return parts[1] if len(parts) > 2 else ""
+
+
 def _partition_of(method: str) -> str | None:
     parts = method.split("/")
     return PARTITION_SERVICES.get(parts[1]) if len(parts) > 2 else None
@@ -517,14 +524,14 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Callable,
                                 details: grpc.HandlerCallDetails) -> Any:
-        if details.method.split("/")[1] in SERVICE_ROLES:  # (health, reflection: not calls)
+        if _service_of(details.method) in SERVICE_ROLES:  # (health, reflection: not calls)
             self.started_at = time.monotonic()
         handler = await continuation(details)
         if handler is not None and details.method == HEALTH_WATCH:
             # Not audited (as Check); keysvc's own, on the loop (HealthNow).
             return _health_watch(self.app, handler, self.watches, self.now)
         if handler is not None and handler.stream_stream is not None \
-                and details.method.split("/")[1] in REFLECTION_SERVICES:
+                and _service_of(details.method) in REFLECTION_SERVICES:
             return _reflection_needs_a_role(self.app, handler, self.reflections, self.pool)
         if handler is None and _partition_of(details.method) not in (
                 None, *self.app.partitions.tokens) and _exists(details.method):
@@ -968,6 +975,7 @@ async def _serve(app: App, listen: str, on_ready: Callable[[str], None] | None,
     if on_ready:
         on_ready(bound)
     await stopping.wait()
+    began = time.monotonic()  # (the stop's budget, STOP_BUDGET, counts from here)
     log.info("signal received; draining in-flight calls", extra={"code": str(signals[0])})
     if announce:
         notify.notify("STOPPING=1", "STATUS=draining in-flight calls")
@@ -977,19 +985,21 @@ async def _serve(app: App, listen: str, on_ready: Callable[[str], None] | None,
     # drains, and the drain waits for no Watch.
     watch.now.stop()
     watch.servicer.enter_graceful_shutdown()
-    if rewrap is not None:
-        await loop.run_in_executor(None, rewrap.stop)
+    # The rewrap job (a process at the lowest priority: starved under load, up to 15 s to
+    # stop) stops alongside the drain, not before it.
+    rewrap_stopped = loop.run_in_executor(None, rewrap.stop) if rewrap is not None else None
     for streams in watch.streams:
         streams.end()  # (an idle reflection stream: the drain would wait its whole grace)
-    # The stop's budget, 40 s from here (a worker is killed at processes.STOP_GRACE, 45 s):
-    # calls that started, at most 5 s; the calls in flight, until 30 s; calls whose client
-    # went (cancel, deadline, the grace ended) finish their work, event and log line, until
-    # 40 s.
-    began = time.monotonic()
+    # The stop's budget, 40 s from the signal (a worker is killed at processes.STOP_GRACE,
+    # 45 s): calls that started, at most 5 s; the calls in flight, until 30 s; calls whose
+    # client went (cancel, deadline, the grace ended) finish their work, event and log
+    # line, until 40 s.
     await interceptor.quiet()
     await server.stop(grace=max(1.0, STOP_GRACE - (time.monotonic() - began)))
     left = await interceptor.drain(timeout=max(1.0, STOP_BUDGET - (time.monotonic() - began)))
     heartbeat.cancel()
+    if rewrap_stopped is not None:
+        await rewrap_stopped
     if left:
         # Closing the HSM and the database under them, or waiting for them, would be worse:
         # the process ends now. A call with an effect committed its audit intent with it,

@@ -221,6 +221,37 @@ def test_a_frozen_worker_is_killed_and_replaced(tmp_path):
         assert srv.stop() == 0
 
 
+def test_a_worker_slower_to_start_than_the_watchdog_allows_is_not_killed():
+    """A worker beats as it says it is ready: one whose start took longer than the
+    silence allowed (here 6 s against 5) was killed the moment it was ready, and started
+    again for good (review, session 17)."""
+    script = """
+import os, signal, sys, time
+from keysvc import processes
+def start(ready):
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    time.sleep(6)
+    ready()
+    time.sleep(1)  # (a server's loop beats a moment after it said so)
+    for _ in range(3):
+        processes.beat()
+        time.sleep(1)
+    if processes.INDEX == 1:
+        os.kill(os.getppid(), signal.SIGTERM)
+    while not stop:
+        processes.beat()
+        time.sleep(0.2)
+    return 0
+sys.exit(processes.supervise(2, start, lambda: print("announced", flush=True)))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**os.environ, "WATCHDOG_USEC": "2000000"}, cwd=ROOT,
+                         timeout=120)
+    assert "has not beaten" not in out.stderr, out.stderr
+    assert out.returncode == 0 and "announced" in out.stdout, out.stderr
+
+
 def test_several_processes_need_a_fixed_port(tmp_path):
     out = subprocess.run([sys.executable, "-m", "keysvc.cli", "serve", "--state-dir",
                           str(tmp_path), "--listen", "127.0.0.1:0", "--processes", "2"],

@@ -298,6 +298,15 @@ def test_a_migration_file_request_is_its_file_and_nothing_else(server):
     assert error_info(malformed.value).reason == "MALFORMED_XML"
 
 
+def test_a_path_that_names_no_method_is_unimplemented(server):
+    """Any client may send any path: one without a service and a method is gRPC's
+    UNIMPLEMENTED, never a crash in the interceptor (review, session 17)."""
+    for path in ("x", "", "/", "/keysvc.v1.S1SPService"):
+        with pytest.raises(grpc.RpcError) as refused:
+            server.as_("s1sp").channel.unary_unary(path)(b"", timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, path
+
+
 def test_reflection_lists_the_s1sp_service(server):
     services = ProtoReflectionDescriptorDatabase(server.as_("s1sp").channel).get_services()
     assert "keysvc.v1.S1SPService" in services
