@@ -8,9 +8,11 @@ and appends one audit event per call, allowed or denied.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import gc
+import hashlib
 import logging
 import os
 import re
@@ -58,37 +60,47 @@ DENIALS = ("ROLE_NOT_PERMITTED", "CERTIFICATE_NOT_ACCEPTED", "CERTIFICATE_REVOKE
            "OFFICER_NOT_ENROLLED")
 
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
-# Streams that stay open for as long as their client likes, and how many of each a process
-# holds at once (a balancer or two watch health; reflection is a person with grpcurl).
-HEALTH_WATCH_STREAMS = 8
-REFLECTION_STREAMS = 4
+# Streams that stay open for as long as their client likes: how many of each a process
+# holds at once, and how many of them one client certificate (a fleet of balancers may
+# share one; reflection is a person with grpcurl).
+HEALTH_WATCH_STREAMS, HEALTH_WATCH_STREAMS_A_CLIENT = 64, 16
+REFLECTION_STREAMS, REFLECTION_STREAMS_A_CLIENT = 8, 2
 
 
 class LongStreams:
     """Streams that stay open as long as their client likes (health's Watch, reflection): at
     most `limit` are open at once, and one more is refused RESOURCE_EXHAUSTED
-    TOO_MANY_STREAMS. On the event loop an open stream holds no thread (on the synchronous
-    server each held one, and 16 of them stopped every call of a worker: review, session
-    16); the limit bounds what a client may keep open. At a stop every stream still open is
-    ended (`end`): the drain waits for no client that is only listening."""
+    TOO_MANY_STREAMS, and at most `a_client` of them from one client certificate, so that
+    no certificate holds them all and shuts out the others' (review, session 16). On the
+    event loop an open stream holds no thread (on the synchronous server each held one, and
+    16 of them stopped every call of a worker: the same review). At a stop every stream
+    still open is ended (`end`): the drain waits for no client that is only listening."""
 
-    def __init__(self, kind: str, limit: int) -> None:
-        self.kind, self.limit = kind, limit
-        self._open = 0  # (read and changed on the loop only)
+    def __init__(self, kind: str, limit: int, a_client: int) -> None:
+        self.kind, self.limit, self.a_client = kind, limit, a_client
+        self._open: collections.Counter[bytes] = collections.Counter()  # (on the loop only)
         self.ending = asyncio.Event()  # set at a stop: a stream that waits for its client ends
 
     @contextlib.asynccontextmanager
     async def held(self, context: Any) -> AsyncIterator[None]:
         """One stream open for as long as the block runs (in the stream's task)."""
-        if self._open >= self.limit:
+        pems = (context.auth_context() or {}).get("x509_pem_cert") or [b""]
+        client = hashlib.sha256(pems[0]).digest()  # (the certificate, unparsed)
+        if self._open[client] >= self.a_client:
+            failure = error("TOO_MANY_STREAMS", f"at most {self.a_client} {self.kind} streams "
+                                                f"are open at once from one certificate")
+            await context.abort_with_status(rpc_status.to_status(status_for(failure)))
+        if self._open.total() >= self.limit:
             failure = error("TOO_MANY_STREAMS", f"at most {self.limit} {self.kind} streams "
                                                 f"are open at once")
             await context.abort_with_status(rpc_status.to_status(status_for(failure)))
-        self._open += 1
+        self._open[client] += 1
         try:
             yield
         finally:
-            self._open -= 1
+            self._open[client] -= 1
+            if not self._open[client]:
+                del self._open[client]
 
     def end(self) -> None:
         """At a stop, on the loop: every stream that waits for its client's next message
@@ -815,8 +827,8 @@ def build_server(app: App, listen: str) -> tuple[grpc.aio.Server, int, HealthWat
     from keysvc.servicers import register_all
     s = app.settings
     max_msg = s.max_file_bytes * 2 + (1 << 20)
-    watches = LongStreams("health-watch", HEALTH_WATCH_STREAMS)
-    reflections = LongStreams("reflection", REFLECTION_STREAMS)
+    watches = LongStreams("health-watch", HEALTH_WATCH_STREAMS, HEALTH_WATCH_STREAMS_A_CLIENT)
+    reflections = LongStreams("reflection", REFLECTION_STREAMS, REFLECTION_STREAMS_A_CLIENT)
     now = HealthNow(asyncio.get_running_loop())
     # The keysvc calls' work runs in `calls`; health's Check (a synchronous servicer, not
     # audited) in gRPC's own pool. A call waiting for its request message, its audit event

@@ -110,20 +110,31 @@ def test_health_reports_serving(server):
     assert health_check(ch, "keysvc.v1.S1SPService") == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_health_watch_streams_at_most_eight_at_once_and_calls_go_on(server):
-    """Watch sends the status at once. At most 8 Watch streams are open at once (one more:
-    RESOURCE_EXHAUSTED TOO_MANY_STREAMS), they hold none of the calls' threads, and opening
-    and cancelling them again and again stops nothing. (Review, session 16: gathered like
-    an audited stream, 16 Watches stopped every call; run non-blocking, a cancel deadlocked
-    the server.)"""
+def test_health_watch_streams_at_most_64_at_once_16_a_certificate_and_calls_go_on(server):
+    """Watch sends the status at once. At most 16 Watch streams are open at once from one
+    client certificate and 64 in all (one more: RESOURCE_EXHAUSTED TOO_MANY_STREAMS), so
+    that no certificate shuts out the others'; they hold none of the calls' threads, and
+    opening and cancelling them again and again stops nothing. (Review, session 16:
+    gathered like an audited stream, 16 Watches stopped every call; run non-blocking, a
+    cancel deadlocked the server; one certificate could hold every stream.)"""
     serving = health_pb2.HealthCheckResponse.SERVING
     stub = health_pb2_grpc.HealthStub(server.as_("auditor").channel)
-    watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(8)]
+    watches = []
     try:
-        assert [next(w).status for w in watches] == [serving] * 8
-        with pytest.raises(grpc.RpcError) as refused:
-            next(stub.Watch(health_pb2.HealthCheckRequest(), timeout=10))
+        for who in ("auditor", "s1sp", "dco", "security-officer-1"):
+            mine = health_pb2_grpc.HealthStub(server.as_(who).channel)
+            watches += [mine.Watch(health_pb2.HealthCheckRequest(), timeout=30)
+                        for _ in range(16)]
+            assert [next(w).status for w in watches[-16:]] == [serving] * 16
+            with pytest.raises(grpc.RpcError) as refused:
+                next(mine.Watch(health_pb2.HealthCheckRequest(), timeout=10))
+            assert error_info(refused.value).reason == "TOO_MANY_STREAMS"
+            assert "one certificate" in refused.value.details()
+        with pytest.raises(grpc.RpcError) as refused:  # (a fifth certificate: 64 in all)
+            next(health_pb2_grpc.HealthStub(server.as_("security-officer-2").channel).Watch(
+                health_pb2.HealthCheckRequest(), timeout=10))
         assert error_info(refused.value).reason == "TOO_MANY_STREAMS"
+        assert "at most 64" in refused.value.details()
         server.as_("security-officer-1").admin.ListKeys(pb.ListKeysRequest(), timeout=10)
     finally:
         for w in watches:
@@ -177,23 +188,30 @@ def test_health_watch_of_a_service_it_does_not_report_answers_unknown_and_ends(s
     assert [a.status for a in answers] == [health_pb2.HealthCheckResponse.SERVICE_UNKNOWN]
 
 
-def test_reflection_streams_at_most_four_at_once_and_calls_go_on(server):
-    """At most 4 reflection streams wait for their client's next request at once, holding
-    none of the calls' threads: 16 idle ones held every thread of the calls (review,
-    session 16)."""
+def test_reflection_streams_at_most_eight_at_once_two_a_certificate_and_calls_go_on(server):
+    """At most 2 reflection streams from one certificate, 8 in all, wait for their client's
+    next request at once, holding none of the calls' threads: 16 idle ones held every
+    thread of the calls (review, session 16)."""
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-    stub = reflection_pb2_grpc.ServerReflectionStub(server.as_("s1sp").channel)
     hold = threading.Event()
 
     def requests():
         yield reflection_pb2.ServerReflectionRequest(list_services="")
         hold.wait(30)
-    streams = [stub.ServerReflectionInfo(requests(), timeout=30) for _ in range(4)]
+    streams = []
     try:
-        for s in streams:
-            next(s)
+        for who in ("s1sp", "dco", "auditor", "security-officer-1"):
+            stub = reflection_pb2_grpc.ServerReflectionStub(server.as_(who).channel)
+            streams += [stub.ServerReflectionInfo(requests(), timeout=30) for _ in range(2)]
+            for s in streams[-2:]:
+                next(s)
+            with pytest.raises(grpc.RpcError) as refused:
+                next(stub.ServerReflectionInfo(requests(), timeout=10))
+            assert error_info(refused.value).reason == "TOO_MANY_STREAMS"
         with pytest.raises(grpc.RpcError) as refused:
-            next(stub.ServerReflectionInfo(requests(), timeout=10))
+            next(reflection_pb2_grpc.ServerReflectionStub(
+                server.as_("security-officer-2").channel).ServerReflectionInfo(
+                    requests(), timeout=10))
         assert error_info(refused.value).reason == "TOO_MANY_STREAMS"
         server.as_("security-officer-1").admin.ListKeys(pb.ListKeysRequest(), timeout=10)
     finally:
