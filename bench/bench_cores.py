@@ -50,15 +50,18 @@ def _batches(metrics: int, processes: int) -> tuple[float, float]:
     """Audit batches written and the events they held so far, over every worker (worker i
     serves its metrics on the port + i): how well the writers group the calls' events."""
     import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
     batches = events = 0.0
     for i in range(processes):
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics + i}/metrics",
                                       timeout=10).read().decode()
-        for row in body.splitlines():
-            if row.startswith("keysvc_audit_batch_events_count "):
-                batches += float(row.split()[1])
-            elif row.startswith("keysvc_audit_batch_events_sum "):
-                events += float(row.split()[1])
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                if sample.name == "keysvc_audit_batch_events_count":
+                    batches += sample.value
+                elif sample.name == "keysvc_audit_batch_events_sum":
+                    events += sample.value
     return batches, events
 
 

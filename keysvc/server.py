@@ -931,12 +931,13 @@ def start_probes(listen: str, watch: HealthWatch) -> None:
 
 async def _heartbeat(watch: HealthWatch) -> None:
     """systemd's WatchdogSec, told from the event loop while the health thread goes round
-    too: a loop stopped by one call's work (or the health thread by a duty) is noticed, and
-    the process restarted. Ticked from the health thread alone, a stuck loop was not
-    (review, session 17)."""
+    too: a loop stopped by one call's work (or the health thread for two minutes) is
+    noticed, and the process restarted. Ticked from the health thread alone, a stuck loop
+    was not (review, session 17). (Two minutes: a duty waits up to a minute for a stalled
+    database, which a restart would not mend.)"""
     watchdog = notify.Watchdog()
     while True:
-        if time.monotonic() - watch.beat < max(30.0, 3 * watch.every):
+        if time.monotonic() - watch.beat < max(120.0, 3 * watch.every):
             watchdog.tick()
             processes.beat()  # (several processes: their supervisor tells systemd)
         await asyncio.sleep(1.0)
