@@ -294,8 +294,7 @@ def _decode(decode: Callable[[bytes], Any], request: Undecoded, max_file_bytes: 
     for a method that takes no migration file, one over `limits.REQUEST_BYTES` (checked
     before parsing). A migration-file request becomes a FileRequest (`_file_request`)."""
     raw = request.take()
-    fields = [f.name for f in decode.__self__.DESCRIPTOR.fields]  # type: ignore[attr-defined]
-    if fields == ["file"]:
+    if _takes_a_file(decode):
         return _file_request(raw, max_file_bytes)
     if len(raw) > limits.REQUEST_BYTES:
         raise error("INVALID_REQUEST", f"the request is {len(raw)} bytes; one without a "
@@ -304,6 +303,14 @@ def _decode(decode: Callable[[bytes], Any], request: Undecoded, max_file_bytes: 
         return decode(raw)
     except Exception:
         raise error("INVALID_REQUEST", "the request does not decode (protobuf or UTF-8)")
+
+
+def _takes_a_file(decode: Callable[[bytes], Any]) -> bool:
+    """A migration-file request: one `file` field, and nothing else (the generated
+    `FromString` is bound to its message class)."""
+    message_type = getattr(decode, "__self__", None)
+    return message_type is not None and \
+        [f.name for f in message_type.DESCRIPTOR.fields] == ["file"]
 
 
 def _file_request(raw: bytes, max_file_bytes: int) -> FileRequest:
@@ -577,6 +584,21 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             for item in await self._call(service, method, decoded, request, context):
                 yield item
 
+        async def wrapped_file(requests: Any, context: Any) -> Any:
+            """A migration-file call, read as a stream of its one message: gRPC keeps a
+            unary call's request bytes until the call ends, one more copy of a 64 MiB file
+            (the DCO's peak 543 MiB against 479 with the synchronous server; session 17).
+            Read from the stream, the bytes are the call's alone. The wire is the same: the
+            caller's stub is unary, and a message after the first is not read."""
+            request: Any = Undecoded(b"")  # (no message: an empty file)
+            async for request in requests:
+                break
+            return await self._call(service, method, decoded, request, context)
+
+        if _takes_a_file(decode):
+            return grpc.stream_unary_rpc_method_handler(
+                wrapped_file, request_deserializer=Undecoded,
+                response_serializer=handler.response_serializer)
         if streams:
             return grpc.unary_stream_rpc_method_handler(
                 wrapped_stream, request_deserializer=Undecoded,
