@@ -357,14 +357,26 @@ def test_every_call_allowed_or_denied_appends_one_audit_event_and_the_log_verifi
 
 
 # --------------------------------------------------------------------------- shutdown
+def _a_file_of_6000_installations(srv) -> bytes:
+    """An S1SP file whose call takes a few seconds of HSM work, its key imported."""
+    name, kek = unique("S1SP-TK"), os.urandom(32)
+    srv.import_aes_key(name, kek, purpose="S1SP_TRANSPORT", owner_id="SMSO-LG-01")
+    return build_file(random_installations(6000, group="AA"), group_id="AA",
+                      file_id=unique("MGEF"), s1sp_key_name=name, s1sp_kek=kek,
+                      dco_key_name="DCO-UNUSED", dco_kek=os.urandom(32))
+
+
+def _wait_for_the_file_to_arrive(srv) -> None:
+    """Until the call is at its work (the server logs a file's arrival)."""
+    deadline = time.monotonic() + 30
+    while '"msg":"file received"' not in srv.log() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def test_sigterm_drains_the_call_in_flight_tells_health_watchers_and_exits_zero(tmp_path):
     srv = start_server(tmp_path / "state")
     try:
-        name, kek = unique("S1SP-TK"), os.urandom(32)
-        srv.import_aes_key(name, kek, purpose="S1SP_TRANSPORT", owner_id="SMSO-LG-01")
-        big = build_file(random_installations(6000, group="AA"), group_id="AA",
-                         file_id=unique("MGEF"), s1sp_key_name=name, s1sp_kek=kek,
-                         dco_key_name="DCO-UNUSED", dco_kek=os.urandom(32))
+        big = _a_file_of_6000_installations(srv)
         call = srv.as_("s1sp").s1sp.ProcessGroupInformation.future(
             pb.ProcessGroupInformationRequest(file=big), timeout=60)
         watch = health_pb2_grpc.HealthStub(srv.as_("auditor").channel).Watch(
@@ -372,9 +384,7 @@ def test_sigterm_drains_the_call_in_flight_tells_health_watchers_and_exits_zero(
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         # SIGTERM once the call is being processed (about 3 s of HSM work), not while the
         # file is still being received: the server logs a file's arrival.
-        deadline = time.monotonic() + 30
-        while '"msg":"file received"' not in srv.log() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_for_the_file_to_arrive(srv)
         srv.proc.send_signal(signal.SIGTERM)
 
         # A balancer watching health hears NOT_SERVING at once, then its stream ends (an
@@ -399,11 +409,7 @@ def test_sigterm_finishes_audits_and_logs_a_call_whose_client_gave_up_and_ends_i
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
     srv = start_server(tmp_path / "state")
     try:
-        name, kek = unique("S1SP-TK"), os.urandom(32)
-        srv.import_aes_key(name, kek, purpose="S1SP_TRANSPORT", owner_id="SMSO-LG-01")
-        big = build_file(random_installations(6000, group="AA"), group_id="AA",
-                         file_id=unique("MGEF"), s1sp_key_name=name, s1sp_kek=kek,
-                         dco_key_name="DCO-UNUSED", dco_kek=os.urandom(32))
+        big = _a_file_of_6000_installations(srv)
         idle = threading.Event()
 
         def requests():
@@ -414,9 +420,7 @@ def test_sigterm_finishes_audits_and_logs_a_call_whose_client_gave_up_and_ends_i
         next(stream)
         call = srv.as_("s1sp").s1sp.ProcessGroupInformation.future(
             pb.ProcessGroupInformationRequest(file=big), timeout=60)
-        deadline = time.monotonic() + 30
-        while '"msg":"file received"' not in srv.log() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_for_the_file_to_arrive(srv)
         srv.proc.send_signal(signal.SIGTERM)
         call.cancel()
         assert list(stream) == []  # (ended, where it would wait for its next request)
