@@ -99,6 +99,7 @@ _REASONS: dict[str, type[KeysvcError]] = {
     "HSM_UNAVAILABLE": Unavailable,
     "AUDIT_UNAVAILABLE": Unavailable,
     "DATABASE_UNAVAILABLE": Unavailable,
+    "SERVER_STOPPING": Unavailable,
     "IMPORT_JOB_QUOTA": ResourceExhausted,
     "TOO_MANY_STREAMS": ResourceExhausted,
 }

@@ -108,26 +108,31 @@ class LongStreams:
         grpcurl. (Cancelling the stream's task did not end it: gRPC then sends no status.)"""
         self.ending.set()
 
-    async def until_ending(self, messages: Any) -> AsyncIterator[Any]:
+    def until_ending(self, messages: Any) -> AsyncIterator[Any]:
         """The client's messages, until it half-closes or the server stops."""
-        incoming = messages.__aiter__()
-        ending = asyncio.ensure_future(self.ending.wait())
-        message: asyncio.Future | None = None
-        try:
-            while True:
-                message = asyncio.ensure_future(incoming.__anext__())
-                await asyncio.wait({message, ending}, return_when=asyncio.FIRST_COMPLETED)
-                if not message.done():
-                    return
-                try:
-                    item = message.result()
-                except StopAsyncIteration:
-                    return
-                yield item
-        finally:
-            ending.cancel()
-            if message is not None and not message.done():
-                message.cancel()  # (the stream ends, or its client went)
+        return _until(self.ending, messages)
+
+
+async def _until(stop: asyncio.Event, messages: Any) -> AsyncIterator[Any]:
+    """A call's messages, until its client half-closes or `stop` is set."""
+    incoming = messages.__aiter__()
+    ending = asyncio.ensure_future(stop.wait())
+    message: asyncio.Future | None = None
+    try:
+        while True:
+            message = asyncio.ensure_future(incoming.__anext__())
+            await asyncio.wait({message, ending}, return_when=asyncio.FIRST_COMPLETED)
+            if not message.done():
+                return
+            try:
+                item = message.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        ending.cancel()
+        if message is not None and not message.done():
+            message.cancel()  # (the stream ends, or its client went)
 
 
 class HealthNow:
@@ -507,6 +512,7 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
         self.watches, self.reflections, self.now = watches, reflections, now
         self._calls: set[asyncio.Task] = set()  # calls not ended yet (on the loop)
         self.started_at = 0.0  # when the loop last started a call (`quiet`)
+        self.stopping = asyncio.Event()  # set at a stop, once quiet: no file is read after
 
     async def drain(self, timeout: float) -> int:
         """After the server stopped: the calls it no longer waits for (their client went,
@@ -590,9 +596,17 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             (the DCO's peak 543 MiB against 479 with the synchronous server; session 17).
             Read from the stream, the bytes are the call's alone. The wire is the same: the
             caller's stub is unary, and a message after the first is not read."""
-            request: Any = Undecoded(b"")  # (no message: an empty file)
-            async for request in requests:
+            request = None
+            async for request in _until(self.stopping, requests):
                 break
+            if request is None:
+                # No message: the client half-closed without one, or gRPC refused it (too
+                # large, cancelled, a deadline), or the server stops. Nothing to run or to
+                # audit: a call the client never made (review, session 17).
+                refusal = error("SERVER_STOPPING", "the server is stopping; retry") \
+                    if self.stopping.is_set() else \
+                    error("INVALID_REQUEST", "the call carried no request message")
+                await context.abort_with_status(rpc_status.to_status(status_for(refusal)))
             return await self._call(service, method, decoded, request, context)
 
         if _takes_a_file(decode):
@@ -742,6 +756,8 @@ def _failure(exc: Exception, method: str) -> KeysvcError:
 
 
 # --------------------------------------------------------------------------- health
+# The health thread silent this long: NOT_SERVING (`HealthWatch.not_serving`).
+HEALTH_SILENT_SECONDS = 30
 class HealthWatch(threading.Thread):
     """NOT_SERVING while any token is unusable or the audit trail fails; SERVING again once
     they work. Also the server's other periodic duties: audit intents left by a crash are
@@ -808,6 +824,19 @@ class HealthWatch(threading.Thread):
             self._status = status
         self.ready = ok
         return ok
+
+    def not_serving(self) -> None:
+        """NOT_SERVING while this thread itself is stuck (a duty waiting for a stalled
+        database): it cannot tell, and what it said last is not to be trusted. Called from
+        the event loop (`_heartbeat`); the next check that passes says SERVING again."""
+        if self._status != health_pb2.HealthCheckResponse.NOT_SERVING:
+            log.error("the health thread has not gone round for %d s: NOT_SERVING",
+                      HEALTH_SILENT_SECONDS)
+            for svc in ("", *served_services(self.app)):
+                self.servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.now.set(health_pb2.HealthCheckResponse.NOT_SERVING)
+            self._status = health_pb2.HealthCheckResponse.NOT_SERVING
+        self.ready = False
 
     def _settle_roster(self) -> None:
         from keysvc.officers import settle_stale
@@ -959,7 +988,10 @@ async def _heartbeat(watch: HealthWatch) -> None:
     database, which a restart would not mend.)"""
     watchdog = notify.Watchdog()
     while True:
-        if time.monotonic() - watch.beat < max(120.0, 3 * watch.every):
+        silent = time.monotonic() - watch.beat
+        if silent > max(HEALTH_SILENT_SECONDS, 3 * watch.every):
+            watch.not_serving()
+        if silent < max(120.0, 3 * watch.every):
             watchdog.tick()
             processes.beat()  # (several processes: their supervisor tells systemd)
         await asyncio.sleep(1.0)
@@ -1030,6 +1062,7 @@ async def _serve(app: App, listen: str, on_ready: Callable[[str], None] | None,
     # client went (cancel, deadline, the grace ended) finish their work, event and log
     # line, until 40 s.
     await interceptor.quiet()
+    interceptor.stopping.set()  # (a file call still waiting for its file: UNAVAILABLE)
     await server.stop(grace=max(1.0, STOP_GRACE - (time.monotonic() - began)))
     left = await interceptor.drain(timeout=max(1.0, STOP_BUDGET - (time.monotonic() - began)))
     heartbeat.cancel()

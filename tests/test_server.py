@@ -325,6 +325,33 @@ def test_a_path_that_names_no_method_is_unimplemented(server):
         assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, path
 
 
+def test_a_file_call_without_its_message_is_refused_and_not_run(server):
+    """A migration-file call is read as a stream of its one message (gRPC keeps a unary
+    call's bytes to its end): one that half-closes with no message is INVALID_REQUEST, and
+    one whose client goes before its message is not run either. Neither is audited: the
+    client made no request. (Review, session 17: both ran as an empty file, audited
+    MALFORMED_XML.)"""
+    channel = server.as_("dco").channel
+    method = "/keysvc.v1.DCOService/ValidateMasterKeys"
+    before = last_audit_seq(server)
+    with pytest.raises(grpc.RpcError) as refused:
+        channel.stream_unary(method)(iter(()), timeout=10)
+    assert error_info(refused.value).reason == "INVALID_REQUEST"
+    never = threading.Event()
+
+    def nothing():
+        never.wait(30)
+        return
+        yield
+    gone = channel.stream_unary(method).future(nothing(), timeout=30)
+    time.sleep(0.5)
+    gone.cancel()
+    never.set()
+    time.sleep(0.5)
+    assert [e.action.rsplit("/", 1)[1] for e in audit_events(server, before)] == [
+        "ListAuditEvents"]  # (the listing that found `before`)
+
+
 def test_reflection_lists_the_s1sp_service(server):
     services = ProtoReflectionDescriptorDatabase(server.as_("s1sp").channel).get_services()
     assert "keysvc.v1.S1SPService" in services
@@ -468,15 +495,26 @@ def test_sigterm_in_a_burst_of_calls_cancels_none_it_had_taken(tmp_path):
     answered CANCELLED (which no client retries, and which tells a client making a change
     nothing): it serves on, NOT_SERVING, until no call has started for a quarter of a
     second. (Review, session 17: 124 of 150 CANCELLED.) Calls that come after its port
-    closed are UNAVAILABLE, which a client retries."""
+    closed are UNAVAILABLE, which a client retries; so is a file call whose file has not
+    come, at once (it held the stop for its whole grace)."""
     srv = start_server(tmp_path / "state")
     try:
         officer = srv.as_("security-officer-1").admin
         officer.ListKeys(pb.ListKeysRequest(), timeout=30)
+        never = threading.Event()
+
+        def nothing():
+            never.wait(60)
+            return
+            yield  # (a file call whose file never comes)
+        silent = srv.as_("dco").channel.stream_unary(
+            "/keysvc.v1.DCOService/ValidateMasterKeys").future(nothing(), timeout=60)
         calls = [officer.ListKeys.future(pb.ListKeysRequest(), timeout=60)
                  for _ in range(300)]
         time.sleep(0.15)
         srv.proc.send_signal(signal.SIGTERM)
+        assert error_info(silent.exception()).reason == "SERVER_STOPPING"
+        never.set()
         codes = []
         for c in calls:
             try:
