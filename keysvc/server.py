@@ -862,12 +862,14 @@ class HealthWatch(threading.Thread):
                 self.check()
             except Exception as exc:
                 log.error("health check failed", extra={"code": type(exc).__name__})
+            self.beat = time.monotonic()  # (after a slow check: it went round)
             for duty in (self.app.audit.recover_intents, self.reload_crls_if_due,
                          self._settle_roster, self.custody_if_due):
                 try:  # each on its own: one failing stops no other
                     duty()
                 except Exception as exc:
                     log.error("periodic duty failed", extra={"code": type(exc).__name__})
+                self.beat = time.monotonic()
 
 
 # --------------------------------------------------------------------------- server
@@ -989,7 +991,7 @@ async def _heartbeat(watch: HealthWatch) -> None:
     watchdog = notify.Watchdog()
     while True:
         silent = time.monotonic() - watch.beat
-        if silent > max(HEALTH_SILENT_SECONDS, 3 * watch.every):
+        if silent > max(HEALTH_SILENT_SECONDS, 3 * watch.every) and not watch.stopped.is_set():
             watch.not_serving()
         if silent < max(120.0, 3 * watch.every):
             watchdog.tick()
@@ -1062,7 +1064,11 @@ async def _serve(app: App, listen: str, on_ready: Callable[[str], None] | None,
     # client went (cancel, deadline, the grace ended) finish their work, event and log
     # line, until 40 s.
     await interceptor.quiet()
-    interceptor.stopping.set()  # (a file call still waiting for its file: UNAVAILABLE)
+    # A file call whose file has not come 10 s before the grace ends is UNAVAILABLE, so
+    # that one that never comes does not hold the stop for the whole grace; one on its way
+    # meanwhile is served (set at once, it refused a file being uploaded: review).
+    loop.call_later(max(0.0, STOP_GRACE - 10 - (time.monotonic() - began)),
+                    interceptor.stopping.set)
     await server.stop(grace=max(1.0, STOP_GRACE - (time.monotonic() - began)))
     left = await interceptor.drain(timeout=max(1.0, STOP_BUDGET - (time.monotonic() - began)))
     heartbeat.cancel()

@@ -496,7 +496,7 @@ def test_sigterm_in_a_burst_of_calls_cancels_none_it_had_taken(tmp_path):
     nothing): it serves on, NOT_SERVING, until no call has started for a quarter of a
     second. (Review, session 17: 124 of 150 CANCELLED.) Calls that come after its port
     closed are UNAVAILABLE, which a client retries; so is a file call whose file has not
-    come, at once (it held the stop for its whole grace)."""
+    come 10 s before the grace ends (it held the stop for its whole grace)."""
     srv = start_server(tmp_path / "state")
     try:
         officer = srv.as_("security-officer-1").admin
