@@ -310,6 +310,11 @@ def _decode(decode: Callable[[bytes], Any], request: Undecoded, max_file_bytes: 
         raise error("INVALID_REQUEST", "the request does not decode (protobuf or UTF-8)")
 
 
+async def _refuse(context: Any, failure: KeysvcError) -> None:
+    """End a call that is not run (nothing to audit) with `failure`'s status."""
+    await context.abort_with_status(rpc_status.to_status(status_for(failure)))
+
+
 def _takes_a_file(decode: Callable[[bytes], Any]) -> bool:
     """A migration-file request: one `file` field, and nothing else (the generated
     `FromString` is bound to its message class)."""
@@ -439,6 +444,11 @@ def status_for(exc: KeysvcError) -> status_pb2.Status:
                              details=packed)
 
 
+# Migration-file calls of one partition that a process reads and serves at once (others
+# wait, holding nothing but their place).
+FILE_CALLS_A_PARTITION = 2
+
+
 # The services of one partition: in a process that does not serve it (serve --partitions)
 # their calls are answered FAILED_PRECONDITION PARTITION_NOT_SERVED, audited like any call.
 PARTITION_SERVICES = {"keysvc.v1.S1SPService": "s1sp", "keysvc.v1.DCOService": "dco"}
@@ -512,7 +522,12 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
         self.watches, self.reflections, self.now = watches, reflections, now
         self._calls: set[asyncio.Task] = set()  # calls not ended yet (on the loop)
         self.started_at = 0.0  # when the loop last started a call (`quiet`)
-        self.stopping = asyncio.Event()  # set at a stop, once quiet: no file is read after
+        self.stopping = asyncio.Event()  # set late in a stop: no file is read after it
+        # Migration-file calls of each partition at once: each holds up to 129 MiB of
+        # request and its working memory, and a process makes one HSM call at a time
+        # anyway. Per partition: one organisation's uploads never wait for the other's.
+        self.files = {p: asyncio.Semaphore(FILE_CALLS_A_PARTITION)
+                      for p in PARTITION_SERVICES.values()}
 
     async def drain(self, timeout: float) -> int:
         """After the server stopped: the calls it no longer waits for (their client went,
@@ -596,18 +611,20 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             (the DCO's peak 543 MiB against 479 with the synchronous server; session 17).
             Read from the stream, the bytes are the call's alone. The wire is the same: the
             caller's stub is unary, and a message after the first is not read."""
+            if not await asyncio.get_running_loop().run_in_executor(
+                    self.pool, self._may_send_a_file, service, _Seen(context)):
+                # Refused (and audited) in `_work` without its file ever read: four 120 MiB
+                # files from a caller of the wrong role took a server to 1 GB (review).
+                return await self._call(service, method, decoded, Undecoded(b""), context)
+            release = await self._file_slot(service, context)
             request = None
-            async for request in _until(self.stopping, requests):
-                break
-            if request is None:
-                # No message: the client half-closed without one, or gRPC refused it (too
-                # large, cancelled, a deadline), or the server stops. Nothing to run or to
-                # audit: a call the client never made (review, session 17).
-                refusal = error("SERVER_STOPPING", "the server is stopping; retry") \
-                    if self.stopping.is_set() else \
-                    error("INVALID_REQUEST", "the call carried no request message")
-                await context.abort_with_status(rpc_status.to_status(status_for(refusal)))
-            return await self._call(service, method, decoded, request, context)
+            try:
+                async for request in _until(self.stopping, requests):
+                    break
+            except BaseException:  # (the client went while its file came)
+                release()
+                raise
+            return await self._received(service, method, decoded, request, context, release)
 
         if _takes_a_file(decode):
             return grpc.stream_unary_rpc_method_handler(
@@ -621,8 +638,51 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             wrapped, request_deserializer=Undecoded,
             response_serializer=handler.response_serializer)
 
+    def _may_send_a_file(self, service: str, context: _Seen) -> bool:
+        """The caller's certificate is accepted and admitted, and its role may call
+        `service` (`_work` checks it again, and audits the refusal)."""
+        caller = _caller(self.app, context)
+        if caller is None or caller.refusal or \
+                caller.role not in SERVICE_ROLES.get(service, frozenset()):
+            return False
+        try:
+            admit(self.app, caller)
+        except KeysvcError:
+            return False
+        return True
+
+    async def _file_slot(self, service: str, context: Any) -> Callable[[], None]:
+        """One of its partition's FILE_CALLS_A_PARTITION, until the call's work ends (not
+        its client: a call whose client went works on, holding its file); waited for until
+        the client's deadline, or SERVER_STOPPING at a stop. Returns its release."""
+        slots = self.files[PARTITION_SERVICES[service]]
+        got = asyncio.ensure_future(slots.acquire())
+        ending = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({got, ending}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ending.cancel()
+            if not got.done():
+                got.cancel()
+        if not got.done() or got.cancelled():
+            await _refuse(context, error("SERVER_STOPPING", "the server is stopping; retry"))
+        return slots.release
+
+    async def _received(self, service: str, method: str, inner: Callable, request: Any,
+                        context: Any, release: Callable[[], None]) -> Any:
+        """A file call once its message came, or not: with none, the client half-closed
+        without one, or gRPC refused it (too large, cancelled, a deadline), or the server
+        stops. Nothing is then run or audited: a call the client never made (review,
+        session 17)."""
+        if request is None:
+            release()
+            await _refuse(context, error("SERVER_STOPPING", "the server is stopping; retry")
+                          if self.stopping.is_set() else
+                          error("INVALID_REQUEST", "the call carried no request message"))
+        return await self._call(service, method, inner, request, context, release)
+
     async def _call(self, service: str, method: str, inner: Callable, request: Any,
-                    context: Any) -> Any:
+                    context: Any, ended: Callable[[], None] | None = None) -> Any:
         # The call's context variables (request id, caller, audit target, trace span) live
         # in `ctx`, entered by the thread doing the work and again on the loop.
         ctx = contextvars.copy_context()
@@ -634,6 +694,8 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             self._whole(ctx, seen, service, method, inner, request))
         self._calls.add(whole)  # (until it ends, whatever its client does: `drain`)
         whole.add_done_callback(self._calls.discard)
+        if ended is not None:  # (a file call's slot)
+            whole.add_done_callback(lambda _: ended())
         response, status = await asyncio.shield(whole)
         if status is not None:
             await context.abort_with_status(status)
