@@ -133,6 +133,8 @@ async def _until(stop: asyncio.Event, messages: Any) -> AsyncIterator[Any]:
         ending.cancel()
         if message is not None and not message.done():
             message.cancel()  # (the stream ends, or its client went)
+        elif message is not None and not message.cancelled():
+            message.exception()  # (read: an end of stream no one awaited is not an error)
 
 
 class HealthNow:
@@ -310,6 +312,13 @@ def _decode(decode: Callable[[bytes], Any], request: Undecoded, max_file_bytes: 
         raise error("INVALID_REQUEST", "the request does not decode (protobuf or UTF-8)")
 
 
+def _not_read(_request: Any, _context: Any) -> Any:
+    """A file call refused before its file was read, whose caller `_work` then admitted
+    (the roster changed between the two looks): retried, it is read."""
+    raise error("ROSTER_BUSY", "the caller's certificate changed standing as the call "
+                               "began; retry")
+
+
 async def _refuse(context: Any, failure: KeysvcError) -> None:
     """End a call that is not run (nothing to audit) with `failure`'s status."""
     await context.abort_with_status(rpc_status.to_status(status_for(failure)))
@@ -444,11 +453,6 @@ def status_for(exc: KeysvcError) -> status_pb2.Status:
                              details=packed)
 
 
-# Migration-file calls of one partition that a process reads and serves at once (others
-# wait, holding nothing but their place).
-FILE_CALLS_A_PARTITION = 2
-
-
 # The services of one partition: in a process that does not serve it (serve --partitions)
 # their calls are answered FAILED_PRECONDITION PARTITION_NOT_SERVED, audited like any call.
 PARTITION_SERVICES = {"keysvc.v1.S1SPService": "s1sp", "keysvc.v1.DCOService": "dco"}
@@ -523,11 +527,6 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
         self._calls: set[asyncio.Task] = set()  # calls not ended yet (on the loop)
         self.started_at = 0.0  # when the loop last started a call (`quiet`)
         self.stopping = asyncio.Event()  # set late in a stop: no file is read after it
-        # Migration-file calls of each partition at once: each holds up to 129 MiB of
-        # request and its working memory, and a process makes one HSM call at a time
-        # anyway. Per partition: one organisation's uploads never wait for the other's.
-        self.files = {p: asyncio.Semaphore(FILE_CALLS_A_PARTITION)
-                      for p in PARTITION_SERVICES.values()}
 
     async def drain(self, timeout: float) -> int:
         """After the server stopped: the calls it no longer waits for (their client went,
@@ -615,16 +614,11 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
                     self.pool, self._may_send_a_file, service, _Seen(context)):
                 # Refused (and audited) in `_work` without its file ever read: four 120 MiB
                 # files from a caller of the wrong role took a server to 1 GB (review).
-                return await self._call(service, method, decoded, Undecoded(b""), context)
-            release = await self._file_slot(service, context)
+                return await self._call(service, method, _not_read, Undecoded(b""), context)
             request = None
-            try:
-                async for request in _until(self.stopping, requests):
-                    break
-            except BaseException:  # (the client went while its file came)
-                release()
-                raise
-            return await self._received(service, method, decoded, request, context, release)
+            async for request in _until(self.stopping, requests):
+                break
+            return await self._received(service, method, decoded, request, context)
 
         if _takes_a_file(decode):
             return grpc.stream_unary_rpc_method_handler(
@@ -647,42 +641,24 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             return False
         try:
             admit(self.app, caller)
-        except KeysvcError:
+        except Exception:  # (KeysvcError, or the HSM or database down: `_work` says which)
             return False
         return True
 
-    async def _file_slot(self, service: str, context: Any) -> Callable[[], None]:
-        """One of its partition's FILE_CALLS_A_PARTITION, until the call's work ends (not
-        its client: a call whose client went works on, holding its file); waited for until
-        the client's deadline, or SERVER_STOPPING at a stop. Returns its release."""
-        slots = self.files[PARTITION_SERVICES[service]]
-        got = asyncio.ensure_future(slots.acquire())
-        ending = asyncio.ensure_future(self.stopping.wait())
-        try:
-            await asyncio.wait({got, ending}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            ending.cancel()
-            if not got.done():
-                got.cancel()
-        if not got.done() or got.cancelled():
-            await _refuse(context, error("SERVER_STOPPING", "the server is stopping; retry"))
-        return slots.release
-
     async def _received(self, service: str, method: str, inner: Callable, request: Any,
-                        context: Any, release: Callable[[], None]) -> Any:
+                        context: Any) -> Any:
         """A file call once its message came, or not: with none, the client half-closed
         without one, or gRPC refused it (too large, cancelled, a deadline), or the server
         stops. Nothing is then run or audited: a call the client never made (review,
         session 17)."""
         if request is None:
-            release()
             await _refuse(context, error("SERVER_STOPPING", "the server is stopping; retry")
                           if self.stopping.is_set() else
                           error("INVALID_REQUEST", "the call carried no request message"))
-        return await self._call(service, method, inner, request, context, release)
+        return await self._call(service, method, inner, request, context)
 
     async def _call(self, service: str, method: str, inner: Callable, request: Any,
-                    context: Any, ended: Callable[[], None] | None = None) -> Any:
+                    context: Any) -> Any:
         # The call's context variables (request id, caller, audit target, trace span) live
         # in `ctx`, entered by the thread doing the work and again on the loop.
         ctx = contextvars.copy_context()
@@ -694,8 +670,6 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             self._whole(ctx, seen, service, method, inner, request))
         self._calls.add(whole)  # (until it ends, whatever its client does: `drain`)
         whole.add_done_callback(self._calls.discard)
-        if ended is not None:  # (a file call's slot)
-            whole.add_done_callback(lambda _: ended())
         response, status = await asyncio.shield(whole)
         if status is not None:
             await context.abort_with_status(status)

@@ -372,38 +372,6 @@ def test_a_file_call_of_the_wrong_role_is_refused_without_its_file_read(server):
         never.set()
 
 
-def test_file_calls_of_one_partition_wait_for_its_two_places_never_for_the_others(server):
-    """At most two migration-file calls of a partition are read and served at once (each
-    holds up to 129 MiB); a third waits, until its deadline, and the other organisation's
-    file calls never wait for them."""
-    never = threading.Event()
-
-    def nothing():
-        never.wait(30)
-        return
-        yield
-    s1sp = server.as_("s1sp").channel.stream_unary(
-        "/keysvc.v1.S1SPService/ProcessGroupInformation")
-    file = pb.ProcessGroupInformationRequest(file=b"<x")
-    silent = [s1sp.future(nothing(), timeout=30) for _ in range(2)]
-    try:
-        time.sleep(0.5)
-        with pytest.raises(grpc.RpcError) as waited:
-            server.as_("s1sp").s1sp.ProcessGroupInformation(file, timeout=2)
-        assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        with pytest.raises(grpc.RpcError) as served:
-            server.as_("dco").dco.ValidateMasterKeys(
-                pb.ValidateMasterKeysRequest(file=b"<x"), timeout=10)
-        assert error_info(served.value).reason == "MALFORMED_XML"
-    finally:
-        for call in silent:
-            call.cancel()
-        never.set()
-    with pytest.raises(grpc.RpcError) as served:
-        server.as_("s1sp").s1sp.ProcessGroupInformation(file, timeout=10)
-    assert error_info(served.value).reason == "MALFORMED_XML"
-
-
 def test_reflection_lists_the_s1sp_service(server):
     services = ProtoReflectionDescriptorDatabase(server.as_("s1sp").channel).get_services()
     assert "keysvc.v1.S1SPService" in services
