@@ -102,6 +102,7 @@ _REASONS: dict[str, type[KeysvcError]] = {
     "SERVER_STOPPING": Unavailable,
     "IMPORT_JOB_QUOTA": ResourceExhausted,
     "TOO_MANY_STREAMS": ResourceExhausted,
+    "TOO_MANY_FILE_CALLS": ResourceExhausted,
 }
 
 

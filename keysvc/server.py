@@ -22,7 +22,7 @@ import time
 import uuid
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, cast
+from typing import Any, AsyncIterator, Callable, NoReturn, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -312,16 +312,63 @@ def _decode(decode: Callable[[bytes], Any], request: Undecoded, max_file_bytes: 
         raise error("INVALID_REQUEST", "the request does not decode (protobuf or UTF-8)")
 
 
-def _not_read(_request: Any, _context: Any) -> Any:
-    """A file call refused before its file was read, whose caller `_work` then admitted
-    (the roster changed between the two looks): retried, it is read."""
-    raise error("ROSTER_BUSY", "the caller's certificate changed standing as the call "
-                               "began; retry")
+def _not_read(why: Exception) -> Callable[[Any, Any], Any]:
+    """The handler of a file call refused before its file was read, for when `_work`
+    admits the caller after all: the HSM or database failure that refused it then (mapped
+    by `_work`: HSM_UNAVAILABLE, DATABASE_UNAVAILABLE), or ROSTER_BUSY when the roster
+    changed between the two looks. Retried, the file is read."""
+    def refuse(_request: Any, _context: Any) -> Any:
+        if isinstance(why, KeysvcError):
+            raise error("ROSTER_BUSY", "the caller's standing changed as the call began; "
+                                       "retry")
+        raise why
+    return refuse
 
 
-async def _refuse(context: Any, failure: KeysvcError) -> None:
+# Migration-file calls a process takes in at once, of a partition and from one certificate
+# (each holds up to 129 MiB of request and its working memory; the synchronous server's
+# 16 threads bounded them, the event loop does not), and how long a file may take to come.
+FILE_CALLS, FILE_CALLS_A_CLIENT, FILE_ARRIVAL_SECONDS = 4, 2, 120.0
+
+
+class FilePlace:
+    """One migration-file call's place (`FilePlaces.take`), released once."""
+
+    def __init__(self, places: "FilePlaces", key: tuple[str, bytes]) -> None:
+        self._places, self._key, self._held = places, key, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            for k in (self._key, self._key[0]):
+                self._places.counts[k] -= 1
+                if not self._places.counts[k]:
+                    del self._places.counts[k]
+
+
+class FilePlaces:
+    """How many migration-file calls each partition and each certificate has at once: a
+    call over either limit is refused TOO_MANY_FILE_CALLS at once (one that waited could
+    leak its place to a cancel, and a client of the role that never sent its file held
+    every waiting call: review, session 17). On the loop only: no lock."""
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[Any] = collections.Counter()
+
+    def take(self, partition: str, context: Any) -> FilePlace | None:
+        pems = (context.auth_context() or {}).get("x509_pem_cert") or [b""]
+        key = (partition, hashlib.sha256(pems[0]).digest())
+        if self.counts[key] >= FILE_CALLS_A_CLIENT or self.counts[partition] >= FILE_CALLS:
+            return None
+        self.counts[key] += 1
+        self.counts[partition] += 1
+        return FilePlace(self, key)
+
+
+async def _refuse(context: Any, failure: KeysvcError) -> NoReturn:
     """End a call that is not run (nothing to audit) with `failure`'s status."""
     await context.abort_with_status(rpc_status.to_status(status_for(failure)))
+    raise AssertionError("abort returned")  # (it raises: gRPC ends the call)
 
 
 def _takes_a_file(decode: Callable[[bytes], Any]) -> bool:
@@ -527,6 +574,7 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
         self._calls: set[asyncio.Task] = set()  # calls not ended yet (on the loop)
         self.started_at = 0.0  # when the loop last started a call (`quiet`)
         self.stopping = asyncio.Event()  # set late in a stop: no file is read after it
+        self.files = FilePlaces()
 
     async def drain(self, timeout: float) -> int:
         """After the server stopped: the calls it no longer waits for (their client went,
@@ -610,15 +658,27 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             (the DCO's peak 543 MiB against 479 with the synchronous server; session 17).
             Read from the stream, the bytes are the call's alone. The wire is the same: the
             caller's stub is unary, and a message after the first is not read."""
-            if not await asyncio.get_running_loop().run_in_executor(
-                    self.pool, self._may_send_a_file, service, _Seen(context)):
+            why_not = await asyncio.get_running_loop().run_in_executor(
+                self.pool, self._may_send_a_file, service, _Seen(context))
+            if why_not is not None:
                 # Refused (and audited) in `_work` without its file ever read: four 120 MiB
                 # files from a caller of the wrong role took a server to 1 GB (review).
-                return await self._call(service, method, _not_read, Undecoded(b""), context)
+                return await self._call(service, method, _not_read(why_not),
+                                        Undecoded(b""), context)
+            place = self.files.take(PARTITION_SERVICES[service], context)
+            if place is None:
+                await _refuse(context, error(
+                    "TOO_MANY_FILE_CALLS", f"at most {FILE_CALLS_A_CLIENT} migration-file "
+                    f"calls from one certificate and {FILE_CALLS} of a partition at once"))
             request = None
-            async for request in _until(self.stopping, requests):
-                break
-            return await self._received(service, method, decoded, request, context)
+            try:
+                async with asyncio.timeout(FILE_ARRIVAL_SECONDS):
+                    async for request in _until(self.stopping, requests):
+                        break
+            except BaseException:  # (its client went, or its file took too long)
+                place.release()
+                raise
+            return await self._received(service, method, decoded, request, context, place)
 
         if _takes_a_file(decode):
             return grpc.stream_unary_rpc_method_handler(
@@ -632,33 +692,34 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             wrapped, request_deserializer=Undecoded,
             response_serializer=handler.response_serializer)
 
-    def _may_send_a_file(self, service: str, context: _Seen) -> bool:
-        """The caller's certificate is accepted and admitted, and its role may call
-        `service` (`_work` checks it again, and audits the refusal)."""
+    def _may_send_a_file(self, service: str, context: _Seen) -> Exception | None:
+        """None when the caller's certificate is accepted and admitted and its role may
+        call `service`; else why not (`_work` checks again, and audits the refusal)."""
         caller = _caller(self.app, context)
         if caller is None or caller.refusal or \
                 caller.role not in SERVICE_ROLES.get(service, frozenset()):
-            return False
+            return error("ROLE_NOT_PERMITTED", "not a caller of this service")
         try:
             admit(self.app, caller)
-        except Exception:  # (KeysvcError, or the HSM or database down: `_work` says which)
-            return False
-        return True
+        except Exception as exc:  # (a refusal, or the HSM or database down)
+            return exc
+        return None
 
     async def _received(self, service: str, method: str, inner: Callable, request: Any,
-                        context: Any) -> Any:
+                        context: Any, place: FilePlace) -> Any:
         """A file call once its message came, or not: with none, the client half-closed
         without one, or gRPC refused it (too large, cancelled, a deadline), or the server
         stops. Nothing is then run or audited: a call the client never made (review,
         session 17)."""
         if request is None:
+            place.release()
             await _refuse(context, error("SERVER_STOPPING", "the server is stopping; retry")
                           if self.stopping.is_set() else
                           error("INVALID_REQUEST", "the call carried no request message"))
-        return await self._call(service, method, inner, request, context)
+        return await self._call(service, method, inner, request, context, place.release)
 
     async def _call(self, service: str, method: str, inner: Callable, request: Any,
-                    context: Any) -> Any:
+                    context: Any, ended: Callable[[], None] | None = None) -> Any:
         # The call's context variables (request id, caller, audit target, trace span) live
         # in `ctx`, entered by the thread doing the work and again on the loop.
         ctx = contextvars.copy_context()
@@ -670,6 +731,8 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             self._whole(ctx, seen, service, method, inner, request))
         self._calls.add(whole)  # (until it ends, whatever its client does: `drain`)
         whole.add_done_callback(self._calls.discard)
+        if ended is not None:  # (a file call's place: held until its work ends)
+            whole.add_done_callback(lambda _: ended())
         response, status = await asyncio.shield(whole)
         if status is not None:
             await context.abort_with_status(status)

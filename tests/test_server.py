@@ -372,6 +372,44 @@ def test_a_file_call_of_the_wrong_role_is_refused_without_its_file_read(server):
         never.set()
 
 
+def test_file_calls_at_most_two_a_certificate_four_a_partition_and_their_places_come_back(
+        server):
+    """A process takes in at most 2 migration-file calls from one certificate and 4 of a
+    partition at once (each holds up to 129 MiB; the synchronous server's 16 threads
+    bounded them, the event loop does not): one more is RESOURCE_EXHAUSTED
+    TOO_MANY_FILE_CALLS at once, the other organisation's calls are not counted, and a
+    place comes back whenever its call ends, its client gone or not (a waiting limit
+    leaked its places to cancels: review, session 17)."""
+    never = threading.Event()
+
+    def nothing():
+        never.wait(30)
+        return
+        yield
+    path = "/keysvc.v1.S1SPService/ProcessGroupInformation"
+    s1sp = server.as_("s1sp").channel.stream_unary(path)
+    file = pb.ProcessGroupInformationRequest(file=b"<x")
+    try:
+        for _ in range(10):  # (places taken and left by cancels, again and again)
+            silent = [s1sp.future(nothing(), timeout=30) for _ in range(2)]
+            time.sleep(0.3)
+            with pytest.raises(grpc.RpcError) as refused:
+                server.as_("s1sp").s1sp.ProcessGroupInformation(file, timeout=10)
+            assert error_info(refused.value).reason == "TOO_MANY_FILE_CALLS"
+            with pytest.raises(grpc.RpcError) as served:
+                server.as_("dco").dco.ValidateMasterKeys(
+                    pb.ValidateMasterKeysRequest(file=b"<x"), timeout=10)
+            assert error_info(served.value).reason == "MALFORMED_XML"
+            for call in silent:
+                call.cancel()
+            time.sleep(0.3)
+    finally:
+        never.set()
+    with pytest.raises(grpc.RpcError) as served:
+        server.as_("s1sp").s1sp.ProcessGroupInformation(file, timeout=10)
+    assert error_info(served.value).reason == "MALFORMED_XML"
+
+
 def test_reflection_lists_the_s1sp_service(server):
     services = ProtoReflectionDescriptorDatabase(server.as_("s1sp").channel).get_services()
     assert "keysvc.v1.S1SPService" in services
