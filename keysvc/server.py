@@ -675,7 +675,11 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
                 async with asyncio.timeout(FILE_ARRIVAL_SECONDS):
                     async for request in _until(self.stopping, requests):
                         break
-            except BaseException:  # (its client went, or its file took too long)
+            except TimeoutError:
+                place.release()
+                await _refuse(context, error(
+                    "INVALID_REQUEST", f"the file did not come within {FILE_ARRIVAL_SECONDS:g} s"))
+            except BaseException:  # (its client went)
                 place.release()
                 raise
             return await self._received(service, method, decoded, request, context, place)
