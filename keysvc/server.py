@@ -473,8 +473,10 @@ def _cut(text: str, limit: int) -> str:
 
 
 # How long a caller should wait before trying again a call that failed UNAVAILABLE (the HSM,
-# the database or the audit trail is down): google.rpc.RetryInfo.
+# the database or the audit trail is down), or TOO_MANY_FILE_CALLS (a place comes back as
+# a file call ends): google.rpc.RetryInfo.
 RETRY_AFTER_SECONDS = 1
+RETRY_LATER = ("TOO_MANY_FILE_CALLS",)
 
 
 def status_for(exc: KeysvcError) -> status_pb2.Status:
@@ -486,7 +488,7 @@ def status_for(exc: KeysvcError) -> status_pb2.Status:
     details = [error_details_pb2.ErrorInfo(reason=exc.code, domain=ERROR_DOMAIN,
                                            metadata=metadata),
                error_details_pb2.RequestInfo(request_id=request_id.get())]
-    if exc.status == grpc.StatusCode.UNAVAILABLE:
+    if exc.status == grpc.StatusCode.UNAVAILABLE or exc.code in RETRY_LATER:
         info = error_details_pb2.RetryInfo()
         info.retry_delay.seconds = RETRY_AFTER_SECONDS
         details.append(info)

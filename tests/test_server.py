@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from grpc_status import rpc_status
 
 from keysvc.api.v1 import keysvc_pb2 as pb
-from keysvc.client import Stubs, channel
+from keysvc.client import Stubs, channel, error_from
 from keysvc.pki import ensure_dev_pki
 from tests.conftest import unique
 from tests.serverproc import ROOT, server_env, start_server
@@ -395,6 +395,7 @@ def test_file_calls_at_most_eight_of_a_partition_and_their_places_come_back(serv
             with pytest.raises(grpc.RpcError) as refused:
                 server.as_("s1sp").s1sp.ProcessGroupInformation(file, timeout=10)
             assert error_info(refused.value).reason == "TOO_MANY_FILE_CALLS"
+            assert error_from(refused.value).retry_after == 1  # (RetryInfo: a caller waits)
             with pytest.raises(grpc.RpcError) as served:
                 server.as_("dco").dco.ValidateMasterKeys(
                     pb.ValidateMasterKeysRequest(file=b"<x"), timeout=10)
