@@ -67,6 +67,13 @@ HEALTH_WATCH_STREAMS, HEALTH_WATCH_STREAMS_A_CLIENT = 64, 16
 REFLECTION_STREAMS, REFLECTION_STREAMS_A_CLIENT = 8, 2
 
 
+def _client_key(context: Any) -> bytes:
+    """The client certificate a limit counts by: SHA-256 of its PEM, unparsed (cheap on
+    the event loop; mTLS has verified it)."""
+    pems = (context.auth_context() or {}).get("x509_pem_cert") or [b""]
+    return hashlib.sha256(pems[0]).digest()
+
+
 class LongStreams:
     """Streams that stay open as long as their client likes (health's Watch, reflection): at
     most `limit` are open at once, and one more is refused RESOURCE_EXHAUSTED
@@ -84,8 +91,7 @@ class LongStreams:
     @contextlib.asynccontextmanager
     async def held(self, context: Any) -> AsyncIterator[None]:
         """One stream open for as long as the block runs (in the stream's task)."""
-        pems = (context.auth_context() or {}).get("x509_pem_cert") or [b""]
-        client = hashlib.sha256(pems[0]).digest()  # (the certificate, unparsed)
+        client = _client_key(context)
         if self._open[client] >= self.a_client:
             failure = error("TOO_MANY_STREAMS", f"at most {self.a_client} {self.kind} streams "
                                                 f"are open at once from one certificate")
@@ -359,8 +365,7 @@ class FilePlaces:
         self.counts: collections.Counter[Any] = collections.Counter()
 
     def take(self, partition: str, context: Any) -> FilePlace | None:
-        pems = (context.auth_context() or {}).get("x509_pem_cert") or [b""]
-        key = (partition, hashlib.sha256(pems[0]).digest())
+        key = (partition, _client_key(context))
         if self.counts[key] >= FILE_CALLS_A_CLIENT or self.counts[partition] >= FILE_CALLS:
             return None
         self.counts[key] += 1

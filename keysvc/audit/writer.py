@@ -114,8 +114,7 @@ class Work:
         try:
             yield
         finally:
-            with self._writer._work:
-                self._writer._working += 1
+            self._writer._entered()
 
     def __enter__(self) -> "Work":
         return self
@@ -207,9 +206,12 @@ class AuditWriter:
         """A call at its work: its event is to come (keysvc/server.py). While any is, a
         batch waits for them (`_wait_for_working`); the call stops counting once its event
         is queued (`submit`'s `work`), or when it ends without one."""
+        self._entered()
+        return Work(self)
+
+    def _entered(self) -> None:
         with self._work:
             self._working += 1
-        return Work(self)
 
     def _left(self) -> None:
         with self._work:
