@@ -93,7 +93,11 @@ class Settings:
     # Server processes behind `listen` (SO_REUSEPORT; keysvc/processes.py): one per core to
     # use every core. Worker i > 0 serves its metrics and probes on metrics_listen's port + i.
     processes: int = 1
-    workers: int = 16
+    # Threads for the calls' work, each process (migration files have threads of their own).
+    # Few: one thread runs Python at a time and the HSM takes one call at a time, so more
+    # threads only hand the GIL and the HSM's lock to each other (bench/bench_cores.py:
+    # 16 threads made 49 context switches a call and 332 calls/s, 4 made 36 and 405).
+    workers: int = 4
     # Worker processes that check DeviceCertificates while the HSM wraps keys (0: inline).
     certificate_workers: int = 1
     log_level: str = "INFO"

@@ -580,6 +580,11 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, app: App, pool: futures.ThreadPoolExecutor, watches: LongStreams,
                  reflections: LongStreams, now: HealthNow) -> None:
         self.app, self.pool = app, pool
+        # Migration files' work in threads of their own, one for each place
+        # (`FilePlaces`): a file holds its thread for seconds to minutes, and the small
+        # calls' pool stays small (`Settings.workers`).
+        self.file_pool = futures.ThreadPoolExecutor(
+            max_workers=FILE_CALLS * len(PARTITION_SERVICES), thread_name_prefix="file")
         self.watches, self.reflections, self.now = watches, reflections, now
         self._calls: set[asyncio.Task] = set()  # calls not ended yet (on the loop)
         self.started_at = 0.0  # when the loop last started a call (`quiet`)
@@ -730,10 +735,12 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             await _refuse(context, error("SERVER_STOPPING", "the server is stopping; retry")
                           if self.stopping.is_set() else
                           error("INVALID_REQUEST", "the call carried no request message"))
-        return await self._call(service, method, inner, request, context, place.release)
+        return await self._call(service, method, inner, request, context, place.release,
+                                self.file_pool)
 
     async def _call(self, service: str, method: str, inner: Callable, request: Any,
-                    context: Any, ended: Callable[[], None] | None = None) -> Any:
+                    context: Any, ended: Callable[[], None] | None = None,
+                    pool: futures.Executor | None = None) -> Any:
         # The call's context variables (request id, caller, audit target, trace span) live
         # in `ctx`, entered by the thread doing the work and again on the loop.
         ctx = contextvars.copy_context()
@@ -742,7 +749,7 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
         # answer but not the call: its work ends, its event is kept, it is logged, as with
         # the synchronous server (review, session 15).
         whole = asyncio.get_running_loop().create_task(
-            self._whole(ctx, seen, service, method, inner, request))
+            self._whole(ctx, seen, service, method, inner, request, pool or self.pool))
         self._calls.add(whole)  # (until it ends, whatever its client does: `drain`)
         whole.add_done_callback(self._calls.discard)
         if ended is not None:  # (a file call's place: held until its work ends)
@@ -753,7 +760,8 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
         return response
 
     async def _whole(self, ctx: contextvars.Context, seen: _Seen, service: str, method: str,
-                     inner: Callable, request: Any) -> tuple[Any, Any]:
+                     inner: Callable, request: Any, pool: futures.Executor
+                     ) -> tuple[Any, Any]:
         """The call's work, its audit event and its log line: (response, failure status)."""
         # At work until its event is queued: a batch of the audit writer waits for it.
         with self.app.audit.writer.working() as work:
@@ -763,7 +771,7 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             # would stop every call of the process (review, session 15; measured in
             # session 16: the two Verify calls inline gained nothing over the pool).
             done = await asyncio.get_running_loop().run_in_executor(
-                self.pool, ctx.run, self._work, service, method, inner, request, seen)
+                pool, ctx.run, self._work, service, method, inner, request, seen)
             if done.audited:
                 # Fail closed: a call whose event is not kept returns nothing but that, also
                 # one that failed anyway: its own reason would answer, unrecorded, a question
@@ -996,10 +1004,11 @@ def build_server(app: App, listen: str) -> tuple[grpc.aio.Server, int, HealthWat
     watches = LongStreams("health-watch", HEALTH_WATCH_STREAMS, HEALTH_WATCH_STREAMS_A_CLIENT)
     reflections = LongStreams("reflection", REFLECTION_STREAMS, REFLECTION_STREAMS_A_CLIENT)
     now = HealthNow(asyncio.get_running_loop())
-    # The keysvc calls' work runs in `calls`; health's Check (a synchronous servicer, not
-    # audited) in gRPC's own pool. A call waiting for its request message, its audit event
-    # or its client holds no thread: 16 calls that never sent their message held all of the
-    # synchronous server's and stopped every call of a worker (review, session 16).
+    # The keysvc calls' work runs in `calls` (migration files' in the interceptor's
+    # `file_pool`); health's Check (a synchronous servicer, not audited) in gRPC's own pool.
+    # A call waiting for its request message, its audit event or its client holds no
+    # thread: 16 calls that never sent their message held all of the synchronous server's
+    # and stopped every call of a worker (review, session 16).
     calls = futures.ThreadPoolExecutor(max_workers=s.workers, thread_name_prefix="call")
     server = grpc.aio.server(
         futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="grpc"),
@@ -1195,7 +1204,8 @@ async def _serve(app: App, listen: str, on_ready: Callable[[str], None] | None,
                   "them", left, STOP_BUDGET)
         logging.shutdown()
         os._exit(1)
-    await loop.run_in_executor(None, interceptor.pool.shutdown, True)
+    for pool in (interceptor.pool, interceptor.file_pool):
+        await loop.run_in_executor(None, pool.shutdown, True)
     tracing.shutdown()
     app.close()
     log.info("stopped")

@@ -10,8 +10,10 @@ bench/bench_large.py, not here.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 
 from keysvc.api.v1 import keysvc_pb2 as pb
@@ -42,14 +44,27 @@ def installations() -> tuple[list[encoder.TestInstallation], bytes]:
     return installs, factory.ca_pem
 
 
-def _server(tmp_path_factory, name: str, ca_pem: bytes):
+def _server(tmp_path_factory, name: str, ca_pem: bytes, env: dict | None = None):
     work = tmp_path_factory.mktemp(name)
     (work / "device-ca.pem").write_bytes(ca_pem)
-    srv = start_server(work / "server", trust_anchors=[work / "device-ca.pem"])
+    srv = start_server(work / "server", trust_anchors=[work / "device-ca.pem"], env=env)
     srv.import_aes_key("LARGE-S1SP", S1SP_KEK, purpose="S1SP_TRANSPORT",
                        owner_id="SMSO-LARGE")
     srv.import_aes_key("LARGE-DCO", DCO_KEK, purpose="DCO_TRANSPORT", owner_id="SMSO-LARGE")
     return srv
+
+
+def _small_calls_until(s1sp, done: threading.Event) -> int:
+    """Small calls one after another, a second apart, until `done`: how many were answered
+    (each DEVICE_KEY_NOT_FOUND: the file's keys are not stored yet)."""
+    answered = 0
+    while not done.wait(1.0):
+        with pytest.raises(grpc.RpcError) as refused:
+            s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
+                device_id="00-00-00-00-00-00-00-02", expected_kcv="0000000000"), timeout=600)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        answered += not done.is_set()
+    return answered
 
 
 def _s1sp_view(responses) -> dict[str, tuple]:
@@ -68,15 +83,23 @@ def _dco_view(responses) -> dict[str, tuple]:
 @pytest.fixture(scope="module")
 def results(installations, tmp_path_factory) -> dict[str, dict]:
     installs, ca_pem = installations
-    big, small = _server(tmp_path_factory, "large", ca_pem), \
+    # The large file's server has one thread for the small calls: the file must not take it.
+    big, small = _server(tmp_path_factory, "large", ca_pem, {"KEYSVC_WORKERS": "1"}), \
         _server(tmp_path_factory, "small", ca_pem)
 
     def one_file() -> dict[str, dict]:
         data = _file(installs, "LARGE-ONE")
         assert len(data) > 50 * 1024 * 1024  # far past libxml2's text-node limit
         s1sp, dco = big.as_("s1sp").s1sp, big.as_("dco").dco
-        return {"big_s1sp": _s1sp_view([s1sp.ProcessGroupInformation(
-                    pb.ProcessGroupInformationRequest(file=data), timeout=600)]),
+        with ThreadPoolExecutor(1) as beside:
+            verified = beside.submit(_small_calls_until, big.as_("s1sp").s1sp,
+                                     done := threading.Event())
+            try:
+                s1sp_view = _s1sp_view([s1sp.ProcessGroupInformation(
+                    pb.ProcessGroupInformationRequest(file=data), timeout=600)])
+            finally:
+                done.set()
+        return {"big_s1sp": s1sp_view, "small_calls_meanwhile": verified.result(),
                 "big_dco_validate": _dco_view([dco.ValidateMasterKeys(
                     pb.ValidateMasterKeysRequest(file=data), timeout=600)]),
                 "big_dco": _dco_view([dco.UnwrapMasterKeys(
@@ -107,6 +130,13 @@ def test_a_file_past_the_text_node_limit_is_accepted_by_the_s1sp(results):
     accepted = [v for v in view.values() if v[0] == pb.ACCEPTED]
     assert len(accepted) == N - 2 * len(BAD)  # a bad key, a certificate for another CHF
     assert all(len(v[2]) >= 3 for v in accepted)  # every key's KCV came back
+
+
+def test_a_file_at_work_takes_no_thread_of_the_small_calls(results):
+    """A migration file's work has a thread of its own: a server with one thread for the
+    small calls (`workers = 1`) answers them while it works on a 30,000-installation file
+    (the file took it, and every small call waited for the file's end, before session 18)."""
+    assert results["small_calls_meanwhile"] >= 5
 
 
 def test_the_s1sp_verdicts_and_kcvs_are_those_of_the_same_installations_in_small_files(
