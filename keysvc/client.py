@@ -8,6 +8,8 @@ Importable with `pip install keysvc` alone: nothing here needs the server's depe
 """
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,8 +143,9 @@ def error_from(exc: grpc.RpcError) -> KeysvcCallError:
 
 
 # Calls that are safe to repeat: gRPC retries them on UNAVAILABLE (the HSM, the database or
-# the audit trail briefly away), with backoff. ProcessGroupInformation and the DCO file
-# calls are idempotent by MigrationFileID; a release, an approval or a request never is.
+# the audit trail briefly away), with backoff, except the migration-file calls (below).
+# ProcessGroupInformation and the DCO file calls are idempotent by MigrationFileID; a
+# release, an approval or a request never is.
 IDEMPOTENT = {
     "keysvc.v1.S1SPService": ["ProcessGroupInformation", "VerifyPrepaymentKey",
                               "VerifyDeviceCertificate", "ExportDeviceKeys"],
@@ -152,6 +155,14 @@ IDEMPOTENT = {
                                            "ListKeyVersions"],
     "keysvc.v1.AuditService": ["ListAuditEvents", "VerifyAuditLog", "ExportAuditEvents"],
 }
+# The migration-file calls are repeated here, not by gRPC: gRPC keeps a call's request for
+# a repeat only up to its retry buffer (256 KiB by default; gRPC's retry design, A6), so a
+# file of any size was never repeated, and a server with all its file places taken
+# answers TOO_MANY_FILE_CALLS (RESOURCE_EXHAUSTED with RetryInfo): wait, and send again,
+# within the call's one deadline. Refused before the server reads the file, a refused
+# attempt sends little of it (HTTP/2 flow control).
+FILE_METHODS = ("ProcessGroupInformation", "ValidateMasterKeys", "UnwrapMasterKeys")
+FILE_UNAVAILABLE_ATTEMPTS = 4  # as the retry policy's maxAttempts
 # Default deadlines: files may be large; everything else is quick.
 DEADLINES = {"ProcessGroupInformation": 300.0, "ValidateMasterKeys": 300.0,
              "UnwrapMasterKeys": 300.0, "VerifyAuditLog": 120.0, "ExportAuditEvents": 120.0}
@@ -161,7 +172,8 @@ DEFAULT_DEADLINE = 30.0
 def service_config() -> str:
     import json
     return json.dumps({"methodConfig": [{
-        "name": [{"service": s, "method": m} for s, ms in IDEMPOTENT.items() for m in ms],
+        "name": [{"service": s, "method": m} for s, ms in IDEMPOTENT.items() for m in ms
+                 if m not in FILE_METHODS],
         "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.2s", "maxBackoff": "2s",
                         "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]})
 
@@ -177,19 +189,47 @@ class _Method:
         return timeout or DEADLINES.get(self._name, DEFAULT_DEADLINE)
 
     def __call__(self, request: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-        try:
-            out = self._method(request, timeout=self._deadline(timeout), **kwargs)
-        except grpc.RpcError as exc:
-            raise error_from(exc) from None
+        out = self._repeating(self._method, request, timeout, kwargs)
         if hasattr(out, "__next__"):  # a stream fails as it is read
             return _typed_stream(out)
         return out
 
     def with_call(self, request: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-        try:
-            return self._method.with_call(request, timeout=self._deadline(timeout), **kwargs)
-        except grpc.RpcError as exc:
-            raise error_from(exc) from None
+        return self._repeating(self._method.with_call, request, timeout, kwargs)
+
+    def _repeating(self, call: Any, request: Any, timeout: float | None,
+                   kwargs: dict) -> Any:
+        """The call; a migration-file call again while the server asks for it
+        (`_again_after`), until its deadline."""
+        deadline = time.monotonic() + self._deadline(timeout)
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return call(request, timeout=max(0.001, deadline - time.monotonic()),
+                            **kwargs)
+            except grpc.RpcError as exc:
+                failed = error_from(exc)
+            wait = self._again_after(failed, attempts)
+            if wait is None or time.monotonic() + wait >= deadline:
+                raise failed
+            time.sleep(wait)
+
+    def _again_after(self, failed: KeysvcCallError, attempts: int) -> float | None:
+        """Seconds to wait before a file call's next attempt, or None: none. TOO_MANY_FILE_CALLS
+        whenever it comes (a place frees as another file's call ends), UNAVAILABLE up to
+        FILE_UNAVAILABLE_ATTEMPTS in all; the server's RetryInfo, else the retry policy's
+        backoff, with jitter so that callers refused together do not return together."""
+        if self._name not in FILE_METHODS:
+            return None
+        if failed.reason == "TOO_MANY_FILE_CALLS":
+            base = failed.retry_after or 1.0
+        elif failed.status is grpc.StatusCode.UNAVAILABLE and \
+                attempts < FILE_UNAVAILABLE_ATTEMPTS:
+            base = failed.retry_after or min(2.0, 0.2 * 2 ** (attempts - 1))
+        else:
+            return None
+        return base * random.uniform(1.0, 1.5)
 
     def future(self, request: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """The stub's future, with the default deadline; its result() raises the typed

@@ -3,6 +3,9 @@ status details, default deadlines, retries of idempotent calls only."""
 from __future__ import annotations
 
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -44,6 +47,58 @@ def test_streams_raise_typed_errors_as_they_are_read(server):
         list(_client(server, "s1sp").audit.ExportAuditEvents(pb.ExportAuditEventsRequest()))
 
 
+def test_a_file_call_refused_for_too_many_file_calls_is_sent_again_once_a_place_frees(server):
+    """TOO_MANY_FILE_CALLS carries RetryInfo: the client waits and sends the file again,
+    within the call's deadline, rather than failing (review, session 17)."""
+    never = threading.Event()
+
+    def nothing():
+        never.wait(30)
+        return
+        yield
+    s1sp = server.as_("s1sp").channel.stream_unary(
+        "/keysvc.v1.S1SPService/ProcessGroupInformation")
+    silent = [s1sp.future(nothing(), timeout=30) for _ in range(8)]  # every place taken
+    c = _client(server, "s1sp")
+    try:
+        time.sleep(0.3)
+        with ThreadPoolExecutor(1) as pool:
+            sent = pool.submit(c.s1sp.ProcessGroupInformation,
+                               pb.ProcessGroupInformationRequest(file=b"<x"), timeout=20)
+            time.sleep(2.5)  # (refused at least twice meanwhile)
+            assert not sent.done()
+            for call in silent:
+                call.cancel()
+            with pytest.raises(client.MalformedXml):  # its turn came: the file was read
+                sent.result()
+    finally:
+        never.set()
+        c.close()
+
+
+def test_a_file_call_is_not_sent_again_past_its_deadline(server):
+    never = threading.Event()
+
+    def nothing():
+        never.wait(30)
+        return
+        yield
+    s1sp = server.as_("s1sp").channel.stream_unary(
+        "/keysvc.v1.S1SPService/ProcessGroupInformation")
+    silent = [s1sp.future(nothing(), timeout=30) for _ in range(8)]
+    c = _client(server, "s1sp")
+    try:
+        time.sleep(0.3)
+        with pytest.raises(client.TooManyFileCalls):
+            c.s1sp.ProcessGroupInformation(pb.ProcessGroupInformationRequest(file=b"<x"),
+                                           timeout=0.9)  # (less than RetryInfo says)
+    finally:
+        never.set()
+        for call in silent:
+            call.cancel()
+        c.close()
+
+
 def test_only_calls_safe_to_repeat_are_retried():
     config = json.loads(client.service_config())
     names = {(n["service"], n["method"]) for n in config["methodConfig"][0]["name"]}
@@ -52,6 +107,8 @@ def test_only_calls_safe_to_repeat_are_retried():
                   "EscrowRollbackCertificates", "EnrollOfficer", "CreateImportJob"):
         assert not any(m == never for _, m in names)
     assert config["methodConfig"][0]["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    # The file calls: repeated by the client itself (gRPC's retry buffer holds no file).
+    assert not any(m in client.FILE_METHODS for _, m in names)
 
 
 def test_every_reason_keysvc_raises_has_its_own_exception_class():
