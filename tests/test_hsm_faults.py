@@ -52,3 +52,38 @@ def test_unusable_token_fails_fast_and_closed_and_recovers_without_restart(fault
                                                          timeout=10)
     assert r.intact
     assert fault_server.proc.poll() is None
+
+
+def test_a_file_call_while_the_hsm_is_away_fails_closed_and_audited_never_unknown(tmp_path):
+    """A migration-file call's caller is admitted (the roster, read from the HSM; here on
+    every call) before its file is read. With the HSM away that check fails: the call ends
+    as any call does when its event cannot be kept, never UNKNOWN (review 6, session 17)."""
+    fault_server = start_server(tmp_path / "state", env={"KEYSVC_ROSTER_REFRESH_SECONDS": "0"})
+    try:
+        _a_file_call_while_the_hsm_is_away(fault_server)
+    finally:
+        fault_server.stop()
+
+
+def _a_file_call_while_the_hsm_is_away(fault_server) -> None:
+    token_dirs = [d for d in (fault_server.state_dir / "hsm" / "tokens").iterdir()]
+    moved = [d.rename(d.with_name(d.name + ".away")) for d in token_dirs]
+    try:
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as info:
+                fault_server.as_("s1sp").s1sp.ProcessGroupInformation(
+                    pb.ProcessGroupInformationRequest(file=b"<x"), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_reason(info.value) == "AUDIT_UNAVAILABLE"
+    finally:
+        for d in moved:
+            d.rename(d.with_name(d.name[:-len(".away")]))
+
+    def file_read() -> bool:  # (again, once the HSM is back)
+        try:
+            fault_server.as_("s1sp").s1sp.ProcessGroupInformation(
+                pb.ProcessGroupInformationRequest(file=b"<x"), timeout=10)
+        except grpc.RpcError as exc:
+            return error_reason(exc) == "MALFORMED_XML"
+        return False
+    assert _wait_for(file_read)
