@@ -49,6 +49,8 @@ GIVE_UP_AFTER = 3  # workers in a row that die before they are ready
 STOP_GRACE = 45.0  # seconds a stopping worker has (it drains calls for 40) before SIGKILL
 STALE_AFTER = 30.0  # seconds without a beat after which a ready worker is replaced (or
 #                    systemd's WatchdogSec, when shorter)
+START_WITHIN = 120.0  # seconds a replacement worker has to be ready (or twice the silence
+#                     allowed by systemd's WatchdogSec, at least 10 s)
 BEATS: mmap.mmap | None = None  # each worker's last beat (CLOCK_MONOTONIC), shared
 
 
@@ -84,6 +86,8 @@ class Supervisor:
         # (never under 5 s: a worker beats every second, and a busy core delays a beat)
         self.stale_after = max(5.0, min(STALE_AFTER, 2 * interval)) if interval \
             else STALE_AFTER
+        self.start_within = max(10.0, min(START_WITHIN, 2 * self.stale_after)) if interval \
+            else START_WITHIN
         global BEATS
         BEATS = self.beats = mmap.mmap(-1, 8 * count)  # (anonymous, shared with the workers)
 
@@ -156,19 +160,27 @@ class Supervisor:
 
     def _all_beat(self) -> bool:
         """Every ready worker beat within `stale_after`; one that did not is killed (and
-        replaced by `_reap`)."""
+        replaced by `_reap`). So is a replacement still not ready `start_within` after it
+        started, counted as a start that failed: one hung before it listened held its
+        place for good, unseen, while the watchdog was told all was well (review, session
+        17). (The first start is systemd's TimeoutStartSec's: READY=1 waits for it.)"""
         fresh = True
         for pid, index in list(self.children.items()):
             silent = time.monotonic() - _last_beat(index)
             if index in self.ready and silent > self.stale_after:
                 log.error("worker %d (pid %d) has not beaten for %.0f s; killed", index, pid,
                           silent)
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                struct.pack_into("d", self.beats, 8 * index, time.monotonic())  # (once)
-                fresh = False
+            elif index not in self.ready and self.started and silent > self.start_within:
+                log.error("worker %d (pid %d) not ready %.0f s after it started; killed",
+                          index, pid, silent)
+            else:
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            struct.pack_into("d", self.beats, 8 * index, time.monotonic())  # (once)
+            fresh = False
         return fresh
 
     def _reap(self) -> None:

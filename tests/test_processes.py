@@ -252,6 +252,48 @@ sys.exit(processes.supervise(2, start, lambda: print("announced", flush=True)))
     assert out.returncode == 0 and "announced" in out.stdout, out.stderr
 
 
+def test_a_replacement_worker_that_hangs_before_it_is_ready_is_killed_and_started_again(
+        tmp_path):
+    """A worker started again after the service was up has `start_within` to be ready
+    (here 10 s, with WatchdogSec at 4 s); one that hung before it listened held its place
+    for good, unseen, while the watchdog was told all was well (review, session 17)."""
+    script = f"""
+import os, signal, sys, time
+from pathlib import Path
+from keysvc import processes
+starts = Path({str(tmp_path / "starts")!r})
+def start(ready):
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    if processes.INDEX == 1:
+        with starts.open("a") as f:
+            f.write("x")
+        n = len(starts.read_text())
+        if n == 2:  # the first replacement: hangs before it is ready, beating nothing
+            while True:
+                time.sleep(1)
+        ready()
+        if n == 1:  # the first start: ready, then gone
+            time.sleep(1)
+            return 1
+        time.sleep(1)  # (the supervisor hears it is ready)
+        os.kill(os.getppid(), signal.SIGTERM)  # the second replacement: served
+    else:
+        ready()
+    while not stop:
+        processes.beat()
+        time.sleep(0.2)
+    return 0
+sys.exit(processes.supervise(2, start, lambda: print("announced", flush=True)))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**os.environ, "WATCHDOG_USEC": "4000000"}, cwd=ROOT,
+                         timeout=60)
+    assert "worker 1" in out.stderr and "not ready" in out.stderr, out.stderr
+    assert (tmp_path / "starts").read_text() == "xxx"  # (the third start served)
+    assert out.returncode == 0, out.stderr
+
+
 def test_several_processes_need_a_fixed_port(tmp_path):
     out = subprocess.run([sys.executable, "-m", "keysvc.cli", "serve", "--state-dir",
                           str(tmp_path), "--listen", "127.0.0.1:0", "--processes", "2"],
