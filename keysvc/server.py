@@ -560,7 +560,6 @@ class _Done:
     """A call's work done (in a thread), its audit event still to be kept (on the loop)."""
     caller: Caller
     call: Any
-    audited: bool
     started: float
     current: Any
     spans: contextlib.ExitStack
@@ -772,23 +771,21 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             # session 16: the two Verify calls inline gained nothing over the pool).
             done = await asyncio.get_running_loop().run_in_executor(
                 pool, ctx.run, self._work, service, method, inner, request, seen)
-            if done.audited:
-                # Fail closed: a call whose event is not kept returns nothing but that, also
-                # one that failed anyway: its own reason would answer, unrecorded, a question
-                # (KEY_NOT_FOUND against DATABASE_UNAVAILABLE: whether a key exists; review,
-                # session 16). The log keeps it; health tells the outage.
-                audit_span = ctx.run(lambda: tracing.span("audit.write"))
-                ctx.run(audit_span.__enter__)
-                try:
-                    # The events built in the call's context: their target is set there.
-                    intents, final = ctx.run(done.call.events, done.outcome, done.code)
-                    await self.app.audit.writer.submit_async(
-                        intents + ([final] if final else []), intents=bool(intents),
-                        work=work)
-                except Exception as exc:
-                    ctx.run(self._audit_failed, done, method, exc)
-                finally:
-                    ctx.run(audit_span.__exit__, None, None, None)
+            # Fail closed: a call whose event is not kept returns nothing but that, also one
+            # that failed anyway: its own reason would answer, unrecorded, a question
+            # (KEY_NOT_FOUND against DATABASE_UNAVAILABLE: whether a key exists; review,
+            # session 16). The log keeps it; health tells the outage.
+            audit_span = ctx.run(lambda: tracing.span("audit.write"))
+            ctx.run(audit_span.__enter__)
+            try:
+                # The events built in the call's context: their target is set there.
+                intents, final = ctx.run(done.call.events, done.outcome, done.code)
+                await self.app.audit.writer.submit_async(
+                    intents + ([final] if final else []), intents=bool(intents), work=work)
+            except Exception as exc:
+                ctx.run(self._audit_failed, done, method, exc)
+            finally:
+                ctx.run(audit_span.__exit__, None, None, None)
         return done.response, ctx.run(self._end, done, method)
 
     def _work(self, service: str, method: str, inner: Callable, request: Any,
@@ -801,21 +798,20 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
         audit_target.set("")
         started = time.perf_counter()
         caller = _caller(self.app, context) or Caller("", "")
-        audited = service not in UNAUDITED_SERVICES
         call = self.app.audit.call(caller.identity, caller.role, method.lstrip("/"),
                                    audit_target.get)
-        done = _Done(caller, call, audited, started, current, spans)
+        done = _Done(caller, call, started, current, spans)
         # Each write transaction of this call carries its audit event (keysvc/audit/calls.py).
-        hook = st.before_commit.set(call.before_commit) if audited else None
+        # (Every call that gets here is audited: health and reflection never do.)
+        hook = st.before_commit.set(call.before_commit)
         try:
-            if caller.refusal and audited:
+            if caller.refusal:
                 raise error("CERTIFICATE_NOT_ACCEPTED", caller.refusal)
-            if audited:
-                done.caller = caller = admit(self.app, caller)  # revoked? enrolled? (each call)
-                call.actor = caller.identity
+            done.caller = caller = admit(self.app, caller)  # revoked? enrolled? (each call)
+            call.actor = caller.identity
             # Deny by default: a service without a role entry is refused to every caller.
             allowed = SERVICE_ROLES.get(service, frozenset())
-            if audited and caller.role not in allowed:
+            if caller.role not in allowed:
                 raise error("ROLE_NOT_PERMITTED",
                             f"role {caller.role[:64] or '(none)'} may not call {service}")
             current_caller.set(caller)
@@ -824,8 +820,7 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             done.failure = _failure(exc, method)
             done.code = done.failure.code
         finally:
-            if hook is not None:
-                st.before_commit.reset(hook)
+            st.before_commit.reset(hook)
         if done.failure is not None:
             done.outcome = "DENIED" if done.code in DENIALS else "ERROR"
         return done
