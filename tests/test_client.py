@@ -2,6 +2,7 @@
 status details, default deadlines, retries of idempotent calls only."""
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -47,36 +48,10 @@ def test_streams_raise_typed_errors_as_they_are_read(server):
         list(_client(server, "s1sp").audit.ExportAuditEvents(pb.ExportAuditEventsRequest()))
 
 
-def test_a_file_call_refused_for_too_many_file_calls_is_sent_again_once_a_place_frees(server):
-    """TOO_MANY_FILE_CALLS carries RetryInfo: the client waits and sends the file again,
-    within the call's deadline, rather than failing (review, session 17)."""
-    never = threading.Event()
-
-    def nothing():
-        never.wait(30)
-        return
-        yield
-    s1sp = server.as_("s1sp").channel.stream_unary(
-        "/keysvc.v1.S1SPService/ProcessGroupInformation")
-    silent = [s1sp.future(nothing(), timeout=30) for _ in range(8)]  # every place taken
-    c = _client(server, "s1sp")
-    try:
-        time.sleep(0.3)
-        with ThreadPoolExecutor(1) as pool:
-            sent = pool.submit(c.s1sp.ProcessGroupInformation,
-                               pb.ProcessGroupInformationRequest(file=b"<x"), timeout=20)
-            time.sleep(2.5)  # (refused at least twice meanwhile)
-            assert not sent.done()
-            for call in silent:
-                call.cancel()
-            with pytest.raises(client.MalformedXml):  # its turn came: the file was read
-                sent.result()
-    finally:
-        never.set()
-        c.close()
-
-
-def test_a_file_call_is_not_sent_again_past_its_deadline(server):
+@contextlib.contextmanager
+def _every_file_place_taken(server):
+    """The S1SP partition's 8 file places held by calls that never send their file; yields
+    those calls (cancel them to free the places)."""
     never = threading.Event()
 
     def nothing():
@@ -86,17 +61,37 @@ def test_a_file_call_is_not_sent_again_past_its_deadline(server):
     s1sp = server.as_("s1sp").channel.stream_unary(
         "/keysvc.v1.S1SPService/ProcessGroupInformation")
     silent = [s1sp.future(nothing(), timeout=30) for _ in range(8)]
-    c = _client(server, "s1sp")
     try:
         time.sleep(0.3)
-        with pytest.raises(client.TooManyFileCalls):
-            c.s1sp.ProcessGroupInformation(pb.ProcessGroupInformationRequest(file=b"<x"),
-                                           timeout=0.9)  # (less than RetryInfo says)
+        yield silent
     finally:
         never.set()
         for call in silent:
             call.cancel()
-        c.close()
+
+
+def test_a_file_call_refused_for_too_many_file_calls_is_sent_again_once_a_place_frees(server):
+    """TOO_MANY_FILE_CALLS carries RetryInfo: the client waits and sends the file again,
+    within the call's deadline, rather than failing (review, session 17)."""
+    c = _client(server, "s1sp")
+    with _every_file_place_taken(server) as silent, ThreadPoolExecutor(1) as pool:
+        sent = pool.submit(c.s1sp.ProcessGroupInformation,
+                           pb.ProcessGroupInformationRequest(file=b"<x"), timeout=20)
+        time.sleep(2.5)  # (refused at least twice meanwhile)
+        assert not sent.done()
+        for call in silent:
+            call.cancel()
+        with pytest.raises(client.MalformedXml):  # its turn came: the file was read
+            sent.result()
+    c.close()
+
+
+def test_a_file_call_is_not_sent_again_past_its_deadline(server):
+    c = _client(server, "s1sp")
+    with _every_file_place_taken(server), pytest.raises(client.TooManyFileCalls):
+        c.s1sp.ProcessGroupInformation(pb.ProcessGroupInformationRequest(file=b"<x"),
+                                       timeout=0.9)  # (less than RetryInfo says)
+    c.close()
 
 
 def test_only_calls_safe_to_repeat_are_retried():
