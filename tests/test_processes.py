@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -221,33 +222,42 @@ def test_a_frozen_worker_is_killed_and_replaced(tmp_path):
         assert srv.stop() == 0
 
 
+def _supervised(start: str, watchdog_usec: int, timeout: float
+                ) -> subprocess.CompletedProcess:
+    """`processes.supervise(2, start)` in a process of its own, under systemd's watchdog
+    (WATCHDOG_USEC). `start`: the first lines of the worker's body (`ready`, `stop`,
+    `processes`, os, signal, sys, time and Path at hand); it then beats until SIGTERM."""
+    script = ("import os, signal, sys, time\n"
+              "from pathlib import Path\n"
+              "from keysvc import processes\n"
+              "def start(ready):\n"
+              "    stop = []\n"
+              "    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))\n"
+              + textwrap.indent(textwrap.dedent(start), "    ") +
+              "    while not stop:\n"
+              "        processes.beat()\n"
+              "        time.sleep(0.2)\n"
+              "    return 0\n"
+              "sys.exit(processes.supervise(2, start, lambda: print('announced', flush=True)))\n")
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "WATCHDOG_USEC": str(watchdog_usec)}, cwd=ROOT,
+                          timeout=timeout)
+
+
 def test_a_worker_slower_to_start_than_the_watchdog_allows_is_not_killed():
     """A worker beats as it says it is ready: one whose start took longer than the
     silence allowed (here 6 s against 5) was killed the moment it was ready, and started
     again for good (review, session 17)."""
-    script = """
-import os, signal, sys, time
-from keysvc import processes
-def start(ready):
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    time.sleep(6)
-    ready()
-    time.sleep(1)  # (a server's loop beats a moment after it said so)
-    for _ in range(3):
-        processes.beat()
-        time.sleep(1)
-    if processes.INDEX == 1:
-        os.kill(os.getppid(), signal.SIGTERM)
-    while not stop:
-        processes.beat()
-        time.sleep(0.2)
-    return 0
-sys.exit(processes.supervise(2, start, lambda: print("announced", flush=True)))
-"""
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         env={**os.environ, "WATCHDOG_USEC": "2000000"}, cwd=ROOT,
-                         timeout=120)
+    out = _supervised("""
+        time.sleep(6)
+        ready()
+        time.sleep(1)  # (a server's loop beats a moment after it said so)
+        for _ in range(3):
+            processes.beat()
+            time.sleep(1)
+        if processes.INDEX == 1:
+            os.kill(os.getppid(), signal.SIGTERM)
+        """, 2_000_000, 120)
     assert "has not beaten" not in out.stderr, out.stderr
     assert out.returncode == 0 and "announced" in out.stdout, out.stderr
 
@@ -257,38 +267,24 @@ def test_a_replacement_worker_that_hangs_before_it_is_ready_is_killed_and_starte
     """A worker started again after the service was up has `start_within` to be ready
     (here 10 s, with WatchdogSec at 4 s); one that hung before it listened held its place
     for good, unseen, while the watchdog was told all was well (review, session 17)."""
-    script = f"""
-import os, signal, sys, time
-from pathlib import Path
-from keysvc import processes
-starts = Path({str(tmp_path / "starts")!r})
-def start(ready):
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    if processes.INDEX == 1:
-        with starts.open("a") as f:
-            f.write("x")
-        n = len(starts.read_text())
-        if n == 2:  # the first replacement: hangs before it is ready, beating nothing
-            while True:
+    out = _supervised(f"""
+        starts = Path({str(tmp_path / "starts")!r})
+        if processes.INDEX == 1:
+            with starts.open("a") as f:
+                f.write("x")
+            n = len(starts.read_text())
+            if n == 2:  # the first replacement: hangs before it is ready, beating nothing
+                while True:
+                    time.sleep(1)
+            ready()
+            if n == 1:  # the first start: ready, then gone
                 time.sleep(1)
-        ready()
-        if n == 1:  # the first start: ready, then gone
-            time.sleep(1)
-            return 1
-        time.sleep(1)  # (the supervisor hears it is ready)
-        os.kill(os.getppid(), signal.SIGTERM)  # the second replacement: served
-    else:
-        ready()
-    while not stop:
-        processes.beat()
-        time.sleep(0.2)
-    return 0
-sys.exit(processes.supervise(2, start, lambda: print("announced", flush=True)))
-"""
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         env={**os.environ, "WATCHDOG_USEC": "4000000"}, cwd=ROOT,
-                         timeout=60)
+                return 1
+            time.sleep(1)  # (the supervisor hears it is ready)
+            os.kill(os.getppid(), signal.SIGTERM)  # the second replacement: served
+        else:
+            ready()
+        """, 4_000_000, 60)
     assert "worker 1" in out.stderr and "not ready" in out.stderr, out.stderr
     assert (tmp_path / "starts").read_text() == "xxx"  # (the third start served)
     assert out.returncode == 0, out.stderr
