@@ -159,10 +159,14 @@ IDEMPOTENT = {
 # a repeat only up to its retry buffer (256 KiB by default; gRPC's retry design, A6), so a
 # file of any size was never repeated, and a server with all its file places taken
 # answers TOO_MANY_FILE_CALLS (RESOURCE_EXHAUSTED with RetryInfo): wait, and send again,
-# within the call's one deadline. Refused before the server reads the file, a refused
-# attempt sends little of it (HTTP/2 flow control).
+# within the call's one deadline. A refused attempt has sent part of the file before the
+# refusal (12-21 MiB of a 64 MiB file, as HTTP/2's windows grow; review, session 18), so
+# the waits double, from the server's RetryInfo to FILE_WAIT_MAX: about a dozen attempts
+# in a file call's 300 s, not two hundred.
 FILE_METHODS = ("ProcessGroupInformation", "ValidateMasterKeys", "UnwrapMasterKeys")
 FILE_UNAVAILABLE_ATTEMPTS = 4  # as the retry policy's maxAttempts
+FILE_WAIT_MAX = 30.0
+FILE_ATTEMPT_AT_LEAST = 1.0  # seconds left of the deadline for an attempt to be worth it
 # Default deadlines: files may be large; everything else is quick.
 DEADLINES = {"ProcessGroupInformation": 300.0, "ValidateMasterKeys": 300.0,
              "UnwrapMasterKeys": 300.0, "VerifyAuditLog": 120.0, "ExportAuditEvents": 120.0}
@@ -211,19 +215,20 @@ class _Method:
             except grpc.RpcError as exc:
                 failed = error_from(exc)
             wait = self._again_after(failed, attempts)
-            if wait is None or time.monotonic() + wait >= deadline:
+            if wait is None or time.monotonic() + wait + FILE_ATTEMPT_AT_LEAST >= deadline:
                 raise failed
             time.sleep(wait)
 
     def _again_after(self, failed: KeysvcCallError, attempts: int) -> float | None:
         """Seconds to wait before a file call's next attempt, or None: none. TOO_MANY_FILE_CALLS
-        whenever it comes (a place frees as another file's call ends), UNAVAILABLE up to
-        FILE_UNAVAILABLE_ATTEMPTS in all; the server's RetryInfo, else the retry policy's
-        backoff, with jitter so that callers refused together do not return together."""
+        whenever it comes (a place frees as another file's call ends), at least the server's
+        RetryInfo, doubling; UNAVAILABLE up to FILE_UNAVAILABLE_ATTEMPTS in all, after the
+        server's RetryInfo, else the retry policy's backoff. With jitter, so that callers
+        refused together do not return together."""
         if self._name not in FILE_METHODS:
             return None
         if failed.reason == "TOO_MANY_FILE_CALLS":
-            base = failed.retry_after or 1.0
+            base = max(failed.retry_after or 1.0, min(FILE_WAIT_MAX, 2.0 ** (attempts - 1)))
         elif failed.status is grpc.StatusCode.UNAVAILABLE and \
                 attempts < FILE_UNAVAILABLE_ATTEMPTS:
             base = failed.retry_after or min(2.0, 0.2 * 2 ** (attempts - 1))
@@ -233,7 +238,7 @@ class _Method:
 
     def future(self, request: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """The stub's future, with the default deadline; its result() raises the typed
-        errors too."""
+        errors too. (Made once: a file call's future is not repeated, as a call is.)"""
         return _Future(self._method.future(request, timeout=self._deadline(timeout),
                                            **kwargs))
 

@@ -50,7 +50,8 @@ STOP_GRACE = 45.0  # seconds a stopping worker has (it drains calls for 40) befo
 STALE_AFTER = 30.0  # seconds without a beat after which a ready worker is replaced (or
 #                    systemd's WatchdogSec, when shorter)
 START_WITHIN = 120.0  # seconds a replacement worker has to be ready (or twice the silence
-#                     allowed by systemd's WatchdogSec, at least 10 s)
+#                     allowed by systemd's WatchdogSec, at least 10 s), else started again
+SLOW_START_BACKOFF_MAX = 60.0  # seconds at most between such starts
 BEATS: mmap.mmap | None = None  # each worker's last beat (CLOCK_MONOTONIC), shared
 
 
@@ -79,6 +80,8 @@ class Supervisor:
         self.stopping = False
         self.started = False                 # every worker has been ready once
         self.failed_starts = 0
+        self.slow_starts: dict[int, int] = {}  # index -> its starts killed in a row as slow
+        self._slow_pids: set[int] = set()      # workers killed as too slow to start
         self.codes: list[int] = []
         self._ready_r, self._ready_w = os.pipe()
         self._pid = os.getpid()
@@ -139,6 +142,7 @@ class Supervisor:
             if readable:
                 for index in os.read(self._ready_r, 64):
                     self.ready.add(index)
+                    self.slow_starts.pop(index, None)
                     struct.pack_into("d", self.beats, 8 * index, time.monotonic())
                     self.failed_starts = 0
                     if self.started:
@@ -161,7 +165,7 @@ class Supervisor:
     def _all_beat(self) -> bool:
         """Every ready worker beat within `stale_after`; one that did not is killed (and
         replaced by `_reap`). So is a replacement still not ready `start_within` after it
-        started, counted as a start that failed: one hung before it listened held its
+        started, and started again after a while: one hung before it listened held its
         place for good, unseen, while the watchdog was told all was well (review, session
         17). (The first start is systemd's TimeoutStartSec's: READY=1 waits for it.)"""
         fresh = True
@@ -173,6 +177,7 @@ class Supervisor:
             elif index not in self.ready and self.started and silent > self.start_within:
                 log.error("worker %d (pid %d) not ready %.0f s after it started; killed",
                           index, pid, silent)
+                self._slow_pids.add(pid)
             else:
                 continue
             try:
@@ -199,6 +204,16 @@ class Supervisor:
                 continue
             was_ready = index in self.ready
             self.ready.discard(index)
+            if pid in self._slow_pids:
+                # Slow is not broken: a start may wait in line for the start lock (another
+                # replica's migrations, say). The service goes on with the workers that
+                # serve, and tries again later each time, never stopping them (review,
+                # session 18: three slow starts stopped the workers that served).
+                self._slow_pids.discard(pid)
+                n = self.slow_starts[index] = self.slow_starts.get(index, 0) + 1
+                self.respawn[index] = time.monotonic() + min(SLOW_START_BACKOFF_MAX,
+                                                             2.0 ** (n - 1))
+                continue
             if not was_ready:
                 self.failed_starts += 1
                 if self.failed_starts >= GIVE_UP_AFTER or (index == 0 and not self.started):

@@ -338,6 +338,11 @@ def _not_read(why: Exception) -> Callable[[Any, Any], Any]:
 # link's upload is served). One certificate may send the same file on eight connections at
 # once (tests/test_s1sp_server.py).
 FILE_CALLS, FILE_CALLS_A_CLIENT, FILE_ARRIVAL_SECONDS = 8, 8, 300.0
+# The audit trail's calls (VerifyAuditLog reads the whole chain, about 170 us an event: three
+# minutes at a million) work in threads of their own: four of them, from one auditor's
+# certificate, held every thread of the small calls' pool, and the S1SP's and the DCO's
+# calls waited for them (review, session 18). They wait for each other instead.
+TRAIL_SERVICE, TRAIL_THREADS = "keysvc.v1.AuditService", 2
 
 
 class FilePlace:
@@ -584,6 +589,8 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
         # calls' pool stays small (`Settings.workers`).
         self.file_pool = futures.ThreadPoolExecutor(
             max_workers=FILE_CALLS * len(PARTITION_SERVICES), thread_name_prefix="file")
+        self.trail_pool = futures.ThreadPoolExecutor(max_workers=TRAIL_THREADS,
+                                                     thread_name_prefix="trail")
         self.watches, self.reflections, self.now = watches, reflections, now
         self._calls: set[asyncio.Task] = set()  # calls not ended yet (on the loop)
         self.started_at = 0.0  # when the loop last started a call (`quiet`)
@@ -747,8 +754,10 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
         # Shielded: a client that cancels, or whose deadline passes, stops waiting for the
         # answer but not the call: its work ends, its event is kept, it is logged, as with
         # the synchronous server (review, session 15).
+        if pool is None:
+            pool = self.trail_pool if service == TRAIL_SERVICE else self.pool
         whole = asyncio.get_running_loop().create_task(
-            self._whole(ctx, seen, service, method, inner, request, pool or self.pool))
+            self._whole(ctx, seen, service, method, inner, request, pool))
         self._calls.add(whole)  # (until it ends, whatever its client does: `drain`)
         whole.add_done_callback(self._calls.discard)
         if ended is not None:  # (a file call's place: held until its work ends)
@@ -1199,7 +1208,7 @@ async def _serve(app: App, listen: str, on_ready: Callable[[str], None] | None,
                   "them", left, STOP_BUDGET)
         logging.shutdown()
         os._exit(1)
-    for pool in (interceptor.pool, interceptor.file_pool):
+    for pool in (interceptor.pool, interceptor.file_pool, interceptor.trail_pool):
         await loop.run_in_executor(None, pool.shutdown, True)
     tracing.shutdown()
     app.close()

@@ -94,6 +94,21 @@ def test_a_file_call_is_not_sent_again_past_its_deadline(server):
     c.close()
 
 
+def test_a_refused_file_call_waits_longer_each_time_and_other_calls_are_not_repeated():
+    """A refused attempt has sent part of its file (12-21 MiB of 64; review, session 18):
+    the waits double from the server's RetryInfo to 30 s (with up to half again of jitter),
+    and UNAVAILABLE is tried four times in all, as gRPC's policy does."""
+    import grpc
+    busy = client.TooManyFileCalls(grpc.StatusCode.RESOURCE_EXHAUSTED, "", retry_after=1.0)
+    away = client.HsmUnavailable(grpc.StatusCode.UNAVAILABLE, "")
+    file = client._Method("ProcessGroupInformation", None)
+    waits = [file._again_after(busy, n) for n in range(1, 10)]
+    assert 1.0 <= waits[0] <= 1.5 and 16.0 <= waits[4] <= 24.0
+    assert all(30.0 <= w <= 45.0 for w in waits[5:])
+    assert file._again_after(away, 3) is not None and file._again_after(away, 4) is None
+    assert client._Method("VerifyPrepaymentKey", None)._again_after(busy, 1) is None
+
+
 def test_only_calls_safe_to_repeat_are_retried():
     config = json.loads(client.service_config())
     names = {(n["service"], n["method"]) for n in config["methodConfig"][0]["name"]}

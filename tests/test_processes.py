@@ -266,14 +266,16 @@ def test_a_replacement_worker_that_hangs_before_it_is_ready_is_killed_and_starte
         tmp_path):
     """A worker started again after the service was up has `start_within` to be ready
     (here 10 s, with WatchdogSec at 4 s); one that hung before it listened held its place
-    for good, unseen, while the watchdog was told all was well (review, session 17)."""
+    for good, unseen, while the watchdog was told all was well (review, session 17). Slow
+    starts, three here, never stop the workers that serve (review, session 18): a start
+    may wait in line for the start lock."""
     out = _supervised(f"""
         starts = Path({str(tmp_path / "starts")!r})
         if processes.INDEX == 1:
             with starts.open("a") as f:
                 f.write("x")
             n = len(starts.read_text())
-            if n == 2:  # the first replacement: hangs before it is ready, beating nothing
+            if n in (2, 3, 4):  # replacements that hang before they are ready, beating nothing
                 while True:
                     time.sleep(1)
             ready()
@@ -281,12 +283,13 @@ def test_a_replacement_worker_that_hangs_before_it_is_ready_is_killed_and_starte
                 time.sleep(1)
                 return 1
             time.sleep(1)  # (the supervisor hears it is ready)
-            os.kill(os.getppid(), signal.SIGTERM)  # the second replacement: served
+            os.kill(os.getppid(), signal.SIGTERM)  # the fourth replacement: served
         else:
             ready()
-        """, 4_000_000, 60)
-    assert "worker 1" in out.stderr and "not ready" in out.stderr, out.stderr
-    assert (tmp_path / "starts").read_text() == "xxx"  # (the third start served)
+        """, 4_000_000, 90)
+    assert out.stderr.count("not ready") == 3, out.stderr
+    assert "stopping" not in out.stderr, out.stderr
+    assert (tmp_path / "starts").read_text() == "xxxxx"  # (the fifth start served)
     assert out.returncode == 0, out.stderr
 
 

@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -408,6 +409,51 @@ def test_file_calls_at_most_eight_of_a_partition_and_their_places_come_back(serv
     with pytest.raises(grpc.RpcError) as served:
         server.as_("s1sp").s1sp.ProcessGroupInformation(file, timeout=10)
     assert error_info(served.value).reason == "MALFORMED_XML"
+
+
+# Appends `count` events to the chain of the server on STATE (as a second process of the
+# same keysvc would: its own writer, the same tokens and database), 1,000 a batch.
+_LENGTHEN_THE_CHAIN = """
+import sys, uuid
+from keysvc import config
+from keysvc.app import App
+from keysvc.audit.chain import AuditEvent
+app = App.open(config.load(state_dir=sys.argv[1]))
+try:
+    for _ in range(int(sys.argv[2]) // 1000):
+        app.audit.writer.submit([AuditEvent(str(uuid.uuid4()), app.audit.clock(), "test",
+                                            "auditor", "test/Lengthen", "", "OK", "OK")
+                                 for _ in range(1000)])
+finally:
+    app.close()
+"""
+
+
+def test_the_audit_trails_calls_take_no_thread_of_the_other_calls(tmp_path):
+    """VerifyAuditLog reads the whole chain (here 15,000 events, seconds): the audit
+    trail's calls have threads of their own, so a server with one thread for the other
+    calls (`workers = 1`) answers the S1SP while an auditor verifies; four verifications
+    held every thread of the pool (review, session 18)."""
+    srv = start_server(tmp_path / "state", env={"KEYSVC_WORKERS": "1"})
+    try:
+        subprocess.run([sys.executable, "-c", _LENGTHEN_THE_CHAIN, str(srv.state_dir),
+                        "15000"], env=server_env(), cwd=ROOT, check=True, timeout=120)
+        auditor, s1sp = srv.as_("auditor").audit, srv.as_("s1sp").s1sp
+        verifying = [auditor.VerifyAuditLog.future(pb.VerifyAuditLogRequest(), timeout=120)
+                     for _ in range(2)]
+        answered = 0
+        while not all(v.done() for v in verifying):
+            with pytest.raises(grpc.RpcError) as refused:
+                s1sp.VerifyPrepaymentKey(pb.VerifyPrepaymentKeyRequest(
+                    device_id="00-00-00-00-00-00-00-02", expected_kcv="0000000000"),
+                    timeout=120)
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+            answered += not all(v.done() for v in verifying)
+            time.sleep(0.2)
+        assert all(v.result().intact for v in verifying)
+        assert answered >= 3
+    finally:
+        assert srv.stop() == 0
 
 
 def test_reflection_lists_the_s1sp_service(server):
