@@ -199,34 +199,54 @@ def _is_ca(cert: x509.Certificate) -> bool:
 
 
 def _path(cert: x509.Certificate, chain: tuple[x509.Certificate, ...],
-          anchors: tuple[x509.Certificate, ...], seen: tuple[x509.Certificate, ...]) -> str:
+          anchors: tuple[x509.Certificate, ...]) -> str:
     """'ok', 'signature' (a path exists by name but a signature on it fails) or 'none'.
 
     Separating the last two is the point: a tampered certificate from a known CA is a
     different finding (CERT_SIGNATURE) from a certificate of an unknown CA (CERT_CHAIN).
+
+    Each certificate is searched from once at each depth, and each signature checked once:
+    a search of every ordering of eight intermediates that all name the anchor took 13 s
+    of CPU a call, from a 2.7 KB request of any S1SP caller, and every call of the process
+    waited (review, session 18). A path may then pass a certificate twice; that changes no
+    verdict, since the path without the loop is shorter and as good.
     """
-    best = "none"
-    for anchor in anchors:
-        if _may_have_issued(anchor, cert):
-            if _signed_by(cert, anchor):
-                return "ok"
-            best = "signature"
-    if len(seen) >= _MAX_PATH:
+    signed: dict[tuple[x509.Certificate, x509.Certificate], bool] = {}
+    searched: dict[tuple[x509.Certificate, int], str] = {}
+
+    def signed_by(c: x509.Certificate, issuer: x509.Certificate) -> bool:
+        if (c, issuer) not in signed:
+            signed[c, issuer] = _signed_by(c, issuer)
+        return signed[c, issuer]
+
+    def search(c: x509.Certificate, depth: int) -> str:
+        if (c, depth) in searched:
+            return searched[c, depth]
+        best = "none"
+        for anchor in anchors:
+            if _may_have_issued(anchor, c):
+                if signed_by(c, anchor):
+                    best = "ok"
+                    break
+                best = "signature"
+        if best != "ok" and depth < _MAX_PATH:
+            for ca in chain:
+                if ca == c or not _is_ca(ca) or not _may_have_issued(ca, c):
+                    continue
+                above = search(ca, depth + 1)
+                if above == "ok" and signed_by(c, ca):
+                    best = "ok"
+                    break
+                if above != "none":
+                    best = "signature"
+        searched[c, depth] = best
         return best
-    for ca in chain:
-        if ca in seen or not _is_ca(ca) or not _may_have_issued(ca, cert):
-            continue
-        above = _path(ca, chain, anchors, seen + (ca,))
-        if above == "ok" and _signed_by(cert, ca):
-            return "ok"
-        if above != "none":
-            best = "signature"
-    return best
+    return search(cert, 1)
 
 
 def _chain_problems(cert: x509.Certificate, chain: tuple[x509.Certificate, ...],
                     anchors: tuple[x509.Certificate, ...]) -> list[Problem]:
-    status = _path(cert, chain, anchors, (cert,))
+    status = _path(cert, chain, anchors)
     if status == "signature":
         return [_problem("CERT_SIGNATURE",
                          "a signature on the path to the trust anchor does not verify")]
