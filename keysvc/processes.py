@@ -52,6 +52,8 @@ STALE_AFTER = 30.0  # seconds without a beat after which a ready worker is repla
 START_WITHIN = 120.0  # seconds a replacement worker has to be ready (or twice the silence
 #                     allowed by systemd's WatchdogSec, at least 10 s), else started again
 SLOW_START_BACKOFF_MAX = 60.0  # seconds at most between such starts
+SLOW_STARTS_GIVE_UP = 5  # such starts of one worker in a row: the service stops (systemd
+#                          restarts it) rather than serve on short of a worker, unseen
 BEATS: mmap.mmap | None = None  # each worker's last beat (CLOCK_MONOTONIC), shared
 
 
@@ -199,8 +201,8 @@ class Supervisor:
             if index is None:
                 continue
             code = _exit_code(status)
-            if self.stopping:
-                self.codes.append(code)
+            if self.stopping:  # (one killed as slow to start ends as it should)
+                self.codes.append(0 if pid in self._slow_pids else code)
                 continue
             was_ready = index in self.ready
             self.ready.discard(index)
@@ -211,6 +213,12 @@ class Supervisor:
                 # session 18: three slow starts stopped the workers that served).
                 self._slow_pids.discard(pid)
                 n = self.slow_starts[index] = self.slow_starts.get(index, 0) + 1
+                if n >= SLOW_STARTS_GIVE_UP:  # (a worker that ends only later, say)
+                    log.error("worker %d was not ready in time %d times running; stopping",
+                              index, n)
+                    self.codes.append(1)
+                    self._stop_all()
+                    return
                 self.respawn[index] = time.monotonic() + min(SLOW_START_BACKOFF_MAX,
                                                              2.0 ** (n - 1))
                 continue

@@ -222,11 +222,12 @@ def test_a_frozen_worker_is_killed_and_replaced(tmp_path):
         assert srv.stop() == 0
 
 
-def _supervised(start: str, watchdog_usec: int, timeout: float
+def _supervised(start: str, watchdog_usec: int | None, timeout: float, settings: str = ""
                 ) -> subprocess.CompletedProcess:
     """`processes.supervise(2, start)` in a process of its own, under systemd's watchdog
-    (WATCHDOG_USEC). `start`: the first lines of the worker's body (`ready`, `stop`,
-    `processes`, os, signal, sys, time and Path at hand); it then beats until SIGTERM."""
+    (WATCHDOG_USEC) if given. `start`: the first lines of the worker's body (`ready`,
+    `stop`, `processes`, os, signal, sys, time and Path at hand); it then beats until
+    SIGTERM. `settings`: lines run before (the module's constants)."""
     script = ("import os, signal, sys, time\n"
               "from pathlib import Path\n"
               "from keysvc import processes\n"
@@ -238,10 +239,13 @@ def _supervised(start: str, watchdog_usec: int, timeout: float
               "        processes.beat()\n"
               "        time.sleep(0.2)\n"
               "    return 0\n"
+              + textwrap.dedent(settings) +
               "sys.exit(processes.supervise(2, start, lambda: print('announced', flush=True)))\n")
+    env = {k: v for k, v in os.environ.items() if k != "WATCHDOG_USEC"}
+    if watchdog_usec is not None:
+        env["WATCHDOG_USEC"] = str(watchdog_usec)
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env={**os.environ, "WATCHDOG_USEC": str(watchdog_usec)}, cwd=ROOT,
-                          timeout=timeout)
+                          env=env, cwd=ROOT, timeout=timeout)
 
 
 def test_a_worker_slower_to_start_than_the_watchdog_allows_is_not_killed():
@@ -262,35 +266,57 @@ def test_a_worker_slower_to_start_than_the_watchdog_allows_is_not_killed():
     assert out.returncode == 0 and "announced" in out.stdout, out.stderr
 
 
+# A worker 1 that keeps a count of its starts in STARTS, is ready then gone at its first,
+# and at starts listed in HANG hangs before it is ready, beating nothing (until SIGTERM);
+# at any other, it is ready and stops the service.
+_STARTS_AND_HANGS = """
+    if processes.INDEX == 1:
+        with STARTS.open("a") as f:
+            f.write("x")
+        n = len(STARTS.read_text())
+        if n in HANG:
+            while not stop:
+                time.sleep(0.2)
+            return 0
+        ready()
+        if n == 1:
+            time.sleep(1)
+            return 1
+        time.sleep(1)  # (the supervisor hears it is ready)
+        os.kill(os.getppid(), signal.SIGTERM)
+    else:
+        ready()
+    """
+
+
 def test_a_replacement_worker_that_hangs_before_it_is_ready_is_killed_and_started_again(
         tmp_path):
     """A worker started again after the service was up has `start_within` to be ready
-    (here 10 s, with WatchdogSec at 4 s); one that hung before it listened held its place
-    for good, unseen, while the watchdog was told all was well (review, session 17). Slow
-    starts, three here, never stop the workers that serve (review, session 18): a start
-    may wait in line for the start lock."""
-    out = _supervised(f"""
-        starts = Path({str(tmp_path / "starts")!r})
-        if processes.INDEX == 1:
-            with starts.open("a") as f:
-                f.write("x")
-            n = len(starts.read_text())
-            if n in (2, 3, 4):  # replacements that hang before they are ready, beating nothing
-                while True:
-                    time.sleep(1)
-            ready()
-            if n == 1:  # the first start: ready, then gone
-                time.sleep(1)
-                return 1
-            time.sleep(1)  # (the supervisor hears it is ready)
-            os.kill(os.getppid(), signal.SIGTERM)  # the fourth replacement: served
-        else:
-            ready()
-        """, 4_000_000, 90)
-    assert out.stderr.count("not ready") == 3, out.stderr
+    (here 3 s); one that hung before it listened held its place for good, unseen, while
+    the watchdog was told all was well (review, session 17). Slow starts, three here, do
+    not stop the workers that serve (review, session 18): a start may wait in line for
+    the start lock."""
+    out = _supervised(_STARTS_AND_HANGS, None, 90, f"""
+        processes.START_WITHIN = 3.0
+        STARTS, HANG = Path({str(tmp_path / "starts")!r}), (2, 3, 4)
+        """)
+    assert out.stderr.count("after it started; killed") == 3, out.stderr
     assert "stopping" not in out.stderr, out.stderr
     assert (tmp_path / "starts").read_text() == "xxxxx"  # (the fifth start served)
     assert out.returncode == 0, out.stderr
+
+
+def test_a_worker_slow_to_start_again_and_again_stops_the_service(tmp_path):
+    """SLOW_STARTS_GIVE_UP slow starts of one worker in a row (here 2) stop the service,
+    for systemd to restart it, rather than serve on short of a worker for good (review,
+    session 18: a start that hangs, or fails only after `start_within`, looped)."""
+    out = _supervised(_STARTS_AND_HANGS, None, 90, f"""
+        processes.START_WITHIN, processes.SLOW_STARTS_GIVE_UP = 3.0, 2
+        STARTS, HANG = Path({str(tmp_path / "starts")!r}), (2, 3, 4, 5)
+        """)
+    assert out.stderr.count("after it started; killed") == 2, out.stderr
+    assert "not ready in time 2 times running; stopping" in out.stderr, out.stderr
+    assert out.returncode == 1, out.stderr
 
 
 def test_several_processes_need_a_fixed_port(tmp_path):
