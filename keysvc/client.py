@@ -206,32 +206,35 @@ class _Method:
         """The call; a migration-file call again while the server asks for it
         (`_again_after`), until its deadline."""
         deadline = time.monotonic() + self._deadline(timeout)
-        attempts = 0
+        refused: dict[bool, int] = {}  # busy (TOO_MANY_FILE_CALLS) or not -> times so far
         while True:
-            attempts += 1
             try:
                 return call(request, timeout=max(0.001, deadline - time.monotonic()),
                             **kwargs)
             except grpc.RpcError as exc:
                 failed = error_from(exc)
-            wait = self._again_after(failed, attempts)
+            busy = failed.reason == "TOO_MANY_FILE_CALLS"
+            refused[busy] = refused.get(busy, 0) + 1
+            wait = self._again_after(failed, refused[busy])
             if wait is None or time.monotonic() + wait + FILE_ATTEMPT_AT_LEAST >= deadline:
                 raise failed
             time.sleep(wait)
 
-    def _again_after(self, failed: KeysvcCallError, attempts: int) -> float | None:
-        """Seconds to wait before a file call's next attempt, or None: none. TOO_MANY_FILE_CALLS
-        whenever it comes (a place frees as another file's call ends), at least the server's
-        RetryInfo, doubling; UNAVAILABLE up to FILE_UNAVAILABLE_ATTEMPTS in all, after the
-        server's RetryInfo, else the retry policy's backoff. With jitter, so that callers
-        refused together do not return together."""
+    def _again_after(self, failed: KeysvcCallError, times: int) -> float | None:
+        """Seconds to wait before a file call's next attempt, after its `times`-th refusal of
+        this kind, or None: none. TOO_MANY_FILE_CALLS whenever it comes (a place frees as
+        another file's call ends), at least the server's RetryInfo, doubling; UNAVAILABLE
+        up to FILE_UNAVAILABLE_ATTEMPTS in all, after the server's RetryInfo, else the retry
+        policy's backoff. With jitter, so that callers refused together do not return
+        together."""
         if self._name not in FILE_METHODS:
             return None
+        asked = max(0.0, failed.retry_after or 0.0)  # (a server's word, never negative)
         if failed.reason == "TOO_MANY_FILE_CALLS":
-            base = max(failed.retry_after or 1.0, min(FILE_WAIT_MAX, 2.0 ** (attempts - 1)))
+            base = max(asked or 1.0, min(FILE_WAIT_MAX, 2.0 ** (times - 1)))
         elif failed.status is grpc.StatusCode.UNAVAILABLE and \
-                attempts < FILE_UNAVAILABLE_ATTEMPTS:
-            base = failed.retry_after or min(2.0, 0.2 * 2 ** (attempts - 1))
+                times < FILE_UNAVAILABLE_ATTEMPTS:
+            base = asked or min(2.0, 0.2 * 2 ** (times - 1))
         else:
             return None
         return base * random.uniform(1.0, 1.5)

@@ -106,6 +106,8 @@ def test_a_refused_file_call_waits_longer_each_time_and_other_calls_are_not_repe
     assert 1.0 <= waits[0] <= 1.5 and 16.0 <= waits[4] <= 24.0
     assert all(30.0 <= w <= 45.0 for w in waits[5:])
     assert file._again_after(away, 3) is not None and file._again_after(away, 4) is None
+    odd = client.HsmUnavailable(grpc.StatusCode.UNAVAILABLE, "", retry_after=-5.0)
+    assert 0.2 <= file._again_after(odd, 1) <= 0.3  # (a negative RetryInfo: as none)
     assert client._Method("VerifyPrepaymentKey", None)._again_after(busy, 1) is None
 
 
