@@ -103,6 +103,7 @@ _REASONS: dict[str, type[KeysvcError]] = {
     "IMPORT_JOB_QUOTA": ResourceExhausted,
     "TOO_MANY_STREAMS": ResourceExhausted,
     "TOO_MANY_FILE_CALLS": ResourceExhausted,
+    "TOO_MANY_AUDIT_CALLS": ResourceExhausted,
 }
 
 

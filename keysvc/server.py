@@ -341,12 +341,15 @@ FILE_CALLS, FILE_CALLS_A_CLIENT, FILE_ARRIVAL_SECONDS = 8, 8, 300.0
 # The audit trail's calls (VerifyAuditLog reads the whole chain, about 170 us an event: three
 # minutes at a million) work in threads of their own: four of them, from one auditor's
 # certificate, held every thread of the small calls' pool, and the S1SP's and the DCO's
-# calls waited for them (review, session 18). They wait for each other instead.
+# calls waited for them (review, session 18). They wait for each other instead, at most
+# two of a certificate at once (TOO_MANY_AUDIT_CALLS): six verifications whose client had
+# gone made another auditor's one-event listing wait 15 s (review 2, session 18).
 TRAIL_SERVICE, TRAIL_THREADS = "keysvc.v1.AuditService", 2
+TRAIL_CALLS, TRAIL_CALLS_A_CLIENT = 16, 2
 
 
 class FilePlace:
-    """One migration-file call's place (`FilePlaces.take`), released once."""
+    """One call's place (`FilePlaces.take`), released once."""
 
     def __init__(self, places: "FilePlaces", key: tuple[str, bytes]) -> None:
         self._places, self._key, self._held = places, key, True
@@ -361,17 +364,19 @@ class FilePlace:
 
 
 class FilePlaces:
-    """How many migration-file calls each partition and each certificate has at once: a
-    call over either limit is refused TOO_MANY_FILE_CALLS at once (one that waited could
-    leak its place to a cancel, and a client of the role that never sent its file held
-    every waiting call: review, session 17). On the loop only: no lock."""
+    """How many calls of a kind (migration-file calls, of each partition; the audit
+    trail's) there are at once, and from each certificate: a call over either limit is
+    refused at once (one that waited could leak its place to a cancel, and a client of the
+    role that never sent its file held every waiting call: review, session 17). On the
+    loop only: no lock."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = FILE_CALLS, a_client: int = FILE_CALLS_A_CLIENT) -> None:
         self.counts: collections.Counter[Any] = collections.Counter()
+        self.limit, self.a_client = limit, a_client
 
     def take(self, partition: str, context: Any) -> FilePlace | None:
         key = (partition, _client_key(context))
-        if self.counts[key] >= FILE_CALLS_A_CLIENT or self.counts[partition] >= FILE_CALLS:
+        if self.counts[key] >= self.a_client or self.counts[partition] >= self.limit:
             return None
         self.counts[key] += 1
         self.counts[partition] += 1
@@ -486,7 +491,7 @@ def _cut(text: str, limit: int) -> str:
 # the database or the audit trail is down), or TOO_MANY_FILE_CALLS (a place comes back as
 # a file call ends): google.rpc.RetryInfo.
 RETRY_AFTER_SECONDS = 1
-RETRY_LATER = ("TOO_MANY_FILE_CALLS",)
+RETRY_LATER = ("TOO_MANY_FILE_CALLS", "TOO_MANY_AUDIT_CALLS")
 
 
 def status_for(exc: KeysvcError) -> status_pb2.Status:
@@ -596,6 +601,7 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
         self.started_at = 0.0  # when the loop last started a call (`quiet`)
         self.stopping = asyncio.Event()  # set late in a stop: no file is read after it
         self.files = FilePlaces()
+        self.trail = FilePlaces(TRAIL_CALLS, TRAIL_CALLS_A_CLIENT)
 
     async def drain(self, timeout: float) -> int:
         """After the server stopped: the calls it no longer waits for (their client went,
@@ -747,6 +753,14 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
     async def _call(self, service: str, method: str, inner: Callable, request: Any,
                     context: Any, ended: Callable[[], None] | None = None,
                     pool: futures.Executor | None = None) -> Any:
+        if pool is None and service == TRAIL_SERVICE:
+            place = self.trail.take(service, context)
+            if place is None:
+                await _refuse(context, error(
+                    "TOO_MANY_AUDIT_CALLS", f"at most {TRAIL_CALLS_A_CLIENT} audit-trail calls "
+                    f"from one certificate, and {TRAIL_CALLS} in all, at once"))
+            pool, ended = self.trail_pool, place.release
+        pool = pool or self.pool
         # The call's context variables (request id, caller, audit target, trace span) live
         # in `ctx`, entered by the thread doing the work and again on the loop.
         ctx = contextvars.copy_context()
@@ -754,13 +768,11 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
         # Shielded: a client that cancels, or whose deadline passes, stops waiting for the
         # answer but not the call: its work ends, its event is kept, it is logged, as with
         # the synchronous server (review, session 15).
-        if pool is None:
-            pool = self.trail_pool if service == TRAIL_SERVICE else self.pool
         whole = asyncio.get_running_loop().create_task(
             self._whole(ctx, seen, service, method, inner, request, pool))
         self._calls.add(whole)  # (until it ends, whatever its client does: `drain`)
         whole.add_done_callback(self._calls.discard)
-        if ended is not None:  # (a file call's place: held until its work ends)
+        if ended is not None:  # (a file or trail call's place: held until its work ends)
             whole.add_done_callback(lambda _: ended())
         response, status = await asyncio.shield(whole)
         if status is not None:

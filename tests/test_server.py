@@ -433,7 +433,8 @@ def test_the_audit_trails_calls_take_no_thread_of_the_other_calls(tmp_path):
     """VerifyAuditLog reads the whole chain (here 15,000 events, seconds): the audit
     trail's calls have threads of their own, so a server with one thread for the other
     calls (`workers = 1`) answers the S1SP while an auditor verifies; four verifications
-    held every thread of the pool (review, session 18)."""
+    held every thread of the pool (review, session 18). One certificate has at most two
+    of them at once: abandoned verifications queued for minutes (review 2)."""
     srv = start_server(tmp_path / "state", env={"KEYSVC_WORKERS": "1"})
     try:
         subprocess.run([sys.executable, "-c", _LENGTHEN_THE_CHAIN, str(srv.state_dir),
@@ -441,6 +442,13 @@ def test_the_audit_trails_calls_take_no_thread_of_the_other_calls(tmp_path):
         auditor, s1sp = srv.as_("auditor").audit, srv.as_("s1sp").s1sp
         verifying = [auditor.VerifyAuditLog.future(pb.VerifyAuditLogRequest(), timeout=120)
                      for _ in range(2)]
+        time.sleep(0.5)
+        with pytest.raises(grpc.RpcError) as busy:  # (two of a certificate at once)
+            auditor.ListAuditEvents(pb.ListAuditEventsRequest(page_size=1), timeout=10)
+        assert error_info(busy.value).reason == "TOO_MANY_AUDIT_CALLS"
+        assert error_from(busy.value).retry_after == 1
+        officer = srv.as_("security-officer-1").audit.ListAuditEvents.future(
+            pb.ListAuditEventsRequest(page_size=1), timeout=120)  # (another: it waits its turn)
         answered = 0
         while not all(v.done() for v in verifying):
             with pytest.raises(grpc.RpcError) as refused:
@@ -451,6 +459,7 @@ def test_the_audit_trails_calls_take_no_thread_of_the_other_calls(tmp_path):
             answered += not all(v.done() for v in verifying)
             time.sleep(0.2)
         assert all(v.result().intact for v in verifying)
+        assert len(officer.result().events) == 1
         assert answered >= 3
     finally:
         assert srv.stop() == 0
