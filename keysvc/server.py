@@ -783,8 +783,9 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
                      inner: Callable, request: Any, pool: futures.Executor
                      ) -> tuple[Any, Any]:
         """The call's work, its audit event and its log line: (response, failure status)."""
-        # At work until its event is queued: a batch of the audit writer waits for it.
-        with self.app.audit.writer.working() as work:
+        # At work until its event is queued: a batch of the audit writer waits for it, if
+        # it is a small call (the calls' pool).
+        with self.app.audit.writer.working(counted=pool is self.pool) as work:
             ctx.run(at_work.set, work)  # (its own events chained before its end: `submit`)
             # Never on the loop itself, not even a small call: the HSM's lock (a file call
             # holds it between breaths), an exhausted session pool or a stalled database

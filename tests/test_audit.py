@@ -543,6 +543,17 @@ def test_a_batch_waits_no_longer_than_the_commit_delay(app):
     assert app.audit.verify().intact
 
 
+def test_a_long_call_at_work_holds_no_batch(app):
+    """A migration file or a verification of the trail (`working(counted=False)`, as the
+    server does for them) is at work for seconds to minutes: no batch waits for it, though
+    the delay is longer than a caller waits (review 2, session 18)."""
+    w = app.audit.writer
+    w.timeout, w.commit_delay = 5.0, 60.0
+    with w.working(counted=False):
+        assert _events(app, 2)
+    assert app.audit.verify().intact
+
+
 def test_a_call_at_work_that_chains_an_event_of_its_own_does_not_wait_for_itself(app):
     """An event a call chains before its end (a ceremony's step, a seal failure) is waited
     for by the call itself: its batch does not wait for that call to finish its work (with

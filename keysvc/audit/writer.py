@@ -92,10 +92,11 @@ class Pending:
 
 
 class Work:
-    """One call counted as at work by `AuditWriter.working`, until `done` (once)."""
+    """One call counted as at work by `AuditWriter.working`, until `done` (once); or, not
+    `counted`, one no batch waits for."""
 
-    def __init__(self, writer: "AuditWriter") -> None:
-        self._writer, self._open = writer, True
+    def __init__(self, writer: "AuditWriter", counted: bool = True) -> None:
+        self._writer, self._open = writer, counted
 
     def done(self) -> None:
         if self._open:
@@ -202,12 +203,16 @@ class AuditWriter:
         AUDIT_LAG.set(self._queue.qsize())
         return p
 
-    def working(self) -> Work:
+    def working(self, counted: bool = True) -> Work:
         """A call at its work: its event is to come (keysvc/server.py). While any is, a
         batch waits for them (`_wait_for_working`); the call stops counting once its event
-        is queued (`submit`'s `work`), or when it ends without one."""
-        self._entered()
-        return Work(self)
+        is queued (`submit`'s `work`), or when it ends without one. Not `counted`: a call
+        whose work takes seconds to minutes (a migration file, a verification of the
+        trail), which every batch meanwhile would wait its whole delay for (review 2,
+        session 18)."""
+        if counted:
+            self._entered()
+        return Work(self, counted)
 
     def _entered(self) -> None:
         with self._work:
