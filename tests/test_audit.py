@@ -32,6 +32,27 @@ def test_a_verification_lets_other_callers_reach_the_hsm_every_32_events(app, mo
     assert len(breaths) >= 100 // 32
 
 
+def test_an_hsm_failing_during_a_verification_fails_it_and_names_no_event(app, monkeypatch):
+    """The HSM going away at the 50th MAC is an outage (HSM_UNAVAILABLE), not an event
+    altered: it named event 50 as failing its MAC (review 3, session 18)."""
+    import pytest
+
+    from keysvc.custody import versions
+    from keysvc.hsm import HsmUnavailable
+    _events(app, 100)
+    macs = []
+    real = versions.MacKeys.mac
+
+    def going(self, data, version=None):
+        macs.append(1)
+        if len(macs) == 50:
+            raise HsmUnavailable("token gone")
+        return real(self, data, version)
+    monkeypatch.setattr(versions.MacKeys, "mac", going)
+    with pytest.raises(HsmUnavailable):
+        app.audit.verify()
+
+
 def test_edited_event_is_found_and_named(any_app):
     events = _events(any_app)
     with any_app.store.tx() as conn:
