@@ -201,7 +201,7 @@ class Supervisor:
             if index is None:
                 continue
             code = _exit_code(status)
-            if self.stopping:  # (one killed as slow to start ends as it should)
+            if self.stopping:  # (one killed as slow to start ends as it should, as in _finish)
                 self.codes.append(0 if pid in self._slow_pids else code)
                 continue
             was_ready = index in self.ready
@@ -256,7 +256,7 @@ class Supervisor:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid:
                 if self.children.pop(pid, None) is not None:
-                    self.codes.append(_exit_code(status))
+                    self.codes.append(0 if pid in self._slow_pids else _exit_code(status))
                 continue
             if time.monotonic() > deadline:
                 for pid in list(self.children):

@@ -344,8 +344,9 @@ FILE_CALLS, FILE_CALLS_A_CLIENT, FILE_ARRIVAL_SECONDS = 8, 8, 300.0
 # calls waited for them (review, session 18). They wait for each other instead, at most
 # two of a certificate at once (TOO_MANY_AUDIT_CALLS): six verifications whose client had
 # gone made another auditor's one-event listing wait 15 s (review 2, session 18).
-TRAIL_SERVICE, TRAIL_THREADS = "keysvc.v1.AuditService", 2
-TRAIL_CALLS, TRAIL_CALLS_A_CLIENT = 16, 2
+TRAIL_SERVICE, TRAIL_THREADS = "keysvc.v1.AuditService", 3
+TRAIL_CALLS, TRAIL_CALLS_A_CLIENT = 16, 2  # (fewer a certificate than threads: another's
+#                                            call always finds one)
 
 
 class FilePlace:
@@ -686,7 +687,7 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             Read from the stream, the bytes are the call's alone. The wire is the same: the
             caller's stub is unary, and a message after the first is not read."""
             why_not = await asyncio.get_running_loop().run_in_executor(
-                self.pool, self._may_send_a_file, service, _Seen(context))
+                self.pool, self._may_call, service, _Seen(context))
             if why_not is not None:
                 # Refused (and audited) in `_work` without its file ever read: four 120 MiB
                 # files from a caller of the wrong role took a server to 1 GB (review).
@@ -723,9 +724,12 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             wrapped, request_deserializer=Undecoded,
             response_serializer=handler.response_serializer)
 
-    def _may_send_a_file(self, service: str, context: _Seen) -> Exception | None:
+    def _may_call(self, service: str, context: _Seen) -> Exception | None:
         """None when the caller's certificate is accepted and admitted and its role may
-        call `service`; else why not (`_work` checks again, and audits the refusal)."""
+        call `service`; else why not (`_work` checks again, and audits the refusal). Asked
+        before a call takes a place of a file or of the trail: a caller of another role
+        takes none (review 3, session 18: eight DCO certificates kept the auditor's calls
+        refused TOO_MANY_AUDIT_CALLS)."""
         caller = _caller(self.app, context)
         if caller is None or caller.refusal or \
                 caller.role not in SERVICE_ROLES.get(service, frozenset()):
@@ -753,14 +757,15 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
     async def _call(self, service: str, method: str, inner: Callable, request: Any,
                     context: Any, ended: Callable[[], None] | None = None,
                     pool: futures.Executor | None = None) -> Any:
-        if pool is None and service == TRAIL_SERVICE:
+        if pool is None and service == TRAIL_SERVICE and await asyncio.get_running_loop(
+                ).run_in_executor(self.pool, self._may_call, service, _Seen(context)) is None:
             place = self.trail.take(service, context)
             if place is None:
                 await _refuse(context, error(
                     "TOO_MANY_AUDIT_CALLS", f"at most {TRAIL_CALLS_A_CLIENT} audit-trail calls "
                     f"from one certificate, and {TRAIL_CALLS} in all, at once"))
             pool, ended = self.trail_pool, place.release
-        pool = pool or self.pool
+        pool = pool or self.pool  # (a caller refused: in `_work`, audited, without a place)
         # The call's context variables (request id, caller, audit target, trace span) live
         # in `ctx`, entered by the thread doing the work and again on the loop.
         ctx = contextvars.copy_context()
