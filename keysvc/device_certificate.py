@@ -174,30 +174,19 @@ def _serial_hex(serial: int) -> str:
 
 
 @dataclass(frozen=True)
-class _Facts:
-    """What the path search asks of a certificate, read from its extensions once: a
-    certificate may carry a thousand extensions, each look a scan of them all, and eight
-    such intermediates cost a second of CPU a call (review 3, session 18)."""
-    subject: x509.Name
-    issuer: x509.Name
+class _KeyIds:
+    """What the path search asks of a certificate's extensions, read once: a certificate
+    may carry a thousand extensions, each look a scan of them all, and eight such
+    intermediates cost a second of CPU a call (review 3, session 18)."""
     key_id: bytes | None        # SubjectKeyIdentifier
     issuer_key_id: bytes | None  # AuthorityKeyIdentifier's keyIdentifier
     ca: bool
 
     @classmethod
-    def of(cls, cert: x509.Certificate) -> "_Facts":
+    def of(cls, cert: x509.Certificate) -> "_KeyIds":
         ski, aki = _ext(cert, x509.SubjectKeyIdentifier), _ext(cert, x509.AuthorityKeyIdentifier)
-        return cls(cert.subject, cert.issuer, ski.value.digest if ski else None,
+        return cls(ski.value.digest if ski else None,
                    aki.value.key_identifier if aki else None, _is_ca(cert))
-
-
-def _may_have_issued(issuer: _Facts, cert: _Facts) -> bool:
-    """Name match, narrowed by key identifiers: a CA re-keyed under the same name is common."""
-    if issuer.subject != cert.issuer:
-        return False
-    if cert.issuer_key_id is None or issuer.key_id is None:
-        return True
-    return cert.issuer_key_id == issuer.key_id
 
 
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -222,44 +211,64 @@ def _path(cert: x509.Certificate, chain: tuple[x509.Certificate, ...],
     Separating the last two is the point: a tampered certificate from a known CA is a
     different finding (CERT_SIGNATURE) from a certificate of an unknown CA (CERT_CHAIN).
 
-    Each certificate is searched from once at each depth, and each signature checked once:
-    a search of every ordering of eight intermediates that all name the anchor took 13 s
-    of CPU a call, from a 2.7 KB request of any S1SP caller, and every call of the process
-    waited (review, session 18). A path may then pass a certificate twice; that changes no
+    The certificates are numbered (the anchors, the device's, the intermediates) and their
+    names too, each name compared in full once; each certificate is searched from once a
+    depth, its extensions read once, each signature checked once. A search of every
+    ordering of eight intermediates that all name the anchor took 13 s of CPU a call from
+    a 2.7 KB request (review, session 18), and huge equal names compared again at each
+    step a second (review 4). A path may pass a certificate twice; that changes no
     verdict, since the path without the loop is shorter and as good.
     """
-    signed: dict[tuple[x509.Certificate, x509.Certificate], bool] = {}
-    searched: dict[tuple[x509.Certificate, int], str] = {}
-    facts = {c: _Facts.of(c) for c in (cert, *chain, *anchors)}
+    nodes = (*anchors, cert, *chain)
+    first = len(anchors)  # nodes[first] is the device's certificate
+    names: dict[x509.Name, int] = {}
+    subject = [names.setdefault(c.subject, len(names)) for c in nodes]
+    issuer = [names.setdefault(c.issuer, len(names)) for c in nodes]
+    ids: dict[int, _KeyIds] = {}
+    signed: dict[tuple[int, int], bool] = {}
+    searched: dict[tuple[int, int], str] = {}
 
-    def signed_by(c: x509.Certificate, issuer: x509.Certificate) -> bool:
-        if (c, issuer) not in signed:
-            signed[c, issuer] = _signed_by(c, issuer)
-        return signed[c, issuer]
+    def key_ids(i: int) -> _KeyIds:  # (an anchor's only once a name matches, as before)
+        if i not in ids:
+            ids[i] = _KeyIds.of(nodes[i])
+        return ids[i]
 
-    def search(c: x509.Certificate, depth: int) -> str:
-        if (c, depth) in searched:
-            return searched[c, depth]
+    def may_have_issued(i: int, j: int) -> bool:
+        """Name match, narrowed by key identifiers: a CA re-keyed under the same name is
+        common."""
+        if subject[i] != issuer[j]:
+            return False
+        wanted, held = key_ids(j).issuer_key_id, key_ids(i).key_id
+        return wanted is None or held is None or wanted == held
+
+    def signed_by(j: int, i: int) -> bool:
+        if (j, i) not in signed:
+            signed[j, i] = _signed_by(nodes[j], nodes[i])
+        return signed[j, i]
+
+    def search(j: int, depth: int) -> str:
+        if (j, depth) in searched:
+            return searched[j, depth]
         best = "none"
-        for anchor in anchors:
-            if _may_have_issued(facts[anchor], facts[c]):
-                if signed_by(c, anchor):
+        for a in range(first):
+            if may_have_issued(a, j):
+                if signed_by(j, a):
                     best = "ok"
                     break
                 best = "signature"
         if best != "ok" and depth < _MAX_PATH:
-            for ca in chain:
-                if ca == c or not facts[ca].ca or not _may_have_issued(facts[ca], facts[c]):
+            for i in range(first + 1, len(nodes)):
+                if i == j or not key_ids(i).ca or not may_have_issued(i, j):
                     continue
-                above = search(ca, depth + 1)
-                if above == "ok" and signed_by(c, ca):
+                above = search(i, depth + 1)
+                if above == "ok" and signed_by(j, i):
                     best = "ok"
                     break
                 if above != "none":
                     best = "signature"
-        searched[c, depth] = best
+        searched[j, depth] = best
         return best
-    return search(cert, 1)
+    return search(first, 1)
 
 
 def _chain_problems(cert: x509.Certificate, chain: tuple[x509.Certificate, ...],

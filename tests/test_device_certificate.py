@@ -220,10 +220,11 @@ def test_a_path_search_checks_each_signature_once_whatever_the_intermediates(roo
     certificate's extensions read once."""
     import keysvc.device_certificate as dc
     fakes = [make_ca("Test SMKI Root") for _ in range(8)]  # (the anchor's name, other keys)
-    checks, looks = [], []
-    real, real_ext = dc._signed_by, dc._ext
+    checks, looks, compares = [], [], []
+    real, real_ext, real_eq = dc._signed_by, dc._ext, x509.Name.__eq__
     monkeypatch.setattr(dc, "_signed_by", lambda c, i: checks.append(1) or real(c, i))
     monkeypatch.setattr(dc, "_ext", lambda c, kind: looks.append(1) or real_ext(c, kind))
+    monkeypatch.setattr(x509.Name, "__eq__", lambda a, b: compares.append(1) or real_eq(a, b))
     verdict = verify(device(fakes[0]), fakes[0], trust,
                      intermediates=[der(f[0]) for f in fakes])
     assert verdict.problem_codes == ("CERT_SIGNATURE",)
@@ -231,6 +232,9 @@ def test_a_path_search_checks_each_signature_once_whatever_the_intermediates(roo
     # Each certificate's extensions are looked through a few times, not once a pair: with
     # a thousand extensions each, eight such cost a second a call (review 3, session 18).
     assert len(looks) <= 4 * 10 + 8
+    # Each name compared in full about once (huge equal names, compared at each step,
+    # cost a second a call: review 4).
+    assert len(compares) <= 2 * 10 + 10
 
 
 # --- validity ----------------------------------------------------------------------------
