@@ -142,8 +142,8 @@ class Supervisor:
             if readable:
                 for index in os.read(self._ready_r, 64):
                     self.ready.add(index)
-                    if self.slow_starts.pop(index, None) and not self.slow_starts:
-                        notify.notify(f"STATUS=all {self.count} workers serve")
+                    if self.slow_starts.pop(index, None):
+                        self._tell_starts()
                     struct.pack_into("d", self.beats, 8 * index, time.monotonic())
                     self.failed_starts = 0
                     if self.started:
@@ -215,8 +215,7 @@ class Supervisor:
                 # Never stopping the service for it (the restart would wait in the same
                 # line: one worker short became none; review 3), but never unseen either
                 # (review 2): `systemctl status` says so until the worker serves.
-                notify.notify(f"STATUS=worker {index} not ready in {self.start_within:g} s "
-                              f"{n} times running; serving with the others")
+                self._tell_starts()
                 self.respawn[index] = time.monotonic() + min(SLOW_START_BACKOFF_MAX,
                                                              2.0 ** (n - 1))
                 continue
@@ -230,6 +229,13 @@ class Supervisor:
                     return
             log.error("worker %d (pid %d) ended with %d; starting another", index, pid, code)
             self.respawn[index] = time.monotonic() + 1.0
+
+    def _tell_starts(self) -> None:
+        """STATUS= for `systemctl status`: the workers slow to start, or none."""
+        slow = "; ".join(f"worker {i} not ready in {self.start_within:g} s {n} times running"
+                         for i, n in sorted(self.slow_starts.items()))
+        notify.notify(f"STATUS={slow}; serving with the others" if slow
+                      else f"STATUS=all {self.count} workers serve")
 
     def _forward(self, signum: int, _frame: object) -> None:
         if signum != signal.SIGHUP:

@@ -319,10 +319,10 @@ def _decode(decode: Callable[[bytes], Any], request: Undecoded, max_file_bytes: 
 
 
 def _not_read(why: Exception) -> Callable[[Any, Any], Any]:
-    """The handler of a file call refused before its file was read, for when `_work`
-    admits the caller after all: the HSM or database failure that refused it then (mapped
-    by `_work`: HSM_UNAVAILABLE, DATABASE_UNAVAILABLE), or ROSTER_BUSY when the roster
-    changed between the two looks. Retried, the file is read."""
+    """The handler of a file or trail call refused before it took a place (its file not
+    read), for when `_work` admits the caller after all: the HSM or database failure that
+    refused it then (mapped by `_work`: HSM_UNAVAILABLE, DATABASE_UNAVAILABLE), or
+    ROSTER_BUSY when the roster changed between the two looks. Retried, it is served."""
     def refuse(_request: Any, _context: Any) -> Any:
         if isinstance(why, KeysvcError):
             raise error("ROSTER_BUSY", "the caller's standing changed as the call began; "
@@ -757,15 +757,19 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
     async def _call(self, service: str, method: str, inner: Callable, request: Any,
                     context: Any, ended: Callable[[], None] | None = None,
                     pool: futures.Executor | None = None) -> Any:
-        if pool is None and service == TRAIL_SERVICE and await asyncio.get_running_loop(
-                ).run_in_executor(self.pool, self._may_call, service, _Seen(context)) is None:
-            place = self.trail.take(service, context)
-            if place is None:
-                await _refuse(context, error(
-                    "TOO_MANY_AUDIT_CALLS", f"at most {TRAIL_CALLS_A_CLIENT} audit-trail calls "
-                    f"from one certificate, and {TRAIL_CALLS} in all, at once"))
-            pool, ended = self.trail_pool, place.release
-        pool = pool or self.pool  # (a caller refused: in `_work`, audited, without a place)
+        if pool is None and service == TRAIL_SERVICE:
+            why_not = await asyncio.get_running_loop().run_in_executor(
+                self.pool, self._may_call, service, _Seen(context))
+            if why_not is not None:  # refused, and audited, in `_work`: never run unplaced
+                inner, pool = _not_read(why_not), self.pool  # (review 4, session 18)
+            else:
+                place = self.trail.take(service, context)
+                if place is None:
+                    await _refuse(context, error(
+                        "TOO_MANY_AUDIT_CALLS", f"at most {TRAIL_CALLS_A_CLIENT} audit-trail "
+                        f"calls from one certificate, and {TRAIL_CALLS} in all, at once"))
+                pool, ended = self.trail_pool, place.release
+        pool = pool or self.pool
         # The call's context variables (request id, caller, audit target, trace span) live
         # in `ctx`, entered by the thread doing the work and again on the loop.
         ctx = contextvars.copy_context()

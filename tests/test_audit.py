@@ -1,6 +1,7 @@
 """AuditService: events hash-chained and MACed in the HSM; tampering is found and named."""
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import select, text, update
 
 from keysvc import store as st
@@ -32,11 +33,13 @@ def test_a_verification_lets_other_callers_reach_the_hsm_every_32_events(app, mo
     assert len(breaths) >= 100 // 32
 
 
-def test_an_hsm_failing_during_a_verification_fails_it_and_names_no_event(app, monkeypatch):
-    """The HSM going away at the 50th MAC is an outage (HSM_UNAVAILABLE), not an event
-    altered: it named event 50 as failing its MAC (review 3, session 18)."""
-    import pytest
-
+@pytest.mark.parametrize("failure", ["HsmUnavailable", "HsmOperationFailed"])
+def test_an_hsm_failing_during_a_verification_fails_it_and_names_no_event(app, monkeypatch,
+                                                                           failure):
+    """The HSM going away, or an operation failing, at the 50th MAC is an outage
+    (HSM_UNAVAILABLE), not an event altered: it named event 50 as failing its MAC (review
+    3, session 18), and a failed operation ended INTERNAL (review 4)."""
+    from keysvc import hsm
     from keysvc.custody import versions
     from keysvc.hsm import HsmUnavailable
     _events(app, 100)
@@ -46,7 +49,7 @@ def test_an_hsm_failing_during_a_verification_fails_it_and_names_no_event(app, m
     def going(self, data, version=None):
         macs.append(1)
         if len(macs) == 50:
-            raise HsmUnavailable("token gone")
+            raise getattr(hsm.errors, failure)("token gone")
         return real(self, data, version)
     monkeypatch.setattr(versions.MacKeys, "mac", going)
     with pytest.raises(HsmUnavailable):

@@ -43,7 +43,7 @@ from keysvc.audit.sinks import JsonlSink, SyslogSink, first_difference, read_lin
 from keysvc.audit.writer import AuditWriter
 from keysvc.clock import Clock, utc_now
 from keysvc.custody.versions import MacKeys, newest_named, see, untagged
-from keysvc.hsm.errors import HsmError, HsmKeyNotFound
+from keysvc.hsm.errors import HsmError, HsmKeyNotFound, HsmUnavailable
 from keysvc.partitions import AUDIT_MAC_KEY, Partitions
 
 log = logging.getLogger("keysvc.audit")
@@ -386,8 +386,11 @@ class AuditLog:
                         good = False  # not the event the HSM saw at this position
                 except HsmKeyNotFound:  # a MAC version the HSM never had: not keysvc's
                     good = False
-                except HsmError:  # the HSM failing is not an event altered: the call fails
-                    raise            # (review 3, session 18: it named an event as altered)
+                except HsmError as exc:  # the HSM failing is not an event altered: an
+                    # outage (review 3, session 18: it named an event as altered; review 4:
+                    # a failed operation ended INTERNAL)
+                    raise HsmUnavailable("the HSM failed during the verification "
+                                         f"({type(exc).__name__})") from None
                 except Exception:  # a malformed row: named, never an internal error
                     good = False
                 if not good:
