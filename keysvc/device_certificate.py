@@ -30,6 +30,11 @@ HARDWARE_MODULE_NAME = x509.ObjectIdentifier("1.3.6.1.5.5.7.8.4")
 # GeneralizedTime 99991231235959Z: RFC 5280 4.1.2.5's "no well-defined expiration date".
 NO_EXPIRY = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc)
 _MAX_PATH = 8  # far beyond SMKI's root -> issuing CA -> device; only stops pathological input
+# Far beyond any certificate of the GB profiles (a device's has about eight extensions and
+# a name of one or two attributes); a thousand extensions or names of hundreds of
+# attributes on each of eight intermediates cost a second of CPU a call, every call of the
+# process waiting (reviews 3 and 4, session 18).
+MAX_EXTENSIONS, MAX_NAME_ATTRIBUTES = 64, 32
 _CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 _T = TypeVar("_T", bound=x509.ExtensionType)
 # What cryptography raises for malformed input; several of these are not ValueErrors.
@@ -108,11 +113,17 @@ def load_certificate(data: bytes) -> x509.Certificate:
     try:
         cert = (x509.load_pem_x509_certificate(raw) if raw.lstrip().startswith(b"-----BEGIN")
                 else x509.load_der_x509_certificate(raw))
+        subject, issuer = cert.subject, cert.issuer
         _ = (cert.extensions, cert.not_valid_before_utc, cert.not_valid_after_utc,
-             cert.subject.rfc4514_string(), cert.issuer.rfc4514_string(), cert.serial_number)
+             subject.rfc4514_string(), issuer.rfc4514_string(), cert.serial_number)
     except _PARSE_ERRORS as exc:
         raise CertificateParseError(
             f"not a DER or PEM X.509 certificate ({type(exc).__name__})") from None
+    sizes = (len(cert.extensions), len(subject), len(issuer))
+    if sizes[0] > MAX_EXTENSIONS or max(sizes[1:]) > MAX_NAME_ATTRIBUTES:
+        raise CertificateParseError(
+            f"a certificate with {sizes[0]} extensions and names of {sizes[1]} and {sizes[2]} "
+            f"attributes: at most {MAX_EXTENSIONS} and {MAX_NAME_ATTRIBUTES}")
     return cert
 
 
@@ -173,20 +184,14 @@ def _serial_hex(serial: int) -> str:
     return ("-" if serial < 0 else "") + digits.zfill(len(digits) + len(digits) % 2)
 
 
-@dataclass(frozen=True)
-class _KeyIds:
-    """What the path search asks of a certificate's extensions, read once: a certificate
-    may carry a thousand extensions, each look a scan of them all, and eight such
-    intermediates cost a second of CPU a call (review 3, session 18)."""
-    key_id: bytes | None        # SubjectKeyIdentifier
-    issuer_key_id: bytes | None  # AuthorityKeyIdentifier's keyIdentifier
-    ca: bool
-
-    @classmethod
-    def of(cls, cert: x509.Certificate) -> "_KeyIds":
-        ski, aki = _ext(cert, x509.SubjectKeyIdentifier), _ext(cert, x509.AuthorityKeyIdentifier)
-        return cls(ski.value.digest if ski else None,
-                   aki.value.key_identifier if aki else None, _is_ca(cert))
+def _may_have_issued(issuer: x509.Certificate, cert: x509.Certificate) -> bool:
+    """Name match, narrowed by key identifiers: a CA re-keyed under the same name is common."""
+    if issuer.subject != cert.issuer:
+        return False
+    aki, ski = _ext(cert, x509.AuthorityKeyIdentifier), _ext(issuer, x509.SubjectKeyIdentifier)
+    if aki is None or ski is None or aki.value.key_identifier is None:
+        return True
+    return aki.value.key_identifier == ski.value.digest
 
 
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -211,40 +216,36 @@ def _path(cert: x509.Certificate, chain: tuple[x509.Certificate, ...],
     Separating the last two is the point: a tampered certificate from a known CA is a
     different finding (CERT_SIGNATURE) from a certificate of an unknown CA (CERT_CHAIN).
 
-    The certificates are numbered (the anchors, the device's, the intermediates) and their
-    names too, each name compared in full once; each certificate is searched from once a
-    depth, its extensions read once, each signature checked once. A search of every
-    ordering of eight intermediates that all name the anchor took 13 s of CPU a call from
-    a 2.7 KB request (review, session 18), and huge equal names compared again at each
-    step a second (review 4). A path may pass a certificate twice; that changes no
-    verdict, since the path without the loop is shorter and as good.
+    The certificates are numbered (the anchors, the device's, the intermediates); each is
+    searched from once a depth, and each question asked of a pair (may this one have
+    issued that one? did it sign it?) is answered once. A search of every ordering of
+    eight intermediates that all name the anchor took 13 s of CPU a call from a 2.7 KB
+    request (review, session 18); names and extensions looked at again at each step, up
+    to a second (reviews 3 and 4; `load_certificate` bounds their size). A path may pass
+    a certificate twice; that changes no verdict, since the path without the loop is
+    shorter and as good.
     """
     nodes = (*anchors, cert, *chain)
     first = len(anchors)  # nodes[first] is the device's certificate
-    names: dict[x509.Name, int] = {}
-    subject = [names.setdefault(c.subject, len(names)) for c in nodes]
-    issuer = [names.setdefault(c.issuer, len(names)) for c in nodes]
-    ids: dict[int, _KeyIds] = {}
+    issued: dict[tuple[int, int], bool] = {}
     signed: dict[tuple[int, int], bool] = {}
+    is_ca: dict[int, bool] = {}
     searched: dict[tuple[int, int], str] = {}
 
-    def key_ids(i: int) -> _KeyIds:  # (an anchor's only once a name matches, as before)
-        if i not in ids:
-            ids[i] = _KeyIds.of(nodes[i])
-        return ids[i]
-
     def may_have_issued(i: int, j: int) -> bool:
-        """Name match, narrowed by key identifiers: a CA re-keyed under the same name is
-        common."""
-        if subject[i] != issuer[j]:
-            return False
-        wanted, held = key_ids(j).issuer_key_id, key_ids(i).key_id
-        return wanted is None or held is None or wanted == held
+        if (i, j) not in issued:
+            issued[i, j] = _may_have_issued(nodes[i], nodes[j])
+        return issued[i, j]
 
     def signed_by(j: int, i: int) -> bool:
         if (j, i) not in signed:
             signed[j, i] = _signed_by(nodes[j], nodes[i])
         return signed[j, i]
+
+    def ca(i: int) -> bool:
+        if i not in is_ca:
+            is_ca[i] = _is_ca(nodes[i])
+        return is_ca[i]
 
     def search(j: int, depth: int) -> str:
         if (j, depth) in searched:
@@ -258,7 +259,7 @@ def _path(cert: x509.Certificate, chain: tuple[x509.Certificate, ...],
                 best = "signature"
         if best != "ok" and depth < _MAX_PATH:
             for i in range(first + 1, len(nodes)):
-                if i == j or not key_ids(i).ca or not may_have_issued(i, j):
+                if i == j or not ca(i) or not may_have_issued(i, j):
                     continue
                 above = search(i, depth + 1)
                 if above == "ok" and signed_by(j, i):

@@ -229,12 +229,48 @@ def test_a_path_search_checks_each_signature_once_whatever_the_intermediates(roo
                      intermediates=[der(f[0]) for f in fakes])
     assert verdict.problem_codes == ("CERT_SIGNATURE",)
     assert len(checks) <= 9 * 9  # (a certificate and an issuer, each pair once)
-    # Each certificate's extensions are looked through a few times, not once a pair: with
-    # a thousand extensions each, eight such cost a second a call (review 3, session 18).
-    assert len(looks) <= 4 * 10 + 8
-    # Each name compared in full about once (huge equal names, compared at each step,
-    # cost a second a call: review 4).
-    assert len(compares) <= 2 * 10 + 10
+    # Each pair of certificates is looked at once, not once a step: extensions and names
+    # looked at again at each step cost up to a second a call (reviews 3 and 4).
+    assert len(compares) <= 9 * 9 + 10
+    assert len(looks) <= 2 * 9 * 9 + 2 * 9 + 10
+
+
+def _intermediate(issuer, name: str = "Wide CA", attributes: int = 1, extensions: int = 0):
+    """A CA certificate under `issuer` with a name of `attributes` attributes and
+    `extensions` unrecognised extensions besides basicConstraints."""
+    from cryptography.x509.oid import NameOID, ObjectIdentifier
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME,
+                                                           f"{name} {i}")
+                                        for i in range(attributes)]))
+               .issuer_name(issuer[0].subject).public_key(make_key("p256").public_key())
+               .serial_number(7).not_valid_before(issuer[0].not_valid_before_utc)
+               .not_valid_after(issuer[0].not_valid_after_utc)
+               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True))
+    for i in range(extensions):
+        builder = builder.add_extension(x509.UnrecognizedExtension(
+            ObjectIdentifier(f"1.3.6.1.4.1.99999.{i}"), b"\x05\x00"), critical=False)
+    return builder.sign(issuer[1], hashes.SHA256())
+
+
+def test_a_certificate_with_more_than_64_extensions_is_cert_parse(root, trust):
+    """Far beyond the GB profiles; a thousand of them on each of eight intermediates cost
+    a second of CPU a call (review 3, session 18)."""
+    verdict = verify(device(root), root, trust,
+                     intermediates=[der(_intermediate(root, extensions=64))])
+    assert "CERT_PARSE" in verdict.problem_codes
+    assert verify(device(root), root, trust,  # (63 and basicConstraints: taken)
+                  intermediates=[der(_intermediate(root, extensions=63))]).valid
+
+
+def test_a_name_of_more_than_32_attributes_is_cert_parse(root, trust):
+    """Names of hundreds of attributes, compared again and again, cost a second a call
+    (review 4, session 18); no GB certificate's name has more than a few."""
+    verdict = verify(device(root), root, trust,
+                     intermediates=[der(_intermediate(root, attributes=33))])
+    assert "CERT_PARSE" in verdict.problem_codes
+    assert verify(device(root), root, trust,
+                  intermediates=[der(_intermediate(root, attributes=32))]).valid
 
 
 # --- validity ----------------------------------------------------------------------------
