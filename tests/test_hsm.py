@@ -166,6 +166,32 @@ def test_a_full_pool_makes_the_next_borrower_wait_acquire_timeout_then_hsm_unava
 
 # The private tokens below share the module with the `app` fixture's tokens, so these tests
 # stop at "not back in the pool": borrowing again would re-initialise the module under them.
+def test_a_long_loops_breath_lets_a_waiting_caller_in(app):
+    """A file's HSM loop holds the module lock between breaths; each breath lets a thread
+    waiting for the lock in (the waiters are counted). A bare yield seldom did on a busy
+    machine: the audit writer waited over 5 s behind a 30,000-installation file, failing
+    small calls closed (the suite, session 18; tests/test_large_files.py catches that under
+    load, this only the hand-over itself)."""
+    token = app.partitions.s1sp
+    served, breaths, done = [], [0], threading.Event()
+
+    def caller() -> None:
+        while not done.is_set() and len(served) < 20:
+            with token.session():
+                served.append(1)
+
+    with token.session():  # the loop holds the lock, as a file's does
+        other = threading.Thread(target=caller)
+        other.start()
+        while breaths[0] < 200 and len(served) < 20:
+            sum(range(20_000))  # (a step of the loop, holding the GIL as Python does)
+            token.breathe()
+            breaths[0] += 1
+        done.set()
+    other.join(10)
+    assert len(served) == 20, f"{len(served)} callers served in {breaths[0]} breaths"
+
+
 def test_a_broken_session_is_not_returned_to_the_pool(app):
     token = _token(app, pool_size=2)
     try:
