@@ -349,10 +349,10 @@ TRAIL_CALLS, TRAIL_CALLS_A_CLIENT = 16, 2  # (fewer a certificate than threads: 
 #                                            call always finds one)
 
 
-class FilePlace:
-    """One call's place (`FilePlaces.take`), released once."""
+class Place:
+    """One call's place (`Places.take`), released once."""
 
-    def __init__(self, places: "FilePlaces", key: tuple[str, bytes]) -> None:
+    def __init__(self, places: "Places", key: tuple[str, bytes]) -> None:
         self._places, self._key, self._held = places, key, True
 
     def release(self) -> None:
@@ -364,7 +364,7 @@ class FilePlace:
                     del self._places.counts[k]
 
 
-class FilePlaces:
+class Places:
     """How many calls of a kind (migration-file calls, of each partition; the audit
     trail's) there are at once, and from each certificate: a call over either limit is
     refused at once (one that waited could leak its place to a cancel, and a client of the
@@ -375,13 +375,14 @@ class FilePlaces:
         self.counts: collections.Counter[Any] = collections.Counter()
         self.limit, self.a_client = limit, a_client
 
-    def take(self, partition: str, context: Any) -> FilePlace | None:
-        key = (partition, _client_key(context))
-        if self.counts[key] >= self.a_client or self.counts[partition] >= self.limit:
+    def take(self, kind: str, context: Any) -> Place | None:
+        """A place for a call of `kind` (a partition's files, the trail), or None."""
+        key = (kind, _client_key(context))
+        if self.counts[key] >= self.a_client or self.counts[kind] >= self.limit:
             return None
         self.counts[key] += 1
-        self.counts[partition] += 1
-        return FilePlace(self, key)
+        self.counts[kind] += 1
+        return Place(self, key)
 
 
 async def _refuse(context: Any, failure: KeysvcError) -> NoReturn:
@@ -591,7 +592,7 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
                  reflections: LongStreams, now: HealthNow) -> None:
         self.app, self.pool = app, pool
         # Migration files' work in threads of their own, one for each place
-        # (`FilePlaces`): a file holds its thread for seconds to minutes, and the small
+        # (`Places`): a file holds its thread for seconds to minutes, and the small
         # calls' pool stays small (`Settings.workers`).
         self.file_pool = futures.ThreadPoolExecutor(
             max_workers=FILE_CALLS * len(PARTITION_SERVICES), thread_name_prefix="file")
@@ -601,8 +602,8 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
         self._calls: set[asyncio.Task] = set()  # calls not ended yet (on the loop)
         self.started_at = 0.0  # when the loop last started a call (`quiet`)
         self.stopping = asyncio.Event()  # set late in a stop: no file is read after it
-        self.files = FilePlaces()
-        self.trail = FilePlaces(TRAIL_CALLS, TRAIL_CALLS_A_CLIENT)
+        self.files = Places()
+        self.trail = Places(TRAIL_CALLS, TRAIL_CALLS_A_CLIENT)
 
     async def drain(self, timeout: float) -> int:
         """After the server stopped: the calls it no longer waits for (their client went,
@@ -741,7 +742,7 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
         return None
 
     async def _received(self, service: str, method: str, inner: Callable, request: Any,
-                        context: Any, place: FilePlace) -> Any:
+                        context: Any, place: Place) -> Any:
         """A file call once its message came, or not: with none, the client half-closed
         without one, or gRPC refused it (too large, cancelled, a deadline), or the server
         stops. Nothing is then run or audited: a call the client never made (review,
