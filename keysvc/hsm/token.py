@@ -57,10 +57,18 @@ class _Module:
 
     def acquire(self, timeout: float) -> bool:
         """The module lock, counted while waited for (`Token.breathe`)."""
+        with self.counted():
+            return self.lock.acquire(timeout=timeout)
+
+    @contextmanager
+    def counted(self) -> Iterator[None]:
+        """A wait for the module lock that a long loop's breath sees (`Token.breathe`):
+        also another long loop's, re-taking the lock after its own breath (review 5,
+        session 18: two files could not hand over to each other)."""
         with self._counting:
             self.waiting += 1
         try:
-            return self.lock.acquire(timeout=timeout)
+            yield
         finally:
             with self._counting:
                 self.waiting -= 1
@@ -341,7 +349,8 @@ class Token:
             while waiting and mod.waiting >= waiting and time.monotonic() < end:
                 time.sleep(0.0002)
         finally:
-            mod.lock._acquire_restore(state)  # type: ignore[attr-defined]
+            with mod.counted():
+                mod.lock._acquire_restore(state)  # type: ignore[attr-defined]
         if mod.generation != generation:
             raise HsmUnavailable(f"token {self.config.label} was re-read during a long "
                                  "operation; retry it")
