@@ -490,8 +490,8 @@ def _cut(text: str, limit: int) -> str:
 
 
 # How long a caller should wait before trying again a call that failed UNAVAILABLE (the HSM,
-# the database or the audit trail is down), or TOO_MANY_FILE_CALLS (a place comes back as
-# a file call ends): google.rpc.RetryInfo.
+# the database or the audit trail is down), or TOO_MANY_FILE_CALLS / TOO_MANY_AUDIT_CALLS
+# (a place comes back as such a call ends): google.rpc.RetryInfo.
 RETRY_AFTER_SECONDS = 1
 RETRY_LATER = ("TOO_MANY_FILE_CALLS", "TOO_MANY_AUDIT_CALLS")
 
