@@ -613,6 +613,17 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             await asyncio.wait(set(self._calls), timeout=timeout)
         return len(self._calls)
 
+    async def settle(self, timeout: float) -> None:
+        """At a stop, before the server's: the calls at work now end, at most `timeout`,
+        while their connections are still open. gRPC closes a connection it has sent
+        GOAWAY the moment its last call ends, with the client's last frames unread: the
+        kernel then resets it and drops what the client had not yet received, so a large
+        answer (a migration file's, 1 MiB) was lost to a client slow to read it
+        (UNAVAILABLE "Connection reset by peer"; CI, session 19). The calls that start
+        meanwhile (a client deaf to health) are the server's to drain."""
+        if self._calls:
+            await asyncio.wait(set(self._calls), timeout=timeout)
+
     async def quiet(self, *, still: float = 0.25, longest: float = 5.0) -> None:
         """At a stop, before the server's: serve (NOT_SERVING) until no call has started for
         `still` seconds, at most `longest`. Calls gRPC had taken that the loop had not
@@ -1209,10 +1220,11 @@ async def _serve(app: App, listen: str, on_ready: Callable[[str], None] | None,
     for streams in watch.streams:
         streams.end()  # (an idle reflection stream: the drain would wait its whole grace)
     # The stop's budget, 40 s from the signal (a worker is killed at processes.STOP_GRACE,
-    # 45 s): calls that started, at most 5 s; the calls in flight, until 30 s; calls whose
-    # client went (cancel, deadline, the grace ended) finish their work, event and log
-    # line, until 40 s.
+    # 45 s): calls that started, at most 5 s; the calls in flight, on open connections
+    # until 20 s, then the server's GOAWAY until 30 s; calls whose client went (cancel,
+    # deadline, the grace ended) finish their work, event and log line, until 40 s.
     await interceptor.quiet()
+    await interceptor.settle(timeout=max(0.0, STOP_GRACE - 10 - (time.monotonic() - began)))
     # A file call whose file has not come 10 s before the grace ends is UNAVAILABLE, so
     # that one that never comes does not hold the stop for the whole grace; one on its way
     # meanwhile is served (set at once, it refused a file being uploaded: review).

@@ -539,6 +539,36 @@ def test_sigterm_drains_the_call_in_flight_tells_health_watchers_and_exits_zero(
     assert '"msg":"stopped"' in log
 
 
+def test_a_call_in_flight_at_a_stop_keeps_its_connection_until_its_answer_is_sent(tmp_path):
+    """The server says GOAWAY only once the calls in flight have ended: gRPC closes a
+    connection that had GOAWAY the moment its last call ends, and the kernel resets one
+    closed with the client's last frames unread, dropping what the client had not read
+    yet. A migration file's 1 MiB answer was lost so (UNAVAILABLE "Connection reset by
+    peer", CI, session 19; reproduced with a client receive buffer of 16 KiB). A client
+    hears GOAWAY as its channel leaving READY."""
+    srv = start_server(tmp_path / "state")
+    try:
+        big = _a_file_of_6000_installations(srv)
+        s1sp = srv.as_("s1sp")
+        call = s1sp.s1sp.ProcessGroupInformation.future(
+            pb.ProcessGroupInformationRequest(file=big), timeout=60)
+        states: list[tuple[float, grpc.ChannelConnectivity]] = []
+        s1sp.channel.subscribe(lambda state: states.append((time.monotonic(), state)))
+        _wait_for_the_file_to_arrive(srv)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert call.result().accepted_count == 6000
+        answered = time.monotonic()
+        assert srv.proc.wait(30) == 0
+        ready = next(i for i, (_, state) in enumerate(states)
+                     if state == grpc.ChannelConnectivity.READY)
+        went_away = [at for at, state in states[ready:]
+                     if state != grpc.ChannelConnectivity.READY]
+        # (the channel's callbacks come from a thread of their own: a moment's leeway)
+        assert went_away and min(went_away) > answered - 0.5, (states, answered)
+    finally:
+        assert srv.stop() == 0
+
+
 def test_sigterm_finishes_audits_and_logs_a_call_whose_client_gave_up_and_ends_idle_streams(
         tmp_path):
     """A client that cancels while the server drains stops waiting for its answer, not the
