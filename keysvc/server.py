@@ -600,6 +600,8 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
                                                      thread_name_prefix="trail")
         self.watches, self.reflections, self.now = watches, reflections, now
         self._calls: set[asyncio.Task] = set()  # calls not ended yet (on the loop)
+        self._answering: set[asyncio.Task] = set()  # gRPC's tasks of calls not answered yet
+        self.closing = False  # set once a stop is quiet: a call that comes then is refused
         self.started_at = 0.0  # when the loop last started a call (`quiet`)
         self.stopping = asyncio.Event()  # set late in a stop: no file is read after it
         self.files = Places()
@@ -613,16 +615,30 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             await asyncio.wait(set(self._calls), timeout=timeout)
         return len(self._calls)
 
+    async def _enter(self, context: Any) -> None:
+        """A keysvc call's first step: counted until gRPC has its answer (`settle`), or
+        refused SERVER_STOPPING (UNAVAILABLE, a client repeats it) once a stop is quiet:
+        a call started then could be cut off at the grace, its work done and its answer
+        lost (review 1, session 19)."""
+        if self.closing:
+            await _refuse(context, error("SERVER_STOPPING", "the server is stopping; retry"))
+        task = asyncio.current_task()
+        if task is not None:
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
+
     async def settle(self, timeout: float) -> None:
-        """At a stop, before the server's: the calls at work now end, at most `timeout`,
-        while their connections are still open. gRPC closes a connection it has sent
-        GOAWAY the moment its last call ends, with the client's last frames unread: the
-        kernel then resets it and drops what the client had not yet received, so a large
-        answer (a migration file's, 1 MiB) was lost to a client slow to read it
-        (UNAVAILABLE "Connection reset by peer"; CI, session 19). The calls that start
-        meanwhile (a client deaf to health) are the server's to drain."""
-        if self._calls:
-            await asyncio.wait(set(self._calls), timeout=timeout)
+        """At a stop, before the server's: the calls being answered now (a file still on
+        its way too) end, at most `timeout`, while their connections are still open.
+        gRPC closes a connection it has sent GOAWAY the moment its last call ends, with
+        the client's last frames unread: the kernel then resets it and drops what the
+        client had not yet received, so a large answer (a migration file's, 1 MiB) was
+        lost to a client slow to read it (UNAVAILABLE "Connection reset by peer"; CI,
+        session 19). Calls whose client went are not waited for here (`drain`)."""
+        self.closing = True
+        answering = self._answering - {asyncio.current_task()}
+        if answering:
+            await asyncio.wait(answering, timeout=timeout)
 
     async def quiet(self, *, still: float = 0.25, longest: float = 5.0) -> None:
         """At a stop, before the server's: serve (NOT_SERVING) until no call has started for
@@ -644,6 +660,7 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
                                                 f"partition (serve --partitions)")
 
         async def wrapped(request: Any, context: Any) -> Any:
+            await self._enter(context)
             return await self._call(service, method, refuse, request, context)
         return grpc.unary_unary_rpc_method_handler(
             wrapped, request_deserializer=lambda raw: raw,
@@ -686,9 +703,11 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             return inner(message, context)
 
         async def wrapped(request: Any, context: Any) -> Any:
+            await self._enter(context)
             return await self._call(service, method, decoded, request, context)
 
         async def wrapped_stream(request: Any, context: Any) -> Any:
+            await self._enter(context)
             for item in await self._call(service, method, decoded, request, context):
                 yield item
 
@@ -698,6 +717,7 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             (the DCO's peak 543 MiB against 479 with the synchronous server; session 17).
             Read from the stream, the bytes are the call's alone. The wire is the same: the
             caller's stub is unary, and a message after the first is not read."""
+            await self._enter(context)
             why_not = await asyncio.get_running_loop().run_in_executor(
                 self.pool, self._may_call, service, _Seen(context))
             if why_not is not None:
@@ -1220,16 +1240,17 @@ async def _serve(app: App, listen: str, on_ready: Callable[[str], None] | None,
     for streams in watch.streams:
         streams.end()  # (an idle reflection stream: the drain would wait its whole grace)
     # The stop's budget, 40 s from the signal (a worker is killed at processes.STOP_GRACE,
-    # 45 s): calls that started, at most 5 s; the calls in flight, on open connections
-    # until 20 s, then the server's GOAWAY until 30 s; calls whose client went (cancel,
-    # deadline, the grace ended) finish their work, event and log line, until 40 s.
+    # 45 s): calls start for at most 5 s more (then SERVER_STOPPING); the calls being
+    # answered, on open connections, until 20 s, then after the server's GOAWAY until
+    # 30 s; calls whose client went (cancel, deadline, the grace ended) finish their
+    # work, event and log line, until 40 s.
     await interceptor.quiet()
-    await interceptor.settle(timeout=max(0.0, STOP_GRACE - 10 - (time.monotonic() - began)))
     # A file call whose file has not come 10 s before the grace ends is UNAVAILABLE, so
     # that one that never comes does not hold the stop for the whole grace; one on its way
     # meanwhile is served (set at once, it refused a file being uploaded: review).
     loop.call_later(max(0.0, STOP_GRACE - 10 - (time.monotonic() - began)),
                     interceptor.stopping.set)
+    await interceptor.settle(timeout=max(0.0, STOP_GRACE - 10 - (time.monotonic() - began)))
     await server.stop(grace=max(1.0, STOP_GRACE - (time.monotonic() - began)))
     left = await interceptor.drain(timeout=max(1.0, STOP_BUDGET - (time.monotonic() - began)))
     heartbeat.cancel()

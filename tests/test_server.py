@@ -539,32 +539,76 @@ def test_sigterm_drains_the_call_in_flight_tells_health_watchers_and_exits_zero(
     assert '"msg":"stopped"' in log
 
 
-def test_a_call_in_flight_at_a_stop_keeps_its_connection_until_its_answer_is_sent(tmp_path):
-    """The server says GOAWAY only once the calls in flight have ended: gRPC closes a
+def _went_away_after(states: list, answered: float) -> bool:
+    """Whether a channel left READY (heard GOAWAY) only once its call was answered (its
+    callbacks come from a thread of their own: a moment's leeway)."""
+    ready = next(i for i, (_, state) in enumerate(states)
+                 if state == grpc.ChannelConnectivity.READY)
+    went_away = [at for at, state in states[ready:] if state != grpc.ChannelConnectivity.READY]
+    return bool(went_away) and min(went_away) > answered - 0.5
+
+
+@pytest.mark.parametrize("signalled", ["at work", "while the file comes"])
+def test_a_call_being_answered_at_a_stop_keeps_its_connection_until_it_is(tmp_path,
+                                                                          signalled):
+    """The server says GOAWAY only once the calls being answered have been: gRPC closes a
     connection that had GOAWAY the moment its last call ends, and the kernel resets one
     closed with the client's last frames unread, dropping what the client had not read
     yet. A migration file's 1 MiB answer was lost so (UNAVAILABLE "Connection reset by
-    peer", CI, session 19; reproduced with a client receive buffer of 16 KiB). A client
-    hears GOAWAY as its channel leaving READY."""
+    peer", CI, session 19; reproduced with a client receive buffer of 16 KiB); so was one
+    whose file was still on its way at the signal (review 1). A client hears GOAWAY as its
+    channel leaving READY."""
     srv = start_server(tmp_path / "state")
     try:
         big = _a_file_of_6000_installations(srv)
         s1sp = srv.as_("s1sp")
-        call = s1sp.s1sp.ProcessGroupInformation.future(
-            pb.ProcessGroupInformationRequest(file=big), timeout=60)
         states: list[tuple[float, grpc.ChannelConnectivity]] = []
         s1sp.channel.subscribe(lambda state: states.append((time.monotonic(), state)))
-        _wait_for_the_file_to_arrive(srv)
+        signalled_at = threading.Event()
+
+        def the_file():  # (sent a second after the signal, when signalled so)
+            if signalled == "while the file comes":
+                signalled_at.wait(30)
+                time.sleep(1.0)
+            yield pb.ProcessGroupInformationRequest(file=big)
+        call = s1sp.channel.stream_unary(
+            "/keysvc.v1.S1SPService/ProcessGroupInformation",
+            request_serializer=pb.ProcessGroupInformationRequest.SerializeToString,
+            response_deserializer=pb.ProcessGroupInformationResponse.FromString,
+        ).future(the_file(), timeout=60)
+        if signalled == "at work":
+            _wait_for_the_file_to_arrive(srv)
+        else:
+            time.sleep(0.5)  # (the call has begun: gRPC has its headers)
         srv.proc.send_signal(signal.SIGTERM)
+        signalled_at.set()
         assert call.result().accepted_count == 6000
         answered = time.monotonic()
         assert srv.proc.wait(30) == 0
-        ready = next(i for i, (_, state) in enumerate(states)
-                     if state == grpc.ChannelConnectivity.READY)
-        went_away = [at for at, state in states[ready:]
-                     if state != grpc.ChannelConnectivity.READY]
-        # (the channel's callbacks come from a thread of their own: a moment's leeway)
-        assert went_away and min(went_away) > answered - 0.5, (states, answered)
+        assert _went_away_after(states, answered), (states, answered)
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_call_that_comes_once_a_stop_is_quiet_is_refused_server_stopping(tmp_path):
+    """Once a stop has served NOT_SERVING a moment, a new call is refused UNAVAILABLE
+    SERVER_STOPPING (a client repeats it elsewhere), not started: one started while the
+    calls being answered end could be cut off at the grace, its work done and its answer
+    lost (review 1, session 19)."""
+    srv = start_server(tmp_path / "state")
+    try:
+        big = _a_file_of_6000_installations(srv)
+        call = srv.as_("s1sp").s1sp.ProcessGroupInformation.future(
+            pb.ProcessGroupInformationRequest(file=big), timeout=60)
+        _wait_for_the_file_to_arrive(srv)
+        srv.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)  # (quiet: no call has started for a quarter of a second)
+        with pytest.raises(grpc.RpcError) as refused:
+            srv.as_("security-officer-1").admin.ListKeys(pb.ListKeysRequest(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(refused.value).reason == "SERVER_STOPPING"
+        assert call.result().accepted_count == 6000
+        assert srv.proc.wait(30) == 0
     finally:
         assert srv.stop() == 0
 
