@@ -601,7 +601,7 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
         self.watches, self.reflections, self.now = watches, reflections, now
         self._calls: set[asyncio.Task] = set()  # calls not ended yet (on the loop)
         self._answering: set[asyncio.Task] = set()  # gRPC's tasks of calls not answered yet
-        self.closing = False  # set once a stop is quiet: a call that comes then is refused
+        self.closing = False  # set once a stop is quiet: a long call that comes is refused
         self.started_at = 0.0  # when the loop last started a call (`quiet`)
         self.stopping = asyncio.Event()  # set late in a stop: no file is read after it
         self.files = Places()
@@ -615,12 +615,15 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             await asyncio.wait(set(self._calls), timeout=timeout)
         return len(self._calls)
 
-    async def _enter(self, context: Any) -> None:
-        """A keysvc call's first step: counted until gRPC has its answer (`settle`), or
-        refused SERVER_STOPPING (UNAVAILABLE, a client repeats it) once a stop is quiet:
-        a call started then could be cut off at the grace, its work done and its answer
-        lost (review 1, session 19)."""
-        if self.closing:
+    async def _enter(self, context: Any, long: bool = False) -> None:
+        """A keysvc call's first step: counted until gRPC has its answer (`settle`). A
+        `long` one (a migration file, the audit trail's) is refused SERVER_STOPPING
+        (UNAVAILABLE, a client repeats it) once a stop is quiet: started then, it could be
+        cut off at the grace, its work done and its answer lost (review 1, session 19).
+        The other calls are served as before the stop: they take milliseconds, and a
+        client whose connection stays with this replica (an L4 balancer) would have every
+        one refused while the stop waits (review 2)."""
+        if self.closing and long:
             await _refuse(context, error("SERVER_STOPPING", "the server is stopping; retry"))
         task = asyncio.current_task()
         if task is not None:
@@ -703,11 +706,11 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             return inner(message, context)
 
         async def wrapped(request: Any, context: Any) -> Any:
-            await self._enter(context)
+            await self._enter(context, long=service == TRAIL_SERVICE)
             return await self._call(service, method, decoded, request, context)
 
         async def wrapped_stream(request: Any, context: Any) -> Any:
-            await self._enter(context)
+            await self._enter(context, long=service == TRAIL_SERVICE)
             for item in await self._call(service, method, decoded, request, context):
                 yield item
 
@@ -717,7 +720,7 @@ class KeysvcInterceptor(grpc.aio.ServerInterceptor):
             (the DCO's peak 543 MiB against 479 with the synchronous server; session 17).
             Read from the stream, the bytes are the call's alone. The wire is the same: the
             caller's stub is unary, and a message after the first is not read."""
-            await self._enter(context)
+            await self._enter(context, long=True)
             why_not = await asyncio.get_running_loop().run_in_executor(
                 self.pool, self._may_call, service, _Seen(context))
             if why_not is not None:

@@ -497,13 +497,17 @@ def test_every_call_allowed_or_denied_appends_one_audit_event_and_the_log_verifi
 
 
 # --------------------------------------------------------------------------- shutdown
-def _a_file_of_6000_installations(srv) -> bytes:
-    """An S1SP file whose call takes a few seconds of HSM work, its key imported."""
+def _a_file_of(srv, installations: int) -> bytes:
+    """An S1SP file, its key imported (6,000 installations: a few seconds of HSM work)."""
     name, kek = unique("S1SP-TK"), os.urandom(32)
     srv.import_aes_key(name, kek, purpose="S1SP_TRANSPORT", owner_id="SMSO-LG-01")
-    return build_file(random_installations(6000, group="AA"), group_id="AA",
+    return build_file(random_installations(installations, group="AA"), group_id="AA",
                       file_id=unique("MGEF"), s1sp_key_name=name, s1sp_kek=kek,
                       dco_key_name="DCO-UNUSED", dco_kek=os.urandom(32))
+
+
+def _a_file_of_6000_installations(srv) -> bytes:
+    return _a_file_of(srv, 6000)
 
 
 def _wait_for_the_file_to_arrive(srv) -> None:
@@ -565,6 +569,7 @@ def test_a_call_being_answered_at_a_stop_keeps_its_connection_until_it_is(tmp_pa
         states: list[tuple[float, grpc.ChannelConnectivity]] = []
         s1sp.channel.subscribe(lambda state: states.append((time.monotonic(), state)))
         signalled_at = threading.Event()
+        grpc.channel_ready_future(s1sp.channel).result(timeout=30)  # (a slow handshake)
 
         def the_file():  # (sent a second after the signal, when signalled so)
             if signalled == "while the file comes":
@@ -590,24 +595,45 @@ def test_a_call_being_answered_at_a_stop_keeps_its_connection_until_it_is(tmp_pa
         assert srv.stop() == 0
 
 
-def test_a_call_that_comes_once_a_stop_is_quiet_is_refused_server_stopping(tmp_path):
-    """Once a stop has served NOT_SERVING a moment, a new call is refused UNAVAILABLE
-    SERVER_STOPPING (a client repeats it elsewhere), not started: one started while the
-    calls being answered end could be cut off at the grace, its work done and its answer
-    lost (review 1, session 19)."""
+def test_a_long_call_that_comes_once_a_stop_is_quiet_is_refused_server_stopping(tmp_path):
+    """Once a stop has served NOT_SERVING a moment, a new migration-file or audit-trail
+    call is refused UNAVAILABLE SERVER_STOPPING (a client repeats it elsewhere), not
+    started: one started while the calls being answered end could be cut off at the
+    grace, its work done and its answer lost (review 1, session 19). A small call is
+    served: a client whose connection stays with the replica (an L4 balancer) had every
+    one refused while the stop waited (review 2). The stop is held open by a file call
+    whose file comes only once the checks are done."""
     srv = start_server(tmp_path / "state")
     try:
-        big = _a_file_of_6000_installations(srv)
-        call = srv.as_("s1sp").s1sp.ProcessGroupInformation.future(
-            pb.ProcessGroupInformationRequest(file=big), timeout=60)
-        _wait_for_the_file_to_arrive(srv)
+        s1sp = srv.as_("s1sp")
+        small_file = _a_file_of(srv, 10)
+        grpc.channel_ready_future(s1sp.channel).result(timeout=30)
+        checked = threading.Event()
+
+        def the_file():
+            checked.wait(30)
+            yield pb.ProcessGroupInformationRequest(file=small_file)
+        held = s1sp.channel.stream_unary(
+            "/keysvc.v1.S1SPService/ProcessGroupInformation",
+            request_serializer=pb.ProcessGroupInformationRequest.SerializeToString,
+            response_deserializer=pb.ProcessGroupInformationResponse.FromString,
+        ).future(the_file(), timeout=60)
+        time.sleep(0.5)  # (the call has begun: gRPC has its headers)
         srv.proc.send_signal(signal.SIGTERM)
         time.sleep(1.0)  # (quiet: no call has started for a quarter of a second)
-        with pytest.raises(grpc.RpcError) as refused:
+        try:
             srv.as_("security-officer-1").admin.ListKeys(pb.ListKeysRequest(), timeout=10)
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert error_info(refused.value).reason == "SERVER_STOPPING"
-        assert call.result().accepted_count == 6000
+            for long in (lambda: srv.as_("dco").dco.ValidateMasterKeys(
+                             pb.ValidateMasterKeysRequest(file=small_file), timeout=10),
+                         lambda: srv.as_("auditor").audit.VerifyAuditLog(
+                             pb.VerifyAuditLogRequest(), timeout=10)):
+                with pytest.raises(grpc.RpcError) as refused:
+                    long()
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert error_info(refused.value).reason == "SERVER_STOPPING"
+        finally:
+            checked.set()
+        assert held.result().accepted_count == 10
         assert srv.proc.wait(30) == 0
     finally:
         assert srv.stop() == 0
