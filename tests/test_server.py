@@ -510,6 +510,16 @@ def _a_file_of_6000_installations(srv) -> bytes:
     return _a_file_of(srv, 6000)
 
 
+def _a_file_call(channel, requests) -> grpc.Future:
+    """ProcessGroupInformation whose one message is sent when `requests` yields it (the
+    wire is the unary stub's)."""
+    return channel.stream_unary(
+        "/keysvc.v1.S1SPService/ProcessGroupInformation",
+        request_serializer=pb.ProcessGroupInformationRequest.SerializeToString,
+        response_deserializer=pb.ProcessGroupInformationResponse.FromString,
+    ).future(requests, timeout=60)
+
+
 def _wait_for_the_file_to_arrive(srv) -> None:
     """Until the call is at its work (the server logs a file's arrival)."""
     deadline = time.monotonic() + 30
@@ -576,11 +586,7 @@ def test_a_call_being_answered_at_a_stop_keeps_its_connection_until_it_is(tmp_pa
                 signalled_at.wait(30)
                 time.sleep(1.0)
             yield pb.ProcessGroupInformationRequest(file=big)
-        call = s1sp.channel.stream_unary(
-            "/keysvc.v1.S1SPService/ProcessGroupInformation",
-            request_serializer=pb.ProcessGroupInformationRequest.SerializeToString,
-            response_deserializer=pb.ProcessGroupInformationResponse.FromString,
-        ).future(the_file(), timeout=60)
+        call = _a_file_call(s1sp.channel, the_file())
         if signalled == "at work":
             _wait_for_the_file_to_arrive(srv)
         else:
@@ -613,11 +619,7 @@ def test_a_long_call_that_comes_once_a_stop_is_quiet_is_refused_server_stopping(
         def the_file():
             checked.wait(30)
             yield pb.ProcessGroupInformationRequest(file=small_file)
-        held = s1sp.channel.stream_unary(
-            "/keysvc.v1.S1SPService/ProcessGroupInformation",
-            request_serializer=pb.ProcessGroupInformationRequest.SerializeToString,
-            response_deserializer=pb.ProcessGroupInformationResponse.FromString,
-        ).future(the_file(), timeout=60)
+        held = _a_file_call(s1sp.channel, the_file())
         time.sleep(0.5)  # (the call has begun: gRPC has its headers)
         srv.proc.send_signal(signal.SIGTERM)
         time.sleep(1.0)  # (quiet: no call has started for a quarter of a second)
