@@ -1243,10 +1243,11 @@ async def _serve(app: App, listen: str, on_ready: Callable[[str], None] | None,
     for streams in watch.streams:
         streams.end()  # (an idle reflection stream: the drain would wait its whole grace)
     # The stop's budget, 40 s from the signal (a worker is killed at processes.STOP_GRACE,
-    # 45 s): calls start for at most 5 s more (then SERVER_STOPPING); the calls being
-    # answered, on open connections, until 20 s, then after the server's GOAWAY until
-    # 30 s; calls whose client went (cancel, deadline, the grace ended) finish their
-    # work, event and log line, until 40 s.
+    # 45 s): long calls (files, the trail's) start for at most 5 s more (then
+    # SERVER_STOPPING), small ones until the server's GOAWAY; the calls being answered,
+    # on open connections, until 20 s, then after the GOAWAY until 30 s; calls whose
+    # client went (cancel, deadline, the grace ended) finish their work, event and log
+    # line, until 40 s.
     await interceptor.quiet()
     # A file call whose file has not come 10 s before the grace ends is UNAVAILABLE, so
     # that one that never comes does not hold the stop for the whole grace; one on its way
