@@ -590,7 +590,7 @@ def test_a_call_being_answered_at_a_stop_keeps_its_connection_until_it_is(tmp_pa
         if signalled == "at work":
             _wait_for_the_file_to_arrive(srv)
         else:
-            time.sleep(0.5)  # (the call has begun: gRPC has its headers)
+            time.sleep(1.0)  # (the call has begun: gRPC has its headers)
         srv.proc.send_signal(signal.SIGTERM)
         signalled_at.set()
         assert call.result().accepted_count == 6000
@@ -620,9 +620,12 @@ def test_a_long_call_that_comes_once_a_stop_is_quiet_is_refused_server_stopping(
             checked.wait(30)
             yield pb.ProcessGroupInformationRequest(file=small_file)
         held = _a_file_call(s1sp.channel, the_file())
-        time.sleep(0.5)  # (the call has begun: gRPC has its headers)
+        time.sleep(1.0)  # (the call has begun: gRPC has its headers)
         srv.proc.send_signal(signal.SIGTERM)
-        time.sleep(1.0)  # (quiet: no call has started for a quarter of a second)
+        deadline = time.monotonic() + 30
+        while "draining in-flight calls" not in srv.log() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)  # (quiet: no call has started for a quarter of a second)
         try:
             srv.as_("security-officer-1").admin.ListKeys(pb.ListKeysRequest(), timeout=10)
             for long in (lambda: srv.as_("dco").dco.ValidateMasterKeys(
